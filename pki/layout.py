@@ -1,0 +1,87 @@
+"""Where things live under one ini directory (SPEC.md, "Directory layout").
+
+Every program resolves the ini directory the same way: the ``--ini-dir``
+option wins, then ``SESAM_INI_DIR``, then the product default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_INI_DIR = Path("/var/opt/sesam/var/ini")
+INI_DIR_ENV = "SESAM_INI_DIR"
+
+
+def resolve_ini_dir(option: str | os.PathLike[str] | None) -> Path:
+    if option:
+        return Path(option)
+    env = os.environ.get(INI_DIR_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_INI_DIR
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The fixed file names of SPEC.md, relative to one ini directory."""
+
+    ini_dir: Path
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.ini_dir / "ca"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "rootCA.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "rootCA.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.ca_dir / "crl.pem"
+
+    @property
+    def inventory(self) -> Path:
+        return self.ca_dir / "inventory.json"
+
+    @property
+    def client_dir(self) -> Path:
+        return self.ini_dir / "x.509"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.client_dir / "client.pem"
+
+    @property
+    def client_key(self) -> Path:
+        return self.client_dir / "client.key"
+
+    @property
+    def server_dir(self) -> Path:
+        return self.ini_dir / "ssl"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.server_dir / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.server_dir / "server.key"
+
+    @property
+    def sm_ini(self) -> Path:
+        return self.ini_dir / "sm.ini"
+
+    @property
+    def stpd_ini(self) -> Path:
+        return self.ini_dir / "stpd.ini"
+
+    @property
+    def default_data_dir(self) -> Path:
+        # "data/ beside the ini directory"
+        return self.ini_dir.parent / "data"
