@@ -1,0 +1,132 @@
+"""Writing key and certificate files safely.
+
+Files are written atomically (a temporary file in the same directory, flushed
+to disk, then renamed over the target), so a crash never leaves a half-written
+key behind a valid name. Nothing here deletes an existing file: old files are
+renamed aside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+# Directories we create hold private keys next to certificates.
+DIRECTORY_MODE = 0o700
+# Upper bound on "<name>.old-<timestamp>-<n>" candidates, in case of a bug:
+# more than this many moves within one second does not happen by hand.
+_MAX_ASIDE_ATTEMPTS = 1000
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600 (keys)."""
+    _write_atomic(Path(path), data, PRIVATE_MODE)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0644 (certificates)."""
+    _write_atomic(Path(path), data, PUBLIC_MODE)
+
+
+def ensure_directory(directory: Path) -> None:
+    """Create ``directory`` and missing parents with mode 0700.
+
+    Directories that already exist keep their mode: they are the
+    administrator's. (``os.makedirs(mode=...)`` only applies the mode to the
+    last directory, hence the walk.)
+    """
+    missing: list[Path] = []
+    current = Path(directory)
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # a concurrent run made it
+            new.mkdir(mode=DIRECTORY_MODE)
+            # mkdir's mode is filtered by the umask; make it exact.
+            os.chmod(new, DIRECTORY_MODE)
+    if not Path(directory).is_dir():
+        raise NotADirectoryError(f"not a directory: {directory}")
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename an existing file to ``<name>.old-<UTC timestamp>`` and return the new path.
+
+    Returns None when ``path`` does not exist. Never overwrites anything: when
+    the name is taken (two moves in the same second), a counter is appended.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for attempt in range(_MAX_ASIDE_ATTEMPTS):
+        suffix = f".old-{stamp}" if attempt == 0 else f".old-{stamp}-{attempt}"
+        candidate = path.with_name(path.name + suffix)
+        if _rename_noreplace(path, candidate):
+            return candidate
+    raise FileExistsError(f"cannot find a free name to move {path} aside")
+
+
+def _rename_noreplace(source: Path, target: Path) -> bool:
+    """Rename without replacing ``target``; False when ``target`` exists.
+
+    os.rename silently replaces on POSIX, so link + unlink gives the
+    "fail if it exists" guarantee where hard links work.
+    """
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError:
+        # No hard links here (some network and FAT file systems): check, then
+        # rename. Only a concurrent writer could slip in between.
+        if target.exists() or target.is_symlink():
+            return False
+        os.rename(source, target)
+        return True
+    os.unlink(source)
+    return True
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    ensure_directory(path.parent)
+    temporary = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    # O_EXCL: never write through a file or symlink someone else placed there.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits we want
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not supported everywhere, and the data
+    # is already safe, so failure here is not an error.
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
