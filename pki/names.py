@@ -102,13 +102,15 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
             str(attribute.value)
             for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         ]
-    names: list[str] = list(san.get_values_for_type(x509.DNSName))
-    names.extend(
-        str(address)
-        for address in san.get_values_for_type(x509.IPAddress)
+    names: list[str] = []
+    for entry in san:  # in certificate order: the first name is the main one
+        if isinstance(entry, x509.DNSName):
+            names.append(entry.value)
         # Networks only occur in name constraints, not in a leaf's names.
-        if isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
-    )
+        elif isinstance(entry, x509.IPAddress) and isinstance(
+            entry.value, ipaddress.IPv4Address | ipaddress.IPv6Address
+        ):
+            names.append(str(entry.value))
     return names
 
 
