@@ -1,0 +1,582 @@
+"""The root certificate authority and the certificates it issues.
+
+Shaped like trustme: one noun (``CertificateAuthority``) that is created or
+loaded from an ini directory, one method per leaf profile (``issue_server``,
+``issue_client``), and one helper (``_builder``) for the fields every
+certificate shares; each profile adds its own extensions with every
+``critical=`` flag spelt out.
+
+Everything is built in memory first (key, certificate, encodings); files are
+written only at the end, key first, and removed again if writing the
+certificate fails, so an error never leaves a key without its certificate.
+Existing files are moved aside (``files.move_aside``), never destroyed.
+Every issued certificate passes through ``CertificateAuthority._issue``: the
+place where a later inventory records it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+from pki.errors import PkiError
+from pki.files import move_aside, write_private, write_public
+from pki.layout import Layout
+from pki.names import certificate_names, check_server_name, parse_server_names, san_entries
+
+# Every certificate dies with the root CA (SPEC.md asks for at least 10 years).
+CA_VALIDITY_DAYS = 3650 * 2
+# Apple platforms reject TLS server certificates valid for more than 825 days,
+# even from a private root; one limit for both leaf profiles keeps it simple.
+LEAF_VALIDITY_DAYS = 825
+# not_before is set this far in the past, so that a peer whose clock is a
+# little behind does not see a brand-new certificate as "not yet valid".
+CLOCK_SKEW = timedelta(minutes=5)
+
+KeyType = Literal["ec", "rsa"]
+KEY_TYPES: tuple[KeyType, ...] = ("ec", "rsa")
+DEFAULT_KEY_TYPE: KeyType = "ec"  # ECDSA P-256: small, fast, accepted everywhere today
+RSA_KEY_SIZE = 3072  # for old peers; 3072 bits matches the strength of P-256
+DEFAULT_CA_COMMON_NAME = "SEP sesam root CA"
+
+Profile = Literal["server", "client"]
+
+# ``--oid`` keys (SPEC.md) and the X.509 attributes they stand for.
+NAME_OID = ObjectIdentifier("2.5.4.41")  # id-at-name; cryptography has no constant
+SUBJECT_KEYS: dict[str, ObjectIdentifier] = {
+    "C": NameOID.COUNTRY_NAME,
+    "CN": NameOID.COMMON_NAME,
+    "DQ": NameOID.DN_QUALIFIER,
+    "GN": NameOID.GIVEN_NAME,
+    "GQ": NameOID.GENERATION_QUALIFIER,
+    "I": NameOID.INITIALS,
+    "L": NameOID.LOCALITY_NAME,
+    "N": NAME_OID,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "P": NameOID.PSEUDONYM,
+    "PC": NameOID.POSTAL_CODE,
+    "S": NameOID.SURNAME,
+    "T": NameOID.TITLE,
+}
+# A subject may hold several organisational units; any other key twice is a typo.
+_REPEATABLE_KEYS = frozenset({"OU"})
+_KEY_BY_OID = {oid: key for key, oid in SUBJECT_KEYS.items()}
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """A certificate and key that were written, and what was moved aside for them."""
+
+    cert_path: Path
+    key_path: Path
+    cert: x509.Certificate
+    profile: Profile
+    moved_aside: tuple[Path, ...] = field(default=())
+
+    @property
+    def serial(self) -> int:
+        return self.cert.serial_number
+
+    @property
+    def not_after(self) -> datetime:
+        return self.cert.not_valid_after_utc
+
+    @property
+    def subject(self) -> str:
+        return format_name(self.cert.subject)
+
+    @property
+    def names(self) -> list[str]:
+        return certificate_names(self.cert) if self.profile == "server" else []
+
+
+class CertificateAuthority:
+    """The root CA of one ini directory (``ca/rootCA.pem`` and ``ca/rootCA.key``)."""
+
+    def __init__(self, layout: Layout, key: PrivateKey, cert: x509.Certificate) -> None:
+        self.layout = layout
+        self._key = key
+        self._cert = cert
+        # Old CA files that create(force=True) moved aside, for the CLI to report.
+        self.moved_aside: tuple[Path, ...] = ()
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return self._cert
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    # -- creating and loading ------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        layout: Layout,
+        *,
+        days: int = CA_VALIDITY_DAYS,
+        key_type: str = DEFAULT_KEY_TYPE,
+        force: bool = False,
+        common_name: str = DEFAULT_CA_COMMON_NAME,
+    ) -> CertificateAuthority:
+        """Create a new self-signed root CA and write its key (0600) and certificate.
+
+        Refuses to replace an existing CA unless ``force``: every certificate
+        it issued would stop working. With ``force`` the old files are moved
+        aside (``ca.moved_aside`` lists them).
+        """
+        existing = [path for path in (layout.ca_cert, layout.ca_key) if path.exists()]
+        if existing and not force:
+            raise PkiError(
+                f"a root CA already exists at {existing[0]}: replacing it invalidates every "
+                "certificate it issued; to replace it anyway (the old files are moved aside), "
+                f"run `sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
+            )
+        _check_days(days)
+        key = _generate_key(key_type)
+        name = _name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)], "CA common name")
+        cert = (
+            _builder(name, name, key.public_key(), days=days, not_before=None)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        ca = cls(layout, key, cert)
+        ca.moved_aside = _install(
+            [
+                (layout.ca_key, _key_pem(key), True),
+                (layout.ca_cert, ca.cert_pem, False),
+            ]
+        )
+        return ca
+
+    @classmethod
+    def load(cls, layout: Layout) -> CertificateAuthority:
+        """Load the CA of ``layout``; both the certificate and the key must be there."""
+        create_hint = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
+        if not layout.ca_cert.exists():
+            raise PkiError(f"no root CA at {layout.ca_cert}: {create_hint}")
+        if not layout.ca_key.exists():
+            raise PkiError(
+                f"no root CA key at {layout.ca_key} (the certificate {layout.ca_cert} is there): "
+                "issuing needs the key; copy rootCA.key back from where you keep it, "
+                "or run sm_ssl_cert on the machine that holds it"
+            )
+        try:
+            cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+        except ValueError as exc:
+            raise PkiError(
+                f"{layout.ca_cert} is not a PEM certificate ({exc}): restore it, or "
+                f"create a new CA with `sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
+            ) from exc
+        try:
+            key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            # TypeError: the key is encrypted and we were given no password.
+            raise PkiError(
+                f"cannot read the root CA key {layout.ca_key} ({exc}): sm_ssl_cert needs "
+                "the unencrypted PEM key written by `sm_ssl_cert ca`"
+            ) from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise PkiError(
+                f"{layout.ca_key} holds a {type(key).__name__}: expected an EC or RSA key"
+            )
+        if _public_der(key.public_key()) != _public_der(cert.public_key()):
+            raise PkiError(
+                f"{layout.ca_key} does not belong to {layout.ca_cert}: put the matching "
+                "pair back in place (moved-aside files end in .old-<date>)"
+            )
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+            is_ca = constraints.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise PkiError(
+                f"{layout.ca_cert} is not a CA certificate: create a CA with "
+                f"`sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
+            )
+        return cls(layout, key, cert)
+
+    # -- issuing -------------------------------------------------------------
+
+    def issue_server(
+        self,
+        names: str | list[str],
+        *,
+        out_dir: Path | None = None,
+        days: int = LEAF_VALIDITY_DAYS,
+        key_type: str = DEFAULT_KEY_TYPE,
+        not_before: datetime | None = None,
+    ) -> IssuedCert:
+        """Issue ``server.pem``/``server.key`` (into ``ssl/`` or ``out_dir``).
+
+        ``names``: a ``--common-name`` list or a list of names; the first is
+        the subject CN, all of them are subjectAltNames.
+        """
+        checked = (
+            parse_server_names(names)
+            if isinstance(names, str)
+            else [check_server_name(name) for name in names]
+        )
+        if not checked:
+            raise PkiError("no server names given: pass --common-name=NAME[,NAME...]")
+        if len(checked[0]) > 64:  # the X.509 upper bound of a common name
+            raise PkiError(
+                f"{checked[0]!r} is too long to be the common name (at most 64 characters): "
+                "put a shorter name first in --common-name; later names may be longer"
+            )
+        subject = _name([x509.NameAttribute(NameOID.COMMON_NAME, checked[0])], "server name")
+        extensions: list[tuple[x509.ExtensionType, bool]] = [
+            (x509.SubjectAlternativeName(san_entries(checked)), False),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ]
+        directory = out_dir if out_dir is not None else self.layout.server_dir
+        return self._issue(
+            "server",
+            subject,
+            extensions,
+            cert_path=directory / self.layout.server_cert.name,
+            key_path=directory / self.layout.server_key.name,
+            days=days,
+            key_type=key_type,
+            not_before=not_before,
+        )
+
+    def issue_client(
+        self,
+        subject: str | dict[str, str] | x509.Name | None = None,
+        *,
+        out_dir: Path | None = None,
+        days: int = LEAF_VALIDITY_DAYS,
+        key_type: str = DEFAULT_KEY_TYPE,
+        not_before: datetime | None = None,
+    ) -> IssuedCert:
+        """Issue ``client.pem``/``client.key`` (into ``x.509/`` or ``out_dir``).
+
+        ``subject``: ``--oid`` text (``CN:host,O:org``), a dict of the same
+        keys, an ``x509.Name``, or None for ``CN=<this machine's host name>``.
+        """
+        if subject is None:
+            name = default_client_subject()
+        elif isinstance(subject, str):
+            name = parse_subject_options(subject)
+        elif isinstance(subject, dict):
+            name = subject_from_fields(list(subject.items()))
+        else:
+            name = subject
+        extensions: list[tuple[x509.ExtensionType, bool]] = [
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+        ]
+        directory = out_dir if out_dir is not None else self.layout.client_dir
+        return self._issue(
+            "client",
+            name,
+            extensions,
+            cert_path=directory / self.layout.client_cert.name,
+            key_path=directory / self.layout.client_key.name,
+            days=days,
+            key_type=key_type,
+            not_before=not_before,
+        )
+
+    def _issue(
+        self,
+        profile: Profile,
+        subject: x509.Name,
+        extensions: list[tuple[x509.ExtensionType, bool]],
+        *,
+        cert_path: Path,
+        key_path: Path,
+        days: int,
+        key_type: str,
+        not_before: datetime | None,
+    ) -> IssuedCert:
+        _check_days(days)
+        now = datetime.now(UTC)
+        if self._cert.not_valid_after_utc <= now:
+            raise PkiError(
+                f"the root CA {self.layout.ca_cert} expired on "
+                f"{self._cert.not_valid_after_utc:%Y-%m-%d}: create a new one with "
+                f"`sm_ssl_cert --ini-dir {self.layout.ini_dir} ca --force` and re-issue "
+                "every certificate"
+            )
+        key = _generate_key(key_type)
+        builder = _builder(
+            subject, self._cert.subject, key.public_key(), days=days, not_before=not_before
+        )
+        builder = (
+            builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    # TLS 1.2 RSA key exchange encrypts to the server's key.
+                    key_encipherment=isinstance(key, rsa.RSAPrivateKey) and profile == "server",
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        cert = builder.sign(self._key, hashes.SHA256())
+        moved = _install(
+            [
+                (key_path, _key_pem(key), True),
+                (cert_path, cert.public_bytes(serialization.Encoding.PEM), False),
+            ]
+        )
+        return IssuedCert(cert_path, key_path, cert, profile, moved)
+
+
+# -- subjects ------------------------------------------------------------------
+
+
+def parse_subject_options(text: str) -> x509.Name:
+    """Parse ``--oid`` text (``KEY:VALUE,...`` with the keys of SUBJECT_KEYS) into a Name.
+
+    Keys are case-insensitive; values keep their inner spaces. Unknown keys,
+    empty values, items without a colon and empty items are PkiErrors.
+    """
+    keys_hint = "known keys: " + ", ".join(SUBJECT_KEYS)
+    if not text or not text.strip():
+        raise PkiError(
+            f"--oid is empty: give KEY:VALUE pairs such as --oid=CN:host,O:org ({keys_hint})"
+        )
+    fields: list[tuple[str, str]] = []
+    for position, item in enumerate(text.split(","), start=1):
+        if not item.strip():
+            raise PkiError(
+                f"--oid {text!r} has an empty item (position {position}): remove the extra comma"
+            )
+        key, colon, value = item.partition(":")
+        if not colon:
+            raise PkiError(
+                f"--oid item {item!r} has no colon: write KEY:VALUE, for example CN:{item.strip()}"
+            )
+        fields.append((key, value))
+    return subject_from_fields(fields)
+
+
+def subject_from_fields(fields: list[tuple[str, str]]) -> x509.Name:
+    """Build a subject from (key, value) pairs in ``--oid`` key syntax, in order."""
+    if not fields:
+        raise PkiError("the client subject is empty: give at least CN:<name> with --oid")
+    attributes: list[x509.NameAttribute] = []
+    seen: set[str] = set()
+    for raw_key, raw_value in fields:
+        key, value = raw_key.strip().upper(), raw_value.strip()
+        if key not in SUBJECT_KEYS:
+            raise PkiError(
+                f"unknown --oid key {raw_key.strip()!r}: use one of " + ", ".join(SUBJECT_KEYS)
+            )
+        if not value:
+            raise PkiError(f"--oid key {key} has an empty value: write {key}:<value>")
+        if key in seen and key not in _REPEATABLE_KEYS:
+            raise PkiError(f"--oid key {key} is given twice: keep one {key}:<value>")
+        seen.add(key)
+        if key == "C":
+            if len(value) != 2 or not value.isascii() or not value.isalpha():
+                raise PkiError(
+                    f"--oid C:{value} is not a country code: use two letters (ISO 3166), e.g. C:DE"
+                )
+            value = value.upper()
+        attribute = _attribute(SUBJECT_KEYS[key], value, f"--oid {key}")
+        attributes.append(attribute)
+    return _name(attributes, "--oid")
+
+
+def default_client_subject() -> x509.Name:
+    """``CN=<host name of this machine>``: the subject when ``--oid`` is not given."""
+    host = socket.gethostname()
+    return _name(
+        [_attribute(NameOID.COMMON_NAME, host, f"this machine's host name {host!r}")],
+        "default subject",
+    )
+
+
+def format_name(name: x509.Name) -> str:
+    """A subject in certificate order with the ``--oid`` keys: ``C=DE, CN=host``.
+
+    The operator's own vocabulary, rather than RFC 4514 (reversed order, and
+    dotted OIDs for half of our keys).
+    """
+    return ", ".join(
+        f"{_KEY_BY_OID.get(attribute.oid, attribute.oid.dotted_string)}={attribute.value!s}"
+        for attribute in name
+    )
+
+
+def format_serial(serial: int) -> str:
+    """Hex with an even number of digits, as ``openssl x509 -serial`` prints it."""
+    text = f"{serial:X}"
+    return text if len(text) % 2 == 0 else "0" + text
+
+
+def _attribute(oid: ObjectIdentifier, value: str, what: str) -> x509.NameAttribute:
+    try:
+        attribute = x509.NameAttribute(oid, value)
+        # Encoding now catches what signing would reject later, e.g. characters
+        # a PrintableString (C, DQ) cannot hold.
+        x509.Name([attribute]).public_bytes()
+    except ValueError as exc:
+        hint = (
+            "use letters, digits, spaces and ' ( ) + - . / : = ?"
+            if oid == NameOID.DN_QUALIFIER
+            else "shorten or simplify the value"
+        )
+        raise PkiError(f"{what}: value {value!r} cannot be encoded ({exc}): {hint}") from exc
+    return attribute
+
+
+def _name(attributes: list[x509.NameAttribute], what: str) -> x509.Name:
+    try:
+        return x509.Name(attributes)
+    except ValueError as exc:
+        raise PkiError(f"{what}: {exc}") from exc
+
+
+# -- building blocks -------------------------------------------------------------
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    *,
+    days: int,
+    not_before: datetime | None,
+) -> x509.CertificateBuilder:
+    """The fields every certificate shares: names, key, serial, validity, SKI."""
+    if not_before is None:
+        start = datetime.now(UTC)
+        valid_from = start - CLOCK_SKEW
+    else:
+        if not_before.tzinfo is None:
+            raise ValueError("not_before must be an aware datetime (UTC)")
+        start = valid_from = not_before
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from)
+        .not_valid_after(start + timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def _generate_key(key_type: str) -> PrivateKey:
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
+    raise PkiError(f"unknown key type {key_type!r}: use one of " + ", ".join(KEY_TYPES))
+
+
+def _check_days(days: int) -> None:
+    if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+        raise PkiError(f"invalid validity {days!r} days: --days must be a whole number >= 1")
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _public_der(key: object) -> bytes:
+    assert isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _install(files: list[tuple[Path, bytes, bool]]) -> tuple[Path, ...]:
+    """Write (path, data, private) files in order, moving existing ones aside first.
+
+    All or nothing: if a write fails, what was written is removed and what was
+    moved aside is put back, then the error propagates.
+    """
+    moved: list[tuple[Path, Path]] = []
+    written: list[Path] = []
+    try:
+        for path, _data, _private in files:
+            aside = move_aside(path)
+            if aside is not None:
+                moved.append((path, aside))
+        for path, data, private in files:
+            (write_private if private else write_public)(path, data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for original, aside in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.replace(aside, original)
+        raise
+    return tuple(aside for _original, aside in moved)
+
+
+def move_old_server_keys(layout: Layout) -> list[Path]:
+    """Move every ``ssl/*.key`` and ``ssl/*.pem`` aside (the first clean-up step).
+
+    Returns the new paths. Old self-generated server keys are renamed to
+    ``<name>.old-<UTC timestamp>``, never deleted.
+    """
+    directory = layout.server_dir
+    if not directory.is_dir():
+        return []
+    candidates = sorted(
+        path
+        for pattern in ("*.key", "*.pem")
+        for path in directory.glob(pattern)
+        if path.is_file() or path.is_symlink()
+    )
+    moved: list[Path] = []
+    for path in candidates:
+        aside = move_aside(path)
+        if aside is not None:
+            moved.append(aside)
+    return moved
