@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -72,6 +73,8 @@ SUBJECT_KEYS: dict[str, ObjectIdentifier] = {
 # A subject may hold several organisational units; any other key twice is a typo.
 _REPEATABLE_KEYS = frozenset({"OU"})
 _KEY_BY_OID = {oid: key for key, oid in SUBJECT_KEYS.items()}
+# X.680 PrintableString (commas cannot occur: they separate --oid items).
+_PRINTABLE_STRING = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]+")
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -426,10 +429,11 @@ def subject_from_fields(fields: list[tuple[str, str]]) -> x509.Name:
 def default_client_subject() -> x509.Name:
     """``CN=<host name of this machine>``: the subject when ``--oid`` is not given."""
     host = socket.gethostname()
-    return _name(
-        [_attribute(NameOID.COMMON_NAME, host, f"this machine's host name {host!r}")],
-        "default subject",
-    )
+    try:
+        attribute = _attribute(NameOID.COMMON_NAME, host, "this machine's host name")
+    except PkiError as exc:
+        raise PkiError(f"{exc}: give the subject with --oid=CN:<name>") from exc
+    return _name([attribute], "default subject")
 
 
 def format_name(name: x509.Name) -> str:
@@ -451,19 +455,17 @@ def format_serial(serial: int) -> str:
 
 
 def _attribute(oid: ObjectIdentifier, value: str, what: str) -> x509.NameAttribute:
-    try:
-        attribute = x509.NameAttribute(oid, value)
-        # Encoding now catches what signing would reject later, e.g. characters
-        # a PrintableString (C, DQ) cannot hold.
-        x509.Name([attribute]).public_bytes()
-    except ValueError as exc:
-        hint = (
+    # cryptography encodes dnQualifier as a PrintableString but only notices a
+    # character outside that set when signing, with a parser error: say it here.
+    if oid == NameOID.DN_QUALIFIER and not _PRINTABLE_STRING.fullmatch(value):
+        raise PkiError(
+            f"{what}: value {value!r} has characters a dnQualifier cannot hold: "
             "use letters, digits, spaces and ' ( ) + - . / : = ?"
-            if oid == NameOID.DN_QUALIFIER
-            else "shorten or simplify the value"
         )
-        raise PkiError(f"{what}: value {value!r} cannot be encoded ({exc}): {hint}") from exc
-    return attribute
+    try:
+        return x509.NameAttribute(oid, value)
+    except ValueError as exc:  # e.g. a common name longer than 64 characters
+        raise PkiError(f"{what}: value {value!r} is not allowed ({exc})") from exc
 
 
 def _name(attributes: list[x509.NameAttribute], what: str) -> x509.Name:
