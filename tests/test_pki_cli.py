@@ -1,0 +1,361 @@
+"""sm_ssl_cert in-process (main([...])) and once as the installed console script."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from pki.authority import format_serial
+from pki.cli import main
+from pki.layout import INI_DIR_ENV, Layout
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    if not root.exists():
+        return {}
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.fixture(autouse=True)
+def no_ini_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(INI_DIR_ENV, raising=False)
+
+
+@pytest.fixture
+def ini(tmp_path: Path) -> Path:
+    return tmp_path / "ini"
+
+
+@pytest.fixture
+def with_ca(ini: Path, capsys: pytest.CaptureFixture[str]) -> Layout:
+    assert main(["--ini-dir", str(ini), "ca"]) == 0
+    capsys.readouterr()
+    return Layout(ini)
+
+
+def fails(argv: list[str], capsys: pytest.CaptureFixture[str], root: Path, message: str) -> None:
+    """argv fails with exit status 2 and one error line, and changes no file under root."""
+    before = tree(root)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("sm_ssl_cert: error: ")
+    assert captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert message in captured.err
+    assert tree(root) == before
+
+
+# -- ca ------------------------------------------------------------------------------
+
+
+def test_ca(ini: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--ini-dir", str(ini), "ca"]) == 0
+    out = capsys.readouterr().out
+    layout = Layout(ini)
+    assert f"wrote root CA key:         {layout.ca_key} (mode 0600)" in out
+    assert f"wrote root CA certificate: {layout.ca_cert}" in out
+    assert "subject:     CN=SEP sesam root CA" in out
+    assert "ECDSA P-256" in out
+    assert "(7300 days; --days changes it)" in out
+    assert f"serial:      {format_serial(load(layout.ca_cert).serial_number)}\n" in out
+    assert sorted(tree(ini)) == ["ca/rootCA.key", "ca/rootCA.pem"]
+    assert mode(layout.ca_key) == 0o600
+    assert mode(layout.ca_dir) == 0o700
+
+
+def test_ca_refuses_to_replace_without_force(
+    with_ca: Layout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fails(
+        ["--ini-dir", str(with_ca.ini_dir), "ca"],
+        capsys,
+        with_ca.ini_dir,
+        f"a root CA already exists at {with_ca.ca_cert}: replacing it invalidates every "
+        f"certificate it issued; to replace it anyway (the old files are moved aside), "
+        f"run `sm_ssl_cert --ini-dir {with_ca.ini_dir} ca --force`",
+    )
+
+
+def test_ca_force_rsa_days(with_ca: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    old = with_ca.ca_cert.read_bytes()
+    argv = ["--ini-dir", str(with_ca.ini_dir), "ca", "--force", "--key-type", "rsa"]
+    assert main([*argv, "--days", "4000"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("moved aside: ") == 2
+    assert "RSA 3072 bit" in out
+    assert "(4000 days; --days changes it)" in out
+    assert isinstance(load(with_ca.ca_cert).public_key(), rsa.RSAPublicKey)
+    aside = [p for p in with_ca.ca_dir.iterdir() if p.name.startswith("rootCA.pem.old-")]
+    assert [p.read_bytes() for p in aside] == [old]
+
+
+def test_ini_dir_from_environment_and_option_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(INI_DIR_ENV, str(tmp_path / "env"))
+    assert main(["ca"]) == 0
+    assert (tmp_path / "env" / "ca" / "rootCA.pem").exists()
+    # The option wins, before or after the command.
+    assert main(["--ini-dir", str(tmp_path / "before"), "ca"]) == 0
+    assert main(["ca", "--ini-dir", str(tmp_path / "after")]) == 0
+    assert (tmp_path / "before" / "ca" / "rootCA.pem").exists()
+    assert (tmp_path / "after" / "ca" / "rootCA.pem").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after", "before", "env"]
+    capsys.readouterr()
+
+
+# -- server --------------------------------------------------------------------------
+
+
+def test_server(with_ca: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--ini-dir", str(with_ca.ini_dir), "server"]
+    assert main([*argv, "--common-name=myserver,192.168.1.10,*.d.example,192.168.1.*"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote server key:         {with_ca.server_key} (mode 0600)" in out
+    assert f"wrote server certificate: {with_ca.server_cert}" in out
+    assert "subject:     CN=myserver" in out
+    assert "issuer:      CN=SEP sesam root CA" in out
+    assert "names:       myserver, 192.168.1.10, *.d.example, 192.168.1.*" in out
+    assert "(825 days; --days changes it)" in out
+    assert "note: IP wildcards (192.168.1.*) are honoured by sbc only" in out
+    cert = load(with_ca.server_cert)
+    assert f"{cert.serial_number:X}" in out
+    assert f"valid until: {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC" in out
+    assert mode(with_ca.server_key) == 0o600
+    assert mode(with_ca.server_dir) == 0o700
+
+
+def test_server_for_an_rds(
+    with_ca: Layout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rds = tmp_path / "rds1"
+    argv = ["--ini-dir", str(with_ca.ini_dir), "server", "--common-name", "rds1", "--path"]
+    assert main([*argv, str(rds), "--days", "30", "--key-type", "rsa"]) == 0
+    out = capsys.readouterr().out
+    assert "RSA 3072 bit" in out and "(30 days;" in out
+    assert "next: copy server.pem and server.key into ssl/ of the RDS" in out
+    assert sorted(tree(rds)) == ["server.key", "server.pem"]
+    assert mode(rds) == 0o700 and mode(rds / "server.key") == 0o600
+    assert not with_ca.server_dir.exists()
+    assert "IP wildcards" not in out
+
+
+def test_reissuing_a_server_moves_the_old_pair_aside(
+    with_ca: Layout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--ini-dir", str(with_ca.ini_dir), "server", "--common-name=a"]
+    assert main(argv) == 0
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("moved aside: ") == 2
+    assert len(list(with_ca.server_dir.iterdir())) == 4
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        ("foo.*.com", "invalid name 'foo.*.com' in --common-name: a wildcard is either"),
+        ("300.1.1.1", "invalid name '300.1.1.1' in --common-name: not a valid IPv4 address"),
+        ("a,,b", "--common-name 'a,,b' has an empty item (position 2): remove the extra comma"),
+        ("a,", "has an empty item (position 2)"),
+        ("my server", "invalid name 'my server' in --common-name: names must not contain spaces"),
+        ("", "--common-name is empty"),
+        ("*", "invalid name '*'"),
+        ("*.com", "invalid name '*.com'"),
+    ],
+)
+def test_server_rejects_bad_names(
+    with_ca: Layout, capsys: pytest.CaptureFixture[str], names: str, message: str
+) -> None:
+    argv = ["--ini-dir", str(with_ca.ini_dir), "server", f"--common-name={names}"]
+    fails(argv, capsys, with_ca.ini_dir, message)
+    assert not with_ca.server_dir.exists()
+
+
+# -- client --------------------------------------------------------------------------
+
+
+def test_client_with_oid(with_ca: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--ini-dir", str(with_ca.ini_dir), "client", "--oid=C:DE,CN:c1,O:Acme AG,OU:Backup"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"wrote client key:         {with_ca.client_key} (mode 0600)" in out
+    assert "subject:     C=DE, CN=c1, O=Acme AG, OU=Backup" in out
+    assert load(with_ca.client_cert).subject.rfc4514_string() == "OU=Backup,O=Acme AG,CN=c1,C=DE"
+    assert mode(with_ca.client_dir) == 0o700 and mode(with_ca.client_key) == 0o600
+
+
+def test_client_defaults_and_options(
+    with_ca: Layout,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("pki.authority.socket.gethostname", lambda: "client-host")
+    out_dir = tmp_path / "elsewhere"
+    argv = ["--ini-dir", str(with_ca.ini_dir), "client", "--path", str(out_dir)]
+    assert main([*argv, "--days", "10", "--key-type", "rsa"]) == 0
+    out = capsys.readouterr().out
+    assert "subject:     CN=client-host" in out
+    assert "RSA 3072 bit" in out and "(10 days;" in out
+    assert sorted(tree(out_dir)) == ["client.key", "client.pem"]
+    assert not with_ca.client_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("oid", "message"),
+    [
+        ("X:1", "unknown --oid key 'X': use one of C, CN, DQ, GN, GQ, I, L, N, O, OU, P, PC, S, T"),
+        ("CN:", "--oid key CN has an empty value: write CN:<value>"),
+        ("CN:a,O:", "--oid key O has an empty value"),
+        ("CN", "--oid item 'CN' has no colon: write KEY:VALUE, for example CN:CN"),
+        ("CN:a,,O:b", "--oid 'CN:a,,O:b' has an empty item (position 2): remove the extra comma"),
+        ("CN:a,", "has an empty item (position 2)"),
+        ("", "--oid is empty"),
+        (
+            "C:Germany",
+            "--oid C:Germany is not a country code: use two letters (ISO 3166), e.g. C:DE",
+        ),
+        ("CN:a,CN:b", "--oid key CN is given twice: keep one CN:<value>"),
+    ],
+)
+def test_client_rejects_bad_oid(
+    with_ca: Layout, capsys: pytest.CaptureFixture[str], oid: str, message: str
+) -> None:
+    fails(
+        ["--ini-dir", str(with_ca.ini_dir), "client", f"--oid={oid}"],
+        capsys,
+        with_ca.ini_dir,
+        message,
+    )
+    assert not with_ca.client_dir.exists()
+
+
+# -- missing CA, clean-ssl, usage and system errors ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [["server", "--common-name=myserver"], ["client"], ["client", "--oid=CN:a"]]
+)
+def test_issuing_without_a_ca(
+    ini: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    fails(
+        ["--ini-dir", str(ini), *command],
+        capsys,
+        ini,
+        f"no root CA at {ini}/ca/rootCA.pem: create it with `sm_ssl_cert --ini-dir {ini} ca`",
+    )
+    assert not ini.exists()
+
+
+def test_issuing_without_the_ca_key(with_ca: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    with_ca.ca_key.unlink()
+    fails(
+        ["--ini-dir", str(with_ca.ini_dir), "client"],
+        capsys,
+        with_ca.ini_dir,
+        f"no root CA key at {with_ca.ca_key}",
+    )
+
+
+def test_clean_ssl(with_ca: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--ini-dir", str(with_ca.ini_dir), "clean-ssl"]
+    assert main(argv) == 0
+    assert (
+        capsys.readouterr().out == f"nothing to move: no *.key or *.pem in {with_ca.server_dir}\n"
+    )
+    with_ca.server_dir.mkdir()
+    (with_ca.server_dir / "old.key").write_text("old key")
+    (with_ca.server_dir / "old.pem").write_text("old cert")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("moved aside: ") == 2
+    assert {p.read_text() for p in with_ca.server_dir.iterdir()} == {"old key", "old cert"}
+    assert all(".old-" in p.name for p in with_ca.server_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["server"], "the following arguments are required: --common-name"),
+        (["ca", "--days", "0"], "argument --days: 0 days: give at least 1"),
+        (["ca", "--days", "ten"], "argument --days: 'ten' is not a whole number of days"),
+        (["client", "--key-type", "dsa"], "argument --key-type: invalid choice: 'dsa'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors(
+    ini: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["--ini-dir", str(ini), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not ini.exists()
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "clean-ssl" in capsys.readouterr().out
+
+
+def test_system_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    fails(
+        ["--ini-dir", str(not_a_directory), "ca"],
+        capsys,
+        tmp_path,
+        "(check --ini-dir / SESAM_INI_DIR and the permissions of that directory)",
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_permission_denied_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        fails(["--ini-dir", str(locked / "ini"), "ca"], capsys, tmp_path, "Permission denied")
+    finally:
+        locked.chmod(0o700)
+
+
+# -- the installed console script ------------------------------------------------------
+
+
+def test_installed_console_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    assert script.exists(), "run `make install` first"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini")}
+    done = subprocess.run(
+        [str(script), "ca"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wrote root CA certificate" in done.stdout
+    again = subprocess.run(
+        [str(script), "ca"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert again.returncode == 2
+    assert again.stderr.startswith("sm_ssl_cert: error: a root CA already exists")
+    assert "Traceback" not in again.stderr
