@@ -151,7 +151,7 @@ class CertificateAuthority:
             )
         _check_days(days)
         key = _generate_key(key_type)
-        name = _name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)], "CA common name")
+        name = _name([_attribute(NameOID.COMMON_NAME, common_name, "CA common name")], "CA name")
         cert = (
             _builder(name, name, key.public_key(), days=days, not_before=None)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
