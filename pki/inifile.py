@@ -1,0 +1,117 @@
+"""Typed reading of ``sm.ini`` and ``stpd.ini``.
+
+Both files are INI with values that may carry trailing ``#`` comments, as
+in the original. Each program declares its keys once (:class:`Key`); an
+unknown key in our sections or a bad value is a :class:`ConfigError` that
+names the file, the key and what is allowed. Sections we do not own are
+left alone: the real sesam files hold many more.
+"""
+
+from __future__ import annotations
+
+import configparser
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration mistake; ``str()`` names file, key and the fix."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: where it lives, how it parses, what it means."""
+
+    section: str
+    name: str
+    field: str  # the config dataclass field it sets
+    parse: Callable[[str], Any]
+    allowed: str  # words for the error message, e.g. "0, 1 or 2"
+
+
+def choice(*values: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        number = int(text)
+        if number not in values:
+            raise ValueError(text)
+        return number
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def text(value: str) -> str:
+    if not value:
+        raise ValueError(value)
+    return value
+
+
+def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
+    """Values of ``keys`` found in ``path`` as ``{field: value}``; a missing
+    file gives ``{}`` (every key has a default)."""
+    keys = list(keys)
+    if not path.exists():
+        return {}
+    parser = configparser.ConfigParser(
+        inline_comment_prefixes=("#", ";"), interpolation=None, strict=False
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are upper case
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError, OSError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: cannot be read as an INI file ({first})") from None
+    by_name = {(k.section, k.name.upper()): k for k in keys}
+    our_sections = {k.section for k in keys}
+    values: dict[str, Any] = {}
+    for section in our_sections:
+        if not parser.has_section(section):
+            continue
+        for name, raw in parser.items(section):
+            key = by_name.get((section, name.upper()))
+            if key is None:
+                known = ", ".join(sorted(k.name for k in keys if k.section == section))
+                raise ConfigError(
+                    f"{path}: unknown key {name} in [{section}] (known keys: {known})"
+                )
+            raw = raw.strip()
+            try:
+                values[key.field] = key.parse(raw)
+            except ValueError:
+                raise ConfigError(
+                    f"{path}: [{section}] {key.name}={raw!r} is not valid; allowed: {key.allowed}"
+                ) from None
+    return values
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or ``v6`` -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    else:
+        host, port = text, default_port
+    if not host or not 0 <= port <= 65535:
+        raise ValueError(text)
+    return host, port

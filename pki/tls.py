@@ -1,0 +1,281 @@
+"""TLS material for the daemons: one place that turns an ini directory into
+pyOpenSSL contexts for STPD (server) and SBC (client).
+
+Why pyOpenSSL and not the stdlib ``ssl`` module: level 1 of
+``STPD_HTTPS_USE_CLIENT_CERT`` asks for a client certificate, validates it,
+and still serves a client whose certificate is invalid (with a warning).
+The stdlib aborts the handshake on an invalid certificate; OpenSSL's verify
+callback, which pyOpenSSL exposes, lets us record the verdict and go on.
+
+Both contexts share the same hardening: TLS 1.2 minimum, forward-secret AEAD
+suites only, no compression, no renegotiation. Host-name checking is done
+by :func:`check_server_names` after the handshake because OpenSSL cannot match
+our ``a.b.c.*`` IP wildcard form.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+from pki.errors import PkiError
+from pki.layout import Layout
+from pki.names import certificate_names, host_matches
+
+# TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only.
+# TLS 1.3 suites are all strong and keep OpenSSL's default order.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+VERIFY_DEPTH = 2  # root CA + leaf: our CA issues leaves directly (pathlen 0)
+
+# OpenSSL X509_V_ERR_* codes we explain in words; others use OpenSSL's text.
+_VERIFY_REASONS = {
+    2: "issuer certificate not found",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate not from our CA",
+    19: "self-signed certificate in chain not from our CA",
+    20: "not signed by our root CA",
+    21: "not signed by our root CA",
+    23: "certificate has been revoked",
+    26: "not a client certificate (no clientAuth extended key usage)",
+}
+
+
+class ClientCertPolicy(enum.IntEnum):
+    """``STPD_HTTPS_USE_CLIENT_CERT``: see SPEC.md, the level table."""
+
+    IGNORE = 0  # not requested
+    WARN = 1  # requested, validated, invalid ones served with a WARNING
+    REQUIRE = 2  # required, validated, invalid ones refused with an ERROR
+
+
+@dataclass
+class PeerVerdict:
+    """What the verify callback saw of one peer's certificate chain."""
+
+    problems: list[str] = field(default_factory=list)
+
+    def record(self, errnum: int, depth: int, subject: str) -> None:
+        reason = _VERIFY_REASONS.get(errnum) or verify_error_text(errnum)
+        where = "" if depth == 0 else f" (chain depth {depth}: {subject})"
+        text = reason + where
+        if text not in self.problems:
+            self.problems.append(text)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.problems)
+
+
+def verify_error_text(errnum: int) -> str:
+    from OpenSSL._util import ffi, lib  # OpenSSL's own words for its codes
+
+    try:
+        return str(ffi.string(lib.X509_verify_cert_error_string(errnum)).decode())
+    except Exception:  # pragma: no cover - binding without that symbol
+        return f"verify error {errnum}"
+
+
+def _verify_callback(
+    conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+) -> bool:
+    verdict = conn.get_app_data()
+    if not ok and isinstance(verdict, PeerVerdict):
+        verdict.record(errnum, depth, cert.get_subject().CN or "?")
+    policy = getattr(conn.get_context(), "client_cert_policy", ClientCertPolicy.REQUIRE)
+    # Level 1 accepts whatever it was shown; the verdict decides the warning.
+    return True if policy == ClientCertPolicy.WARN else bool(ok)
+
+
+def _hardened_context(method: int) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION  # CRIME
+        | SSL.OP_NO_RENEGOTIATION  # renegotiation DoS and its old bugs
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_TICKET  # no resumption state kept for idle clients
+    )
+    ctx.set_cipher_list(TLS12_CIPHERS)
+    ctx.set_verify_depth(VERIFY_DEPTH)
+    return ctx
+
+
+def _require_file(path: Path, what: str, fix: str) -> None:
+    if not path.is_file():
+        raise PkiError(f"{what} {path} not found: {fix}")
+
+
+def _load_cert_and_key(ctx: SSL.Context, cert: Path, key: Path, fix: str) -> None:
+    _require_file(cert, "certificate", fix)
+    _require_file(key, "private key", fix)
+    try:
+        ctx.use_certificate_chain_file(str(cert))
+    except SSL.Error as exc:
+        raise PkiError(f"certificate {cert} is not a PEM certificate ({exc}): {fix}") from None
+    try:
+        ctx.use_privatekey_file(str(key))
+    except SSL.Error:
+        raise PkiError(f"private key {key} cannot be read as a PEM key: {fix}") from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise PkiError(f"private key {key} does not match certificate {cert}: {fix}") from None
+
+
+def _load_ca(ctx: SSL.Context, layout: Layout) -> x509.Certificate:
+    fix = f"copy rootCA.pem from the backup server, or create it with `sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
+    _require_file(layout.ca_cert, "root CA certificate", fix)
+    try:
+        ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise PkiError(
+            f"root CA certificate {layout.ca_cert} is unreadable ({exc}): {fix}"
+        ) from None
+    try:
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise PkiError(
+            f"{layout.ca_cert} is not a CA certificate (no basicConstraints CA:TRUE): {fix}"
+        )
+    ctx.load_verify_locations(str(layout.ca_cert))
+    return ca
+
+
+def load_crl(layout: Layout, ca: x509.Certificate) -> x509.CertificateRevocationList | None:
+    """The CRL beside the CA, if any; one that our CA did not sign is an error."""
+    if not layout.crl.exists():
+        return None
+    try:
+        crl = x509.load_pem_x509_crl(layout.crl.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise PkiError(
+            f"CRL {layout.crl} is unreadable ({exc}): re-create it with `sm_ssl_cert crl`"
+        ) from None
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise PkiError(
+            f"CRL {layout.crl} is not signed by {layout.ca_cert}: re-create it with `sm_ssl_cert crl`"
+        )
+    return crl
+
+
+def server_context(
+    layout: Layout,
+    policy: ClientCertPolicy,
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> SSL.Context:
+    """The STPD context: always presents the server certificate; asks for a
+    client certificate at levels 1 and 2 and verifies it against our root CA
+    (and its CRL when one exists)."""
+    cert = cert or layout.server_cert
+    key = key or layout.server_key
+    ctx = _hardened_context(SSL.TLS_SERVER_METHOD)
+    fix = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} server --common-name=<names>`"
+    _load_cert_and_key(ctx, cert, key, fix)
+    ctx.client_cert_policy = policy  # type: ignore[attr-defined]  # read by _verify_callback
+    if policy == ClientCertPolicy.IGNORE:
+        ctx.set_verify(SSL.VERIFY_NONE)
+        return ctx
+    ca = _load_ca(ctx, layout)
+    crl = load_crl(layout, ca)
+    if crl is not None:
+        store = ctx.get_cert_store()
+        assert store is not None
+        store.add_crl(crl)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    # Tell clients which CA we trust so that they pick the right certificate.
+    ctx.load_client_ca(str(layout.ca_cert).encode())
+    mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
+    if policy == ClientCertPolicy.REQUIRE:
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode, _verify_callback)
+    return ctx
+
+
+def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -> SSL.Context:
+    """The SBC context: ``SBC_CLIENT_SSL_AUTH`` decides whether we present
+    ``x.509/client.pem``; ``SBC_SSL_SERVER_VERIFY`` whether we verify the
+    server's chain (names are checked after the handshake)."""
+    ctx = _hardened_context(SSL.TLS_CLIENT_METHOD)
+    if present_cert:
+        fix = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} client` on the backup server and copy it here"
+        _load_cert_and_key(ctx, layout.client_cert, layout.client_key, fix)
+    if verify_server:
+        _load_ca(ctx, layout)
+        ctx.set_verify(SSL.VERIFY_PEER)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    return ctx
+
+
+def new_connection(ctx: SSL.Context, *, server_hostname: str | None = None) -> SSL.Connection:
+    """A connection over memory BIOs, with a fresh verdict attached."""
+    conn = SSL.Connection(ctx, None)
+    conn.set_app_data(PeerVerdict())
+    if server_hostname is None:
+        conn.set_accept_state()
+    else:
+        if not _is_ip(server_hostname):
+            conn.set_tlsext_host_name(server_hostname.encode("idna"))
+        conn.set_connect_state()
+    return conn
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def peer_verdict(conn: SSL.Connection) -> PeerVerdict:
+    verdict = conn.get_app_data()
+    assert isinstance(verdict, PeerVerdict)
+    return verdict
+
+
+def peer_certificate(conn: SSL.Connection) -> x509.Certificate | None:
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    return cert
+
+
+def check_server_names(cert: x509.Certificate, host: str) -> None:
+    """Raise PkiError unless ``host`` matches one of the certificate's names."""
+    names = certificate_names(cert)
+    if not host_matches(host, names):
+        raise PkiError(
+            f"server certificate names {', '.join(names) or '(none)'} do not match host {host}: "
+            f"connect by one of those names, or re-issue the server certificate with "
+            f"`sm_ssl_cert server --common-name={host}`"
+        )
+
+
+def identity_of(cert: x509.Certificate) -> str:
+    """The owner identity we store with a saveset: the certificate subject
+    in RFC 4514 form (e.g. ``CN=host1,O=Example``)."""
+    return cert.subject.rfc4514_string()
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def days_left(cert: x509.Certificate, now: float | None = None) -> float:
+    import time
+
+    now = time.time() if now is None else now
+    return (cert.not_valid_after_utc.timestamp() - now) / 86400

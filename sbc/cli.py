@@ -1,0 +1,178 @@
+"""``sbc``: back up to, restore from, and list savesets on an STPD."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pki.errors import PkiError
+from pki.inifile import ConfigError
+from pki.layout import Layout, resolve_ini_dir
+from sbc.archive import ArchiveError
+from sbc.client import SbcError, Session
+from sbc.config import SbcConfig, load_config, server_address
+from stpd.transfer import single_error
+
+
+def _server(text: str) -> tuple[str, int]:
+    try:
+        return server_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST[:PORT], got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server", type=_server, help="HOST[:PORT] of the STPD (default: SBC_SERVER in sm.ini)"
+    )
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    parser = argparse.ArgumentParser(
+        prog="sbc", description="SEP sesam backup client over mutual TLS"
+    )
+    parser.add_argument(
+        "--ini-dir", help="ini directory (default: $SESAM_INI_DIR or /var/opt/sesam/var/ini)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    backup = commands.add_parser(
+        "backup", parents=[common], help="back up a file or directory tree"
+    )
+    backup.add_argument("path", type=Path)
+    restore = commands.add_parser(
+        "restore", parents=[common], help="restore a saveset into a directory"
+    )
+    restore.add_argument("saveset")
+    restore.add_argument("target_dir", type=Path)
+    commands.add_parser("list", parents=[common], help="list this client's savesets")
+    commands.add_parser("status", parents=[common], help="show the STPD's status")
+    return parser
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / max(seconds, 1e-6) / 1e6:.1f} MB/s"
+
+
+async def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
+    source = args.path.absolute()
+    started = time.monotonic()
+    meta, stats = await session.backup(source)
+    seconds = time.monotonic() - started
+    result = {
+        "saveset": meta["saveset"],
+        "bytes": meta["bytes"],
+        "sha256": meta["sha256"],
+        "source": meta["source"],
+        "created": meta["created"],
+        "server": session.where,
+        "files": stats.files,
+        "directories": stats.directories,
+        "links": stats.links,
+        "seconds": round(seconds, 3),
+    }
+    if stats.skipped:
+        result["skipped"] = stats.skipped
+    if not args.json:
+        for path in stats.skipped:
+            print(
+                f"sbc: warning: skipped {path} (sockets and similar cannot be archived)",
+                file=sys.stderr,
+            )
+        print(
+            f"saveset {meta['saveset']} stored on {session.where}: {meta['bytes']} bytes, "
+            f"{stats.files} files in {seconds:.2f}s ({_rate(meta['bytes'], seconds)}), "
+            f"sha256 {meta['sha256']}"
+        )
+    return result
+
+
+async def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
+    target = args.target_dir.absolute()
+    target.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    restored = await session.restore(args.saveset, target)
+    seconds = time.monotonic() - started
+    if not args.json:
+        print(
+            f"restored saveset {args.saveset} into {target}: {restored.members} entries, "
+            f"{restored.bytes} bytes in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), "
+            f"sha256 verified"
+        )
+    return {
+        "saveset": args.saveset,
+        "target": str(target),
+        "bytes": restored.bytes,
+        "members": restored.members,
+        "sha256": restored.sha256,
+        "seconds": round(seconds, 3),
+    }
+
+
+async def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
+    savesets = await session.get_json("/savesets")
+    if not args.json:
+        if not savesets:
+            print(f"no savesets for this client on {session.where}")
+        for item in savesets:
+            print(f"{item['saveset']}  {item['created']}  {item['bytes']:>14}  {item['source']}")
+    return list(savesets)
+
+
+async def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
+    status = await session.get_json("/status")
+    if not args.json:
+        cert = status.get("server_certificate", {})
+        print(
+            f"stpd {status.get('version')} at {session.where}: level {status.get('level')}, "
+            f"up {status.get('uptime_seconds')}s, {status.get('active_transfers')} active transfers, "
+            f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days"
+        )
+    return dict(status)
+
+
+COMMANDS = {"backup": _backup, "restore": _restore, "list": _list, "status": _status}
+
+
+async def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namespace) -> Any:
+    async with Session(config, server) as session:
+        return await COMMANDS[args.command](session, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.WARNING, format="sbc: %(levelname)s: %(message)s"
+    )
+    layout = Layout(resolve_ini_dir(args.ini_dir))
+    try:
+        config = load_config(layout)
+        server = args.server or config.server
+        if server is None:
+            raise SbcError(
+                f"no server given: pass --server HOST[:PORT] or set SBC_SERVER in [SBC] of {layout.sm_ini}"
+            )
+        if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
+            raise SbcError(f"nothing to back up: {args.path} does not exist")
+        try:
+            result = trio.run(_run, config, server, args)
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+    except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
+        print(f"sbc: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"sbc: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sbc: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0

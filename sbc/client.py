@@ -1,0 +1,349 @@
+"""The SBC side of the wire: connect, verify, and speak STPD's HTTP API.
+
+Every failure an operator can cause or fix becomes one :class:`SbcError`
+line saying what was refused, by whom, why, and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import h11
+import trio
+
+from pki.errors import PkiError
+from pki.tls import check_server_names, client_context, fingerprint_sha256, new_connection
+from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
+from sbc.config import SbcConfig
+from stpd.tlsstream import TLSHandshakeError, TLSStream
+from stpd.transfer import Batcher, Get, single_error, sink_thread, source_thread
+
+log = logging.getLogger("sbc")
+
+RECEIVE_CHUNK = 256 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
+
+Progress = Callable[[int], None]  # called with the bytes moved since the last call
+
+
+class SbcError(Exception):
+    """One line for the operator: what, by whom, why, what to do."""
+
+
+# OpenSSL alert texts a refusing STPD sends, with what the operator should do.
+_REFUSAL_HINTS = [
+    (
+        "certificate required",
+        "this client presented no certificate",
+        "set SBC_CLIENT_SSL_AUTH=1 in sm.ini and install x.509/client.pem and client.key "
+        "(made with `sm_ssl_cert client` on the backup server)",
+    ),
+    (
+        "unknown ca",
+        "our client certificate is not signed by the server's root CA",
+        "issue a new one with `sm_ssl_cert client` on the backup server and copy it to x.509/",
+    ),
+    (
+        "certificate expired",
+        "our client certificate has expired",
+        "issue a new one with `sm_ssl_cert client` (or `sm_ssl_cert renew client`) and copy it here",
+    ),
+    (
+        "certificate revoked",
+        "our client certificate has been revoked",
+        "ask the administrator for a new client certificate",
+    ),
+    (
+        "unsupported certificate",
+        "our certificate is not a client certificate (no clientAuth usage)",
+        "use the certificate made by `sm_ssl_cert client`, not a server certificate",
+    ),
+    (
+        "bad certificate",
+        "the server rejected our client certificate",
+        "check the stpd log for the reason; re-issue it with `sm_ssl_cert client`",
+    ),
+]
+
+
+def explain_refusal(where: str, reason: str) -> SbcError:
+    lowered = reason.lower()
+    for needle, what, fix in _REFUSAL_HINTS:
+        if needle in lowered:
+            return SbcError(f"refused by stpd at {where}: {what} ({reason}); {fix}")
+    return SbcError(f"connection to stpd at {where} failed: {reason}")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+
+
+class Session:
+    """One verified TLS connection to an STPD, used for one or more requests."""
+
+    def __init__(self, config: SbcConfig, server: tuple[str, int]) -> None:
+        self.config = config
+        self.host, self.port = server
+        self.where = f"{self.host}:{self.port}"
+        self.tls: TLSStream | None = None
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def __aenter__(self) -> Session:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.tls is not None:
+            await self.tls.aclose()
+
+    async def connect(self) -> None:
+        try:
+            ctx = client_context(
+                self.config.layout,
+                present_cert=self.config.client_ssl_auth,
+                verify_server=self.config.server_verify,
+            )
+        except PkiError as exc:
+            raise SbcError(str(exc)) from None
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+        except trio.TooSlowError:
+            raise SbcError(
+                f"no answer from stpd at {self.where} within {self.config.connect_timeout:g}s: "
+                "check the address and any firewall"
+            ) from None
+        except OSError as exc:
+            raise SbcError(
+                f"cannot connect to stpd at {self.where}: {exc.strerror or exc}; is stpd running "
+                "there? (the server comes from --server or SBC_SERVER in sm.ini)"
+            ) from None
+        self.tls = TLSStream(tcp, new_connection(ctx, server_hostname=self.host))
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                await self.tls.do_handshake()
+        except trio.TooSlowError:
+            raise SbcError(f"TLS handshake with stpd at {self.where} timed out") from None
+        except TLSHandshakeError as exc:
+            problems = self.tls.verdict.reason
+            if problems:
+                raise SbcError(
+                    f"server certificate of stpd at {self.where} failed verification: {problems}; "
+                    f"check that {self.config.layout.ca_cert} is the root CA that signed the "
+                    "server's certificate (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
+                ) from None
+            raise explain_refusal(self.where, str(exc)) from None
+        except trio.BrokenResourceError as exc:
+            raise explain_refusal(self.where, str(exc)) from None
+        self._check_server()
+
+    def _check_server(self) -> None:
+        assert self.tls is not None
+        cert = self.tls.peer_certificate
+        if self.config.server_verify:
+            assert cert is not None  # VERIFY_PEER guarantees one
+            try:
+                check_server_names(cert, self.host)
+            except PkiError as exc:
+                raise SbcError(f"stpd at {self.where} not trusted: {exc}") from None
+        else:
+            log.warning(
+                "server certificate of %s NOT verified (SBC_SSL_SERVER_VERIFY=0): "
+                "anyone on the network path could impersonate the server",
+                self.where,
+            )
+        pin = self.config.server_fingerprint
+        if pin is not None and (cert is None or fingerprint_sha256(cert) != pin):
+            actual = fingerprint_sha256(cert) if cert is not None else "none"
+            raise SbcError(
+                f"stpd at {self.where} presented certificate {actual}, not the pinned "
+                f"SBC_SERVER_FINGERPRINT {pin}: update the pin only if the server certificate was renewed"
+            )
+
+    # -- HTTP ------------------------------------------------------------------
+
+    def _headers(self, extra: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:  # type: ignore[assignment]
+        return [("Host", self.where), ("User-Agent", "sbc"), *extra]
+
+    async def _send(self, *events: h11.Event) -> None:
+        assert self.tls is not None
+        pieces: list[bytes] = []
+        for event in events:
+            pieces.extend(self.conn.send_with_data_passthrough(event) or [])
+        with trio.fail_after(self.config.io_timeout):
+            await self.tls.send_many(pieces)
+
+    async def _next_event(self) -> h11.Event:
+        assert self.tls is not None
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise SbcError(f"stpd at {self.where} sent a malformed answer: {exc}") from None
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                with trio.fail_after(self.config.io_timeout):
+                    data = await self.tls.receive_some(RECEIVE_CHUNK)
+            except trio.TooSlowError:
+                raise SbcError(
+                    f"stpd at {self.where} stopped answering ({self.config.io_timeout:g}s)"
+                ) from None
+            except trio.BrokenResourceError as exc:
+                raise explain_refusal(self.where, str(exc)) from None
+            self.conn.receive_data(data)
+
+    async def _response(self) -> Response:
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Response):
+                headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+                return Response(event.status_code, headers)
+            if isinstance(event, h11.ConnectionClosed):
+                raise SbcError(
+                    f"stpd at {self.where} closed the connection without answering: it refused "
+                    "this client (see the stpd log, e.g. STPD_ALLOWED_CLIENTS or a revoked certificate)"
+                )
+
+    async def _json_body(self) -> Any:
+        chunks, size = [], 0
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_JSON_BYTES:
+                    raise SbcError(f"answer from stpd at {self.where} is too large")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise SbcError(f"stpd at {self.where} closed the connection mid-answer")
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError:
+            raise SbcError(f"stpd at {self.where} sent an answer that is not JSON") from None
+
+    def _failure(self, response: Response, body: Any, what: str) -> SbcError:
+        message = body.get("error") if isinstance(body, dict) else None
+        return SbcError(
+            f"{what} refused by stpd at {self.where}: {message or f'HTTP {response.status}'}"
+        )
+
+    async def get_json(self, target: str) -> Any:
+        await self._send(
+            h11.Request(method="GET", target=target, headers=self._headers()), h11.EndOfMessage()
+        )
+        response = await self._response()
+        body = await self._json_body()
+        if response.status != 200:
+            raise self._failure(response, body, f"GET {target}")
+        self.conn.start_next_cycle()
+        return body
+
+    async def backup(
+        self, source: Path, progress: Progress | None = None
+    ) -> tuple[dict[str, Any], TreeStats]:
+        """Stream ``source`` as a tar archive; returns the server's metadata."""
+        stats = TreeStats()
+        target = "/savesets?source=" + quote(str(source), safe="/")
+        await self._send(
+            h11.Request(
+                method="PUT",
+                target=target,
+                headers=self._headers(
+                    [("Transfer-Encoding", "chunked"), ("Content-Type", "application/x-tar")]
+                ),
+            )
+        )
+        sent_all = False
+
+        async def send_body() -> None:
+            nonlocal sent_all
+            assert self.tls is not None
+            async with source_thread(lambda put: write_tree(source, put, stats)) as batches:
+                async for batch in batches:
+                    pieces: list[bytes] = []
+                    for piece in batch:
+                        pieces.extend(
+                            self.conn.send_with_data_passthrough(h11.Data(data=piece)) or []
+                        )
+                    with trio.fail_after(self.config.io_timeout):
+                        await self.tls.send_many(pieces)
+                    if progress is not None:
+                        progress(sum(len(p) for p in batch))
+            await self._send(h11.EndOfMessage())
+            sent_all = True
+
+        response: Response | None = None
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def sender() -> None:
+                        try:
+                            await send_body()
+                        except trio.BrokenResourceError:
+                            pass  # the server stopped reading: its answer says why
+
+                    nursery.start_soon(sender)
+                    response = await self._response()
+                    if response.status >= 300:
+                        nursery.cancel_scope.cancel()  # an early refusal: stop sending
+            except BaseExceptionGroup as group:
+                raise single_error(group) from None
+        except trio.TooSlowError:
+            raise SbcError(
+                f"stpd at {self.where} stopped reading our data ({self.config.io_timeout:g}s)"
+            ) from None
+        assert response is not None
+        body = await self._json_body()
+        if response.status != 201:
+            raise self._failure(response, body, f"backup of {source}")
+        if not sent_all:  # pragma: no cover - a 201 only follows the whole body
+            raise SbcError(f"stpd at {self.where} answered before the backup was complete")
+        return body, stats
+
+    async def restore(
+        self, saveset: str, target: Path, progress: Progress | None = None
+    ) -> RestoreResult:
+        await self._send(
+            h11.Request(
+                method="GET", target=f"/savesets/{quote(saveset, safe='')}", headers=self._headers()
+            ),
+            h11.EndOfMessage(),
+        )
+        response = await self._response()
+        if response.status != 200:
+            raise self._failure(response, await self._json_body(), f"restore of {saveset}")
+        result = RestoreResult()
+        expected = response.headers.get("x-sha256", "")
+
+        def extract_all(get: Get) -> None:
+            extract_stream(get, target, result)
+
+        async with sink_thread(extract_all) as put:
+            batcher = Batcher(put)
+            while True:
+                event = await self._next_event()
+                if isinstance(event, h11.EndOfMessage):
+                    break
+                if not isinstance(event, h11.Data):
+                    raise SbcError(f"stpd at {self.where} closed the connection mid-restore")
+                await batcher.add(event.data)
+                if progress is not None:
+                    progress(len(event.data))
+            await batcher.flush()
+        if expected and result.sha256 != expected:
+            raise SbcError(
+                f"restored data of {saveset} does not match its checksum "
+                f"(got {result.sha256}, expected {expected}): the saveset may be damaged"
+            )
+        return result

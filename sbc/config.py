@@ -1,0 +1,71 @@
+"""``SbcConfig``: everything the client reads from ``sm.ini``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pki.inifile import Key, choice, parse_host_port, positive_number, read_ini
+from pki.layout import Layout
+from stpd.config import STPD_HTTPS_PORT
+
+SECONDS = 1.0
+SSL_SECTION = "SBC_SSL"  # the original's section for the two flags
+SECTION = "SBC"  # our further settings
+
+
+def server_address(text: str) -> tuple[str, int]:
+    return parse_host_port(text, STPD_HTTPS_PORT)
+
+
+def _fingerprint(text: str) -> str:
+    digest = text.replace(":", "").strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(text)
+    return digest
+
+
+@dataclass(frozen=True)
+class SbcConfig:
+    layout: Layout
+    client_ssl_auth: bool = True  # present x.509/client.pem
+    server_verify: bool = True  # verify the server certificate and its names
+    server: tuple[str, int] | None = None  # the STPD we talk to
+    connect_timeout: float = 10 * SECONDS  # TCP connect and TLS handshake
+    io_timeout: float = 60 * SECONDS  # no progress while sending or receiving
+    server_fingerprint: str | None = None  # SHA-256 pin of the server certificate
+
+
+KEYS = [
+    Key(
+        SSL_SECTION,
+        "SBC_CLIENT_SSL_AUTH",
+        "client_ssl_auth",
+        lambda t: bool(choice(0, 1)(t)),
+        "0 or 1",
+    ),
+    Key(
+        SSL_SECTION,
+        "SBC_SSL_SERVER_VERIFY",
+        "server_verify",
+        lambda t: bool(choice(0, 1)(t)),
+        "0 or 1",
+    ),
+    Key(SECTION, "SBC_SERVER", "server", server_address, "HOST or HOST:PORT of the STPD"),
+    Key(SECTION, "SBC_CONNECT_TIMEOUT", "connect_timeout", positive_number, "seconds > 0"),
+    Key(SECTION, "SBC_IO_TIMEOUT", "io_timeout", positive_number, "seconds > 0"),
+    Key(
+        SSL_SECTION,
+        "SBC_SERVER_FINGERPRINT",
+        "server_fingerprint",
+        _fingerprint,
+        "the server certificate's SHA-256 fingerprint, 64 hex digits (colons allowed)",
+    ),
+]
+
+
+def load_config(layout: Layout, **overrides: Any) -> SbcConfig:
+    values = read_ini(layout.sm_ini, KEYS)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(SbcConfig(layout=layout), **values)

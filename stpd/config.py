@@ -1,0 +1,99 @@
+"""``StpdConfig``: everything the daemon reads from ``stpd.ini``.
+
+Command-line options override only what the operator gave; every other
+value comes from the file, then from the defaults below (units in names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pki.inifile import Key, choice, parse_host_port, positive_int, positive_number, read_ini
+from pki.layout import Layout
+from pki.tls import ClientCertPolicy
+
+SECONDS = 1.0
+STPD_HTTPS_PORT = 11443  # STPD's customary HTTPS port
+SECTION = "STPD_Server"
+
+
+def _listen(text: str) -> tuple[str, int]:
+    return parse_host_port(text, STPD_HTTPS_PORT)
+
+
+def _path(text: str) -> Path:
+    if not text:
+        raise ValueError(text)
+    return Path(text)
+
+
+def _allowed_clients(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(item and ":" in item for item in items):
+        raise ValueError(text)
+    return items
+
+
+@dataclass(frozen=True)
+class StpdConfig:
+    layout: Layout
+    client_cert_policy: ClientCertPolicy = ClientCertPolicy.REQUIRE  # safe default: level 2
+    listen: tuple[str, int] = ("0.0.0.0", STPD_HTTPS_PORT)
+    data_dir: Path | None = None  # None: data/ beside the ini directory
+    handshake_timeout: float = 10 * SECONDS
+    header_timeout: float = 10 * SECONDS  # request line and headers must arrive within this
+    idle_timeout: float = 60 * SECONDS  # keep-alive connection with no request
+    io_timeout: float = 60 * SECONDS  # no progress while receiving or sending a body
+    shutdown_grace: float = 30 * SECONDS  # SIGTERM: running transfers may finish within this
+    max_connections: int = 64  # beyond it new clients get 503
+    max_header_bytes: int = 16 * 1024  # request line + headers; larger gets 431
+    allowed_clients: tuple[str, ...] = ()  # empty: every valid client identity
+
+    @property
+    def saveset_dir(self) -> Path:
+        return self.data_dir or self.layout.default_data_dir
+
+    def describe_level(self) -> str:
+        return {
+            0: "0 (client certificates not requested)",
+            1: "1 (validated, invalid ones served with a warning)",
+            2: "2 (validated, invalid ones refused)",
+        }[int(self.client_cert_policy)]
+
+
+KEYS = [
+    Key(
+        SECTION,
+        "STPD_HTTPS_USE_CLIENT_CERT",
+        "client_cert_policy",
+        lambda t: ClientCertPolicy(choice(0, 1, 2)(t)),
+        "0, 1 or 2",
+    ),
+    Key(SECTION, "STPD_HTTPS_LISTEN", "listen", _listen, "HOST:PORT, e.g. 0.0.0.0:11443"),
+    Key(SECTION, "STPD_DATA_DIR", "data_dir", _path, "a directory path"),
+    Key(SECTION, "STPD_HANDSHAKE_TIMEOUT", "handshake_timeout", positive_number, "seconds > 0"),
+    Key(SECTION, "STPD_HEADER_TIMEOUT", "header_timeout", positive_number, "seconds > 0"),
+    Key(SECTION, "STPD_IDLE_TIMEOUT", "idle_timeout", positive_number, "seconds > 0"),
+    Key(SECTION, "STPD_IO_TIMEOUT", "io_timeout", positive_number, "seconds > 0"),
+    Key(SECTION, "STPD_SHUTDOWN_GRACE", "shutdown_grace", positive_number, "seconds > 0"),
+    Key(SECTION, "STPD_MAX_CONNECTIONS", "max_connections", positive_int, "a whole number > 0"),
+    Key(SECTION, "STPD_MAX_HEADER_BYTES", "max_header_bytes", positive_int, "a whole number > 0"),
+    Key(
+        SECTION,
+        "STPD_ALLOWED_CLIENTS",
+        "allowed_clients",
+        _allowed_clients,
+        "comma-separated FIELD:PATTERN items, e.g. CN:host1,CN:*.example.test",
+    ),
+]
+
+
+def load_config(layout: Layout, **overrides: Any) -> StpdConfig:
+    """Read ``stpd.ini`` of ``layout``; ``overrides`` (None values ignored)
+    are what the operator gave on the command line."""
+    values = read_ini(layout.stpd_ini, KEYS)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(StpdConfig(layout=layout), **values)

@@ -1,0 +1,200 @@
+"""STPD's decisions, without I/O: who the peer is, and what a request means.
+
+``judge_peer`` applies the ``STPD_HTTPS_USE_CLIENT_CERT`` table of SPEC.md to
+what the TLS handshake saw. ``route`` turns a request line into one of a few
+plain actions that the trio layer (``stpd.server``) carries out. Both are
+tested without sockets.
+
+HTTP API (stable; documented in README.md):
+
+=======  ==========================  ===========================================
+GET      /status                     JSON: version, level, uptime, transfers...
+GET      /savesets                   JSON array of the caller's savesets
+PUT/POST /savesets?source=PATH       body: a tar stream; 201 + JSON metadata
+GET      /savesets/ID                the saveset's tar (header X-Sha256)
+GET      /savesets/ID/meta           JSON metadata of one saveset
+=======  ==========================  ===========================================
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from cryptography import x509
+
+from pki.tls import ClientCertPolicy
+from stpd.store import SAVESET_ID
+
+ANONYMOUS = "anonymous"  # owner of savesets uploaded without a valid certificate
+MAX_SOURCE_CHARS = 4096  # a path longer than PATH_MAX is not a path
+
+
+# -- the peer ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerDecision:
+    """Serve or refuse, as whom, and the log line that says why."""
+
+    serve: bool
+    owner: str
+    log_level: int  # logging.INFO / WARNING / ERROR
+    message: str
+
+
+def identity_allowed(cert: x509.Certificate, allowed: tuple[str, ...]) -> bool:
+    """``allowed`` items are ``FIELD:PATTERN`` (``CN:host1``, ``O:Example*``),
+    matched against the subject's attributes with shell wildcards."""
+    if not allowed:
+        return True
+    fields: dict[str, list[str]] = {}
+    for attr in cert.subject:
+        short = attr.rfc4514_attribute_name.upper()
+        fields.setdefault(short, []).append(str(attr.value))
+    for item in allowed:
+        field, _, pattern = item.partition(":")
+        for value in fields.get(field.strip().upper(), []):
+            if fnmatch.fnmatchcase(value.lower(), pattern.strip().lower()):
+                return True
+    return False
+
+
+def judge_peer(
+    peer: str,
+    policy: ClientCertPolicy,
+    cert: x509.Certificate | None,
+    problems: list[str],
+    allowed: tuple[str, ...] = (),
+) -> PeerDecision:
+    """Apply the level table to a completed handshake."""
+    if policy == ClientCertPolicy.IGNORE:
+        return PeerDecision(True, ANONYMOUS, logging.INFO, f"client {peer} connected (level 0)")
+    if cert is None:
+        reason = "no client certificate presented"
+    elif problems:
+        reason = "; ".join(problems)
+    elif not identity_allowed(cert, allowed):
+        reason = f"client identity {cert.subject.rfc4514_string()} is not in STPD_ALLOWED_CLIENTS"
+    else:
+        owner = cert.subject.rfc4514_string()
+        return PeerDecision(True, owner, logging.INFO, f"client {peer} authenticated as {owner}")
+    subject = f" ({cert.subject.rfc4514_string()})" if cert is not None else ""
+    if policy == ClientCertPolicy.WARN:
+        return PeerDecision(
+            True,
+            ANONYMOUS,
+            logging.WARNING,
+            f"client {peer}{subject}: invalid client certificate: {reason}; "
+            f"served as {ANONYMOUS} (STPD_HTTPS_USE_CLIENT_CERT=1)",
+        )
+    return PeerDecision(
+        False,
+        ANONYMOUS,
+        logging.ERROR,
+        f"refused client {peer}{subject}: {reason} (STPD_HTTPS_USE_CLIENT_CERT=2)",
+    )
+
+
+def refused_handshake(peer: str, policy: ClientCertPolicy, reason: str) -> PeerDecision:
+    """A handshake OpenSSL failed; at level 2 that is our refusal."""
+    if policy == ClientCertPolicy.REQUIRE:
+        return PeerDecision(
+            False,
+            ANONYMOUS,
+            logging.ERROR,
+            f"refused client {peer}: {reason} (STPD_HTTPS_USE_CLIENT_CERT=2)",
+        )
+    return PeerDecision(
+        False, ANONYMOUS, logging.WARNING, f"TLS handshake with {peer} failed: {reason}"
+    )
+
+
+# -- requests ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    pass
+
+
+@dataclass(frozen=True)
+class ListSavesets:
+    pass
+
+
+@dataclass(frozen=True)
+class Upload:
+    source: str
+
+
+@dataclass(frozen=True)
+class Download:
+    saveset: str
+
+
+@dataclass(frozen=True)
+class Metadata:
+    saveset: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    status: int
+    message: str
+
+
+Action = Status | ListSavesets | Upload | Download | Metadata | Reject
+
+
+def _source_value(query: str) -> str | Reject:
+    try:
+        pairs = parse_qsl(
+            query,
+            keep_blank_values=True,
+            strict_parsing=bool(query),
+            errors="strict",
+            max_num_fields=8,
+        )
+    except (ValueError, UnicodeDecodeError):
+        return Reject(400, "malformed query string")
+    values = dict(pairs)
+    unknown = set(values) - {"source"}
+    if unknown:
+        return Reject(400, f"unknown query parameter {sorted(unknown)[0]!r}")
+    source = values.get("source", "")
+    if not source:
+        return Reject(400, "missing query parameter source=PATH (the path that was backed up)")
+    if "\x00" in source or len(source) > MAX_SOURCE_CHARS:
+        return Reject(400, "invalid source path (NUL byte or longer than 4096 characters)")
+    return source
+
+
+def route(method: str, target: str) -> Action:
+    parts = urlsplit(target)
+    path = parts.path
+    if "\x00" in unquote(path) or len(target) > 8192:
+        return Reject(400, "invalid request target")
+    segments = [s for s in path.split("/") if s]
+    if segments == ["status"]:
+        return Status() if method == "GET" else Reject(405, "use GET /status")
+    if segments == ["savesets"]:
+        if method == "GET":
+            return ListSavesets()
+        if method in ("PUT", "POST"):
+            source = _source_value(parts.query)
+            return source if isinstance(source, Reject) else Upload(source)
+        return Reject(405, "use GET, PUT or POST on /savesets")
+    if len(segments) in (2, 3) and segments[0] == "savesets":
+        saveset = unquote(segments[1])
+        if not SAVESET_ID.match(saveset):
+            return Reject(400, "invalid saveset name (expected SS-YYYYMMDDTHHMMSSZ-xxxxxxxx)")
+        if method != "GET":
+            return Reject(405, "use GET on a saveset")
+        if len(segments) == 2:
+            return Download(saveset)
+        if segments[2] == "meta":
+            return Metadata(saveset)
+    return Reject(404, f"no such resource {path!r}")

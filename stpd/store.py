@@ -1,0 +1,239 @@
+"""Savesets on disk.
+
+A saveset is two files in the data directory: ``<id>.tar`` (a plain tar
+archive, readable by ``tar -tf``) and ``<id>.json`` (its metadata). An
+upload is written to ``.incoming/<id>.tar.part``, fsynced, checked to be a
+complete tar archive, renamed into place, and only then is its metadata
+written (atomically). Listing looks at metadata files only, so a saveset
+becomes visible in one step and nothing partial is ever listed. Leftovers
+of a crash (``.incoming/*``, a tar without metadata) are removed at start.
+
+Everything here is blocking and runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+INCOMING = ".incoming"
+SAVESET_ID = re.compile(r"^SS-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+
+
+class StoreError(Exception):
+    """Base of storage errors; ``status`` is the HTTP answer."""
+
+    status = 500
+
+
+class StorageFull(StoreError):
+    status = 507
+
+
+class InvalidArchive(StoreError):
+    status = 400
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def iso(moment: dt.datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def new_saveset_id(now: dt.datetime) -> str:
+    return f"SS-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class SavesetMeta:
+    saveset: str
+    owner: str
+    source: str
+    bytes: int
+    sha256: str
+    started: str
+    finished: str
+    peer: str
+
+    @property
+    def created(self) -> str:
+        return self.finished
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "created": self.created}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError, what: str) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull("storage full on the server: free space in the data directory")
+    return StoreError(f"cannot {what}: {exc.strerror}")
+
+
+class Upload:
+    """One saveset being received: ``write`` pieces, then ``commit`` or ``abort``."""
+
+    def __init__(self, store: SavesetStore, owner: str, source: str, peer: str) -> None:
+        self.store = store
+        self.started = utc_now()
+        self.saveset = new_saveset_id(self.started)
+        self.owner, self.source, self.peer = owner, source, peer
+        self.part = store.incoming / f"{self.saveset}.tar.part"
+        self.size = 0
+        self._hash = hashlib.sha256()
+        try:
+            self._fd: int | None = os.open(
+                self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise _storage_error(exc, "create a saveset file") from None
+
+    def write(self, pieces: list[bytes]) -> None:
+        assert self._fd is not None
+        for piece in pieces:
+            self._hash.update(piece)
+        try:
+            remaining = sum(len(p) for p in pieces)
+            self.size += remaining
+            views = [memoryview(p) for p in pieces]
+            while remaining:
+                written = os.writev(self._fd, views)
+                remaining -= written
+                while written and views:  # short write: drop what was written
+                    if written >= len(views[0]):
+                        written -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][written:]
+                        written = 0
+        except OSError as exc:
+            raise _storage_error(exc, "write the saveset") from None
+
+    def commit(self) -> SavesetMeta:
+        """Make the saveset durable and visible; on any failure nothing is left."""
+        try:
+            assert self._fd is not None
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise _storage_error(exc, "flush the saveset to disk") from None
+            os.close(self._fd)
+            self._fd = None
+            check_tar(self.part)
+            meta = SavesetMeta(
+                saveset=self.saveset,
+                owner=self.owner,
+                source=self.source,
+                bytes=self.size,
+                sha256=self._hash.hexdigest(),
+                started=iso(self.started),
+                finished=iso(utc_now()),
+                peer=self.peer,
+            )
+            self.store.publish(self.part, meta)
+            return meta
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.part.unlink(missing_ok=True)
+
+
+def check_tar(path: Path) -> None:
+    """A complete, readable tar archive or :class:`InvalidArchive`."""
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for _member in archive:
+                pass
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as exc:
+        raise InvalidArchive(f"upload is not a valid tar stream ({exc}); nothing stored") from None
+
+
+class SavesetStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / INCOMING
+
+    def prepare(self) -> list[Path]:
+        """Create the directories and remove a crash's leftovers; returns them."""
+        self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+        removed = []
+        for leftover in self.incoming.iterdir():
+            leftover.unlink()
+            removed.append(leftover)
+        for tar in self.root.glob("SS-*.tar"):
+            if not tar.with_suffix(".json").exists():
+                tar.unlink()
+                removed.append(tar)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"data directory {self.root} is not writable")
+        return removed
+
+    def begin(self, owner: str, source: str, peer: str) -> Upload:
+        return Upload(self, owner, source, peer)
+
+    def publish(self, part: Path, meta: SavesetMeta) -> None:
+        tar = self.tar_path(meta.saveset)
+        os.replace(part, tar)
+        tmp = self.incoming / f"{meta.saveset}.json.part"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(asdict(meta), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, tar.with_suffix(".json"))
+            _fsync_dir(self.root)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            tar.unlink(missing_ok=True)
+            raise _storage_error(exc, "record the saveset metadata") from None
+
+    def tar_path(self, saveset: str) -> Path:
+        if not SAVESET_ID.match(saveset):
+            raise ValueError(saveset)
+        return self.root / f"{saveset}.tar"
+
+    def all(self) -> list[SavesetMeta]:
+        found = []
+        for path in sorted(self.root.glob("SS-*.json")):
+            try:
+                found.append(SavesetMeta(**json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, TypeError):
+                continue  # unreadable metadata: not listed, not served
+        return found
+
+    def owned_by(self, owner: str) -> list[SavesetMeta]:
+        return [m for m in self.all() if m.owner == owner]
+
+    def find(self, owner: str, saveset: str) -> SavesetMeta | None:
+        """The saveset if it exists and belongs to ``owner``; others' savesets
+        are reported exactly like missing ones."""
+        if not SAVESET_ID.match(saveset):
+            return None
+        path = self.root / f"{saveset}.json"
+        try:
+            meta = SavesetMeta(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+        return meta if meta.owner == owner else None

@@ -1,0 +1,224 @@
+"""The streaming transfer core shared by STPD and SBC.
+
+Theory of operation
+-------------------
+Bulk data moves as *batches*: lists of ``bytes`` pieces adding up to about
+``BATCH_BYTES``. The trio side (TLS, HTTP framing) and the blocking side
+(file reads and writes, hashing, tar) run at the same time: blocking work
+happens in one worker thread per transfer, fed through a memory channel of
+``PIPELINE_DEPTH`` batches. ``hashlib`` and file I/O release the GIL on large
+buffers, so on two cores the network and the disk overlap for real.
+
+The channel is bounded, so a slow disk stops us reading the network and a
+slow network stops us reading the disk: memory stays at a few batches
+whatever the size of the data. Handing whole batches (not single pieces) to
+the thread keeps the per-call cost of ``trio.to_thread`` out of the
+per-byte path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+BATCH_BYTES = 4 * 1024 * 1024  # one hand-over to the worker thread
+PIPELINE_DEPTH = 2  # batches waiting in each direction: memory <= ~3 batches
+READ_CHUNK = 1024 * 1024  # file reads on the sending side
+
+Batch = list[bytes]
+
+
+Put = Callable[[Batch], None]  # blocking hand-over from a worker thread
+Get = Callable[[], Batch]  # blocking fetch in a worker thread; [] at the end
+
+
+@asynccontextmanager
+async def source_thread(
+    produce_all: Callable[[Put], None], depth: int = PIPELINE_DEPTH
+) -> AsyncIterator[trio.MemoryReceiveChannel[Batch]]:
+    """Runs ``produce_all(put)`` in a worker thread and yields the channel of
+    the batches it puts; ``put`` blocks while ``depth`` batches wait. Leaving
+    the block early stops the producer (its next ``put`` raises)."""
+    send, receive = trio.open_memory_channel[Batch](depth)
+
+    def put(batch: Batch) -> None:
+        trio.from_thread.run(send.send, batch)
+
+    async def worker() -> None:
+        async with send:
+            try:
+                await trio.to_thread.run_sync(produce_all, put)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the consumer left early; it knows why
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            async with receive:
+                yield receive
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None
+
+
+@asynccontextmanager
+async def sink_thread(
+    consume_all: Callable[[Get], None], depth: int = PIPELINE_DEPTH
+) -> AsyncIterator[Callable[[Batch], Awaitable[None]]]:
+    """Runs ``consume_all(get)`` in a worker thread and yields an async
+    ``put(batch)`` that feeds it; ``get`` returns ``[]`` once the block is
+    left. Leaving the block waits for the consumer to finish; an exception
+    from it cancels the block and propagates."""
+    send, receive = trio.open_memory_channel[Batch](depth)
+
+    def get() -> Batch:
+        try:
+            return trio.from_thread.run(receive.receive)
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return []
+
+    async def worker() -> None:
+        async with receive:
+            await trio.to_thread.run_sync(consume_all, get)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            async with send:
+                yield send.send
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None
+
+
+class Batcher:
+    """Collects pieces into batches of about ``limit`` bytes for ``put``."""
+
+    def __init__(self, put: Callable[[Batch], Awaitable[None]], limit: int = BATCH_BYTES) -> None:
+        self._put = put
+        self._limit = limit
+        self._pieces: Batch = []
+        self._size = 0
+
+    async def add(self, piece: bytes) -> None:
+        self._pieces.append(piece)
+        self._size += len(piece)
+        if self._size >= self._limit:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._pieces:
+            pieces, self._pieces, self._size = self._pieces, [], 0
+            await self._put(pieces)
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one meaningful exception in a nursery's group: the first that is
+    not a cancellation (which only echoes it), else the first."""
+    flat: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            flat.append(exc)
+
+    walk(group)
+    for exc in flat:
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return flat[0]
+
+
+class BatchWriter:
+    """A write-only file object (for ``tarfile``) that hands what is written
+    to ``put`` in batches. Small writes (tar headers, small files) are
+    coalesced into pieces of at least ``COALESCE_BYTES`` so that the HTTP and
+    TLS layers see few, large pieces; large writes pass through uncopied."""
+
+    COALESCE_BYTES = 256 * 1024
+
+    def __init__(self, put: Put, batch_bytes: int = BATCH_BYTES) -> None:
+        self._put = put
+        self._batch_bytes = batch_bytes
+        self._pieces: Batch = []
+        self._batched = 0
+        self._small = bytearray()
+        self._offset = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        size = len(data)
+        self._offset += size
+        if size < self.COALESCE_BYTES:
+            self._small += data
+            if len(self._small) >= self.COALESCE_BYTES:
+                self._take_small()
+        else:
+            self._take_small()
+            self._pieces.append(bytes(data))
+            self._batched += size
+        if self._batched >= self._batch_bytes:
+            self._hand_over()
+        return size
+
+    def tell(self) -> int:
+        return self._offset
+
+    def flush(self) -> None:
+        """Python's notion of flush: nothing to do until ``finish``."""
+
+    def finish(self) -> None:
+        self._take_small()
+        self._hand_over()
+
+    def _take_small(self) -> None:
+        if self._small:
+            self._pieces.append(bytes(self._small))
+            self._batched += len(self._small)
+            self._small = bytearray()
+
+    def _hand_over(self) -> None:
+        if self._pieces:
+            pieces, self._pieces, self._batched = self._pieces, [], 0
+            self._put(pieces)
+
+
+class BatchReader:
+    """A read-only file object (for ``tarfile``) over batches from ``get``;
+    ``observe`` sees every piece once, in order (for hashing)."""
+
+    def __init__(self, get: Get, observe: Callable[[bytes], None] | None = None) -> None:
+        self._get = get
+        self._observe = observe
+        self._pieces: Batch = []
+        self._current = b""
+        self._pos = 0
+        self.eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        while self._pos >= len(self._current):
+            if not self._pieces:
+                if self.eof:
+                    return b""
+                self._pieces = list(reversed(self._get()))
+                if not self._pieces:
+                    self.eof = True
+                    return b""
+            self._current = self._pieces.pop()
+            self._pos = 0
+            if self._observe is not None:
+                self._observe(self._current)
+        if size < 0:
+            size = len(self._current) - self._pos
+        if self._pos == 0 and size >= len(self._current):
+            self._pos = len(self._current)
+            return self._current
+        piece = self._current[self._pos : self._pos + size]
+        self._pos += len(piece)
+        return piece
+
+    def drain(self) -> None:
+        """Consume (and observe) everything left, e.g. tar's end padding."""
+        while self.read(1 << 20):
+            pass

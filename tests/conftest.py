@@ -1,0 +1,195 @@
+"""Shared fixtures: a PKI made with our own ``pki``, client ini directories
+of every kind, and an STPD running on 127.0.0.1 in a background thread.
+
+Synchronisation is by events (the daemon reports its port; log lines are
+awaited on a condition), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from pki.authority import CertificateAuthority
+from pki.layout import Layout
+from pki.tls import ClientCertPolicy
+from stpd.config import load_config
+from stpd.server import Stpd
+
+LOOPBACK = "127.0.0.1"
+WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
+
+
+@dataclass
+class Pki:
+    """One CA in ``root/ini`` with a server certificate for 127.0.0.1 and
+    localhost, plus helpers for client ini directories."""
+
+    root: Path
+    layout: Layout
+    ca: CertificateAuthority
+
+    def client_ini(
+        self,
+        name: str,
+        *,
+        cert: str = "valid",
+        client_auth: int = 1,
+        server_verify: int = 1,
+        extra_ini: str = "",
+    ) -> Layout:
+        """A client ini directory. ``cert``: valid, none, other-ca, expired,
+        not-yet-valid, server (a server certificate used as a client one)."""
+        layout = Layout(self.root / f"client-{name}")
+        layout.ca_dir.mkdir(parents=True)
+        shutil.copy(self.layout.ca_cert, layout.ca_cert)
+        now = datetime.now(UTC)
+        out = layout.client_dir
+        if cert == "valid":
+            self.ca.issue_client(f"CN:{name}", out_dir=out)
+        elif cert == "expired":
+            self.ca.issue_client(
+                f"CN:{name}", out_dir=out, not_before=now - timedelta(days=10), days=1
+            )
+        elif cert == "not-yet-valid":
+            self.ca.issue_client(
+                f"CN:{name}", out_dir=out, not_before=now + timedelta(days=10), days=5
+            )
+        elif cert == "other-ca":
+            other = CertificateAuthority.create(
+                Layout(self.root / f"other-ca-{name}"), common_name="Other CA"
+            )
+            other.issue_client(f"CN:{name}", out_dir=out)
+        elif cert == "server":
+            issued = self.ca.issue_server(name, out_dir=self.root / f"srv-as-client-{name}")
+            out.mkdir(parents=True)
+            shutil.copy(issued.cert_path, layout.client_cert)
+            shutil.copy(issued.key_path, layout.client_key)
+        elif cert != "none":
+            raise ValueError(cert)
+        layout.sm_ini.write_text(
+            "[SBC_SSL]\n"
+            f"SBC_CLIENT_SSL_AUTH={client_auth}   #For client-side verification\n"
+            f"SBC_SSL_SERVER_VERIFY={server_verify} #For server-side verification\n" + extra_ini
+        )
+        return layout
+
+
+def make_pki(root: Path, server_names: str = "localhost,127.0.0.1") -> Pki:
+    layout = Layout(root / "ini")
+    ca = CertificateAuthority.create(layout)
+    ca.issue_server(server_names)
+    return Pki(root, layout, ca)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+class LogWatch(logging.Handler):
+    """Collects ``LEVEL message`` lines of the ``stpd`` logger."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.changed:
+            self.lines.append(f"{record.levelname} {record.getMessage()}")
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = WAIT_SECONDS) -> str:
+        regex = re.compile(pattern)
+        with self.changed:
+            found: list[str] = []
+
+            def match() -> bool:
+                found[:] = [line for line in self.lines if regex.search(line)]
+                return bool(found)
+
+            if not self.changed.wait_for(match, timeout):
+                raise AssertionError(
+                    f"no log line matching {pattern!r}; got:\n" + "\n".join(self.lines)
+                )
+            return found[0]
+
+    def matching(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        with self.changed:
+            return [line for line in self.lines if regex.search(line)]
+
+
+@dataclass
+class RunningStpd:
+    daemon: Stpd
+    port: int
+    log: LogWatch
+    host: str = LOOPBACK
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+
+@contextmanager
+def running_stpd(
+    layout: Layout, level: int = 2, host: str = LOOPBACK, **overrides: Any
+) -> Iterator[RunningStpd]:
+    """STPD on ``host``, port 0, in a thread with its own trio loop."""
+    config = load_config(layout, listen=(host, 0), client_cert_policy=ClientCertPolicy(level))
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    daemon = Stpd(config)
+    watch = LogWatch()
+    logger = logging.getLogger("stpd")
+    logger.addHandler(watch)
+    logger.setLevel(logging.INFO)
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            state["cancel"] = nursery.cancel_scope.cancel
+            state["token"] = trio.lowlevel.current_trio_token()
+            state["port"] = await nursery.start(daemon.serve)
+            started.set()
+
+    def thread_main() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported to the test below
+            state["error"] = exc
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=thread_main, name="stpd", daemon=True)
+    thread.start()
+    started.wait(WAIT_SECONDS)
+    if "error" in state:
+        raise state["error"]
+    try:
+        yield RunningStpd(daemon, state["port"], watch, host)
+    finally:
+        trio.from_thread.run_sync(state["cancel"], trio_token=state["token"])
+        thread.join(WAIT_SECONDS)
+        logger.removeHandler(watch)
+        assert not thread.is_alive(), "stpd thread did not stop"
+        assert "error" not in state, f"stpd failed: {state.get('error')!r}"

@@ -1,0 +1,220 @@
+"""Backup, list and restore over real TLS on loopback, with sbc and curl."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sbc.cli import main as sbc
+from tests.conftest import Pki, running_stpd
+
+
+def make_tree(root: Path) -> Path:
+    tree = root / "tree"
+    (tree / "nested" / "deeper").mkdir(parents=True)
+    (tree / "empty-dir").mkdir()
+    (tree / "empty-file").write_bytes(b"")
+    (tree / "nested" / "data.bin").write_bytes(os.urandom(300_000))
+    (tree / "nested" / "deeper" / "ünïcödé name ✓.txt").write_text("unicode\n")
+    (tree / "odd name with spaces & $ymbols").write_text("odd\n")
+    (tree / ("long-" + "x" * 150)).write_text("long name\n")
+    (tree / "script.sh").write_text("#!/bin/sh\n")
+    (tree / "script.sh").chmod(0o750)
+    (tree / "private").write_text("secret\n")
+    (tree / "private").chmod(0o600)
+    (tree / "link-to-file").symlink_to("nested/data.bin")
+    (tree / "dangling-link").symlink_to("does/not/exist")
+    os.utime(tree / "nested" / "data.bin", (1_500_000_000, 1_500_000_000))
+    os.utime(tree / "nested", (1_400_000_000, 1_400_000_000))
+    return tree
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """What a restore must reproduce: type, mode, mtime, content or link."""
+    result = {}
+    for path in sorted([root, *root.rglob("*")]):
+        st = path.lstat()
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            result[rel] = ("link", os.readlink(path))
+        elif path.is_dir():
+            result[rel] = (
+                "dir",
+                st.st_mode & 0o7777,
+                int(st.st_mtime) if rel == "nested" else None,
+            )
+        else:
+            result[rel] = ("file", st.st_mode & 0o7777, int(st.st_mtime), path.read_bytes())
+    return result
+
+
+def sbc_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+    code = sbc(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_round_trip_preserves_the_tree(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = make_tree(tmp_path)
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini = ["--ini-dir", str(client.ini_dir)]
+        backup = sbc_json(capsys, *ini, "backup", str(tree), "--server", stpd.address, "--json")
+        assert isinstance(backup, dict)
+        saveset = backup["saveset"]
+        stored = stpd.daemon.store.tar_path(saveset)
+        assert backup["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
+        assert backup["bytes"] == stored.stat().st_size
+
+        listing = sbc_json(capsys, *ini, "list", "--server", stpd.address, "--json")
+        assert [item["saveset"] for item in listing] == [saveset]  # type: ignore[union-attr]
+        assert listing[0]["source"] == str(tree)  # type: ignore[index]
+        assert {"saveset", "source", "bytes", "created"} <= set(listing[0])  # type: ignore[index]
+
+        target = tmp_path / "restored"
+        restored = sbc_json(
+            capsys, *ini, "restore", saveset, str(target), "--server", stpd.address, "--json"
+        )
+        assert restored["sha256"] == backup["sha256"]  # type: ignore[index]
+        stpd.log.wait_for(r"INFO sent saveset " + saveset)
+    assert snapshot(target / "tree") == snapshot(tree)
+    # A stock tool reads the stored saveset.
+    names = subprocess.run(
+        ["tar", "-tf", str(stored)], check=True, capture_output=True, text=True
+    ).stdout
+    assert "tree/nested/deeper/ünïcödé name ✓.txt" in names.splitlines()
+    with tarfile.open(stored) as archive:
+        assert archive.getmember("tree/link-to-file").linkname == "nested/data.bin"
+
+
+def test_single_file_backup_and_restore(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "one.bin"
+    source.write_bytes(os.urandom(5_000_000))
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini = ["--ini-dir", str(client.ini_dir)]
+        backup = sbc_json(capsys, *ini, "backup", str(source), "--server", stpd.address, "--json")
+        sbc_json(
+            capsys,
+            *ini,
+            "restore",
+            backup["saveset"],
+            str(tmp_path / "out"),  # type: ignore[index]
+            "--server",
+            stpd.address,
+            "--json",
+        )
+    assert (tmp_path / "out" / "one.bin").read_bytes() == source.read_bytes()
+
+
+def test_clients_see_only_their_own_savesets(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "f.txt"
+    source.write_text("mine\n")
+    alice, bob = pki.client_ini("alice"), pki.client_ini("bob")
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(
+            capsys,
+            "--ini-dir",
+            str(alice.ini_dir),
+            "backup",
+            str(source),
+            "--server",
+            stpd.address,
+            "--json",
+        )
+        saveset = backup["saveset"]  # type: ignore[index]
+        assert (
+            sbc_json(
+                capsys, "--ini-dir", str(bob.ini_dir), "list", "--server", stpd.address, "--json"
+            )
+            == []
+        )
+        code = sbc(
+            [
+                "--ini-dir",
+                str(bob.ini_dir),
+                "restore",
+                saveset,
+                str(tmp_path / "x"),
+                "--server",
+                stpd.address,
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code != 0
+        assert f"no saveset {saveset} for this client" in err
+        assert not (tmp_path / "x" / "f.txt").exists()
+
+
+def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
+    client = pki.client_ini("curlclient")
+    archive = tmp_path / "upload.tar"
+    payload = tmp_path / "payload.txt"
+    payload.write_text("from curl\n")
+    with tarfile.open(archive, "w") as tar:
+        tar.add(payload, "payload.txt")
+    tls = [
+        "--cacert",
+        str(client.ca_cert),
+        "--cert",
+        str(client.client_cert),
+        "--key",
+        str(client.client_key),
+    ]
+    with running_stpd(pki.layout, level=2) as stpd:
+        put = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                *tls,
+                "-T",
+                str(archive),
+                f"{stpd.url}/savesets?source=/curl/test",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        meta = json.loads(put.stdout)
+        assert meta["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+        assert meta["owner"] == "CN=curlclient"
+        listing = json.loads(
+            subprocess.run(
+                ["curl", "-sS", *tls, f"{stpd.url}/savesets"], capture_output=True, check=True
+            ).stdout
+        )
+        assert [m["saveset"] for m in listing] == [meta["saveset"]]
+        got = tmp_path / "got.tar"
+        subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                *tls,
+                "-o",
+                str(got),
+                f"{stpd.url}/savesets/{meta['saveset']}",
+            ],
+            check=True,
+        )
+        assert got.read_bytes() == archive.read_bytes()
+        status = json.loads(
+            subprocess.run(
+                ["curl", "-sS", *tls, f"{stpd.url}/status"], capture_output=True, check=True
+            ).stdout
+        )
+        assert status["level"] == 2
