@@ -1,0 +1,279 @@
+"""The commented samples in conf/ and the error messages of bad configuration.
+
+The samples are documentation: they must load, show the defaults, and name
+every key the programs declare (stpd.config.KEYS, sbc.config.KEYS), so that
+code and docs cannot drift apart. The README's reference must name every key
+too. Bad values are one ConfigError naming the file, the key and what is
+allowed; for the daemon that is one stderr line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sbc.config
+import stpd.config
+from pki.inifile import ConfigError, Key
+from pki.layout import Layout
+from pki.tls import ClientCertPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+SAMPLES = [
+    pytest.param("stpd.ini", stpd.config, id="stpd.ini"),
+    pytest.param("sm.ini", sbc.config, id="sm.ini"),
+]
+PROGRAM_TIMEOUT = 30  # seconds; the programs fail at startup, long before this
+
+
+def sample_text(name: str) -> str:
+    return (CONF / name).read_text(encoding="utf-8")
+
+
+def uncommented(text: str, keys: list[Key]) -> str:
+    """The sample with its commented-out example settings (``#KEY=value``) enabled."""
+    names = "|".join(re.escape(key.name) for key in keys)
+    return re.sub(rf"^#\s*(({names})\s*=)", r"\1", text, flags=re.MULTILINE)
+
+
+def ini_dir_with(tmp_path: Path, name: str, text: str) -> Layout:
+    layout = Layout(tmp_path / "ini")
+    layout.ini_dir.mkdir(exist_ok=True)
+    (layout.ini_dir / name).write_text(text, encoding="utf-8")
+    return layout
+
+
+def script(name: str) -> str:
+    """A console script of this checkout (.venv/bin/NAME beside the interpreter)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"console script {name} is not installed: run `make install`"
+    return found
+
+
+# -- the samples -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "module"), SAMPLES)
+def test_sample_loads_and_shows_the_defaults(tmp_path: Path, name: str, module) -> None:
+    layout = Layout(tmp_path / "ini")
+    layout.ini_dir.mkdir()
+    shutil.copy(CONF / name, layout.ini_dir / name)
+    loaded = module.load_config(layout)
+    # Active lines carry the default values: the sample documents the defaults.
+    assert loaded == type(loaded)(layout=layout)
+
+
+@pytest.mark.parametrize(("name", "module"), SAMPLES)
+def test_sample_examples_are_valid_when_enabled(tmp_path: Path, name: str, module) -> None:
+    text = uncommented(sample_text(name), module.KEYS)
+    layout = ini_dir_with(tmp_path, name, text)
+    loaded = module.load_config(layout)
+    defaults = type(loaded)(layout=layout)
+    enabled = {
+        key.field
+        for key in module.KEYS
+        if re.search(rf"^#\s*{re.escape(key.name)}\s*=", sample_text(name), re.MULTILINE)
+    }
+    for field in enabled:  # each example sets a value the default does not have
+        assert getattr(loaded, field) != getattr(defaults, field), field
+
+
+@pytest.mark.parametrize(("name", "module"), SAMPLES)
+def test_sample_names_every_key_in_its_section(name: str, module) -> None:
+    text = uncommented(sample_text(name), module.KEYS)
+    parser = configparser.ConfigParser(inline_comment_prefixes=("#",), interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(text)
+    for key in module.KEYS:
+        assert parser.has_option(key.section, key.name), (
+            f"conf/{name} does not document {key.name} in [{key.section}]"
+        )
+
+
+@pytest.mark.parametrize(("name", "module"), SAMPLES)
+def test_sample_explains_default_and_allowed_values_of_every_key(name: str, module) -> None:
+    text = sample_text(name)
+    for key in module.KEYS:
+        match = re.search(rf"^#?\s*{re.escape(key.name)}\s*=", text, re.MULTILINE)
+        assert match, key.name
+        # The comment block right above the key's line.
+        above = text[: match.start()].rstrip("\n").split("\n\n")[-1]
+        assert "Default:" in above, f"conf/{name}: no 'Default:' above {key.name}"
+        assert above.lstrip().startswith("#"), f"conf/{name}: no comment above {key.name}"
+
+
+@pytest.mark.parametrize(("name", "module"), SAMPLES)
+def test_readme_reference_names_every_key(name: str, module) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for key in module.KEYS:
+        assert f"`{key.name}`" in readme, f"README.md does not document {key.name}"
+
+
+# -- values ------------------------------------------------------------------------
+
+
+def test_values_may_carry_trailing_comments_as_in_the_original(tmp_path: Path) -> None:
+    layout = ini_dir_with(
+        tmp_path,
+        "stpd.ini",
+        "[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=1 #0: do not validate, 1: validate but warn\n"
+        "STPD_HTTPS_LISTEN=127.0.0.1:12345   #HOST:PORT\n",
+    )
+    config = stpd.config.load_config(layout)
+    assert config.client_cert_policy == ClientCertPolicy.WARN
+    assert config.listen == ("127.0.0.1", 12345)
+
+
+def test_other_sections_of_a_sesam_file_are_left_alone(tmp_path: Path) -> None:
+    layout = ini_dir_with(
+        tmp_path,
+        "sm.ini",
+        "[SM_DB]\nWHATEVER=keeps its value\n[SBC_SSL]\nSBC_CLIENT_SSL_AUTH=0\n"
+        "[SBC]\nSBC_SERVER=127.0.0.1\n",
+    )
+    config = sbc.config.load_config(layout)
+    assert config.client_ssl_auth is False
+    assert config.server == ("127.0.0.1", stpd.config.STPD_HTTPS_PORT)
+
+
+def test_a_missing_file_means_the_defaults(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "nothing-here")
+    assert stpd.config.load_config(layout) == stpd.config.StpdConfig(layout=layout)
+    assert sbc.config.load_config(layout) == sbc.config.SbcConfig(layout=layout)
+
+
+def test_command_line_overrides_win_over_the_file(tmp_path: Path) -> None:
+    layout = ini_dir_with(tmp_path, "stpd.ini", "[STPD_Server]\nSTPD_HTTPS_LISTEN=127.0.0.1:1\n")
+    config = stpd.config.load_config(layout, listen=("127.0.0.1", 2), data_dir=None)
+    assert config.listen == ("127.0.0.1", 2)
+    assert config.data_dir is None
+
+
+BAD_VALUES = [
+    ("stpd.ini", "STPD_Server", "STPD_HTTPS_USE_CLIENT_CERT", "3", "0, 1 or 2"),
+    ("stpd.ini", "STPD_Server", "STPD_HTTPS_USE_CLIENT_CERT", "two", "0, 1 or 2"),
+    ("stpd.ini", "STPD_Server", "STPD_HTTPS_USE_CLIENT_CERT", "", "0, 1 or 2"),
+    ("stpd.ini", "STPD_Server", "STPD_HTTPS_LISTEN", "127.0.0.1:http", "HOST:PORT"),
+    ("stpd.ini", "STPD_Server", "STPD_HTTPS_LISTEN", "127.0.0.1:70000", "HOST:PORT"),
+    ("stpd.ini", "STPD_Server", "STPD_DATA_DIR", "", "a directory path"),
+    ("stpd.ini", "STPD_Server", "STPD_HANDSHAKE_TIMEOUT", "ten", "seconds > 0"),
+    ("stpd.ini", "STPD_Server", "STPD_IO_TIMEOUT", "0", "seconds > 0"),
+    ("stpd.ini", "STPD_Server", "STPD_IDLE_TIMEOUT", "-5", "seconds > 0"),
+    ("stpd.ini", "STPD_Server", "STPD_MAX_CONNECTIONS", "1.5", "a whole number > 0"),
+    ("stpd.ini", "STPD_Server", "STPD_MAX_HEADER_BYTES", "16k", "a whole number > 0"),
+    ("stpd.ini", "STPD_Server", "STPD_ALLOWED_CLIENTS", "host1", "FIELD:PATTERN"),
+    ("sm.ini", "SBC_SSL", "SBC_CLIENT_SSL_AUTH", "2", "0 or 1"),
+    ("sm.ini", "SBC_SSL", "SBC_SSL_SERVER_VERIFY", "yes", "0 or 1"),
+    ("sm.ini", "SBC_SSL", "SBC_SERVER_FINGERPRINT", "abcd", "64 hex digits"),
+    ("sm.ini", "SBC", "SBC_SERVER", "backup:port", "HOST or HOST:PORT"),
+    ("sm.ini", "SBC", "SBC_CONNECT_TIMEOUT", "soon", "seconds > 0"),
+    ("sm.ini", "SBC", "SBC_IO_TIMEOUT", "nan", "seconds > 0"),
+]
+
+
+def load(name: str, layout: Layout) -> object:
+    module = stpd.config if name == "stpd.ini" else sbc.config
+    return module.load_config(layout)
+
+
+@pytest.mark.parametrize(
+    ("name", "section", "key", "value", "allowed"),
+    BAD_VALUES,
+    ids=[f"{key}={value!r}" for _, _, key, value, _ in BAD_VALUES],
+)
+def test_bad_value_names_file_key_and_allowed_values(
+    tmp_path: Path, name: str, section: str, key: str, value: str, allowed: str
+) -> None:
+    layout = ini_dir_with(tmp_path, name, f"[{section}]\n{key}={value}   #a comment\n")
+    with pytest.raises(ConfigError) as caught:
+        load(name, layout)
+    message = str(caught.value)
+    assert str(layout.ini_dir / name) in message
+    assert key in message
+    assert f"allowed: {allowed}" in message or allowed in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "section", "key"),
+    [
+        ("stpd.ini", "STPD_Server", "STPD_HTTPS_PORT"),
+        ("sm.ini", "SBC_SSL", "SBC_SERVER"),  # a real key in the wrong section
+        ("sm.ini", "SBC", "SBC_TIMEOUT"),
+    ],
+)
+def test_unknown_key_names_file_key_and_the_known_keys(
+    tmp_path: Path, name: str, section: str, key: str
+) -> None:
+    layout = ini_dir_with(tmp_path, name, f"[{section}]\n{key}=1\n")
+    with pytest.raises(ConfigError) as caught:
+        load(name, layout)
+    message = str(caught.value)
+    assert str(layout.ini_dir / name) in message
+    assert f"unknown key {key}" in message
+    module = stpd.config if name == "stpd.ini" else sbc.config
+    for known in (k.name for k in module.KEYS if k.section == section):
+        assert known in message
+
+
+def test_a_file_that_is_not_ini_is_a_config_error(tmp_path: Path) -> None:
+    layout = ini_dir_with(tmp_path, "stpd.ini", "STPD_HTTPS_USE_CLIENT_CERT=2\n")
+    with pytest.raises(ConfigError, match=re.escape(str(layout.stpd_ini))):
+        stpd.config.load_config(layout)
+
+
+# -- the programs ------------------------------------------------------------------
+
+
+def run_program(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=PROGRAM_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("value", ["3", "two"])
+def test_stpd_with_a_bad_level_exits_2_with_one_line(tmp_path: Path, value: str) -> None:
+    layout = ini_dir_with(
+        tmp_path,
+        "stpd.ini",
+        f"[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT={value} #0, 1 or 2\n"
+        "STPD_HTTPS_LISTEN=127.0.0.1:0\n",
+    )
+    result = run_program([script("stpd"), "--ini-dir", str(layout.ini_dir)])
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    line = lines[0]
+    assert line.startswith("stpd: error: ")
+    assert str(layout.stpd_ini) in line
+    assert "STPD_HTTPS_USE_CLIENT_CERT" in line
+    assert "0, 1 or 2" in line
+    assert result.stdout == ""
+
+
+def test_sbc_with_a_bad_flag_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    layout = ini_dir_with(tmp_path, "sm.ini", "[SBC_SSL]\nSBC_CLIENT_SSL_AUTH=2\n")
+    result = run_program(
+        [script("sbc"), "--ini-dir", str(layout.ini_dir), "list", "--server", "127.0.0.1:9"]
+    )
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("sbc: error: ")
+    assert str(layout.sm_ini) in lines[0]
+    assert "SBC_CLIENT_SSL_AUTH" in lines[0]
+    assert "0 or 1" in lines[0]
