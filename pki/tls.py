@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -42,8 +43,9 @@ _VERIFY_REASONS = {
     20: "not signed by our root CA",
     21: "not signed by our root CA",
     23: "certificate has been revoked",
-    26: "not a client certificate (no clientAuth extended key usage)",
+    # 26 (invalid purpose) depends on the side: see PeerVerdict.record.
 }
+X509_V_ERR_INVALID_PURPOSE = 26
 
 
 class ClientCertPolicy(enum.IntEnum):
@@ -56,12 +58,19 @@ class ClientCertPolicy(enum.IntEnum):
 
 @dataclass
 class PeerVerdict:
-    """What the verify callback saw of one peer's certificate chain."""
+    """What the verify callback saw of one peer's certificate chain.
+    ``peer_role`` is what the peer must be: "client" when STPD verifies a
+    client, "server" when SBC verifies a server."""
 
     problems: list[str] = field(default_factory=list)
+    peer_role: str = "client"
 
     def record(self, errnum: int, depth: int, subject: str) -> None:
-        reason = _VERIFY_REASONS.get(errnum) or verify_error_text(errnum)
+        if errnum == X509_V_ERR_INVALID_PURPOSE:
+            role = self.peer_role
+            reason = f"not a {role} certificate (no {role}Auth extended key usage)"
+        else:
+            reason = _VERIFY_REASONS.get(errnum) or verify_error_text(errnum)
         where = "" if depth == 0 else f" (chain depth {depth}: {subject})"
         text = reason + where
         if text not in self.problems:
@@ -211,15 +220,19 @@ def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -
         _load_cert_and_key(ctx, layout.client_cert, layout.client_key, fix)
     if verify_server:
         _load_ca(ctx, layout)
-        ctx.set_verify(SSL.VERIFY_PEER)
+        # The callback records why a chain failed, for SBC's one-line error.
+        ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
     return ctx
 
 
-def new_connection(ctx: SSL.Context, *, server_hostname: str | None = None) -> SSL.Connection:
-    """A connection over memory BIOs, with a fresh verdict attached."""
-    conn = SSL.Connection(ctx, None)
+def new_connection(
+    ctx: SSL.Context, sock: Any = None, *, server_hostname: str | None = None
+) -> SSL.Connection:
+    """A connection on ``sock`` (None: memory BIOs) with a fresh verdict;
+    ``server_hostname`` makes it the client side and sets SNI for names."""
+    conn = SSL.Connection(ctx, sock)
     conn.set_app_data(PeerVerdict())
     if server_hostname is None:
         conn.set_accept_state()

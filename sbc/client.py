@@ -18,7 +18,7 @@ import h11
 import trio
 
 from pki.errors import PkiError
-from pki.tls import check_server_names, client_context, fingerprint_sha256, new_connection
+from pki.tls import check_server_names, client_context, fingerprint_sha256
 from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
 from sbc.config import SbcConfig
 from stpd.tlsstream import TLSHandshakeError, TLSStream
@@ -26,7 +26,6 @@ from stpd.transfer import Batcher, Get, single_error, sink_thread, source_thread
 
 log = logging.getLogger("sbc")
 
-RECEIVE_CHUNK = 256 * 1024
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 
 Progress = Callable[[int], None]  # called with the bytes moved since the last call
@@ -52,7 +51,7 @@ _REFUSAL_HINTS = [
     (
         "certificate expired",
         "our client certificate has expired",
-        "issue a new one with `sm_ssl_cert client` (or `sm_ssl_cert renew client`) and copy it here",
+        "issue a new one with `sm_ssl_cert client` on the backup server and copy it to x.509/",
     ),
     (
         "certificate revoked",
@@ -126,7 +125,7 @@ class Session:
                 f"cannot connect to stpd at {self.where}: {exc.strerror or exc}; is stpd running "
                 "there? (the server comes from --server or SBC_SERVER in sm.ini)"
             ) from None
-        self.tls = TLSStream(tcp, new_connection(ctx, server_hostname=self.host))
+        self.tls = TLSStream(tcp, ctx, server_hostname=self.host)
         try:
             with trio.fail_after(self.config.connect_timeout):
                 await self.tls.do_handshake()
@@ -192,7 +191,7 @@ class Session:
                 return event  # type: ignore[return-value]
             try:
                 with trio.fail_after(self.config.io_timeout):
-                    data = await self.tls.receive_some(RECEIVE_CHUNK)
+                    data = await self.tls.receive_borrowed()
             except trio.TooSlowError:
                 raise SbcError(
                     f"stpd at {self.where} stopped answering ({self.config.io_timeout:g}s)"

@@ -17,7 +17,7 @@ import h11
 import trio
 from cryptography import x509
 
-from pki.tls import days_left, new_connection, server_context
+from pki.tls import days_left, server_context
 from stpd import __version__
 from stpd.config import StpdConfig
 from stpd.protocol import (
@@ -37,7 +37,6 @@ from stpd.transfer import BATCH_BYTES, READ_CHUNK, Batcher, Get, Put, sink_threa
 
 log = logging.getLogger("stpd")
 
-RECEIVE_CHUNK = 256 * 1024
 LINGER_SECONDS = 1.0  # after an early error answer, read and drop for this long so the
 LINGER_BYTES = 64 * 1024 * 1024  # client sees our answer instead of a connection reset
 
@@ -95,7 +94,7 @@ class Stpd:
 
     async def handle_connection(self, transport: trio.SocketStream) -> None:
         peer = format_peer(transport)
-        tls = TLSStream(transport, new_connection(self.ssl_context))
+        tls = TLSStream(transport, self.ssl_context)
         self.connections += 1
         try:
             await self._serve_peer(tls, peer)
@@ -189,7 +188,7 @@ class HttpSession:
                 return None
             data = b""
             with trio.move_on_at(deadline):
-                data = await self.tls.receive_some(RECEIVE_CHUNK)
+                data = await self.tls.receive_borrowed()
                 if not data:
                     self.conn.receive_data(b"")
                     continue
@@ -211,7 +210,7 @@ class HttpSession:
                 return event
             if event is h11.NEED_DATA:
                 with trio.fail_after(self.config.io_timeout):
-                    data = await self.tls.receive_some(RECEIVE_CHUNK)
+                    data = await self.tls.receive_borrowed()
                 self.conn.receive_data(data)
                 continue
             raise trio.BrokenResourceError("connection closed in the middle of the request body")
@@ -251,7 +250,7 @@ class HttpSession:
                 drained = 0
                 while drained < LINGER_BYTES:
                     try:
-                        data = await self.tls.receive_some(RECEIVE_CHUNK)
+                        data = await self.tls.receive_borrowed()
                     except trio.BrokenResourceError:
                         break
                     if not data:
