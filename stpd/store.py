@@ -2,8 +2,9 @@
 
 A saveset is two files in the data directory: ``<id>.tar`` (a plain tar
 archive, readable by ``tar -tf``) and ``<id>.json`` (its metadata). An
-upload is written to ``.incoming/<id>.tar.part``, fsynced, checked to be a
-complete tar archive, renamed into place, and only then is its metadata
+upload is checked to be a tar archive while it streams in
+(``stpd.tarcheck``), written to ``.incoming/<id>.tar.part``, fsynced, checked
+to have ended properly, renamed into place, and only then is its metadata
 written (atomically). Listing looks at metadata files only, so a saveset
 becomes visible in one step and nothing partial is ever listed. Leftovers
 of a crash (``.incoming/*``, a tar without metadata) are removed at start.
@@ -20,9 +21,10 @@ import json
 import os
 import re
 import secrets
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from stpd.tarcheck import InvalidTar, TarStreamCheck
 
 INCOMING = ".incoming"
 SAVESET_ID = re.compile(r"^SS-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
@@ -98,6 +100,7 @@ class Upload:
         self.part = store.incoming / f"{self.saveset}.tar.part"
         self.size = 0
         self._hash = hashlib.sha256()
+        self._check = TarStreamCheck()
         try:
             self._fd: int | None = os.open(
                 self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
@@ -107,8 +110,14 @@ class Upload:
 
     def write(self, pieces: list[bytes]) -> None:
         assert self._fd is not None
-        for piece in pieces:
-            self._hash.update(piece)
+        try:
+            for piece in pieces:
+                self._hash.update(piece)
+                self._check.feed(piece)
+        except InvalidTar as exc:
+            raise InvalidArchive(
+                f"upload is not a valid tar stream: {exc}; nothing stored"
+            ) from None
         try:
             remaining = sum(len(p) for p in pieces)
             self.size += remaining
@@ -136,7 +145,12 @@ class Upload:
                 raise _storage_error(exc, "flush the saveset to disk") from None
             os.close(self._fd)
             self._fd = None
-            check_tar(self.part)
+            try:
+                self._check.finish()
+            except InvalidTar as exc:
+                raise InvalidArchive(
+                    f"upload is not a valid tar stream: {exc}; nothing stored"
+                ) from None
             meta = SavesetMeta(
                 saveset=self.saveset,
                 owner=self.owner,
@@ -158,16 +172,6 @@ class Upload:
             os.close(self._fd)
             self._fd = None
         self.part.unlink(missing_ok=True)
-
-
-def check_tar(path: Path) -> None:
-    """A complete, readable tar archive or :class:`InvalidArchive`."""
-    try:
-        with tarfile.open(path, "r:") as archive:
-            for _member in archive:
-                pass
-    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as exc:
-        raise InvalidArchive(f"upload is not a valid tar stream ({exc}); nothing stored") from None
 
 
 class SavesetStore:

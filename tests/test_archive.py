@@ -1,0 +1,96 @@
+"""sbc.archive: the headers we pack equal tarfile's, and the stream we write
+is read back by tarfile and GNU tar."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import subprocess
+import tarfile
+from pathlib import Path
+
+from sbc.archive import TreeStats, header_bytes, write_tree
+from stpd.tarcheck import TarStreamCheck
+
+
+def test_header_bytes_equal_tarfiles_for_every_shape() -> None:
+    rng = random.Random(7)
+    for _ in range(5000):
+        info = tarfile.TarInfo(rng.choice(["a", "dir/b", "x" * 100, "y" * 101, "ü", "d/"]))
+        info.type = rng.choice(
+            [
+                tarfile.REGTYPE,
+                tarfile.DIRTYPE,
+                tarfile.SYMTYPE,
+                tarfile.CHRTYPE,
+                tarfile.BLKTYPE,
+                tarfile.LNKTYPE,
+                tarfile.FIFOTYPE,
+            ]
+        )
+        info.mode = rng.randrange(0o10000)
+        info.uid, info.gid = rng.choice([0, 1000, 8**7 - 1, 8**7]), rng.choice([0, 5, 8**7])
+        info.size = (
+            rng.choice([0, 1, 4096, 8**11 - 1, 8**11]) if info.type == tarfile.REGTYPE else 0
+        )
+        info.mtime = rng.choice([0, 1_500_000_000, 8**11 - 1, 8**11])
+        info.linkname = rng.choice(["", "t", "ü", "l" * 100, "l" * 101])
+        info.uname, info.gname = (
+            rng.choice(["", "root", "u" * 32, "u" * 33, "é"]),
+            rng.choice(["", "g"]),
+        )
+        info.devmajor, info.devminor = rng.randrange(300), rng.randrange(300)
+        assert header_bytes(info) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_written_tree_reads_back(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "data").write_bytes(os.urandom(2_500_000))
+    (tree / "ünï").write_text("x")
+    (tree / ("n" * 130)).write_text("long")
+    (tree / "hard1").write_text("same")
+    os.link(tree / "hard1", tree / "hard2")
+    (tree / "sym").symlink_to("a/b/data")
+    os.mkfifo(tree / "fifo")
+    batches: list[list[bytes]] = []
+    stats = TreeStats()
+    write_tree(tree, batches.append, stats)
+    data = b"".join(piece for batch in batches for piece in batch)
+    assert len(data) % tarfile.RECORDSIZE == 0
+    checker = TarStreamCheck()
+    checker.feed(data)
+    checker.finish()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert tar.extractfile("tree/a/b/data").read() == (tree / "a" / "b" / "data").read_bytes()  # type: ignore[union-attr]
+    assert members["tree/sym"].linkname == "a/b/data"
+    assert members["tree/hard2"].islnk() and members["tree/hard2"].linkname == "tree/hard1"
+    assert members["tree/fifo"].isfifo()
+    assert "tree/" + "n" * 130 in members and "tree/ünï" in members
+    assert stats.files == 4 and stats.links == 2
+    listing = subprocess.run(
+        ["tar", "-tvf", "-"], input=data, capture_output=True, check=True
+    ).stdout.decode()
+    assert "tree/ünï" in listing
+
+
+def test_a_file_that_shrinks_while_read_is_padded_and_reported(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    victim = tmp_path / "shrinks"
+    victim.write_bytes(b"a" * 5000)
+    real_lstat = os.lstat
+
+    def lstat_then_truncate(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        st = real_lstat(path, *args, **kwargs)
+        victim.write_bytes(b"a" * 100)  # shrinks after its size was taken
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_truncate)
+    batches: list[list[bytes]] = []
+    stats = TreeStats()
+    write_tree(victim, batches.append, stats)
+    data = b"".join(piece for batch in batches for piece in batch)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getmember("shrinks").size == 5000
+    assert stats.changed == [str(victim)]
