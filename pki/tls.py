@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from pki.errors import PkiError
@@ -90,12 +93,23 @@ def verify_error_text(errnum: int) -> str:
         return f"verify error {errnum}"
 
 
+def _common_name(cert: crypto.X509) -> str:
+    """The CN for a log line, through cryptography (pyOpenSSL's X509Name
+    API is deprecated); never raises, since an exception in the verify
+    callback would abort the handshake with a Python error."""
+    try:
+        names = cert.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else "?"
+    except Exception:  # pragma: no cover - a certificate cryptography cannot parse
+        return "?"
+
+
 def _verify_callback(
     conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
 ) -> bool:
     verdict = conn.get_app_data()
     if not ok and isinstance(verdict, PeerVerdict):
-        verdict.record(errnum, depth, cert.get_subject().CN or "?")
+        verdict.record(errnum, depth, _common_name(cert))
     policy = getattr(conn.get_context(), "client_cert_policy", ClientCertPolicy.REQUIRE)
     # Level 1 accepts whatever it was shown; the verdict decides the warning.
     return True if policy == ClientCertPolicy.WARN else bool(ok)
@@ -233,7 +247,7 @@ def new_connection(
     """A connection on ``sock`` (None: memory BIOs) with a fresh verdict;
     ``server_hostname`` makes it the client side and sets SNI for names."""
     conn = SSL.Connection(ctx, sock)
-    conn.set_app_data(PeerVerdict())
+    conn.set_app_data(PeerVerdict(peer_role="client" if server_hostname is None else "server"))
     if server_hostname is None:
         conn.set_accept_state()
     else:
@@ -262,6 +276,44 @@ def peer_verdict(conn: SSL.Connection) -> PeerVerdict:
 def peer_certificate(conn: SSL.Connection) -> x509.Certificate | None:
     cert = conn.get_peer_certificate(as_cryptography=True)
     return cert
+
+
+def client_certificate_problem(
+    layout: Layout, now: datetime | None = None
+) -> tuple[str, str] | None:
+    """Why an STPD would refuse our ``x.509/client.pem``, as far as the
+    client can tell by itself: ``(kind, text)`` with kind ``expired``,
+    ``not-yet-valid``, ``purpose`` or ``unknown-ca``; None when it looks
+    valid (or cannot be read: loading it reports that). SBC uses this when
+    the server closed the connection without an alert it could read."""
+    path = layout.client_cert
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    now = now or datetime.now(UTC)
+    if cert.not_valid_after_utc < now:
+        return "expired", f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if cert.not_valid_before_utc > now:
+        return (
+            "not-yet-valid",
+            f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+        )
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None  # no extended key usage: any purpose
+    if usages is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        return "purpose", f"{path} has no clientAuth extended key usage"
+    try:
+        ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return "unknown-ca", f"{path} is not signed by {layout.ca_cert}"
+    return None
 
 
 def check_server_names(cert: x509.Certificate, host: str) -> None:

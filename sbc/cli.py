@@ -137,6 +137,22 @@ async def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     return dict(status)
 
 
+def _log_to_stderr() -> None:
+    """Warnings of the ``sbc`` logger (e.g. an unverified server) go to the
+    current stderr. Not ``logging.basicConfig``: it does nothing when the
+    root logger already has a handler (an embedding program, pytest), and it
+    would also print every other library's records with our prefix."""
+    logger = logging.getLogger("sbc")
+    for handler in [h for h in logger.handlers if getattr(h, "sbc_cli", False)]:
+        logger.removeHandler(handler)  # a previous main() in this process
+    handler = logging.StreamHandler(sys.stderr)
+    handler.sbc_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("sbc: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
 COMMANDS = {"backup": _backup, "restore": _restore, "list": _list, "status": _status}
 
 
@@ -147,9 +163,7 @@ async def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.WARNING, format="sbc: %(levelname)s: %(message)s"
-    )
+    _log_to_stderr()
     layout = Layout(resolve_ini_dir(args.ini_dir))
     try:
         config = load_config(layout)

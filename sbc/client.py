@@ -18,7 +18,12 @@ import h11
 import trio
 
 from pki.errors import PkiError
-from pki.tls import check_server_names, client_context, fingerprint_sha256
+from pki.tls import (
+    check_server_names,
+    client_certificate_problem,
+    client_context,
+    fingerprint_sha256,
+)
 from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
 from sbc.config import SbcConfig
 from stpd.tlsstream import TLSHandshakeError, TLSStream
@@ -35,48 +40,65 @@ class SbcError(Exception):
     """One line for the operator: what, by whom, why, what to do."""
 
 
-# OpenSSL alert texts a refusing STPD sends, with what the operator should do.
-_REFUSAL_HINTS = [
-    (
-        "certificate required",
+# Why an STPD refuses a client: what to tell the operator, and what to do.
+_REFUSALS = {
+    "no-cert": (
         "this client presented no certificate",
         "set SBC_CLIENT_SSL_AUTH=1 in sm.ini and install x.509/client.pem and client.key "
         "(made with `sm_ssl_cert client` on the backup server)",
     ),
-    (
-        "unknown ca",
+    "unknown-ca": (
         "our client certificate is not signed by the server's root CA",
         "issue a new one with `sm_ssl_cert client` on the backup server and copy it to x.509/",
     ),
-    (
-        "certificate expired",
+    "expired": (
         "our client certificate has expired",
         "issue a new one with `sm_ssl_cert client` on the backup server and copy it to x.509/",
     ),
-    (
-        "certificate revoked",
+    "not-yet-valid": (
+        "our client certificate is not yet valid",
+        "check the clocks of this machine and of the backup server, or issue a new one "
+        "with `sm_ssl_cert client`",
+    ),
+    "revoked": (
         "our client certificate has been revoked",
         "ask the administrator for a new client certificate",
     ),
-    (
-        "unsupported certificate",
+    "purpose": (
         "our certificate is not a client certificate (no clientAuth usage)",
         "use the certificate made by `sm_ssl_cert client`, not a server certificate",
     ),
-    (
-        "bad certificate",
+    "bad": (
         "the server rejected our client certificate",
         "check the stpd log for the reason; re-issue it with `sm_ssl_cert client`",
     ),
+}
+
+# OpenSSL alert texts a refusing STPD sends.
+_ALERTS = [
+    ("certificate required", "no-cert"),
+    ("unknown ca", "unknown-ca"),
+    ("certificate expired", "expired"),
+    ("certificate revoked", "revoked"),
+    ("unsupported certificate", "purpose"),
+    ("bad certificate", "bad"),
 ]
 
 
-def explain_refusal(where: str, reason: str) -> SbcError:
+def explain_refusal(where: str, reason: str, local: tuple[str, str] | None = None) -> SbcError:
+    """One line for a connection STPD broke off. ``reason`` is what TLS
+    said; ``local`` is what we found wrong with our own certificate (see
+    :func:`pki.tls.client_certificate_problem`), used when the alert was
+    lost or says no more than "bad certificate"."""
     lowered = reason.lower()
-    for needle, what, fix in _REFUSAL_HINTS:
-        if needle in lowered:
-            return SbcError(f"refused by stpd at {where}: {what} ({reason}); {fix}")
-    return SbcError(f"connection to stpd at {where} failed: {reason}")
+    kind = next((kind for needle, kind in _ALERTS if needle in lowered), None)
+    if local is not None and kind in (None, "bad"):
+        kind, detail = local
+        reason = f"{reason}; {detail}"
+    if kind is None:
+        return SbcError(f"connection to stpd at {where} failed: {reason}")
+    what, fix = _REFUSALS[kind]
+    return SbcError(f"refused by stpd at {where}: {what} ({reason}); {fix}")
 
 
 @dataclass
@@ -94,6 +116,7 @@ class Session:
         self.where = f"{self.host}:{self.port}"
         self.tls: TLSStream | None = None
         self.conn = h11.Connection(h11.CLIENT)
+        self.answers = 0  # responses received on this connection
 
     async def __aenter__(self) -> Session:
         await self.connect()
@@ -139,10 +162,34 @@ class Session:
                     f"check that {self.config.layout.ca_cert} is the root CA that signed the "
                     "server's certificate (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
                 ) from None
-            raise explain_refusal(self.where, str(exc)) from None
+            raise self._broken_off(exc) from None
         except trio.BrokenResourceError as exc:
-            raise explain_refusal(self.where, str(exc)) from None
+            raise self._broken_off(exc) from None
         self._check_server()
+
+    def _broken_off(self, exc: BaseException) -> SbcError:
+        """The connection broke before STPD answered anything: in TLS 1.3 a
+        level-2 STPD refuses a client certificate after the client's side of
+        the handshake is done, so this is most likely a refusal. Its alert
+        says why when we could read it; else we look at our own certificate."""
+        reason = str(exc)
+        if self.answers:
+            return SbcError(f"connection to stpd at {self.where} lost: {reason}")
+        if not self.config.client_ssl_auth:
+            local: tuple[str, str] | None = (
+                "no-cert",
+                "SBC_CLIENT_SSL_AUTH=0 in sm.ini: no certificate presented",
+            )
+        else:
+            local = client_certificate_problem(self.config.layout)
+        error = explain_refusal(self.where, reason, local)
+        if str(error).startswith("refused by"):
+            return error
+        return SbcError(
+            f"stpd at {self.where} closed the connection before answering ({reason}): it "
+            "probably refused this client; see the stpd log (e.g. a revoked certificate or "
+            "STPD_ALLOWED_CLIENTS)"
+        )
 
     def _check_server(self) -> None:
         assert self.tls is not None
@@ -172,13 +219,25 @@ class Session:
     def _headers(self, extra: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:  # type: ignore[assignment]
         return [("Host", self.where), ("User-Agent", "sbc"), *extra]
 
-    async def _send(self, *events: h11.Event) -> None:
+    async def _send_raw(self, *events: h11.Event) -> None:
+        """Send; trio's errors propagate (the backup sender handles them)."""
         assert self.tls is not None
         pieces: list[bytes] = []
         for event in events:
             pieces.extend(self.conn.send_with_data_passthrough(event) or [])
         with trio.fail_after(self.config.io_timeout):
             await self.tls.send_many(pieces)
+
+    async def _send(self, *events: h11.Event) -> None:
+        """Send; a broken or stalled connection becomes an SbcError line."""
+        try:
+            await self._send_raw(*events)
+        except trio.TooSlowError:
+            raise SbcError(
+                f"stpd at {self.where} stopped reading our request ({self.config.io_timeout:g}s)"
+            ) from None
+        except trio.BrokenResourceError as exc:
+            raise self._broken_off(exc) from None
 
     async def _next_event(self) -> h11.Event:
         assert self.tls is not None
@@ -197,13 +256,14 @@ class Session:
                     f"stpd at {self.where} stopped answering ({self.config.io_timeout:g}s)"
                 ) from None
             except trio.BrokenResourceError as exc:
-                raise explain_refusal(self.where, str(exc)) from None
+                raise self._broken_off(exc) from None
             self.conn.receive_data(data)
 
     async def _response(self) -> Response:
         while True:
             event = await self._next_event()
             if isinstance(event, h11.Response):
+                self.answers += 1
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
                 return Response(event.status_code, headers)
             if isinstance(event, h11.ConnectionClosed):
@@ -278,7 +338,7 @@ class Session:
                         await self.tls.send_many(pieces)
                     if progress is not None:
                         progress(sum(len(p) for p in batch))
-            await self._send(h11.EndOfMessage())
+            await self._send_raw(h11.EndOfMessage())
             sent_all = True
 
         response: Response | None = None

@@ -30,6 +30,7 @@ from stpd.store import SAVESET_ID
 
 ANONYMOUS = "anonymous"  # owner of savesets uploaded without a valid certificate
 MAX_SOURCE_CHARS = 4096  # a path longer than PATH_MAX is not a path
+NO_CERTIFICATE = "no client certificate presented"
 
 
 # -- the peer ------------------------------------------------------------------
@@ -73,7 +74,7 @@ def judge_peer(
     if policy == ClientCertPolicy.IGNORE:
         return PeerDecision(True, ANONYMOUS, logging.INFO, f"client {peer} connected (level 0)")
     if cert is None:
-        reason = "no client certificate presented"
+        reason = NO_CERTIFICATE
     elif problems:
         reason = "; ".join(problems)
     elif not identity_allowed(cert, allowed):
@@ -98,8 +99,15 @@ def judge_peer(
     )
 
 
+# OpenSSL's words for a failed handshake, in the words judge_peer uses.
+_HANDSHAKE_REASONS = {
+    "peer did not return a certificate": NO_CERTIFICATE,
+}
+
+
 def refused_handshake(peer: str, policy: ClientCertPolicy, reason: str) -> PeerDecision:
     """A handshake OpenSSL failed; at level 2 that is our refusal."""
+    reason = _HANDSHAKE_REASONS.get(reason.strip().lower(), reason)
     if policy == ClientCertPolicy.REQUIRE:
         return PeerDecision(
             False,
