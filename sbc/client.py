@@ -159,13 +159,27 @@ class Session:
             if problems:
                 raise SbcError(
                     f"server certificate of stpd at {self.where} failed verification: {problems}; "
-                    f"check that {self.config.layout.ca_cert} is the root CA that signed the "
-                    "server's certificate (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
+                    f"{self._server_fix(problems)} (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
                 ) from None
             raise self._broken_off(exc) from None
         except trio.BrokenResourceError as exc:
             raise self._broken_off(exc) from None
         self._check_server()
+
+    def _server_fix(self, problems: str) -> str:
+        """What to do about a server certificate that failed verification."""
+        reissue = (
+            "re-issue it on the backup server with `sm_ssl_cert server --common-name=<names>` "
+            "(with --path=DIR for an RDS) and restart stpd"
+        )
+        if "not a server certificate" in problems:
+            return f"stpd presents a certificate without serverAuth usage: {reissue}"
+        if "expired" in problems or "not yet valid" in problems:
+            return f"the server certificate is out of its validity period: {reissue}"
+        return (
+            f"check that {self.config.layout.ca_cert} is the root CA that signed the "
+            "server's certificate"
+        )
 
     def _broken_off(self, exc: BaseException) -> SbcError:
         """The connection broke before STPD answered anything: in TLS 1.3 a

@@ -105,9 +105,34 @@ _HANDSHAKE_REASONS = {
 }
 
 
+# Alerts a client sends when it gives up on us (OpenSSL reports a received
+# alert as "tlsv1 alert unknown ca" and the like), with what they mean.
+_CLIENT_ALERTS = [
+    ("unknown ca", "does not trust our server certificate (its rootCA.pem did not sign ours)"),
+    ("certificate expired", "says our server certificate has expired"),
+    ("unsupported certificate", "says our certificate is not a server certificate"),
+    ("bad certificate", "rejected our server certificate"),
+    ("certificate unknown", "rejected our server certificate"),
+]
+
+
 def refused_handshake(peer: str, policy: ClientCertPolicy, reason: str) -> PeerDecision:
-    """A handshake OpenSSL failed; at level 2 that is our refusal."""
+    """A handshake OpenSSL failed. At level 2 that is our refusal of the
+    client's certificate, unless the client sent an alert: then it gave up
+    on us (e.g. it does not trust our server certificate), at any level."""
     reason = _HANDSHAKE_REASONS.get(reason.strip().lower(), reason)
+    lowered = reason.lower()
+    if " alert " in f" {lowered} ":
+        what = next(
+            (text for needle, text in _CLIENT_ALERTS if needle in lowered),
+            "aborted the handshake",
+        )
+        return PeerDecision(
+            False,
+            ANONYMOUS,
+            logging.WARNING,
+            f"TLS handshake with {peer} failed: the client {what} ({reason})",
+        )
     if policy == ClientCertPolicy.REQUIRE:
         return PeerDecision(
             False,
