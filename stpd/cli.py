@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import trio
 from pki.errors import PkiError
 from pki.inifile import ConfigError, parse_host_port
 from pki.layout import Layout, resolve_ini_dir
-from stpd.config import STPD_HTTPS_PORT, load_config
+from stpd.config import STPD_HTTPS_PORT, StpdConfig, load_config
 from stpd.server import Stpd
 from stpd.store import StoreError
 from stpd.transfer import single_error
@@ -30,7 +31,9 @@ def _listen(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="stpd", description="SEP sesam transfer protocol daemon (HTTPS)"
+        prog="stpd",
+        description="SEP sesam transfer protocol daemon (HTTPS). Without a command it runs "
+        "in the foreground: SIGTERM stops it gracefully, SIGHUP reloads stpd.ini and certificates.",
     )
     parser.add_argument(
         "--ini-dir", help="ini directory (default: $SESAM_INI_DIR or /var/opt/sesam/var/ini)"
@@ -39,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", type=_listen, help="HOST:PORT to listen on (stpd.ini: STPD_HTTPS_LISTEN)"
     )
     parser.add_argument("--data-dir", help="saveset directory (stpd.ini: STPD_DATA_DIR)")
+    parser.add_argument("--pid-file", type=Path, help="write the process id here while running")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "status"],
+        default="run",
+        help="run (default) the daemon, or show the running daemon's status",
+    )
+    parser.add_argument("--json", action="store_true", help="status: print JSON")
     return parser
 
 
@@ -51,25 +63,63 @@ def configure_logging() -> None:
 
 
 async def run_daemon(daemon: Stpd) -> None:
+    """SIGTERM/SIGINT: drain and stop (a second one stops at once);
+    SIGHUP: reload configuration and certificates."""
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(daemon.serve)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+
+            async def serve_then_stop() -> None:
+                await daemon.serve()
+                nursery.cancel_scope.cancel()  # served out: stop listening for signals
+
+            nursery.start_soon(serve_then_stop)
             async for signum in signals:
-                log.info("received %s, stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    log.info("received SIGHUP: reloading")
+                    daemon.reload()
+                elif daemon.draining:
+                    log.warning("received %s again: stopping at once", name)
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.info("received %s", name)
+                    daemon.shutdown()
+
+
+def write_pid_file(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
+    """Ask the running daemon over HTTPS, as a client of this ini directory."""
+    from sbc.cli import main as sbc_main
+
+    host, port = config.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    argv = ["--ini-dir", str(layout.ini_dir), "status", "--server", f"{host}:{port}"]
+    return sbc_main(argv + (["--json"] if as_json else []))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging()
     layout = Layout(resolve_ini_dir(args.ini_dir))
     data_dir = Path(args.data_dir) if args.data_dir else None
     try:
         try:
             config = load_config(layout, listen=args.listen, data_dir=data_dir)
+            if args.command == "status":
+                return status(layout, config, args.json)
+            configure_logging()
             daemon = Stpd(config)
-            trio.run(run_daemon, daemon)
+            if args.pid_file:
+                write_pid_file(args.pid_file)
+            try:
+                trio.run(run_daemon, daemon)
+            finally:
+                if args.pid_file:
+                    args.pid_file.unlink(missing_ok=True)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
     except (ConfigError, PkiError, StoreError) as exc:

@@ -11,15 +11,22 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import h11
 import trio
 from cryptography import x509
+from OpenSSL import SSL
 
+from pki.errors import PkiError
+from pki.inifile import ConfigError
 from pki.tls import days_left, server_context
 from stpd import __version__
-from stpd.config import StpdConfig
+from stpd.config import StpdConfig, load_config
 from stpd.protocol import (
     Download,
     ListSavesets,
@@ -49,16 +56,51 @@ def format_peer(stream: trio.SocketStream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+EXPIRY_WARNING_DAYS = 30  # warn this long before the server certificate or the CA expires
+EXPIRY_CHECK_INTERVAL = 24 * 3600.0  # seconds between expiry checks: daily
+
+
 class Stpd:
+    """The daemon: listeners, the TLS material in force, and its life-cycle.
+
+    ``shutdown()`` (SIGTERM) stops accepting and lets running transfers
+    finish within ``STPD_SHUTDOWN_GRACE``; idle keep-alive connections are
+    closed at once. ``reload()`` (SIGHUP) re-reads stpd.ini and the
+    certificates for new connections; a broken new configuration is
+    refused and the running one stays. A changed CRL file is picked up by
+    the next connection.
+    """
+
     def __init__(self, config: StpdConfig) -> None:
         self.config = config
-        self.ssl_context = server_context(config.layout, config.client_cert_policy)
-        self.server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
         self.store = SavesetStore(config.saveset_dir)
+        self.ssl_context, self.server_cert, self.ca_cert = self._tls_material(config)
+        self._crl_stamp = self._stamp(config.layout.crl)
         self.started = time.monotonic()
         self.connections = 0
         self.active_transfers = 0
         self.port: int | None = None
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()  # connections waiting for a request
+        self._stop_accepting: trio.CancelScope | None = None
+
+    @staticmethod
+    def _tls_material(
+        config: StpdConfig,
+    ) -> tuple[SSL.Context, x509.Certificate, x509.Certificate | None]:
+        ctx = server_context(config.layout, config.client_cert_policy)
+        server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
+        ca = config.layout.ca_cert
+        ca_cert = x509.load_pem_x509_certificate(ca.read_bytes()) if ca.is_file() else None
+        return ctx, server_cert, ca_cert
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         removed = await trio.to_thread.run_sync(self.store.prepare)
@@ -75,8 +117,110 @@ class Stpd:
             self.config.describe_level(),
             self.store.root,
         )
-        task_status.started(self.port)
-        await trio.serve_listeners(self.handle_connection, listeners)
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptors:
+                self._stop_accepting = acceptors.cancel_scope
+                acceptors.start_soon(self._warn_about_expiry)
+                await acceptors.start(
+                    partial(
+                        trio.serve_listeners,
+                        self.handle_connection,
+                        listeners,
+                        handler_nursery=handlers,
+                    )
+                )
+                task_status.started(self.port)
+            # Draining: no new connections; running transfers get the grace period.
+            handlers.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
+        if handlers.cancel_scope.cancelled_caught:
+            log.warning(
+                "grace period of %gs over: stopped the transfers still running",
+                self.config.shutdown_grace,
+            )
+        log.info("stpd stopped")
+
+    def shutdown(self) -> None:
+        """Stop accepting; finish running transfers (SIGTERM)."""
+        if self.draining or self._stop_accepting is None:
+            return
+        self.draining = True
+        log.info(
+            "stopping: no new connections; %d transfers may finish within %gs",
+            self.active_transfers,
+            self.config.shutdown_grace,
+        )
+        self._stop_accepting.cancel()
+        for scope in list(self._idle):
+            scope.cancel()
+
+    def reload(self) -> None:
+        """Re-read stpd.ini and the certificates for new connections (SIGHUP)."""
+        try:
+            config = load_config(
+                self.config.layout, listen=self.config.listen, data_dir=self.config.data_dir
+            )
+            material = self._tls_material(config)
+        except (ConfigError, PkiError, OSError, ValueError) as exc:
+            log.error("reload refused, the running configuration stays in force: %s", exc)
+            return
+        self.config = config
+        self.ssl_context, self.server_cert, self.ca_cert = material
+        self._crl_stamp = self._stamp(config.layout.crl)
+        log.info(
+            "reloaded %s and certificates: level %s, server certificate %s (%d days left)",
+            config.layout.stpd_ini,
+            config.describe_level(),
+            self.server_cert.subject.rfc4514_string(),
+            int(days_left(self.server_cert)),
+        )
+        self._check_expiry()
+
+    def _refresh_crl(self) -> None:
+        """A revocation takes effect without a restart: rebuild the context
+        when ca/crl.pem changed since we read it."""
+        stamp = self._stamp(self.config.layout.crl)
+        if stamp == self._crl_stamp:
+            return
+        self._crl_stamp = stamp
+        try:
+            self.ssl_context = server_context(self.config.layout, self.config.client_cert_policy)
+        except PkiError as exc:
+            log.error("new CRL refused, the previous one stays in force: %s", exc)
+            return
+        log.info("CRL %s changed: reloaded", self.config.layout.crl)
+
+    def _check_expiry(self) -> None:
+        for what, cert in (("server certificate", self.server_cert), ("root CA", self.ca_cert)):
+            if cert is None:
+                continue
+            left = days_left(cert)
+            if left < EXPIRY_WARNING_DAYS:
+                log.warning(
+                    "%s %s expires in %d days (%s): renew it with `sm_ssl_cert renew server` "
+                    "and send stpd SIGHUP",
+                    what,
+                    cert.subject.rfc4514_string(),
+                    int(left),
+                    cert.not_valid_after_utc.date(),
+                )
+
+    async def _warn_about_expiry(self) -> None:
+        while True:
+            self._check_expiry()
+            await trio.sleep(EXPIRY_CHECK_INTERVAL)
+
+    @contextmanager
+    def idle(self) -> Iterator[trio.CancelScope]:
+        """A wait for the next request, which shutdown() may cut short."""
+        scope = trio.CancelScope()
+        if self.draining:
+            scope.cancel()
+        self._idle.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._idle.discard(scope)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -94,6 +238,7 @@ class Stpd:
 
     async def handle_connection(self, transport: trio.SocketStream) -> None:
         peer = format_peer(transport)
+        self._refresh_crl()
         tls = TLSStream(transport, self.ssl_context)
         self.connections += 1
         try:
@@ -119,6 +264,7 @@ class Stpd:
         except TLSHandshakeError as exc:
             decision = refused_handshake(peer, policy, tls.verdict.reason or str(exc))
             log.log(decision.log_level, "%s", decision.message)
+            await tls.linger(LINGER_SECONDS)
             return
         decision = judge_peer(
             peer, policy, tls.peer_certificate, tls.verdict.problems, self.config.allowed_clients
@@ -187,11 +333,14 @@ class HttpSession:
             if event is not h11.NEED_DATA:  # pragma: no cover - h11 gives nothing else here
                 return None
             data = b""
-            with trio.move_on_at(deadline):
-                data = await self.tls.receive_borrowed()
-                if not data:
-                    self.conn.receive_data(b"")
-                    continue
+            with self.daemon.idle() if not started else nullcontext() as idle:
+                with trio.move_on_at(deadline):
+                    data = await self.tls.receive_borrowed()
+                    if not data:
+                        self.conn.receive_data(b"")
+                        continue
+            if idle is not None and idle.cancelled_caught:
+                return None  # shutting down: an idle connection just closes
             if not data:
                 what = "header" if started else "idle"
                 log.info("closing %s connection from %s after timeout", what, self.peer)

@@ -33,6 +33,8 @@ half-written, so the stream is broken after it (as with ``trio.SSLStream``).
 
 from __future__ import annotations
 
+import socket
+
 import trio
 from cryptography import x509
 from OpenSSL import SSL
@@ -221,6 +223,26 @@ class TLSStream(trio.abc.Stream):
         await self._wait_writable()
 
     # -- closing ----------------------------------------------------------------
+
+    async def linger(self, seconds: float, max_bytes: int = 1024 * 1024) -> None:
+        """After a refusal: stop sending, and read and drop what the peer
+        still sends for a moment. Closing a socket with unread data makes
+        the kernel send a reset, which can overtake our TLS alert, and the
+        peer would see "connection reset" instead of the reason."""
+        try:
+            self._socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        drained = 0
+        with trio.move_on_after(seconds):
+            while drained < max_bytes:
+                try:
+                    data = await self._socket.recv(64 * 1024)
+                except OSError:
+                    return
+                if not data:
+                    return
+                drained += len(data)
 
     async def aclose(self) -> None:
         """Send close_notify when we can, and always close the socket."""
