@@ -18,6 +18,7 @@ from pki.layout import Layout, resolve_ini_dir
 from sbc.archive import ArchiveError
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config, server_address
+from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
 from stpd.transfer import single_error
 
 
@@ -63,7 +64,10 @@ def _rate(nbytes: int, seconds: float) -> str:
 async def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     source = args.path.absolute()
     started = time.monotonic()
-    meta, stats = await session.backup(source)
+    with TransferProgress(wanted(args.quiet, args.json), backup_label(source)) as progress:
+        if progress.enabled:
+            progress.set_total(await trio.to_thread.run_sync(estimate_tar_bytes, source))
+        meta, stats = await session.backup(source, progress)
     seconds = time.monotonic() - started
     result = {
         "saveset": meta["saveset"],
@@ -97,7 +101,8 @@ async def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]
     target = args.target_dir.absolute()
     target.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    restored = await session.restore(args.saveset, target)
+    with TransferProgress(wanted(args.quiet, args.json), f"restore {args.saveset}") as progress:
+        restored = await session.restore(args.saveset, target, progress)
     seconds = time.monotonic() - started
     if not args.json:
         print(

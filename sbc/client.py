@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,13 @@ from pki.tls import (
 )
 from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
 from sbc.config import SbcConfig
+from sbc.progress import TransferProgress
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import Batcher, Get, single_error, sink_thread, source_thread
 
 log = logging.getLogger("sbc")
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
-
-Progress = Callable[[int], None]  # called with the bytes moved since the last call
 
 
 class SbcError(Exception):
@@ -322,7 +320,7 @@ class Session:
         return body
 
     async def backup(
-        self, source: Path, progress: Progress | None = None
+        self, source: Path, progress: TransferProgress | None = None
     ) -> tuple[dict[str, Any], TreeStats]:
         """Stream ``source`` as a tar archive; returns the server's metadata."""
         stats = TreeStats()
@@ -351,7 +349,7 @@ class Session:
                     with trio.fail_after(self.config.io_timeout):
                         await self.tls.send_many(pieces)
                     if progress is not None:
-                        progress(sum(len(p) for p in batch))
+                        progress.advance(sum(len(p) for p in batch), stats.files)
             await self._send_raw(h11.EndOfMessage())
             sent_all = True
 
@@ -385,7 +383,7 @@ class Session:
         return body, stats
 
     async def restore(
-        self, saveset: str, target: Path, progress: Progress | None = None
+        self, saveset: str, target: Path, progress: TransferProgress | None = None
     ) -> RestoreResult:
         await self._send(
             h11.Request(
@@ -398,6 +396,8 @@ class Session:
             raise self._failure(response, await self._json_body(), f"restore of {saveset}")
         result = RestoreResult()
         expected = response.headers.get("x-sha256", "")
+        if progress is not None and response.headers.get("content-length", "").isdigit():
+            progress.set_total(int(response.headers["content-length"]))
 
         def extract_all(get: Get) -> None:
             extract_stream(get, target, result)
@@ -412,7 +412,7 @@ class Session:
                     raise SbcError(f"stpd at {self.where} closed the connection mid-restore")
                 await batcher.add(event.data)
                 if progress is not None:
-                    progress(len(event.data))
+                    progress.advance(len(event.data), result.members)
             await batcher.flush()
         if expected and result.sha256 != expected:
             raise SbcError(

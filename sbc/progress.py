@@ -1,0 +1,99 @@
+"""A progress bar for ``sbc backup`` and ``sbc restore`` on a terminal.
+
+Shown on stderr only when it is a terminal and neither ``--quiet`` nor
+``--json`` was given; otherwise every call is a no-op, so scripts and logs
+see nothing of it. ``rich`` draws it (bytes, rate, ETA, files).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from sbc.archive import archive_root_name
+
+TAR_BLOCK = 512
+
+
+def wanted(quiet: bool, as_json: bool) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()
+
+
+def estimate_tar_bytes(source: Path) -> int:
+    """About the size of the tar stream of ``source``: contents rounded to
+    blocks plus a header each (PAX headers make it a little more)."""
+    total = 2 * TAR_BLOCK
+    pending = [str(source)]
+    first = True
+    while pending:
+        path = pending.pop()
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        total += TAR_BLOCK + (
+            -(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0
+        )
+        if stat.S_ISDIR(st.st_mode) and (first or not stat.S_ISLNK(st.st_mode)):
+            try:
+                pending.extend(entry.path for entry in os.scandir(path))
+            except OSError:
+                pass
+        first = False
+    return total
+
+
+class TransferProgress:
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._label = label
+
+    def __enter__(self) -> TransferProgress:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[files]} files"),
+                console=Console(stderr=True),
+                transient=True,  # the summary line replaces it at the end
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self._label, total=None, files=0)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def set_total(self, total: int | None) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=total)
+
+    def advance(self, nbytes: int, files: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=nbytes, files=files)
+
+
+def backup_label(source: Path) -> str:
+    return f"backup {archive_root_name(source)}"
