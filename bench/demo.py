@@ -267,7 +267,8 @@ def demo(work: Path) -> None:
         "STPD_HTTPS_USE_CLIENT_CERT=2 #0: do not validate, 1: validate but warn, "
         "2: validate and reject\n"
         f"STPD_HTTPS_LISTEN={HOST}:{port}\n"
-        f"STPD_DATA_DIR={data}\n",
+        f"STPD_DATA_DIR={data}\n"
+        "STPD_SHUTDOWN_GRACE=5   #seconds running transfers may finish after SIGTERM\n",
     )
     write_file(
         ini / "sm.ini",
@@ -286,6 +287,8 @@ def demo(work: Path) -> None:
         if f"{HOST}:{port}" not in listening or "level 2" not in listening:
             raise DemoFailed(f"stpd is not listening at level 2 on {HOST}:{port}: {listening}")
         ok(f"stpd listens on {HOST}:{port} at level 2")
+        run([stpd, "--ini-dir", str(ini), "status"])  # asks the daemon, with sm.ini's client
+        server.show_new_log()
         run_clients(work, ini, data, sbc, server, port)
     finally:
         heading(9, "stop stpd (SIGTERM)")
