@@ -27,7 +27,6 @@ from pathlib import Path
 from stpd.transfer import BatchReader, BatchWriter, Get, Put
 
 COPY_BUFFER = 1024 * 1024  # tarfile's copy size for file contents (its default: 16 KiB)
-STREAM_BUFFER = 64 * 1024  # tarfile's read-ahead in stream mode; small, it is re-sliced per member
 
 
 class ArchiveError(Exception):
@@ -280,8 +279,9 @@ def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
 
     reader = BatchReader(get, observe)
     try:
-        with tarfile.open(fileobj=reader, mode="r|", bufsize=STREAM_BUFFER) as archive:  # type: ignore[call-overload]
-            archive.copybufsize = COPY_BUFFER
+        # "r:" with a forward-only reader: extractall takes member after
+        # member in order, so it never seeks back (see BatchReader).
+        with tarfile.open(fileobj=reader, mode="r:", copybufsize=COPY_BUFFER) as archive:  # type: ignore[call-overload]
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
                 result.members += 1

@@ -185,38 +185,82 @@ class BatchWriter:
 
 
 class BatchReader:
-    """A read-only file object (for ``tarfile``) over batches from ``get``;
-    ``observe`` sees every piece once, in order (for hashing)."""
+    """A read-only file object (for ``tarfile``) over batches from ``get``.
+
+    It reads exactly what is asked (short only at the end), and seeks
+    forward by skipping, which is all ``tarfile`` in ``r:`` mode needs to
+    extract member after member; that mode copies file contents in one step
+    per read, where stream mode (``r|``) re-buffers every byte two or three
+    times. ``observe`` sees every piece once, in order (for hashing).
+    """
 
     def __init__(self, get: Get, observe: Callable[[bytes], None] | None = None) -> None:
         self._get = get
         self._observe = observe
         self._pieces: Batch = []
-        self._current = b""
-        self._pos = 0
+        self._current: bytes = b""
+        self._pos = 0  # in _current
+        self._offset = 0  # in the whole stream
         self.eof = False
 
-    def read(self, size: int = -1) -> bytes:
-        while self._pos >= len(self._current):
+    def _next_piece(self) -> bool:
+        if not self._pieces:
+            if self.eof:
+                return False
+            self._pieces = list(reversed(self._get()))
             if not self._pieces:
-                if self.eof:
-                    return b""
-                self._pieces = list(reversed(self._get()))
-                if not self._pieces:
-                    self.eof = True
-                    return b""
-            self._current = self._pieces.pop()
-            self._pos = 0
-            if self._observe is not None:
-                self._observe(self._current)
+                self.eof = True
+                return False
+        self._current = self._pieces.pop()
+        self._pos = 0
+        if self._observe is not None:
+            self._observe(self._current)
+        return True
+
+    def read(self, size: int = -1) -> bytes:
         if size < 0:
-            size = len(self._current) - self._pos
-        if self._pos == 0 and size >= len(self._current):
-            self._pos = len(self._current)
-            return self._current
-        piece = self._current[self._pos : self._pos + size]
-        self._pos += len(piece)
-        return piece
+            size = 1 << 62
+        parts: list[bytes | memoryview] = []
+        wanted = size
+        while wanted:
+            available = len(self._current) - self._pos
+            if not available:
+                if not self._next_piece():
+                    break
+                continue
+            if self._pos == 0 and wanted >= available:
+                parts.append(self._current)  # a whole piece: no copy
+                take = available
+            else:
+                take = min(wanted, available)
+                parts.append(memoryview(self._current)[self._pos : self._pos + take])
+            self._pos += take
+            wanted -= take
+        self._offset += size - wanted
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def tell(self) -> int:
+        return self._offset
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._offset + offset
+        if whence not in (0, 1) or target < self._offset:
+            raise OSError(f"cannot seek back in a stream (from {self._offset} to {target})")
+        while self._offset < target:
+            available = len(self._current) - self._pos
+            if not available:
+                if not self._next_piece():
+                    break
+                continue
+            take = min(available, target - self._offset)
+            self._pos += take
+            self._offset += take
+        return self._offset
 
     def drain(self) -> None:
         """Consume (and observe) everything left, e.g. tar's end padding."""
