@@ -194,6 +194,9 @@ def _source_value(query: str) -> str | Reject:
     except (ValueError, UnicodeDecodeError):
         return Reject(400, "malformed query string")
     values = dict(pairs)
+    if len(values) < len(pairs):  # "source=/a&source=/b": which one was backed up?
+        repeated = sorted({k for k, _ in pairs if [n for n, _ in pairs].count(k) > 1})[0]
+        return Reject(400, f"query parameter {repeated!r} given more than once")
     unknown = set(values) - {"source"}
     if unknown:
         return Reject(400, f"unknown query parameter {sorted(unknown)[0]!r}")

@@ -27,7 +27,8 @@ from pathlib import Path
 from stpd.tarcheck import InvalidTar, TarStreamCheck
 
 INCOMING = ".incoming"
-SAVESET_ID = re.compile(r"^SS-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+# \Z, not $: "$" also matches before a trailing newline ("SS-...\n").
+SAVESET_ID = re.compile(r"^SS-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}\Z")
 
 
 class StoreError(Exception):

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from pki.authority import CertificateAuthority
 from pki.layout import Layout
+from pki.tls import client_certificate_problem
 from sbc.cli import main as sbc
+from sbc.client import explain_refusal
 from tests.conftest import Pki, RunningStpd, running_stpd
 
 LEVELS = [0, 1, 2]
@@ -29,21 +32,18 @@ STPD_REASON = {
     "server": r"not a client certificate \(no clientAuth extended key usage\)",
 }
 
-# What sbc tells the operator when a level-2 stpd refuses it: the reason in
-# parentheses is the TLS alert, or when the alert was lost to a reset, what
-# sbc found wrong with its own certificate.
+# What sbc tells the operator when a level-2 stpd refuses it: what, the
+# TLS alert in parentheses (stpd lingers after its alert so that the client
+# reads it rather than a reset), and what to do.
 SBC_REFUSAL = {
-    "none": r"this client presented no certificate \((.*certificate required"
-    r"|.*SBC_CLIENT_SSL_AUTH=0 in sm\.ini: no certificate presented)\); "
+    "none": r"this client presented no certificate \(TLS error: .*alert certificate required\); "
     r"set SBC_CLIENT_SSL_AUTH=1 in sm\.ini",
     "other-ca": r"our client certificate is not signed by the server's root CA "
-    r"\((.*unknown ca|.*client\.pem is not signed by .*rootCA\.pem)\); "
-    r"issue a new one with `sm_ssl_cert client`",
-    "expired": r"our client certificate has expired "
-    r"\((.*certificate expired|.*client\.pem expired on .*)\); "
+    r"\(TLS error: .*alert unknown ca\); issue a new one with `sm_ssl_cert client`",
+    "expired": r"our client certificate has expired \(TLS error: .*alert certificate expired\); "
     r"issue a new one with `sm_ssl_cert client`",
     "server": r"our certificate is not a client certificate \(no clientAuth usage\) "
-    r"\((.*unsupported certificate|.*client\.pem has no clientAuth extended key usage)\); "
+    r"\(TLS error: .*alert unsupported certificate\); "
     r"use the certificate made by `sm_ssl_cert client`",
 }
 
@@ -194,7 +194,7 @@ def test_sbc_missing_client_certificate_is_one_line(
     )
 
 
-def test_level_1_anonymous_savesets_are_not_a_valid_clients(
+def test_level_1_invalid_certificate_does_not_get_its_claimed_identity(
     pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """At level 1 an invalid certificate is served as ``anonymous``: it does
@@ -205,8 +205,6 @@ def test_level_1_anonymous_savesets_are_not_a_valid_clients(
     forged = pki.client_ini("same-name-forged", cert="other-ca")
     # The forged certificate claims the valid client's name.
     forged_ca = pki.root / "other-ca-same-name-forged"
-    from pki.authority import CertificateAuthority
-
     CertificateAuthority.load(Layout(forged_ca)).issue_client(
         "CN:same-name", out_dir=forged.client_dir
     )
@@ -257,26 +255,7 @@ def small_tar(tmp_path: Path) -> Path:
     return archive
 
 
-# Known bug (stpd/server.py, not ours to edit): after refusing a handshake,
-# stpd closes the socket with the client's request unread; the kernel then
-# sends a reset that usually destroys the TLS alert before curl reads it,
-# and curl fails with 55 "getpeername() failed" instead of 56 and the alert.
-# The fix (half-close, then drain until the client closes) is described in
-# the issue-3 report. Non-strict: the race sometimes lets the alert through.
-RESET_LOSES_ALERT = pytest.mark.xfail(
-    reason="stpd resets a refused connection before curl reads the TLS alert",
-    strict=False,
-)
-CURL_CASES = [
-    pytest.param(
-        level,
-        kind,
-        id=f"{level}-{kind}",
-        marks=[RESET_LOSES_ALERT] if level == 2 and kind != "valid" else [],
-    )
-    for level in LEVELS
-    for kind in KINDS
-]
+CURL_CASES = [pytest.param(level, kind, id=f"{level}-{kind}") for level in LEVELS for kind in KINDS]
 
 
 @pytest.mark.parametrize(("level", "kind"), CURL_CASES)
@@ -305,3 +284,61 @@ def test_curl_matrix(pki: Pki, small_tar: Path, level: int, kind: str) -> None:
         assert stpd.daemon.store.find(meta["owner"], meta["saveset"]) is not None
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["level"] == level
+
+
+# -- when the alert is lost: sbc's own diagnosis ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("valid", None),
+        ("none", None),  # no file: loading it reports that
+        ("expired", "expired"),
+        ("not-yet-valid", "not-yet-valid"),
+        ("server", "purpose"),
+        ("other-ca", "unknown-ca"),
+    ],
+)
+def test_client_certificate_problem(pki: Pki, kind: str, expected: str | None) -> None:
+    client = pki.client_ini(f"diag-{kind}", cert=kind)
+    problem = client_certificate_problem(client)
+    assert (problem[0] if problem else None) == expected
+    if problem is not None:
+        assert str(client.client_cert) in problem[1]
+
+
+@pytest.mark.parametrize(
+    ("reason", "local", "expected"),
+    [
+        # The alert says why: it wins over what we found locally.
+        (
+            "TLS error: tlsv1 alert unknown ca",
+            ("expired", "x expired"),
+            "refused by stpd at h:1: our client certificate is not signed by the server's "
+            "root CA (TLS error: tlsv1 alert unknown ca); issue a new one",
+        ),
+        # "bad certificate" says little: the local finding is more precise.
+        (
+            "TLS error: tls alert bad certificate",
+            ("not-yet-valid", "x is valid only from tomorrow"),
+            "refused by stpd at h:1: our client certificate is not yet valid (TLS error: tls "
+            "alert bad certificate; x is valid only from tomorrow); check the clocks",
+        ),
+        ("TLS error: tls alert bad certificate", None, "refused by stpd at h:1: the server "),
+        # No alert (lost to a reset): the local finding explains it.
+        (
+            "connection lost: connection closed by peer",
+            ("purpose", "x has no clientAuth extended key usage"),
+            "refused by stpd at h:1: our certificate is not a client certificate (no clientAuth "
+            "usage) (connection lost: connection closed by peer; x has no clientAuth",
+        ),
+        (
+            "connection lost: connection closed by peer",
+            None,
+            "connection to stpd at h:1 failed: connection lost: connection closed by peer",
+        ),
+    ],
+)
+def test_explain_refusal(reason: str, local: tuple[str, str] | None, expected: str) -> None:
+    assert str(explain_refusal("h:1", reason, local)).startswith(expected)

@@ -1,0 +1,500 @@
+"""STPD's decisions without sockets: ``judge_peer`` and ``refused_handshake``
+(the level table), ``identity_allowed``, ``route`` (the HTTP API), and the
+saveset store on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from pki.tls import ClientCertPolicy
+from stpd.protocol import (
+    ANONYMOUS,
+    MAX_SOURCE_CHARS,
+    Download,
+    ListSavesets,
+    Metadata,
+    Reject,
+    Status,
+    Upload,
+    identity_allowed,
+    judge_peer,
+    refused_handshake,
+    route,
+)
+from stpd.store import INCOMING, SAVESET_ID, InvalidArchive, SavesetStore, StoreError
+from tests.conftest import Pki
+
+PEER = "127.0.0.1:40000"
+IGNORE, WARN, REQUIRE = ClientCertPolicy.IGNORE, ClientCertPolicy.WARN, ClientCertPolicy.REQUIRE
+SS = "SS-20260101T120000Z-0123abcd"
+
+
+@pytest.fixture
+def client_cert(pki: Pki) -> x509.Certificate:
+    return pki.ca.issue_client("CN:host1,O:Example Corp,OU:Backup", out_dir=pki.root / "c").cert
+
+
+# -- judge_peer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_cert", [True, False])
+@pytest.mark.parametrize("problems", [[], ["certificate has expired"]])
+def test_level_0_serves_everyone_anonymously(
+    client_cert: x509.Certificate, with_cert: bool, problems: list[str]
+) -> None:
+    decision = judge_peer(PEER, IGNORE, client_cert if with_cert else None, problems)
+    assert decision.serve
+    assert decision.owner == ANONYMOUS
+    assert decision.log_level == logging.INFO
+    assert decision.message == f"client {PEER} connected (level 0)"
+
+
+@pytest.mark.parametrize("policy", [WARN, REQUIRE])
+def test_valid_certificate_is_authenticated(
+    client_cert: x509.Certificate, policy: ClientCertPolicy
+) -> None:
+    decision = judge_peer(PEER, policy, client_cert, [])
+    assert decision.serve
+    assert decision.owner == "OU=Backup,O=Example Corp,CN=host1"
+    assert decision.log_level == logging.INFO
+    assert decision.message == f"client {PEER} authenticated as OU=Backup,O=Example Corp,CN=host1"
+
+
+def test_level_1_without_certificate_warns_and_serves_anonymous() -> None:
+    decision = judge_peer(PEER, WARN, None, [])
+    assert decision.serve and decision.owner == ANONYMOUS
+    assert decision.log_level == logging.WARNING
+    assert decision.message == (
+        f"client {PEER}: invalid client certificate: no client certificate presented; "
+        "served as anonymous (STPD_HTTPS_USE_CLIENT_CERT=1)"
+    )
+
+
+def test_level_1_invalid_certificate_names_subject_and_every_problem(
+    client_cert: x509.Certificate,
+) -> None:
+    problems = ["certificate has expired", "not signed by our root CA"]
+    decision = judge_peer(PEER, WARN, client_cert, problems)
+    assert decision.serve and decision.owner == ANONYMOUS
+    assert decision.log_level == logging.WARNING
+    assert decision.message == (
+        f"client {PEER} (OU=Backup,O=Example Corp,CN=host1): invalid client certificate: "
+        "certificate has expired; not signed by our root CA; "
+        "served as anonymous (STPD_HTTPS_USE_CLIENT_CERT=1)"
+    )
+
+
+def test_level_2_without_certificate_refuses() -> None:
+    decision = judge_peer(PEER, REQUIRE, None, [])
+    assert not decision.serve
+    assert decision.log_level == logging.ERROR
+    assert decision.message == (
+        f"refused client {PEER}: no client certificate presented (STPD_HTTPS_USE_CLIENT_CERT=2)"
+    )
+
+
+def test_level_2_invalid_certificate_refuses(client_cert: x509.Certificate) -> None:
+    decision = judge_peer(PEER, REQUIRE, client_cert, ["certificate has been revoked"])
+    assert not decision.serve
+    assert decision.log_level == logging.ERROR
+    assert decision.message == (
+        f"refused client {PEER} (OU=Backup,O=Example Corp,CN=host1): "
+        "certificate has been revoked (STPD_HTTPS_USE_CLIENT_CERT=2)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "serve", "level"), [(WARN, True, logging.WARNING), (REQUIRE, False, logging.ERROR)]
+)
+def test_identity_outside_the_allow_list(
+    client_cert: x509.Certificate, policy: ClientCertPolicy, serve: bool, level: int
+) -> None:
+    decision = judge_peer(PEER, policy, client_cert, [], ("CN:host2", "O:Other*"))
+    assert decision.serve is serve
+    assert decision.owner == ANONYMOUS
+    assert decision.log_level == level
+    assert (
+        "client identity OU=Backup,O=Example Corp,CN=host1 is not in STPD_ALLOWED_CLIENTS"
+        in decision.message
+    )
+
+
+def test_identity_inside_the_allow_list(client_cert: x509.Certificate) -> None:
+    decision = judge_peer(PEER, REQUIRE, client_cert, [], ("CN:host2", "O:Example*"))
+    assert decision.serve and decision.owner == "OU=Backup,O=Example Corp,CN=host1"
+
+
+def test_problems_win_over_the_allow_list(client_cert: x509.Certificate) -> None:
+    decision = judge_peer(PEER, REQUIRE, client_cert, ["certificate has expired"], ("CN:host1",))
+    assert not decision.serve
+    assert "certificate has expired" in decision.message
+
+
+@pytest.mark.parametrize(
+    ("allowed", "expected"),
+    [
+        ((), True),
+        (("CN:host1",), True),
+        (("cn:HOST1",), True),  # field and value are case-insensitive
+        ((" CN : host1 ",), True),  # spaces around field and pattern
+        (("CN:host*",), True),
+        (("CN:h?st1",), True),
+        (("CN:*.example.test",), False),
+        (("CN:host",), False),  # whole value, not a prefix
+        (("CN:host10",), False),
+        (("O:Example Corp",), True),
+        (("OU:Backup",), True),
+        (("OU:Back",), False),
+        (("O:Example",), False),
+        (("L:Berlin",), False),  # field not in the subject
+        (("CN:other", "OU:Backup"), True),  # any item
+        (("CN:other", "O:nope"), False),
+    ],
+)
+def test_identity_allowed(
+    client_cert: x509.Certificate, allowed: tuple[str, ...], expected: bool
+) -> None:
+    assert identity_allowed(client_cert, allowed) is expected
+
+
+# -- refused_handshake -------------------------------------------------------------
+
+
+def test_level_2_handshake_without_certificate_uses_our_words() -> None:
+    decision = refused_handshake(PEER, REQUIRE, "peer did not return a certificate")
+    assert not decision.serve
+    assert decision.log_level == logging.ERROR
+    assert decision.message == (
+        f"refused client {PEER}: no client certificate presented (STPD_HTTPS_USE_CLIENT_CERT=2)"
+    )
+
+
+def test_level_2_handshake_refusal_keeps_the_verdict() -> None:
+    decision = refused_handshake(PEER, REQUIRE, "certificate has expired")
+    assert decision.log_level == logging.ERROR
+    assert decision.message == (
+        f"refused client {PEER}: certificate has expired (STPD_HTTPS_USE_CLIENT_CERT=2)"
+    )
+
+
+@pytest.mark.parametrize("policy", [IGNORE, WARN])
+def test_handshake_failure_below_level_2_is_a_warning(policy: ClientCertPolicy) -> None:
+    decision = refused_handshake(PEER, policy, "wrong version number")
+    assert not decision.serve
+    assert decision.log_level == logging.WARNING
+    assert decision.message == f"TLS handshake with {PEER} failed: wrong version number"
+
+
+@pytest.mark.parametrize("policy", [IGNORE, WARN, REQUIRE])
+@pytest.mark.parametrize(
+    ("reason", "meaning"),
+    [
+        ("tlsv1 alert unknown ca", "does not trust our server certificate"),
+        ("sslv3 alert certificate expired", "says our server certificate has expired"),
+        ("sslv3 alert bad certificate", "rejected our server certificate"),
+        ("tlsv1 alert decode error", "aborted the handshake"),
+    ],
+)
+def test_an_alert_from_the_client_is_the_client_giving_up(
+    policy: ClientCertPolicy, reason: str, meaning: str
+) -> None:
+    decision = refused_handshake(PEER, policy, reason)
+    assert not decision.serve
+    assert decision.log_level == logging.WARNING
+    assert decision.message.startswith(f"TLS handshake with {PEER} failed: the client {meaning}")
+    assert decision.message.endswith(f"({reason})")
+    assert "refused" not in decision.message
+
+
+# -- route -------------------------------------------------------------------------
+
+
+def reject(action: object) -> Reject:
+    assert isinstance(action, Reject), action
+    return action
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "expected"),
+    [
+        ("GET", "/status", Status()),
+        ("GET", "/status/", Status()),
+        ("GET", "/savesets", ListSavesets()),
+        ("GET", "/savesets?ignored", ListSavesets()),
+        ("PUT", "/savesets?source=/home/user", Upload("/home/user")),
+        ("POST", "/savesets?source=/home/user", Upload("/home/user")),
+        ("PUT", "/savesets?source=%2Fhome%2Fa%20b%2B%C3%BC", Upload("/home/a b+ü")),
+        ("PUT", "/savesets?source=/home/a+b", Upload("/home/a b")),  # form encoding
+        # ".." is fine in a source: it is a label for what was backed up.
+        ("PUT", "/savesets?source=/home/../etc", Upload("/home/../etc")),
+        ("PUT", "/savesets?source=..", Upload("..")),
+        ("PUT", "/savesets?source=relative/path", Upload("relative/path")),
+        ("GET", f"/savesets/{SS}", Download(SS)),
+        ("GET", f"/savesets/{SS}/", Download(SS)),
+        ("GET", f"/savesets/{SS}/meta", Metadata(SS)),
+        ("GET", "https://stpd.example.test:11443/status", Status()),  # absolute form
+    ],
+)
+def test_route_actions(method: str, target: str, expected: object) -> None:
+    assert route(method, target) == expected
+
+
+def test_source_at_the_length_limit_is_accepted() -> None:
+    source = "/" + "a" * (MAX_SOURCE_CHARS - 1)
+    assert route("PUT", f"/savesets?source={source}") == Upload(source)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status", "message"),
+    [
+        ("POST", "/status", 405, "use GET /status"),
+        ("PUT", "/status", 405, "use GET /status"),
+        ("HEAD", "/status", 405, "use GET /status"),
+        ("DELETE", "/savesets", 405, "use GET, PUT or POST on /savesets"),
+        ("PUT", f"/savesets/{SS}", 405, "use GET on a saveset"),
+        ("DELETE", f"/savesets/{SS}", 405, "use GET on a saveset"),
+        ("POST", f"/savesets/{SS}/meta", 405, "use GET on a saveset"),
+        ("GET", "/", 404, "no such resource '/'"),
+        ("GET", "/nope", 404, "no such resource '/nope'"),
+        ("PUT", "/nope", 404, "no such resource '/nope'"),
+        ("GET", "/status/more", 404, "no such resource '/status/more'"),
+        ("GET", f"/savesets/{SS}/data", 404, f"no such resource '/savesets/{SS}/data'"),
+        ("GET", f"/savesets/{SS}/meta/x", 404, f"no such resource '/savesets/{SS}/meta/x'"),
+        ("PUT", "/savesets", 400, "missing query parameter source=PATH"),
+        ("PUT", "/savesets?source=", 400, "missing query parameter source=PATH"),
+        ("PUT", "/savesets?source=/a&x=1", 400, "unknown query parameter 'x'"),
+        ("PUT", "/savesets?path=/a", 400, "unknown query parameter 'path'"),
+        ("PUT", "/savesets?source=/a&source=/b", 400, "'source' given more than once"),
+        ("PUT", "/savesets?source", 400, "malformed query string"),
+        ("PUT", "/savesets?source=%ff", 400, "malformed query string"),  # not UTF-8
+        ("PUT", "/savesets?" + "&".join(["source=/a"] * 9), 400, "malformed query string"),
+        ("PUT", "/savesets?source=/a%00b", 400, "invalid source path"),
+        ("PUT", "/savesets?source=" + "a" * (MAX_SOURCE_CHARS + 1), 400, "invalid source path"),
+        ("GET", "/status%00", 400, "invalid request target"),
+        ("GET", "/savesets/" + "%00", 400, "invalid request target"),
+        ("GET", "/savesets?source=" + "a" * 8192, 400, "invalid request target"),
+    ],
+)
+def test_route_rejects(method: str, target: str, status: int, message: str) -> None:
+    rejected = reject(route(method, target))
+    assert rejected.status == status
+    assert message in rejected.message
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        "%2e%2e",
+        f"{SS}%2F..",
+        f"..%2F{SS}",
+        f"{SS}%2Fmeta",
+        f"{SS}%0A",  # "$" would match before a trailing newline
+        SS.upper(),
+        SS[:-1],
+        SS + "0",
+        "SS-20260101T120000Z-0123abc!",
+        "anything",
+    ],
+)
+@pytest.mark.parametrize("suffix", ["", "/meta"])
+def test_route_rejects_bad_saveset_names(name: str, suffix: str) -> None:
+    rejected = reject(route("GET", f"/savesets/{name}{suffix}"))
+    assert rejected.status == 400
+    assert rejected.message.startswith("invalid saveset name")
+
+
+def test_saveset_id_pattern() -> None:
+    assert SAVESET_ID.match(SS)
+    for bad in (SS + "\n", "\n" + SS, SS + "/..", f"../{SS}"):
+        assert not SAVESET_ID.match(bad), repr(bad)
+
+
+# -- the saveset store --------------------------------------------------------------
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def without_end_blocks(data: bytes) -> bytes:
+    """The archive up to its last member's data: no end-of-archive blocks."""
+    content = len(data.rstrip(b"\0"))
+    return data[: -(-content // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SavesetStore:
+    store = SavesetStore(tmp_path / "data")
+    assert store.prepare() == []
+    return store
+
+
+def files_in(store: SavesetStore) -> list[str]:
+    return sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*"))
+
+
+def upload(store: SavesetStore, data: bytes, owner: str = "CN=a", source: str = "/src"):  # type: ignore[no-untyped-def]
+    up = store.begin(owner, source, PEER)
+    # Pieces of awkward sizes, as they come off the network.
+    pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+    up.write(pieces[:3])
+    up.write(pieces[3:])
+    return up
+
+
+def test_prepare_creates_a_private_incoming_directory(store: SavesetStore) -> None:
+    assert store.incoming.is_dir()
+    assert store.incoming.stat().st_mode & 0o777 == 0o700
+    assert files_in(store) == [INCOMING]
+
+
+def test_commit_publishes_tar_and_metadata(store: SavesetStore) -> None:
+    data = tar_bytes({"a.txt": b"hello\n", "b/c.bin": os.urandom(5000)})
+    up = upload(store, data, owner="CN=host1", source="/home/../etc")
+    assert files_in(store) == [INCOMING, f"{INCOMING}/{up.saveset}.tar.part"]
+    assert store.all() == []  # nothing visible before the commit
+    meta = up.commit()
+    up.abort()  # a no-op after a commit (the server always calls it)
+    assert SAVESET_ID.match(meta.saveset)
+    assert files_in(store) == [INCOMING, f"{meta.saveset}.json", f"{meta.saveset}.tar"]
+    tar = store.tar_path(meta.saveset)
+    assert tar.read_bytes() == data
+    assert tar.stat().st_mode & 0o777 == 0o600
+    assert meta.bytes == len(data)
+    assert meta.sha256 == hashlib.sha256(data).hexdigest()
+    assert (meta.owner, meta.source, meta.peer) == ("CN=host1", "/home/../etc", PEER)
+    assert meta.started.endswith("Z") and meta.finished.endswith("Z")
+    assert meta.started <= meta.finished == meta.created
+    on_disk = json.loads((store.root / f"{meta.saveset}.json").read_text())
+    assert on_disk == {k: v for k, v in meta.to_json().items() if k != "created"}
+    assert meta.to_json()["created"] == meta.finished
+    with tarfile.open(tar) as archive:
+        assert archive.getnames() == ["a.txt", "b/c.bin"]
+
+
+def test_abort_leaves_nothing(store: SavesetStore) -> None:
+    up = upload(store, tar_bytes({"a.txt": b"x" * 10_000}))
+    up.abort()
+    up.abort()
+    assert files_in(store) == [INCOMING]
+    assert store.all() == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"this is not a tar archive\n" * 100, id="text"),
+        pytest.param(tar_bytes({"a.txt": b"x" * 10_000})[:5000], id="truncated"),
+        pytest.param(without_end_blocks(tar_bytes({"a.txt": b"x" * 10_000})), id="no-end"),
+    ],
+)
+def test_invalid_tar_is_rejected_and_leaves_nothing(store: SavesetStore, data: bytes) -> None:
+    up = store.begin("CN=a", "/src", PEER)
+    with pytest.raises(InvalidArchive) as error:
+        try:
+            up.write([data[:700], data[700:]])
+            up.commit()
+        finally:
+            up.abort()  # what the server does when write() raises
+    assert error.value.status == 400
+    assert "not a valid tar stream" in str(error.value)
+    assert "nothing stored" in str(error.value)
+    assert files_in(store) == [INCOMING]
+    assert store.all() == []
+
+
+def test_damaged_header_checksum_is_rejected(store: SavesetStore) -> None:
+    data = bytearray(tar_bytes({"a.txt": b"hello\n"}))
+    index = data.index(b"a.txt")
+    data[index] = ord("b")  # the header no longer matches its checksum
+    up = store.begin("CN=a", "/src", PEER)
+    with pytest.raises(InvalidArchive):
+        up.write([bytes(data)])
+        up.commit()
+    up.abort()
+    assert files_in(store) == [INCOMING]
+
+
+def test_prepare_removes_leftovers_and_keeps_savesets(store: SavesetStore) -> None:
+    kept = upload(store, tar_bytes({"a": b"1"})).commit()
+    # An interrupted upload, a half-written metadata file, and a tar whose
+    # metadata was never written: what a crash can leave behind.
+    part = store.begin("CN=a", "/src", PEER)
+    part.write([b"partial"])
+    os.close(part._fd)  # type: ignore[arg-type]  # the process died here
+    (store.incoming / f"{SS}.json.part").write_text("{")
+    orphan = store.root / f"{SS}.tar"
+    orphan.write_bytes(tar_bytes({"b": b"2"}))
+
+    removed = SavesetStore(store.root).prepare()
+    assert sorted(removed) == sorted([part.part, store.incoming / f"{SS}.json.part", orphan])
+    assert files_in(store) == [INCOMING, f"{kept.saveset}.json", f"{kept.saveset}.tar"]
+    assert [m.saveset for m in store.all()] == [kept.saveset]
+    assert SavesetStore(store.root).prepare() == []
+
+
+def test_prepare_refuses_a_read_only_data_directory(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only directories")
+    root = tmp_path / "data"
+    (root / INCOMING).mkdir(parents=True)
+    root.chmod(0o500)
+    try:
+        with pytest.raises(StoreError, match="is not writable"):
+            SavesetStore(root).prepare()
+    finally:
+        root.chmod(0o700)
+
+
+def test_owned_by_and_find_filter_by_owner(store: SavesetStore) -> None:
+    a1 = upload(store, tar_bytes({"1": b"1"}), owner="CN=a").commit()
+    b1 = upload(store, tar_bytes({"2": b"2"}), owner="CN=b").commit()
+    a2 = upload(store, tar_bytes({"3": b"3"}), owner="CN=a").commit()
+    anon = upload(store, tar_bytes({"4": b"4"}), owner=ANONYMOUS).commit()
+
+    assert {m.saveset for m in store.owned_by("CN=a")} == {a1.saveset, a2.saveset}
+    assert [m.saveset for m in store.owned_by("CN=b")] == [b1.saveset]
+    assert [m.saveset for m in store.owned_by(ANONYMOUS)] == [anon.saveset]
+    assert store.owned_by("CN=A") == []  # exact identity, not case-folded
+    assert store.owned_by("CN=c") == []
+    assert len(store.all()) == 4
+
+    assert store.find("CN=a", a1.saveset) == a1
+    assert store.find("CN=b", b1.saveset) == b1
+    assert store.find("CN=b", a1.saveset) is None  # another's: like a missing one
+    assert store.find(ANONYMOUS, a1.saveset) is None
+    assert store.find("CN=a", SS) is None  # missing
+    assert store.find("CN=a", a1.saveset + "\n") is None
+    assert store.find("CN=a", "../" + a1.saveset) is None
+
+
+def test_unreadable_metadata_is_neither_listed_nor_found(store: SavesetStore) -> None:
+    good = upload(store, tar_bytes({"1": b"1"})).commit()
+    bad = upload(store, tar_bytes({"2": b"2"})).commit()
+    (store.root / f"{bad.saveset}.json").write_text("{not json")
+    assert [m.saveset for m in store.all()] == [good.saveset]
+    assert store.find("CN=a", bad.saveset) is None
+
+
+def test_tar_path_refuses_bad_names(store: SavesetStore) -> None:
+    assert store.tar_path(SS) == store.root / f"{SS}.tar"
+    for bad in ("..", f"../{SS}", SS + "\n", ""):
+        with pytest.raises(ValueError):
+            store.tar_path(bad)
