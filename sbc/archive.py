@@ -125,7 +125,7 @@ def header_bytes(info: tarfile.TarInfo) -> bytes:
         b"%07o\0" % info.uid,
         b"%07o\0" % info.gid,
         b"%011o\0" % info.size,
-        b"%011o\0" % info.mtime,
+        b"%011o\0" % int(info.mtime),
         b"        ",
         info.type,
         fields[1],

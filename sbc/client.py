@@ -269,7 +269,7 @@ class Session:
                 ) from None
             except trio.BrokenResourceError as exc:
                 raise self._broken_off(exc) from None
-            self.conn.receive_data(data)
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
 
     async def _response(self) -> Response:
         while True:

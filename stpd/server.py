@@ -332,7 +332,7 @@ class HttpSession:
                 return None
             if event is not h11.NEED_DATA:  # pragma: no cover - h11 gives nothing else here
                 return None
-            data = b""
+            data: bytes | memoryview = b""
             with self.daemon.idle() if not started else nullcontext() as idle:
                 with trio.move_on_at(deadline):
                     data = await self.tls.receive_borrowed()
@@ -350,7 +350,7 @@ class HttpSession:
             if not started:
                 started = True
                 deadline = trio.current_time() + self.config.header_timeout
-            self.conn.receive_data(data)
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
 
     async def _next_body_event(self) -> h11.Data | h11.EndOfMessage:
         while True:
@@ -360,7 +360,7 @@ class HttpSession:
             if event is h11.NEED_DATA:
                 with trio.fail_after(self.config.io_timeout):
                     data = await self.tls.receive_borrowed()
-                self.conn.receive_data(data)
+                self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
                 continue
             raise trio.BrokenResourceError("connection closed in the middle of the request body")
 
@@ -477,7 +477,11 @@ class HttpSession:
             raise trio.BrokenResourceError(reason) from None
         finally:
             self.daemon.active_transfers -= 1
-            await trio.to_thread.run_sync(upload.abort)  # no-op after a commit
+            # Shielded: when the grace period (or a second SIGTERM) cancels this
+            # upload, run_sync would raise Cancelled before calling abort and
+            # leave the .part file behind.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(upload.abort)  # no-op after a commit
         seconds = max(time.monotonic() - started, 1e-6)
         log.info(
             "stored saveset %s from %s (%s): %d bytes in %.2fs (%.1f MB/s), source %s",
