@@ -12,19 +12,12 @@ import stat
 import sys
 from pathlib import Path
 from types import TracebackType
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING, Any
 
 from sbc.archive import archive_root_name
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 TAR_BLOCK = 512
 
@@ -61,11 +54,23 @@ class TransferProgress:
     def __init__(self, enabled: bool, label: str) -> None:
         self.enabled = enabled
         self._progress: Progress | None = None
-        self._task: TaskID | None = None
+        self._task: Any = None
         self._label = label
 
     def __enter__(self) -> TransferProgress:
         if self.enabled:
+            # Imported here: rich costs 25 ms at every start, and most runs
+            # (cron, scripts, --json) never draw a bar.
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
