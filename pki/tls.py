@@ -143,7 +143,11 @@ def _load_cert_and_key(ctx: SSL.Context, cert: Path, key: Path, fix: str) -> Non
         raise PkiError(f"certificate {cert} is not a PEM certificate ({exc}): {fix}") from None
     try:
         ctx.use_privatekey_file(str(key))
-    except SSL.Error:
+    except SSL.Error as exc:
+        # OpenSSL checks the key against the certificate loaded above: a
+        # valid key of another certificate fails here, not in check_privatekey.
+        if "key values mismatch" in str(exc):
+            raise PkiError(f"private key {key} does not match certificate {cert}: {fix}") from None
         raise PkiError(f"private key {key} cannot be read as a PEM key: {fix}") from None
     try:
         ctx.check_privatekey()
