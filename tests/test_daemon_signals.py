@@ -1,0 +1,425 @@
+"""stpd as a daemon: the real console script as a subprocess, driven by signals.
+
+SIGTERM drains (a running upload finishes; one that cannot finish within
+STPD_SHUTDOWN_GRACE is cut and leaves nothing partial), a second SIGTERM
+stops at once, SIGHUP reloads stpd.ini and the certificates for new
+connections while open ones keep working, and a broken reload is refused.
+
+Synchronisation is by stpd's log lines and the process's exit, each awaited
+with a deadline; the uploads that must be "in progress" at a signal are
+made by a raw TLS client that sends part of a chunked body and then waits
+for the test, so nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h11
+import pytest
+from cryptography import x509
+
+from pki.authority import CertificateAuthority
+from pki.layout import Layout
+from tests.conftest import Pki, make_pki
+
+HOST = "127.0.0.1"
+WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
+STPD = str(Path(sys.executable).parent / "stpd")
+
+
+class StpdProcess:
+    """The real ``stpd`` console script; a thread collects its stderr lines."""
+
+    def __init__(self, ini: Path, data: Path, pid_file: Path | None = None) -> None:
+        argv = [STPD, "--ini-dir", str(ini), "--listen", f"{HOST}:0", "--data-dir", str(data)]
+        if pid_file is not None:
+            argv += ["--pid-file", str(pid_file)]
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        self.lines: list[str] = []
+        self.ended = False
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        listening = self.wait_for(r"INFO stpd: stpd \S+ listening on ")
+        found = re.search(r"listening on \S+:(\d+),", listening)
+        assert found, listening
+        self.port = int(found.group(1))
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def mark(self) -> int:
+        with self.changed:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = WAIT_SECONDS) -> str:
+        """The first stderr line from index ``after`` matching ``pattern``."""
+        regex = re.compile(pattern)
+        found: list[str] = []
+
+        def seen() -> bool:
+            found[:] = [line for line in self.lines[after:] if regex.search(line)]
+            return bool(found) or self.ended
+
+        with self.changed:
+            self.changed.wait_for(seen, timeout)
+        assert found, f"no stpd line matching {pattern!r}; got:\n" + "\n".join(self.lines)
+        return found[0]
+
+    def matching(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        with self.changed:
+            return [line for line in self.lines if regex.search(line)]
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = WAIT_SECONDS) -> int:
+        code = self.process.wait(timeout)
+        self.reader.join(timeout)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.reader.join(WAIT_SECONDS)
+
+
+# -- a raw TLS client: Python's ssl module and h11 --------------------------------
+
+
+def make_tar(size: int = 512 * 1024) -> bytes:
+    """A valid tar stream with one file of ``size`` random bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("payload/data.bin")
+        info.size = size
+        info.mtime = 1_500_000_000
+        tar.addfile(info, io.BytesIO(os.urandom(size)))
+    return buffer.getvalue()
+
+
+class RawClient:
+    """One TLS connection with a client certificate, speaking HTTP/1.1 by hand,
+    so that a test decides when each piece of an upload is sent."""
+
+    def __init__(self, client: Layout, port: int) -> None:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=client.ca_cert)
+        if client.client_cert.exists():
+            context.load_cert_chain(client.client_cert, client.client_key)
+        raw = socket.create_connection((HOST, port), timeout=WAIT_SECONDS)
+        self.sock = context.wrap_socket(raw, server_hostname=HOST)
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @property
+    def server_certificate(self) -> x509.Certificate:
+        der = self.sock.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+
+    def send(self, *events: h11.Event) -> None:
+        for event in events:
+            data = self.conn.send(event)
+            if data:
+                self.sock.sendall(data)
+
+    def response(self) -> tuple[int, bytes]:
+        """The status and body of the next response (raises if the connection ends)."""
+        status, body = 0, b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self.conn.start_next_cycle()
+                return status, body
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("stpd closed the connection")
+
+    def get(self, target: str) -> tuple[int, bytes]:
+        self.send(
+            h11.Request(method="GET", target=target, headers=[("Host", HOST)]),
+            h11.EndOfMessage(),
+        )
+        return self.response()
+
+    def start_upload(self, first_piece: bytes) -> None:
+        self.send(
+            h11.Request(
+                method="PUT",
+                target="/savesets?source=/raw/client",
+                headers=[("Host", HOST), ("Transfer-Encoding", "chunked")],
+            ),
+            h11.Data(data=first_piece),
+        )
+
+    def finish_upload(self, rest: bytes) -> tuple[int, bytes]:
+        self.send(h11.Data(data=rest), h11.EndOfMessage())
+        return self.response()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def server_serial(port: int, client: Layout) -> int:
+    """The serial of the certificate a NEW connection is shown; the
+    connection also serves a request, so the daemon is fully working."""
+    fresh = RawClient(client, port)
+    try:
+        status, _ = fresh.get("/status")
+        assert status == 200
+        return fresh.server_certificate.serial_number
+    finally:
+        fresh.close()
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+
+def wait_active_transfers(port: int, client: Layout, wanted: int) -> None:
+    """Poll the status endpoint (a new connection each time) with a deadline."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        probe = RawClient(client, port)
+        try:
+            status, body = probe.get("/status")
+        finally:
+            probe.close()
+        assert status == 200
+        if json.loads(body)["active_transfers"] == wanted:
+            return
+        assert time.monotonic() < deadline, f"active transfers never became {wanted}"
+        time.sleep(0.02)  # polling a condition with a deadline, not a synchronising sleep
+
+
+def write_stpd_ini(ini: Path, *lines: str) -> None:
+    (ini / "stpd.ini").write_text(
+        "[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=2\n" + "".join(f"{line}\n" for line in lines)
+    )
+
+
+def assert_nothing_partial(data: Path) -> None:
+    assert list((data / ".incoming").iterdir()) == []
+    for tar in data.glob("SS-*.tar"):
+        assert tar.with_suffix(".json").exists(), f"{tar} without metadata"
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Pki, Layout, Path]:
+    pki = make_pki(tmp_path)
+    return pki, pki.client_ini("signal-client"), tmp_path / "data"
+
+
+@pytest.fixture
+def start(setup: tuple[Pki, Layout, Path]) -> Iterator:
+    started: list[StpdProcess] = []
+
+    def start_stpd(pid_file: Path | None = None) -> StpdProcess:
+        pki, _, data = setup
+        server = StpdProcess(pki.layout.ini_dir, data, pid_file)
+        started.append(server)
+        return server
+
+    yield start_stpd
+    for server in started:
+        server.kill()
+
+
+# -- the tests ---------------------------------------------------------------------
+
+
+def test_pid_file_written_and_removed_sigterm_exits_0(
+    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
+) -> None:
+    pki, _, _ = setup
+    write_stpd_ini(pki.layout.ini_dir)
+    pid_file = tmp_path / "run" / "stpd.pid"
+    pid_file.parent.mkdir()
+    server = start(pid_file)
+    assert pid_file.read_text() == f"{server.process.pid}\n"
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not pid_file.exists()
+    server.wait_for(r"INFO stpd: received SIGTERM")
+    server.wait_for(r"INFO stpd: stopping: no new connections; 0 transfers may finish within 30s")
+    server.wait_for(r"INFO stpd: stpd stopped")
+
+
+def test_sigterm_lets_a_running_upload_finish(setup: tuple[Pki, Layout, Path], start) -> None:
+    pki, client, data = setup
+    write_stpd_ini(pki.layout.ini_dir, "STPD_SHUTDOWN_GRACE=15")
+    server = start()
+    body = make_tar()
+    uploader = RawClient(client, server.port)
+    uploader.start_upload(body[: len(body) // 2])
+    wait_active_transfers(server.port, client, 1)
+
+    server.signal(signal.SIGTERM)
+    server.wait_for(r"INFO stpd: stopping: no new connections; 1 transfers may finish within 15s")
+    with pytest.raises(OSError):  # no new connections while draining
+        RawClient(client, server.port)
+    assert server.process.poll() is None  # still waiting for the upload
+
+    status, answer = uploader.finish_upload(body[len(body) // 2 :])
+    assert status == 201, answer
+    uploader.close()
+    assert server.wait_exit() == 0
+    stored = server.wait_for(r"INFO stpd: stored saveset (SS-\S+) from 127\.0\.0\.1:\d+ ")
+    saveset = re.search(r"stored saveset (SS-\S+) ", stored).group(1)  # type: ignore[union-attr]
+    assert re.search(rf"\(CN=signal-client\): {len(body)} bytes in [\d.]+s \([\d.]+ MB/s\)", stored)
+    assert (data / f"{saveset}.tar").read_bytes() == body
+    assert (data / f"{saveset}.json").exists()
+    assert_nothing_partial(data)
+    assert not server.matching(r"grace period .* over")
+    server.wait_for(r"INFO stpd: stpd stopped")
+
+
+def test_sigterm_cuts_an_upload_that_outlasts_the_grace(
+    setup: tuple[Pki, Layout, Path], start
+) -> None:
+    pki, client, data = setup
+    write_stpd_ini(pki.layout.ini_dir, "STPD_SHUTDOWN_GRACE=1")
+    server = start()
+    uploader = RawClient(client, server.port)
+    uploader.start_upload(make_tar()[:100_000])  # and then it stalls
+    wait_active_transfers(server.port, client, 1)
+    assert list((data / ".incoming").glob("*.tar.part"))
+
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    server.wait_for(r"WARNING stpd: grace period of 1s over: stopped the transfers still running")
+    server.wait_for(r"INFO stpd: stpd stopped")
+    with pytest.raises((ConnectionError, OSError)):
+        uploader.finish_upload(b"\0" * 1024)
+    uploader.close()
+    assert_nothing_partial(data)
+    assert list(data.glob("SS-*")) == []
+
+
+def test_second_sigterm_stops_at_once(setup: tuple[Pki, Layout, Path], start) -> None:
+    pki, client, data = setup
+    write_stpd_ini(pki.layout.ini_dir, "STPD_SHUTDOWN_GRACE=300")
+    server = start()
+    uploader = RawClient(client, server.port)
+    uploader.start_upload(make_tar()[:100_000])
+    wait_active_transfers(server.port, client, 1)
+    server.signal(signal.SIGTERM)
+    server.wait_for(r"INFO stpd: stopping: no new connections; 1 transfers may finish within 300s")
+    assert server.process.poll() is None
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=10) == 0  # far less than the 300 s grace
+    server.wait_for(r"WARNING stpd: received SIGTERM again: stopping at once")
+    uploader.close()
+    assert_nothing_partial(data)
+
+
+def test_sighup_renewed_certificate_for_new_connections_only(
+    setup: tuple[Pki, Layout, Path], start
+) -> None:
+    pki, client, data = setup
+    write_stpd_ini(pki.layout.ini_dir)
+    server = start()
+    old_serial = server_serial(server.port, client)
+
+    # A connection opened before the reload, with an upload half sent.
+    early = RawClient(client, server.port)
+    assert early.server_certificate.serial_number == old_serial
+    body = make_tar()
+    early.start_upload(body[:200_000])
+
+    renewed = CertificateAuthority.load(pki.layout).issue_server("localhost,127.0.0.1", days=90)
+    assert renewed.serial != old_serial
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"INFO stpd: received SIGHUP: reloading", after=mark)
+    reloaded = server.wait_for(r"INFO stpd: reloaded .*stpd\.ini and certificates", after=mark)
+    assert "server certificate CN=localhost (89 days left)" in reloaded
+
+    assert server_serial(server.port, client) == renewed.serial  # a NEW connection
+    # The early connection is undisturbed: its upload completes, then it is
+    # still served (keep-alive), still with the certificate it was shown.
+    status, answer = early.finish_upload(body[200_000:])
+    assert status == 201, answer
+    assert early.get("/status")[0] == 200
+    assert early.server_certificate.serial_number == old_serial
+    early.close()
+
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not server.matching(r"ERROR")
+    assert_nothing_partial(data)
+
+
+def test_broken_reload_is_refused_and_the_old_configuration_stays(
+    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
+) -> None:
+    pki, client, _ = setup
+    ini = pki.layout.ini_dir
+    write_stpd_ini(ini)
+    server = start()
+    old_serial = server_serial(server.port, client)
+    good_ini = (ini / "stpd.ini").read_text()
+
+    # 1. A bad value in stpd.ini.
+    (ini / "stpd.ini").write_text(good_ini.replace("USE_CLIENT_CERT=2", "USE_CLIENT_CERT=7"))
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    refused = server.wait_for(r"ERROR stpd: reload refused", after=mark)
+    assert "STPD_HTTPS_USE_CLIENT_CERT" in refused and "stpd.ini" in refused
+    assert "the running configuration stays in force" in refused
+    assert server_serial(server.port, client) == old_serial
+    stranger = pki.client_ini("stranger", cert="none", client_auth=0)
+    with pytest.raises(OSError):  # still level 2: refused (ssl.SSLError or a reset)
+        server_serial(server.port, stranger)
+    server.wait_for(r"ERROR stpd: refused client .*no client certificate", after=mark)
+
+    # 2. A new server certificate whose key does not match ssl/server.key.
+    (ini / "stpd.ini").write_text(good_ini)
+    old_key = pki.layout.server_key.read_bytes()
+    CertificateAuthority.load(pki.layout).issue_server(
+        "localhost,127.0.0.1", out_dir=tmp_path / "elsewhere"
+    )
+    os.replace(tmp_path / "elsewhere" / "server.pem", pki.layout.server_cert)
+    assert pki.layout.server_key.read_bytes() == old_key
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    refused = server.wait_for(r"ERROR stpd: reload refused", after=mark)
+    assert f"private key {pki.layout.server_key} does not match certificate" in refused
+    assert server_serial(server.port, client) == old_serial  # the old pair is still in force
+
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
