@@ -10,10 +10,13 @@ left alone: the real sesam files hold many more.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -97,6 +100,14 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                     f"{path}: [{section}] {key.name}={raw!r} is not valid; allowed: {key.allowed}"
                 ) from None
     return values
+
+
+def load_settings(defaults: T, path: Path, keys: Iterable[Key], overrides: dict[str, Any]) -> T:
+    """``defaults`` (a frozen dataclass) with the values of ``path``, then
+    the ``overrides`` the operator gave (None means "not given")."""
+    values = read_ini(path, keys)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(defaults, **values)  # type: ignore[type-var]
 
 
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:

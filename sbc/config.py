@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pki.inifile import Key, choice, parse_host_port, positive_number, read_ini
+from pki.inifile import Key, choice, load_settings, parse_host_port, positive_number
 from pki.layout import Layout
 from stpd.config import STPD_HTTPS_PORT
 
@@ -66,6 +65,6 @@ KEYS = [
 
 
 def load_config(layout: Layout, **overrides: Any) -> SbcConfig:
-    values = read_ini(layout.sm_ini, KEYS)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return dataclasses.replace(SbcConfig(layout=layout), **values)
+    """Read ``sm.ini`` of ``layout``; ``overrides`` (None values ignored)
+    are what the operator gave on the command line."""
+    return load_settings(SbcConfig(layout=layout), layout.sm_ini, KEYS, overrides)

@@ -6,12 +6,18 @@ value comes from the file, then from the defaults below (units in names).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pki.inifile import Key, choice, parse_host_port, positive_int, positive_number, read_ini
+from pki.inifile import (
+    Key,
+    choice,
+    load_settings,
+    parse_host_port,
+    positive_int,
+    positive_number,
+)
 from pki.layout import Layout
 from pki.tls import ClientCertPolicy
 
@@ -94,6 +100,4 @@ KEYS = [
 def load_config(layout: Layout, **overrides: Any) -> StpdConfig:
     """Read ``stpd.ini`` of ``layout``; ``overrides`` (None values ignored)
     are what the operator gave on the command line."""
-    values = read_ini(layout.stpd_ini, KEYS)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return dataclasses.replace(StpdConfig(layout=layout), **values)
+    return load_settings(StpdConfig(layout=layout), layout.stpd_ini, KEYS, overrides)
