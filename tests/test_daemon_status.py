@@ -1,0 +1,164 @@
+"""``stpd status`` and ``sbc status`` against a running stpd, and the
+WARNING stpd logs at startup (and daily) when its server certificate or
+the root CA expires within 30 days."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import stpd.server
+from pki.authority import CertificateAuthority
+from pki.layout import Layout
+from stpd import __version__
+from tests.conftest import Pki, make_pki, running_stpd
+from tests.test_daemon_signals import (
+    RawClient,
+    StpdProcess,
+    make_tar,
+    wait_active_transfers,
+    write_stpd_ini,
+)
+
+BIN = Path(sys.executable).parent
+
+
+def run(tool: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / tool), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Pki, StpdProcess]]:
+    """The real stpd at level 2. Its ini directory also holds a client
+    certificate, so that `stpd status` on the server can ask it."""
+    pki = make_pki(tmp_path)
+    pki.ca.issue_client("CN:backup-server-admin")
+    write_stpd_ini(pki.layout.ini_dir)
+    server = StpdProcess(pki.layout.ini_dir, tmp_path / "data")
+    try:
+        yield pki, server
+    finally:
+        server.kill()
+
+
+def check_status(status: dict, active: int) -> None:
+    assert status["version"] == __version__
+    assert status["level"] == 2
+    assert isinstance(status["uptime_seconds"], (int, float)) and status["uptime_seconds"] >= 0
+    assert status["active_transfers"] == active
+    cert = status["server_certificate"]
+    assert cert["subject"] == "CN=localhost"
+    assert cert["days_left"] in (824, 825)  # the default validity
+
+
+def test_stpd_status_and_sbc_status(daemon: tuple[Pki, StpdProcess]) -> None:
+    pki, server = daemon
+    where = f"127.0.0.1:{server.port}"
+    on_server = ["--ini-dir", str(pki.layout.ini_dir), "--listen", where, "status"]
+
+    result = run("stpd", *on_server, "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    check_status(json.loads(result.stdout), active=0)
+
+    result = run("stpd", *on_server)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        rf"stpd {re.escape(__version__)} at {where}: level 2, up [\d.]+s, 0 active transfers, "
+        r"certificate CN=localhost expires in 82[45] days\n",
+        result.stdout,
+    ), result.stdout
+
+    # From a client, during an upload: one active transfer.
+    client = pki.client_ini("status-client")
+    uploader = RawClient(client, server.port)
+    body = make_tar()
+    uploader.start_upload(body[:1000])
+    wait_active_transfers(server.port, client, 1)
+    result = run("sbc", "--ini-dir", str(client.ini_dir), "status", "--server", where, "--json")
+    assert result.returncode == 0, result.stderr
+    check_status(json.loads(result.stdout), active=1)
+    assert uploader.finish_upload(body[1000:])[0] == 201
+    uploader.close()
+    wait_active_transfers(server.port, client, 0)
+
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+
+
+def test_stpd_status_without_a_running_daemon_is_one_clear_line(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    pki.ca.issue_client("CN:backup-server-admin")
+    result = run("stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", "127.0.0.1:9", "status")
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sbc: error: "), result.stderr
+    assert "127.0.0.1:9" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_short_lived_server_certificate_warned_at_startup(tmp_path: Path) -> None:
+    """Made the administrator's way: `sm_ssl_cert server --days 10`."""
+    ini = tmp_path / "ini"
+    assert run("sm_ssl_cert", "--ini-dir", str(ini), "ca").returncode == 0
+    made = run(
+        "sm_ssl_cert",
+        *["--ini-dir", str(ini), "server", "--common-name=localhost,127.0.0.1", "--days", "10"],
+    )
+    assert made.returncode == 0, made.stderr
+    write_stpd_ini(ini)
+    server = StpdProcess(ini, tmp_path / "data")
+    try:
+        warning = server.wait_for(r"WARNING stpd: server certificate ")
+        assert re.search(
+            r"WARNING stpd: server certificate CN=localhost expires in (9|10) days \(\d{4}-\d\d-\d\d\): "
+            r"renew it with `sm_ssl_cert renew server` and send stpd SIGHUP$",
+            warning,
+        ), warning
+        assert not server.matching(r"root CA .* expires in")  # the CA has years left
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+    finally:
+        server.kill()
+
+
+def test_long_lived_certificates_give_no_warning(pki: Pki) -> None:
+    with running_stpd(pki.layout) as daemon:
+        daemon.log.wait_for(r"listening on")
+        status = daemon.daemon.status()
+    assert not daemon.log.matching(r"expires in")
+    assert status["server_certificate"]["days_left"] >= 824
+
+
+def test_ca_near_expiry_warned_and_checked_daily(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA that dies in 20 days takes every certificate with it: warned too.
+    The check repeats (daily; here every 50 ms)."""
+    layout = Layout(tmp_path / "ini")
+    ca = CertificateAuthority.create(layout, days=20)
+    ca.issue_server("localhost,127.0.0.1", days=10)
+    monkeypatch.setattr(stpd.server, "EXPIRY_CHECK_INTERVAL", 0.05)
+    with running_stpd(layout) as daemon:
+        daemon.log.wait_for(r"^WARNING root CA CN=.* expires in (19|20) days ")
+        daemon.log.wait_for(r"^WARNING server certificate CN=localhost expires in (9|10) days ")
+
+        def repeated() -> bool:
+            return len(daemon.log.matching(r"^WARNING root CA .* expires in")) >= 3
+
+        with daemon.log.changed:
+            assert daemon.log.changed.wait_for(repeated, 20), "the expiry check did not repeat"
+        assert daemon.daemon.status()["server_certificate"]["days_left"] in (9, 10)
