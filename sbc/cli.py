@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,12 +167,18 @@ async def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namesp
         return await COMMANDS[args.command](session, args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, adjust: Callable[[SbcConfig], SbcConfig] | None = None
+) -> int:
+    """``adjust`` lets another program (``stpd status``) change the loaded
+    configuration before use."""
     args = build_parser().parse_args(argv)
     _log_to_stderr()
     layout = Layout(resolve_ini_dir(args.ini_dir))
     try:
         config = load_config(layout)
+        if adjust is not None:
+            config = adjust(config)
         server = args.server or config.server
         if server is None:
             raise SbcError(

@@ -209,7 +209,7 @@ class Session:
         if self.config.server_verify:
             assert cert is not None  # VERIFY_PEER guarantees one
             try:
-                check_server_names(cert, self.host)
+                check_server_names(cert, self.config.expected_name or self.host)
             except PkiError as exc:
                 raise SbcError(f"stpd at {self.where} not trusted: {exc}") from None
         else:

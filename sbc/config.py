@@ -34,6 +34,9 @@ class SbcConfig:
     connect_timeout: float = 10 * SECONDS  # TCP connect and TLS handshake
     io_timeout: float = 60 * SECONDS  # no progress while sending or receiving
     server_fingerprint: str | None = None  # SHA-256 pin of the server certificate
+    # Not an ini key: the name to find in the server certificate instead of
+    # the host we connect to (stpd status reaches 127.0.0.1, pinned).
+    expected_name: str | None = None
 
 
 KEYS = [

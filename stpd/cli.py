@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -93,13 +94,34 @@ def write_pid_file(path: Path) -> None:
 
 
 def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
-    """Ask the running daemon over HTTPS, as a client of this ini directory."""
+    """Ask the running daemon over HTTPS, as a client of this ini directory.
+    A daemon listening on all addresses is reached on loopback, where its
+    certificate's names do not apply: we pin our own ssl/server.pem instead."""
+    import dataclasses
+
+    from cryptography import x509
+
+    from pki.names import certificate_names
+    from pki.tls import fingerprint_sha256
     from sbc.cli import main as sbc_main
 
     host, port = config.listen
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        ours = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"cannot read {layout.server_cert}: {exc}") from None
+    names = certificate_names(ours)
+
+    def pin_our_certificate(sbc_config: Any) -> Any:
+        return dataclasses.replace(
+            sbc_config,
+            server_fingerprint=fingerprint_sha256(ours),
+            expected_name=names[0] if names else None,
+        )
+
     argv = ["--ini-dir", str(layout.ini_dir), "status", "--server", f"{host}:{port}"]
-    return sbc_main(argv + (["--json"] if as_json else []))
+    return sbc_main(argv + (["--json"] if as_json else []), adjust=pin_our_certificate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,8 @@ class Stpd:
         self.store = SavesetStore(config.saveset_dir)
         self.ssl_context, self.server_cert, self.ca_cert = self._tls_material(config)
         self._crl_stamp = self._stamp(config.layout.crl)
+        in_file = load_config(config.layout)
+        self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
         self.connections = 0
         self.active_transfers = 0
@@ -163,6 +165,15 @@ class Stpd:
         except (ConfigError, PkiError, OSError, ValueError) as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
             return
+        in_file = load_config(config.layout)  # without command-line options
+        if (in_file.listen, in_file.data_dir) != self._restart_only:
+            log.warning(
+                "STPD_HTTPS_LISTEN or STPD_DATA_DIR changed in %s: that takes effect at the "
+                "next restart; still listening on %s:%s with data in %s",
+                config.layout.stpd_ini,
+                *self.config.listen,
+                self.store.root,
+            )
         self.config = config
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
