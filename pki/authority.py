@@ -10,8 +10,11 @@ Everything is built in memory first (key, certificate, encodings); files are
 written only at the end, key first, and removed again if writing the
 certificate fails, so an error never leaves a key without its certificate.
 Existing files are moved aside (``files.move_aside``), never destroyed.
-Every issued certificate passes through ``CertificateAuthority._issue``: the
-place where a later inventory records it.
+Every issued certificate passes through ``CertificateAuthority._issue``,
+which records it in the inventory (``pki.inventory``, ``ca/inventory.json``)
+under the inventory lock, in the same all-or-nothing step as the files: a
+certificate that replaces an older one at the same path marks the older one
+superseded there.
 """
 
 from __future__ import annotations
@@ -20,18 +23,21 @@ import contextlib
 import os
 import re
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from pki.errors import PkiError
 from pki.files import move_aside, write_private, write_public
+from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
 from pki.layout import Layout
 from pki.names import certificate_names, check_server_name, parse_server_names, san_entries
 
@@ -51,6 +57,11 @@ RSA_KEY_SIZE = 3072  # for old peers; 3072 bits matches the strength of P-256
 DEFAULT_CA_COMMON_NAME = "SEP sesam root CA"
 
 Profile = Literal["server", "client"]
+PROFILES: tuple[Profile, ...] = ("server", "client")
+_PROFILE_USAGE = {
+    "server": ExtendedKeyUsageOID.SERVER_AUTH,
+    "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+}
 
 # ``--oid`` keys (SPEC.md) and the X.509 attributes they stand for.
 NAME_OID = ObjectIdentifier("2.5.4.41")  # id-at-name; cryptography has no constant
@@ -88,6 +99,9 @@ class IssuedCert:
     cert: x509.Certificate
     profile: Profile
     moved_aside: tuple[Path, ...] = field(default=())
+    # Serial of the certificate this one replaced at cert_path (now superseded).
+    superseded: str | None = None
+    key_written: bool = True  # False: renew --keep-key left the key file as it was
 
     @property
     def serial(self) -> int:
@@ -172,12 +186,17 @@ class CertificateAuthority:
             .sign(key, hashes.SHA256())
         )
         ca = cls(layout, key, cert)
-        ca.moved_aside = _install(
-            [
-                (layout.ca_key, _key_pem(key), True),
-                (layout.ca_cert, ca.cert_pem, False),
-            ]
-        )
+        files = [(layout.ca_key, _key_pem(key), True), (layout.ca_cert, ca.cert_pem, False)]
+        # The inventory and the CRL belong to the CA that is being replaced.
+        stale = [path for path in (layout.inventory, layout.crl) if path.exists()]
+        if not stale:
+            ca.moved_aside = _install(files)
+            return ca
+        with locked(layout):
+            moved = _install(files)
+            ca.moved_aside = moved + tuple(
+                aside for path in stale if (aside := move_aside(path)) is not None
+            )
         return ca
 
     @classmethod
@@ -227,6 +246,32 @@ class CertificateAuthority:
                 f"`sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
             )
         return cls(layout, key, cert)
+
+    # -- the inventory and the CRL ----------------------------------------------
+
+    @contextlib.contextmanager
+    def inventory(self) -> Iterator[Inventory]:
+        """The inventory under its lock (see ``pki.inventory.locked``), with
+        this CA itself recorded in it."""
+        with locked(self.layout) as inventory:
+            if inventory.find(self._cert.serial_number) is None:
+                inventory.add(inventory_entry(self._cert, "ca", self.layout.ca_cert))
+            yield inventory
+
+    def issued(self, cert: x509.Certificate) -> bool:
+        """True when ``cert`` is a certificate this CA signed (the CA's own included)."""
+        if cert.issuer != self._cert.subject:
+            return False
+        try:
+            cert.verify_directly_issued_by(self._cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList:
+        return builder.sign(self._key, hashes.SHA256())
 
     # -- issuing -------------------------------------------------------------
 
@@ -321,7 +366,10 @@ class CertificateAuthority:
         days: int,
         key_type: str,
         not_before: datetime | None,
+        key: PrivateKey | None = None,
     ) -> IssuedCert:
+        """Sign, write and record one certificate. ``key``: reuse this key
+        (renew --keep-key: the key file is left as it is) instead of a new one."""
         _check_days(days)
         now = datetime.now(UTC)
         if self._cert.not_valid_after_utc <= now:
@@ -331,7 +379,9 @@ class CertificateAuthority:
                 f"`sm_ssl_cert --ini-dir {self.layout.ini_dir} ca --force` and re-issue "
                 "every certificate"
             )
-        key = _generate_key(key_type)
+        write_key = key is None
+        if key is None:
+            key = _generate_key(key_type)
         builder = _builder(
             subject, self._cert.subject, key.public_key(), days=days, not_before=not_before
         )
@@ -360,13 +410,109 @@ class CertificateAuthority:
         for extension, critical in extensions:
             builder = builder.add_extension(extension, critical=critical)
         cert = builder.sign(self._key, hashes.SHA256())
-        moved = _install(
-            [
-                (key_path, _key_pem(key), True),
-                (cert_path, cert.public_bytes(serialization.Encoding.PEM), False),
-            ]
+        files = [(cert_path, cert.public_bytes(serialization.Encoding.PEM), False)]
+        if write_key:
+            files.insert(0, (key_path, _key_pem(key), True))
+        superseded: list[str] = []
+        with self.inventory() as inventory:
+            previous = _read_certificate(cert_path)
+
+            def record(moved: dict[Path, Path]) -> None:
+                inventory.add(inventory_entry(cert, profile, cert_path))
+                if previous is not None and self.issued(previous):
+                    old = inventory.add(inventory_entry(previous, profile, cert_path))
+                    old.superseded_by = serial_text(cert.serial_number)
+                    aside = moved.get(cert_path)
+                    old.moved_to = str(aside.absolute()) if aside is not None else None
+                    if old.status == "valid":
+                        old.status = "superseded"
+                    inventory.changed = True
+                    superseded.append(old.serial)
+                inventory.save()  # inside _install: a failure here undoes the files
+
+            moved = _install(files, record)
+        return IssuedCert(
+            cert_path,
+            key_path,
+            cert,
+            profile,
+            moved,
+            superseded=superseded[0] if superseded else None,
+            key_written=write_key,
         )
-        return IssuedCert(cert_path, key_path, cert, profile, moved)
+
+    # -- renewing ------------------------------------------------------------
+
+    def renew(
+        self,
+        profile: Profile,
+        *,
+        out_dir: Path | None = None,
+        keep_key: bool = False,
+        days: int = LEAF_VALIDITY_DAYS,
+        key_type: str | None = None,
+    ) -> IssuedCert:
+        """Re-issue the certificate in ``ssl/`` (server), ``x.509/`` (client) or
+        ``out_dir``: same subject and names, a new validity period, and a new
+        key unless ``keep_key``. The old files are moved aside and the old
+        certificate is marked superseded in the inventory."""
+        if profile not in PROFILES:
+            raise PkiError(f"cannot renew {profile!r}: renew server or client")
+        default_dir = self.layout.server_dir if profile == "server" else self.layout.client_dir
+        directory = out_dir if out_dir is not None else default_dir
+        cert_name = (
+            self.layout.server_cert if profile == "server" else self.layout.client_cert
+        ).name
+        key_name = (self.layout.server_key if profile == "server" else self.layout.client_key).name
+        cert_path, key_path = directory / cert_name, directory / key_name
+        where = f" --path {directory}" if out_dir is not None else ""
+        if not cert_path.exists():
+            make = "server --common-name=<names>" if profile == "server" else "client [--oid=...]"
+            raise PkiError(
+                f"no {profile} certificate at {cert_path} to renew: issue one with "
+                f"`sm_ssl_cert --ini-dir {self.layout.ini_dir} {make}{where}`"
+            )
+        old = _read_certificate(cert_path)
+        if old is None:
+            raise PkiError(
+                f"{cert_path} is not a PEM certificate: renewing copies its subject and names; "
+                f"issue a new one with `sm_ssl_cert {profile}` instead"
+            )
+        if not self.issued(old):
+            raise PkiError(
+                f"{cert_path} was not issued by this CA ({format_name(old.issuer)}, not "
+                f"{format_name(self._cert.subject)}): issue a new one with `sm_ssl_cert {profile}`"
+            )
+        if _PROFILE_USAGE[profile] not in _extended_key_usages(old):
+            raise PkiError(
+                f"{cert_path} is not a {profile} certificate (no {profile}Auth extended key usage): "
+                f"renew it as what it is, or issue a new one with `sm_ssl_cert {profile}`"
+            )
+        key: PrivateKey | None = None
+        if keep_key:
+            if key_type is not None:
+                raise PkiError(
+                    "--keep-key keeps the current key and its type: leave out --key-type"
+                )
+            key = _read_matching_key(key_path, old)
+        elif key_type is None:
+            key_type = "rsa" if isinstance(old.public_key(), rsa.RSAPublicKey) else "ec"
+        extensions: list[tuple[x509.ExtensionType, bool]] = []
+        with contextlib.suppress(x509.ExtensionNotFound):
+            san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            extensions.append((san.value, san.critical))
+        extensions.append((x509.ExtendedKeyUsage([_PROFILE_USAGE[profile]]), False))
+        return self._issue(
+            profile,
+            old.subject,
+            extensions,
+            cert_path=cert_path,
+            key_path=key_path,
+            days=days,
+            key_type=key_type or DEFAULT_KEY_TYPE,
+            not_before=None,
+            key=key,
+        )
 
 
 # -- subjects ------------------------------------------------------------------
@@ -450,8 +596,96 @@ def format_name(name: x509.Name) -> str:
 
 def format_serial(serial: int) -> str:
     """Hex with an even number of digits, as ``openssl x509 -serial`` prints it."""
-    text = f"{serial:X}"
-    return text if len(text) % 2 == 0 else "0" + text
+    return serial_text(serial)
+
+
+def format_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint as ``openssl x509 -fingerprint -sha256`` prints it."""
+    return ":".join(f"{byte:02X}" for byte in cert.fingerprint(hashes.SHA256()))
+
+
+def key_description(cert: x509.Certificate) -> str:
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size} bit"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ECDSA P-256"}.get(key.curve.name, f"ECDSA {key.curve.name}")
+    return type(key).__name__
+
+
+def profile_of(cert: x509.Certificate) -> str:
+    """ca, server or client, from basicConstraints and extended key usage."""
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "ca"
+    except x509.ExtensionNotFound:
+        pass
+    usages = _extended_key_usages(cert)
+    if ExtendedKeyUsageOID.SERVER_AUTH in usages:
+        return "server"
+    return "client"
+
+
+def inventory_entry(cert: x509.Certificate, profile: str, path: Path) -> Entry:
+    """The inventory record of ``cert`` written to ``path``."""
+    return Entry(
+        serial=serial_text(cert.serial_number),
+        profile=profile,
+        subject=format_name(cert.subject),
+        names=certificate_names(cert) if profile == "server" else [],
+        not_before=timestamp(cert.not_valid_before_utc),
+        not_after=timestamp(cert.not_valid_after_utc),
+        path=str(Path(path).absolute()),
+        recorded_at=timestamp(datetime.now(UTC)),
+        sha256=format_fingerprint(cert),
+    )
+
+
+def load_certificate_file(path: Path) -> x509.Certificate | None:
+    """A PEM or DER certificate, or None when ``path`` holds none."""
+    data = Path(path).read_bytes()
+    for loader in (x509.load_pem_x509_certificate, x509.load_der_x509_certificate):
+        try:
+            return loader(data)
+        except ValueError:
+            continue
+    return None
+
+
+def _read_certificate(path: Path) -> x509.Certificate | None:
+    try:
+        return load_certificate_file(path)
+    except OSError:
+        return None
+
+
+def _extended_key_usages(cert: x509.Certificate) -> list[ObjectIdentifier]:
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return []
+
+
+def _read_matching_key(key_path: Path, cert: x509.Certificate) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise PkiError(
+            f"--keep-key: no key at {key_path}; renew without --keep-key to make a new one"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise PkiError(
+            f"--keep-key: cannot read {key_path} as an unencrypted PEM key ({exc}); "
+            "renew without --keep-key to make a new one"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PkiError(f"--keep-key: {key_path} holds a {type(key).__name__}: expected EC or RSA")
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        raise PkiError(
+            f"--keep-key: {key_path} is not the key of the certificate beside it; "
+            "renew without --keep-key to make a new one"
+        )
+    return key
 
 
 def _attribute(oid: ObjectIdentifier, value: str, what: str) -> x509.NameAttribute:
@@ -534,11 +768,15 @@ def _public_der(key: object) -> bytes:
     )
 
 
-def _install(files: list[tuple[Path, bytes, bool]]) -> tuple[Path, ...]:
-    """Write (path, data, private) files in order, moving existing ones aside first.
+def _install(
+    files: list[tuple[Path, bytes, bool]],
+    then: Callable[[dict[Path, Path]], None] | None = None,
+) -> tuple[Path, ...]:
+    """Write (path, data, private) files in order, moving existing ones aside first,
+    then call ``then`` with {original: moved-aside path} (recording them).
 
-    All or nothing: if a write fails, what was written is removed and what was
-    moved aside is put back, then the error propagates.
+    All or nothing: if a write or ``then`` fails, what was written is removed
+    and what was moved aside is put back, then the error propagates.
     """
     moved: list[tuple[Path, Path]] = []
     written: list[Path] = []
@@ -550,6 +788,8 @@ def _install(files: list[tuple[Path, bytes, bool]]) -> tuple[Path, ...]:
         for path, data, private in files:
             (write_private if private else write_public)(path, data)
             written.append(path)
+        if then is not None:
+            then(dict(moved))
     except BaseException:
         for path in written:
             with contextlib.suppress(OSError):

@@ -1,12 +1,16 @@
-"""``sm_ssl_cert``: create the root CA and issue server and client certificates."""
+"""``sm_ssl_cert``: create the root CA, issue, renew and revoke certificates,
+and list what was issued."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from cryptography import x509
 
@@ -15,19 +19,36 @@ from pki.authority import (
     DEFAULT_KEY_TYPE,
     KEY_TYPES,
     LEAF_VALIDITY_DAYS,
+    PROFILES,
     RSA_KEY_SIZE,
     CertificateAuthority,
     IssuedCert,
+    format_fingerprint,
     format_name,
     format_serial,
+    inventory_entry,
+    key_description,
+    load_certificate_file,
     move_old_server_keys,
 )
+from pki.crl import (
+    CRL_VALIDITY_DAYS,
+    CRL_WARNING_DAYS,
+    DEFAULT_REASON,
+    REASONS,
+    CrlState,
+    CrlWritten,
+    read_crl,
+    revoke,
+    write_crl,
+)
 from pki.errors import PkiError
+from pki.inventory import Entry, Inventory
 from pki.layout import DEFAULT_INI_DIR, INI_DIR_ENV, Layout, resolve_ini_dir
 
 PROG = "sm_ssl_cert"
 EXIT_ERROR = 2
-KEY_DESCRIPTIONS = {"ec": "ECDSA P-256", "rsa": f"RSA {RSA_KEY_SIZE} bit"}
+_WARNING_WINDOW = timedelta(days=CRL_WARNING_DAYS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +152,86 @@ def _parser() -> argparse.ArgumentParser:
         "nothing is deleted.",
     )
     clean.set_defaults(run=_run_clean_ssl)
+
+    listing = commands.add_parser(
+        "list",
+        parents=[common],
+        help="list issued certificates (ca/inventory.json) with days to expiry",
+        description="List every certificate recorded in ca/inventory.json: serial, profile, "
+        "status (valid, REVOKED, superseded; EXPIRED marked), expiry and days left. Warns "
+        f"when the CRL's next update is past or within {CRL_WARNING_DAYS} days. Needs no "
+        "CA key.",
+    )
+    listing.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    listing.set_defaults(run=_run_list)
+
+    revoking = commands.add_parser(
+        "revoke",
+        parents=[common],
+        help="revoke a certificate and write ca/crl.pem",
+        description="Mark a certificate revoked in the inventory and write the signed CRL "
+        f"ca/crl.pem (next update in {CRL_VALIDITY_DAYS} days). STPD refuses a revoked "
+        "client certificate (level 2) or serves it as anonymous with a warning (level 1).",
+    )
+    revoking.add_argument(
+        "target",
+        metavar="SERIAL|CERT_FILE",
+        help="the serial in hex (as `list` prints it) or the certificate file",
+    )
+    revoking.add_argument(
+        "--reason",
+        default=DEFAULT_REASON,
+        metavar="R",
+        help="RFC 5280 reason: " + ", ".join(REASONS) + f" (default: {DEFAULT_REASON})",
+    )
+    revoking.set_defaults(run=_run_revoke)
+
+    crl = commands.add_parser(
+        "crl",
+        parents=[common],
+        help="write ca/crl.pem again (a new next update)",
+        description="Sign and write the CRL ca/crl.pem from the inventory. A CRL past its "
+        "next update makes STPD refuse every client certificate: run this regularly "
+        "(e.g. weekly from cron) and copy the file to every STPD.",
+    )
+    crl.add_argument(
+        "--days",
+        type=_positive_int,
+        default=CRL_VALIDITY_DAYS,
+        metavar="N",
+        help=f"days until the next update (default: {CRL_VALIDITY_DAYS})",
+    )
+    crl.set_defaults(run=_run_crl)
+
+    renew = commands.add_parser(
+        "renew",
+        parents=[common],
+        help="re-issue the server or client certificate with the same subject and names",
+        description="Issue a new certificate with the subject and names of the current one "
+        "in ssl/ (server), x.509/ (client) or --path DIR, and a new key unless --keep-key. "
+        "The old files are moved aside and the old certificate is marked superseded.",
+    )
+    renew.add_argument("profile", choices=PROFILES, help="which certificate to renew")
+    renew.add_argument(
+        "--path", type=Path, metavar="DIR", help="the certificate is in DIR (e.g. for an RDS)"
+    )
+    renew.add_argument(
+        "--keep-key", action="store_true", help="keep the current key (the key file is untouched)"
+    )
+    renew.add_argument(
+        "--days",
+        type=_positive_int,
+        default=LEAF_VALIDITY_DAYS,
+        metavar="N",
+        help=f"validity in days (default: {LEAF_VALIDITY_DAYS})",
+    )
+    renew.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default=None,
+        help="algorithm of the new key (default: that of the current certificate)",
+    )
+    renew.set_defaults(run=_run_renew)
     return parser
 
 
@@ -172,7 +273,7 @@ def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         print(f"moved aside: {path}", file=out)
     print(f"wrote root CA key:         {layout.ca_key} (mode 0600)", file=out)
     print(f"wrote root CA certificate: {layout.ca_cert}", file=out)
-    _describe(out, ca.cert, args.days, args.key_type)
+    _describe(out, ca.cert, args.days)
     print(
         "next: issue certificates with `sm_ssl_cert server --common-name=...` and "
         "`sm_ssl_cert client`; then keep rootCA.key off the server (only issuing needs it)",
@@ -185,7 +286,7 @@ def _run_server(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     issued = ca.issue_server(
         args.common_name, out_dir=args.path, days=args.days, key_type=args.key_type
     )
-    _print_issued(out, "server", issued, args.days, args.key_type)
+    _print_issued(out, "server", issued, args.days)
     print(f"  names:       {', '.join(issued.names)}", file=out)
     wildcards = [name for name in issued.names if name.endswith(".*")]
     if wildcards:
@@ -205,7 +306,7 @@ def _run_server(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 def _run_client(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     ca = CertificateAuthority.load(layout)
     issued = ca.issue_client(args.oid, out_dir=args.path, days=args.days, key_type=args.key_type)
-    _print_issued(out, "client", issued, args.days, args.key_type)
+    _print_issued(out, "client", issued, args.days)
     print(
         f"next: copy {issued.cert_path.name}, {issued.key_path.name} (into x.509/) and "
         "rootCA.pem (into ca/) to each client",
@@ -221,20 +322,254 @@ def _run_clean_ssl(layout: Layout, args: argparse.Namespace, out: TextIO) -> Non
         print(f"moved aside: {path}", file=out)
 
 
-def _print_issued(out: TextIO, profile: str, issued: IssuedCert, days: int, key_type: str) -> None:
+def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
+    inventory = Inventory.read(layout)
+    entries = list(inventory.entries)
+    ca_cert = _read_ca_cert(layout)
+    if ca_cert is None and not entries and not layout.inventory.exists():
+        raise PkiError(
+            f"nothing to list: no inventory at {layout.inventory} and no root CA at "
+            f"{layout.ca_cert}; check --ini-dir, or create the CA with "
+            f"`sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
+        )
+    # The CA is recorded with the first certificate it issues; show it before that too.
+    if ca_cert is not None and inventory.find(ca_cert.serial_number) is None:
+        entries.insert(0, inventory_entry(ca_cert, "ca", layout.ca_cert))
+    now = datetime.now(UTC)
+    warnings: list[str] = []
+    try:
+        crl = read_crl(layout)
+    except PkiError as exc:
+        crl = None
+        warnings.append(str(exc))
+    warnings += _crl_warnings(layout, entries, crl, now)
+    rows = [_list_row(entry, now) for entry in entries]
+    if args.json:
+        document = {
+            "inventory": str(layout.inventory),
+            "certificates": rows,
+            "crl": _crl_json(crl, now),
+            "warnings": warnings,
+        }
+        print(json.dumps(document, indent=1), file=out)
+    else:
+        _print_table(out, layout, rows)
+    for warning in warnings:
+        print(f"{PROG}: warning: {' '.join(warning.split())}", file=sys.stderr)
+
+
+def _run_revoke(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
+    ca = CertificateAuthority.load(layout)
+    result = revoke(ca, args.target, args.reason)
+    entry = result.entry
+    what = f"serial {entry.serial} ({entry.profile} {entry.subject}, {entry.path})"
+    if result.already:
+        print(
+            f"{what} was already revoked on {entry.revoked_at} ({entry.revocation_reason}); "
+            "the CRL was written again",
+            file=out,
+        )
+    else:
+        print(f"revoked {what}: {entry.revocation_reason}", file=out)
+    _print_crl(out, layout, result.crl)
+
+
+def _run_crl(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
+    ca = CertificateAuthority.load(layout)
+    _print_crl(out, layout, write_crl(ca, days=args.days))
+
+
+def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
+    ca = CertificateAuthority.load(layout)
+    issued = ca.renew(
+        args.profile,
+        out_dir=args.path,
+        keep_key=args.keep_key,
+        days=args.days,
+        key_type=args.key_type,
+    )
+    profile = args.profile
+    if issued.superseded:
+        print(f"renewed {profile} certificate: serial {issued.superseded} is superseded", file=out)
+    _print_issued(out, profile, issued, args.days)
+    if issued.names:
+        print(f"  names:       {', '.join(issued.names)}", file=out)
+    if profile == "server":
+        where = (
+            f"copy {issued.cert_path.name} and {issued.key_path.name} into ssl/ of the RDS and "
+            "restart its stpd"
+            if args.path is not None
+            else "restart stpd"
+        )
+        print(
+            f"next: {where} so that it presents the new certificate; sbc clients that pin it "
+            f"need SBC_SERVER_FINGERPRINT={format_fingerprint(issued.cert)}",
+            file=out,
+        )
+    else:
+        print(
+            f"next: copy {issued.cert_path.name} and {issued.key_path.name} into x.509/ of the "
+            "client; the old certificate stays valid until it expires (revoke it with "
+            f"`sm_ssl_cert revoke {issued.superseded}` if it must stop working now)",
+            file=out,
+        )
+
+
+def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
+    print(
+        f"wrote CRL {written.path}: number {written.number}, {written.revoked} revoked "
+        f"certificate{'s' if written.revoked != 1 else ''}, next update "
+        f"{written.next_update:%Y-%m-%d %H:%M} UTC",
+        file=out,
+    )
+    print(
+        f"next: copy {written.path.name} into ca/ of every STPD (the backup server and each "
+        f"RDS) and restart them; write it again before {written.next_update:%Y-%m-%d} with "
+        f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl` (an out-of-date CRL makes stpd refuse "
+        "every client certificate)",
+        file=out,
+    )
+
+
+# -- list --------------------------------------------------------------------------
+
+
+def _read_ca_cert(layout: Layout) -> x509.Certificate | None:
+    try:
+        return load_certificate_file(layout.ca_cert)
+    except OSError:
+        return None
+
+
+def _days_left(moment: datetime, now: datetime) -> int:
+    """Whole days, rounded toward zero: -3 is "expired 3 days ago"."""
+    return int((moment - now).total_seconds() / 86400)
+
+
+def _list_row(entry: Entry, now: datetime) -> dict[str, Any]:
+    row = entry.to_json()
+    row["days_left"] = _days_left(entry.not_after_utc, now)
+    row["expired"] = entry.not_after_utc <= now
+    row["not_yet_valid"] = entry.not_before_utc > now
+    return row
+
+
+def _status_text(row: dict[str, Any]) -> str:
+    if row["status"] == "revoked":
+        text = f"REVOKED ({row['revocation_reason']})"
+    elif row["status"] == "superseded":
+        text = "superseded"
+    else:
+        text = "" if row["expired"] or row["not_yet_valid"] else "valid"
+    marks = [text] if text else []
+    if row["expired"]:
+        marks.append("EXPIRED")
+    if row["not_yet_valid"]:
+        marks.append("not yet valid")
+    return ", ".join(marks)
+
+
+def _print_table(out: TextIO, layout: Layout, rows: list[dict[str, Any]]) -> None:
+    counts = {
+        "revoked": sum(row["status"] == "revoked" for row in rows),
+        "superseded": sum(row["status"] == "superseded" for row in rows),
+        "expired": sum(row["expired"] for row in rows),
+    }
+    summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    print(
+        f"{len(rows)} certificate{'s' if len(rows) != 1 else ''} in {layout.inventory}"
+        + (f" ({summary})" if summary else ""),
+        file=out,
+    )
+    header = ("SERIAL", "PROFILE", "STATUS", "EXPIRES", "DAYS", "SUBJECT", "PATH")
+    table = [header] + [
+        (
+            row["serial"],
+            row["profile"],
+            _status_text(row),
+            row["not_after"][:10],
+            str(row["days_left"]),
+            row["subject"] + (f" [{', '.join(row['names'])}]" if row["names"] else ""),
+            row["moved_to"] or row["path"],
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        print("  ".join([*cells, line[-1]]), file=out)
+
+
+def _crl_warnings(
+    layout: Layout, entries: list[Entry], crl: CrlState | None, now: datetime
+) -> list[str]:
+    command = f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl`"
+    fix = f"{command} and copy it to every STPD"
+    revoked = [entry for entry in entries if entry.status == "revoked"]
+    if crl is None:
+        if revoked and not layout.crl.exists():
+            return [
+                f"{len(revoked)} revoked certificate(s) but no CRL at {layout.crl}, so no STPD "
+                f"refuses them: write it with {fix}"
+            ]
+        return []
+    warnings = []
+    if crl.next_update is None or crl.next_update <= now:
+        since = f" since {crl.next_update:%Y-%m-%d %H:%M} UTC" if crl.next_update else ""
+        warnings.append(
+            f"the CRL {crl.path} is out of date{since} (its next update has passed): stpd then "
+            f"refuses every client certificate; write a new one now with {fix}"
+        )
+    elif crl.next_update - now <= _WARNING_WINDOW:
+        days = math.ceil((crl.next_update - now).total_seconds() / 86400)
+        warnings.append(
+            f"the CRL {crl.path} must be written again within {days} day(s) (next update "
+            f"{crl.next_update:%Y-%m-%d %H:%M} UTC): run {command} (e.g. weekly from cron) "
+            "and copy it to every STPD"
+        )
+    missing = [entry.serial for entry in revoked if entry.serial_number not in crl.revoked_serials]
+    if missing:
+        warnings.append(
+            f"revoked certificate(s) {', '.join(missing)} are not on the CRL {crl.path}: "
+            f"write it again with {fix}"
+        )
+    return warnings
+
+
+def _crl_json(crl: CrlState | None, now: datetime) -> dict[str, Any] | None:
+    if crl is None:
+        return None
+    return {
+        "path": str(crl.path),
+        "number": crl.number,
+        "last_update": crl.last_update.isoformat(timespec="seconds"),
+        "next_update": crl.next_update.isoformat(timespec="seconds") if crl.next_update else None,
+        "days_left": _days_left(crl.next_update, now) if crl.next_update else None,
+        "revoked": sorted(format_serial(serial) for serial in crl.revoked_serials),
+    }
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def _print_issued(out: TextIO, profile: str, issued: IssuedCert, days: int) -> None:
     for path in issued.moved_aside:
         print(f"moved aside: {path}", file=out)
-    print(f"wrote {profile} key:         {issued.key_path} (mode 0600)", file=out)
+    if issued.key_written:
+        print(f"wrote {profile} key:         {issued.key_path} (mode 0600)", file=out)
+    else:
+        print(f"kept {profile} key:          {issued.key_path} (--keep-key)", file=out)
     print(f"wrote {profile} certificate: {issued.cert_path}", file=out)
-    _describe(out, issued.cert, days, key_type)
+    _describe(out, issued.cert, days)
+    print(f"  sha256:      {format_fingerprint(issued.cert)}", file=out)
 
 
-def _describe(out: TextIO, cert: x509.Certificate, days: int, key_type: str) -> None:
+def _describe(out: TextIO, cert: x509.Certificate, days: int) -> None:
     expires = cert.not_valid_after_utc
     print(f"  subject:     {format_name(cert.subject)}", file=out)
     print(f"  issuer:      {format_name(cert.issuer)}", file=out)
     print(f"  serial:      {format_serial(cert.serial_number)}", file=out)
-    print(f"  key:         {KEY_DESCRIPTIONS[key_type]}", file=out)
+    print(f"  key:         {key_description(cert)}", file=out)
     print(
         f"  valid until: {expires:%Y-%m-%d %H:%M} UTC ({days} days; --days changes it)",
         file=out,
