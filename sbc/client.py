@@ -115,6 +115,7 @@ class Session:
         self.tls: TLSStream | None = None
         self.conn = h11.Connection(h11.CLIENT)
         self.answers = 0  # responses received on this connection
+        self._peer_closed = False  # the server closed its side (clean TLS close)
 
     async def __aenter__(self) -> Session:
         await self.connect()
@@ -257,6 +258,9 @@ class Session:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if self.conn.their_state is h11.ERROR and self._peer_closed and not self.answers:
+                    # A clean close before any answer: stpd refused us after the handshake.
+                    raise self._broken_off(EOFError("closed by stpd")) from None
                 raise SbcError(f"stpd at {self.where} sent a malformed answer: {exc}") from None
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
@@ -269,6 +273,7 @@ class Session:
                 ) from None
             except trio.BrokenResourceError as exc:
                 raise self._broken_off(exc) from None
+            self._peer_closed = not data
             self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
 
     async def _response(self) -> Response:

@@ -25,9 +25,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from cryptography import x509
 
+from pki.authority import SUBJECT_KEYS
 from pki.tls import ClientCertPolicy
 from stpd.store import SAVESET_ID
 
+KEY_BY_OID = {oid: key for key, oid in SUBJECT_KEYS.items()}
 ANONYMOUS = "anonymous"  # owner of savesets uploaded without a valid certificate
 MAX_SOURCE_CHARS = 4096  # a path longer than PATH_MAX is not a path
 NO_CERTIFICATE = "no client certificate presented"
@@ -48,12 +50,14 @@ class PeerDecision:
 
 def identity_allowed(cert: x509.Certificate, allowed: tuple[str, ...]) -> bool:
     """``allowed`` items are ``FIELD:PATTERN`` (``CN:host1``, ``O:Example*``),
-    matched against the subject's attributes with shell wildcards."""
+    matched against the subject's attributes with shell wildcards. FIELD is
+    one of sm_ssl_cert's ``--oid`` keys (C, CN, DQ, GN, ... T), so that an
+    administrator names fields the same way when issuing and allowing."""
     if not allowed:
         return True
     fields: dict[str, list[str]] = {}
     for attr in cert.subject:
-        short = attr.rfc4514_attribute_name.upper()
+        short = KEY_BY_OID.get(attr.oid, attr.rfc4514_attribute_name).upper()
         fields.setdefault(short, []).append(str(attr.value))
     for item in allowed:
         field, _, pattern = item.partition(":")
@@ -116,12 +120,57 @@ _CLIENT_ALERTS = [
 ]
 
 
+# OpenSSL's reasons for a handshake that failed before any certificate was
+# looked at: the peer does not speak TLS, or not as we do. Not a refusal of
+# a client certificate, at any level.
+_NOT_A_CERTIFICATE_MATTER = (
+    "http request",
+    "https proxy request",
+    "wrong version number",
+    "packet length too long",
+    "record layer failure",
+    "unsupported protocol",
+    "version too low",
+    "no shared cipher",
+    "no suitable signature algorithm",
+    "unexpected message",
+    "unexpected eof",
+    "connection closed by peer",
+)
+
+PLAIN_HTTP_REASON = "http request"  # OpenSSL's words for "GET / HTTP/1.1" on a TLS port
+# The answer in clear to a plain HTTP request on the TLS port (as nginx does).
+_PLAIN_HTTP_TEXT = b"This is the TLS port of stpd: use https:// (plain HTTP is not served).\n"
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_HTTP_TEXT), _PLAIN_HTTP_TEXT)
+)
+
+
+def is_plain_http(reason: str) -> bool:
+    return reason.strip().lower() == PLAIN_HTTP_REASON
+
+
 def refused_handshake(peer: str, policy: ClientCertPolicy, reason: str) -> PeerDecision:
     """A handshake OpenSSL failed. At level 2 that is our refusal of the
     client's certificate, unless the client sent an alert: then it gave up
-    on us (e.g. it does not trust our server certificate), at any level."""
+    on us (e.g. it does not trust our server certificate), at any level;
+    or unless it did not speak TLS as we do (plain HTTP, old protocol
+    versions, weak ciphers only): a warning, at any level."""
     reason = _HANDSHAKE_REASONS.get(reason.strip().lower(), reason)
     lowered = reason.lower()
+    if is_plain_http(reason):
+        return PeerDecision(
+            False,
+            ANONYMOUS,
+            logging.WARNING,
+            f"TLS handshake with {peer} failed: plain HTTP sent to the TLS port, "
+            f"answered 400 in clear ({reason})",
+        )
+    if any(needle in lowered for needle in _NOT_A_CERTIFICATE_MATTER):
+        return PeerDecision(
+            False, ANONYMOUS, logging.WARNING, f"TLS handshake with {peer} failed: {reason}"
+        )
     if " alert " in f" {lowered} ":
         what = next(
             (text for needle, text in _CLIENT_ALERTS if needle in lowered),

@@ -1,0 +1,57 @@
+"""STPD_ALLOWED_CLIENTS matches every --oid field name, and a client it
+refuses after the handshake is told so in one line, every time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pki.authority import CertificateAuthority
+from pki.layout import Layout
+from sbc.cli import main as sbc
+from stpd.protocol import identity_allowed
+from tests.conftest import Pki, running_stpd
+
+
+@pytest.mark.parametrize(
+    "allowed, expected",
+    [
+        (("S:smi*",), True),
+        (("T:ADMIN",), True),
+        (("GN:Alice", "CN:nobody"), True),
+        (("DQ:q1",), True),
+        (("PC:12345",), True),
+        (("GN:bob",), False),
+        (("O:alice",), False),  # no O in the subject
+        (("CN:alice*",), True),
+    ],
+)
+def test_allow_list_uses_the_oid_key_names(
+    tmp_path: Path, allowed: tuple[str, ...], expected: bool
+) -> None:
+    ca = CertificateAuthority.create(Layout(tmp_path))
+    cert = ca.issue_client(
+        "CN:alice,S:Smith,GN:Alice,T:Admin,DQ:q1,PC:12345", out_dir=tmp_path / "c"
+    ).cert
+    assert identity_allowed(cert, allowed) is expected
+
+
+def test_unlisted_client_gets_one_clear_line(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "f"
+    source.write_text("x")
+    bob = pki.client_ini("bob")
+    with running_stpd(pki.layout, level=2, allowed_clients=("CN:alice",)) as stpd:
+        for attempt in range(5):  # the refusal races the request: it must read the same each time
+            code = sbc(
+                ["--ini-dir", str(bob.ini_dir), "backup", str(source), "--server", stpd.address]
+            )
+            err = capsys.readouterr().err
+            assert code == 1, attempt
+            assert err.count("\n") == 1 and "Traceback" not in err
+            assert "closed the connection before answering" in err, err
+            assert "STPD_ALLOWED_CLIENTS" in err
+        stpd.log.wait_for(r"ERROR refused client .*CN=bob.*not in STPD_ALLOWED_CLIENTS")
+        assert not list(stpd.daemon.store.root.glob("SS-*"))
