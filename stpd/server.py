@@ -28,12 +28,14 @@ from pki.tls import days_left, server_context
 from stpd import __version__
 from stpd.config import StpdConfig, load_config
 from stpd.protocol import (
+    PLAIN_HTTP_ANSWER,
     Download,
     ListSavesets,
     Metadata,
     Reject,
     Status,
     Upload,
+    is_plain_http,
     judge_peer,
     refused_handshake,
     route,
@@ -273,8 +275,15 @@ class Stpd:
             )
             return
         except TLSHandshakeError as exc:
-            decision = refused_handshake(peer, policy, tls.verdict.reason or str(exc))
+            reason = tls.verdict.reason or str(exc)
+            decision = refused_handshake(peer, policy, reason)
             log.log(decision.log_level, "%s", decision.message)
+            if is_plain_http(reason):  # say so in words the client can read
+                with trio.move_on_after(LINGER_SECONDS):
+                    try:
+                        await tls.transport.send_all(PLAIN_HTTP_ANSWER)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
             await tls.linger(LINGER_SECONDS)
             return
         decision = judge_peer(
@@ -311,6 +320,19 @@ class HttpSession:
                 return
             if request is None:
                 return
+            # h11 limits only a head that arrives in pieces; one that came in a
+            # single read is measured here, so that the limit means what it says.
+            head = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+            if head > self.config.max_header_bytes:
+                log.warning(
+                    "bad request from %s: request head of %d bytes is over "
+                    "STPD_MAX_HEADER_BYTES=%d (answered 431)",
+                    self.peer,
+                    head,
+                    self.config.max_header_bytes,
+                )
+                await self._send_error(431, "request line and headers too large")
+                return
             if self.daemon.connections > self.config.max_connections:
                 log.warning(
                     "connection limit %d reached; answered 503 to %s",
@@ -320,6 +342,13 @@ class HttpSession:
                 await self._send_error(503, "server busy: too many connections, try again later")
                 return
             await self._dispatch(request)
+            if self.conn.their_state is h11.SEND_BODY:
+                # A request without a body (GET) ends with an EndOfMessage that
+                # h11 yields only when asked; an unread body means we close.
+                try:
+                    self.conn.next_event()
+                except h11.RemoteProtocolError:
+                    return
             if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
                 return
             try:
@@ -353,10 +382,19 @@ class HttpSession:
             if idle is not None and idle.cancelled_caught:
                 return None  # shutting down: an idle connection just closes
             if not data:
-                what = "header" if started else "idle"
-                log.info("closing %s connection from %s after timeout", what, self.peer)
                 if started:
+                    log.info(
+                        "request header from %s incomplete after %gs: answered 408, closed",
+                        self.peer,
+                        self.config.header_timeout,
+                    )
                     await self._send_error(408, "request header timeout")
+                else:
+                    log.info(
+                        "closing idle connection from %s after %gs",
+                        self.peer,
+                        self.config.idle_timeout,
+                    )
                 return None
             if not started:
                 started = True

@@ -1,0 +1,213 @@
+"""Hostile peers at the network and protocol level, over loopback.
+
+Each case checks what the peer sees, the line stpd logs, that a real
+``sbc backup`` still works afterwards, and that nothing partial is stored.
+Timeouts are set small for each case, so that waiting for them is quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Pki, running_stpd
+from tests.test_hostile_common import (
+    DEADLINE,
+    assert_no_partial,
+    assert_serves,
+    hpki,  # noqa: F401  (fixture)
+    read_answer,
+    request,
+    run_sbc,
+    tcp_connect,
+    tls_connect,
+    tls_context,
+    wait_closed,
+)
+
+PEER = r"127\.0\.0\.1:\d+"
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client (a complete ClientHello record)."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+# -- not TLS at all ------------------------------------------------------------
+
+
+def test_plain_bytes_to_the_tls_port(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("good")
+    with running_stpd(hpki.layout, 2) as stpd:
+        with tcp_connect(stpd) as sock:
+            sock.sendall(b"\x00\x01\x02 this is not TLS \xff\xfe\r\n\r\n" * 20)
+            seen = wait_closed(sock)
+        assert b"HTTP" not in seen  # no answer in clear: just the end of the connection
+        line = stpd.log.wait_for(rf"TLS handshake with {PEER} failed")
+        assert line.startswith("WARNING "), line
+        assert re.search(r"wrong version number|packet length too long|record layer", line), line
+        assert not stpd.log.matching(r"^ERROR refused client"), "garbage is not a client refusal"
+        assert_serves(stpd, client, tmp_path)
+
+
+def test_plain_http_to_the_tls_port_gets_a_plain_answer(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("good")
+    with running_stpd(hpki.layout, 2) as stpd:
+        with tcp_connect(stpd) as sock:
+            sock.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            seen = wait_closed(sock)
+        assert seen.startswith(b"HTTP/1.1 400 "), seen
+        assert b"https://" in seen, seen
+        line = stpd.log.wait_for(rf"TLS handshake with {PEER} failed")
+        assert line.startswith("WARNING ") and "plain HTTP" in line, line
+        assert_serves(stpd, client, tmp_path)
+
+
+# -- handshakes that do not complete ---------------------------------------------
+
+
+@pytest.mark.parametrize("cut", ["partial", "whole"])
+def test_client_hello_that_never_completes(hpki: Pki, tmp_path: Path, cut: str) -> None:  # noqa: F811
+    """``partial``: the first bytes of a ClientHello, then silence.
+    ``whole``: a complete ClientHello, then no answer to the server's flight."""
+    client = hpki.client_ini("good")
+    hello = client_hello()
+    with running_stpd(hpki.layout, 2, handshake_timeout=0.5) as stpd:
+        with tcp_connect(stpd) as sock:
+            started = time.monotonic()
+            sock.sendall(hello[:20] if cut == "partial" else hello)
+            wait_closed(sock, timeout=DEADLINE)
+            waited = time.monotonic() - started
+        assert 0.4 <= waited < 5, waited
+        stpd.log.wait_for(rf"^WARNING TLS handshake with {PEER} timed out after 0\.5s$")
+        assert_serves(stpd, client, tmp_path)
+
+
+# -- a TLS client that speaks nonsense ---------------------------------------------
+
+
+def test_handshake_then_garbage(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("good")
+    with running_stpd(hpki.layout, 2) as stpd:
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            sock.sendall(b"\x00\xff\x13 garbage garbage\r\n\r\n")
+            answer = read_answer(sock)
+            assert answer is not None and answer.status == 400, answer
+            assert "bad request" in answer.json()["error"]  # type: ignore[index]
+            assert answer.headers.get("connection") == "close"
+            wait_closed(sock)
+        stpd.log.wait_for(rf"^WARNING bad request from {PEER}: .*\(answered 400\)$")
+        assert_serves(stpd, client, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["request-line", "many-headers", "endless-header"])
+def test_request_head_over_the_limit(hpki: Pki, tmp_path: Path, where: str) -> None:  # noqa: F811
+    client = hpki.client_ini("good")
+    limit = 4096
+    if where == "request-line":
+        head = b"GET /status?" + b"a" * (4 * limit) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    elif where == "many-headers":
+        head = b"GET /status HTTP/1.1\r\n" + b"X-Filler: 0123456789abcdef\r\n" * 1000 + b"\r\n"
+    else:  # one header line that never ends: must not be buffered without bound
+        head = b"GET /status HTTP/1.1\r\nX-Endless: " + b"z" * (256 * 1024)
+    with running_stpd(hpki.layout, 2, max_header_bytes=limit) as stpd:
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            sock.sendall(head)
+            answer = read_answer(sock)
+            assert answer is not None and answer.status in (400, 431), answer
+            wait_closed(sock)
+        line = stpd.log.wait_for(rf"^WARNING bad request from {PEER}: ")
+        assert "(answered 431)" in line or "(answered 400)" in line, line
+        assert_serves(stpd, client, tmp_path)
+
+
+def test_headers_trickled_one_byte_at_a_time(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """Each byte arrives well within any per-read timeout, but the whole
+    head does not arrive within STPD_HEADER_TIMEOUT: answered 408, closed."""
+    client = hpki.client_ini("good")
+    head = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"s" * 1000 + b"\r\n\r\n"
+    with running_stpd(hpki.layout, 2, header_timeout=0.5, idle_timeout=30) as stpd:
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            started = time.monotonic()
+            sent, first = 0, b""
+            # Pace the bytes by waiting up to 20 ms for an answer each time.
+            sock.settimeout(0.02)
+            while sent < len(head) and not first:
+                sock.sendall(head[sent : sent + 1])
+                sent += 1
+                try:
+                    first = sock.recv(1)
+                except TimeoutError:
+                    continue
+                if not first:
+                    break  # closed without an answer
+            assert sent < len(head), "the whole trickled head was accepted"
+            sock.settimeout(DEADLINE)
+            answer = read_answer(sock, prefix=first)
+            waited = time.monotonic() - started
+            assert answer is None or answer.status == 408, answer
+            wait_closed(sock)
+        assert 0.4 <= waited < 5, waited
+        stpd.log.wait_for(rf"^INFO request header from {PEER} incomplete after 0\.5s")
+        assert_serves(stpd, client, tmp_path)
+
+
+def test_idle_keep_alive_connection_is_closed(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("good")
+    with running_stpd(hpki.layout, 2, idle_timeout=0.5) as stpd:
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            answer = request(sock, "GET", "/status")
+            assert answer is not None and answer.status == 200
+            started = time.monotonic()
+            assert wait_closed(sock) == b""  # a clean close (close_notify), no answer
+            waited = time.monotonic() - started
+        assert 0.4 <= waited < 5, waited
+        stpd.log.wait_for(rf"^INFO closing idle connection from {PEER} after 0\.5s")
+        # A connection that never sends a request at all goes the same way.
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            assert wait_closed(sock) == b""
+        assert len(stpd.log.matching(r"closing idle connection")) == 2
+        assert_serves(stpd, client, tmp_path)
+
+
+# -- a restore that is not read ----------------------------------------------------
+
+
+def test_client_that_stops_reading_during_restore(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("good")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(24 * 1024 * 1024))  # more than every socket buffer on the way
+    with running_stpd(hpki.layout, 2, io_timeout=0.5) as stpd:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(big), "--server", stpd.address,
+            "--json", "--quiet",
+        )  # fmt: skip
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        raw.settimeout(DEADLINE)
+        raw.connect(("127.0.0.1", stpd.port))
+        with tls_context(hpki, client).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(f"GET /savesets/{saveset} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+            # ...and read nothing more: the server's sends stall.
+            stpd.log.wait_for(
+                rf"^WARNING restore of {saveset} to {PEER} stalled \(client not reading\); closed$"
+            )
+            received = len(wait_closed(sock))
+        assert received < big.stat().st_size
+        assert_serves(stpd, client, tmp_path)
+        assert_no_partial(stpd.daemon.store.root)
