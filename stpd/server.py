@@ -81,7 +81,11 @@ class Stpd:
         in_file = load_config(config.layout)
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
-        self.connections = 0
+        self.connections = 0  # every open connection, handshakes included
+        # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits. A
+        # handshake in progress does not count (STPD_HANDSHAKE_TIMEOUT bounds it),
+        # or silent TCP connections could lock every client out.
+        self.sessions = 0
         self.active_transfers = 0
         self.port: int | None = None
         self.draining = False
@@ -293,7 +297,11 @@ class Stpd:
         if not decision.serve:
             return
         session = HttpSession(self, tls, peer, decision.owner)
-        await session.run()
+        self.sessions += 1
+        try:
+            await session.run()
+        finally:
+            self.sessions -= 1
 
 
 class HttpSession:
@@ -333,7 +341,7 @@ class HttpSession:
                 )
                 await self._send_error(431, "request line and headers too large")
                 return
-            if self.daemon.connections > self.config.max_connections:
+            if self.daemon.sessions > self.config.max_connections:
                 log.warning(
                     "connection limit %d reached; answered 503 to %s",
                     self.config.max_connections,

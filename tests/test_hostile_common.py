@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
 import ssl
 import tarfile
@@ -135,6 +136,19 @@ def wait_closed(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
         if not data:
             return bytes(got)
         got += data
+
+
+def wait_count(stpd: RunningStpd, pattern: str, count: int, timeout: float = 20.0) -> list[str]:
+    """Wait until at least ``count`` log lines match ``pattern``."""
+    regex = re.compile(pattern)
+    log = stpd.log
+    with log.changed:
+        if not log.changed.wait_for(
+            lambda: sum(1 for line in log.lines if regex.search(line)) >= count, timeout
+        ):
+            found = [line for line in log.lines if regex.search(line)]
+            raise AssertionError(f"{len(found)} of {count} lines match {pattern!r}: {found}")
+        return [line for line in log.lines if regex.search(line)]
 
 
 def small_tar(name: str = "hello.txt", content: bytes = b"hello\n") -> bytes:

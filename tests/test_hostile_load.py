@@ -1,0 +1,138 @@
+"""Many clients at once: valid and invalid mixed at level 2, and a
+connection limit that answers politely instead of falling over."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import ssl
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tests.conftest import Pki, running_stpd
+from tests.test_hostile_common import (
+    DEADLINE,
+    assert_no_partial,
+    assert_serves,
+    hpki,  # noqa: F401  (fixture)
+    request,
+    run_sbc,
+    small_tar,
+    tls_connect,
+    tls_context,
+    wait_count,
+)
+
+CLIENTS = 64
+INVALID_KINDS = ["none", "other-ca", "expired", "server"]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_64_concurrent_valid_and_invalid_clients_at_level_2(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    valid = tls_context(hpki, hpki.client_ini("valid"))
+    invalid = {
+        kind: tls_context(hpki, hpki.client_ini(f"bad-{kind}", cert=kind)) for kind in INVALID_KINDS
+    }
+    plan = ["valid" if i % 2 == 0 else INVALID_KINDS[(i // 2) % 4] for i in range(CLIENTS)]
+    body = small_tar("concurrent.txt", b"x" * 10_000)
+    start = threading.Barrier(CLIENTS, timeout=DEADLINE)
+
+    def one_client(kind: str) -> str:
+        ctx = valid if kind == "valid" else invalid[kind]
+        start.wait()
+        try:
+            with tls_connect(stpd, ctx) as sock:
+                put = request(sock, "PUT", "/savesets?source=/concurrent", body)
+                if put is None:
+                    return "refused"
+                status = request(sock, "GET", "/status")  # same connection: keep-alive
+                return f"{put.status}+{status.status if status else 'closed'}"
+        except (ssl.SSLError, ConnectionError):
+            return "refused"
+
+    with running_stpd(hpki.layout, 2) as stpd:
+        assert_serves(stpd, hpki.client_ini("warm-up"), tmp_path)  # lazy imports, buffers
+        before = rss_bytes()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            results = list(pool.map(one_client, plan))
+        grown = rss_bytes() - before
+        outcome = Counter(zip(plan, results, strict=True))
+        assert outcome == Counter(
+            {("valid", "201+200"): 32, **{(k, "refused"): 8 for k in INVALID_KINDS}}
+        )
+        assert len(stpd.log.matching(r"^ERROR refused client 127\.0\.0\.1:\d+")) == 32
+        assert not stpd.log.matching(r"internal error")
+        stored = stpd.daemon.store.owned_by("CN=valid")
+        assert len(stored) == 32
+        assert {meta.bytes for meta in stored} == {len(body)}
+        # Nothing about 64 small transfers should cost the daemon much memory.
+        assert grown < 64 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
+        assert_serves(stpd, hpki.client_ini("after"), tmp_path)
+        assert_no_partial(stpd.daemon.store.root)
+
+
+def test_connection_limit_answers_503_and_recovers(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("good")
+    ctx = tls_context(hpki, client)
+    with running_stpd(hpki.layout, 2, max_connections=4, idle_timeout=60) as stpd:
+        holders = [tls_connect(stpd, ctx) for _ in range(4)]
+        try:
+            for sock in holders:  # each is served: the server knows them all
+                answer = request(sock, "GET", "/status")
+                assert answer is not None and answer.status == 200
+            # A fifth connection: a polite JSON 503, then closed.
+            with tls_connect(stpd, ctx) as sock:
+                answer = request(sock, "GET", "/status")
+                assert answer is not None and answer.status == 503, answer
+                assert answer.headers["content-type"] == "application/json"
+                assert answer.headers.get("connection") == "close"
+                assert "server busy" in answer.json()["error"]  # type: ignore[index]
+            # sbc says so in one line.
+            code, out, err = run_sbc(
+                "--ini-dir", str(client.ini_dir), "list", "--server", stpd.address
+            )
+            assert code == 1 and out == ""
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+            assert "server busy: too many connections, try again later" in err, err
+            assert len(stpd.log.matching(r"^WARNING connection limit 4 reached; answered 503")) == 2
+        finally:
+            for sock in holders:  # closed without close_notify: logged as ended
+                with contextlib.suppress(OSError):
+                    sock.close()
+        wait_count(stpd, r"^INFO connection with .* ended", len(holders))
+        # Below the limit again: served.
+        with tls_connect(stpd, ctx) as sock:
+            answer = request(sock, "GET", "/savesets")
+            assert answer is not None and answer.status == 200
+            assert json.loads(answer.body) == []
+        assert_serves(stpd, client, tmp_path)
+
+
+def test_many_half_open_handshakes_do_not_block_valid_clients(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Connections that never start TLS hold no one up; they are dropped
+    after the handshake timeout."""
+    client = hpki.client_ini("good")
+    with running_stpd(hpki.layout, 2, handshake_timeout=1.0) as stpd:
+        silent = [socket.create_connection(("127.0.0.1", stpd.port)) for _ in range(100)]
+        try:
+            assert_serves(stpd, client, tmp_path)  # while 100 connections sit silent
+            wait_count(stpd, r"TLS handshake with .* timed out after 1s", 100)
+        finally:
+            for sock in silent:
+                sock.close()
