@@ -127,6 +127,24 @@ class LogWatch(logging.Handler):
                 )
             return found[0]
 
+    def wait_for_count(self, pattern: str, count: int, timeout: float = WAIT_SECONDS) -> list[str]:
+        """Wait until ``count`` lines match (e.g. one per connection); more
+        than ``count`` is an error too."""
+        regex = re.compile(pattern)
+        with self.changed:
+            found: list[str] = []
+
+            def enough() -> bool:
+                found[:] = [line for line in self.lines if regex.search(line)]
+                return len(found) >= count
+
+            if not self.changed.wait_for(enough, timeout) or len(found) != count:
+                raise AssertionError(
+                    f"{len(found)} log lines matching {pattern!r}, expected {count}; got:\n"
+                    + "\n".join(self.lines)
+                )
+            return list(found)
+
     def matching(self, pattern: str) -> list[str]:
         regex = re.compile(pattern)
         with self.changed:

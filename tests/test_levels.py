@@ -148,7 +148,7 @@ def test_sbc_matrix(
         assert code == 0, err
         assert [item["saveset"] for item in json.loads(out)] == [saveset]
         # One judgement per connection: backup and list each logged one line.
-        assert len(stpd.log.matching(expected_log(level, kind, name))) == 2
+        stpd.log.wait_for_count(expected_log(level, kind, name), 2)
 
 
 @pytest.mark.parametrize("level", [1, 2])
@@ -267,8 +267,7 @@ def test_curl_matrix(pki: Pki, small_tar: Path, level: int, kind: str) -> None:
         put = curl(client, kind, "-T", str(small_tar), f"{stpd.url}/savesets?source=/curl/{kind}")
         stpd.log.wait_for(expected_log(level, kind, name))
         status = curl(client, kind, f"{stpd.url}/status")
-        stpd.log.wait_for(expected_log(level, kind, name))
-        assert len(stpd.log.matching(expected_log(level, kind, name))) == 2
+        stpd.log.wait_for_count(expected_log(level, kind, name), 2)
         if refused:
             for result in (put, status):
                 assert result.returncode == 56, result.stderr  # TLS 1.3: refused on first read
