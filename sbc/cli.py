@@ -92,7 +92,7 @@ async def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             )
         print(
             f"saveset {meta['saveset']} stored on {session.where}: {meta['bytes']} bytes, "
-            f"{stats.files} files in {seconds:.2f}s ({_rate(meta['bytes'], seconds)}), "
+            f"{stats.files} file{'' if stats.files == 1 else 's'} in {seconds:.2f}s ({_rate(meta['bytes'], seconds)}), "
             f"sha256 {meta['sha256']}"
         )
     return result
