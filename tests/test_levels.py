@@ -341,3 +341,32 @@ def test_client_certificate_problem(pki: Pki, kind: str, expected: str | None) -
 )
 def test_explain_refusal(reason: str, local: tuple[str, str] | None, expected: str) -> None:
     assert str(explain_refusal("h:1", reason, local)).startswith(expected)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_valid_certificate_outside_the_allow_list(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str], level: int
+) -> None:
+    """STPD_ALLOWED_CLIENTS: a valid certificate of another identity is
+    served as anonymous at level 1 and refused after the handshake at 2."""
+    client = pki.client_ini("not-listed")
+    with running_stpd(pki.layout, level=level, allowed_clients=("CN:listed*",)) as stpd:
+        code, out, err = run_sbc(
+            capsys, "--ini-dir", str(client.ini_dir), "list", "--server", stpd.address, "--json"
+        )
+        reason = r"client identity CN=not-listed is not in STPD_ALLOWED_CLIENTS"
+        if level == 1:
+            stpd.log.wait_for(
+                rf"^WARNING {PEER} \(CN=not-listed\): invalid client certificate: "
+                rf"{reason}; served as anonymous"
+            )
+            assert code == 0, err
+            assert json.loads(out) == []
+        else:
+            stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=not-listed\): {reason} ")
+            assert code == 1 and out == ""
+            assert_one_line_error(
+                err,
+                rf"stpd at {re.escape(stpd.address)} closed the connection .*it (probably )?"
+                r"refused this client.*STPD_ALLOWED_CLIENTS",
+            )
