@@ -258,7 +258,10 @@ def _source_value(query: str) -> str | Reject:
 
 
 def route(method: str, target: str) -> Action:
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # "//[x/status": an unclosed IPv6 bracket in what looks like a host
+        return Reject(400, "invalid request target")
     path = parts.path
     if "\x00" in unquote(path) or len(target) > 8192:
         return Reject(400, "invalid request target")
