@@ -211,3 +211,27 @@ def running_stpd(
         logger.removeHandler(watch)
         assert not thread.is_alive(), "stpd thread did not stop"
         assert "error" not in state, f"stpd failed: {state.get('error')!r}"
+
+
+@contextmanager
+def read_only_directory(path: Path, prepare: Any = None) -> Iterator[Path]:
+    """``path`` as a read-only filesystem (a small tmpfs remounted ro), so
+    that a write fails even for root, who ignores permission bits.
+    ``prepare(path)`` fills it before it turns read-only."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs at {path} (tests run as root): {mounted.stderr.strip()}")
+    try:
+        if prepare is not None:
+            prepare(path)
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pki.authority import format_serial
 from pki.cli import main
 from pki.layout import INI_DIR_ENV, Layout
+from tests.conftest import read_only_directory
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -331,14 +332,18 @@ def test_system_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_permission_denied_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        fails(["--ini-dir", str(locked / "ini"), "ca"], capsys, tmp_path, "Permission denied")
-    finally:
-        locked.chmod(0o700)
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        try:
+            fails(["--ini-dir", str(locked / "ini"), "ca"], capsys, tmp_path, "Permission denied")
+        finally:
+            locked.chmod(0o700)
+        return
+    # Root ignores permission bits; a read-only filesystem stops it too.
+    with read_only_directory(tmp_path / "ro") as locked:
+        fails(["--ini-dir", str(locked / "ini"), "ca"], capsys, tmp_path, "Read-only file system")
 
 
 # -- the installed console script ------------------------------------------------------
