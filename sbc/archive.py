@@ -262,6 +262,66 @@ def _keep_mode(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     return safe
 
 
+class UnsafeMember(tarfile.FilterError):
+    def __init__(self, tarinfo: tarfile.TarInfo, message: str) -> None:
+        self.tarinfo = tarinfo
+        super().__init__(message)
+
+
+class SafeMembers:
+    """The extraction filter: tarfile's ``data`` filter, and what that filter
+    cannot be trusted with. Its check resolves paths with ``realpath``, which
+    a chain of symbolic links longer than PATH_MAX fools on Pythons without
+    the fix for CVE-2025-4517 (3.11.7 here): a member then lands outside the
+    target. So, independently of ``realpath``: no absolute names (the data
+    filter would silently strip the '/'), no '..' in names or hard-link
+    targets, and nothing extracted through, onto or hard-linked to a
+    symbolic link that this archive created. Our own archives never hold
+    such members."""
+
+    def __init__(self) -> None:
+        self.symlinks: set[str] = set()  # normalised names of the archive's links
+
+    def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
+        if path.startswith("/") or os.path.isabs(path):
+            raise UnsafeMember(member, f"{what} {path!r} is an absolute path")
+        parts = [part for part in path.split("/") if part not in ("", ".")]
+        if ".." in parts:
+            raise UnsafeMember(member, f"{what} {path!r} contains '..'")
+        return parts
+
+    def _through_link(self, parts: list[str], *, itself: bool) -> str | None:
+        for end in range(1, len(parts) + (1 if itself else 0)):
+            prefix = "/".join(parts[:end])
+            if prefix in self.symlinks:
+                return prefix
+        return None
+
+    def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        parts = self._parts(member, member.name, "member")
+        name = "/".join(parts)
+        link = self._through_link(parts, itself=not member.issym())
+        if link is not None:
+            raise UnsafeMember(
+                member,
+                f"member {member.name!r} would be written through or onto the symbolic "
+                f"link {link!r} of this archive",
+            )
+        if member.islnk():
+            target = self._parts(member, member.linkname, "hard link target")
+            link = self._through_link(target, itself=True)
+            if link is not None:
+                raise UnsafeMember(
+                    member,
+                    f"hard link {member.name!r} points through the symbolic link {link!r} "
+                    "of this archive",
+                )
+        safe = _keep_mode(member, dest)
+        if safe is not None and safe.issym():
+            self.symlinks.add(name)
+        return safe
+
+
 @dataclass
 class RestoreResult:
     members: int = 0
@@ -282,15 +342,19 @@ def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
         # "r:" with a forward-only reader: extractall takes member after
         # member in order, so it never seeks back (see BatchReader).
         with tarfile.open(fileobj=reader, mode="r:", copybufsize=COPY_BUFFER) as archive:  # type: ignore[call-overload]
+            safe_members = SafeMembers()
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
                 result.members += 1
-                return _keep_mode(member, dest)
+                return safe_members(member, dest)
 
             # extractall sets directory modes and mtimes last, after their contents.
             archive.extractall(target, filter=counted)
     except tarfile.FilterError as exc:
-        raise ArchiveError(f"refused an unsafe archive member: {exc}") from None
+        raise ArchiveError(
+            f"refused an unsafe archive member: {exc}; restore stopped there, nothing was "
+            "written outside the target directory"
+        ) from None
     except (tarfile.TarError, EOFError) as exc:
         raise ArchiveError(f"the restore stream is not a valid tar archive: {exc}") from None
     reader.drain()

@@ -523,6 +523,10 @@ class HttpSession:
                 await batcher.flush()
             meta = await trio.to_thread.run_sync(upload.commit)
         except StoreError as exc:
+            # Remove the partial file before answering: the answer lingers
+            # while the client is still sending, and a full disk should be
+            # free again by the time the client reads why it failed.
+            await trio.to_thread.run_sync(upload.abort)
             log.error("upload from %s (%s) failed: %s", self.peer, self.owner, exc)
             await self._send_error(exc.status, str(exc))
             return

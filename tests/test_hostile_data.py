@@ -1,0 +1,489 @@
+"""Hostile and unlucky data: uploads cut off, archives that are not tar,
+names that try to leave the data directory, savesets that try to escape the
+restore target, a full disk, and stpd killed in the middle of an upload."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+
+from pki.layout import Layout
+from tests.conftest import Pki, RunningStpd, running_stpd
+from tests.test_hostile_common import (
+    DEADLINE,
+    assert_no_partial,
+    assert_serves,
+    hpki,  # noqa: F401  (fixture)
+    read_answer,
+    request,
+    run_sbc,
+    small_tar,
+    tls_connect,
+    tls_context,
+)
+
+PEER = r"127\.0\.0\.1:\d+"
+VENV_BIN = Path(sys.executable).parent
+
+
+def curl_put(stpd: RunningStpd, client: Layout, body: Path, source: str = "/hostile"):  # type: ignore[no-untyped-def]
+    """PUT ``body`` with curl as ``client``; returns (HTTP status, JSON answer)."""
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "--cacert", str(client.ca_cert),
+         "--cert", str(client.client_cert), "--key", str(client.client_key),
+         "-T", str(body), "-w", "\n%{http_code}", f"{stpd.url}/savesets?source={source}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text, _, status = result.stdout.rpartition("\n")
+    return int(status), json.loads(text)
+
+
+@contextmanager
+def upload_started(stpd: RunningStpd) -> Iterator[threading.Event]:
+    """An event set when stpd has begun storing an upload (its .part exists)."""
+    began = threading.Event()
+    store = stpd.daemon.store
+    original = store.begin
+
+    def begin(*args: str):  # type: ignore[no-untyped-def]
+        upload = original(*args)
+        began.set()
+        return upload
+
+    store.begin = begin  # type: ignore[method-assign]
+    try:
+        yield began
+    finally:
+        del store.begin
+
+
+# -- uploads cut off -------------------------------------------------------------------
+
+
+def partial_upload_head(size: int = 1 << 30) -> bytes:
+    """A chunked PUT whose tar announces a ``size``-byte member: whatever
+    part of it we send is a valid beginning of an archive."""
+    info = tarfile.TarInfo("big.bin")
+    info.size = size
+    header = info.tobuf(tarfile.USTAR_FORMAT)
+    return (
+        b"PUT /savesets?source=/cut HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % (len(header) + size)
+        + header
+    )
+
+
+@pytest.mark.parametrize("how", ["no-close-notify", "tcp-reset", "close-notify", "sbc-killed"])
+def test_upload_cut_off_mid_stream_stores_nothing(hpki: Pki, tmp_path: Path, how: str) -> None:  # noqa: F811
+    client = hpki.client_ini("cutter")
+    with running_stpd(hpki.layout, 2) as stpd, upload_started(stpd) as began:
+        if how == "sbc-killed":
+            sparse = tmp_path / "sparse.bin"
+            with open(sparse, "wb") as f:
+                f.truncate(4 << 30)  # 4 GiB of zeros that take no disk
+            sbc = subprocess.Popen(
+                [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup", str(sparse),
+                 "--server", stpd.address, "--quiet"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                assert began.wait(DEADLINE), "the upload never started"
+            finally:
+                sbc.kill()
+                sbc.wait(DEADLINE)
+        else:
+            raw = socket.create_connection(("127.0.0.1", stpd.port), timeout=DEADLINE)
+            sock = tls_context(hpki, client).wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(partial_upload_head() + bytes(300_000))
+            assert began.wait(DEADLINE), "the upload never started"
+            if how == "tcp-reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            elif how == "close-notify":
+                with suppress(ssl.SSLError, OSError):
+                    sock.unwrap().close()
+                sock.close()
+            else:
+                sock.close()  # the stdlib sends no close_notify on close()
+        line = stpd.log.wait_for(rf"^WARNING upload from {PEER} \(CN=cutter\) cut off: ")
+        assert line.endswith("; nothing stored"), line
+        stpd.log.wait_for(rf"^INFO connection with {PEER} ended: ")  # after the clean-up
+        assert stpd.daemon.store.all() == []
+        assert_no_partial(stpd.daemon.store.root)
+        assert_serves(stpd, client, tmp_path)
+
+
+# -- archives that are not tar ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["text", "garbage-stream", "no-end-marker", "empty"])
+def test_upload_that_is_not_a_tar_stream_is_refused(hpki: Pki, tmp_path: Path, kind: str) -> None:  # noqa: F811
+    client = hpki.client_ini("tarless")
+    body = tmp_path / "body"
+    if kind == "text":
+        body.write_text("this is not a tar archive\n" * 100)
+    elif kind == "garbage-stream":  # refused while curl is still sending
+        body.write_bytes(os.urandom(8 * 1024 * 1024))
+    elif kind == "no-end-marker":
+        body.write_bytes(small_tar()[:1024])  # header and data, no end blocks
+    else:
+        body.write_bytes(b"")
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 400, answer
+        assert "not a valid tar stream" in answer["error"] and "nothing stored" in answer["error"]
+        stpd.log.wait_for(
+            rf"^ERROR upload from {PEER} \(CN=tarless\) failed: upload is not a valid tar stream"
+        )
+        assert stpd.daemon.store.all() == []
+        assert_no_partial(stpd.daemon.store.root)
+        assert_serves(stpd, client, tmp_path)
+
+
+# -- names that try to leave the data directory ------------------------------------------
+
+SOME_ID = "SS-20240101T000000Z-0123abcd"
+HOSTILE_TARGETS = [
+    ("GET", "/savesets/..%2F..%2Fetc%2Fpasswd", {400}),
+    ("GET", "/savesets/../../etc/passwd", {400, 404}),
+    ("GET", "/savesets/%2Fetc%2Fpasswd", {400}),
+    ("GET", "/savesets/%2e%2e/meta", {400}),
+    ("GET", f"/savesets/{SOME_ID}%00", {400}),
+    ("GET", f"/savesets/{SOME_ID}%00.json", {400}),
+    ("GET", f"/savesets/{SOME_ID}%0A", {400}),
+    ("GET", f"/savesets/{SOME_ID}/..%2F..%2Fcanary", {404}),
+    ("GET", "/savesets/" + "A" * 9000, {400, 431}),
+    ("GET", "/" + "../" * 20 + "etc/passwd", {404}),
+    ("PUT", "/savesets?source=%00", {400}),
+    ("PUT", "/savesets?source=/a%00b", {400}),
+    ("PUT", "/savesets?source=" + "x" * 5000, {400}),
+    ("PUT", "/savesets?source=/a&source=/b", {400}),
+    ("PUT", "/savesets?source=/a&path=../../x", {400}),
+]
+
+
+def test_hostile_names_and_query_values_are_refused(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("namer")
+    other = hpki.client_ini("other")
+    canary = b"CANARY-outside-the-data-dir"
+    (tmp_path / "canary").write_bytes(canary)  # beside the data directory
+    body = small_tar()
+    with running_stpd(hpki.layout, 2) as stpd:
+        beside = sorted(os.listdir(tmp_path))
+        ctx = tls_context(hpki, client)
+        for method, target, expected in HOSTILE_TARGETS:
+            with tls_connect(stpd, ctx) as sock:
+                answer = request(sock, method, target, body if method == "PUT" else b"")
+                assert answer is not None, target
+                assert answer.status in expected, (target, answer)
+                assert canary not in answer.body and b"root:" not in answer.body
+        # A source path with '..' is only a label: stored under the saveset's id.
+        with tls_connect(stpd, ctx) as sock:
+            answer = request(
+                sock, "PUT", "/savesets?source=../../../../tmp/hostile-source-label", body
+            )
+            assert answer is not None and answer.status == 201, answer
+            stored = answer.json()
+        assert stored["source"] == "../../../../tmp/hostile-source-label"  # type: ignore[index]
+        assert sorted(os.listdir(tmp_path)) == beside  # nothing written beside the data dir
+        assert not Path("/tmp/hostile-source-label").exists()
+        # Another client's saveset reads exactly like a missing one.
+        with tls_connect(stpd, tls_context(hpki, other)) as sock:
+            answer = request(sock, "GET", f"/savesets/{stored['saveset']}")  # type: ignore[index]
+            assert answer is not None and answer.status == 404
+        assert not stpd.log.matching(r"internal error")
+        assert_serves(stpd, client, tmp_path)
+
+
+# -- savesets that try to escape the restore target --------------------------------------
+
+
+def _member(archive: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **attrs) -> None:  # type: ignore[no-untyped-def]
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    content = attrs.pop("content", b"x\n" if kind == tarfile.REGTYPE else b"")
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    info.size = len(content)
+    archive.addfile(info, io.BytesIO(content) if content else None)
+
+
+def hostile_archive(kind: str, outside: Path) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        _member(archive, "before.txt")
+        if kind == "absolute":
+            _member(archive, str(outside / "absolute.txt"))
+        elif kind == "dotdot":
+            _member(archive, "../outside/dotdot.txt")
+        elif kind == "dotdot-inside":  # lexically inside, still has '..'
+            _member(archive, "sub/../../outside/dotdot.txt")
+        elif kind == "symlink-then-file":
+            _member(archive, "link", tarfile.SYMTYPE, linkname="../outside")
+            _member(archive, "link/through.txt")
+        elif kind == "absolute-symlink-then-file":
+            _member(archive, "alink", tarfile.SYMTYPE, linkname=str(outside))
+            _member(archive, "alink/through.txt")
+        elif kind == "hardlink-out":
+            _member(archive, "hard", tarfile.LNKTYPE, linkname="../outside/secret.txt")
+        elif kind == "device":
+            _member(archive, "null", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        elif kind == "fifo":
+            _member(archive, "pipe", tarfile.FIFOTYPE)
+        elif kind == "symlink-chain-past-path-max":
+            # CVE-2025-4517: realpath() gives up on a chain of links longer
+            # than PATH_MAX and tarfile's data filter sees a path inside.
+            comp, steps, path = "d" * 247, "abcdefghijklmnop", ""
+            for step in steps:
+                _member(archive, os.path.join(path, comp), tarfile.DIRTYPE)
+                _member(archive, os.path.join(path, step), tarfile.SYMTYPE, linkname=comp)
+                path = os.path.join(path, comp)
+            chain = os.path.join(*steps, "l" * 254)
+            _member(archive, chain, tarfile.SYMTYPE, linkname="../" * len(steps))
+            _member(archive, "escape", tarfile.SYMTYPE, linkname=chain + "/../../outside")
+            _member(archive, "escape/pwned.txt")
+        elif kind == "file-over-symlink":
+            _member(archive, "sub", tarfile.DIRTYPE)
+            _member(archive, "inner", tarfile.SYMTYPE, linkname="sub")
+            _member(archive, "inner", content=b"replaces the link or writes through it\n")
+        else:
+            raise ValueError(kind)
+        _member(archive, "after.txt")
+    return out.getvalue()
+
+
+RESTORE_CASES = [
+    "absolute",
+    "dotdot",
+    "dotdot-inside",
+    "symlink-then-file",
+    "absolute-symlink-then-file",
+    "hardlink-out",
+    "device",
+    "fifo",
+    "symlink-chain-past-path-max",
+    "file-over-symlink",
+]
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", RESTORE_CASES)
+def test_restore_of_a_hostile_saveset_writes_nothing_outside(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    client = hpki.client_ini("restorer")
+    work = tmp_path / "work"  # TARGET_DIR and its neighbours live here
+    outside, target = work / "outside", work / "target" / "sub"
+    outside.mkdir(parents=True)
+    (outside / "secret.txt").write_text("secret\n")
+    before = files_under(work)
+    archive = tmp_path / f"{kind}.tar"
+    archive.write_bytes(hostile_archive(kind, outside))
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, meta = curl_put(stpd, client, archive)  # stpd checks only the tar structure
+        assert status == 201, meta
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", meta["saveset"], str(target),
+            "--server", stpd.address, "--quiet",
+        )  # fmt: skip
+        assert code == 1, (out, err)
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert re.match(r"sbc: error: refused an unsafe archive member: ", err), err
+        assert_serves(stpd, client, tmp_path)
+    # Nothing new beside the target, nothing changed outside it.
+    after = [p for p in files_under(work) if not p.startswith("target")]
+    assert after == [p for p in before if not p.startswith("target")], after
+    assert (outside / "secret.txt").read_text() == "secret\n"
+    assert (target / "before.txt").exists()  # restored up to the refused member
+    assert not (target / "after.txt").exists()  # and not one member further
+
+
+def test_links_inside_the_tree_still_restore(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """The extra checks refuse nothing our own archives hold: relative links
+    with '..' that stay inside, hard links, dangling links."""
+    client = hpki.client_ini("linker")
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "file").write_text("data\n")
+    os.link(tree / "a" / "file", tree / "a" / "b" / "hard")
+    (tree / "a" / "b" / "up").symlink_to("../file")
+    (tree / "a" / "b" / "dir-link").symlink_to("..")
+    (tree / "dangling").symlink_to("no/such/file")
+    with running_stpd(hpki.layout, 2) as stpd:
+        ini, opts = ["--ini-dir", str(client.ini_dir)], ["--server", stpd.address, "--quiet"]
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--json", *opts)
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        code, out, err = run_sbc(*ini, "restore", saveset, str(tmp_path / "back"), *opts)
+        assert code == 0, err
+    back = tmp_path / "back" / "tree"
+    assert (back / "a" / "b" / "up").read_text() == "data\n"
+    assert os.readlink(back / "a" / "b" / "dir-link") == ".."
+    assert (back / "a" / "b" / "hard").stat().st_ino == (back / "a" / "file").stat().st_ino
+    assert os.readlink(back / "dangling") == "no/such/file"
+
+
+# -- a full disk on the server -------------------------------------------------------------
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str, *options: str) -> Iterator[Path]:
+    where.mkdir()
+    opts = ",".join([f"size={size}", *options])
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({opts}) here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("filler")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(6 * 1024 * 1024))
+    with (
+        small_tmpfs(tmp_path / "small", "2m") as data,
+        running_stpd(hpki.layout, 2, data_dir=data) as stpd,
+    ):
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(big), "--server", stpd.address,
+            "--quiet",
+        )  # fmt: skip
+        assert code == 1 and out == ""
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert "storage full" in err, err
+        stpd.log.wait_for(rf"^ERROR upload from {PEER} \(CN=filler\) failed: storage full")
+        assert stpd.daemon.store.all() == []
+        assert_no_partial(data)
+        assert_serves(stpd, client, tmp_path)  # the space came back with the clean-up
+        # A raw client sees a plain 507 with the reason.
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            head = partial_upload_head(4 * 1024 * 1024)
+            sock.sendall(head + bytes(4 * 1024 * 1024) + b"\r\n0\r\n\r\n")
+            answer = read_answer(sock)
+        assert answer is not None and answer.status == 507, answer
+        assert "storage full" in answer.json()["error"]  # type: ignore[index]
+        assert_no_partial(data)
+
+
+# -- stpd killed during an upload ----------------------------------------------------------
+
+
+class Daemon:
+    """The real ``stpd`` console script as a subprocess."""
+
+    def __init__(self, ini: Path, data: Path) -> None:
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "stpd"), "--ini-dir", str(ini), "--listen", "127.0.0.1:0",
+             "--data-dir", str(data)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.wait_for(r" listening on 127\.0\.0\.1:(\d+)")
+        self.port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append("<exit>")
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str) -> str:
+        regex = re.compile(pattern)
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: any(regex.search(x) for x in self.lines) or "<exit>" in self.lines,
+                DEADLINE,
+            )
+            match = [x for x in self.lines if regex.search(x)]
+            assert found and match, f"no line matching {pattern!r}: {self.lines}"
+            return match[0]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(DEADLINE)
+
+
+def test_stpd_killed_during_an_upload_cleans_up_at_restart(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    client = hpki.client_ini("survivor")
+    data = tmp_path / "data"
+    assert not hpki.layout.ca_key.exists()  # the daemon runs without the CA key
+    first = Daemon(hpki.layout.ini_dir, data)
+    try:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        raw.settimeout(DEADLINE)
+        raw.connect(("127.0.0.1", first.port))
+        sock = tls_context(hpki, client).wrap_socket(raw, server_hostname="127.0.0.1")
+        # More than the kernel can buffer between us (tcp_rmem max 32 MiB here):
+        # once it is sent, stpd has read past the head and created its .part.
+        rmem_max = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+        sock.sendall(partial_upload_head())
+        zeros = bytes(1024 * 1024)
+        for _ in range(rmem_max // len(zeros) + 8):
+            sock.sendall(zeros)
+        parts = list((data / ".incoming").iterdir())
+        assert len(parts) == 1 and parts[0].name.endswith(".tar.part"), parts
+        first.process.send_signal(signal.SIGKILL)
+        assert first.process.wait(DEADLINE) == -signal.SIGKILL
+        sock.close()
+    finally:
+        first.stop()
+    # A crash between the rename and the metadata leaves a tar without metadata.
+    orphan = data / "SS-20240101T000000Z-0badf00d.tar"
+    orphan.write_bytes(small_tar())
+    second = Daemon(hpki.layout.ini_dir, data)
+    try:
+        second.wait_for(
+            rf"WARNING stpd: removed leftover of an interrupted upload: .*{parts[0].name}$"
+        )
+        second.wait_for(
+            rf"WARNING stpd: removed leftover of an interrupted upload: .*{orphan.name}$"
+        )
+        assert_no_partial(data)
+        address = f"127.0.0.1:{second.port}"
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "list", "--server", address, "--json"
+        )
+        assert code == 0 and json.loads(out) == [], err
+        source = tmp_path / "after-crash.txt"
+        source.write_text("after the crash\n")
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", address, "--quiet"
+        )
+        assert code == 0, err
+    finally:
+        second.stop()
+    assert second.process.returncode == 0
