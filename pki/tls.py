@@ -130,6 +130,8 @@ def _hardened_context(method: int) -> SSL.Context:
 
 
 def _require_file(path: Path, what: str, fix: str) -> None:
+    if path.exists() and not path.is_file():
+        raise PkiError(f"{what} {path} is not a file: {fix}")
     if not path.is_file():
         raise PkiError(f"{what} {path} not found: {fix}")
 

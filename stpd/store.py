@@ -181,18 +181,26 @@ class SavesetStore:
         self.incoming = root / INCOMING
 
     def prepare(self) -> list[Path]:
-        """Create the directories and remove a crash's leftovers; returns them."""
-        self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Create the directories and remove a crash's leftovers; returns them.
+        A data directory that cannot be used is a StoreError that says so."""
+        fix = "set STPD_DATA_DIR in stpd.ini (or --data-dir) to a writable directory"
         removed = []
-        for leftover in self.incoming.iterdir():
-            leftover.unlink()
-            removed.append(leftover)
-        for tar in self.root.glob("SS-*.tar"):
-            if not tar.with_suffix(".json").exists():
-                tar.unlink()
-                removed.append(tar)
+        try:
+            self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for leftover in self.incoming.iterdir():
+                leftover.unlink()
+                removed.append(leftover)
+            for tar in self.root.glob("SS-*.tar"):
+                if not tar.with_suffix(".json").exists():
+                    tar.unlink()
+                    removed.append(tar)
+        except OSError as exc:
+            raise StoreError(
+                f"data directory {self.root} cannot be used: {exc.strerror or exc} "
+                f"({exc.filename or self.root}): {fix}"
+            ) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StoreError(f"data directory {self.root} is not writable")
+            raise StoreError(f"data directory {self.root} is not writable: {fix}")
         return removed
 
     def begin(self, owner: str, source: str, peer: str) -> Upload:

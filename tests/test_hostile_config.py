@@ -1,0 +1,201 @@
+"""Broken configuration and keys: ``stpd`` (the real console script) and
+``sbc`` refuse to start with one line naming the file or key and the fix,
+a non-zero exit status and no traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pki.layout import Layout
+from tests.conftest import Pki, running_stpd
+from tests.test_hostile_common import (
+    assert_serves,
+    hpki,  # noqa: F401  (fixture)
+    run_sbc,
+)
+
+STPD = str(Path(sys.executable).parent / "stpd")
+START_TIMEOUT = 15  # seconds; a daemon that starts anyway fails the test by this
+
+
+def run_stpd(ini: Path, data: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [STPD, "--ini-dir", str(ini), "--listen", "127.0.0.1:0", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+
+
+def assert_one_line(err: str, prefix: str, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.endswith("\n"), f"not one line: {err!r}"
+    assert err.startswith(prefix), err
+    for needle in needles:
+        assert needle in err, f"{needle!r} missing from {err!r}"
+
+
+def _other_key(pki: Pki) -> Path:
+    """A valid key that belongs to some other certificate."""
+    other = pki.client_ini("someone-else")
+    return other.client_key
+
+
+def break_server(pki: Pki, data: Path, what: str) -> tuple[str, ...]:
+    """Break the server side; returns what the error line must contain."""
+    layout = pki.layout
+    fix = "sm_ssl_cert"
+    if what == "missing-cert":
+        layout.server_cert.unlink()
+        return (str(layout.server_cert), "not found", fix)
+    if what == "missing-key":
+        layout.server_key.unlink()
+        return (str(layout.server_key), "not found", fix)
+    if what == "key-not-pem":
+        layout.server_key.write_text("not a key\n")
+        return (str(layout.server_key), "PEM", fix)
+    if what == "key-is-a-directory":
+        layout.server_key.unlink()
+        layout.server_key.mkdir()
+        return (str(layout.server_key), "not a file", fix)
+    if what == "cert-not-pem":
+        layout.server_cert.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n")
+        return (str(layout.server_cert), "PEM", fix)
+    if what == "key-does-not-match":
+        shutil.copy(_other_key(pki), layout.server_key)
+        return (str(layout.server_key), "does not match", str(layout.server_cert), fix)
+    if what == "ca-not-a-ca":
+        shutil.copy(layout.server_cert, layout.ca_cert)
+        return (str(layout.ca_cert), "not a CA certificate", fix)
+    if what == "ca-not-pem":
+        layout.ca_cert.write_text("garbage\n")
+        return (str(layout.ca_cert), fix)
+    if what == "ca-missing":
+        layout.ca_cert.unlink()
+        return (str(layout.ca_cert), "not found", fix)
+    if what == "data-dir-under-a-file":
+        (data.parent / "a-file").write_text("")
+        return (str(data.parent / "a-file"), "STPD_DATA_DIR")
+    if what in ("level-3", "level-text"):
+        value = "3" if what == "level-3" else "two"
+        layout.stpd_ini.write_text(f"[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT={value}\n")
+        return (str(layout.stpd_ini), "STPD_HTTPS_USE_CLIENT_CERT", "0, 1 or 2")
+    if what == "timeout-negative":
+        layout.stpd_ini.write_text("[STPD_Server]\nSTPD_IO_TIMEOUT=-1   #seconds\n")
+        return (str(layout.stpd_ini), "STPD_IO_TIMEOUT", "seconds > 0")
+    raise ValueError(what)
+
+
+SERVER_CASES = [
+    "missing-cert",
+    "missing-key",
+    "key-not-pem",
+    "key-is-a-directory",
+    "cert-not-pem",
+    "key-does-not-match",
+    "ca-not-a-ca",
+    "ca-not-pem",
+    "ca-missing",
+    "data-dir-under-a-file",
+    "level-3",
+    "level-text",
+    "timeout-negative",
+]
+
+
+@pytest.mark.parametrize("what", SERVER_CASES)
+def test_stpd_refuses_to_start(hpki: Pki, tmp_path: Path, what: str) -> None:  # noqa: F811
+    data = tmp_path / "data"
+    needles = break_server(hpki, data, what)
+    if what == "data-dir-under-a-file":
+        data = tmp_path / "a-file" / "data"
+    result = run_stpd(hpki.layout.ini_dir, data)
+    assert result.returncode == 2, result.stderr
+    assert_one_line(result.stderr, "stpd: error: ", *needles)
+
+
+def test_stpd_refuses_a_read_only_data_directory(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    data = tmp_path / "ro"
+    data.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(data)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        result = run_stpd(hpki.layout.ini_dir, data)
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+    assert result.returncode == 2, result.stderr
+    assert_one_line(result.stderr, "stpd: error: ", str(data), "STPD_DATA_DIR")
+
+
+def test_stpd_runs_without_the_ca_key(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    assert not hpki.layout.ca_key.exists()
+    client = hpki.client_ini("keyless")
+    with running_stpd(hpki.layout, 2) as stpd:
+        assert_serves(stpd, client, tmp_path)
+
+
+# -- sbc ---------------------------------------------------------------------------
+
+
+def break_client(pki: Pki, client: Layout, what: str) -> tuple[str, ...]:
+    fix = "sm_ssl_cert"
+    if what == "missing-cert":
+        client.client_cert.unlink()
+        return (str(client.client_cert), "not found", fix)
+    if what == "missing-key":
+        client.client_key.unlink()
+        return (str(client.client_key), "not found", fix)
+    if what == "key-not-pem":
+        client.client_key.write_text("not a key\n")
+        return (str(client.client_key), "PEM", fix)
+    if what == "key-does-not-match":
+        shutil.copy(_other_key(pki), client.client_key)
+        return (str(client.client_key), "does not match", fix)
+    if what == "ca-not-a-ca":
+        shutil.copy(client.client_cert, client.ca_cert)
+        return (str(client.ca_cert), "not a CA certificate", fix)
+    if what == "ca-missing":
+        client.ca_cert.unlink()
+        return (str(client.ca_cert), "not found", fix)
+    if what in ("auth-7", "verify-text"):
+        key = "SBC_CLIENT_SSL_AUTH" if what == "auth-7" else "SBC_SSL_SERVER_VERIFY"
+        value = "7" if what == "auth-7" else "yes"
+        client.sm_ini.write_text(f"[SBC_SSL]\n{key}={value}   #comment\n")
+        return (str(client.sm_ini), key, "0 or 1")
+    raise ValueError(what)
+
+
+CLIENT_CASES = [
+    "missing-cert",
+    "missing-key",
+    "key-not-pem",
+    "key-does-not-match",
+    "ca-not-a-ca",
+    "ca-missing",
+    "auth-7",
+    "verify-text",
+]
+
+
+@pytest.mark.parametrize("what", CLIENT_CASES)
+def test_sbc_refuses_to_start(hpki: Pki, tmp_path: Path, what: str) -> None:  # noqa: F811
+    client = hpki.client_ini("broken")
+    needles = break_client(hpki, client, what)
+    source = tmp_path / "x.txt"
+    source.write_text("x\n")
+    for command in (["list"], ["backup", str(source)]):
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), *command, "--server", "127.0.0.1:9"
+        )
+        assert code == 1 and out == "", err
+        assert_one_line(err, "sbc: error: ", *needles)
