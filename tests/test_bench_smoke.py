@@ -1,0 +1,81 @@
+"""``python -m bench.run --quick``: the benchmark runs end to end with tiny
+sizes, checks its transfers, writes its results JSON and cleans up. No speed
+is asserted: the figures of a quick run mean nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.peer import find_nginx
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_TIMEOUT = 300  # seconds; a quick run takes a few
+CASES = ("single_file", "small_files", "restore", "concurrent")
+
+
+def run_bench(output: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SESAM_INI_DIR"}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=BENCH_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def check_cleaned_up(stdout: str) -> None:
+    work = re.search(r"^work directory: (.+)$", stdout, re.MULTILINE)
+    assert work, stdout
+    assert not Path(work.group(1)).exists(), "the work directory was left behind"
+    for name in ("stpd", "nginx"):
+        started = re.search(rf"^{name} pid (\d+) ", stdout, re.MULTILINE)
+        if started:
+            assert not Path(f"/proc/{started.group(1)}").exists(), f"{name} still runs"
+
+
+def test_quick_run_of_ours_only_writes_the_results(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    result = run_bench(output, "--no-peer")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert "Traceback" not in text
+    results = json.loads(output.read_text())
+    for case in CASES:
+        assert {"ours", "peer", "ratio"} <= results[case].keys(), case
+        assert results[case]["ours"] > 0, case
+        assert results[case]["peer"] is None and results[case]["ratio"] is None, case
+    assert set(results["rss_mib"]) == {"stpd", "sbc"}
+    assert results["rss_mib"]["stpd"] > 0 and results["rss_mib"]["sbc"] > 0
+    assert results["parameters"]["runs"] == 1
+    assert re.search(r"^single_file\s+[\d,.]+\s+-\s+-\s+MB/s$", result.stdout, re.MULTILINE)
+    check_cleaned_up(result.stdout)
+
+
+@pytest.mark.skipif(
+    find_nginx() is None or shutil.which("curl") is None,
+    reason="nginx or curl not installed (make bench installs them)",
+)
+def test_quick_run_against_nginx_and_curl(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    result = run_bench(output)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    results = json.loads(output.read_text())
+    for case in CASES:
+        entry = results[case]
+        assert entry["ours"] > 0 and entry["peer"] > 0, case
+        assert entry["ratio"] == pytest.approx(entry["ours"] / entry["peer"], rel=0.01), case
+    assert text.count("peer check: nginx stored") == 3  # single file, tar stream, one client
+    check_cleaned_up(result.stdout)
