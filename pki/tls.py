@@ -279,11 +279,6 @@ def peer_verdict(conn: SSL.Connection) -> PeerVerdict:
     return verdict
 
 
-def peer_certificate(conn: SSL.Connection) -> x509.Certificate | None:
-    cert = conn.get_peer_certificate(as_cryptography=True)
-    return cert
-
-
 def client_certificate_problem(
     layout: Layout, now: datetime | None = None
 ) -> tuple[str, str] | None:
@@ -331,12 +326,6 @@ def check_server_names(cert: x509.Certificate, host: str) -> None:
             f"connect by one of those names, or re-issue the server certificate with "
             f"`sm_ssl_cert server --common-name={host}`"
         )
-
-
-def identity_of(cert: x509.Certificate) -> str:
-    """The owner identity we store with a saveset: the certificate subject
-    in RFC 4514 form (e.g. ``CN=host1,O=Example``)."""
-    return cert.subject.rfc4514_string()
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
