@@ -35,6 +35,7 @@ from tests.test_hostile_common import (
     small_tar,
     tls_connect,
     tls_context,
+    wait_closed,
 )
 
 PEER = r"127\.0\.0\.1:\d+"
@@ -89,10 +90,14 @@ def partial_upload_head(size: int = 1 << 30) -> bytes:
     )
 
 
-@pytest.mark.parametrize("how", ["no-close-notify", "tcp-reset", "close-notify", "sbc-killed"])
+@pytest.mark.parametrize(
+    "how", ["no-close-notify", "tcp-reset", "close-notify", "sbc-killed", "stalled"]
+)
 def test_upload_cut_off_mid_stream_stores_nothing(hpki: Pki, tmp_path: Path, how: str) -> None:  # noqa: F811
+    """``stalled``: the client stops sending and keeps the connection open;
+    STPD_IO_TIMEOUT ends the upload."""
     client = hpki.client_ini("cutter")
-    with running_stpd(hpki.layout, 2) as stpd, upload_started(stpd) as began:
+    with running_stpd(hpki.layout, 2, io_timeout=0.5) as stpd, upload_started(stpd) as began:
         if how == "sbc-killed":
             sparse = tmp_path / "sparse.bin"
             with open(sparse, "wb") as f:
@@ -114,6 +119,10 @@ def test_upload_cut_off_mid_stream_stores_nothing(hpki: Pki, tmp_path: Path, how
             assert began.wait(DEADLINE), "the upload never started"
             if how == "tcp-reset":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            elif how == "stalled":
+                stpd.log.wait_for(rf"^WARNING upload from {PEER} \(CN=cutter\) cut off: timed out")
+                assert wait_closed(sock) == b""  # closed by stpd, no answer
                 sock.close()
             elif how == "close-notify":
                 with suppress(ssl.SSLError, OSError):
