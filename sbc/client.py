@@ -32,6 +32,9 @@ from stpd.transfer import Batcher, Get, single_error, sink_thread, source_thread
 log = logging.getLogger("sbc")
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
+# Socket buffers on both sides hold a few MiB; once more than this was sent,
+# stpd was reading our data (it refuses a client before reading any).
+READ_BY_SERVER_BYTES = 64 * 1024 * 1024
 
 
 class SbcError(Exception):
@@ -115,6 +118,8 @@ class Session:
         self.tls: TLSStream | None = None
         self.conn = h11.Connection(h11.CLIENT)
         self.answers = 0  # responses received on this connection
+        self.sent = 0  # body bytes the kernel took on this connection
+        self.accepted = False  # stpd answered 100 Continue: it reads our request
         self._peer_closed = False  # the server closed its side (clean TLS close)
 
     async def __aenter__(self) -> Session:
@@ -185,9 +190,11 @@ class Session:
         level-2 STPD refuses a client certificate after the client's side of
         the handshake is done, so this is most likely a refusal. Its alert
         says why when we could read it; else we look at our own certificate."""
-        reason = str(exc)
+        reason = str(exc).rstrip(": ") or "connection reset"
         if self.answers:
             return SbcError(f"connection to stpd at {self.where} lost: {reason}")
+        if self._was_accepted():
+            return self._lost_mid_backup(reason)
         if not self.config.client_ssl_auth:
             local: tuple[str, str] | None = (
                 "no-cert",
@@ -202,6 +209,19 @@ class Session:
             f"stpd at {self.where} closed the connection before answering ({reason}): it "
             "probably refused this client; see the stpd log (e.g. a revoked certificate or "
             "STPD_ALLOWED_CLIENTS)"
+        )
+
+    def _was_accepted(self) -> bool:
+        """stpd read our request: it answered 100 Continue, or took more
+        data than the socket buffers on the way can hold. It refuses a
+        client before reading anything, so a break now is not a refusal."""
+        return self.accepted or self.sent > READ_BY_SERVER_BYTES
+
+    def _lost_mid_backup(self, reason: str) -> SbcError:
+        return SbcError(
+            f"connection to stpd at {self.where} lost during the backup after "
+            f"{self.sent / 1e6:.1f} MB ({reason}): stpd stopped or the network failed; stpd "
+            "keeps nothing of an interrupted backup, run it again"
         )
 
     def _check_server(self) -> None:
@@ -283,7 +303,12 @@ class Session:
                 self.answers += 1
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
                 return Response(event.status_code, headers)
+            if isinstance(event, h11.InformationalResponse):
+                self.accepted = True  # 100 Continue
+                continue
             if isinstance(event, h11.ConnectionClosed):
+                if self._was_accepted():
+                    raise self._lost_mid_backup("closed without an answer")
                 raise SbcError(
                     f"stpd at {self.where} closed the connection without answering: it refused "
                     "this client (see the stpd log, e.g. STPD_ALLOWED_CLIENTS or a revoked certificate)"
@@ -335,7 +360,13 @@ class Session:
                 method="PUT",
                 target=target,
                 headers=self._headers(
-                    [("Transfer-Encoding", "chunked"), ("Content-Type", "application/x-tar")]
+                    [
+                        ("Transfer-Encoding", "chunked"),
+                        ("Content-Type", "application/x-tar"),
+                        # Not waited for: its arrival tells a broken connection
+                        # later from a refusal (see _was_accepted).
+                        ("Expect", "100-continue"),
+                    ]
                 ),
             )
         )
@@ -353,6 +384,7 @@ class Session:
                         )
                     with trio.fail_after(self.config.io_timeout):
                         await self.tls.send_many(pieces)
+                    self.sent += sum(len(p) for p in batch)
                     if progress is not None:
                         progress.advance(sum(len(p) for p in batch), stats.files)
             await self._send_raw(h11.EndOfMessage())

@@ -4,10 +4,13 @@ restore target, a full disk, and stpd killed in the middle of an upload."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import json
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -445,29 +448,82 @@ class Daemon:
             self.process.wait(DEADLINE)
 
 
-def test_stpd_killed_during_an_upload_cleans_up_at_restart(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+@contextmanager
+def created_in(directory: Path) -> Iterator[Callable[[], str]]:
+    """inotify on ``directory``: the returned function waits (with a
+    deadline) for the next file created there and returns its name."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0 or libc.inotify_add_watch(fd, bytes(directory), 0x100) < 0:  # IN_CREATE
+        pytest.skip(f"inotify unavailable: {os.strerror(ctypes.get_errno())}")
+
+    def next_created() -> str:
+        ready, _, _ = select.select([fd], [], [], DEADLINE)
+        assert ready, f"nothing created in {directory} within {DEADLINE}s"
+        event = os.read(fd, 4096)
+        _wd, _mask, _cookie, size = struct.unpack_from("iIII", event)
+        return event[16 : 16 + size].rstrip(b"\0").decode()
+
+    try:
+        yield next_created
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("uploader", ["raw", "sbc"])
+def test_stpd_killed_during_an_upload_cleans_up_at_restart(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    uploader: str,
+) -> None:
     client = hpki.client_ini("survivor")
     data = tmp_path / "data"
     assert not hpki.layout.ca_key.exists()  # the daemon runs without the CA key
     first = Daemon(hpki.layout.ini_dir, data)
     try:
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        raw.settimeout(DEADLINE)
-        raw.connect(("127.0.0.1", first.port))
-        sock = tls_context(hpki, client).wrap_socket(raw, server_hostname="127.0.0.1")
-        # More than the kernel can buffer between us (tcp_rmem max 32 MiB here):
-        # once it is sent, stpd has read past the head and created its .part.
-        rmem_max = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
-        sock.sendall(partial_upload_head())
-        zeros = bytes(1024 * 1024)
-        for _ in range(rmem_max // len(zeros) + 8):
-            sock.sendall(zeros)
+        if uploader == "raw":
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            raw.settimeout(DEADLINE)
+            raw.connect(("127.0.0.1", first.port))
+            sock = tls_context(hpki, client).wrap_socket(raw, server_hostname="127.0.0.1")
+            # More than the kernel can buffer between us (tcp_rmem's maximum):
+            # once it is sent, stpd has read past the head and created its .part.
+            rmem_max = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+            sock.sendall(partial_upload_head())
+            zeros = bytes(1024 * 1024)
+            for _ in range(rmem_max // len(zeros) + 8):
+                sock.sendall(zeros)
+            first.process.send_signal(signal.SIGKILL)
+            assert first.process.wait(DEADLINE) == -signal.SIGKILL
+            sock.close()
+        else:  # sbc streams 4 GiB of sparse zeros; stpd dies once its .part exists
+            sparse = tmp_path / "sparse.bin"
+            with open(sparse, "wb") as f:
+                f.truncate(4 << 30)
+            with created_in(data / ".incoming") as next_created:
+                sbc = subprocess.Popen(
+                    [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup",
+                     str(sparse), "--server", f"127.0.0.1:{first.port}", "--quiet"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                try:
+                    assert next_created().endswith(".tar.part")
+                    first.process.send_signal(signal.SIGKILL)
+                    assert first.process.wait(DEADLINE) == -signal.SIGKILL
+                    out, err = sbc.communicate(timeout=DEADLINE)
+                finally:
+                    sbc.kill()
+            assert sbc.returncode == 1 and out == "", (out, err)
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+            assert re.match(
+                r"sbc: error: connection to stpd at 127\.0\.0\.1:\d+ lost during the backup "
+                r"after [\d.]+ MB \(.*\): stpd stopped or the network failed; stpd keeps "
+                r"nothing of an interrupted backup, run it again$",
+                err,
+            ), err
         parts = list((data / ".incoming").iterdir())
         assert len(parts) == 1 and parts[0].name.endswith(".tar.part"), parts
-        first.process.send_signal(signal.SIGKILL)
-        assert first.process.wait(DEADLINE) == -signal.SIGKILL
-        sock.close()
     finally:
         first.stop()
     # A crash between the rename and the metadata leaves a tar without metadata.
