@@ -16,7 +16,6 @@ import re
 import socket
 import ssl
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,13 +202,3 @@ def _owner(client: Layout) -> str:
 
     cert = x509.load_pem_x509_certificate(client.client_cert.read_bytes())
     return cert.subject.rfc4514_string()
-
-
-@contextlib.contextmanager
-def closing_all(socks: list[socket.socket]) -> Iterator[list[socket.socket]]:
-    try:
-        yield socks
-    finally:
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.close()
