@@ -281,6 +281,7 @@ class SafeMembers:
 
     def __init__(self) -> None:
         self.symlinks: set[str] = set()  # normalised names of the archive's links
+        self.skipped: list[str] = []  # device nodes: not restored, reported
 
     def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
         if path.startswith("/") or os.path.isabs(path):
@@ -316,6 +317,14 @@ class SafeMembers:
                     f"hard link {member.name!r} points through the symbolic link {link!r} "
                     "of this archive",
                 )
+        if member.ischr() or member.isblk():
+            # A backup client does not create device nodes; say so, go on.
+            self.skipped.append(name)
+            return None
+        if member.isfifo():
+            # Harmless, but the data filter refuses every special file;
+            # tar_filter still keeps it inside the target.
+            return tarfile.tar_filter(member, dest)
         safe = _keep_mode(member, dest)
         if safe is not None and safe.issym():
             self.symlinks.add(name)
@@ -327,6 +336,7 @@ class RestoreResult:
     members: int = 0
     bytes: int = 0
     sha256: str = ""
+    skipped: list[str] = field(default_factory=list)  # device nodes, not restored
 
 
 def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
@@ -350,6 +360,7 @@ def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
 
             # extractall sets directory modes and mtimes last, after their contents.
             archive.extractall(target, filter=counted)
+            result.skipped = safe_members.skipped
     except tarfile.FilterError as exc:
         raise ArchiveError(
             f"refused an unsafe archive member: {exc}; restore stopped there, nothing was "

@@ -106,6 +106,8 @@ async def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]
         restored = await session.restore(args.saveset, target, progress)
     seconds = time.monotonic() - started
     if not args.json:
+        for name in restored.skipped:
+            print(f"sbc: warning: not restored: device node {name}", file=sys.stderr)
         print(
             f"restored saveset {args.saveset} into {target}: {restored.members} entries, "
             f"{restored.bytes} bytes in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), "
@@ -117,6 +119,7 @@ async def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]
         "bytes": restored.bytes,
         "members": restored.members,
         "sha256": restored.sha256,
+        "skipped": restored.skipped,
         "seconds": round(seconds, 3),
     }
 

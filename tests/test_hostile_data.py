@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -287,8 +288,6 @@ RESTORE_CASES = [
     "symlink-then-file",
     "absolute-symlink-then-file",
     "hardlink-out",
-    "device",
-    "fifo",
     "symlink-chain-past-path-max",
     "file-over-symlink",
 ]
@@ -329,6 +328,36 @@ def test_restore_of_a_hostile_saveset_writes_nothing_outside(
     assert (outside / "secret.txt").read_text() == "secret\n"
     assert (target / "before.txt").exists()  # restored up to the refused member
     assert not (target / "after.txt").exists()  # and not one member further
+
+
+def test_special_files_fifo_restored_device_node_skipped_with_a_warning(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A device node is not restored (a backup client does not create them)
+    but the rest is: one warning line, exit 0. A FIFO is restored."""
+    client = hpki.client_ini("special")
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        _member(archive, "before.txt")
+        _member(archive, "null", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        _member(archive, "pipe", tarfile.FIFOTYPE)
+        _member(archive, "after.txt")
+    archive_file = tmp_path / "special.tar"
+    archive_file.write_bytes(out.getvalue())
+    target = tmp_path / "target"
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, meta = curl_put(stpd, client, archive_file)
+        assert status == 201, meta
+        code, out_text, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", meta["saveset"], str(target),
+            "--server", stpd.address, "--quiet",
+        )  # fmt: skip
+    assert code == 0, err
+    assert err == "sbc: warning: not restored: device node null\n"
+    assert (target / "before.txt").exists() and (target / "after.txt").exists()
+    assert stat.S_ISFIFO((target / "pipe").lstat().st_mode)
+    assert not (target / "null").exists()
 
 
 def test_links_inside_the_tree_still_restore(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
