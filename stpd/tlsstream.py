@@ -58,6 +58,8 @@ def _ssl_reason(exc: BaseException) -> str:
         parts = [str(item[2]) for item in exc.args[0] if len(item) >= 3]
         if parts:
             return "; ".join(parts)
+        # OpenSSL queued no reason: the socket failed under it (a reset).
+        return "connection reset by peer"
     return str(exc) or type(exc).__name__
 
 
