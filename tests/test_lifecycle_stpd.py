@@ -94,6 +94,35 @@ def test_revoked_client_is_refused_at_level_2_while_others_keep_working(
         assert owner_of(stpd, saveset) == "CN=desktop"
 
 
+def test_a_revocation_takes_effect_without_a_restart(
+    pki: Pki, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The laptop is lost while stpd runs: one command, and its next
+    connection is refused; the running daemon re-reads ca/crl.pem when the
+    file changes. Other clients keep working."""
+    lost, other = pki.client_ini("lost-laptop"), pki.client_ini("desktop")
+    with running_stpd(pki.layout, level=2) as stpd:
+        code, _, err = backup(capsys, lost, stpd, source)
+        assert code == 0, err
+        revoke(pki, lost, capsys)
+        code, out, err = backup(capsys, lost, stpd, source)
+        assert code == 1 and out == ""
+        assert "revoked" in one_line(err)
+        stpd.log.wait_for(r"^INFO CRL .*crl\.pem changed: reloaded$")
+        refused = stpd.log.wait_for(rf"^ERROR refused {PEER}: {REVOKED} ")
+        assert "STPD_HTTPS_USE_CLIENT_CERT=2" in refused
+        code, _, err = backup(capsys, other, stpd, source)
+        assert code == 0, err
+        # A CRL that our CA did not sign is refused; the one in force stays.
+        good = pki.layout.crl.read_bytes()
+        pki.layout.crl.write_bytes(good.replace(b"MI", b"Mi", 1))
+        code, _, err = backup(capsys, other, stpd, source)
+        assert code == 0, err
+        stpd.log.wait_for(r"^ERROR new CRL refused, the previous one stays in force: ")
+        code, _, err = backup(capsys, lost, stpd, source)
+        assert code == 1 and "revoked" in err
+
+
 def test_revoked_client_is_served_as_anonymous_with_a_warning_at_level_1(
     pki: Pki, source: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
