@@ -122,3 +122,32 @@ def test_rejects_damaged_archives(damage, message: str) -> None:  # type: ignore
 def test_random_bytes_are_not_a_tar() -> None:
     with pytest.raises(InvalidTar):
         check(os.urandom(10_240))
+
+
+def test_fast_header_path_agrees_with_tarfile() -> None:
+    """_type_and_size gives frombuf's type and size, or None (then frombuf
+    decides); it never accepts a header frombuf rejects."""
+    from stpd.tarcheck import _type_and_size
+
+    rng = random.Random(3)
+    kinds = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT):
+        for _ in range(2000):
+            info = tarfile.TarInfo("n" * rng.randrange(1, 99))
+            info.type = rng.choice(kinds)
+            info.size = rng.choice([0, 1, 511, 512, 10**6, 8**11 - 1]) if info.isreg() else 0
+            info.mtime = rng.randrange(2**33)
+            block = info.tobuf(fmt, "utf-8", "strict")[-512:]
+            if rng.random() < 0.3:  # damage one byte
+                pos = rng.randrange(512)
+                block = (
+                    block[:pos] + bytes([block[pos] ^ (1 << rng.randrange(8))]) + block[pos + 1 :]
+                )
+            fast = _type_and_size(block)
+            try:
+                slow = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                assert fast is None
+                continue
+            if fast is not None:
+                assert fast == (slow.type, slow.size)
