@@ -8,7 +8,6 @@ line seen by a reader thread), each awaited with a deadline; nothing sleeps.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
 import re
@@ -18,12 +17,13 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from bench.lines import StderrLines
 
 HOST = "127.0.0.1"
 CHUNK = 8 * 1024 * 1024  # bytes per read/write when generating and hashing data
@@ -174,10 +174,8 @@ def span(procs: Sequence[Proc]) -> float:
 
 class Server:
     """A server in the foreground as our child, in its own session (a Ctrl-C
-    reaches only us; the ``finally`` stops it). A thread keeps the last
-    lines of its stderr; ``wait_for`` awaits one with a deadline."""
-
-    KEEP_LINES = 400
+    reaches only us; the ``finally`` stops it); ``wait_for`` awaits a line
+    of its stderr with a deadline."""
 
     def __init__(self, name: str, argv: Sequence[str]) -> None:
         self.name = name
@@ -192,50 +190,27 @@ class Server:
             errors="replace",
             start_new_session=True,
         )
-        self.lines: collections.deque[str] = collections.deque(maxlen=self.KEEP_LINES)
-        self.count = 0  # lines read so far
-        self.ended = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, name=f"{name}-stderr", daemon=True)
-        self.reader.start()
+        self.log = StderrLines(self.process, name)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.count += 1
-                self.changed.notify_all()
-        with self.changed:
-            self.ended = True
-            self.changed.notify_all()
-
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """The first kept stderr line matching ``pattern``."""
-        regex = re.compile(pattern)
-        found: list[re.Match[str]] = []
-
-        def seen() -> bool:
-            found[:] = [m for m in map(regex.search, list(self.lines)) if m]
-            return bool(found) or self.ended
-
-        with self.changed:
-            self.changed.wait_for(seen, timeout)
-        if not found:
-            state = "it exited" if self.ended else f"nothing within {timeout:g}s"
+        """The first stderr line matching ``pattern``."""
+        line = self.log.wait_for(pattern, timeout)
+        if line is None:
+            state = "it exited" if self.log.ended else f"nothing within {timeout:g}s"
             raise BenchError(
                 f"{self.name}: no stderr line matching {pattern!r} ({state}); last lines:\n"
                 + self.tail()
             )
-        return found[0]
+        found = re.search(pattern, line)
+        assert found is not None
+        return found
 
     def tail(self, count: int = 15) -> str:
-        with self.changed:
-            return "\n".join(list(self.lines)[-count:])
+        return self.log.tail(count)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -255,7 +230,7 @@ class Server:
                 except OSError:
                     self.process.kill()
                 self.process.wait(STOP_TIMEOUT)
-        self.reader.join(STOP_TIMEOUT)
+        self.log.join(STOP_TIMEOUT)
 
 
 def free_port() -> int:

@@ -28,9 +28,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+from bench.lines import StderrLines
 
 HOST = "127.0.0.1"
 COMMAND_TIMEOUT = 60.0  # seconds for one sbc / sm_ssl_cert / curl run
@@ -99,7 +100,7 @@ def run(argv: Sequence[str], *, expect_ok: bool = True) -> subprocess.CompletedP
 
 
 class ServerProcess:
-    """``stpd`` as a subprocess; a thread collects its stderr lines."""
+    """``stpd`` as a subprocess whose stderr lines we await and show."""
 
     def __init__(self, argv: list[str]) -> None:
         print(f"  $ {shlex.join(argv)} &", flush=True)
@@ -112,49 +113,23 @@ class ServerProcess:
             encoding="utf-8",
             errors="replace",
         )
-        self.lines: list[str] = []
+        self.log = StderrLines(self.process, "stpd")
         self.shown = 0
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, name="stpd-log", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.lines.append("")  # end-of-output marker, never matched
-            self.changed.notify_all()
-
-    @property
-    def ended(self) -> bool:
-        return bool(self.lines) and self.lines[-1] == ""
 
     def wait_for(self, pattern: str, timeout: float, after: int = 0) -> str:
         """The first log line (from index ``after``) matching ``pattern``."""
-        regex = re.compile(pattern)
-        found: list[str] = []
-
-        def seen() -> bool:
-            found[:] = [line for line in self.lines[after:] if line and regex.search(line)]
-            return bool(found) or self.ended
-
-        with self.changed:
-            self.changed.wait_for(seen, timeout)
-        if not found:
-            state = "stpd exited" if self.ended else f"nothing within {timeout:g}s"
+        line = self.log.wait_for(pattern, timeout, after)
+        if line is None:
+            state = "stpd exited" if self.log.ended else f"nothing within {timeout:g}s"
             raise DemoFailed(f"no stpd log line matching {pattern!r} ({state})")
-        return found[0]
+        return line
 
     def show_new_log(self) -> None:
         """Print the log lines not printed yet."""
-        with self.changed:
-            lines, self.shown = self.lines[self.shown :], len(self.lines)
-        for line in lines:
-            if line:
-                print(f"    stpd| {line}", flush=True)
+        mark = self.log.mark()
+        for line in self.log.lines[self.shown : mark]:
+            print(f"    stpd| {line}", flush=True)
+        self.shown = mark
 
     def stop(self) -> int:
         """SIGTERM, then wait for the exit status (SIGKILL if it hangs)."""
@@ -167,7 +142,7 @@ class ServerProcess:
             self.process.wait()
             raise DemoFailed(f"stpd did not stop within {STOP_TIMEOUT:g}s of SIGTERM") from None
         finally:
-            self.reader.join(STOP_TIMEOUT)
+            self.log.join(STOP_TIMEOUT)
         return status
 
 
@@ -353,7 +328,7 @@ def run_clients(
         "[SBC]\n"
         f"SBC_SERVER={HOST}:{port}\n",
     )
-    mark = len(server.lines)
+    mark = server.log.mark()
     result = run([sbc, "--ini-dir", str(anonymous), "list"], expect_ok=False)
     error_lines = result.stderr.strip().splitlines()
     if result.returncode == 0:

@@ -23,7 +23,6 @@ import ssl
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import h11
 import pytest
 from cryptography import x509
 
+from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
 from pki.layout import Layout
 from tests.conftest import Pki, make_pki
@@ -42,7 +42,7 @@ STPD = str(Path(sys.executable).parent / "stpd")
 
 
 class StpdProcess:
-    """The real ``stpd`` console script; a thread collects its stderr lines."""
+    """The real ``stpd`` console script, its stderr lines awaited by events."""
 
     def __init__(self, ini: Path, data: Path, pid_file: Path | None = None) -> None:
         argv = [STPD, "--ini-dir", str(ini), "--listen", f"{HOST}:0", "--data-dir", str(data)]
@@ -57,62 +57,37 @@ class StpdProcess:
             encoding="utf-8",
             errors="replace",
         )
-        self.lines: list[str] = []
-        self.ended = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self.log = StderrLines(self.process, "stpd")
         listening = self.wait_for(r"INFO stpd: stpd \S+ listening on ")
         found = re.search(r"listening on \S+:(\d+),", listening)
         assert found, listening
         self.port = int(found.group(1))
 
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.ended = True
-            self.changed.notify_all()
-
     def mark(self) -> int:
-        with self.changed:
-            return len(self.lines)
+        return self.log.mark()
 
     def wait_for(self, pattern: str, after: int = 0, timeout: float = WAIT_SECONDS) -> str:
         """The first stderr line from index ``after`` matching ``pattern``."""
-        regex = re.compile(pattern)
-        found: list[str] = []
-
-        def seen() -> bool:
-            found[:] = [line for line in self.lines[after:] if regex.search(line)]
-            return bool(found) or self.ended
-
-        with self.changed:
-            self.changed.wait_for(seen, timeout)
-        assert found, f"no stpd line matching {pattern!r}; got:\n" + "\n".join(self.lines)
-        return found[0]
+        line = self.log.wait_for(pattern, timeout, after)
+        assert line is not None, f"no stpd line matching {pattern!r}; got:\n" + self.log.tail(50)
+        return line
 
     def matching(self, pattern: str) -> list[str]:
-        regex = re.compile(pattern)
-        with self.changed:
-            return [line for line in self.lines if regex.search(line)]
+        return self.log.matching(pattern)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
     def wait_exit(self, timeout: float = WAIT_SECONDS) -> int:
         code = self.process.wait(timeout)
-        self.reader.join(timeout)
+        self.log.join(timeout)
         return code
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self.reader.join(WAIT_SECONDS)
+        self.log.join(WAIT_SECONDS)
 
 
 # -- a raw TLS client: Python's ssl module and h11 --------------------------------

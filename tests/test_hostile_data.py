@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.lines import StderrLines
 from pki.layout import Layout
 from tests.conftest import Pki, RunningStpd, running_stpd
 from tests.test_hostile_common import (
@@ -439,37 +440,19 @@ class Daemon:
     """The real ``stpd`` console script as a subprocess."""
 
     def __init__(self, ini: Path, data: Path) -> None:
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
         self.process = subprocess.Popen(
             [str(VENV_BIN / "stpd"), "--ini-dir", str(ini), "--listen", "127.0.0.1:0",
              "--data-dir", str(data)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
+        self.log = StderrLines(self.process, "stpd")
         line = self.wait_for(r" listening on 127\.0\.0\.1:(\d+)")
         self.port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
 
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.lines.append("<exit>")
-            self.changed.notify_all()
-
     def wait_for(self, pattern: str) -> str:
-        regex = re.compile(pattern)
-        with self.changed:
-            found = self.changed.wait_for(
-                lambda: any(regex.search(x) for x in self.lines) or "<exit>" in self.lines,
-                DEADLINE,
-            )
-            match = [x for x in self.lines if regex.search(x)]
-            assert found and match, f"no line matching {pattern!r}: {self.lines}"
-            return match[0]
+        line = self.log.wait_for(pattern, DEADLINE)
+        assert line is not None, f"no line matching {pattern!r}: {self.log.lines}"
+        return line
 
     def stop(self) -> None:
         if self.process.poll() is None:
