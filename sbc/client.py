@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from stpd.transfer import Batcher, Get, single_error, sink_thread, source_thread
 
 log = logging.getLogger("sbc")
 
+BODY_CHUNK = 1024 * 1024  # a restore reads the body in pieces of up to this
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 # Socket buffers on both sides hold a few MiB; once more than this was sent,
 # stpd was reading our data (it refuses a client before reading any).
@@ -419,6 +421,37 @@ class Session:
             raise SbcError(f"stpd at {self.where} answered before the backup was complete")
         return body, stats
 
+    async def _body_pieces(self, length: int) -> AsyncIterator[bytes | bytearray]:
+        """The ``length`` bytes of a response body, read straight from the
+        TLS stream into fresh buffers: h11 would copy each byte twice more.
+        h11 is left behind here (after a restore the connection is closed),
+        except for what it had already received past the headers."""
+        assert self.tls is not None
+        buffered, _ = self.conn.trailing_data
+        if len(buffered) > length:
+            raise SbcError(f"stpd at {self.where} sent more than the announced saveset")
+        if buffered:
+            yield bytes(buffered)
+        remaining = length - len(buffered)
+        while remaining:
+            buf = bytearray(min(BODY_CHUNK, remaining))
+            try:
+                with trio.fail_after(self.config.io_timeout):
+                    n = await self.tls.receive_into(buf)
+            except trio.TooSlowError:
+                raise SbcError(
+                    f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
+                ) from None
+            except trio.BrokenResourceError as exc:
+                raise SbcError(
+                    f"connection to stpd at {self.where} lost mid-restore: {exc}"
+                ) from None
+            if n == 0:
+                raise SbcError(f"stpd at {self.where} closed the connection mid-restore")
+            del buf[n:]
+            remaining -= n
+            yield buf
+
     async def restore(
         self, saveset: str, target: Path, progress: TransferProgress | None = None
     ) -> RestoreResult:
@@ -433,23 +466,23 @@ class Session:
             raise self._failure(response, await self._json_body(), f"restore of {saveset}")
         result = RestoreResult()
         expected = response.headers.get("x-sha256", "")
-        if progress is not None and response.headers.get("content-length", "").isdigit():
-            progress.set_total(int(response.headers["content-length"]))
+        length_text = response.headers.get("content-length", "")
+        if not length_text.isdigit():
+            raise SbcError(f"stpd at {self.where} sent a saveset without a Content-Length")
+        length = int(length_text)
+        if progress is not None:
+            progress.set_total(length)
 
         def extract_all(get: Get) -> None:
             extract_stream(get, target, result)
 
         async with sink_thread(extract_all) as put:
             batcher = Batcher(put)
-            while True:
-                event = await self._next_event()
-                if isinstance(event, h11.EndOfMessage):
-                    break
-                if not isinstance(event, h11.Data):
-                    raise SbcError(f"stpd at {self.where} closed the connection mid-restore")
-                await batcher.add(event.data)
+            async for piece in self._body_pieces(length):
+                # A bytearray, not copied to bytes: the reader only reads it.
+                await batcher.add(piece)  # type: ignore[arg-type]
                 if progress is not None:
-                    progress.advance(len(event.data), result.members)
+                    progress.advance(len(piece), result.members)
             await batcher.flush()
         if expected and result.sha256 != expected:
             raise SbcError(

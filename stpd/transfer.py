@@ -252,8 +252,8 @@ class BatchReader:
             self._pos += take
             wanted -= take
         self._offset += size - wanted
-        if len(parts) == 1 and isinstance(parts[0], bytes):
-            return parts[0]
+        if len(parts) == 1 and isinstance(parts[0], (bytes, bytearray)):
+            return parts[0]  # type: ignore[return-value]  # tarfile takes any bytes-like here
         return b"".join(parts)
 
     def tell(self) -> int:
