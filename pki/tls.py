@@ -67,6 +67,7 @@ class PeerVerdict:
 
     problems: list[str] = field(default_factory=list)
     peer_role: str = "client"
+    subject: str | None = None  # the peer certificate's subject (RFC 4514), once seen
 
     def record(self, errnum: int, depth: int, subject: str) -> None:
         if errnum == X509_V_ERR_INVALID_PURPOSE:
@@ -104,10 +105,20 @@ def _common_name(cert: crypto.X509) -> str:
         return "?"
 
 
+def _subject(cert: crypto.X509) -> str | None:
+    """The subject for a log line; never raises (see _common_name)."""
+    try:
+        return cert.to_cryptography().subject.rfc4514_string()
+    except Exception:  # pragma: no cover - a certificate cryptography cannot parse
+        return None
+
+
 def _verify_callback(
     conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
 ) -> bool:
     verdict = conn.get_app_data()
+    if depth == 0 and isinstance(verdict, PeerVerdict) and verdict.subject is None:
+        verdict.subject = _subject(cert)  # a refusal's log line names whom it refused
     if not ok and isinstance(verdict, PeerVerdict):
         verdict.record(errnum, depth, _common_name(cert))
     policy = getattr(conn.get_context(), "client_cert_policy", ClientCertPolicy.REQUIRE)

@@ -151,7 +151,9 @@ def is_plain_http(reason: str) -> bool:
     return reason.strip().lower() == PLAIN_HTTP_REASON
 
 
-def refused_handshake(peer: str, policy: ClientCertPolicy, reason: str) -> PeerDecision:
+def refused_handshake(
+    peer: str, policy: ClientCertPolicy, reason: str, subject: str | None = None
+) -> PeerDecision:
     """A handshake OpenSSL failed. At level 2 that is our refusal of the
     client's certificate, unless the client sent an alert: then it gave up
     on us (e.g. it does not trust our server certificate), at any level;
@@ -183,11 +185,12 @@ def refused_handshake(peer: str, policy: ClientCertPolicy, reason: str) -> PeerD
             f"TLS handshake with {peer} failed: the client {what} ({reason})",
         )
     if policy == ClientCertPolicy.REQUIRE:
+        whom = f" ({subject})" if subject else ""
         return PeerDecision(
             False,
             ANONYMOUS,
             logging.ERROR,
-            f"refused client {peer}: {reason} (STPD_HTTPS_USE_CLIENT_CERT=2)",
+            f"refused client {peer}{whom}: {reason} (STPD_HTTPS_USE_CLIENT_CERT=2)",
         )
     return PeerDecision(
         False, ANONYMOUS, logging.WARNING, f"TLS handshake with {peer} failed: {reason}"

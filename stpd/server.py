@@ -280,7 +280,7 @@ class Stpd:
             return
         except TLSHandshakeError as exc:
             reason = tls.verdict.reason or str(exc)
-            decision = refused_handshake(peer, policy, reason)
+            decision = refused_handshake(peer, policy, reason, tls.verdict.subject)
             log.log(decision.log_level, "%s", decision.message)
             if is_plain_http(reason):  # say so in words the client can read
                 with trio.move_on_after(LINGER_SECONDS):

@@ -121,7 +121,7 @@ def test_backup_server_and_two_rds(tmp_path: Path, capsys: pytest.CaptureFixture
             assert err.count("\n") == 1 and err.startswith("sbc: error: refused by stpd"), err
             assert "our client certificate is not signed by the server's root CA" in err
             server.log.wait_for(
-                r"^ERROR refused client 127\.0\.0\.\d+:\d+: not signed by our root CA "
+                r"^ERROR refused client 127\.0\.0\.\d+:\d+ \(CN=[^)]+\): not signed by our root CA "
                 r"\(STPD_HTTPS_USE_CLIENT_CERT=2\)$"
             )
         assert [len(server.log.matching(r"authenticated as")) for server in fleet] == served

@@ -86,7 +86,7 @@ def expected_log(level: int, kind: str, name: str) -> str:
             rf"^WARNING {PEER}{subject}: invalid client certificate: {reason}; "
             r"served as anonymous \(STPD_HTTPS_USE_CLIENT_CERT=1\)$"
         )
-    return rf"^ERROR refused {PEER}: {reason} \(STPD_HTTPS_USE_CLIENT_CERT=2\)$"
+    return rf"^ERROR refused {PEER}{subject}: {reason} \(STPD_HTTPS_USE_CLIENT_CERT=2\)$"
 
 
 def expected_owner(level: int, kind: str, name: str) -> str:

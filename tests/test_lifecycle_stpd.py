@@ -77,7 +77,7 @@ def test_revoked_client_is_refused_at_level_2_while_others_keep_working(
     revoke(pki, lost, capsys)
     with running_stpd(pki.layout, level=2) as stpd:
         code, out, err = backup(capsys, lost, stpd, source)
-        refused = stpd.log.wait_for(rf"^ERROR refused {PEER}: ")
+        refused = stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=lost-laptop\): ")
         assert refused.endswith(f": {REVOKED} (STPD_HTTPS_USE_CLIENT_CERT=2)"), refused
         assert code == 1 and out == ""
         assert re.match(
@@ -109,7 +109,7 @@ def test_a_revocation_takes_effect_without_a_restart(
         assert code == 1 and out == ""
         assert "revoked" in one_line(err)
         stpd.log.wait_for(r"^INFO CRL .*crl\.pem changed: reloaded$")
-        refused = stpd.log.wait_for(rf"^ERROR refused {PEER}: {REVOKED} ")
+        refused = stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=lost-laptop\): {REVOKED} ")
         assert "STPD_HTTPS_USE_CLIENT_CERT=2" in refused
         code, _, err = backup(capsys, other, stpd, source)
         assert code == 0, err
@@ -179,7 +179,7 @@ def test_an_out_of_date_crl_refuses_every_client_at_level_2(
     with running_stpd(pki.layout, level=2) as stpd:
         code, _out, _err = backup(capsys, client, stpd, source)
         assert code == 1
-        stpd.log.wait_for(rf"^ERROR refused {PEER}: CRL has expired")
+        stpd.log.wait_for(rf"^ERROR refused {PEER} \([^)]+\): CRL has expired")
     assert sm_ssl_cert(["--ini-dir", str(pki.layout.ini_dir), "crl"]) == 0
     capsys.readouterr()
     with running_stpd(pki.layout, level=2) as stpd:
@@ -225,7 +225,7 @@ def test_curl_with_a_revoked_client_certificate(
             assert "alert certificate revoked" in put.stderr, put.stderr
             assert put.stdout == ""
             stpd.log.wait_for(
-                rf"^ERROR refused {PEER}: {REVOKED} \(STPD_HTTPS_USE_CLIENT_CERT=2\)$"
+                rf"^ERROR refused {PEER} \(CN=[^)]+\): {REVOKED} \(STPD_HTTPS_USE_CLIENT_CERT=2\)$"
             )
             assert stpd.daemon.store.all() == []
         else:

@@ -186,6 +186,14 @@ def test_level_2_handshake_refusal_keeps_the_verdict() -> None:
     )
 
 
+def test_level_2_handshake_refusal_names_the_refused_subject() -> None:
+    decision = refused_handshake(PEER, REQUIRE, "certificate has expired", "O=Example,CN=laptop1")
+    assert decision.message == (
+        f"refused client {PEER} (O=Example,CN=laptop1): certificate has expired "
+        "(STPD_HTTPS_USE_CLIENT_CERT=2)"
+    )
+
+
 @pytest.mark.parametrize("policy", [IGNORE, WARN])
 def test_handshake_failure_below_level_2_is_a_warning(policy: ClientCertPolicy) -> None:
     decision = refused_handshake(PEER, policy, "wrong version number")

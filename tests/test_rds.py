@@ -151,7 +151,7 @@ def test_rds_runs_without_the_ca_key(
         code = sbc(["--ini-dir", str(stranger.ini_dir), "list", "--server", rds.address])
         err = capsys.readouterr().err
         rds.log.wait_for(
-            r"^ERROR refused client 127\.0\.0\.1:\d+: not signed by our root CA "
+            r"^ERROR refused client 127\.0\.0\.1:\d+ \(CN=[^)]+\): not signed by our root CA "
             r"\(STPD_HTTPS_USE_CLIENT_CERT=2\)$"
         )
     assert code == 1
