@@ -81,6 +81,7 @@ class TLSStream(trio.abc.Stream):
         self._plain_buffer = bytearray(RECEIVE_BUFFER)
         self._plain_view = memoryview(self._plain_buffer)
         self._handshook = False
+        self._waits = 0  # socket waits so far: see _checkpoint_unless_waited
         self._eof = False
         self._broken: str | None = None
         self._closed = False
@@ -88,12 +89,21 @@ class TLSStream(trio.abc.Stream):
     # -- waiting on the socket -----------------------------------------------
 
     async def _wait_readable(self) -> None:
+        self._waits += 1
         async with self._read_lock:
             await trio.lowlevel.wait_readable(self._socket)
 
     async def _wait_writable(self) -> None:
+        self._waits += 1
         async with self._write_lock:
             await trio.lowlevel.wait_writable(self._socket)
+
+    async def _checkpoint_unless_waited(self, waits_before: int) -> None:
+        """trio's rule: every blocking call is a checkpoint, even when the
+        socket was ready at once (else a busy transfer would starve the
+        other connections and ignore its own timeouts)."""
+        if self._waits == waits_before:
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -151,6 +161,13 @@ class TLSStream(trio.abc.Stream):
     async def receive_into(self, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` with the plaintext of every record readable now (at
         least one byte); 0 means the peer closed with close_notify."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waits_before = self._waits
+        filled = await self._receive_into(buf)
+        await self._checkpoint_unless_waited(waits_before)
+        return filled
+
+    async def _receive_into(self, buf: bytearray | memoryview) -> int:
         self._check_usable()
         if self._eof:
             return 0
@@ -171,15 +188,21 @@ class TLSStream(trio.abc.Stream):
                 self._eof = True
                 return filled
             except SSL.SysCallError as exc:
-                self._broken = (
+                reason = (
                     "connection closed without TLS close_notify"
                     if exc.args and exc.args[0] in (-1, 0)
                     else f"connection lost: {exc.args[1] if len(exc.args) > 1 else exc}"
                 )
-                raise trio.BrokenResourceError(self._broken) from None
+                return self._broke(reason, filled)
             except SSL.Error as exc:
-                self._broken = f"TLS error: {_ssl_reason(exc)}"
-                raise trio.BrokenResourceError(self._broken) from None
+                return self._broke(f"TLS error: {_ssl_reason(exc)}", filled)
+
+    def _broke(self, reason: str, filled: int) -> int:
+        """Hand over what was read before the break; the next call raises."""
+        self._broken = reason
+        if filled:
+            return filled
+        raise trio.BrokenResourceError(reason)
 
     def _read_record(self, view: memoryview) -> int:
         """Decrypt one record straight into ``view``. pyOpenSSL's ``recv_into``
@@ -198,6 +221,12 @@ class TLSStream(trio.abc.Stream):
 
     async def send_many(self, pieces: list[bytes] | list[bytes | bytearray | memoryview]) -> None:
         """Send the pieces in order; returns when the kernel has them all."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waits_before = self._waits
+        await self._send_many(pieces)
+        await self._checkpoint_unless_waited(waits_before)
+
+    async def _send_many(self, pieces: list[bytes] | list[bytes | bytearray | memoryview]) -> None:
         self._check_usable()
         try:
             for piece in pieces:

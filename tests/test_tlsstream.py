@@ -1,0 +1,72 @@
+"""stpd.tlsstream.TLSStream on a real socket pair, without the daemon:
+end of stream, truncation, and trio's checkpoint rules."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from pki.layout import Layout
+from pki.tls import ClientCertPolicy, client_context, server_context
+from stpd.tlsstream import TLSStream
+from tests.conftest import Pki
+
+
+async def tls_pair(pki: Pki, client: Layout) -> tuple[TLSStream, TLSStream]:
+    left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = TLSStream(
+        trio.SocketStream(left), server_context(pki.layout, ClientCertPolicy.REQUIRE)
+    )
+    ctx = client_context(client, present_cert=True, verify_server=True)
+    sbc = TLSStream(trio.SocketStream(right), ctx, server_hostname="localhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(sbc.do_handshake)
+    return server, sbc
+
+
+async def test_data_then_close_notify_reads_as_end_of_stream(pki: Pki) -> None:
+    server, sbc = await tls_pair(pki, pki.client_ini("a"))
+    payload = bytes(range(256)) * 5000  # 1.28 MB: many records
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sbc.send_all, payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            got += await server.receive_some()
+    assert bytes(got) == payload
+    await sbc.aclose()
+    assert await server.receive_some() == b""
+    assert server.peer_certificate is not None
+    await server.aclose()
+
+
+async def test_a_close_without_close_notify_is_an_error(pki: Pki) -> None:
+    server, sbc = await tls_pair(pki, pki.client_ini("a"))
+    await sbc.send_all(b"half a backup")
+    sbc.transport.socket.shutdown(socket.SHUT_WR)  # EOF without close_notify: a truncation
+    assert await server.receive_some() == b"half a backup"
+    with pytest.raises(trio.BrokenResourceError, match="without TLS close_notify"):
+        await server.receive_some()
+    for stream in (server, sbc):
+        await stream.aclose()
+
+
+async def test_receive_and_send_are_checkpoints_even_when_ready(pki: Pki) -> None:
+    """Data already waiting must not let receive_into skip trio's
+    cancellation check (timeouts would never fire on a busy transfer)."""
+    server, sbc = await tls_pair(pki, pki.client_ini("a"))
+    await sbc.send_all(b"x" * 100_000)
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await server.receive_some()
+    assert scope.cancelled_caught
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await sbc.send_all(b"y")
+    assert scope.cancelled_caught
+    assert await server.receive_some(200_000) == b"x" * 100_000  # nothing was lost
+    for stream in (server, sbc):
+        await stream.aclose()
