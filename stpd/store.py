@@ -186,7 +186,9 @@ class SavesetStore:
         fix = "set STPD_DATA_DIR in stpd.ini (or --data-dir) to a writable directory"
         removed = []
         try:
-            self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Backups are private: a data directory we create is ours alone.
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.incoming.mkdir(exist_ok=True, mode=0o700)
             for leftover in self.incoming.iterdir():
                 leftover.unlink()
                 removed.append(leftover)
@@ -211,7 +213,8 @@ class SavesetStore:
         os.replace(part, tar)
         tmp = self.incoming / f"{meta.saveset}.json.part"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
                 json.dump(asdict(meta), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())

@@ -218,3 +218,29 @@ def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
             ).stdout
         )
         assert status["level"] == 2
+
+
+def test_savesets_are_private_files(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data directory stpd creates is 0700; savesets and their metadata 0600."""
+    source = tmp_path / "f.txt"
+    source.write_text("private\n")
+    client = pki.client_ini("client1")
+    data = tmp_path / "new" / "data"
+    with running_stpd(pki.layout, level=2, data_dir=data) as stpd:
+        backup = sbc_json(
+            capsys,
+            "--ini-dir",
+            str(client.ini_dir),
+            "backup",
+            str(source),
+            "--server",
+            stpd.address,
+            "--json",
+        )
+    saveset = backup["saveset"]  # type: ignore[index]
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / ".incoming").stat().st_mode & 0o777 == 0o700
+    assert (data / f"{saveset}.tar").stat().st_mode & 0o777 == 0o600
+    assert (data / f"{saveset}.json").stat().st_mode & 0o777 == 0o600
