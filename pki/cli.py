@@ -344,6 +344,7 @@ def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         warnings.append(str(exc))
     warnings += _crl_warnings(layout, entries, crl, now)
     rows = [_list_row(entry, now) for entry in entries]
+    warnings += _expiry_warnings(rows)
     if args.json:
         document = {
             "inventory": str(layout.inventory),
@@ -444,6 +445,32 @@ def _read_ca_cert(layout: Layout) -> x509.Certificate | None:
 def _days_left(moment: datetime, now: datetime) -> int:
     """Whole days, rounded toward zero: -3 is "expired 3 days ago"."""
     return int((moment - now).total_seconds() / 86400)
+
+
+EXPIRY_WARNING_DAYS = 30  # as stpd's own warning about its certificate and the CA
+
+
+def _expiry_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """Certificates in use (not revoked or superseded) that expired or expire soon."""
+    warnings = []
+    for row in rows:
+        if row["status"] != "valid":
+            continue
+        what = (
+            f"{row['profile']} certificate {row['subject']} (serial {row['serial']}, {row['path']})"
+        )
+        if row["expired"]:
+            warnings.append(
+                f"{what} has expired: renew it with `sm_ssl_cert renew {row['profile']}`"
+            )
+        elif row["days_left"] < EXPIRY_WARNING_DAYS:
+            renew = (
+                "create a new CA"
+                if row["profile"] == "ca"
+                else f"renew it with `sm_ssl_cert renew {row['profile']}`"
+            )
+            warnings.append(f"{what} expires in {row['days_left']} days: {renew}")
+    return warnings
 
 
 def _list_row(entry: Entry, now: datetime) -> dict[str, Any]:
