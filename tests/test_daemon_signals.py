@@ -33,6 +33,7 @@ from cryptography import x509
 
 from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
+from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
 from tests.conftest import Pki, make_pki
 
@@ -336,15 +337,18 @@ def test_sighup_renewed_certificate_for_new_connections_only(
     body = make_tar()
     early.start_upload(body[:200_000])
 
-    renewed = CertificateAuthority.load(pki.layout).issue_server("localhost,127.0.0.1", days=90)
-    assert renewed.serial != old_serial
+    # The administrator's renewal: same names, new key, old files moved aside.
+    argv = ["--ini-dir", str(pki.layout.ini_dir), "renew", "server", "--days", "90"]
+    assert sm_ssl_cert(argv) == 0
+    renewed = x509.load_pem_x509_certificate(pki.layout.server_cert.read_bytes())
+    assert renewed.serial_number != old_serial
     mark = server.mark()
     server.signal(signal.SIGHUP)
     server.wait_for(r"INFO stpd: received SIGHUP: reloading", after=mark)
     reloaded = server.wait_for(r"INFO stpd: reloaded .*stpd\.ini and certificates", after=mark)
     assert "server certificate CN=localhost (89 days left)" in reloaded
 
-    assert server_serial(server.port, client) == renewed.serial  # a NEW connection
+    assert server_serial(server.port, client) == renewed.serial_number  # a NEW connection
     # The early connection is undisturbed: its upload completes, then it is
     # still served (keep-alive), still with the certificate it was shown.
     status, answer = early.finish_upload(body[200_000:])
