@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from pki.authority import CertificateAuthority
-from pki.layout import Layout
+from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
 from stpd.config import load_config
 from stpd.server import Stpd
@@ -92,6 +92,24 @@ def make_pki(root: Path, server_names: str = "localhost,127.0.0.1") -> Pki:
     ca = CertificateAuthority.create(layout)
     ca.issue_server(server_names)
     return Pki(root, layout, ca)
+
+
+@pytest.fixture(autouse=True)
+def no_ini_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test names its ini directory; one from the environment must not leak in."""
+    monkeypatch.delenv(INI_DIR_ENV, raising=False)
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    """An empty ini directory."""
+    return Layout(tmp_path / "ini")
+
+
+@pytest.fixture
+def ca(layout: Layout) -> CertificateAuthority:
+    """A fresh root CA in ``layout``."""
+    return CertificateAuthority.create(layout)
 
 
 @pytest.fixture

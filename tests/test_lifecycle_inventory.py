@@ -26,21 +26,6 @@ from pki.layout import INI_DIR_ENV, Layout
 PROCESS_TIMEOUT = 60.0  # only reached when something hangs; never a synchronisation sleep
 
 
-@pytest.fixture(autouse=True)
-def no_ini_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(INI_DIR_ENV, raising=False)
-
-
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    return Layout(tmp_path / "ini")
-
-
-@pytest.fixture
-def ca(layout: Layout) -> CertificateAuthority:
-    return CertificateAuthority.create(layout)
-
-
 def run(capsys: pytest.CaptureFixture[str], layout: Layout, *argv: str) -> tuple[str, str]:
     code = main(["--ini-dir", str(layout.ini_dir), *argv])
     out, err = capsys.readouterr()

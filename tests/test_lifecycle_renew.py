@@ -16,26 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pki.authority import CertificateAuthority, format_fingerprint, format_name, format_serial
 from pki.cli import main
 from pki.inventory import Inventory
-from pki.layout import INI_DIR_ENV, Layout
+from pki.layout import Layout
 
 OPENSSL = shutil.which("openssl")
 SERVER_NAMES = "backup.example.test,127.0.0.1,*.example.test,192.168.1.*,::1"
 CLIENT_SUBJECT = "C:DE,CN:host1,O:Acme AG,OU:Backup,OU:Ops,T:Dr"
-
-
-@pytest.fixture(autouse=True)
-def no_ini_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(INI_DIR_ENV, raising=False)
-
-
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    return Layout(tmp_path / "ini")
-
-
-@pytest.fixture
-def ca(layout: Layout) -> CertificateAuthority:
-    return CertificateAuthority.create(layout)
 
 
 def run(capsys: pytest.CaptureFixture[str], layout: Layout, *argv: str) -> str:

@@ -18,26 +18,11 @@ from pki.authority import CertificateAuthority, IssuedCert, format_serial
 from pki.cli import main
 from pki.errors import PkiError
 from pki.inventory import Inventory
-from pki.layout import INI_DIR_ENV, Layout
+from pki.layout import Layout
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
 PROCESS_TIMEOUT = 20.0
-
-
-@pytest.fixture(autouse=True)
-def no_ini_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(INI_DIR_ENV, raising=False)
-
-
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    return Layout(tmp_path / "ini")
-
-
-@pytest.fixture
-def ca(layout: Layout) -> CertificateAuthority:
-    return CertificateAuthority.create(layout)
 
 
 @pytest.fixture

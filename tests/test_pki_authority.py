@@ -40,16 +40,6 @@ def tree(root: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    return Layout(tmp_path / "ini")
-
-
-@pytest.fixture
-def ca(layout: Layout) -> CertificateAuthority:
-    return CertificateAuthority.create(layout)
-
-
 def extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension:
     return cert.extensions.get_extension_for_class(kind)
 

@@ -36,11 +36,6 @@ def load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-@pytest.fixture(autouse=True)
-def no_ini_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(INI_DIR_ENV, raising=False)
-
-
 @pytest.fixture
 def ini(tmp_path: Path) -> Path:
     return tmp_path / "ini"
