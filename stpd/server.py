@@ -7,6 +7,7 @@ keeps every wait under a named timeout from ``StpdConfig``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -164,14 +165,15 @@ class Stpd:
     def reload(self) -> None:
         """Re-read stpd.ini and the certificates for new connections (SIGHUP)."""
         try:
-            config = load_config(
-                self.config.layout, listen=self.config.listen, data_dir=self.config.data_dir
+            in_file = load_config(self.config.layout)  # the file alone, read once
+            # What only a restart changes stays as it runs.
+            config = dataclasses.replace(
+                in_file, listen=self.config.listen, data_dir=self.config.data_dir
             )
             material = self._tls_material(config)
         except (ConfigError, PkiError, OSError, ValueError) as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
             return
-        in_file = load_config(config.layout)  # without command-line options
         if (in_file.listen, in_file.data_dir) != self._restart_only:
             log.warning(
                 "STPD_HTTPS_LISTEN or STPD_DATA_DIR changed in %s: that takes effect at the "
