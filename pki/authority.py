@@ -38,6 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from pki.errors import PkiError
 from pki.files import move_aside, write_private, write_public
 from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
+from pki.inventory import lock as inventory_lock
 from pki.layout import Layout
 from pki.names import certificate_names, check_server_name, parse_server_names, san_entries
 
@@ -192,7 +193,7 @@ class CertificateAuthority:
         if not stale:
             ca.moved_aside = _install(files)
             return ca
-        with locked(layout):
+        with inventory_lock(layout):  # the old inventory is moved aside, not read
             moved = _install(files)
             ca.moved_aside = moved + tuple(
                 aside for path in stale if (aside := move_aside(path)) is not None
@@ -302,17 +303,12 @@ class CertificateAuthority:
                 "put a shorter name first in --common-name; later names may be longer"
             )
         subject = _name([x509.NameAttribute(NameOID.COMMON_NAME, checked[0])], "server name")
-        extensions: list[tuple[x509.ExtensionType, bool]] = [
-            (x509.SubjectAlternativeName(san_entries(checked)), False),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-        ]
-        directory = out_dir if out_dir is not None else self.layout.server_dir
+        san = x509.SubjectAlternativeName(san_entries(checked))
         return self._issue(
             "server",
             subject,
-            extensions,
-            cert_path=directory / self.layout.server_cert.name,
-            key_path=directory / self.layout.server_key.name,
+            [(san, False)],
+            *self._leaf_paths("server", out_dir),
             days=days,
             key_type=key_type,
             not_before=not_before,
@@ -340,36 +336,44 @@ class CertificateAuthority:
             name = subject_from_fields(list(subject.items()))
         else:
             name = subject
-        extensions: list[tuple[x509.ExtensionType, bool]] = [
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
-        ]
-        directory = out_dir if out_dir is not None else self.layout.client_dir
         return self._issue(
             "client",
             name,
-            extensions,
-            cert_path=directory / self.layout.client_cert.name,
-            key_path=directory / self.layout.client_key.name,
+            [],
+            *self._leaf_paths("client", out_dir),
             days=days,
             key_type=key_type,
             not_before=not_before,
         )
+
+    def _leaf_paths(self, profile: Profile, out_dir: Path | None) -> tuple[Path, Path]:
+        """Where a server or client certificate and key go: their ini
+        subdirectory, or ``out_dir`` (--path)."""
+        if profile == "server":
+            cert, key = self.layout.server_cert, self.layout.server_key
+        else:
+            cert, key = self.layout.client_cert, self.layout.client_key
+        directory = out_dir if out_dir is not None else cert.parent
+        return directory / cert.name, directory / key.name
 
     def _issue(
         self,
         profile: Profile,
         subject: x509.Name,
         extensions: list[tuple[x509.ExtensionType, bool]],
-        *,
         cert_path: Path,
         key_path: Path,
+        *,
         days: int,
         key_type: str,
         not_before: datetime | None,
         key: PrivateKey | None = None,
     ) -> IssuedCert:
-        """Sign, write and record one certificate. ``key``: reuse this key
-        (renew --keep-key: the key file is left as it is) instead of a new one."""
+        """Sign, write and record one certificate; ``extensions`` are the
+        profile's own (subject alternative names), its extended key usage is
+        added here. ``key``: reuse this key (renew --keep-key: the key file is
+        left as it is) instead of a new one."""
+        extensions = [*extensions, (x509.ExtendedKeyUsage([_PROFILE_USAGE[profile]]), False)]
         _check_days(days)
         now = datetime.now(UTC)
         if self._cert.not_valid_after_utc <= now:
@@ -458,14 +462,8 @@ class CertificateAuthority:
         certificate is marked superseded in the inventory."""
         if profile not in PROFILES:
             raise PkiError(f"cannot renew {profile!r}: renew server or client")
-        default_dir = self.layout.server_dir if profile == "server" else self.layout.client_dir
-        directory = out_dir if out_dir is not None else default_dir
-        cert_name = (
-            self.layout.server_cert if profile == "server" else self.layout.client_cert
-        ).name
-        key_name = (self.layout.server_key if profile == "server" else self.layout.client_key).name
-        cert_path, key_path = directory / cert_name, directory / key_name
-        where = f" --path {directory}" if out_dir is not None else ""
+        cert_path, key_path = self._leaf_paths(profile, out_dir)
+        where = f" --path {cert_path.parent}" if out_dir is not None else ""
         if not cert_path.exists():
             make = "server --common-name=<names>" if profile == "server" else "client [--oid=...]"
             raise PkiError(
@@ -501,13 +499,12 @@ class CertificateAuthority:
         with contextlib.suppress(x509.ExtensionNotFound):
             san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName)
             extensions.append((san.value, san.critical))
-        extensions.append((x509.ExtendedKeyUsage([_PROFILE_USAGE[profile]]), False))
         return self._issue(
             profile,
             old.subject,
             extensions,
-            cert_path=cert_path,
-            key_path=key_path,
+            cert_path,
+            key_path,
             days=days,
             key_type=key_type or DEFAULT_KEY_TYPE,
             not_before=None,

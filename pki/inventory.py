@@ -176,17 +176,23 @@ class Inventory:
 
 
 @contextmanager
+def lock(layout: Layout) -> Iterator[None]:
+    """Hold the exclusive lock beside the CA (``ca/inventory.lock``)."""
+    ensure_directory(layout.ca_dir)
+    fd = os.open(layout.ca_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def locked(layout: Layout) -> Iterator[Inventory]:
     """Read the inventory under the exclusive lock and yield it; when the block
     ends without an exception and changed it, write it back before unlocking."""
-    ensure_directory(layout.ca_dir)
-    lock_path = layout.ca_dir / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+    with lock(layout):
         inventory = Inventory.read(layout)
         yield inventory
         if inventory.changed:
             inventory.save()
-    finally:
-        os.close(fd)

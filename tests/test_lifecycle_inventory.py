@@ -161,6 +161,19 @@ def test_ca_force_moves_the_old_inventory_and_crl_aside(
     assert [row["profile"] for row in document["certificates"]] == ["ca"]
 
 
+def test_ca_force_replaces_a_damaged_inventory(
+    ca: CertificateAuthority, layout: Layout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The inventory of the CA being replaced is moved aside, never read: a
+    damaged one must not stop the replacement."""
+    ca.issue_client("CN:host1")
+    layout.inventory.write_text("{ not json")
+    out, _ = run(capsys, layout, "ca", "--force")
+    assert "moved aside: " in out
+    assert not layout.inventory.exists()
+    assert [p for p in layout.ca_dir.iterdir() if p.name.startswith("inventory.json.old-")]
+
+
 # -- list ----------------------------------------------------------------------------
 
 
