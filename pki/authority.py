@@ -236,12 +236,7 @@ class CertificateAuthority:
                 f"{layout.ca_key} does not belong to {layout.ca_cert}: put the matching "
                 "pair back in place (moved-aside files end in .old-<date>)"
             )
-        try:
-            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            is_ca = constraints.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
+        if not is_ca_certificate(cert):
             raise PkiError(
                 f"{layout.ca_cert} is not a CA certificate: create a CA with "
                 f"`sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
@@ -419,7 +414,7 @@ class CertificateAuthority:
             files.insert(0, (key_path, _key_pem(key), True))
         superseded: list[str] = []
         with self.inventory() as inventory:
-            previous = _read_certificate(cert_path)
+            previous = read_certificate(cert_path)
 
             def record(moved: dict[Path, Path]) -> None:
                 inventory.add(inventory_entry(cert, profile, cert_path))
@@ -470,7 +465,7 @@ class CertificateAuthority:
                 f"no {profile} certificate at {cert_path} to renew: issue one with "
                 f"`sm_ssl_cert --ini-dir {self.layout.ini_dir} {make}{where}`"
             )
-        old = _read_certificate(cert_path)
+        old = read_certificate(cert_path)
         if old is None:
             raise PkiError(
                 f"{cert_path} is not a PEM certificate: renewing copies its subject and names; "
@@ -612,11 +607,8 @@ def key_description(cert: x509.Certificate) -> str:
 
 def profile_of(cert: x509.Certificate) -> str:
     """ca, server or client, from basicConstraints and extended key usage."""
-    try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return "ca"
-    except x509.ExtensionNotFound:
-        pass
+    if is_ca_certificate(cert):
+        return "ca"
     usages = _extended_key_usages(cert)
     if ExtendedKeyUsageOID.SERVER_AUTH in usages:
         return "server"
@@ -638,6 +630,14 @@ def inventory_entry(cert: x509.Certificate, profile: str, path: Path) -> Entry:
     )
 
 
+def is_ca_certificate(cert: x509.Certificate) -> bool:
+    """basicConstraints CA:TRUE."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
 def load_certificate_file(path: Path) -> x509.Certificate | None:
     """A PEM or DER certificate, or None when ``path`` holds none."""
     data = Path(path).read_bytes()
@@ -649,7 +649,8 @@ def load_certificate_file(path: Path) -> x509.Certificate | None:
     return None
 
 
-def _read_certificate(path: Path) -> x509.Certificate | None:
+def read_certificate(path: Path) -> x509.Certificate | None:
+    """The certificate at ``path``; None when there is none or it cannot be read."""
     try:
         return load_certificate_file(path)
     except OSError:

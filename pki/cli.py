@@ -28,8 +28,8 @@ from pki.authority import (
     format_serial,
     inventory_entry,
     key_description,
-    load_certificate_file,
     move_old_server_keys,
+    read_certificate,
 )
 from pki.crl import (
     CRL_VALIDITY_DAYS,
@@ -325,7 +325,7 @@ def _run_clean_ssl(layout: Layout, args: argparse.Namespace, out: TextIO) -> Non
 def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     inventory = Inventory.read(layout)
     entries = list(inventory.entries)
-    ca_cert = _read_ca_cert(layout)
+    ca_cert = read_certificate(layout.ca_cert)
     if ca_cert is None and not entries and not layout.inventory.exists():
         raise PkiError(
             f"nothing to list: no inventory at {layout.inventory} and no root CA at "
@@ -433,13 +433,6 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
 
 
 # -- list --------------------------------------------------------------------------
-
-
-def _read_ca_cert(layout: Layout) -> x509.Certificate | None:
-    try:
-        return load_certificate_file(layout.ca_cert)
-    except OSError:
-        return None
 
 
 def _days_left(moment: datetime, now: datetime) -> int:

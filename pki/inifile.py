@@ -58,12 +58,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def text(value: str) -> str:
-    if not value:
-        raise ValueError(value)
-    return value
-
-
 def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
     """Values of ``keys`` found in ``path`` as ``{field: value}``; a missing
     file gives ``{}`` (every key has a default)."""

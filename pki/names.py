@@ -129,7 +129,7 @@ def host_matches(host: str, names: Iterable[str]) -> bool:
     host = host.rstrip(".").lower()
     if not host:
         return False
-    address = _ip_or_none(host)
+    address = ip_or_none(host)
     for name in names:
         if address is not None:
             if _ip_name_matches(address, name):
@@ -148,13 +148,13 @@ def _ip_name_matches(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nam
             return False
         octets = str(address).split(".")
         return octets[: len(prefix)] == prefix
-    other = _ip_or_none(name)
+    other = ip_or_none(name)
     return other is not None and other == address
 
 
 def _dns_name_matches(host: str, name: str) -> bool:
     name = name.rstrip(".").lower()
-    if _ip_or_none(name) is not None or name.endswith(".*"):
+    if ip_or_none(name) is not None or name.endswith(".*"):
         return False
     if name.startswith("*."):
         first, _, rest = host.partition(".")
@@ -163,7 +163,7 @@ def _dns_name_matches(host: str, name: str) -> bool:
     return "*" not in name and host == name
 
 
-def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text)
     except ValueError:

@@ -26,9 +26,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
+from pki.authority import is_ca_certificate
 from pki.errors import PkiError
 from pki.layout import Layout
-from pki.names import certificate_names, host_matches
+from pki.names import certificate_names, host_matches, ip_or_none
 
 # TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only.
 # TLS 1.3 suites are all strong and keep OpenSSL's default order.
@@ -177,11 +178,7 @@ def _load_ca(ctx: SSL.Context, layout: Layout) -> x509.Certificate:
         raise PkiError(
             f"root CA certificate {layout.ca_cert} is unreadable ({exc}): {fix}"
         ) from None
-    try:
-        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
+    if not is_ca_certificate(ca):
         raise PkiError(
             f"{layout.ca_cert} is not a CA certificate (no basicConstraints CA:TRUE): {fix}"
         )
@@ -268,20 +265,10 @@ def new_connection(
     if server_hostname is None:
         conn.set_accept_state()
     else:
-        if not _is_ip(server_hostname):
+        if ip_or_none(server_hostname) is None:
             conn.set_tlsext_host_name(server_hostname.encode("idna"))
         conn.set_connect_state()
     return conn
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def peer_verdict(conn: SSL.Connection) -> PeerVerdict:
