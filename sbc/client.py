@@ -122,7 +122,6 @@ class Session:
         self.answers = 0  # responses received on this connection
         self.sent = 0  # body bytes the kernel took on this connection
         self.accepted = False  # stpd answered 100 Continue: it reads our request
-        self._peer_closed = False  # the server closed its side (clean TLS close)
 
     async def __aenter__(self) -> Session:
         await self.connect()
@@ -280,9 +279,6 @@ class Session:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
-                if self.conn.their_state is h11.ERROR and self._peer_closed and not self.answers:
-                    # A clean close before any answer: stpd refused us after the handshake.
-                    raise self._broken_off(EOFError("closed by stpd")) from None
                 raise SbcError(f"stpd at {self.where} sent a malformed answer: {exc}") from None
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
@@ -295,7 +291,9 @@ class Session:
                 ) from None
             except trio.BrokenResourceError as exc:
                 raise self._broken_off(exc) from None
-            self._peer_closed = not data
+            if not data and not self.answers:
+                # A clean close before any answer: stpd refused us after the handshake.
+                raise self._broken_off(EOFError("closed by stpd"))
             self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
 
     async def _response(self) -> Response:
@@ -308,13 +306,8 @@ class Session:
             if isinstance(event, h11.InformationalResponse):
                 self.accepted = True  # 100 Continue
                 continue
-            if isinstance(event, h11.ConnectionClosed):
-                if self._was_accepted():
-                    raise self._lost_mid_backup("closed without an answer")
-                raise SbcError(
-                    f"stpd at {self.where} closed the connection without answering: it refused "
-                    "this client (see the stpd log, e.g. STPD_ALLOWED_CLIENTS or a revoked certificate)"
-                )
+            if isinstance(event, h11.ConnectionClosed):  # not reached: _next_event raises first
+                raise self._broken_off(EOFError("closed by stpd"))
 
     async def _json_body(self) -> Any:
         chunks, size = [], 0
