@@ -38,7 +38,6 @@ class TreeStats:
     files: int = 0
     directories: int = 0
     links: int = 0
-    payload_bytes: int = 0  # file contents, without tar headers
     skipped: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)  # size changed while being read
 
@@ -181,7 +180,6 @@ class TreeWriter:
         if info.type == tarfile.REGTYPE:
             self._copy_contents(path, info.size)
             self.stats.files += 1
-            self.stats.payload_bytes += info.size
         else:
             self.stats.directories += kind == tarfile.DIRTYPE
             self.stats.links += info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE)

@@ -28,7 +28,7 @@ from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
 from sbc.config import SbcConfig
 from sbc.progress import TransferProgress
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import Batcher, Get, single_error, sink_thread, source_thread
+from stpd.transfer import Batch, Batcher, Get, single_error, sink_thread, source_thread
 
 log = logging.getLogger("sbc")
 
@@ -379,9 +379,10 @@ class Session:
                         )
                     with trio.fail_after(self.config.io_timeout):
                         await self.tls.send_many(pieces)
-                    self.sent += sum(len(p) for p in batch)
+                    size = sum(len(p) for p in batch)
+                    self.sent += size
                     if progress is not None:
-                        progress.advance(sum(len(p) for p in batch), stats.files)
+                        progress.advance(size, stats.files)
             await self._send_raw(h11.EndOfMessage())
             sent_all = True
 
@@ -470,12 +471,16 @@ class Session:
             extract_stream(get, target, result)
 
         async with sink_thread(extract_all) as put:
-            batcher = Batcher(put)
+
+            async def put_shown(batch: Batch) -> None:
+                await put(batch)
+                if progress is not None:  # once a batch, not once a piece
+                    progress.advance(sum(len(p) for p in batch), result.members)
+
+            batcher = Batcher(put_shown)
             async for piece in self._body_pieces(length):
                 # A bytearray, not copied to bytes: the reader only reads it.
                 await batcher.add(piece)  # type: ignore[arg-type]
-                if progress is not None:
-                    progress.advance(len(piece), result.members)
             await batcher.flush()
         if expected and result.sha256 != expected:
             raise SbcError(

@@ -43,7 +43,7 @@ from stpd.protocol import (
 )
 from stpd.store import SavesetStore, StoreError
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import BATCH_BYTES, READ_CHUNK, Batcher, Get, Put, sink_thread, source_thread
+from stpd.transfer import BATCH_BYTES, Batcher, Get, Put, sink_thread, source_thread
 
 log = logging.getLogger("stpd")
 
@@ -573,14 +573,8 @@ class HttpSession:
         size = os.fstat(f.fileno()).st_size
 
         def read_all(put: Put) -> None:
-            while True:
-                batch, total = [], 0
-                while total < BATCH_BYTES and (piece := f.read(READ_CHUNK)):
-                    batch.append(piece)
-                    total += len(piece)
-                if not batch:
-                    return
-                put(batch)
+            while piece := f.read(BATCH_BYTES):
+                put([piece])  # one read is one batch
 
         started = time.monotonic()
         self.daemon.active_transfers += 1

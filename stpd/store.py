@@ -99,7 +99,6 @@ class Upload:
         self.saveset = new_saveset_id(self.started)
         self.owner, self.source, self.peer = owner, source, peer
         self.part = store.incoming / f"{self.saveset}.tar.part"
-        self.size = 0
         self._hash = hashlib.sha256()
         self._check = TarStreamCheck()
         try:
@@ -121,7 +120,6 @@ class Upload:
             ) from None
         try:
             remaining = sum(len(p) for p in pieces)
-            self.size += remaining
             views = [memoryview(p) for p in pieces]
             while remaining:
                 written = os.writev(self._fd, views)
@@ -156,7 +154,7 @@ class Upload:
                 saveset=self.saveset,
                 owner=self.owner,
                 source=self.source,
-                bytes=self.size,
+                bytes=self._check.offset,  # the checker saw every byte written
                 sha256=self._hash.hexdigest(),
                 started=iso(self.started),
                 finished=iso(utc_now()),

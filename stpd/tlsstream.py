@@ -149,10 +149,6 @@ class TLSStream(trio.abc.Stream):
     def verdict(self) -> PeerVerdict:
         return peer_verdict(self.conn)
 
-    @property
-    def cipher(self) -> str:
-        return f"{self.conn.get_protocol_version_name()} {self.conn.get_cipher_name()}"
-
     # -- receiving ------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:

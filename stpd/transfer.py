@@ -29,7 +29,6 @@ import trio
 
 BATCH_BYTES = 1024 * 1024  # one hand-over to the worker thread; memory is ~3 of these per transfer
 PIPELINE_DEPTH = 2  # batches waiting in each direction: memory <= ~3 batches
-READ_CHUNK = 1024 * 1024  # file reads on the sending side
 
 Batch = list[bytes]
 
