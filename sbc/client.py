@@ -28,7 +28,7 @@ from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
 from sbc.config import SbcConfig
 from sbc.progress import TransferProgress
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import Batch, Batcher, Get, single_error, sink_thread, source_thread
+from stpd.transfer import Batch, Batcher, Get, send_events, single_error, sink_thread, source_thread
 
 log = logging.getLogger("sbc")
 
@@ -256,11 +256,7 @@ class Session:
     async def _send_raw(self, *events: h11.Event) -> None:
         """Send; trio's errors propagate (the backup sender handles them)."""
         assert self.tls is not None
-        pieces: list[bytes] = []
-        for event in events:
-            pieces.extend(self.conn.send_with_data_passthrough(event) or [])
-        with trio.fail_after(self.config.io_timeout):
-            await self.tls.send_many(pieces)
+        await send_events(self.tls, self.conn, events, self.config.io_timeout)
 
     async def _send(self, *events: h11.Event) -> None:
         """Send; a broken or stalled connection becomes an SbcError line."""
@@ -372,13 +368,7 @@ class Session:
             assert self.tls is not None
             async with source_thread(lambda put: write_tree(source, put, stats)) as batches:
                 async for batch in batches:
-                    pieces: list[bytes] = []
-                    for piece in batch:
-                        pieces.extend(
-                            self.conn.send_with_data_passthrough(h11.Data(data=piece)) or []
-                        )
-                    with trio.fail_after(self.config.io_timeout):
-                        await self.tls.send_many(pieces)
+                    await self._send_raw(*(h11.Data(data=piece) for piece in batch))
                     size = sum(len(p) for p in batch)
                     self.sent += size
                     if progress is not None:

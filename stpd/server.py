@@ -43,7 +43,15 @@ from stpd.protocol import (
 )
 from stpd.store import SavesetStore, StoreError
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import BATCH_BYTES, Batcher, Get, Put, sink_thread, source_thread
+from stpd.transfer import (
+    BATCH_BYTES,
+    Batcher,
+    Get,
+    Put,
+    send_events,
+    sink_thread,
+    source_thread,
+)
 
 log = logging.getLogger("stpd")
 
@@ -426,11 +434,7 @@ class HttpSession:
     # -- writing -------------------------------------------------------------
 
     async def _send(self, *events: h11.Event) -> None:
-        pieces: list[bytes] = []
-        for event in events:
-            pieces.extend(self.conn.send_with_data_passthrough(event) or [])
-        with trio.fail_after(self.config.io_timeout):
-            await self.tls.send_all(b"".join(pieces))
+        await send_events(self.tls, self.conn, events, self.config.io_timeout)
 
     async def _send_json(self, status: int, body: Any, headers: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
         data = json.dumps(body, indent=1).encode() + b"\n"
@@ -592,13 +596,7 @@ class HttpSession:
             )
             async with source_thread(read_all) as batches:
                 async for batch in batches:
-                    pieces = []
-                    for piece in batch:
-                        pieces.extend(
-                            self.conn.send_with_data_passthrough(h11.Data(data=piece)) or []
-                        )
-                    with trio.fail_after(self.config.io_timeout):
-                        await self.tls.send_many(pieces)
+                    await self._send(*(h11.Data(data=piece) for piece in batch))
             await self._send(h11.EndOfMessage())
         except trio.TooSlowError:
             log.warning(
