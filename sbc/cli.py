@@ -18,14 +18,15 @@ from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
 from sbc.archive import ArchiveError
 from sbc.client import SbcError, Session
-from sbc.config import SbcConfig, load_config, server_address
+from sbc.config import SbcConfig, load_config
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
+from stpd.config import stpd_address
 from stpd.transfer import single_error
 
 
 def _server(text: str) -> tuple[str, int]:
     try:
-        return server_address(text)
+        return stpd_address(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HOST[:PORT], got {text!r}") from None
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pki.inifile import Key, choice, load_settings, parse_host_port, positive_number
+from pki.inifile import Key, choice, load_settings, positive_number
 from pki.layout import Layout
-from stpd.config import STPD_HTTPS_PORT
+from stpd.config import stpd_address
 
 SECONDS = 1.0
 SSL_SECTION = "SBC_SSL"  # the original's section for the two flags
 SECTION = "SBC"  # our further settings
 
 
-def server_address(text: str) -> tuple[str, int]:
-    return parse_host_port(text, STPD_HTTPS_PORT)
+def _flag(text: str) -> bool:
+    return bool(choice(0, 1)(text))
 
 
 def _fingerprint(text: str) -> str:
@@ -44,17 +44,17 @@ KEYS = [
         SSL_SECTION,
         "SBC_CLIENT_SSL_AUTH",
         "client_ssl_auth",
-        lambda t: bool(choice(0, 1)(t)),
+        _flag,
         "0 or 1",
     ),
     Key(
         SSL_SECTION,
         "SBC_SSL_SERVER_VERIFY",
         "server_verify",
-        lambda t: bool(choice(0, 1)(t)),
+        _flag,
         "0 or 1",
     ),
-    Key(SECTION, "SBC_SERVER", "server", server_address, "HOST or HOST:PORT of the STPD"),
+    Key(SECTION, "SBC_SERVER", "server", stpd_address, "HOST or HOST:PORT of the STPD"),
     Key(SECTION, "SBC_CONNECT_TIMEOUT", "connect_timeout", positive_number, "seconds > 0"),
     Key(SECTION, "SBC_IO_TIMEOUT", "io_timeout", positive_number, "seconds > 0"),
     Key(

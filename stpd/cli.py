@@ -13,9 +13,9 @@ from typing import Any
 import trio
 
 from pki.errors import PkiError
-from pki.inifile import ConfigError, parse_host_port
+from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
-from stpd.config import STPD_HTTPS_PORT, StpdConfig, load_config
+from stpd.config import StpdConfig, load_config, stpd_address
 from stpd.server import Stpd
 from stpd.store import StoreError
 from stpd.transfer import single_error
@@ -25,7 +25,7 @@ log = logging.getLogger("stpd")
 
 def _listen(text: str) -> tuple[str, int]:
     try:
-        return parse_host_port(text, STPD_HTTPS_PORT)
+        return stpd_address(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
 

@@ -26,7 +26,8 @@ STPD_HTTPS_PORT = 11443  # STPD's customary HTTPS port
 SECTION = "STPD_Server"
 
 
-def _listen(text: str) -> tuple[str, int]:
+def stpd_address(text: str) -> tuple[str, int]:
+    """HOST[:PORT] of an STPD, the port defaulting to STPD's HTTPS port."""
     return parse_host_port(text, STPD_HTTPS_PORT)
 
 
@@ -78,7 +79,7 @@ KEYS = [
         lambda t: ClientCertPolicy(choice(0, 1, 2)(t)),
         "0, 1 or 2",
     ),
-    Key(SECTION, "STPD_HTTPS_LISTEN", "listen", _listen, "HOST:PORT, e.g. 0.0.0.0:11443"),
+    Key(SECTION, "STPD_HTTPS_LISTEN", "listen", stpd_address, "HOST:PORT, e.g. 0.0.0.0:11443"),
     Key(SECTION, "STPD_DATA_DIR", "data_dir", _path, "a directory path"),
     Key(SECTION, "STPD_HANDSHAKE_TIMEOUT", "handshake_timeout", positive_number, "seconds > 0"),
     Key(SECTION, "STPD_HEADER_TIMEOUT", "header_timeout", positive_number, "seconds > 0"),
