@@ -88,20 +88,31 @@ _ALERTS = [
 ]
 
 
-def explain_refusal(where: str, reason: str, local: tuple[str, str] | None = None) -> SbcError:
-    """One line for a connection STPD broke off. ``reason`` is what TLS
-    said; ``local`` is what we found wrong with our own certificate (see
-    :func:`pki.tls.client_certificate_problem`), used when the alert was
-    lost or says no more than "bad certificate"."""
+def _refusal_kind(reason: str, local: tuple[str, str] | None) -> tuple[str | None, str]:
+    """Which of _REFUSALS a broken-off connection is (None: not a refusal we
+    can name), and the reason with our local finding added."""
     lowered = reason.lower()
     kind = next((kind for needle, kind in _ALERTS if needle in lowered), None)
     if local is not None and kind in (None, "bad"):
         kind, detail = local
         reason = f"{reason}; {detail}"
-    if kind is None:
-        return SbcError(f"connection to stpd at {where} failed: {reason}")
+    return kind, reason
+
+
+def _refused(where: str, kind: str, reason: str) -> SbcError:
     what, fix = _REFUSALS[kind]
     return SbcError(f"refused by stpd at {where}: {what} ({reason}); {fix}")
+
+
+def explain_refusal(where: str, reason: str, local: tuple[str, str] | None = None) -> SbcError:
+    """One line for a connection STPD broke off. ``reason`` is what TLS
+    said; ``local`` is what we found wrong with our own certificate (see
+    :func:`pki.tls.client_certificate_problem`), used when the alert was
+    lost or says no more than "bad certificate"."""
+    kind, reason = _refusal_kind(reason, local)
+    if kind is None:
+        return SbcError(f"connection to stpd at {where} failed: {reason}")
+    return _refused(where, kind, reason)
 
 
 @dataclass
@@ -203,9 +214,9 @@ class Session:
             )
         else:
             local = client_certificate_problem(self.config.layout)
-        error = explain_refusal(self.where, reason, local)
-        if str(error).startswith("refused by"):
-            return error
+        kind, detailed = _refusal_kind(reason, local)
+        if kind is not None:
+            return _refused(self.where, kind, detailed)
         return SbcError(
             f"stpd at {self.where} closed the connection before answering ({reason}): it "
             "probably refused this client; see the stpd log (e.g. a revoked certificate or "
