@@ -7,7 +7,9 @@ awaited on a condition), never by sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import re
 import shutil
@@ -25,6 +27,7 @@ import trio
 from pki.authority import CertificateAuthority
 from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
+from sbc.cli import main as sbc_main
 from stpd.config import load_config
 from stpd.server import Stpd
 
@@ -92,6 +95,17 @@ def make_pki(root: Path, server_names: str = "localhost,127.0.0.1") -> Pki:
     ca = CertificateAuthority.create(layout)
     ca.issue_server(server_names)
     return Pki(root, layout, ca)
+
+
+def run_sbc(*argv: str) -> tuple[int, str, str]:
+    """``sbc`` in this process; returns (exit status, stdout, stderr).
+
+    sbc's log handler is made on each call for the ``sys.stderr`` of that
+    moment (``sbc.cli._log_to_stderr``), so its warnings land in ``stderr`` too."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = sbc_main(list(argv))
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import pytest
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
 from sbc.cli import main as sbc
-from tests.conftest import RunningStpd, running_stpd
+from tests.conftest import RunningStpd, run_sbc, running_stpd
 from tests.test_transfer_roundtrip import make_tree, snapshot
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")  # the backup server, RDS 1, RDS 2
@@ -51,9 +51,8 @@ def client_ini(root: Path, cert_dir: Path, ca_cert: Path) -> Layout:
     return layout
 
 
-def sbc_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
-    code = sbc([*argv, "--json"])
-    out, err = capsys.readouterr()
+def sbc_json(*argv: str) -> object:
+    code, out, err = run_sbc(*argv, "--json")
     assert code == 0, err
     return json.loads(out)
 
@@ -88,7 +87,7 @@ def test_backup_server_and_two_rds(tmp_path: Path, capsys: pytest.CaptureFixture
         for server in fleet:
             tree = make_tree(tmp_path / f"source-{server.host}")
             (tree / "which-server.txt").write_text(f"{server.host}\n")
-            meta = sbc_json(capsys, *ini, "backup", str(tree), "--server", server.address)
+            meta = sbc_json(*ini, "backup", str(tree), "--server", server.address)
             assert isinstance(meta, dict)
             assert meta["server"].startswith(server.host)  # type: ignore[union-attr]
             server.log.wait_for(rf"^INFO stored saveset {meta['saveset']} .*\(CN=fleet-client\)")
@@ -97,19 +96,19 @@ def test_backup_server_and_two_rds(tmp_path: Path, capsys: pytest.CaptureFixture
         for server in fleet:
             meta, tree = backups[server.host]
             # Each lists only what it stores.
-            listed = sbc_json(capsys, *ini, "list", "--server", server.address)
+            listed = sbc_json(*ini, "list", "--server", server.address)
             assert [item["saveset"] for item in listed] == [meta["saveset"]]  # type: ignore[union-attr,index]
             assert listed[0]["source"] == str(tree)  # type: ignore[index]
             # Restored from the server that holds it, equal to the original.
             target = tmp_path / f"restored-{server.host}"
             restored = sbc_json(
-                capsys, *ini, "restore", meta["saveset"], str(target), "--server", server.address
+                *ini, "restore", meta["saveset"], str(target), "--server", server.address
             )
             assert restored["sha256"] == meta["sha256"]  # type: ignore[index]
             assert snapshot(target / "tree") == snapshot(tree)
             assert (target / "tree" / "which-server.txt").read_text() == f"{server.host}\n"
             # And the status names its own certificate.
-            status = sbc_json(capsys, *ini, "status", "--server", server.address)
+            status = sbc_json(*ini, "status", "--server", server.address)
             assert status["server_certificate"]["subject"] == f"CN={server.host}"  # type: ignore[index]
 
         # A client certificate from another CA: refused by every one of them.

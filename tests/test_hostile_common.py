@@ -8,7 +8,6 @@ timeout or a log line awaited on a condition, never a sleep.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -23,9 +22,8 @@ import h11
 import pytest
 
 from pki.layout import Layout
-from sbc.cli import main as sbc_main
 from stpd.store import INCOMING
-from tests.conftest import LOOPBACK, Pki, RunningStpd, make_pki
+from tests.conftest import LOOPBACK, Pki, RunningStpd, make_pki, run_sbc
 
 DEADLINE = 10.0  # upper bound for any expected event on a socket
 
@@ -166,14 +164,6 @@ def assert_no_partial(root: Path) -> None:
     assert leftovers == [], f"leftovers in {incoming}: {leftovers}"
     orphans = sorted(p.name for p in root.glob("SS-*.tar") if not p.with_suffix(".json").exists())
     assert orphans == [], f"savesets without metadata: {orphans}"
-
-
-def run_sbc(*argv: str) -> tuple[int, str, str]:
-    """``sbc`` in this process; returns (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = sbc_main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_serves(stpd: RunningStpd, client: Layout, workdir: Path) -> str:

@@ -15,9 +15,8 @@ import pytest
 from pki.authority import CertificateAuthority
 from pki.layout import Layout
 from pki.tls import client_certificate_problem
-from sbc.cli import main as sbc
 from sbc.client import explain_refusal
-from tests.conftest import Pki, RunningStpd, running_stpd
+from tests.conftest import Pki, RunningStpd, run_sbc, running_stpd
 
 LEVELS = [0, 1, 2]
 KINDS = ["none", "valid", "other-ca", "expired", "server"]
@@ -59,12 +58,6 @@ CURL_ALERT = {
 def client_for(pki: Pki, kind: str, name: str) -> Layout:
     """``none`` means SBC_CLIENT_SSL_AUTH=0: the client presents nothing."""
     return pki.client_ini(name, cert=kind, client_auth=0 if kind == "none" else 1)
-
-
-def run_sbc(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = sbc(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(err: str, pattern: str) -> None:
@@ -118,9 +111,7 @@ def test_sbc_matrix(
     ini = ["--ini-dir", str(client.ini_dir)]
     refused = level == 2 and kind != "valid"
     with running_stpd(pki.layout, level=level) as stpd:
-        code, out, err = run_sbc(
-            capsys, *ini, "backup", str(source), "--server", stpd.address, "--json"
-        )
+        code, out, err = run_sbc(*ini, "backup", str(source), "--server", stpd.address, "--json")
         logged = stpd.log.wait_for(expected_log(level, kind, name))
         if refused:
             assert code == 1
@@ -144,7 +135,7 @@ def test_sbc_matrix(
         owner = re.escape(expected_owner(level, kind, name))
         stpd.log.wait_for(rf"^INFO stored saveset {saveset} from 127\.0\.0\.1:\d+ \({owner}\)")
 
-        code, out, err = run_sbc(capsys, *ini, "list", "--server", stpd.address, "--json")
+        code, out, err = run_sbc(*ini, "list", "--server", stpd.address, "--json")
         assert code == 0, err
         assert [item["saveset"] for item in json.loads(out)] == [saveset]
         # One judgement per connection: backup and list each logged one line.
@@ -157,9 +148,7 @@ def test_sbc_not_yet_valid_certificate(
 ) -> None:
     client = pki.client_ini("early", cert="not-yet-valid")
     with running_stpd(pki.layout, level=level) as stpd:
-        code, _, err = run_sbc(
-            capsys, "--ini-dir", str(client.ini_dir), "status", "--server", stpd.address
-        )
+        code, _, err = run_sbc("--ini-dir", str(client.ini_dir), "status", "--server", stpd.address)
         line = stpd.log.wait_for(STPD_REASON["not-yet-valid"])
     if level == 1:
         assert code == 0, err
@@ -182,9 +171,7 @@ def test_sbc_missing_client_certificate_is_one_line(
     the file and the command, before any connection."""
     client = pki.client_ini("nofiles", cert="none", client_auth=1)
     with running_stpd(pki.layout, level=2) as stpd:
-        code, out, err = run_sbc(
-            capsys, "--ini-dir", str(client.ini_dir), "list", "--server", stpd.address
-        )
+        code, out, err = run_sbc("--ini-dir", str(client.ini_dir), "list", "--server", stpd.address)
         assert peer_lines(stpd) == []
     assert code == 1 and out == ""
     assert_one_line_error(
@@ -210,20 +197,18 @@ def test_level_1_invalid_certificate_does_not_get_its_claimed_identity(
     )
     with running_stpd(pki.layout, level=1) as stpd:
         code, out, err = run_sbc(
-            capsys,
             *["--ini-dir", str(valid.ini_dir)],
             *["backup", str(source), "--server", stpd.address, "--json"],
         )
         assert code == 0, err
         mine = json.loads(out)["saveset"]
         code, out, err = run_sbc(
-            capsys, "--ini-dir", str(forged.ini_dir), "list", "--server", stpd.address, "--json"
+            "--ini-dir", str(forged.ini_dir), "list", "--server", stpd.address, "--json"
         )
         assert code == 0, err
         assert json.loads(out) == []
         stpd.log.wait_for(r"^WARNING .*\(CN=same-name\): invalid client certificate: not signed")
         code, _, err = run_sbc(
-            capsys,
             *["--ini-dir", str(forged.ini_dir)],
             *["restore", mine, str(tmp_path / "stolen"), "--server", stpd.address],
         )
@@ -352,7 +337,7 @@ def test_valid_certificate_outside_the_allow_list(
     client = pki.client_ini("not-listed")
     with running_stpd(pki.layout, level=level, allowed_clients=("CN:listed*",)) as stpd:
         code, out, err = run_sbc(
-            capsys, "--ini-dir", str(client.ini_dir), "list", "--server", stpd.address, "--json"
+            "--ini-dir", str(client.ini_dir), "list", "--server", stpd.address, "--json"
         )
         reason = r"client identity CN=not-listed is not in STPD_ALLOWED_CLIENTS"
         if level == 1:

@@ -18,8 +18,7 @@ import pytest
 from pki import crl as crl_module
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
-from sbc.cli import main as sbc
-from tests.conftest import Pki, RunningStpd, running_stpd
+from tests.conftest import Pki, RunningStpd, run_sbc, running_stpd
 
 PEER = r"client 127\.0\.0\.1:\d+"
 REVOKED = "certificate has been revoked"
@@ -29,10 +28,8 @@ needs_curl = pytest.mark.skipif(CURL is None, reason="needs the curl command")
 PROCESS_TIMEOUT = 20.0
 
 
-def run_sbc(capsys: pytest.CaptureFixture[str], client: Layout, *argv: str) -> tuple[int, str, str]:
-    code = sbc(["--ini-dir", str(client.ini_dir), *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+def sbc_as(client: Layout, *argv: str) -> tuple[int, str, str]:
+    return run_sbc("--ini-dir", str(client.ini_dir), *argv)
 
 
 def one_line(err: str) -> str:
@@ -49,10 +46,8 @@ def revoke(pki: Pki, client: Layout, capsys: pytest.CaptureFixture[str]) -> None
     assert pki.layout.crl.exists()
 
 
-def backup(
-    capsys: pytest.CaptureFixture[str], client: Layout, stpd: RunningStpd, source: Path
-) -> tuple[int, str, str]:
-    return run_sbc(capsys, client, "backup", str(source), "--server", stpd.address, "--json")
+def backup(client: Layout, stpd: RunningStpd, source: Path) -> tuple[int, str, str]:
+    return sbc_as(client, "backup", str(source), "--server", stpd.address, "--json")
 
 
 def owner_of(stpd: RunningStpd, saveset: str) -> str:
@@ -76,7 +71,7 @@ def test_revoked_client_is_refused_at_level_2_while_others_keep_working(
     lost, other = pki.client_ini("lost-laptop"), pki.client_ini("desktop")
     revoke(pki, lost, capsys)
     with running_stpd(pki.layout, level=2) as stpd:
-        code, out, err = backup(capsys, lost, stpd, source)
+        code, out, err = backup(lost, stpd, source)
         refused = stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=lost-laptop\): ")
         assert refused.endswith(f": {REVOKED} (STPD_HTTPS_USE_CLIENT_CERT=2)"), refused
         assert code == 1 and out == ""
@@ -87,7 +82,7 @@ def test_revoked_client_is_refused_at_level_2_while_others_keep_working(
         ), err
         assert stpd.daemon.store.all() == []
 
-        code, out, err = backup(capsys, other, stpd, source)
+        code, out, err = backup(other, stpd, source)
         assert code == 0, err
         saveset = json.loads(out)["saveset"]
         stpd.log.wait_for(rf"^INFO {PEER} authenticated as CN=desktop$")
@@ -102,24 +97,24 @@ def test_a_revocation_takes_effect_without_a_restart(
     file changes. Other clients keep working."""
     lost, other = pki.client_ini("lost-laptop"), pki.client_ini("desktop")
     with running_stpd(pki.layout, level=2) as stpd:
-        code, _, err = backup(capsys, lost, stpd, source)
+        code, _, err = backup(lost, stpd, source)
         assert code == 0, err
         revoke(pki, lost, capsys)
-        code, out, err = backup(capsys, lost, stpd, source)
+        code, out, err = backup(lost, stpd, source)
         assert code == 1 and out == ""
         assert "revoked" in one_line(err)
         stpd.log.wait_for(r"^INFO CRL .*crl\.pem changed: reloaded$")
         refused = stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=lost-laptop\): {REVOKED} ")
         assert "STPD_HTTPS_USE_CLIENT_CERT=2" in refused
-        code, _, err = backup(capsys, other, stpd, source)
+        code, _, err = backup(other, stpd, source)
         assert code == 0, err
         # A CRL that our CA did not sign is refused; the one in force stays.
         good = pki.layout.crl.read_bytes()
         pki.layout.crl.write_bytes(good.replace(b"MI", b"Mi", 1))
-        code, _, err = backup(capsys, other, stpd, source)
+        code, _, err = backup(other, stpd, source)
         assert code == 0, err
         stpd.log.wait_for(r"^ERROR new CRL refused, the previous one stays in force: ")
-        code, _, err = backup(capsys, lost, stpd, source)
+        code, _, err = backup(lost, stpd, source)
         assert code == 1 and "revoked" in err
 
 
@@ -129,14 +124,14 @@ def test_revoked_client_is_served_as_anonymous_with_a_warning_at_level_1(
     lost, other = pki.client_ini("lost-laptop"), pki.client_ini("desktop")
     # Before the revocation the client owns its savesets...
     with running_stpd(pki.layout, level=1) as stpd:
-        code, out, err = backup(capsys, lost, stpd, source)
+        code, out, err = backup(lost, stpd, source)
         assert code == 0, err
         before = json.loads(out)["saveset"]
         assert owner_of(stpd, before) == "CN=lost-laptop"
     revoke(pki, lost, capsys)
     # ...after it, a new stpd serves it as anonymous: it no longer sees them.
     with running_stpd(pki.layout, level=1) as stpd:
-        code, out, err = backup(capsys, lost, stpd, source)
+        code, out, err = backup(lost, stpd, source)
         assert code == 0, err
         assert err == ""
         saveset = json.loads(out)["saveset"]
@@ -146,11 +141,11 @@ def test_revoked_client_is_served_as_anonymous_with_a_warning_at_level_1(
             "(STPD_HTTPS_USE_CLIENT_CERT=1)"
         ), warning
         assert owner_of(stpd, saveset) == "anonymous"
-        code, out, err = run_sbc(capsys, lost, "list", "--server", stpd.address, "--json")
+        code, out, err = sbc_as(lost, "list", "--server", stpd.address, "--json")
         assert code == 0, err
         assert [item["saveset"] for item in json.loads(out)] == [saveset]
 
-        code, out, err = backup(capsys, other, stpd, source)
+        code, out, err = backup(other, stpd, source)
         assert code == 0, err
         assert owner_of(stpd, json.loads(out)["saveset"]) == "CN=desktop"
         stpd.log.wait_for(rf"^INFO {PEER} authenticated as CN=desktop$")
@@ -164,7 +159,7 @@ def test_a_crl_written_before_any_revocation_changes_nothing(
     assert sm_ssl_cert(["--ini-dir", str(pki.layout.ini_dir), "crl"]) == 0
     capsys.readouterr()
     with running_stpd(pki.layout, level=2) as stpd:
-        code, _out, err = backup(capsys, client, stpd, source)
+        code, _out, err = backup(client, stpd, source)
         assert code == 0, err
         stpd.log.wait_for(rf"^INFO {PEER} authenticated as CN=host1$")
 
@@ -177,13 +172,13 @@ def test_an_out_of_date_crl_refuses_every_client_at_level_2(
     client = pki.client_ini("host1")
     crl_module.write_crl(pki.ca, days=30, now=datetime.now(UTC) - timedelta(days=31))
     with running_stpd(pki.layout, level=2) as stpd:
-        code, _out, _err = backup(capsys, client, stpd, source)
+        code, _out, _err = backup(client, stpd, source)
         assert code == 1
         stpd.log.wait_for(rf"^ERROR refused {PEER} \([^)]+\): CRL has expired")
     assert sm_ssl_cert(["--ini-dir", str(pki.layout.ini_dir), "crl"]) == 0
     capsys.readouterr()
     with running_stpd(pki.layout, level=2) as stpd:
-        code, _out, err = backup(capsys, client, stpd, source)
+        code, _out, err = backup(client, stpd, source)
         assert code == 0, err
 
 
@@ -260,12 +255,12 @@ def test_allow_list_at_level_2(pki: Pki, source: Path, capsys: pytest.CaptureFix
     with running_stpd(pki.layout, level=2) as stpd:
         assert stpd.daemon.config.allowed_clients == ("CN:alice", "CN:*.example.test")
         for client, name in [(alice, "alice"), (host, "host1.example.test")]:
-            code, out, err = backup(capsys, client, stpd, source)
+            code, out, err = backup(client, stpd, source)
             assert code == 0, err
             assert owner_of(stpd, json.loads(out)["saveset"]) == f"CN={name}"
             stpd.log.wait_for(rf"^INFO {PEER} authenticated as CN={re.escape(name)}$")
 
-        code, out, err = backup(capsys, bob, stpd, source)
+        code, out, err = backup(bob, stpd, source)
         line = stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=bob\): ")
         assert line.endswith(
             "client identity CN=bob is not in STPD_ALLOWED_CLIENTS (STPD_HTTPS_USE_CLIENT_CERT=2)"
@@ -283,12 +278,12 @@ def test_allow_list_at_level_1_serves_unlisted_clients_as_anonymous(
     allow_list(pki)
     alice, bob = pki.client_ini("alice"), pki.client_ini("bob")
     with running_stpd(pki.layout, level=1) as stpd:
-        code, out, err = backup(capsys, bob, stpd, source)
+        code, out, err = backup(bob, stpd, source)
         assert code == 0, err
         assert owner_of(stpd, json.loads(out)["saveset"]) == "anonymous"
         line = stpd.log.wait_for(rf"^WARNING {PEER} \(CN=bob\): invalid client certificate: ")
         assert "client identity CN=bob is not in STPD_ALLOWED_CLIENTS; served as anonymous" in line
-        code, out, err = backup(capsys, alice, stpd, source)
+        code, out, err = backup(alice, stpd, source)
         assert code == 0, err
         assert owner_of(stpd, json.loads(out)["saveset"]) == "CN=alice"
 
@@ -340,9 +335,9 @@ def test_pinned_server_fingerprint_accepted_and_refused(
     bad = pinned_client(pki, "pin-bad", wrong)
     with running_stpd(pki.layout, level=2) as stpd:
         for client in (good, lower):
-            code, _out, err = backup(capsys, client, stpd, source)
+            code, _out, err = backup(client, stpd, source)
             assert code == 0, err
-        code, out, err = backup(capsys, bad, stpd, source)
+        code, out, err = backup(bad, stpd, source)
         assert code != 0 and out == ""
         line = one_line(err)
         assert line.startswith(f"sbc: error: stpd at {stpd.address} presented certificate ")
@@ -366,11 +361,11 @@ def test_renewed_server_certificate_is_served_by_a_new_stpd(
     assert new_pin != old_pin
     assert f"SBC_SERVER_FINGERPRINT={new_pin}" in out
     with running_stpd(pki.layout, level=2) as stpd:
-        code, _out, err = backup(capsys, plain, stpd, source)
+        code, _out, err = backup(plain, stpd, source)
         assert code == 0, err
-        code, _out, err = backup(capsys, pinned, stpd, source)
+        code, _out, err = backup(pinned, stpd, source)
         assert code != 0
         assert new_pin.replace(":", "").lower() in one_line(err)
         repinned = pinned_client(pki, "repinned", new_pin)
-        code, _out, err = backup(capsys, repinned, stpd, source)
+        code, _out, err = backup(repinned, stpd, source)
         assert code == 0, err

@@ -13,7 +13,7 @@ import pytest
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
 from sbc.cli import main as sbc
-from tests.conftest import Pki, running_stpd
+from tests.conftest import Pki, run_sbc, running_stpd
 from tests.test_transfer_roundtrip import make_tree, snapshot
 
 RDS_HOST = "127.0.0.2"
@@ -49,9 +49,8 @@ def make_rds(pki: Pki, root: Path, capsys: pytest.CaptureFixture[str]) -> Layout
     return rds
 
 
-def sbc_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
-    code = sbc(list(argv))
-    out, err = capsys.readouterr()
+def sbc_json(*argv: str) -> object:
+    code, out, err = run_sbc(*argv)
     assert code == 0, err
     assert err == ""
     return json.loads(out)
@@ -75,23 +74,21 @@ def test_one_client_two_servers(
         assert rds.address.startswith(f"{RDS_HOST}:")
 
         # Each presents its own certificate.
-        status = sbc_json(capsys, *ini, "status", "--server", rds.address, "--json")
+        status = sbc_json(*ini, "status", "--server", rds.address, "--json")
         assert status["server_certificate"]["subject"] == f"CN={RDS_HOST}"  # type: ignore[index]
-        status = sbc_json(capsys, *ini, "status", "--server", main.address, "--json")
+        status = sbc_json(*ini, "status", "--server", main.address, "--json")
         assert status["server_certificate"]["subject"] == "CN=localhost"  # type: ignore[index]
 
-        on_main = sbc_json(
-            capsys, *ini, "backup", str(tree_main), "--server", main.address, "--json"
-        )
-        on_rds = sbc_json(capsys, *ini, "backup", str(tree_rds), "--server", rds.address, "--json")
+        on_main = sbc_json(*ini, "backup", str(tree_main), "--server", main.address, "--json")
+        on_rds = sbc_json(*ini, "backup", str(tree_rds), "--server", rds.address, "--json")
         assert isinstance(on_main, dict) and isinstance(on_rds, dict)
         rds.log.wait_for(r"^INFO client 127\.0\.0\.1:\d+ authenticated as CN=client1$")
         rds.log.wait_for(rf"^INFO stored saveset {on_rds['saveset']} from .*\(CN=client1\)")
         main.log.wait_for(rf"^INFO stored saveset {on_main['saveset']} from .*\(CN=client1\)")
 
         # Each lists only its own savesets.
-        listed_main = sbc_json(capsys, *ini, "list", "--server", main.address, "--json")
-        listed_rds = sbc_json(capsys, *ini, "list", "--server", rds.address, "--json")
+        listed_main = sbc_json(*ini, "list", "--server", main.address, "--json")
+        listed_rds = sbc_json(*ini, "list", "--server", rds.address, "--json")
         assert [m["saveset"] for m in listed_main] == [on_main["saveset"]]  # type: ignore[union-attr,index]
         assert [m["saveset"] for m in listed_rds] == [on_rds["saveset"]]  # type: ignore[union-attr,index]
         assert listed_rds[0]["source"] == str(tree_rds)  # type: ignore[index]
@@ -102,7 +99,6 @@ def test_one_client_two_servers(
         for server, meta, tree in ((main, on_main, tree_main), (rds, on_rds, tree_rds)):
             target = tmp_path / f"restored-{server.host}"
             restored = sbc_json(
-                capsys,
                 *ini,
                 *["restore", meta["saveset"], str(target), "--server", server.address, "--json"],
             )

@@ -16,16 +16,12 @@ from cryptography import x509
 from pki.errors import PkiError
 from pki.tls import check_server_names, fingerprint_sha256
 from sbc.cli import main as sbc
-from tests.conftest import Pki, RunningStpd, make_pki, running_stpd
+from tests.conftest import Pki, RunningStpd, make_pki, run_sbc, running_stpd
 
 
-def sbc_status(
-    capsys: pytest.CaptureFixture[str], client: Pki | Path, server: str
-) -> tuple[int, str, str]:
+def sbc_status(client: Pki | Path, server: str) -> tuple[int, str, str]:
     ini = client.layout.ini_dir if isinstance(client, Pki) else client
-    code = sbc(["--ini-dir", str(ini), "status", "--server", server])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_sbc("--ini-dir", str(ini), "status", "--server", server)
 
 
 def one_line(err: str) -> str:
@@ -45,7 +41,7 @@ def test_server_certificate_for_another_name_is_refused(
     pki = make_pki(tmp_path, server_names="other.example.test")
     client = pki.client_ini("c")
     with running_stpd(pki.layout, level=2) as stpd:
-        code, out, err = sbc_status(capsys, client.ini_dir, stpd.address)
+        code, out, err = sbc_status(client.ini_dir, stpd.address)
         assert code == 1 and out == ""
         assert one_line(err) == (
             f"sbc: error: stpd at {stpd.address} not trusted: server certificate names "
@@ -62,7 +58,7 @@ def test_server_certificate_from_another_ca_is_refused(
     theirs = make_pki(tmp_path / "theirs")
     client = ours.client_ini("c")
     with running_stpd(theirs.layout, level=0) as stpd:
-        code, out, err = sbc_status(capsys, client.ini_dir, stpd.address)
+        code, out, err = sbc_status(client.ini_dir, stpd.address)
         line = one_line(err)
         assert code == 1 and out == ""
         assert line.startswith(
@@ -86,7 +82,7 @@ def test_level_2_server_blames_the_client_not_itself_for_its_alert(
     ours = make_pki(tmp_path / "ours")
     theirs = make_pki(tmp_path / "theirs")
     with running_stpd(theirs.layout, level=2) as stpd:
-        code, _, err = sbc_status(capsys, ours.client_ini("c").ini_dir, stpd.address)
+        code, _, err = sbc_status(ours.client_ini("c").ini_dir, stpd.address)
         assert code == 1
         assert re.search(r"failed verification: .*not (signed by|from) our (root )?CA", err)
         stpd.log.wait_for(r"^WARNING TLS handshake with 127\.0\.0\.1:\d+ failed: the client")
@@ -100,7 +96,7 @@ def test_client_certificate_as_server_certificate_is_refused(
     shutil.copy(issued.cert_path, pki.layout.server_cert)
     shutil.copy(issued.key_path, pki.layout.server_key)
     with running_stpd(pki.layout, level=0) as stpd:
-        code, _, err = sbc_status(capsys, pki.client_ini("c").ini_dir, stpd.address)
+        code, _, err = sbc_status(pki.client_ini("c").ini_dir, stpd.address)
         line = one_line(err)
         assert code == 1
         assert "failed verification: not a server certificate (no serverAuth extended key" in line
@@ -115,7 +111,7 @@ def test_expired_server_certificate_is_refused(
 
     pki.ca.issue_server("127.0.0.1", not_before=datetime.now(UTC) - timedelta(days=10), days=1)
     with running_stpd(pki.layout, level=0) as stpd:
-        code, _, err = sbc_status(capsys, pki.client_ini("c").ini_dir, stpd.address)
+        code, _, err = sbc_status(pki.client_ini("c").ini_dir, stpd.address)
         line = one_line(err)
         assert code == 1
         assert "failed verification: certificate has expired; the server certificate is out" in line
@@ -150,7 +146,7 @@ def test_server_verify_0_proceeds_with_a_warning(
 
 def test_verified_server_gives_no_warning(pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
     with running_stpd(pki.layout, level=2) as stpd:
-        code, out, err = sbc_status(capsys, pki.client_ini("c").ini_dir, stpd.address)
+        code, out, err = sbc_status(pki.client_ini("c").ini_dir, stpd.address)
     assert code == 0
     assert err == ""
     assert f"stpd 0.1.0 at {stpd.address}: level 2" in out
@@ -163,8 +159,8 @@ def test_pinned_fingerprint(pki: Pki, capsys: pytest.CaptureFixture[str]) -> Non
     )
     wrong = pki.client_ini("wrong", extra_ini="SBC_SERVER_FINGERPRINT=" + "ab" * 32 + "\n")
     with running_stpd(pki.layout, level=2) as stpd:
-        assert sbc_status(capsys, right.ini_dir, stpd.address)[0] == 0
-        code, _, err = sbc_status(capsys, wrong.ini_dir, stpd.address)
+        assert sbc_status(right.ini_dir, stpd.address)[0] == 0
+        code, _, err = sbc_status(wrong.ini_dir, stpd.address)
     assert code == 1
     assert "not the pinned SBC_SERVER_FINGERPRINT " + "ab" * 32 in one_line(err)
 
@@ -178,7 +174,7 @@ def test_ip_wildcard_accepted(
 ) -> None:
     pki = make_pki(tmp_path, server_names=names)
     with running_stpd(pki.layout, level=2) as stpd:
-        code, out, err = sbc_status(capsys, pki.client_ini("c").ini_dir, stpd.address)
+        code, out, err = sbc_status(pki.client_ini("c").ini_dir, stpd.address)
     assert code == 0, err
     assert err == ""
     assert "level 2" in out
@@ -190,7 +186,7 @@ def test_ip_wildcard_refused(
 ) -> None:
     pki = make_pki(tmp_path, server_names=names)
     with running_stpd(pki.layout, level=2) as stpd:
-        code, _, err = sbc_status(capsys, pki.client_ini("c").ini_dir, stpd.address)
+        code, _, err = sbc_status(pki.client_ini("c").ini_dir, stpd.address)
         no_request_served(stpd)
     assert code == 1
     assert f"server certificate names {names} do not match host 127.0.0.1" in one_line(err)
@@ -233,7 +229,7 @@ def test_dns_wildcard_over_a_real_connection(
 ) -> None:
     pki = make_pki(tmp_path, server_names="*.example.test")
     with running_stpd(pki.layout, level=2) as stpd:
-        code, out, err = sbc_status(capsys, pki.client_ini("c").ini_dir, f"{host}:{stpd.port}")
+        code, out, err = sbc_status(pki.client_ini("c").ini_dir, f"{host}:{stpd.port}")
         if accepted:
             assert code == 0, err
             assert err == ""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sbc.cli import main as sbc
-from tests.conftest import Pki, running_stpd
+from tests.conftest import Pki, run_sbc, running_stpd
 
 
 def make_tree(root: Path) -> Path:
@@ -54,9 +54,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return result
 
 
-def sbc_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
-    code = sbc(list(argv))
-    out, err = capsys.readouterr()
+def sbc_json(*argv: str) -> object:
+    code, out, err = run_sbc(*argv)
     assert code == 0, err
     return json.loads(out)
 
@@ -68,21 +67,21 @@ def test_round_trip_preserves_the_tree(
     client = pki.client_ini("client1")
     with running_stpd(pki.layout, level=2) as stpd:
         ini = ["--ini-dir", str(client.ini_dir)]
-        backup = sbc_json(capsys, *ini, "backup", str(tree), "--server", stpd.address, "--json")
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
         assert isinstance(backup, dict)
         saveset = backup["saveset"]
         stored = stpd.daemon.store.tar_path(saveset)
         assert backup["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
         assert backup["bytes"] == stored.stat().st_size
 
-        listing = sbc_json(capsys, *ini, "list", "--server", stpd.address, "--json")
+        listing = sbc_json(*ini, "list", "--server", stpd.address, "--json")
         assert [item["saveset"] for item in listing] == [saveset]  # type: ignore[union-attr]
         assert listing[0]["source"] == str(tree)  # type: ignore[index]
         assert {"saveset", "source", "bytes", "created"} <= set(listing[0])  # type: ignore[index]
 
         target = tmp_path / "restored"
         restored = sbc_json(
-            capsys, *ini, "restore", saveset, str(target), "--server", stpd.address, "--json"
+            *ini, "restore", saveset, str(target), "--server", stpd.address, "--json"
         )
         assert restored["sha256"] == backup["sha256"]  # type: ignore[index]
         stpd.log.wait_for(r"INFO sent saveset " + saveset)
@@ -104,9 +103,8 @@ def test_single_file_backup_and_restore(
     client = pki.client_ini("client1")
     with running_stpd(pki.layout, level=2) as stpd:
         ini = ["--ini-dir", str(client.ini_dir)]
-        backup = sbc_json(capsys, *ini, "backup", str(source), "--server", stpd.address, "--json")
+        backup = sbc_json(*ini, "backup", str(source), "--server", stpd.address, "--json")
         sbc_json(
-            capsys,
             *ini,
             "restore",
             backup["saveset"],
@@ -126,7 +124,6 @@ def test_clients_see_only_their_own_savesets(
     alice, bob = pki.client_ini("alice"), pki.client_ini("bob")
     with running_stpd(pki.layout, level=2) as stpd:
         backup = sbc_json(
-            capsys,
             "--ini-dir",
             str(alice.ini_dir),
             "backup",
@@ -137,9 +134,7 @@ def test_clients_see_only_their_own_savesets(
         )
         saveset = backup["saveset"]  # type: ignore[index]
         assert (
-            sbc_json(
-                capsys, "--ini-dir", str(bob.ini_dir), "list", "--server", stpd.address, "--json"
-            )
+            sbc_json("--ini-dir", str(bob.ini_dir), "list", "--server", stpd.address, "--json")
             == []
         )
         code = sbc(
@@ -230,7 +225,6 @@ def test_savesets_are_private_files(
     data = tmp_path / "new" / "data"
     with running_stpd(pki.layout, level=2, data_dir=data) as stpd:
         backup = sbc_json(
-            capsys,
             "--ini-dir",
             str(client.ini_dir),
             "backup",
