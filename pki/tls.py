@@ -49,6 +49,8 @@ _VERIFY_REASONS = {
     23: "certificate has been revoked",
     # 26 (invalid purpose) depends on the side: see PeerVerdict.record.
 }
+X509_V_ERR_CERT_NOT_YET_VALID = 9
+X509_V_ERR_CERT_HAS_EXPIRED = 10
 X509_V_ERR_INVALID_PURPOSE = 26
 
 
@@ -67,10 +69,12 @@ class PeerVerdict:
     client, "server" when SBC verifies a server."""
 
     problems: list[str] = field(default_factory=list)
+    errors: set[int] = field(default_factory=set)  # OpenSSL X509_V_ERR_* codes seen
     peer_role: str = "client"
     subject: str | None = None  # the peer certificate's subject (RFC 4514), once seen
 
     def record(self, errnum: int, depth: int, subject: str) -> None:
+        self.errors.add(errnum)
         if errnum == X509_V_ERR_INVALID_PURPOSE:
             role = self.peer_role
             reason = f"not a {role} certificate (no {role}Auth extended key usage)"

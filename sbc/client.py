@@ -19,6 +19,9 @@ import trio
 
 from pki.errors import PkiError
 from pki.tls import (
+    X509_V_ERR_CERT_HAS_EXPIRED,
+    X509_V_ERR_CERT_NOT_YET_VALID,
+    X509_V_ERR_INVALID_PURPOSE,
     check_server_names,
     client_certificate_problem,
     client_context,
@@ -171,26 +174,27 @@ class Session:
         except trio.TooSlowError:
             raise SbcError(f"TLS handshake with stpd at {self.where} timed out") from None
         except TLSHandshakeError as exc:
-            problems = self.tls.verdict.reason
-            if problems:
+            verdict = self.tls.verdict
+            if verdict.problems:
                 raise SbcError(
-                    f"server certificate of stpd at {self.where} failed verification: {problems}; "
-                    f"{self._server_fix(problems)} (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
+                    f"server certificate of stpd at {self.where} failed verification: "
+                    f"{verdict.reason}; {self._server_fix(verdict.errors)} "
+                    "(SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
                 ) from None
             raise self._broken_off(exc) from None
         except trio.BrokenResourceError as exc:
             raise self._broken_off(exc) from None
         self._check_server()
 
-    def _server_fix(self, problems: str) -> str:
+    def _server_fix(self, errors: set[int]) -> str:
         """What to do about a server certificate that failed verification."""
         reissue = (
             "re-issue it on the backup server with `sm_ssl_cert server --common-name=<names>` "
             "(with --path=DIR for an RDS) and restart stpd"
         )
-        if "not a server certificate" in problems:
+        if X509_V_ERR_INVALID_PURPOSE in errors:
             return f"stpd presents a certificate without serverAuth usage: {reissue}"
-        if "expired" in problems or "not yet valid" in problems:
+        if errors & {X509_V_ERR_CERT_HAS_EXPIRED, X509_V_ERR_CERT_NOT_YET_VALID}:
             return f"the server certificate is out of its validity period: {reissue}"
         return (
             f"check that {self.config.layout.ca_cert} is the root CA that signed the "
