@@ -40,7 +40,7 @@ from pki.files import move_aside, write_private, write_public
 from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
 from pki.inventory import lock as inventory_lock
 from pki.layout import Layout
-from pki.names import certificate_names, check_server_name, parse_server_names, san_entries
+from pki.names import certificate_names, check_server_names, parse_server_names, san_entries
 
 # Every certificate dies with the root CA (SPEC.md asks for at least 10 years).
 CA_VALIDITY_DAYS = 3650 * 2
@@ -285,11 +285,7 @@ class CertificateAuthority:
         ``names``: a ``--common-name`` list or a list of names; the first is
         the subject CN, all of them are subjectAltNames.
         """
-        checked = (
-            parse_server_names(names)
-            if isinstance(names, str)
-            else [check_server_name(name) for name in names]
-        )
+        checked = parse_server_names(names) if isinstance(names, str) else check_server_names(names)
         if not checked:
             raise PkiError("no server names given: pass --common-name=NAME[,NAME...]")
         if len(checked[0]) > 64:  # the X.509 upper bound of a common name

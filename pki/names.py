@@ -51,14 +51,22 @@ def parse_server_names(text: str) -> list[str]:
             "--common-name is empty: give at least one host name or IP address, "
             "for example --common-name=myserver.domain.com,192.168.1.10"
         )
-    names: list[str] = []
-    seen: set[str] = set()
-    for position, item in enumerate(text.split(","), start=1):
+    items = text.split(",")
+    for position, item in enumerate(items, start=1):
         if not item:
             raise PkiError(
                 f"--common-name {text!r} has an empty item (position {position}): "
                 "remove the extra comma"
             )
+    return check_server_names(items)
+
+
+def check_server_names(items: Iterable[str]) -> list[str]:
+    """Check each name; return them normalised, in order, without duplicates
+    (compared case-insensitively). Raises PkiError naming the first bad one."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for item in items:
         name = check_server_name(item)
         if name.lower() not in seen:
             seen.add(name.lower())

@@ -165,3 +165,10 @@ def test_ip_hosts_and_dns_wildcards_never_mix() -> None:
 def test_malformed_names_from_foreign_certificates_do_not_match() -> None:
     assert not host_matches("a.example", ["*", "a.*", "*.*.example", ""])
     assert not host_matches("1.2.3.4", ["1.2.3.4.*", "01.2.3.*", "*"])
+
+
+def test_a_list_of_names_is_deduplicated_like_the_text_form() -> None:
+    from pki.names import check_server_names
+
+    assert check_server_names(["a.b.c", "A.b.c", "10.0.0.1", "10.0.0.1"]) == ["a.b.c", "10.0.0.1"]
+    assert check_server_names(["a.b.c", "A.b.c"]) == parse_server_names("a.b.c,A.b.c")
