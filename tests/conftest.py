@@ -13,6 +13,9 @@ import io
 import logging
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +27,7 @@ from typing import Any
 import pytest
 import trio
 
+from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
 from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
@@ -33,6 +37,7 @@ from stpd.server import Stpd
 
 LOOPBACK = "127.0.0.1"
 WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
+STPD = str(Path(sys.executable).parent / "stpd")  # the console script
 
 
 @dataclass
@@ -243,6 +248,72 @@ def running_stpd(
         logger.removeHandler(watch)
         assert not thread.is_alive(), "stpd thread did not stop"
         assert "error" not in state, f"stpd failed: {state.get('error')!r}"
+
+
+def write_stpd_ini(ini: Path, *lines: str) -> None:
+    (ini / "stpd.ini").write_text(
+        "[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=2\n" + "".join(f"{line}\n" for line in lines)
+    )
+
+
+class StpdProcess:
+    """The real ``stpd`` console script, its stderr lines awaited by events."""
+
+    def __init__(self, ini: Path, data: Path, pid_file: Path | None = None) -> None:
+        argv = [STPD, "--ini-dir", str(ini), "--listen", f"{LOOPBACK}:0", "--data-dir", str(data)]
+        if pid_file is not None:
+            argv += ["--pid-file", str(pid_file)]
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        self.log = StderrLines(self.process, "stpd")
+        listening = self.wait_for(r"INFO stpd: stpd \S+ listening on ")
+        found = re.search(r"listening on \S+:(\d+),", listening)
+        assert found, listening
+        self.port = int(found.group(1))
+
+    def mark(self) -> int:
+        return self.log.mark()
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = WAIT_SECONDS) -> str:
+        """The first stderr line from index ``after`` matching ``pattern``."""
+        line = self.log.wait_for(pattern, timeout, after)
+        assert line is not None, f"no stpd line matching {pattern!r}; got:\n" + self.log.tail(50)
+        return line
+
+    def matching(self, pattern: str) -> list[str]:
+        return self.log.matching(pattern)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = WAIT_SECONDS) -> int:
+        code = self.process.wait(timeout)
+        self.log.join(timeout)
+        return code
+
+    def stop(self, timeout: float = WAIT_SECONDS) -> None:
+        """SIGTERM if it still runs, then wait for it to exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        self.log.join(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.join(WAIT_SECONDS)
 
 
 @contextmanager

@@ -20,8 +20,6 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -31,64 +29,13 @@ import h11
 import pytest
 from cryptography import x509
 
-from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
-from tests.conftest import Pki, make_pki
+from tests.conftest import Pki, StpdProcess, make_pki, write_stpd_ini
 
 HOST = "127.0.0.1"
 WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
-STPD = str(Path(sys.executable).parent / "stpd")
-
-
-class StpdProcess:
-    """The real ``stpd`` console script, its stderr lines awaited by events."""
-
-    def __init__(self, ini: Path, data: Path, pid_file: Path | None = None) -> None:
-        argv = [STPD, "--ini-dir", str(ini), "--listen", f"{HOST}:0", "--data-dir", str(data)]
-        if pid_file is not None:
-            argv += ["--pid-file", str(pid_file)]
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        self.log = StderrLines(self.process, "stpd")
-        listening = self.wait_for(r"INFO stpd: stpd \S+ listening on ")
-        found = re.search(r"listening on \S+:(\d+),", listening)
-        assert found, listening
-        self.port = int(found.group(1))
-
-    def mark(self) -> int:
-        return self.log.mark()
-
-    def wait_for(self, pattern: str, after: int = 0, timeout: float = WAIT_SECONDS) -> str:
-        """The first stderr line from index ``after`` matching ``pattern``."""
-        line = self.log.wait_for(pattern, timeout, after)
-        assert line is not None, f"no stpd line matching {pattern!r}; got:\n" + self.log.tail(50)
-        return line
-
-    def matching(self, pattern: str) -> list[str]:
-        return self.log.matching(pattern)
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait_exit(self, timeout: float = WAIT_SECONDS) -> int:
-        code = self.process.wait(timeout)
-        self.log.join(timeout)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.log.join(WAIT_SECONDS)
 
 
 # -- a raw TLS client: Python's ssl module and h11 --------------------------------
@@ -200,12 +147,6 @@ def wait_active_transfers(port: int, client: Layout, wanted: int) -> None:
             return
         assert time.monotonic() < deadline, f"active transfers never became {wanted}"
         time.sleep(0.02)  # polling a condition with a deadline, not a synchronising sleep
-
-
-def write_stpd_ini(ini: Path, *lines: str) -> None:
-    (ini / "stpd.ini").write_text(
-        "[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=2\n" + "".join(f"{line}\n" for line in lines)
-    )
 
 
 def assert_nothing_partial(data: Path) -> None:

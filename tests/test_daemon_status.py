@@ -18,14 +18,8 @@ import stpd.server
 from pki.authority import CertificateAuthority
 from pki.layout import Layout
 from stpd import __version__
-from tests.conftest import Pki, make_pki, running_stpd
-from tests.test_daemon_signals import (
-    RawClient,
-    StpdProcess,
-    make_tar,
-    wait_active_transfers,
-    write_stpd_ini,
-)
+from tests.conftest import Pki, StpdProcess, make_pki, running_stpd, write_stpd_ini
+from tests.test_daemon_signals import RawClient, make_tar, wait_active_transfers
 
 BIN = Path(sys.executable).parent
 

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.lines import StderrLines
 from pki.layout import Layout
-from tests.conftest import Pki, RunningStpd, running_stpd
+from tests.conftest import Pki, RunningStpd, StpdProcess, running_stpd
 from tests.test_hostile_common import (
     DEADLINE,
     assert_no_partial,
@@ -436,30 +435,6 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
 # -- stpd killed during an upload ----------------------------------------------------------
 
 
-class Daemon:
-    """The real ``stpd`` console script as a subprocess."""
-
-    def __init__(self, ini: Path, data: Path) -> None:
-        self.process = subprocess.Popen(
-            [str(VENV_BIN / "stpd"), "--ini-dir", str(ini), "--listen", "127.0.0.1:0",
-             "--data-dir", str(data)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self.log = StderrLines(self.process, "stpd")
-        line = self.wait_for(r" listening on 127\.0\.0\.1:(\d+)")
-        self.port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
-
-    def wait_for(self, pattern: str) -> str:
-        line = self.log.wait_for(pattern, DEADLINE)
-        assert line is not None, f"no line matching {pattern!r}: {self.log.lines}"
-        return line
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(DEADLINE)
-
-
 @contextmanager
 def created_in(directory: Path) -> Iterator[Callable[[], str]]:
     """inotify on ``directory``: the returned function waits (with a
@@ -491,7 +466,7 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
     client = hpki.client_ini("survivor")
     data = tmp_path / "data"
     assert not hpki.layout.ca_key.exists()  # the daemon runs without the CA key
-    first = Daemon(hpki.layout.ini_dir, data)
+    first = StpdProcess(hpki.layout.ini_dir, data)
     try:
         if uploader == "raw":
             raw = socket.socket()
@@ -541,7 +516,7 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
     # A crash between the rename and the metadata leaves a tar without metadata.
     orphan = data / "SS-20240101T000000Z-0badf00d.tar"
     orphan.write_bytes(small_tar())
-    second = Daemon(hpki.layout.ini_dir, data)
+    second = StpdProcess(hpki.layout.ini_dir, data)
     try:
         second.wait_for(
             rf"WARNING stpd: removed leftover of an interrupted upload: .*{parts[0].name}$"
