@@ -34,6 +34,7 @@ from pki.tls import ClientCertPolicy
 from sbc.cli import main as sbc_main
 from stpd.config import load_config
 from stpd.server import Stpd
+from stpd.store import INCOMING
 
 LOOPBACK = "127.0.0.1"
 WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
@@ -248,6 +249,18 @@ def running_stpd(
         logger.removeHandler(watch)
         assert not thread.is_alive(), "stpd thread did not stop"
         assert "error" not in state, f"stpd failed: {state.get('error')!r}"
+
+
+def assert_no_partial(root: Path, *, require_incoming: bool = False) -> None:
+    """Nothing half-stored in the data directory ``root``: .incoming is empty
+    (and, with ``require_incoming``, exists) and every tar has its metadata."""
+    incoming = root / INCOMING
+    if require_incoming:
+        assert incoming.is_dir(), f"no {incoming}"
+    leftovers = sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
+    assert leftovers == [], f"leftovers in {incoming}: {leftovers}"
+    orphans = sorted(p.name for p in root.glob("SS-*.tar") if not p.with_suffix(".json").exists())
+    assert orphans == [], f"savesets without metadata: {orphans}"
 
 
 def write_stpd_ini(ini: Path, *lines: str) -> None:

@@ -22,8 +22,7 @@ import h11
 import pytest
 
 from pki.layout import Layout
-from stpd.store import INCOMING
-from tests.conftest import LOOPBACK, Pki, RunningStpd, make_pki, run_sbc
+from tests.conftest import LOOPBACK, Pki, RunningStpd, assert_no_partial, make_pki, run_sbc
 
 DEADLINE = 10.0  # upper bound for any expected event on a socket
 
@@ -155,15 +154,6 @@ def small_tar(name: str = "hello.txt", content: bytes = b"hello\n") -> bytes:
         info.size = len(content)
         archive.addfile(info, io.BytesIO(content))
     return out.getvalue()
-
-
-def assert_no_partial(root: Path) -> None:
-    """Nothing half-stored: .incoming is empty and every tar has its metadata."""
-    incoming = root / INCOMING
-    leftovers = sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
-    assert leftovers == [], f"leftovers in {incoming}: {leftovers}"
-    orphans = sorted(p.name for p in root.glob("SS-*.tar") if not p.with_suffix(".json").exists())
-    assert orphans == [], f"savesets without metadata: {orphans}"
 
 
 def assert_serves(stpd: RunningStpd, client: Layout, workdir: Path) -> str:
