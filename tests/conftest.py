@@ -16,8 +16,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -249,6 +250,19 @@ def running_stpd(
         logger.removeHandler(watch)
         assert not thread.is_alive(), "stpd thread did not stop"
         assert "error" not in state, f"stpd failed: {state.get('error')!r}"
+
+
+def tar_bytes(members: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> bytes:
+    """An in-memory PAX tar of regular files, name to content (pairs keep
+    repeated names, which a dict cannot)."""
+    pairs = members.items() if isinstance(members, Mapping) else members
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in pairs:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def assert_no_partial(root: Path, *, require_incoming: bool = False) -> None:

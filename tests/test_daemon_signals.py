@@ -13,14 +13,12 @@ for the test, so nothing depends on timing.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import signal
 import socket
 import ssl
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +30,7 @@ from cryptography import x509
 from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
-from tests.conftest import Pki, StpdProcess, assert_no_partial, make_pki, write_stpd_ini
+from tests.conftest import Pki, StpdProcess, assert_no_partial, make_pki, tar_bytes, write_stpd_ini
 
 HOST = "127.0.0.1"
 WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
@@ -43,13 +41,7 @@ WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
 
 def make_tar(size: int = 512 * 1024) -> bytes:
     """A valid tar stream with one file of ``size`` random bytes."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("payload/data.bin")
-        info.size = size
-        info.mtime = 1_500_000_000
-        tar.addfile(info, io.BytesIO(os.urandom(size)))
-    return buffer.getvalue()
+    return tar_bytes({"payload/data.bin": os.urandom(size)})
 
 
 class RawClient:

@@ -8,13 +8,11 @@ timeout or a log line awaited on a condition, never a sleep.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import socket
 import ssl
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +20,15 @@ import h11
 import pytest
 
 from pki.layout import Layout
-from tests.conftest import LOOPBACK, Pki, RunningStpd, assert_no_partial, make_pki, run_sbc
+from tests.conftest import (
+    LOOPBACK,
+    Pki,
+    RunningStpd,
+    assert_no_partial,
+    make_pki,
+    run_sbc,
+    tar_bytes,
+)
 
 DEADLINE = 10.0  # upper bound for any expected event on a socket
 
@@ -148,12 +154,7 @@ def wait_count(stpd: RunningStpd, pattern: str, count: int, timeout: float = 20.
 
 
 def small_tar(name: str = "hello.txt", content: bytes = b"hello\n") -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        info = tarfile.TarInfo(name)
-        info.size = len(content)
-        archive.addfile(info, io.BytesIO(content))
-    return out.getvalue()
+    return tar_bytes({name: content})
 
 
 def assert_serves(stpd: RunningStpd, client: Layout, workdir: Path) -> str:

@@ -11,11 +11,9 @@ only ``InvalidTar``.
 
 from __future__ import annotations
 
-import io
 import random
 import re
 import ssl
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from stpd.protocol import (
 )
 from stpd.store import SAVESET_ID
 from stpd.tarcheck import InvalidTar, TarStreamCheck
-from tests.conftest import Pki, make_pki, running_stpd
+from tests.conftest import Pki, make_pki, running_stpd, tar_bytes
 from tests.test_hostile_common import (
     DEADLINE,
     assert_no_partial,
@@ -185,16 +183,6 @@ def test_refused_handshake_always_refuses(policy: ClientCertPolicy, reason: str)
 # -- the streaming tar check -----------------------------------------------------------
 
 
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, content in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            archive.addfile(info, io.BytesIO(content))
-    return out.getvalue()
-
-
 MEMBERS = st.lists(
     st.tuples(
         st.text(
@@ -225,7 +213,7 @@ def feed_in_pieces(data: bytes, cuts: list[int]) -> TarStreamCheck:
 def test_tar_check_accepts_valid_archives_in_any_pieces(
     members: list[tuple[str, bytes]], cuts: list[int]
 ) -> None:
-    check = feed_in_pieces(tar_of(members), cuts)
+    check = feed_in_pieces(tar_bytes(members), cuts)
     assert check.members == len(members)
 
 
@@ -251,7 +239,7 @@ def test_tar_check_mutated_archives_raise_only_invalid_tar(
     truncate: int | None,
     cuts: list[int],
 ) -> None:
-    data = bytearray(tar_of(members))
+    data = bytearray(tar_bytes(members))
     for at, piece in edits:
         at %= len(data)
         data[at : at + len(piece)] = piece

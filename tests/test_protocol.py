@@ -5,7 +5,6 @@ saveset store on disk."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from stpd.protocol import (
     route,
 )
 from stpd.store import INCOMING, SAVESET_ID, InvalidArchive, SavesetStore, StoreError
-from tests.conftest import Pki, read_only_directory
+from tests.conftest import Pki, read_only_directory, tar_bytes
 
 PEER = "127.0.0.1:40000"
 IGNORE, WARN, REQUIRE = ClientCertPolicy.IGNORE, ClientCertPolicy.WARN, ClientCertPolicy.REQUIRE
@@ -328,16 +327,6 @@ def test_saveset_id_pattern() -> None:
 
 
 # -- the saveset store --------------------------------------------------------------
-
-
-def tar_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def without_end_blocks(data: bytes) -> bytes:
