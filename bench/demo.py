@@ -22,7 +22,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -31,9 +30,9 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.common import HOST, free_port
 from bench.lines import StderrLines
 
-HOST = "127.0.0.1"
 COMMAND_TIMEOUT = 60.0  # seconds for one sbc / sm_ssl_cert / curl run
 START_TIMEOUT = 30.0  # seconds for stpd to log "listening on"
 LOG_TIMEOUT = 15.0  # seconds for an expected stpd log line
@@ -144,12 +143,6 @@ class ServerProcess:
         finally:
             self.log.join(STOP_TIMEOUT)
         return status
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
 
 
 # -- the sample tree and the comparison ---------------------------------------
