@@ -5,7 +5,6 @@ is asserted: the figures of a quick run mean nothing."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,11 +21,9 @@ CASES = ("single_file", "small_files", "restore", "concurrent")
 
 
 def run_bench(output: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SESAM_INI_DIR"}
     return subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--output", str(output), *args],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         encoding="utf-8",

@@ -3,7 +3,6 @@ with the real console scripts (sm_ssl_cert, stpd, sbc) as subprocesses."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,11 +14,9 @@ DEMO_TIMEOUT = 120  # seconds; the demo takes a few
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SESAM_INI_DIR"}
     return subprocess.run(
         [sys.executable, "-m", "bench.demo", *args],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         encoding="utf-8",
