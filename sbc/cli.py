@@ -85,10 +85,18 @@ async def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     }
     if stats.skipped:
         result["skipped"] = stats.skipped
+    if stats.changed:
+        result["changed"] = stats.changed
     if not args.json:
         for path in stats.skipped:
             print(
                 f"sbc: warning: skipped {path} (sockets and similar cannot be archived)",
+                file=sys.stderr,
+            )
+        for path in stats.changed:
+            print(
+                f"sbc: warning: {path} changed size while it was read: stored at the size it "
+                "had when the backup reached it (cut, or padded with zeros); back it up again",
                 file=sys.stderr,
             )
         print(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import sbc.archive as archive
 from sbc.cli import main as sbc
 from tests.conftest import Pki, run_sbc, running_stpd
 
@@ -238,3 +239,31 @@ def test_savesets_are_private_files(
     assert (data / ".incoming").stat().st_mode & 0o777 == 0o700
     assert (data / f"{saveset}.tar").stat().st_mode & 0o777 == 0o600
     assert (data / f"{saveset}.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_file_that_changes_during_the_backup_is_reported(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    victim = tree / "shrinking.log"
+    victim.write_bytes(b"a" * 5000)
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        # The walk sizes the file, then it shrinks before it is read.
+        real_copy = archive.TreeWriter._copy_contents
+
+        def shrink_then_copy(self, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
+            victim.write_bytes(b"a" * 100)
+            real_copy(self, path, size)
+
+        monkeypatch.setattr(archive.TreeWriter, "_copy_contents", shrink_then_copy)
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(tree), "--server", stpd.address
+        )
+    assert code == 0, err
+    assert err == (
+        f"sbc: warning: {victim} changed size while it was read: stored at the size it had "
+        "when the backup reached it (cut, or padded with zeros); back it up again\n"
+    )
+    assert "saveset SS-" in out
