@@ -18,6 +18,10 @@ socket (``trio.SocketStream``); handlers see only ``trio.abc.Stream``.
 Why not the stdlib ``ssl`` module: it cannot accept an invalid client
 certificate with a warning (level 1 of STPD_HTTPS_USE_CLIENT_CERT).
 
+The loop over records is C (``stpd/_tlsio.c``): one call fills or drains a
+whole buffer with the GIL released, where a Python loop paid the
+interpreter once per 16 KiB record. Waiting and error handling stay here.
+
 ``send_all`` returns when OpenSSL has handed every byte to the kernel, so
 back-pressure reaches the writer unchanged. ``receive_into`` returns the
 plaintext of every record already readable (at least one byte). One task
@@ -37,11 +41,17 @@ import socket
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.bindings._rust import _openssl
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from pki.tls import PeerVerdict, new_connection, peer_verdict
+from stpd import _tlsio
+
+# The C loop calls the very SSL_read/SSL_write that pyOpenSSL uses.
+_tlsio.bind(
+    int(_openssl.ffi.cast("uintptr_t", _openssl.ffi.addressof(_openssl.lib, "SSL_read"))),
+    int(_openssl.ffi.cast("uintptr_t", _openssl.ffi.addressof(_openssl.lib, "SSL_write"))),
+)
 
 RECEIVE_BUFFER = 256 * 1024  # plaintext gathered per receive_borrowed call
 CLOSE_NOTIFY_TIMEOUT = 1.0  # seconds we wait to say goodbye politely
@@ -76,7 +86,8 @@ class TLSStream(trio.abc.Stream):
         self.transport = transport
         self._socket = transport.socket
         self.conn = new_connection(ctx, self._socket, server_hostname=server_hostname)
-        self._ssl = self.conn._ssl  # for the direct SSL_read/SSL_write below
+        self._ssl = self.conn._ssl  # for pyOpenSSL's error translation
+        self._ssl_address = int(_openssl.ffi.cast("uintptr_t", self._ssl))  # for _tlsio
         self._read_lock = trio.Lock()  # one waiter per direction (trio's rule)
         self._write_lock = trio.Lock()
         self._plain_buffer = bytearray(RECEIVE_BUFFER)
@@ -177,13 +188,14 @@ class TLSStream(trio.abc.Stream):
         self._check_usable()
         if self._eof:
             return 0
-        view = memoryview(buf)
         filled = 0
         while True:
             try:
-                while filled < len(view):
-                    filled += self._read_record(view[filled:])
-                return filled
+                read, result = _tlsio.read_into(self._ssl_address, buf, filled)
+                filled += read
+                if result > 0:
+                    return filled  # buf is full
+                self._raise_ssl_error(result)
             except SSL.WantReadError:
                 if filled:
                     return filled
@@ -210,15 +222,11 @@ class TLSStream(trio.abc.Stream):
             return filled
         raise trio.BrokenResourceError(reason)
 
-    def _read_record(self, view: memoryview) -> int:
-        """Decrypt one record straight into ``view``. pyOpenSSL's ``recv_into``
-        goes through a temporary buffer and a copy, at 64 calls per MiB; we
-        call SSL_read directly and let pyOpenSSL translate its errors."""
-        with _ffi.from_buffer(view, require_writable=True) as target:
-            result = _lib.SSL_read(self._ssl, target, len(view))
-        if result <= 0:
-            self.conn._raise_ssl_error(self._ssl, result)
-        return int(result)
+    def _raise_ssl_error(self, result: int) -> None:
+        """Raise what an SSL_read/SSL_write result <= 0 means (pyOpenSSL's
+        translation, which reads this thread's OpenSSL error queue)."""
+        self.conn._raise_ssl_error(self._ssl, result)
+        raise SSL.Error(f"TLS call failed with {result}")  # pragma: no cover - always raised above
 
     # -- sending ----------------------------------------------------------------
 
@@ -239,11 +247,10 @@ class TLSStream(trio.abc.Stream):
                 view = memoryview(piece).cast("B")
                 while view:
                     try:
-                        with _ffi.from_buffer(view) as source:
-                            result = _lib.SSL_write(self._ssl, source, len(view))
+                        written, result = _tlsio.write_from(self._ssl_address, view)
+                        view = view[written:]
                         if result <= 0:
-                            self.conn._raise_ssl_error(self._ssl, result)
-                        view = view[result:]
+                            self._raise_ssl_error(result)
                     except SSL.WantWriteError:
                         await self._wait_writable()
                     except SSL.WantReadError:  # pragma: no cover - no renegotiation
