@@ -8,11 +8,12 @@ keeps every wait under a named timeout from ``StpdConfig``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.tls import days_left, server_context
 from stpd import __version__
+from stpd.body import request_body
 from stpd.config import StpdConfig, load_config
 from stpd.protocol import (
     PLAIN_HTTP_ANSWER,
@@ -45,8 +47,7 @@ from stpd.store import SavesetStore, StoreError
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import (
     BATCH_BYTES,
-    Batcher,
-    Get,
+    PIPELINE_DEPTH,
     Put,
     send_events,
     sink_thread,
@@ -323,9 +324,13 @@ class HttpSession:
         self.tls = tls
         self.peer = peer
         self.owner = owner
-        self.conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes
-        )
+        self.conn = self._new_http()
+        # Set when a request body was read past h11 (see _receive_body): what
+        # arrived after it, for the h11 connection of the next request.
+        self.after_body: bytes | None = None
+
+    def _new_http(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
 
     async def run(self) -> None:
         while True:
@@ -360,6 +365,15 @@ class HttpSession:
                 await self._send_error(503, "server busy: too many connections, try again later")
                 return
             await self._dispatch(request)
+            if self.after_body is not None:
+                # h11 saw the head but not the body: a new h11 connection
+                # continues after it, unless this one must close.
+                if self.conn.our_state is not h11.DONE:
+                    return
+                self.conn, after_body, self.after_body = self._new_http(), self.after_body, None
+                if after_body:  # (b"" would tell h11 the peer closed)
+                    self.conn.receive_data(after_body)
+                continue
             if self.conn.their_state is h11.SEND_BODY:
                 # A request without a body (GET) ends with an EndOfMessage that
                 # h11 yields only when asked; an unread body means we close.
@@ -419,17 +433,40 @@ class HttpSession:
                 deadline = trio.current_time() + self.config.header_timeout
             self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
 
-    async def _next_body_event(self) -> h11.Data | h11.EndOfMessage:
-        while True:
-            event = self.conn.next_event()
-            if isinstance(event, (h11.Data, h11.EndOfMessage)):
-                return event
-            if event is h11.NEED_DATA:
+    async def _receive_body(
+        self, request: h11.Request, put: Callable[[list[memoryview]], Awaitable[None]]
+    ) -> bytes:
+        """Hand the request body to ``put`` in batches of views into a ring
+        of buffers (see stpd.body: h11 would copy every byte twice); returns
+        what arrived after the body. h11 is left behind, in the middle of
+        the request: ``run`` starts a new h11 connection for the next one."""
+        body = request_body(list(request.headers))
+        early, _ = self.conn.trailing_data  # past the head, already read by h11
+        payload, used = body.feed(memoryview(early))
+        if payload:
+            await put(payload)
+        if body.done:
+            return bytes(early[used:])
+        ring = [bytearray(BATCH_BYTES) for _ in range(PIPELINE_DEPTH + 1)]  # see sink_thread
+        for turn in itertools.count():
+            buffer = memoryview(ring[turn % len(ring)])
+            batch: list[memoryview] = []
+            filled = 0
+            while filled < len(buffer):
                 with trio.fail_after(self.config.io_timeout):
-                    data = await self.tls.receive_borrowed()
-                self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
-                continue
-            raise trio.BrokenResourceError("connection closed in the middle of the request body")
+                    received = await self.tls.receive_into(buffer[filled:])
+                if not received:
+                    raise trio.BrokenResourceError(
+                        "connection closed in the middle of the request body"
+                    )
+                payload, used = body.feed(buffer[filled : filled + received])
+                batch += payload
+                if body.done:
+                    await put(batch)
+                    return bytes(buffer[filled + used : filled + received])
+                filled += received
+            await put(batch)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- writing -------------------------------------------------------------
 
@@ -515,18 +552,12 @@ class HttpSession:
         self.daemon.active_transfers += 1
         try:
 
-            def write_all(get: Get) -> None:
+            def write_all(get: Callable[[], list[memoryview]]) -> None:
                 while batch := get():
                     upload.write(batch)
 
             async with sink_thread(write_all) as put:
-                batcher = Batcher(put)
-                while True:
-                    event = await self._next_body_event()
-                    if isinstance(event, h11.EndOfMessage):
-                        break
-                    await batcher.add(event.data)
-                await batcher.flush()
+                after_body = await self._receive_body(request, put)
             meta = await trio.to_thread.run_sync(upload.commit)
         except StoreError as exc:
             # Remove the partial file before answering: the answer lingers
@@ -561,6 +592,7 @@ class HttpSession:
             meta.source,
         )
         await self._send_json(201, meta.to_json(), [("Location", f"/savesets/{meta.saveset}")])
+        self.after_body = after_body
 
     async def _download(self, saveset: str) -> None:
         store = self.daemon.store

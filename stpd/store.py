@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class Upload:
         except OSError as exc:
             raise _storage_error(exc, "create a saveset file") from None
 
-    def write(self, pieces: list[bytes]) -> None:
+    def write(self, pieces: Sequence[bytes | memoryview]) -> None:
         assert self._fd is not None
         try:
             for piece in pieces:

@@ -24,7 +24,7 @@ import queue
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import h11
 import trio
@@ -36,6 +36,7 @@ BATCH_BYTES = 1024 * 1024  # one hand-over to the worker thread; memory is ~3 of
 PIPELINE_DEPTH = 2  # batches waiting in each direction: memory <= ~3 batches
 
 Batch = list[bytes]
+Piece = TypeVar("Piece", bytes, memoryview)  # a sink's batches: bytes, or views into a ring
 
 
 Put = Callable[[Batch], None]  # blocking hand-over from a worker thread
@@ -72,8 +73,8 @@ async def source_thread(
 
 @asynccontextmanager
 async def sink_thread(
-    consume_all: Callable[[Get], None], depth: int = PIPELINE_DEPTH
-) -> AsyncIterator[Callable[[Batch], Awaitable[None]]]:
+    consume_all: Callable[[Callable[[], list[Piece]]], None], depth: int = PIPELINE_DEPTH
+) -> AsyncIterator[Callable[[list[Piece]], Awaitable[None]]]:
     """Runs ``consume_all(get)`` in a worker thread and yields an async
     ``put(batch)`` that feeds it; ``get`` returns ``[]`` once the block is
     left. Leaving the block waits for the consumer to finish; an exception
@@ -81,21 +82,29 @@ async def sink_thread(
 
     Batches travel through a plain thread-safe queue: the worker never waits
     for the trio loop to hand it one (a round trip per batch otherwise). A
-    trio semaphore of ``depth`` slots, released from the worker without
-    waiting, gives the back-pressure."""
-    batches: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+    trio semaphore of ``depth`` slots gives the back-pressure; the worker
+    frees a slot (without waiting) when it asks for the next batch, that is
+    when it is done with the previous one. So once ``put`` of batch
+    ``k + depth`` returns, batch ``k`` is no longer used: a caller may
+    refill a ring of ``depth + 1`` buffers."""
+    batches: queue.SimpleQueue[list[Piece] | None] = queue.SimpleQueue()
     slots = trio.Semaphore(depth)
     token = trio.lowlevel.current_trio_token()
+    holding = False  # the worker has a batch it has not finished
 
-    def get() -> Batch:
+    def get() -> list[Piece]:
+        nonlocal holding
+        if holding:
+            token.run_sync_soon(slots.release)
         batch = batches.get()
         if batch is None:
             batches.put(None)  # stays at the end for any later get()
+            holding = False
             return []
-        token.run_sync_soon(slots.release)
+        holding = True
         return batch
 
-    async def put(batch: Batch) -> None:
+    async def put(batch: list[Piece]) -> None:
         await slots.acquire()
         batches.put(batch)
 
