@@ -26,7 +26,12 @@ from pathlib import Path
 
 from stpd.transfer import BatchReader, BatchWriter, Get, Put
 
-COPY_BUFFER = 1024 * 1024  # tarfile's copy size for file contents (its default: 16 KiB)
+COPY_BUFFER = 1024 * 1024  # read size for file contents on backup
+# tarfile's copy size on restore (its default: 16 KiB). A read inside one
+# received batch (1 MiB) is passed on uncopied, one that crosses into the
+# next batch is copied (see BatchReader): with a quarter of a batch, about
+# one read in four is. Measured: 1 MiB reads 530 MB/s, 256 KiB 600 MB/s.
+RESTORE_COPY_BUFFER = 256 * 1024
 
 
 class ArchiveError(Exception):
@@ -341,7 +346,7 @@ def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
     """Extract the tar stream from ``get`` into ``target`` and hash it."""
     digest = hashlib.sha256()
 
-    def observe(piece: bytes) -> None:
+    def observe(piece: memoryview) -> None:
         digest.update(piece)
         result.bytes += len(piece)
 
@@ -349,7 +354,7 @@ def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
     try:
         # "r:" with a forward-only reader: extractall takes member after
         # member in order, so it never seeks back (see BatchReader).
-        with tarfile.open(fileobj=reader, mode="r:", copybufsize=COPY_BUFFER) as archive:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=reader, mode="r:", copybufsize=RESTORE_COPY_BUFFER) as archive:  # type: ignore[call-overload]
             safe_members = SafeMembers()
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,20 @@ from pki.tls import (
 from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
 from sbc.config import SbcConfig
 from sbc.progress import TransferProgress
+from stpd.body import LengthBody
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import Batch, Batcher, Get, send_events, single_error, sink_thread, source_thread
+from stpd.transfer import (
+    Get,
+    Views,
+    receive_body,
+    send_events,
+    single_error,
+    sink_thread,
+    source_thread,
+)
 
 log = logging.getLogger("sbc")
 
-BODY_CHUNK = 1024 * 1024  # a restore reads the body in pieces of up to this
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 # Socket buffers on both sides hold a few MiB; once more than this was sent,
 # stpd was reading our data (it refuses a client before reading any).
@@ -420,37 +427,6 @@ class Session:
             raise SbcError(f"stpd at {self.where} answered before the backup was complete")
         return body, stats
 
-    async def _body_pieces(self, length: int) -> AsyncIterator[bytes | bytearray]:
-        """The ``length`` bytes of a response body, read straight from the
-        TLS stream into fresh buffers: h11 would copy each byte twice more.
-        h11 is left behind here (after a restore the connection is closed),
-        except for what it had already received past the headers."""
-        assert self.tls is not None
-        buffered, _ = self.conn.trailing_data
-        if len(buffered) > length:
-            raise SbcError(f"stpd at {self.where} sent more than the announced saveset")
-        if buffered:
-            yield bytes(buffered)
-        remaining = length - len(buffered)
-        while remaining:
-            buf = bytearray(min(BODY_CHUNK, remaining))
-            try:
-                with trio.fail_after(self.config.io_timeout):
-                    n = await self.tls.receive_into(buf)
-            except trio.TooSlowError:
-                raise SbcError(
-                    f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
-                ) from None
-            except trio.BrokenResourceError as exc:
-                raise SbcError(
-                    f"connection to stpd at {self.where} lost mid-restore: {exc}"
-                ) from None
-            if n == 0:
-                raise SbcError(f"stpd at {self.where} closed the connection mid-restore")
-            del buf[n:]
-            remaining -= n
-            yield buf
-
     async def restore(
         self, saveset: str, target: Path, progress: TransferProgress | None = None
     ) -> RestoreResult:
@@ -477,16 +453,27 @@ class Session:
 
         async with sink_thread(extract_all) as put:
 
-            async def put_shown(batch: Batch) -> None:
+            async def put_shown(batch: Views) -> None:
                 await put(batch)
                 if progress is not None:  # once a batch, not once a piece
                     progress.advance(sum(len(p) for p in batch), result.members)
 
-            batcher = Batcher(put_shown)
-            async for piece in self._body_pieces(length):
-                # A bytearray, not copied to bytes: the reader only reads it.
-                await batcher.add(piece)  # type: ignore[arg-type]
-            await batcher.flush()
+            # The body bypasses h11, straight into a ring of buffers; the
+            # connection is closed after a restore, so h11 is not needed again.
+            early, _ = self.conn.trailing_data
+            assert self.tls is not None
+            try:
+                await receive_body(
+                    self.tls, LengthBody(length), early, put_shown, self.config.io_timeout
+                )
+            except trio.TooSlowError:
+                raise SbcError(
+                    f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
+                ) from None
+            except trio.BrokenResourceError as exc:
+                raise SbcError(
+                    f"connection to stpd at {self.where} lost mid-restore: {exc}"
+                ) from None
         if expected and result.sha256 != expected:
             raise SbcError(
                 f"restored data of {saveset} does not match its checksum "

@@ -8,12 +8,11 @@ keeps every wait under a named timeout from ``StpdConfig``.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -47,8 +46,9 @@ from stpd.store import SavesetStore, StoreError
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import (
     BATCH_BYTES,
-    PIPELINE_DEPTH,
+    Get,
     Put,
+    receive_body,
     send_events,
     sink_thread,
     source_thread,
@@ -433,41 +433,6 @@ class HttpSession:
                 deadline = trio.current_time() + self.config.header_timeout
             self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
 
-    async def _receive_body(
-        self, request: h11.Request, put: Callable[[list[memoryview]], Awaitable[None]]
-    ) -> bytes:
-        """Hand the request body to ``put`` in batches of views into a ring
-        of buffers (see stpd.body: h11 would copy every byte twice); returns
-        what arrived after the body. h11 is left behind, in the middle of
-        the request: ``run`` starts a new h11 connection for the next one."""
-        body = request_body(list(request.headers))
-        early, _ = self.conn.trailing_data  # past the head, already read by h11
-        payload, used = body.feed(memoryview(early))
-        if payload:
-            await put(payload)
-        if body.done:
-            return bytes(early[used:])
-        ring = [bytearray(BATCH_BYTES) for _ in range(PIPELINE_DEPTH + 1)]  # see sink_thread
-        for turn in itertools.count():
-            buffer = memoryview(ring[turn % len(ring)])
-            batch: list[memoryview] = []
-            filled = 0
-            while filled < len(buffer):
-                with trio.fail_after(self.config.io_timeout):
-                    received = await self.tls.receive_into(buffer[filled:])
-                if not received:
-                    raise trio.BrokenResourceError(
-                        "connection closed in the middle of the request body"
-                    )
-                payload, used = body.feed(buffer[filled : filled + received])
-                batch += payload
-                if body.done:
-                    await put(batch)
-                    return bytes(buffer[filled + used : filled + received])
-                filled += received
-            await put(batch)
-        raise AssertionError("unreachable")  # pragma: no cover
-
     # -- writing -------------------------------------------------------------
 
     async def _send(self, *events: h11.Event) -> None:
@@ -552,12 +517,21 @@ class HttpSession:
         self.daemon.active_transfers += 1
         try:
 
-            def write_all(get: Callable[[], list[memoryview]]) -> None:
+            def write_all(get: Get) -> None:
                 while batch := get():
                     upload.write(batch)
 
             async with sink_thread(write_all) as put:
-                after_body = await self._receive_body(request, put)
+                # h11 parsed the head; the body bypasses it (see receive_body),
+                # and run() starts a new h11 connection after it.
+                early, _ = self.conn.trailing_data
+                after_body = await receive_body(
+                    self.tls,
+                    request_body(list(request.headers)),
+                    early,
+                    put,
+                    self.config.io_timeout,
+                )
             meta = await trio.to_thread.run_sync(upload.commit)
         except StoreError as exc:
             # Remove the partial file before answering: the answer lingers

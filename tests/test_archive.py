@@ -3,6 +3,7 @@ is read back by tarfile and GNU tar."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -10,7 +11,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from sbc.archive import TreeStats, header_bytes, write_tree
+from sbc.archive import RestoreResult, TreeStats, extract_stream, header_bytes, write_tree
 from stpd.tarcheck import TarStreamCheck
 
 
@@ -94,3 +95,40 @@ def test_a_file_that_shrinks_while_read_is_padded_and_reported(tmp_path: Path, m
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.getmember("shrinks").size == 5000
     assert stats.changed == [str(victim)]
+
+
+def test_restore_from_batches_in_one_reused_buffer(tmp_path: Path) -> None:
+    """The restore side gets views into a ring of buffers that is refilled
+    once the next batch is asked for. Here a single buffer is overwritten at
+    every get(): a view kept past that point would restore garbage."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    contents = {
+        f"f{n}": os.urandom(size) for n, size in enumerate([0, 1, 511, 70_000, 1_500_000, 300_001])
+    }
+    for name, content in contents.items():
+        (tree / name).write_bytes(content)
+    batches: list[list[bytes]] = []
+    write_tree(tree, batches.append, TreeStats())
+    stream = b"".join(piece for batch in batches for piece in batch)
+
+    rng = random.Random(4)
+    shared = bytearray(400_000)
+    position = 0
+
+    def get() -> list[memoryview]:
+        nonlocal position
+        size = min(rng.randint(1, len(shared)), len(stream) - position)
+        shared[:] = os.urandom(len(shared))  # what a refill does to old views
+        shared[:size] = stream[position : position + size]
+        position += size
+        cut = rng.randint(0, size)
+        view = memoryview(shared)
+        return [piece for piece in (view[:cut], view[cut:size]) if len(piece)]
+
+    result = RestoreResult()
+    extract_stream(get, tmp_path / "out", result)
+    for name, content in contents.items():
+        assert (tmp_path / "out" / "tree" / name).read_bytes() == content, name
+    assert result.sha256 == hashlib.sha256(stream).hexdigest()
+    assert result.bytes == len(stream)
