@@ -31,8 +31,9 @@ direction because trio allows one waiter per direction.
 Errors are translated at this boundary: a failed handshake raises
 :class:`TLSHandshakeError` (with OpenSSL's reason), a peer that vanishes
 without ``close_notify`` raises :class:`trio.BrokenResourceError`, and a clean
-``close_notify`` reads as end of stream. A cancelled send leaves a record
-half-written, so the stream is broken after it (as with ``trio.SSLStream``).
+``close_notify`` reads as end of stream. A cancelled send may leave a record
+half-written, so nothing more can be sent after it; receiving goes on (a
+client cut off mid-upload still reads why).
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ class TLSStream(trio.abc.Stream):
         self._unyielded = 0  # calls since we last let other tasks run
         self._eof = False
         self._broken: str | None = None
+        # A send cut off mid-record breaks sending only: the peer's answer
+        # (say, why it refused an upload) can still be read.
+        self._send_broken: str | None = None
         self._closed = False
 
     # -- waiting on the socket -----------------------------------------------
@@ -126,11 +130,12 @@ class TLSStream(trio.abc.Stream):
             self._unyielded = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def _check_usable(self) -> None:
+    def _check_usable(self, sending: bool = False) -> None:
         if self._closed:
             raise trio.ClosedResourceError("TLS stream is closed")
-        if self._broken is not None:
-            raise trio.BrokenResourceError(self._broken)
+        broken = self._broken or (self._send_broken if sending else None)
+        if broken is not None:
+            raise trio.BrokenResourceError(broken)
 
     # -- handshake and peer ---------------------------------------------------
 
@@ -241,7 +246,7 @@ class TLSStream(trio.abc.Stream):
         await self._checkpoint_unless_waited(waits_before)
 
     async def _send_many(self, pieces: list[bytes] | list[bytes | bytearray | memoryview]) -> None:
-        self._check_usable()
+        self._check_usable(sending=True)
         try:
             for piece in pieces:
                 view = memoryview(piece).cast("B")
@@ -259,8 +264,9 @@ class TLSStream(trio.abc.Stream):
             self._broken = f"connection lost: {_ssl_reason(exc)}"
             raise trio.BrokenResourceError(self._broken) from None
         except BaseException:
-            # Cancelled or failed mid-record: the TLS stream cannot continue.
-            self._broken = self._broken or "a send was interrupted"
+            # Cancelled mid-record: nothing more can be sent, but what the
+            # peer sends can still be read.
+            self._send_broken = "a send was interrupted"
             raise
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -293,7 +299,7 @@ class TLSStream(trio.abc.Stream):
         if self._closed:
             return
         try:
-            if self._handshook and self._broken is None:
+            if self._handshook and self._broken is None and self._send_broken is None:
                 with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT) as scope:
                     scope.shield = True
                     await self._send_close_notify()

@@ -70,3 +70,19 @@ async def test_receive_and_send_are_checkpoints_even_when_ready(pki: Pki) -> Non
     assert await server.receive_some(200_000) == b"x" * 100_000  # nothing was lost
     for stream in (server, sbc):
         await stream.aclose()
+
+
+async def test_a_cancelled_send_stops_sending_but_not_receiving(pki: Pki) -> None:
+    """sbc cancels its upload when stpd answers early (a refusal, a full
+    disk); the answer must still be readable after the cut-off send."""
+    server, sbc = await tls_pair(pki, pki.client_ini("a"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sbc.send_all, b"z" * 50_000_000)  # the server does not read
+        await trio.testing.wait_all_tasks_blocked()  # the send is stuck mid-way
+        nursery.cancel_scope.cancel()
+    await server.send_all(b"HTTP/1.1 507 storage full")
+    assert await sbc.receive_some() == b"HTTP/1.1 507 storage full"
+    with pytest.raises(trio.BrokenResourceError, match="a send was interrupted"):
+        await sbc.send_all(b"more")
+    for stream in (server, sbc):
+        await stream.aclose()
