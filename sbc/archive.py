@@ -193,15 +193,9 @@ class TreeWriter:
         """Exactly ``size`` bytes, whatever the file does meanwhile: a file
         that shrank is padded with zeros and reported, one that grew is cut
         at the size its header announced (as GNU tar does)."""
-        remaining = size
         try:
             with open(path, "rb", buffering=0) as f:
-                while remaining:
-                    piece = f.read(min(COPY_BUFFER, remaining))
-                    if not piece:
-                        break
-                    self.out.write(piece)
-                    remaining -= len(piece)
+                remaining = size - self.out.fill_from(f, size)
         except OSError as exc:
             raise ArchiveError(f"cannot read {path}: {exc.strerror}") from None
         if remaining:

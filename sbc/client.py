@@ -32,8 +32,9 @@ from sbc.progress import TransferProgress
 from stpd.body import LengthBody
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import (
+    Batch,
     Get,
-    Views,
+    data_events,
     receive_body,
     send_events,
     single_error,
@@ -390,7 +391,7 @@ class Session:
             assert self.tls is not None
             async with source_thread(lambda put: write_tree(source, put, stats)) as batches:
                 async for batch in batches:
-                    await self._send_raw(*(h11.Data(data=piece) for piece in batch))
+                    await self._send_raw(*data_events(batch))
                     size = sum(len(p) for p in batch)
                     self.sent += size
                     if progress is not None:
@@ -453,7 +454,7 @@ class Session:
 
         async with sink_thread(extract_all) as put:
 
-            async def put_shown(batch: Views) -> None:
+            async def put_shown(batch: Batch) -> None:
                 await put(batch)
                 if progress is not None:  # once a batch, not once a piece
                     progress.advance(sum(len(p) for p in batch), result.members)

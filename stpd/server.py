@@ -45,9 +45,10 @@ from stpd.protocol import (
 from stpd.store import SavesetStore, StoreError
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import (
-    BATCH_BYTES,
+    BatchWriter,
     Get,
     Put,
+    data_events,
     receive_body,
     send_events,
     sink_thread,
@@ -583,8 +584,9 @@ class HttpSession:
         size = os.fstat(f.fileno()).st_size
 
         def read_all(put: Put) -> None:
-            while piece := f.read(BATCH_BYTES):
-                put([piece])  # one read is one batch
+            out = BatchWriter(put)
+            out.fill_from(f, size)
+            out.finish()
 
         started = time.monotonic()
         self.daemon.active_transfers += 1
@@ -602,7 +604,7 @@ class HttpSession:
             )
             async with source_thread(read_all) as batches:
                 async for batch in batches:
-                    await self._send(*(h11.Data(data=piece) for piece in batch))
+                    await self._send(*data_events(batch))
             await self._send(h11.EndOfMessage())
         except trio.TooSlowError:
             log.warning(
