@@ -15,6 +15,19 @@ from sbc.archive import RestoreResult, TreeStats, extract_stream, header_bytes, 
 from stpd.tarcheck import TarStreamCheck
 
 
+def tar_stream(source: Path, stats: TreeStats) -> bytes:
+    """The whole stream write_tree makes. Each batch is copied when it is
+    handed over: its buffers are refilled later (a ring, see BatchWriter)."""
+    out = bytearray()
+
+    def put(batch: list[memoryview]) -> None:
+        for view in batch:
+            out.extend(view)
+
+    write_tree(source, put, stats)
+    return bytes(out)
+
+
 def test_header_bytes_equal_tarfiles_for_every_shape() -> None:
     rng = random.Random(7)
     for _ in range(5000):
@@ -48,17 +61,15 @@ def test_header_bytes_equal_tarfiles_for_every_shape() -> None:
 def test_written_tree_reads_back(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "a" / "b").mkdir(parents=True)
-    (tree / "a" / "b" / "data").write_bytes(os.urandom(2_500_000))
+    (tree / "a" / "b" / "data").write_bytes(os.urandom(6_500_000))  # > the ring
     (tree / "ünï").write_text("x")
     (tree / ("n" * 130)).write_text("long")
     (tree / "hard1").write_text("same")
     os.link(tree / "hard1", tree / "hard2")
     (tree / "sym").symlink_to("a/b/data")
     os.mkfifo(tree / "fifo")
-    batches: list[list[bytes]] = []
     stats = TreeStats()
-    write_tree(tree, batches.append, stats)
-    data = b"".join(piece for batch in batches for piece in batch)
+    data = tar_stream(tree, stats)
     assert len(data) % tarfile.RECORDSIZE == 0
     checker = TarStreamCheck()
     checker.feed(data)
@@ -88,10 +99,8 @@ def test_a_file_that_shrinks_while_read_is_padded_and_reported(tmp_path: Path, m
         return st
 
     monkeypatch.setattr(os, "lstat", lstat_then_truncate)
-    batches: list[list[bytes]] = []
     stats = TreeStats()
-    write_tree(victim, batches.append, stats)
-    data = b"".join(piece for batch in batches for piece in batch)
+    data = tar_stream(victim, stats)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.getmember("shrinks").size == 5000
     assert stats.changed == [str(victim)]
@@ -108,9 +117,7 @@ def test_restore_from_batches_in_one_reused_buffer(tmp_path: Path) -> None:
     }
     for name, content in contents.items():
         (tree / name).write_bytes(content)
-    batches: list[list[bytes]] = []
-    write_tree(tree, batches.append, TreeStats())
-    stream = b"".join(piece for batch in batches for piece in batch)
+    stream = tar_stream(tree, TreeStats())
 
     rng = random.Random(4)
     shared = bytearray(400_000)
