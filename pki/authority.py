@@ -40,7 +40,13 @@ from pki.files import move_aside, write_private, write_public
 from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
 from pki.inventory import lock as inventory_lock
 from pki.layout import Layout
-from pki.names import certificate_names, check_server_names, parse_server_names, san_entries
+from pki.names import (
+    certificate_names,
+    check_server_names,
+    is_ca_certificate,
+    parse_server_names,
+    san_entries,
+)
 
 # Every certificate dies with the root CA (SPEC.md asks for at least 10 years).
 CA_VALIDITY_DAYS = 3650 * 2
@@ -624,14 +630,6 @@ def inventory_entry(cert: x509.Certificate, profile: str, path: Path) -> Entry:
         recorded_at=timestamp(datetime.now(UTC)),
         sha256=format_fingerprint(cert),
     )
-
-
-def is_ca_certificate(cert: x509.Certificate) -> bool:
-    """basicConstraints CA:TRUE."""
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
 
 
 def load_certificate_file(path: Path) -> x509.Certificate | None:

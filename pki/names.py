@@ -250,3 +250,11 @@ def _check_host_name(labels: list[str]) -> str | None:
     if labels[-1].isdigit():
         return "the last label of a host name cannot be all digits"
     return None
+
+
+def is_ca_certificate(cert: x509.Certificate) -> bool:
+    """basicConstraints CA:TRUE."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False

@@ -26,10 +26,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
-from pki.authority import is_ca_certificate
 from pki.errors import PkiError
 from pki.layout import Layout
-from pki.names import certificate_names, host_matches, ip_or_none
+from pki.names import certificate_names, host_matches, ip_or_none, is_ca_certificate
 
 # TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only.
 # TLS 1.3 suites are all strong and keep OpenSSL's default order.
