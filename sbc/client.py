@@ -31,16 +31,7 @@ from sbc.config import SbcConfig
 from sbc.progress import TransferProgress
 from stpd.body import LengthBody
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import (
-    Batch,
-    Get,
-    data_events,
-    receive_body,
-    send_events,
-    single_error,
-    sink_thread,
-    source_thread,
-)
+from stpd.transfer import Batch, BodyReader, run_transfer, send_batch, send_events
 
 log = logging.getLogger("sbc")
 
@@ -48,6 +39,10 @@ MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 # Socket buffers on both sides hold a few MiB; once more than this was sent,
 # stpd was reading our data (it refuses a client before reading any).
 READ_BY_SERVER_BYTES = 64 * 1024 * 1024
+
+
+class _AnsweredEarly(Exception):
+    """stpd answered before the end of a backup: stop sending."""
 
 
 class SbcError(Exception):
@@ -144,6 +139,7 @@ class Session:
         self.answers = 0  # responses received on this connection
         self.sent = 0  # body bytes the kernel took on this connection
         self.accepted = False  # stpd answered 100 Continue: it reads our request
+        self._early_answer: h11.Event | None = None  # read while sending a backup
 
     async def __aenter__(self) -> Session:
         await self.connect()
@@ -317,7 +313,7 @@ class Session:
 
     async def _response(self) -> Response:
         while True:
-            event = await self._next_event()
+            event, self._early_answer = self._early_answer or await self._next_event(), None
             if isinstance(event, h11.Response):
                 self.answers += 1
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
@@ -384,42 +380,60 @@ class Session:
                 ),
             )
         )
-        sent_all = False
+        assert self.tls is not None
+        tls, conn, timeout = self.tls, self.conn, self.config.io_timeout
+        scratch = bytearray(64 * 1024)
 
-        async def send_body() -> None:
-            nonlocal sent_all
-            assert self.tls is not None
-            async with source_thread(lambda put: write_tree(source, put, stats)) as batches:
-                async for batch in batches:
-                    await self._send_raw(*data_events(batch))
-                    size = sum(len(p) for p in batch)
-                    self.sent += size
-                    if progress is not None:
-                        progress.advance(size, stats.files)
-            await self._send_raw(h11.EndOfMessage())
-            sent_all = True
-
-        response: Response | None = None
-        try:
+        def on_input() -> bool:
+            """stpd sent something while we send: go on after a 100
+            Continue, stop at its final answer (a refusal, a full disk)."""
+            received = tls.read_available(scratch)
+            if received:
+                conn.receive_data(bytes(scratch[:received]))
+            elif tls.at_eof:
+                return False
             try:
-                async with trio.open_nursery() as nursery:
+                while (event := conn.next_event()) is not h11.NEED_DATA:
+                    if isinstance(event, h11.InformationalResponse):
+                        self.accepted = True  # 100 Continue
+                        continue
+                    if isinstance(event, h11.Event):
+                        self._early_answer = event  # for _response
+                    return False
+            except h11.RemoteProtocolError:
+                return False  # the trio side reads it again and says so
+            return True
 
-                    async def sender() -> None:
-                        try:
-                            await send_body()
-                        except trio.BrokenResourceError:
-                            pass  # the server stopped reading: its answer says why
+        def send_tree() -> bool:
+            """The whole tar stream, in a transfer thread; False when stpd
+            answered before the end."""
 
-                    nursery.start_soon(sender)
-                    response = await self._response()
-                    if response.status >= 300:
-                        nursery.cancel_scope.cancel()  # an early refusal: stop sending
-            except BaseExceptionGroup as group:
-                raise single_error(group) from None
+            def put(batch: Batch) -> None:
+                if not send_batch(tls, conn, batch, timeout, on_input):
+                    raise _AnsweredEarly
+                size = sum(len(p) for p in batch)
+                self.sent += size
+                if progress is not None:
+                    progress.advance(size, stats.files)
+
+            try:
+                write_tree(source, put, stats)
+            except _AnsweredEarly:
+                return False
+            return True
+
+        sent_all = False
+        try:
+            sent_all = await run_transfer(tls, send_tree)
+            if sent_all:
+                await self._send_raw(h11.EndOfMessage())
         except trio.TooSlowError:
             raise SbcError(
                 f"stpd at {self.where} stopped reading our data ({self.config.io_timeout:g}s)"
             ) from None
+        except trio.BrokenResourceError:
+            pass  # the server stopped reading: its answer says why
+        response = await self._response()
         assert response is not None
         body = await self._json_body()
         if response.status != 201:
@@ -449,32 +463,26 @@ class Session:
         if progress is not None:
             progress.set_total(length)
 
-        def extract_all(get: Get) -> None:
-            extract_stream(get, target, result)
+        # The body bypasses h11 (the connection is closed after a restore):
+        # a transfer thread reads it and extracts it as it comes.
+        early, _ = self.conn.trailing_data
+        assert self.tls is not None
+        reader = BodyReader(self.tls, LengthBody(length), early, self.config.io_timeout)
 
-        async with sink_thread(extract_all) as put:
+        def next_batch() -> Batch:
+            batch = reader.next_batch()
+            if progress is not None:  # once a batch, not once a piece
+                progress.advance(sum(len(p) for p in batch), result.members)
+            return batch
 
-            async def put_shown(batch: Batch) -> None:
-                await put(batch)
-                if progress is not None:  # once a batch, not once a piece
-                    progress.advance(sum(len(p) for p in batch), result.members)
-
-            # The body bypasses h11, straight into a ring of buffers; the
-            # connection is closed after a restore, so h11 is not needed again.
-            early, _ = self.conn.trailing_data
-            assert self.tls is not None
-            try:
-                await receive_body(
-                    self.tls, LengthBody(length), early, put_shown, self.config.io_timeout
-                )
-            except trio.TooSlowError:
-                raise SbcError(
-                    f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
-                ) from None
-            except trio.BrokenResourceError as exc:
-                raise SbcError(
-                    f"connection to stpd at {self.where} lost mid-restore: {exc}"
-                ) from None
+        try:
+            await run_transfer(self.tls, lambda: extract_stream(next_batch, target, result))
+        except trio.TooSlowError:
+            raise SbcError(
+                f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
+            ) from None
+        except trio.BrokenResourceError as exc:
+            raise SbcError(f"connection to stpd at {self.where} lost mid-restore: {exc}") from None
         if expected and result.sha256 != expected:
             raise SbcError(
                 f"restored data of {saveset} does not match its checksum "

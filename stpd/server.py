@@ -45,14 +45,12 @@ from stpd.protocol import (
 from stpd.store import SavesetStore, StoreError
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import (
+    Batch,
     BatchWriter,
-    Get,
-    Put,
-    data_events,
-    receive_body,
+    BodyReader,
+    run_transfer,
+    send_batch,
     send_events,
-    sink_thread,
-    source_thread,
 )
 
 log = logging.getLogger("stpd")
@@ -326,7 +324,7 @@ class HttpSession:
         self.peer = peer
         self.owner = owner
         self.conn = self._new_http()
-        # Set when a request body was read past h11 (see _receive_body): what
+        # Set when a request body was read past h11 (see _upload): what
         # arrived after it, for the h11 connection of the next request.
         self.after_body: bytes | None = None
 
@@ -517,22 +515,18 @@ class HttpSession:
         started = time.monotonic()
         self.daemon.active_transfers += 1
         try:
+            # h11 parsed the head; the body bypasses it (see BodyReader), and
+            # run() starts a new h11 connection after it.
+            early, _ = self.conn.trailing_data
+            body = request_body(list(request.headers))
 
-            def write_all(get: Get) -> None:
-                while batch := get():
+            def store_body() -> bytes:
+                reader = BodyReader(self.tls, body, early, self.config.io_timeout)
+                while batch := reader.next_batch():
                     upload.write(batch)
+                return reader.after
 
-            async with sink_thread(write_all) as put:
-                # h11 parsed the head; the body bypasses it (see receive_body),
-                # and run() starts a new h11 connection after it.
-                early, _ = self.conn.trailing_data
-                after_body = await receive_body(
-                    self.tls,
-                    request_body(list(request.headers)),
-                    early,
-                    put,
-                    self.config.io_timeout,
-                )
+            after_body = await run_transfer(self.tls, store_body)
             meta = await trio.to_thread.run_sync(upload.commit)
         except StoreError as exc:
             # Remove the partial file before answering: the answer lingers
@@ -583,7 +577,10 @@ class HttpSession:
             return
         size = os.fstat(f.fileno()).st_size
 
-        def read_all(put: Put) -> None:
+        def send_saveset() -> None:
+            def put(batch: Batch) -> None:
+                send_batch(self.tls, self.conn, batch, self.config.io_timeout)
+
             out = BatchWriter(put)
             out.fill_from(f, size)
             out.finish()
@@ -602,9 +599,7 @@ class HttpSession:
                     ],
                 )
             )
-            async with source_thread(read_all) as batches:
-                async for batch in batches:
-                    await self._send(*data_events(batch))
+            await run_transfer(self.tls, send_saveset)
             await self._send(h11.EndOfMessage())
         except trio.TooSlowError:
             log.warning(

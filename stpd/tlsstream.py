@@ -38,7 +38,9 @@ client cut off mid-upload still reads why).
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Callable
 
 import trio
 from cryptography import x509
@@ -50,13 +52,19 @@ from stpd import _tlsio
 
 # The C loop calls the very SSL_read/SSL_write that pyOpenSSL uses.
 _tlsio.bind(
-    int(_openssl.ffi.cast("uintptr_t", _openssl.ffi.addressof(_openssl.lib, "SSL_read"))),
-    int(_openssl.ffi.cast("uintptr_t", _openssl.ffi.addressof(_openssl.lib, "SSL_write"))),
+    *(
+        int(_openssl.ffi.cast("uintptr_t", _openssl.ffi.addressof(_openssl.lib, name)))
+        for name in ("SSL_read", "SSL_write", "SSL_get_error")
+    )
 )
 
 RECEIVE_BUFFER = 256 * 1024  # plaintext gathered per receive_borrowed call
 CLOSE_NOTIFY_TIMEOUT = 1.0  # seconds we wait to say goodbye politely
 UNWAITED_CALLS_PER_YIELD = 8  # see TLSStream._checkpoint_unless_waited
+
+
+def _milliseconds(timeout: float) -> int:
+    return max(0, min(int(timeout * 1000), 2**31 - 1))
 
 
 class TLSHandshakeError(trio.BrokenResourceError):
@@ -195,30 +203,42 @@ class TLSStream(trio.abc.Stream):
             return 0
         filled = 0
         while True:
-            try:
-                read, result = _tlsio.read_into(self._ssl_address, buf, filled)
-                filled += read
-                if result > 0:
-                    return filled  # buf is full
-                self._raise_ssl_error(result)
-            except SSL.WantReadError:
-                if filled:
-                    return filled
+            step = self._read(buf, filled)
+            if step is SSL.WantReadError:
                 await self._wait_readable()
-            except SSL.WantWriteError:  # a TLS 1.3 key update answering
+            elif step is SSL.WantWriteError:  # a TLS 1.3 key update answering
                 await self._wait_writable()
-            except SSL.ZeroReturnError:
-                self._eof = True
-                return filled
-            except SSL.SysCallError as exc:
-                reason = (
-                    "connection closed without TLS close_notify"
-                    if exc.args and exc.args[0] in (-1, 0)
-                    else f"connection lost: {exc.args[1] if len(exc.args) > 1 else exc}"
-                )
-                return self._broke(reason, filled)
-            except SSL.Error as exc:
-                return self._broke(f"TLS error: {_ssl_reason(exc)}", filled)
+            else:
+                return step  # type: ignore[return-value]
+
+    def _read(
+        self, buf: bytearray | memoryview, filled: int, fd: int = -1, timeout_ms: int = -1
+    ) -> int | type[SSL.Error]:
+        """One C read into ``buf[filled:]`` (waiting on ``fd`` if given): the
+        new fill level to return, or the SSL.Want* class to wait for."""
+        read, result, waited = _tlsio.read_into(self._ssl_address, buf, filled, fd, timeout_ms)
+        filled += read
+        if result > 0:
+            return filled  # buf is full
+        if waited == _tlsio.TIMED_OUT:
+            raise trio.TooSlowError("no data within the timeout")
+        try:
+            self._raise_ssl_error(result)
+        except (SSL.WantReadError, SSL.WantWriteError) as exc:
+            return filled if filled else type(exc)
+        except SSL.ZeroReturnError:
+            self._eof = True
+            return filled
+        except SSL.SysCallError as exc:
+            reason = (
+                "connection closed without TLS close_notify"
+                if exc.args and exc.args[0] in (-1, 0)
+                else f"connection lost: {exc.args[1] if len(exc.args) > 1 else exc}"
+            )
+            return self._broke(reason, filled)
+        except SSL.Error as exc:
+            return self._broke(f"TLS error: {_ssl_reason(exc)}", filled)
+        raise AssertionError("unreachable")  # pragma: no cover - _raise_ssl_error raises
 
     def _broke(self, reason: str, filled: int) -> int:
         """Hand over what was read before the break; the next call raises."""
@@ -252,7 +272,7 @@ class TLSStream(trio.abc.Stream):
                 view = memoryview(piece).cast("B")
                 while view:
                     try:
-                        written, result = _tlsio.write_from(self._ssl_address, view)
+                        written, result, _ = _tlsio.write_from(self._ssl_address, view)
                         view = view[written:]
                         if result <= 0:
                             self._raise_ssl_error(result)
@@ -271,6 +291,85 @@ class TLSStream(trio.abc.Stream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._wait_writable()
+
+    # -- a whole transfer in one thread ------------------------------------------
+    # For stpd.transfer.run_transfer: the thread is the stream's only user
+    # meanwhile, and OpenSSL waits with poll() in C, so the bytes of a body
+    # never pass through the trio loop.
+
+    def receive_into_blocking(self, buf: bytearray | memoryview, timeout: float) -> int:
+        """Like ``receive_into``, in a transfer thread: waits up to
+        ``timeout`` seconds for the first byte (``trio.TooSlowError``)."""
+        self._check_usable()
+        if self._eof:
+            return 0
+        while True:  # a Want* class here is a wake-up that brought no whole record
+            step = self._read(buf, 0, self._socket.fileno(), _milliseconds(timeout))
+            if isinstance(step, int):
+                return step
+
+    def read_available(self, buf: bytearray | memoryview) -> int:
+        """What the peer has sent already, without waiting (0 if nothing, or
+        at the end of the stream: see ``at_eof``)."""
+        self._check_usable()
+        if self._eof:
+            return 0
+        step = self._read(buf, 0)
+        return step if isinstance(step, int) else 0
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    def send_blocking(
+        self,
+        pieces: list[bytes | bytearray | memoryview],
+        timeout: float,
+        on_input: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Send the pieces, in a transfer thread, waiting up to ``timeout``
+        seconds each time the peer does not read (``trio.TooSlowError``).
+        With ``on_input``, each time the peer sends something meanwhile
+        (an early answer) ``on_input()`` decides: True goes on, False stops
+        here and returns False (nothing more can be sent then)."""
+        self._check_usable(sending=True)
+        fd, timeout_ms = self._socket.fileno(), _milliseconds(timeout)
+        try:
+            for piece in pieces:
+                view = memoryview(piece).cast("B")
+                while view:
+                    written, result, waited = _tlsio.write_from(
+                        self._ssl_address, view, fd, timeout_ms, on_input is not None
+                    )
+                    view = view[written:]
+                    if result > 0:
+                        continue
+                    if waited == _tlsio.TIMED_OUT:
+                        raise trio.TooSlowError("the peer stopped reading")
+                    if waited == _tlsio.READABLE:
+                        assert on_input is not None
+                        if not on_input():
+                            self._send_broken = "sending stopped: the peer answered"
+                            return False
+                        continue
+                    try:
+                        self._raise_ssl_error(result)
+                    except (SSL.WantReadError, SSL.WantWriteError):
+                        continue  # woken with the socket not ready after all
+        except SSL.Error as exc:
+            self._broken = f"connection lost: {_ssl_reason(exc)}"
+            raise trio.BrokenResourceError(self._broken) from None
+        except trio.TooSlowError:
+            self._send_broken = "a send timed out"
+            raise
+        return True
+
+    def interrupt(self) -> None:
+        """End a transfer thread's wait at once, because its transfer was
+        cancelled: the socket is shut down and the stream is broken."""
+        self._broken = self._broken or "the transfer was cancelled"
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
 
     # -- closing ----------------------------------------------------------------
 

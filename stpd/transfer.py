@@ -2,31 +2,28 @@
 
 Theory of operation
 -------------------
-Bulk data moves as *batches*: lists of ``bytes`` pieces adding up to about
-``BATCH_BYTES``. The trio side (TLS, HTTP framing) and the blocking side
-(file reads and writes, hashing, tar) run at the same time: blocking work
-happens in one worker thread per transfer, with at most ``PIPELINE_DEPTH``
-batches waiting between the two. ``hashlib`` and file I/O release the GIL on
-large buffers, so on two cores the network and the disk overlap for real.
+The HTTP head of every request and answer goes through h11 and trio, like
+everything else the daemons say. The body of a transfer (a backup, a
+restore: gigabytes) does not: one worker thread per transfer moves it from
+end to end (``run_transfer``), reading, hashing, decrypting and writing in
+turn, and the TLS stream waits for its socket with poll() in C
+(``TLSStream.*_blocking``). Per MiB that thread runs a few lines of Python;
+the trio loop, which cost a scheduling round per wake-up and per hand-over
+between threads (about a fifth of each side's CPU time), is not involved.
 
-The hand-over is bounded, so a slow disk stops us reading the network and a
-slow network stops us reading the disk: memory stays at a few batches
-whatever the size of the data. Handing whole batches (not single pieces) to
-the thread keeps the per-call cost of crossing threads out of the per-byte
-path, and on the receiving side (``sink_thread``, the hot one: TLS, hashing
-and disk all at once) the worker takes batches from a plain queue without a
-round trip through the trio loop: measured, 410 -> 495 MB/s for an upload.
+Bulk data moves as *batches*: lists of views into one buffer of
+``BATCH_BYTES``, which is refilled when the next batch is asked for, so
+memory is flat whatever the size of the data, and back-pressure is plain:
+a thread that cannot write does not read. On two cores the two ends of a
+transfer (or many transfers) run in parallel; ``hashlib``, file I/O and
+the TLS loop release the GIL.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
-import queue
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
-from functools import partial
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
 
 import h11
 import trio
@@ -35,130 +32,99 @@ if TYPE_CHECKING:
     from stpd.body import ChunkedBody, LengthBody
     from stpd.tlsstream import TLSStream
 
-BATCH_BYTES = 1024 * 1024  # one hand-over between threads; a transfer has a ring of 3 or 4
-PIPELINE_DEPTH = 2  # batches waiting in each direction
+BATCH_BYTES = 1024 * 1024  # the one buffer of a transfer
 
-Batch = list[memoryview]  # views into a ring of buffers that is reused
-Put = Callable[[Batch], None]  # blocking hand-over from a worker thread
-Get = Callable[[], Batch]  # blocking fetch in a worker thread; [] at the end
+Batch = list[memoryview]  # views into a buffer that is reused for the next batch
+Put = Callable[[Batch], None]  # hands a batch on (returns when done with it)
+Get = Callable[[], Batch]  # the next batch; [] at the end
+
+T = TypeVar("T")
 
 
-@asynccontextmanager
-async def source_thread(
-    produce_all: Callable[[Put], None], depth: int = PIPELINE_DEPTH
-) -> AsyncIterator[trio.MemoryReceiveChannel[Batch]]:
-    """Runs ``produce_all(put)`` in a worker thread and yields the channel of
-    the batches it puts; ``put`` blocks while ``depth`` batches wait. Leaving
-    the block early stops the producer (its next ``put`` raises)."""
-    send, receive = trio.open_memory_channel[Batch](depth)
+async def run_transfer(stream: TLSStream, transfer: Callable[[], T]) -> T:
+    """Run ``transfer`` (a body moved with the stream's ``*_blocking``
+    methods) in a worker thread and return its result. No trio task may use
+    the stream meanwhile. Cancelling the caller interrupts the stream, so
+    the thread's wait ends at once (the stream is broken after that), and
+    still waits for the thread: it never outlives the stream."""
+    finished = False
 
-    def put(batch: Batch) -> None:
-        trio.from_thread.run(send.send, batch)
-
-    async def worker() -> None:
-        async with send:
-            try:
-                await trio.to_thread.run_sync(produce_all, put)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the consumer left early; it knows why
+    async def interrupt_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not finished:
+                stream.interrupt()
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker)
-            async with receive:
-                yield receive
-    except BaseExceptionGroup as group:
-        raise single_error(group) from None
-
-
-@asynccontextmanager
-async def sink_thread(
-    consume_all: Callable[[Get], None], depth: int = PIPELINE_DEPTH
-) -> AsyncIterator[Callable[[Batch], Awaitable[None]]]:
-    """Runs ``consume_all(get)`` in a worker thread and yields an async
-    ``put(batch)`` that feeds it; ``get`` returns ``[]`` once the block is
-    left. Leaving the block waits for the consumer to finish; an exception
-    from it cancels the block and propagates.
-
-    Batches travel through a plain thread-safe queue: the worker never waits
-    for the trio loop to hand it one (a round trip per batch otherwise). A
-    trio semaphore of ``depth`` slots gives the back-pressure; the worker
-    frees a slot (without waiting) when it asks for the next batch, that is
-    when it is done with the previous one. So once ``put`` of batch
-    ``k + depth`` returns, batch ``k`` is no longer used: a caller may
-    refill a ring of ``depth + 1`` buffers."""
-    batches: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
-    slots = trio.Semaphore(depth)
-    token = trio.lowlevel.current_trio_token()
-    holding = False  # the worker has a batch it has not finished
-
-    def get() -> Batch:
-        nonlocal holding
-        if holding:
-            token.run_sync_soon(slots.release)
-        batch = batches.get()
-        if batch is None:
-            batches.put(None)  # stays at the end for any later get()
-            holding = False
-            return []
-        holding = True
-        return batch
-
-    async def put(batch: Batch) -> None:
-        await slots.acquire()
-        batches.put(batch)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(trio.to_thread.run_sync, consume_all, get))
+            nursery.start_soon(interrupt_when_cancelled)
             try:
-                yield put
+                return await trio.to_thread.run_sync(transfer)
             finally:
-                batches.put(None)  # the end, also when the block failed
+                finished = True
+                nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise single_error(group) from None
 
 
-async def receive_body(
-    stream: TLSStream,
-    body: ChunkedBody | LengthBody,
-    early: bytes,
-    put: Callable[[Batch], Awaitable[None]],
-    timeout: float,
-) -> bytes:
-    """Hand an HTTP body to ``put`` (a ``sink_thread``'s) as batches of
-    views into a ring of buffers, and return what arrived after it.
+class BodyReader:
+    """An HTTP body read past h11 in a transfer thread (``next_batch``).
 
     ``early`` is what h11 had already read past the head; the rest bypasses
-    h11, which would copy every byte twice (see stpd.body). The stream
-    decrypts straight into the ring: no buffer is allocated per read, and
-    a ring of ``PIPELINE_DEPTH + 1`` is never overwritten while the worker
-    still uses it (see ``sink_thread``). A stall longer than ``timeout``
-    raises ``trio.TooSlowError``; the end of the connection,
-    ``trio.BrokenResourceError``; bad framing, ``h11.RemoteProtocolError``."""
-    payload, used = body.feed(memoryview(early))
-    if payload:
-        await put(payload)
-    if body.done:
-        return early[used:]
-    ring = [memoryview(bytearray(BATCH_BYTES)) for _ in range(PIPELINE_DEPTH + 1)]
-    for turn in itertools.count():
-        buffer = ring[turn % len(ring)]
+    h11, which would copy every byte twice (see stpd.body): the stream
+    decrypts straight into the one buffer, and a batch is the payload views
+    in it. A stall longer than ``timeout`` raises ``trio.TooSlowError``; the
+    end of the connection, ``trio.BrokenResourceError``; bad framing,
+    ``h11.RemoteProtocolError``. ``after`` is what followed the body.
+    """
+
+    def __init__(
+        self, stream: TLSStream, body: ChunkedBody | LengthBody, early: bytes, timeout: float
+    ) -> None:
+        self._stream = stream
+        self._body = body
+        self._timeout = timeout
+        self._buffer = memoryview(bytearray(BATCH_BYTES))
+        payload, used = body.feed(memoryview(early))
+        self._early: Batch | None = payload
+        self.after = early[used:] if body.done else b""
+
+    def next_batch(self) -> Batch:
+        """The next payload (at most a buffer's worth); [] at the end. The
+        views are valid until the next call."""
+        if self._early:
+            early, self._early = self._early, None
+            return early
+        buffer, body = self._buffer, self._body
         batch: Batch = []
         filled = 0
-        while filled < len(buffer):
-            with trio.fail_after(timeout):
-                received = await stream.receive_into(buffer[filled:])
+        while filled < len(buffer) and not body.done:
+            received = self._stream.receive_into_blocking(buffer[filled:], self._timeout)
             if not received:
                 raise trio.BrokenResourceError("connection closed in the middle of the body")
             payload, used = body.feed(buffer[filled : filled + received])
             batch += payload
             if body.done:
-                await put(batch)
-                return bytes(buffer[filled + used : filled + received])
+                self.after = bytes(buffer[filled + used : filled + received])
             filled += received
-        await put(batch)
-    raise AssertionError("unreachable")  # pragma: no cover
+        return batch
+
+
+def send_batch(
+    stream: TLSStream,
+    conn: h11.Connection,
+    batch: Batch,
+    timeout: float,
+    on_input: Callable[[], bool] | None = None,
+) -> bool:
+    """A batch as body data of the message h11 is sending, in a transfer
+    thread (see ``TLSStream.send_blocking``: False when ``on_input`` stopped
+    it). h11 only adds the framing; the views are sent uncopied."""
+    pieces: list[bytes | bytearray | memoryview] = []
+    for event in data_events(batch):
+        pieces.extend(conn.send_with_data_passthrough(event) or [])
+    return stream.send_blocking(pieces, timeout, on_input)
 
 
 async def send_events(
@@ -200,21 +166,17 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
 
 
 class BatchWriter:
-    """A write-only file object (for the tar stream) that fills a ring of
-    buffers and hands each full one to ``put`` as a batch of one view.
+    """A write-only file object (for the tar stream) that fills one buffer
+    and hands it to ``put`` as a batch of one view whenever it is full.
 
-    ``write`` copies into the current buffer, so tar headers and small
-    files go out in large pieces; ``fill_from`` reads file contents straight
-    into it (one copy, from the kernel, and no allocation per read). The
-    ring has ``PIPELINE_DEPTH + 2`` buffers: a ``source_thread`` holds at most
-    ``depth`` batches waiting and one being sent while the next is filled,
-    so a buffer is refilled only after its batch was sent."""
+    ``write`` copies into the buffer, so tar headers and small files go out
+    in large pieces; ``fill_from`` reads file contents straight into it (one
+    copy, from the kernel, and no allocation per read). ``put`` must be done
+    with the batch when it returns: the buffer is refilled after that."""
 
     def __init__(self, put: Put, batch_bytes: int = BATCH_BYTES) -> None:
         self._put = put
-        self._ring = [memoryview(bytearray(batch_bytes)) for _ in range(PIPELINE_DEPTH + 2)]
-        self._turn = 0
-        self._buffer = self._ring[0]
+        self._buffer = memoryview(bytearray(batch_bytes))
         self._filled = 0
         self._offset = 0
 
@@ -259,8 +221,6 @@ class BatchWriter:
     def _hand_over(self) -> None:
         if self._filled:
             self._put([self._buffer[: self._filled]])
-            self._turn += 1
-            self._buffer = self._ring[self._turn % len(self._ring)]
             self._filled = 0
 
 
@@ -274,7 +234,7 @@ class BatchReader:
     times. ``observe`` sees every piece once, in order (for hashing).
 
     The pieces may be views into buffers that are reused once the next
-    batch is asked for (see ``receive_body``): a read of ``VIEW_READ`` bytes
+    batch is asked for (see ``BodyReader``): a read of ``VIEW_READ`` bytes
     or more that lies in one piece returns a view without copying (tarfile
     writes file contents straight out); smaller reads (headers, which
     tarfile parses and keeps) and reads across pieces return ``bytes``.
