@@ -313,7 +313,10 @@ class Session:
 
     async def _response(self) -> Response:
         while True:
-            event, self._early_answer = self._early_answer or await self._next_event(), None
+            if self._early_answer is not None:  # read while sending a backup
+                event, self._early_answer = self._early_answer, None
+            else:
+                event = await self._next_event()
             if isinstance(event, h11.Response):
                 self.answers += 1
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
@@ -434,7 +437,6 @@ class Session:
         except trio.BrokenResourceError:
             pass  # the server stopped reading: its answer says why
         response = await self._response()
-        assert response is not None
         body = await self._json_body()
         if response.status != 201:
             raise self._failure(response, body, f"backup of {source}")

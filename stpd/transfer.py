@@ -45,15 +45,17 @@ async def run_transfer(stream: TLSStream, transfer: Callable[[], T]) -> T:
     """Run ``transfer`` (a body moved with the stream's ``*_blocking``
     methods) in a worker thread and return its result. No trio task may use
     the stream meanwhile. Cancelling the caller interrupts the stream, so
-    the thread's wait ends at once (the stream is broken after that), and
-    still waits for the thread: it never outlives the stream."""
-    finished = False
+    the thread's wait ends at once (the stream is broken after that), waits
+    for the thread (it never outlives the stream), and raises Cancelled."""
+    finished = interrupted = False
 
     async def interrupt_when_cancelled() -> None:
+        nonlocal interrupted
         try:
             await trio.sleep_forever()
         finally:
             if not finished:
+                interrupted = True
                 stream.interrupt()
 
     try:
@@ -61,6 +63,10 @@ async def run_transfer(stream: TLSStream, transfer: Callable[[], T]) -> T:
             nursery.start_soon(interrupt_when_cancelled)
             try:
                 return await trio.to_thread.run_sync(transfer)
+            except BaseException:
+                if interrupted:  # the thread failed because we cut it off
+                    await trio.lowlevel.checkpoint()  # raises Cancelled
+                raise
             finally:
                 finished = True
                 nursery.cancel_scope.cancel()

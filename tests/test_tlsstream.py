@@ -11,6 +11,7 @@ import trio
 from pki.layout import Layout
 from pki.tls import ClientCertPolicy, client_context, server_context
 from stpd.tlsstream import TLSStream
+from stpd.transfer import run_transfer
 from tests.conftest import Pki
 
 
@@ -84,5 +85,35 @@ async def test_a_cancelled_send_stops_sending_but_not_receiving(pki: Pki) -> Non
     assert await sbc.receive_some() == b"HTTP/1.1 507 storage full"
     with pytest.raises(trio.BrokenResourceError, match="a send was interrupted"):
         await sbc.send_all(b"more")
+    for stream in (server, sbc):
+        await stream.aclose()
+
+
+async def test_a_transfer_thread_times_out_and_is_interrupted_by_cancellation(pki: Pki) -> None:
+    """The blocking side of the stream (a whole body in one thread, see
+    stpd.transfer): a stall past the timeout raises TooSlowError, and
+    cancelling the caller ends the thread's wait at once."""
+    server, sbc = await tls_pair(pki, pki.client_ini("a"))
+    buf = bytearray(1024)
+
+    await sbc.send_all(b"first")
+    assert await run_transfer(server, lambda: server.receive_into_blocking(buf, 5.0)) == 5
+    with pytest.raises(trio.TooSlowError):  # nothing more comes
+        await run_transfer(server, lambda: server.receive_into_blocking(buf, 0.2))
+    with pytest.raises(trio.TooSlowError):  # the peer does not read
+        await run_transfer(sbc, lambda: sbc.send_blocking([b"x" * 50_000_000], 0.2))
+
+    started = trio.current_time()
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                run_transfer, server, lambda: server.receive_into_blocking(buf, 60.0)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert trio.current_time() - started < 30  # not the 60 s wait: interrupted
+    with pytest.raises(trio.BrokenResourceError, match="cancelled"):
+        await server.receive_some()
     for stream in (server, sbc):
         await stream.aclose()
