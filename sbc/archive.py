@@ -26,7 +26,6 @@ from pathlib import Path
 
 from stpd.transfer import BatchReader, BatchWriter, Get, Put
 
-COPY_BUFFER = 1024 * 1024  # read size for file contents on backup
 # tarfile's copy size on restore (its default: 16 KiB). A read inside one
 # received batch (1 MiB) is passed on uncopied, one that crosses into the
 # next batch is copied (see BatchReader): with a quarter of a batch, about

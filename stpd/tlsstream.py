@@ -20,7 +20,9 @@ certificate with a warning (level 1 of STPD_HTTPS_USE_CLIENT_CERT).
 
 The loop over records is C (``stpd/_tlsio.c``): one call fills or drains a
 whole buffer with the GIL released, where a Python loop paid the
-interpreter once per 16 KiB record. Waiting and error handling stay here.
+interpreter once per 16 KiB record. Error translation stays here. The async
+methods wait in trio; the ``*_blocking`` ones, for the one thread that
+moves a whole body (``stpd.transfer.run_transfer``), wait in C with poll().
 
 ``send_all`` returns when OpenSSL has handed every byte to the kernel, so
 back-pressure reaches the writer unchanged. ``receive_into`` returns the
