@@ -187,8 +187,13 @@ class BatchWriter:
         self._offset = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        size = len(data)
+        end = self._filled + size
+        if end < len(self._buffer):  # the common case (tar headers): it fits
+            self._buffer[self._filled : end] = data
+            self._filled, self._offset = end, self._offset + size
+            return size
         view = memoryview(data).cast("B")
-        size = len(view)
         while view:
             take = min(len(view), len(self._buffer) - self._filled)
             self._buffer[self._filled : self._filled + take] = view[:take]
