@@ -96,6 +96,11 @@ class Stpd:
         # or silent TCP connections could lock every client out.
         self.sessions = 0
         self.active_transfers = 0
+        # A transfer holds a worker thread from start to end (run_transfer):
+        # its own pool, as large as the connection limit, so that trio's
+        # default pool of 40 neither caps the transfers nor is used up by
+        # them (the short jobs, like opening a saveset, need it too).
+        self.transfer_threads = trio.CapacityLimiter(config.max_connections)
         self.port: int | None = None
         self.draining = False
         self._idle: set[trio.CancelScope] = set()  # connections waiting for a request
@@ -193,6 +198,7 @@ class Stpd:
         self.config = config
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
+        self.transfer_threads.total_tokens = config.max_connections
         log.info(
             "reloaded %s and certificates: level %s, server certificate %s (%d days left)",
             config.layout.stpd_ini,
@@ -526,7 +532,7 @@ class HttpSession:
                     upload.write(batch)
                 return reader.after
 
-            after_body = await run_transfer(self.tls, store_body)
+            after_body = await run_transfer(self.tls, store_body, self.daemon.transfer_threads)
             meta = await trio.to_thread.run_sync(upload.commit)
         except StoreError as exc:
             # Remove the partial file before answering: the answer lingers
@@ -599,7 +605,7 @@ class HttpSession:
                     ],
                 )
             )
-            await run_transfer(self.tls, send_saveset)
+            await run_transfer(self.tls, send_saveset, self.daemon.transfer_threads)
             await self._send(h11.EndOfMessage())
         except trio.TooSlowError:
             log.warning(

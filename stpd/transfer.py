@@ -41,9 +41,12 @@ Get = Callable[[], Batch]  # the next batch; [] at the end
 T = TypeVar("T")
 
 
-async def run_transfer(stream: TLSStream, transfer: Callable[[], T]) -> T:
+async def run_transfer(
+    stream: TLSStream, transfer: Callable[[], T], threads: trio.CapacityLimiter | None = None
+) -> T:
     """Run ``transfer`` (a body moved with the stream's ``*_blocking``
-    methods) in a worker thread and return its result. No trio task may use
+    methods) in a worker thread (from ``threads``, else trio's default
+    pool) and return its result. No trio task may use
     the stream meanwhile. Cancelling the caller interrupts the stream, so
     the thread's wait ends at once (the stream is broken after that), waits
     for the thread (it never outlives the stream), and raises Cancelled."""
@@ -62,7 +65,7 @@ async def run_transfer(stream: TLSStream, transfer: Callable[[], T]) -> T:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(interrupt_when_cancelled)
             try:
-                return await trio.to_thread.run_sync(transfer)
+                return await trio.to_thread.run_sync(transfer, limiter=threads)
             except BaseException:
                 if interrupted:  # the thread failed because we cut it off
                     await trio.lowlevel.checkpoint()  # raises Cancelled

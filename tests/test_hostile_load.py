@@ -12,12 +12,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cryptography import x509
+
 from tests.conftest import Pki, running_stpd
 from tests.test_hostile_common import (
     DEADLINE,
+    LOOPBACK,
     assert_no_partial,
     assert_serves,
     hpki,  # noqa: F401  (fixture)
+    read_answer,
     request,
     run_sbc,
     small_tar,
@@ -25,6 +29,7 @@ from tests.test_hostile_common import (
     tls_context,
     wait_count,
 )
+from tests.test_hostile_data import created_in
 
 CLIENTS = 64
 INVALID_KINDS = ["none", "other-ca", "expired", "server"]
@@ -136,3 +141,43 @@ def test_many_half_open_handshakes_do_not_block_valid_clients(
         finally:
             for sock in silent:
                 sock.close()
+
+
+def test_more_transfers_than_trios_default_thread_pool_run_at_once(
+    hpki: Pki,  # noqa: F811
+) -> None:
+    """A transfer holds a worker thread to its end (stpd.transfer.run_transfer),
+    from a pool as large as STPD_MAX_CONNECTIONS. 45 uploads in flight (trio's
+    default pool has 40 threads) all begin, and a listing, which needs a
+    thread of the default pool, is answered meanwhile."""
+    uploads = 45
+    client = hpki.client_ini("many")
+    ctx = tls_context(hpki, client)
+    body = small_tar("many.txt", b"y" * 100_000)
+    head = (
+        f"PUT /savesets?source=/many HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with running_stpd(hpki.layout, 2, io_timeout=60) as stpd:
+        assert stpd.daemon.config.max_connections >= uploads
+        with (
+            created_in(stpd.daemon.store.incoming) as next_created,
+            contextlib.ExitStack() as open_,
+        ):
+            socks = [open_.enter_context(tls_connect(stpd, ctx)) for _ in range(uploads)]
+            for sock in socks:
+                sock.sendall(head + body[:1000])  # and then nothing, for now
+            incoming = stpd.daemon.store.incoming
+            while len(list(incoming.glob("*.part"))) < uploads:  # every upload began
+                next_created()
+            with tls_connect(stpd, ctx) as sock:
+                listing = request(sock, "GET", "/savesets")
+            assert listing is not None and listing.status == 200, listing
+            for sock in socks:
+                sock.sendall(body[1000:])
+            for sock in socks:
+                answer = read_answer(sock, "PUT")
+                assert answer is not None and answer.status == 201, answer
+        owner = x509.load_pem_x509_certificate(client.client_cert.read_bytes()).subject
+        assert len(stpd.daemon.store.owned_by(owner.rfc4514_string())) == uploads
+        assert_no_partial(stpd.daemon.store.root)
