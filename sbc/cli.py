@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -212,5 +213,25 @@ def main(
         print("sbc: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(result, indent=1))
+        try:
+            print(json.dumps(result, indent=1), flush=True)
+        except OSError as exc:  # a full disk, a closed pipe: the work itself was done
+            print(f"sbc: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 0
+
+
+def run() -> NoReturn:
+    """The ``sbc`` command: ``main``, then a quick exit. Python's own
+    shutdown (collecting every module's objects) costs about 40 ms, a
+    fifth of a short sbc run, and has nothing left to do by then: the
+    connection is closed and every restored file written and closed. Only
+    the standard streams are flushed here; if that fails (a closed pipe),
+    Python's usual exit reports it."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        sys.exit(code)
+    os._exit(code)

@@ -156,3 +156,22 @@ def test_ca_near_expiry_warned_and_checked_daily(
         with daemon.log.changed:
             assert daemon.log.changed.wait_for(repeated, 20), "the expiry check did not repeat"
         assert daemon.daemon.status()["server_certificate"]["days_left"] in (9, 10)
+
+
+def test_sbc_command_output_that_cannot_be_written_is_one_clear_line(pki: Pki) -> None:
+    """The real `sbc` command (it ends with os._exit, see sbc.cli.run): its
+    JSON to a full disk is an error line and status 1, not a traceback; to a
+    pipe it arrives whole."""
+    client = pki.client_ini("status-writer")
+    with running_stpd(pki.layout, 2) as stpd:
+        argv = [str(BIN / "sbc"), "--ini-dir", str(client.ini_dir), "status", "--json"]
+        argv += ["--server", stpd.address]
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+            )
+        assert result.returncode == 1
+        assert result.stderr == "sbc: error: cannot write the result: No space left on device\n"
+        piped = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert piped.returncode == 0, piped.stderr
+        check_status(json.loads(piped.stdout), active=0)
