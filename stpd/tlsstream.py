@@ -273,23 +273,42 @@ class TLSStream(trio.abc.Stream):
             for piece in pieces:
                 view = memoryview(piece).cast("B")
                 while view:
-                    try:
-                        written, result, _ = _tlsio.write_from(self._ssl_address, view)
-                        view = view[written:]
-                        if result <= 0:
-                            self._raise_ssl_error(result)
-                    except SSL.WantWriteError:
+                    view, want, _ = self._write(view)
+                    if want is SSL.WantWriteError:
                         await self._wait_writable()
-                    except SSL.WantReadError:  # pragma: no cover - no renegotiation
+                    elif want is SSL.WantReadError:  # pragma: no cover - no renegotiation
                         await self._wait_readable()
-        except SSL.Error as exc:
-            self._broken = f"connection lost: {_ssl_reason(exc)}"
-            raise trio.BrokenResourceError(self._broken) from None
         except BaseException:
             # Cancelled mid-record: nothing more can be sent, but what the
             # peer sends can still be read.
-            self._send_broken = "a send was interrupted"
+            self._send_broken = self._send_broken or "a send was interrupted"
             raise
+
+    def _write(
+        self, view: memoryview, fd: int = -1, timeout_ms: int = -1, watch_input: bool = False
+    ) -> tuple[memoryview, type[SSL.Error] | None, bool]:
+        """One C write of ``view`` (waiting on ``fd`` if given): what is left
+        to send, the SSL.Want* class to wait for (if any), and whether it
+        stopped because the peer sent something (``watch_input``)."""
+        written, result, waited = _tlsio.write_from(
+            self._ssl_address, view, fd, timeout_ms, watch_input
+        )
+        view = view[written:]
+        if result > 0:
+            return view, None, False
+        if waited == _tlsio.TIMED_OUT:
+            self._send_broken = "a send timed out"
+            raise trio.TooSlowError("the peer stopped reading")
+        if waited == _tlsio.READABLE:
+            return view, None, True
+        try:
+            self._raise_ssl_error(result)
+        except (SSL.WantReadError, SSL.WantWriteError) as exc:
+            return view, type(exc), False
+        except SSL.Error as exc:
+            self._broken = f"connection lost: {_ssl_reason(exc)}"
+            raise trio.BrokenResourceError(self._broken) from None
+        raise AssertionError("unreachable")  # pragma: no cover - _raise_ssl_error raises
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._wait_writable()
@@ -336,34 +355,13 @@ class TLSStream(trio.abc.Stream):
         here and returns False (nothing more can be sent then)."""
         self._check_usable(sending=True)
         fd, timeout_ms = self._socket.fileno(), _milliseconds(timeout)
-        try:
-            for piece in pieces:
-                view = memoryview(piece).cast("B")
-                while view:
-                    written, result, waited = _tlsio.write_from(
-                        self._ssl_address, view, fd, timeout_ms, on_input is not None
-                    )
-                    view = view[written:]
-                    if result > 0:
-                        continue
-                    if waited == _tlsio.TIMED_OUT:
-                        raise trio.TooSlowError("the peer stopped reading")
-                    if waited == _tlsio.READABLE:
-                        assert on_input is not None
-                        if not on_input():
-                            self._send_broken = "sending stopped: the peer answered"
-                            return False
-                        continue
-                    try:
-                        self._raise_ssl_error(result)
-                    except (SSL.WantReadError, SSL.WantWriteError):
-                        continue  # woken with the socket not ready after all
-        except SSL.Error as exc:
-            self._broken = f"connection lost: {_ssl_reason(exc)}"
-            raise trio.BrokenResourceError(self._broken) from None
-        except trio.TooSlowError:
-            self._send_broken = "a send timed out"
-            raise
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            while view:  # a Want* class left here is a wake-up with the socket not ready
+                view, _, peer_sent = self._write(view, fd, timeout_ms, on_input is not None)
+                if peer_sent and on_input is not None and not on_input():
+                    self._send_broken = "sending stopped: the peer answered"
+                    return False
         return True
 
     def interrupt(self) -> None:

@@ -130,29 +130,29 @@ def send_batch(
     """A batch as body data of the message h11 is sending, in a transfer
     thread (see ``TLSStream.send_blocking``: False when ``on_input`` stopped
     it). h11 only adds the framing; the views are sent uncopied."""
-    pieces: list[bytes | bytearray | memoryview] = []
-    for event in data_events(batch):
-        pieces.extend(conn.send_with_data_passthrough(event) or [])
-    return stream.send_blocking(pieces, timeout, on_input)
+    # h11 types ``data`` as bytes, but passes any bytes-like through.
+    events = [h11.Data(data=piece) for piece in batch]  # type: ignore[arg-type]
+    return stream.send_blocking(_framed(conn, events), timeout, on_input)
 
 
 async def send_events(
     stream: TLSStream, conn: h11.Connection, events: Iterable[h11.Event], timeout: float
 ) -> None:
-    """``events`` framed by h11 and sent in one go; a Data event's bytes pass
-    through uncopied. Used by both sides for every HTTP message."""
-    pieces: list[bytes] = []
+    """``events`` framed by h11 and sent in one go. Used by both sides for
+    every HTTP message but the bulk of a body (``send_batch``)."""
+    with trio.fail_after(timeout):
+        await stream.send_many(_framed(conn, events))
+
+
+def _framed(
+    conn: h11.Connection, events: Iterable[h11.Event]
+) -> list[bytes | bytearray | memoryview]:
+    """The bytes h11 sends for ``events``; a Data event's bytes pass through
+    uncopied (``send_with_data_passthrough``)."""
+    pieces: list[bytes | bytearray | memoryview] = []
     for event in events:
         pieces.extend(conn.send_with_data_passthrough(event) or [])
-    with trio.fail_after(timeout):
-        await stream.send_many(pieces)
-
-
-def data_events(batch: Batch) -> list[h11.Data]:
-    """A batch as h11 body events. h11 types ``data`` as bytes, but
-    ``send_with_data_passthrough`` hands any bytes-like through untouched,
-    and ``send_events`` sends it from there: the views are not copied."""
-    return [h11.Data(data=piece) for piece in batch]  # type: ignore[arg-type]
+    return pieces
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:
