@@ -8,11 +8,17 @@ timeout or a log line awaited on a condition, never a sleep.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
+import select
 import socket
 import ssl
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +189,32 @@ def _owner(client: Layout) -> str:
 
     cert = x509.load_pem_x509_certificate(client.client_cert.read_bytes())
     return cert.subject.rfc4514_string()
+
+
+@contextmanager
+def created_in(directory: Path) -> Iterator[Callable[[], str]]:
+    """inotify on ``directory``: the returned function waits (with a
+    deadline) for the next file created there and returns its name. One
+    read can bring several events; each name is returned in turn."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0 or libc.inotify_add_watch(fd, bytes(directory), 0x100) < 0:  # IN_CREATE
+        pytest.skip(f"inotify unavailable: {os.strerror(ctypes.get_errno())}")
+    names: list[str] = []
+
+    def next_created() -> str:
+        if not names:
+            ready, _, _ = select.select([fd], [], [], DEADLINE)
+            assert ready, f"nothing created in {directory} within {DEADLINE}s"
+            events = os.read(fd, 64 * 1024)
+            offset = 0
+            while offset < len(events):  # struct inotify_event, then its name
+                _wd, _mask, _cookie, size = struct.unpack_from("iIII", events, offset)
+                names.append(events[offset + 16 : offset + 16 + size].rstrip(b"\0").decode())
+                offset += 16 + size
+        return names.pop(0)
+
+    try:
+        yield next_created
+    finally:
+        os.close(fd)

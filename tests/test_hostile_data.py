@@ -4,13 +4,10 @@ restore target, a full disk, and stpd killed in the middle of an upload."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import io
 import json
 import os
 import re
-import select
 import signal
 import socket
 import ssl
@@ -20,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from tests.test_hostile_common import (
     DEADLINE,
     assert_no_partial,
     assert_serves,
+    created_in,
     hpki,  # noqa: F401  (fixture)
     read_answer,
     request,
@@ -433,28 +431,6 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
 
 
 # -- stpd killed during an upload ----------------------------------------------------------
-
-
-@contextmanager
-def created_in(directory: Path) -> Iterator[Callable[[], str]]:
-    """inotify on ``directory``: the returned function waits (with a
-    deadline) for the next file created there and returns its name."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fd = libc.inotify_init1(os.O_CLOEXEC)
-    if fd < 0 or libc.inotify_add_watch(fd, bytes(directory), 0x100) < 0:  # IN_CREATE
-        pytest.skip(f"inotify unavailable: {os.strerror(ctypes.get_errno())}")
-
-    def next_created() -> str:
-        ready, _, _ = select.select([fd], [], [], DEADLINE)
-        assert ready, f"nothing created in {directory} within {DEADLINE}s"
-        event = os.read(fd, 4096)
-        _wd, _mask, _cookie, size = struct.unpack_from("iIII", event)
-        return event[16 : 16 + size].rstrip(b"\0").decode()
-
-    try:
-        yield next_created
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("uploader", ["raw", "sbc"])

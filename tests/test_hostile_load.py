@@ -20,6 +20,7 @@ from tests.test_hostile_common import (
     LOOPBACK,
     assert_no_partial,
     assert_serves,
+    created_in,
     hpki,  # noqa: F401  (fixture)
     read_answer,
     request,
@@ -29,7 +30,6 @@ from tests.test_hostile_common import (
     tls_context,
     wait_count,
 )
-from tests.test_hostile_data import created_in
 
 CLIENTS = 64
 INVALID_KINDS = ["none", "other-ca", "expired", "server"]
@@ -167,9 +167,8 @@ def test_more_transfers_than_trios_default_thread_pool_run_at_once(
             socks = [open_.enter_context(tls_connect(stpd, ctx)) for _ in range(uploads)]
             for sock in socks:
                 sock.sendall(head + body[:1000])  # and then nothing, for now
-            incoming = stpd.daemon.store.incoming
-            while len(list(incoming.glob("*.part"))) < uploads:  # every upload began
-                next_created()
+            for _ in range(uploads):  # every upload began: its .part file
+                assert next_created().endswith(".tar.part")
             with tls_connect(stpd, ctx) as sock:
                 listing = request(sock, "GET", "/savesets")
             assert listing is not None and listing.status == 200, listing
