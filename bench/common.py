@@ -180,17 +180,8 @@ class Server:
     def __init__(self, name: str, argv: Sequence[str]) -> None:
         self.name = name
         self.argv = list(argv)
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            start_new_session=True,
-        )
-        self.log = StderrLines(self.process, name)
+        self.log = StderrLines.start(self.argv, name, new_session=True)
+        self.process = self.log.process
 
     @property
     def pid(self) -> int:

@@ -103,16 +103,8 @@ class ServerProcess:
 
     def __init__(self, argv: list[str]) -> None:
         print(f"  $ {shlex.join(argv)} &", flush=True)
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        self.log = StderrLines(self.process, "stpd")
+        self.log = StderrLines.start(argv, "stpd")
+        self.process = self.log.process
         self.shown = 0
 
     def wait_for(self, pattern: str, timeout: float, after: int = 0) -> str:

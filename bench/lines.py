@@ -14,7 +14,24 @@ import threading
 
 
 class StderrLines:
-    """Reads ``process.stderr`` (text mode) until it closes."""
+    """Reads ``process.stderr`` (text mode) until it closes; ``start``
+    starts a server that way."""
+
+    @classmethod
+    def start(cls, argv: list[str], name: str, new_session: bool = False) -> StderrLines:
+        """``argv`` as a child with no stdin or stdout, its stderr read here
+        (``.process`` is the child)."""
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            start_new_session=new_session,
+        )
+        return cls(process, name)
 
     def __init__(self, process: subprocess.Popen[str], name: str = "stderr") -> None:
         self.process = process

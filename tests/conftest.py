@@ -290,16 +290,8 @@ class StpdProcess:
         argv = [STPD, "--ini-dir", str(ini), "--listen", f"{LOOPBACK}:0", "--data-dir", str(data)]
         if pid_file is not None:
             argv += ["--pid-file", str(pid_file)]
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        self.log = StderrLines(self.process, "stpd")
+        self.log = StderrLines.start(argv, "stpd")
+        self.process = self.log.process
         listening = self.wait_for(r"INFO stpd: stpd \S+ listening on ")
         found = re.search(r"listening on \S+:(\d+),", listening)
         assert found, listening
