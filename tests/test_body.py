@@ -47,7 +47,7 @@ def feed_in_pieces(
 
 
 chunks = st.lists(st.binary(min_size=1, max_size=300), max_size=8)
-extensions = st.sampled_from([b"", b";name=value", b';a="quoted"', b";x"])
+extensions = st.sampled_from([b"", b";name=value", b';a="quoted"', b";x", b";long=" + b"v" * 200])
 trailers = st.lists(st.sampled_from([b"X-Checksum: abc", b"Expires: never"]), max_size=2)
 
 
