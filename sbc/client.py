@@ -392,7 +392,7 @@ class Session:
             Continue, stop at its final answer (a refusal, a full disk)."""
             received = tls.read_available(scratch)
             if received:
-                conn.receive_data(bytes(scratch[:received]))
+                conn.receive_data(memoryview(scratch)[:received])  # type: ignore[arg-type]  # h11 copies any bytes-like
             elif tls.at_eof:
                 return False
             try:
