@@ -290,6 +290,9 @@ class Session:
 
     async def _next_event(self) -> h11.Event:
         assert self.tls is not None
+        if self._early_answer is not None:  # read while sending a backup
+            early, self._early_answer = self._early_answer, None
+            return early
         while True:
             try:
                 event = self.conn.next_event()
@@ -313,10 +316,7 @@ class Session:
 
     async def _response(self) -> Response:
         while True:
-            if self._early_answer is not None:  # read while sending a backup
-                event, self._early_answer = self._early_answer, None
-            else:
-                event = await self._next_event()
+            event = await self._next_event()
             if isinstance(event, h11.Response):
                 self.answers += 1
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
@@ -401,7 +401,7 @@ class Session:
                         self.accepted = True  # 100 Continue
                         continue
                     if isinstance(event, h11.Event):
-                        self._early_answer = event  # for _response
+                        self._early_answer = event  # for _next_event
                     return False
             except h11.RemoteProtocolError:
                 return False  # the trio side reads it again and says so
