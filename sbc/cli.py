@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import trio
-
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
@@ -22,7 +20,6 @@ from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
 from stpd.config import stpd_address
-from stpd.transfer import single_error
 
 
 def _server(text: str) -> tuple[str, int]:
@@ -64,13 +61,13 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / max(seconds, 1e-6) / 1e6:.1f} MB/s"
 
 
-async def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
+def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     source = args.path.absolute()
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), backup_label(source)) as progress:
         if progress.enabled:
-            progress.set_total(await trio.to_thread.run_sync(estimate_tar_bytes, source))
-        meta, stats = await session.backup(source, progress)
+            progress.set_total(estimate_tar_bytes(source))
+        meta, stats = session.backup(source, progress)
     seconds = time.monotonic() - started
     result = {
         "saveset": meta["saveset"],
@@ -108,12 +105,12 @@ async def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-async def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
+def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     target = args.target_dir.absolute()
     target.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), f"restore {args.saveset}") as progress:
-        restored = await session.restore(args.saveset, target, progress)
+        restored = session.restore(args.saveset, target, progress)
     seconds = time.monotonic() - started
     if not args.json:
         for name in restored.skipped:
@@ -134,8 +131,8 @@ async def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-async def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
-    savesets = await session.get_json("/savesets")
+def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
+    savesets = session.get_json("/savesets")
     if not args.json:
         if not savesets:
             print(f"no savesets for this client on {session.where}")
@@ -144,8 +141,8 @@ async def _list(session: Session, args: argparse.Namespace) -> list[dict[str, An
     return list(savesets)
 
 
-async def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
-    status = await session.get_json("/status")
+def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
+    status = session.get_json("/status")
     if not args.json:
         cert = status.get("server_certificate", {})
         print(
@@ -175,9 +172,9 @@ def _log_to_stderr() -> None:
 COMMANDS = {"backup": _backup, "restore": _restore, "list": _list, "status": _status}
 
 
-async def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namespace) -> Any:
-    async with Session(config, server) as session:
-        return await COMMANDS[args.command](session, args)
+def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namespace) -> Any:
+    with Session(config, server) as session:
+        return COMMANDS[args.command](session, args)
 
 
 def main(
@@ -199,10 +196,7 @@ def main(
             )
         if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
             raise SbcError(f"nothing to back up: {args.path} does not exist")
-        try:
-            result = trio.run(_run, config, server, args)
-        except BaseExceptionGroup as group:
-            raise single_error(group) from None
+        result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
         print(f"sbc: error: {exc}", file=sys.stderr)
         return 1

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import h11
-import trio
 
 from pki.errors import PkiError
 from pki.tls import (
@@ -30,8 +30,8 @@ from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
 from sbc.config import SbcConfig
 from sbc.progress import TransferProgress
 from stpd.body import LengthBody
-from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import Batch, BodyReader, run_transfer, send_batch, send_events
+from stpd.tlsconn import TLSBroken, TLSConnection, TLSHandshakeError, TLSTimeout
+from stpd.transfer import Batch, BodyReader, send_batch, send_events_blocking
 
 log = logging.getLogger("sbc")
 
@@ -128,28 +128,36 @@ class Response:
 
 
 class Session:
-    """One verified TLS connection to an STPD, used for one or more requests."""
+    """One verified TLS connection to an STPD, used for one or more requests.
+
+    Blocking: sbc is a command with one connection and one thing to do at
+    a time, so it needs no event loop (and does not pay for importing
+    trio); the bulk of a body moves in C with poll() (``stpd.tlsconn``)."""
 
     def __init__(self, config: SbcConfig, server: tuple[str, int]) -> None:
         self.config = config
         self.host, self.port = server
         self.where = f"{self.host}:{self.port}"
-        self.tls: TLSStream | None = None
+        self.tls: TLSConnection | None = None
         self.conn = h11.Connection(h11.CLIENT)
         self.answers = 0  # responses received on this connection
         self.sent = 0  # body bytes the kernel took on this connection
         self.accepted = False  # stpd answered 100 Continue: it reads our request
         self._early_answer: h11.Event | None = None  # read while sending a backup
 
-    async def __aenter__(self) -> Session:
-        await self.connect()
+    def __enter__(self) -> Session:
+        try:
+            self.connect()
+        except BaseException:
+            self.__exit__()  # a refused or failed connection is closed too
+            raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.tls is not None:
-            await self.tls.aclose()
+            self.tls.close_blocking()
 
-    async def connect(self) -> None:
+    def connect(self) -> None:
         try:
             ctx = client_context(
                 self.config.layout,
@@ -159,9 +167,8 @@ class Session:
         except PkiError as exc:
             raise SbcError(str(exc)) from None
         try:
-            with trio.fail_after(self.config.connect_timeout):
-                tcp = await trio.open_tcp_stream(self.host, self.port)
-        except trio.TooSlowError:
+            tcp = socket.create_connection((self.host, self.port), self.config.connect_timeout)
+        except TimeoutError:
             raise SbcError(
                 f"no answer from stpd at {self.where} within {self.config.connect_timeout:g}s: "
                 "check the address and any firewall"
@@ -171,11 +178,12 @@ class Session:
                 f"cannot connect to stpd at {self.where}: {exc.strerror or exc}; is stpd running "
                 "there? (the server comes from --server or SBC_SERVER in sm.ini)"
             ) from None
-        self.tls = TLSStream(tcp, ctx, server_hostname=self.host)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heads go out at once
+        tcp.setblocking(False)  # OpenSSL returns "want read/write"; we wait with poll()
+        self.tls = TLSConnection(tcp, ctx, server_hostname=self.host)
         try:
-            with trio.fail_after(self.config.connect_timeout):
-                await self.tls.do_handshake()
-        except trio.TooSlowError:
+            self.tls.handshake_blocking(self.config.connect_timeout)
+        except TLSTimeout:
             raise SbcError(f"TLS handshake with stpd at {self.where} timed out") from None
         except TLSHandshakeError as exc:
             verdict = self.tls.verdict
@@ -186,7 +194,7 @@ class Session:
                     "(SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
                 ) from None
             raise self._broken_off(exc) from None
-        except trio.BrokenResourceError as exc:
+        except TLSBroken as exc:
             raise self._broken_off(exc) from None
         self._check_server()
 
@@ -272,23 +280,23 @@ class Session:
     def _headers(self, extra: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:  # type: ignore[assignment]
         return [("Host", self.where), ("User-Agent", "sbc"), *extra]
 
-    async def _send_raw(self, *events: h11.Event) -> None:
-        """Send; trio's errors propagate (the backup sender handles them)."""
+    def _send_raw(self, *events: h11.Event) -> None:
+        """Send; TLS errors propagate (the backup sender handles them)."""
         assert self.tls is not None
-        await send_events(self.tls, self.conn, events, self.config.io_timeout)
+        send_events_blocking(self.tls, self.conn, events, self.config.io_timeout)
 
-    async def _send(self, *events: h11.Event) -> None:
+    def _send(self, *events: h11.Event) -> None:
         """Send; a broken or stalled connection becomes an SbcError line."""
         try:
-            await self._send_raw(*events)
-        except trio.TooSlowError:
+            self._send_raw(*events)
+        except TLSTimeout:
             raise SbcError(
                 f"stpd at {self.where} stopped reading our request ({self.config.io_timeout:g}s)"
             ) from None
-        except trio.BrokenResourceError as exc:
+        except TLSBroken as exc:
             raise self._broken_off(exc) from None
 
-    async def _next_event(self) -> h11.Event:
+    def _next_event(self) -> h11.Event:
         assert self.tls is not None
         if self._early_answer is not None:  # read while sending a backup
             early, self._early_answer = self._early_answer, None
@@ -301,22 +309,21 @@ class Session:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             try:
-                with trio.fail_after(self.config.io_timeout):
-                    data = await self.tls.receive_borrowed()
-            except trio.TooSlowError:
+                data = self.tls.receive_borrowed_blocking(self.config.io_timeout)
+            except TLSTimeout:
                 raise SbcError(
                     f"stpd at {self.where} stopped answering ({self.config.io_timeout:g}s)"
                 ) from None
-            except trio.BrokenResourceError as exc:
+            except TLSBroken as exc:
                 raise self._broken_off(exc) from None
             if not data and not self.answers:
                 # A clean close before any answer: stpd refused us after the handshake.
                 raise self._broken_off(EOFError("closed by stpd"))
             self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 copies any bytes-like
 
-    async def _response(self) -> Response:
+    def _response(self) -> Response:
         while True:
-            event = await self._next_event()
+            event = self._next_event()
             if isinstance(event, h11.Response):
                 self.answers += 1
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
@@ -327,10 +334,10 @@ class Session:
             if isinstance(event, h11.ConnectionClosed):  # not reached: _next_event raises first
                 raise self._broken_off(EOFError("closed by stpd"))
 
-    async def _json_body(self) -> Any:
+    def _json_body(self) -> Any:
         chunks, size = [], 0
         while True:
-            event = await self._next_event()
+            event = self._next_event()
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > MAX_JSON_BYTES:
@@ -351,24 +358,24 @@ class Session:
             f"{what} refused by stpd at {self.where}: {message or f'HTTP {response.status}'}"
         )
 
-    async def get_json(self, target: str) -> Any:
-        await self._send(
+    def get_json(self, target: str) -> Any:
+        self._send(
             h11.Request(method="GET", target=target, headers=self._headers()), h11.EndOfMessage()
         )
-        response = await self._response()
-        body = await self._json_body()
+        response = self._response()
+        body = self._json_body()
         if response.status != 200:
             raise self._failure(response, body, f"GET {target}")
         self.conn.start_next_cycle()
         return body
 
-    async def backup(
+    def backup(
         self, source: Path, progress: TransferProgress | None = None
     ) -> tuple[dict[str, Any], TreeStats]:
         """Stream ``source`` as a tar archive; returns the server's metadata."""
         stats = TreeStats()
         target = "/savesets?source=" + quote(str(source), safe="/")
-        await self._send(
+        self._send(
             h11.Request(
                 method="PUT",
                 target=target,
@@ -404,12 +411,11 @@ class Session:
                         self._early_answer = event  # for _next_event
                     return False
             except h11.RemoteProtocolError:
-                return False  # the trio side reads it again and says so
+                return False  # _next_event reads it again and says so
             return True
 
         def send_tree() -> bool:
-            """The whole tar stream, in a transfer thread; False when stpd
-            answered before the end."""
+            """The whole tar stream; False when stpd answered before the end."""
 
             def put(batch: Batch) -> None:
                 if not send_batch(tls, conn, batch, timeout, on_input):
@@ -427,35 +433,35 @@ class Session:
 
         sent_all = False
         try:
-            sent_all = await run_transfer(tls, send_tree)
+            sent_all = send_tree()
             if sent_all:
-                await self._send_raw(h11.EndOfMessage())
-        except trio.TooSlowError:
+                self._send_raw(h11.EndOfMessage())
+        except TLSTimeout:
             raise SbcError(
                 f"stpd at {self.where} stopped reading our data ({self.config.io_timeout:g}s)"
             ) from None
-        except trio.BrokenResourceError:
+        except TLSBroken:
             pass  # the server stopped reading: its answer says why
-        response = await self._response()
-        body = await self._json_body()
+        response = self._response()
+        body = self._json_body()
         if response.status != 201:
             raise self._failure(response, body, f"backup of {source}")
         if not sent_all:  # pragma: no cover - a 201 only follows the whole body
             raise SbcError(f"stpd at {self.where} answered before the backup was complete")
         return body, stats
 
-    async def restore(
+    def restore(
         self, saveset: str, target: Path, progress: TransferProgress | None = None
     ) -> RestoreResult:
-        await self._send(
+        self._send(
             h11.Request(
                 method="GET", target=f"/savesets/{quote(saveset, safe='')}", headers=self._headers()
             ),
             h11.EndOfMessage(),
         )
-        response = await self._response()
+        response = self._response()
         if response.status != 200:
-            raise self._failure(response, await self._json_body(), f"restore of {saveset}")
+            raise self._failure(response, self._json_body(), f"restore of {saveset}")
         result = RestoreResult()
         expected = response.headers.get("x-sha256", "")
         length_text = response.headers.get("content-length", "")
@@ -466,7 +472,7 @@ class Session:
             progress.set_total(length)
 
         # The body bypasses h11 (the connection is closed after a restore):
-        # a transfer thread reads it and extracts it as it comes.
+        # it is extracted as it comes.
         early, _ = self.conn.trailing_data
         assert self.tls is not None
         reader = BodyReader(self.tls, LengthBody(length), early, self.config.io_timeout)
@@ -478,12 +484,12 @@ class Session:
             return batch
 
         try:
-            await run_transfer(self.tls, lambda: extract_stream(next_batch, target, result))
-        except trio.TooSlowError:
+            extract_stream(next_batch, target, result)
+        except TLSTimeout:
             raise SbcError(
                 f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
             ) from None
-        except trio.BrokenResourceError as exc:
+        except TLSBroken as exc:
             raise SbcError(f"connection to stpd at {self.where} lost mid-restore: {exc}") from None
         if expected and result.sha256 != expected:
             raise SbcError(

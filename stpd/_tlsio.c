@@ -1,16 +1,18 @@
-/* The per-record loop of TLSStream, in C.
+/* The per-record loop of TLSConnection (stpd/tlsconn.py), in C.
  *
  * Python called SSL_read/SSL_write once per TLS record (16 KiB): 64 calls
  * and their interpreter overhead per MiB. These two functions run the same
  * loop over a whole buffer with the GIL released.
  *
  * Given a socket (fd >= 0), they also wait for it with poll() when OpenSSL
- * wants to read or write: a transfer thread moves a whole body this way,
- * without a trip through the trio loop per wake-up. Without one (fd < 0)
- * they return at once (trio waits).
+ * wants to read or write: SBC and STPD's transfer threads move a whole
+ * body this way, without a trip through the trio loop per wake-up. A
+ * signal ends the wait (INTERRUPTED), so that Python can run its handler
+ * (Ctrl-C in sbc) before it calls again. Without a socket (fd < 0) they
+ * return at once (trio waits).
  *
  * They do no error translation: they stop at the first call that does not
- * succeed and return its result, and TLSStream asks pyOpenSSL what it
+ * succeed and return its result, and TLSConnection asks pyOpenSSL what it
  * means, in the same thread, so OpenSSL's (per-thread) error queue is
  * still intact.
  *
@@ -40,6 +42,7 @@ static ssl_get_error_fn ssl_get_error;
 #define READY 0     /* nothing waited for, or the socket is ready again */
 #define TIMED_OUT 1 /* poll timed out: the peer stalled */
 #define READABLE 2  /* write_from(watch_input): the peer sent something */
+#define INTERRUPTED 3 /* a signal: Python runs its handler (Ctrl-C) before a retry */
 
 static PyObject *bind(PyObject *self, PyObject *args)
 {
@@ -65,10 +68,11 @@ static int wait_for_socket(void *ssl, int result, int fd, int timeout_ms, int wa
     struct pollfd p = {.fd = fd, .events = error == WANT_READ ? POLLIN : POLLOUT};
     if (watch_input)
         p.events |= POLLIN;
-    int ready;
-    do
-        ready = poll(&p, 1, timeout_ms);
-    while (ready < 0 && errno == EINTR);
+    int ready = poll(&p, 1, timeout_ms);
+    if (ready < 0 && errno == EINTR) {
+        *waited = INTERRUPTED;
+        return 0;
+    }
     if (ready == 0) {
         *waited = TIMED_OUT;
         return 0;
@@ -177,7 +181,8 @@ PyMODINIT_FUNC PyInit__tlsio(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL || PyModule_AddIntConstant(m, "READY", READY) < 0 ||
         PyModule_AddIntConstant(m, "TIMED_OUT", TIMED_OUT) < 0 ||
-        PyModule_AddIntConstant(m, "READABLE", READABLE) < 0) {
+        PyModule_AddIntConstant(m, "READABLE", READABLE) < 0 ||
+        PyModule_AddIntConstant(m, "INTERRUPTED", INTERRUPTED) < 0) {
         Py_XDECREF(m);
         return NULL;
     }

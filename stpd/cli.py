@@ -15,10 +15,10 @@ import trio
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
+from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, stpd_address
 from stpd.server import Stpd
 from stpd.store import StoreError
-from stpd.transfer import single_error
 
 log = logging.getLogger("stpd")
 

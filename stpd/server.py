@@ -27,6 +27,7 @@ from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.tls import days_left, server_context
 from stpd import __version__
+from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
 from stpd.config import StpdConfig, load_config
 from stpd.protocol import (
@@ -44,14 +45,7 @@ from stpd.protocol import (
 )
 from stpd.store import SavesetStore, StoreError
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import (
-    Batch,
-    BatchWriter,
-    BodyReader,
-    run_transfer,
-    send_batch,
-    send_events,
-)
+from stpd.transfer import Batch, BatchWriter, BodyReader, send_batch
 
 log = logging.getLogger("stpd")
 

@@ -2,14 +2,16 @@
 
 Theory of operation
 -------------------
-The HTTP head of every request and answer goes through h11 and trio, like
-everything else the daemons say. The body of a transfer (a backup, a
-restore: gigabytes) does not: one worker thread per transfer moves it from
-end to end (``run_transfer``), reading, hashing, decrypting and writing in
-turn, and the TLS stream waits for its socket with poll() in C
-(``TLSStream.*_blocking``). Per MiB that thread runs a few lines of Python;
+The head of every request and answer goes through h11. The body of a
+transfer (a backup, a restore: gigabytes) does not: one thread moves it
+from end to end, reading, hashing, decrypting and writing in turn, and the
+TLS connection waits for its socket with poll() in C
+(``TLSConnection.*_blocking``). Per MiB that thread runs a few lines of
+Python. In STPD it is a worker thread per transfer (``stpd.aio``), so that
 the trio loop, which cost a scheduling round per wake-up and per hand-over
-between threads (about a fifth of each side's CPU time), is not involved.
+between threads (about a fifth of each side's CPU time), is not involved;
+SBC, a command with one connection, is that thread itself and does not
+import trio at all. This module does not import trio either.
 
 Bulk data moves as *batches*: lists of views into one buffer of
 ``BATCH_BYTES``, which is refilled when the next batch is asked for, so
@@ -23,58 +25,19 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import h11
-import trio
 
 if TYPE_CHECKING:
     from stpd.body import ChunkedBody, LengthBody
-    from stpd.tlsstream import TLSStream
+    from stpd.tlsconn import TLSConnection
 
 BATCH_BYTES = 1024 * 1024  # the one buffer of a transfer
 
 Batch = list[memoryview]  # views into a buffer that is reused for the next batch
 Put = Callable[[Batch], None]  # hands a batch on (returns when done with it)
 Get = Callable[[], Batch]  # the next batch; [] at the end
-
-T = TypeVar("T")
-
-
-async def run_transfer(
-    stream: TLSStream, transfer: Callable[[], T], threads: trio.CapacityLimiter | None = None
-) -> T:
-    """Run ``transfer`` (a body moved with the stream's ``*_blocking``
-    methods) in a worker thread (from ``threads``, else trio's default
-    pool) and return its result. No trio task may use
-    the stream meanwhile. Cancelling the caller interrupts the stream, so
-    the thread's wait ends at once (the stream is broken after that), waits
-    for the thread (it never outlives the stream), and raises Cancelled."""
-    finished = interrupted = False
-
-    async def interrupt_when_cancelled() -> None:
-        nonlocal interrupted
-        try:
-            await trio.sleep_forever()
-        finally:
-            if not finished:
-                interrupted = True
-                stream.interrupt()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(interrupt_when_cancelled)
-            try:
-                return await trio.to_thread.run_sync(transfer, limiter=threads)
-            except BaseException:
-                if interrupted:  # the thread failed because we cut it off
-                    await trio.lowlevel.checkpoint()  # raises Cancelled
-                raise
-            finally:
-                finished = True
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise single_error(group) from None
 
 
 class BodyReader:
@@ -83,13 +46,13 @@ class BodyReader:
     ``early`` is what h11 had already read past the head; the rest bypasses
     h11, which would copy every byte twice (see stpd.body): the stream
     decrypts straight into the one buffer, and a batch is the payload views
-    in it. A stall longer than ``timeout`` raises ``trio.TooSlowError``; the
-    end of the connection, ``trio.BrokenResourceError``; bad framing,
+    in it. A stall longer than ``timeout`` raises the stream's ``TooSlow``;
+    the end of the connection, its ``Broken``; bad framing,
     ``h11.RemoteProtocolError``. ``after`` is what followed the body.
     """
 
     def __init__(
-        self, stream: TLSStream, body: ChunkedBody | LengthBody, early: bytes, timeout: float
+        self, stream: TLSConnection, body: ChunkedBody | LengthBody, early: bytes, timeout: float
     ) -> None:
         self._stream = stream
         self._body = body
@@ -111,7 +74,7 @@ class BodyReader:
         while filled < len(buffer) and not body.done:
             received = self._stream.receive_into_blocking(buffer[filled:], self._timeout)
             if not received:
-                raise trio.BrokenResourceError("connection closed in the middle of the body")
+                raise self._stream.Broken("connection closed in the middle of the body")
             payload, used = body.feed(buffer[filled : filled + received])
             batch += payload
             if body.done:
@@ -121,30 +84,33 @@ class BodyReader:
 
 
 def send_batch(
-    stream: TLSStream,
+    stream: TLSConnection,
     conn: h11.Connection,
     batch: Batch,
     timeout: float,
     on_input: Callable[[], bool] | None = None,
 ) -> bool:
     """A batch as body data of the message h11 is sending, in a transfer
-    thread (see ``TLSStream.send_blocking``: False when ``on_input`` stopped
-    it). h11 only adds the framing; the views are sent uncopied."""
+    thread (see ``TLSConnection.send_blocking``: False when ``on_input``
+    stopped it). h11 only adds the framing; the views are sent uncopied."""
     # h11 types ``data`` as bytes, but passes any bytes-like through.
     events = [h11.Data(data=piece) for piece in batch]  # type: ignore[arg-type]
-    return stream.send_blocking(_framed(conn, events), timeout, on_input)
+    return send_events_blocking(stream, conn, events, timeout, on_input)
 
 
-async def send_events(
-    stream: TLSStream, conn: h11.Connection, events: Iterable[h11.Event], timeout: float
-) -> None:
-    """``events`` framed by h11 and sent in one go. Used by both sides for
-    every HTTP message but the bulk of a body (``send_batch``)."""
-    with trio.fail_after(timeout):
-        await stream.send_many(_framed(conn, events))
+def send_events_blocking(
+    stream: TLSConnection,
+    conn: h11.Connection,
+    events: Iterable[h11.Event],
+    timeout: float,
+    on_input: Callable[[], bool] | None = None,
+) -> bool:
+    """``events`` framed by h11 and sent in one go, blocking (see
+    ``send_batch``). SBC sends every message this way."""
+    return stream.send_blocking(framed(conn, events), timeout, on_input)
 
 
-def _framed(
+def framed(
     conn: h11.Connection, events: Iterable[h11.Event]
 ) -> list[bytes | bytearray | memoryview]:
     """The bytes h11 sends for ``events``; a Data event's bytes pass through
@@ -153,25 +119,6 @@ def _framed(
     for event in events:
         pieces.extend(conn.send_with_data_passthrough(event) or [])
     return pieces
-
-
-def single_error(group: BaseExceptionGroup) -> BaseException:
-    """The one meaningful exception in a nursery's group: the first that is
-    not a cancellation (which only echoes it), else the first."""
-    flat: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            flat.append(exc)
-
-    walk(group)
-    for exc in flat:
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return flat[0]
 
 
 class BatchWriter:

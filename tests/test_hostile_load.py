@@ -146,7 +146,7 @@ def test_many_half_open_handshakes_do_not_block_valid_clients(
 def test_more_transfers_than_trios_default_thread_pool_run_at_once(
     hpki: Pki,  # noqa: F811
 ) -> None:
-    """A transfer holds a worker thread to its end (stpd.transfer.run_transfer),
+    """A transfer holds a worker thread to its end (stpd.aio.run_transfer),
     from a pool as large as STPD_MAX_CONNECTIONS. 45 uploads in flight (trio's
     default pool has 40 threads) all begin, and a listing, which needs a
     thread of the default pool, is answered meanwhile."""

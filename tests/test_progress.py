@@ -147,7 +147,7 @@ def test_backup_and_restore_draw_a_bar_on_a_terminal(
     assert BAR in run.stderr
     assert "backup tree" in run.stderr  # the label
     assert re.search(r"\d+(\.\d+)?/\d+(\.\d+)? MB", run.stderr), run.stderr  # bytes of total
-    assert re.search(r"\d+(\.\d+)? [kM]B/s", run.stderr), run.stderr  # the rate
+    assert re.search(r"\d+(\.\d+)? [kMG]B/s", run.stderr), run.stderr  # the rate
     assert re.search(r"\b\d+ files\b", run.stderr), run.stderr
     assert b"\x1b[" in run.raw_terminal  # drawn in place, with cursor control
     # The summary is on stdout, the bar is not.
@@ -163,7 +163,7 @@ def test_backup_and_restore_draw_a_bar_on_a_terminal(
     assert run.code == 0, run.stderr
     assert BAR in run.stderr
     assert f"restore {saveset}" in run.stderr
-    assert re.search(r"\d+(\.\d+)? [kM]B/s", run.stderr), run.stderr
+    assert re.search(r"\d+(\.\d+)? [kMG]B/s", run.stderr), run.stderr
     lines = run.stdout.splitlines()
     assert len(lines) == 1 and SUMMARY_RESTORE.match(lines[0]), run.stdout
     assert (target / "tree" / "big.bin").read_bytes() == (tree / "big.bin").read_bytes()

@@ -10,8 +10,8 @@ import trio
 
 from pki.layout import Layout
 from pki.tls import ClientCertPolicy, client_context, server_context
+from stpd.aio import run_transfer
 from stpd.tlsstream import TLSStream
-from stpd.transfer import run_transfer
 from tests.conftest import Pki
 
 
