@@ -39,10 +39,16 @@ MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 # Socket buffers on both sides hold a few MiB; once more than this was sent,
 # stpd was reading our data (it refuses a client before reading any).
 READ_BY_SERVER_BYTES = 64 * 1024 * 1024
+# How long a backup waits for stpd's 100 Continue before it sends anyway (as curl does).
+CONTINUE_WAIT = 1.0
 
 
 class _AnsweredEarly(Exception):
     """stpd answered before the end of a backup: stop sending."""
+
+
+class _Silent(Exception):
+    """stpd sent nothing within a short wait (see Session._await_continue)."""
 
 
 class SbcError(Exception):
@@ -296,7 +302,9 @@ class Session:
         except TLSBroken as exc:
             raise self._broken_off(exc) from None
 
-    def _next_event(self) -> h11.Event:
+    def _next_event(self, timeout: float | None = None) -> h11.Event:
+        """The next event from stpd, waiting up to SBC_IO_TIMEOUT; with
+        ``timeout``, up to that, and silence raises ``_Silent``."""
         assert self.tls is not None
         if self._early_answer is not None:  # read while sending a backup
             early, self._early_answer = self._early_answer, None
@@ -309,8 +317,10 @@ class Session:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             try:
-                data = self.tls.receive_borrowed_blocking(self.config.io_timeout)
+                data = self.tls.receive_borrowed_blocking(timeout or self.config.io_timeout)
             except TLSTimeout:
+                if timeout is not None:
+                    raise _Silent from None
                 raise SbcError(
                     f"stpd at {self.where} stopped answering ({self.config.io_timeout:g}s)"
                 ) from None
@@ -333,6 +343,21 @@ class Session:
                 continue
             if isinstance(event, h11.ConnectionClosed):  # not reached: _next_event raises first
                 raise self._broken_off(EOFError("closed by stpd"))
+
+    def _await_continue(self) -> bool:
+        """After a request head with ``Expect: 100-continue``: True when
+        stpd answered 100 Continue (it reads our body, see _was_accepted)
+        or said nothing for CONTINUE_WAIT seconds; False when it gave its
+        final answer instead (a refusal), which _response returns next."""
+        try:
+            event = self._next_event(CONTINUE_WAIT)
+        except _Silent:
+            return True
+        if isinstance(event, h11.InformationalResponse):
+            self.accepted = True
+            return True
+        self._early_answer = event
+        return False
 
     def _json_body(self) -> Any:
         chunks, size = [], 0
@@ -383,8 +408,9 @@ class Session:
                     [
                         ("Transfer-Encoding", "chunked"),
                         ("Content-Type", "application/x-tar"),
-                        # Not waited for: its arrival tells a broken connection
-                        # later from a refusal (see _was_accepted).
+                        # Its arrival tells a broken connection later from a
+                        # refusal (see _was_accepted), and a refusal comes
+                        # before we send any data.
                         ("Expect", "100-continue"),
                     ]
                 ),
@@ -433,7 +459,8 @@ class Session:
 
         sent_all = False
         try:
-            sent_all = send_tree()
+            if self._await_continue():
+                sent_all = send_tree()
             if sent_all:
                 self._send_raw(h11.EndOfMessage())
         except TLSTimeout:
