@@ -11,8 +11,12 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from sbc.archive import RestoreResult, TreeStats, extract_stream, member_header, write_tree
 from stpd.tarcheck import TarStreamCheck
+from stpd.transfer import BatchReader
 
 
 def tar_stream(source: Path, stats: TreeStats) -> bytes:
@@ -153,3 +157,35 @@ def test_restore_from_batches_in_one_reused_buffer(tmp_path: Path) -> None:
         assert (tmp_path / "out" / "tree" / name).read_bytes() == content, name
     assert result.sha256 == hashlib.sha256(stream).hexdigest()
     assert result.bytes == len(stream)
+
+
+READ_SIZES = st.sampled_from([0, 1, 512, 65_535, 65_536, 262_144, 1 << 20, (1 << 20) + 1, -1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    pieces=st.lists(st.binary(min_size=1, max_size=300_000), max_size=10),
+    sizes=st.lists(READ_SIZES | st.integers(0, 400_000), max_size=16),
+)
+def test_batch_reader_reads_exactly_what_is_asked(pieces: list[bytes], sizes: list[int]) -> None:
+    """Every read gives the next bytes of the stream, whatever the piece
+    boundaries; each batch (two pieces) lives in buffers that are scribbled
+    over when the next batch is asked for, as BodyReader's buffer is."""
+    stream = b"".join(pieces)
+    batches = [pieces[i : i + 2] for i in range(0, len(pieces), 2)]
+    live: list[bytearray] = []
+
+    def get() -> list[memoryview]:
+        for buffer in live:
+            buffer[:] = bytes(len(buffer))
+        live[:] = [bytearray(piece) for piece in (batches.pop(0) if batches else [])]
+        return [memoryview(buffer) for buffer in live]
+
+    reader = BatchReader(get)
+    position = 0
+    for size in sizes:
+        got = bytes(reader.read(size))
+        expected = stream[position:] if size < 0 else stream[position : position + size]
+        assert got == expected
+        position += len(got)
+        assert reader.tell() == position
