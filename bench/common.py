@@ -16,6 +16,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -55,7 +56,8 @@ class Proc:
     err: IO[bytes]
     ended: float = 0.0
     returncode: int | None = None
-    maxrss_kib: int = 0  # ru_maxrss of this one child (wait4), KiB on Linux
+    rss_pipe: int | None = None  # where _RSS_LAUNCHER reports (see start)
+    maxrss_kib: int | None = None  # the command's own peak RSS, when measured
 
     @property
     def seconds(self) -> float:
@@ -83,30 +85,90 @@ def _read_back(handle: IO[bytes] | None) -> str:
     return handle.read().decode("utf-8", "replace")
 
 
-def start(argv: Sequence[str], *, stdin: Any = subprocess.DEVNULL, pipe_out: bool = False) -> Proc:
-    """Start a command; ``pipe_out`` gives it a pipe as stdout (for ``a | b``)."""
+# A child's ru_maxrss includes the peak RSS of the process it was forked
+# from (Linux keeps the larger of the two across exec): a command started by
+# this 40-100 MiB benchmark "peaks" at the benchmark's size. So a command
+# whose RSS we measure is started by this small launcher (python -S, about
+# 7 MiB, the floor of what it can report), which reports the command's
+# ru_maxrss on a pipe and exits as the command did.
+_RSS_LAUNCHER = """
+import os, sys
+report = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    os.close(report)
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(report, b"%d" % usage.ru_maxrss)
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    os.kill(os.getpid(), -code)
+os._exit(code)
+"""
+
+
+def start(
+    argv: Sequence[str],
+    *,
+    stdin: Any = subprocess.DEVNULL,
+    pipe_out: bool = False,
+    measure_rss: bool = False,
+) -> Proc:
+    """Start a command; ``pipe_out`` gives it a pipe as stdout (for ``a | b``);
+    ``measure_rss`` takes its peak RSS (``maxrss_kib``), through a launcher
+    that adds about 10 ms to its wall time."""
     # Closed when the Proc is garbage: they outlive this function by design.
     out = None if pipe_out else tempfile.TemporaryFile()  # noqa: SIM115
     err = tempfile.TemporaryFile()  # noqa: SIM115
+    command, report, rss_pipe = list(argv), None, None
+    if measure_rss:
+        rss_pipe, report = os.pipe()
+        command = [sys.executable, "-I", "-S", "-c", _RSS_LAUNCHER, str(report), *argv]
     started = time.monotonic()
-    popen = subprocess.Popen(
-        list(argv),
-        stdin=stdin,
-        stdout=subprocess.PIPE if pipe_out else out,
-        stderr=err,
-        close_fds=True,
-    )
-    return Proc(list(argv), popen, os.pidfd_open(popen.pid), started, out, err)
+    try:
+        popen = subprocess.Popen(
+            command,
+            stdin=stdin,
+            stdout=subprocess.PIPE if pipe_out else out,
+            stderr=err,
+            close_fds=True,
+            pass_fds=(report,) if report is not None else (),
+            process_group=0 if measure_rss else None,  # killed with its command
+        )
+    finally:
+        if report is not None:
+            os.close(report)
+    proc = Proc(list(argv), popen, os.pidfd_open(popen.pid), started, out, err)
+    proc.rss_pipe = rss_pipe
+    return proc
+
+
+def _kill(proc: Proc) -> None:
+    try:
+        if proc.rss_pipe is not None:
+            os.killpg(proc.popen.pid, signal.SIGKILL)  # the launcher and its command
+        else:
+            proc.popen.kill()
+    except OSError:
+        pass
 
 
 def _reap(proc: Proc) -> None:
-    """Collect an ended child with wait4: its own exit status and ru_maxrss."""
-    _, status, usage = os.wait4(proc.popen.pid, 0)
+    """Collect an ended child with wait4 (its own exit status), and the
+    command's peak RSS when the launcher measured it."""
+    _, status, _ = os.wait4(proc.popen.pid, 0)
     proc.ended = time.monotonic()
     proc.returncode = os.waitstatus_to_exitcode(status)
     proc.popen.returncode = proc.returncode  # so Popen never reaps it again
-    proc.maxrss_kib = usage.ru_maxrss
     os.close(proc.pidfd)
+    if proc.rss_pipe is not None:
+        with os.fdopen(proc.rss_pipe, "rb") as pipe:
+            text = pipe.read()
+        proc.rss_pipe = None
+        proc.maxrss_kib = int(text) if text.isdigit() else None
 
 
 def wait_all(procs: Sequence[Proc], timeout: float) -> None:
@@ -126,16 +188,13 @@ def wait_all(procs: Sequence[Proc], timeout: float) -> None:
                 _reap(pending.pop(fd))
     finally:
         for proc in pending.values():
-            try:
-                proc.popen.kill()
-            except OSError:
-                pass
+            _kill(proc)
             _reap(proc)
 
 
-def run(argv: Sequence[str], timeout: float) -> Proc:
+def run(argv: Sequence[str], timeout: float, *, measure_rss: bool = False) -> Proc:
     """Run one command to its end (or kill it at the deadline)."""
-    proc = start(argv)
+    proc = start(argv, measure_rss=measure_rss)
     wait_all([proc], timeout)
     return proc
 

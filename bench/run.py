@@ -10,7 +10,8 @@ mutual TLS on 127.0.0.1, and store on /dev/shm. Cases (issue 4):
    file from nginx (MB/s);
 4. concurrent: N clients at once, ``sbc backup`` vs ``curl -T`` (aggregate MB/s);
 5. rss_mib: peak RSS of stpd (VmHWM after case 1, of an stpd started fresh
-   for this benchmark) and of sbc during case 1 (ru_maxrss from wait4).
+   for this benchmark) and of sbc during case 1 (its ru_maxrss, taken by a
+   small launcher: see bench.common.start).
 
 Every case runs a warm-up of each side, then alternates ours and the peer run
 by run (the order flips every pair); the ratio is the median of the per-pair
@@ -355,9 +356,10 @@ class Bench:
         internal: list[float] = []
 
         def ours() -> float:
-            proc = run(sbc_backup(self.pki, self.big), budget(self.size))
+            proc = run(sbc_backup(self.pki, self.big), budget(self.size), measure_rss=True)
             info = self.check_saveset(proc, {self.big.name: self.big_sha})
-            sbc_rss.append(round(proc.maxrss_kib / 1024, 1))
+            if proc.maxrss_kib is not None:
+                sbc_rss.append(round(proc.maxrss_kib / 1024, 1))
             internal.append(round(self.size / info["seconds"] / MB, 1))
             if self.kept_saveset is not None:
                 self.stpd.delete_saveset(self.kept_saveset)
@@ -373,9 +375,14 @@ class Bench:
             )
 
             def peer() -> float:
-                proc = run(curl.upload(str(self.big), nginx.url("/upload")), budget(self.size))
+                proc = run(
+                    curl.upload(str(self.big), nginx.url("/upload")),
+                    budget(self.size),
+                    measure_rss=True,
+                )
                 self.check_curl(proc, 201, up=self.size)
-                curl_rss.append(round(proc.maxrss_kib / 1024, 1))
+                if proc.maxrss_kib is not None:
+                    curl_rss.append(round(proc.maxrss_kib / 1024, 1))
                 return self.size / proc.seconds / MB
 
         result = self.alternate("single_file", ours, peer)
@@ -386,7 +393,8 @@ class Bench:
         self.extra["rss_detail"] = {
             "stpd": "VmHWM of one stpd started for this benchmark, read after case 1 "
             "(startup, PKI check, overhead probe, case 1 warm-up and runs)",
-            "sbc": "max ru_maxrss (wait4) of the sbc backup processes of case 1",
+            "sbc": "max ru_maxrss of the sbc backup processes of case 1, each started "
+            "by a small launcher (its floor: about 7 MiB)",
             "sbc_runs_mib": sbc_rss,
             "curl_runs_mib": curl_rss,
         }
@@ -510,7 +518,6 @@ class Bench:
             self.big.unlink()  # not needed any more: room on /dev/shm
         self.make_client_files()
         hwm_reset = reset_hwm(self.stpd.pid)
-        sbc_rss: list[float] = []
 
         def ours() -> float:
             procs = [start(sbc_backup(self.pki, path)) for path in self.client_files]
@@ -520,7 +527,6 @@ class Bench:
                 for path, proc in zip(self.client_files, procs, strict=True):
                     info = self.check_saveset(proc, {path.name: self.client_digests[path]})
                     savesets.append(info["saveset"])
-                    sbc_rss.append(proc.maxrss_kib / 1024)
             finally:
                 for saveset in savesets:
                     self.stpd.delete_saveset(saveset)
@@ -550,8 +556,6 @@ class Bench:
         if hwm_reset:
             hwm = vm_hwm_kib(self.stpd.pid)
             detail["stpd_concurrent_vmhwm_mib"] = round(hwm / 1024, 1) if hwm else None
-        if sbc_rss:
-            detail["sbc_concurrent_max_mib"] = round(max(sbc_rss), 1)
 
     # -- the whole run ---------------------------------------------------------------
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import BenchError, run, wait_all
+from bench.common import start as start_command
 from bench.peer import find_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +78,48 @@ def test_quick_run_against_nginx_and_curl(tmp_path: Path) -> None:
         assert entry["ratio"] == pytest.approx(entry["ours"] / entry["peer"], rel=0.01), case
     assert text.count("peer check: nginx stored") == 3  # single file, tar stream, one client
     check_cleaned_up(result.stdout)
+
+
+def test_measured_rss_is_the_commands_own_not_the_benchmarks() -> None:
+    """A child's ru_maxrss includes the peak RSS of the process it was forked
+    from; the launcher keeps this (big) test process out of the figure."""
+    ballast = bytearray(300 << 20)
+    ballast[::4096] = b"x" * len(range(0, len(ballast), 4096))  # touch every page
+    small = [sys.executable, "-S", "-c", "pass"]
+    measured = run(small, 30, measure_rss=True)
+    assert measured.returncode == 0 and measured.maxrss_kib is not None
+    assert measured.maxrss_kib < 64 * 1024  # a bare interpreter, not our 300 MiB
+    grown = run(
+        [sys.executable, "-S", "-c", "b = bytearray(200 << 20); b[::4096] = b'x' * 51200"],
+        30,
+        measure_rss=True,
+    )
+    assert grown.maxrss_kib is not None and grown.maxrss_kib > 200 * 1024
+    del ballast
+    failing = run([sys.executable, "-S", "-c", "raise SystemExit(3)"], 30, measure_rss=True)
+    assert failing.returncode == 3
+
+
+def test_a_measured_command_past_its_deadline_is_killed_with_its_launcher() -> None:
+    proc = start_command(
+        [sys.executable, "-S", "-c", "import time; time.sleep(600)"], measure_rss=True
+    )
+    with pytest.raises(BenchError, match="still running"):
+        wait_all([proc], 0.5)
+    assert proc.returncode is not None
+    # The command itself (the launcher's child) was killed too: nothing in
+    # their process group runs (a zombie waits for init to reap it).
+    assert [state for state in group_states(proc.popen.pid) if state != "Z"] == []
+
+
+def group_states(pgid: int) -> list[str]:
+    """The states (R, S, Z, ...) of the processes in a process group."""
+    states = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) == pgid:
+            states.append(fields[0])
+    return states
