@@ -1,4 +1,5 @@
-"""Ctrl-C ends ``sbc`` at once, also while it waits for a silent server.
+"""``sbc`` as a process: it starts without trio, and Ctrl-C ends it at once,
+also while it waits for a silent server.
 
 sbc waits for its socket in C (poll() in stpd/_tlsio.c, with the GIL
 released); a signal must end that wait so that Python can raise
@@ -76,3 +77,13 @@ def test_ctrl_c_ends_sbc_waiting_for_an_answer(pki: Pki) -> None:
         server.communicate()
     assert sbc.returncode == 130, err
     assert err.strip() == "sbc: interrupted"
+
+
+def test_sbc_does_not_import_trio() -> None:
+    """Importing trio is about 0.1 s of CPU, half of a short sbc run's
+    start-up (16 concurrent backups pay it 16 times): sbc is blocking."""
+    check = "import sys, sbc.cli, sbc.client; print(sorted(m for m in sys.modules if m.split('.')[0] == 'trio'))"
+    out = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
