@@ -1,5 +1,6 @@
-"""``sbc`` as a process: it starts without trio, and Ctrl-C ends it at once,
-also while it waits for a silent server.
+"""``sbc`` as a process: it starts without trio, Ctrl-C ends it at once,
+also while it waits for a silent server, and it backs up to a server that
+does not answer ``Expect: 100-continue``.
 
 sbc waits for its socket in C (poll() in stpd/_tlsio.c, with the GIL
 released); a signal must end that wait so that Python can raise
@@ -10,17 +11,25 @@ prints the request it got, and never answers.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import queue
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import WAIT_SECONDS, Pki
+from sbc.client import CONTINUE_WAIT
+from tests.conftest import WAIT_SECONDS, Pki, run_sbc
 
 OPENSSL = shutil.which("openssl")
 SBC = str(Path(sys.executable).parent / "sbc")
@@ -87,3 +96,69 @@ def test_sbc_does_not_import_trio() -> None:
         [sys.executable, "-c", check], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_backup_to_a_server_that_never_answers_100_continue(pki: Pki, tmp_path: Path) -> None:
+    """sbc waits for a 100 Continue for CONTINUE_WAIT seconds only, then
+    sends the body anyway, as curl does. The server is Python's ssl module
+    with a hand-written HTTP exchange: it reads the head and the chunked
+    body, and answers 201 with the hash of the body it got."""
+    source = tmp_path / "data.bin"
+    source.write_bytes(bytes(range(256)) * 4096)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    got: dict[str, bytes] = {}
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"0\r\n\r\n" not in data:  # the end of the chunked body
+                chunk = tls.recv(1 << 20)
+                assert chunk, data[:200]
+                data += chunk
+            head, body = data.split(b"\r\n\r\n", 1)
+            payload, rest = b"", body
+            while (size := int(rest.split(b"\r\n", 1)[0], 16)) > 0:
+                start = rest.index(b"\r\n") + 2
+                payload, rest = payload + rest[start : start + size], rest[start + size + 2 :]
+            got["head"], got["payload"] = head, payload
+            answer = json.dumps(
+                {
+                    "saveset": "SS-20260101T000000Z-00000001",
+                    "bytes": len(payload),
+                    "sha256": hashlib.sha256(payload).hexdigest(),
+                    "source": str(source),
+                    "created": "2026-01-01T00:00:00Z",
+                }
+            ).encode()
+            tls.sendall(
+                b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+            )
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = pki.client_ini("no-continue")
+    port = listener.getsockname()[1]
+    started = time.monotonic()
+    code, out, err = run_sbc(
+        "--ini-dir",
+        str(client.ini_dir),
+        "backup",
+        str(source),
+        "--json",
+        "--server",
+        f"127.0.0.1:{port}",
+    )
+    elapsed = time.monotonic() - started
+    server.join(WAIT_SECONDS)
+    listener.close()
+    assert code == 0, err
+    assert b"expect: 100-continue" in got["head"].lower()
+    with tarfile.open(fileobj=io.BytesIO(got["payload"])) as archive:
+        member = archive.extractfile("data.bin")
+        assert member is not None and member.read() == source.read_bytes()
+    assert json.loads(out)["sha256"] == hashlib.sha256(got["payload"]).hexdigest()
+    assert elapsed >= CONTINUE_WAIT  # it waited for the 100 Continue that never came
