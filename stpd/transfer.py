@@ -42,7 +42,7 @@ Get = Callable[[], Batch]  # the next batch; [] at the end
 
 
 class BodyReader:
-    """An HTTP body read past h11 in a transfer thread (``next_batch``).
+    """An HTTP body read past h11, by the thread that moves it (``next_batch``).
 
     ``early`` is what h11 had already read past the head; the rest bypasses
     h11, which would copy every byte twice (see stpd.body): the stream
@@ -95,9 +95,9 @@ def send_batch(
     timeout: float,
     on_input: Callable[[], bool] | None = None,
 ) -> bool:
-    """A batch as body data of the message h11 is sending, in a transfer
-    thread (see ``TLSConnection.send_blocking``: False when ``on_input``
-    stopped it). h11 only adds the framing; the views are sent uncopied."""
+    """A batch as body data of the message h11 is sending, blocking (see
+    ``TLSConnection.send_blocking``: False when ``on_input`` stopped it).
+    h11 only adds the framing; the views are sent uncopied."""
     # h11 types ``data`` as bytes, but passes any bytes-like through.
     events = [h11.Data(data=piece) for piece in batch]  # type: ignore[arg-type]
     return send_events_blocking(stream, conn, events, timeout, on_input)
