@@ -111,20 +111,19 @@ def _refusal_kind(reason: str, local: tuple[str, str] | None) -> tuple[str | Non
     return kind, reason
 
 
-def _refused(where: str, kind: str, reason: str) -> SbcError:
-    what, fix = _REFUSALS[kind]
-    return SbcError(f"refused by stpd at {where}: {what} ({reason}); {fix}")
-
-
-def explain_refusal(where: str, reason: str, local: tuple[str, str] | None = None) -> SbcError:
+def explain_refusal(
+    where: str, reason: str, local: tuple[str, str] | None = None, unnamed: str = ""
+) -> SbcError:
     """One line for a connection STPD broke off. ``reason`` is what TLS
     said; ``local`` is what we found wrong with our own certificate (see
     :func:`pki.tls.client_certificate_problem`), used when the alert was
-    lost or says no more than "bad certificate"."""
-    kind, reason = _refusal_kind(reason, local)
+    lost or says no more than "bad certificate". ``unnamed`` is the line
+    for a break that names no refusal (default: the connection failed)."""
+    kind, detailed = _refusal_kind(reason, local)
     if kind is None:
-        return SbcError(f"connection to stpd at {where} failed: {reason}")
-    return _refused(where, kind, reason)
+        return SbcError(unnamed or f"connection to stpd at {where} failed: {detailed}")
+    what, fix = _REFUSALS[kind]
+    return SbcError(f"refused by stpd at {where}: {what} ({detailed}); {fix}")
 
 
 @dataclass
@@ -236,13 +235,13 @@ class Session:
             )
         else:
             local = client_certificate_problem(self.config.layout)
-        kind, detailed = _refusal_kind(reason, local)
-        if kind is not None:
-            return _refused(self.where, kind, detailed)
-        return SbcError(
-            f"stpd at {self.where} closed the connection before answering ({reason}): it "
-            "probably refused this client; see the stpd log (e.g. a revoked certificate or "
-            "STPD_ALLOWED_CLIENTS)"
+        return explain_refusal(
+            self.where,
+            reason,
+            local,
+            unnamed=f"stpd at {self.where} closed the connection before answering ({reason}): "
+            "it probably refused this client; see the stpd log (e.g. a revoked certificate or "
+            "STPD_ALLOWED_CLIENTS)",
         )
 
     def _was_accepted(self) -> bool:
