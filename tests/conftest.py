@@ -40,6 +40,31 @@ from stpd.store import INCOMING
 LOOPBACK = "127.0.0.1"
 WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
 STPD = str(Path(sys.executable).parent / "stpd")  # the console script
+OPENSSL = shutil.which("openssl")
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+
+
+def openssl(*args: str | Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The openssl command (a peer nobody here wrote), its output as text."""
+    assert OPENSSL is not None
+    return subprocess.run(
+        [OPENSSL, *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS,
+        check=False,
+    )
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` with its content (none when ``root`` does
+    not exist): to prove that nothing changed."""
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 @dataclass

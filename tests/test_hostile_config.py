@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pki.layout import Layout
-from tests.conftest import Pki, running_stpd
+from tests.conftest import Pki, read_only_directory, running_stpd
 from tests.test_hostile_common import (
     assert_serves,
     hpki,  # noqa: F401  (fixture)
@@ -120,19 +120,8 @@ def test_stpd_refuses_to_start(hpki: Pki, tmp_path: Path, what: str) -> None:  #
 
 
 def test_stpd_refuses_a_read_only_data_directory(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
-    data = tmp_path / "ro"
-    data.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(data)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with read_only_directory(tmp_path / "ro") as data:
         result = run_stpd(hpki.layout.ini_dir, data)
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
     assert result.returncode == 2, result.stderr
     assert_one_line(result.stderr, "stpd: error: ", str(data), "STPD_DATA_DIR")
 

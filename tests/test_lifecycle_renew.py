@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,8 +15,8 @@ from pki.authority import CertificateAuthority, format_fingerprint, format_name,
 from pki.cli import main
 from pki.inventory import Inventory
 from pki.layout import Layout
+from tests.conftest import needs_openssl, openssl, tree
 
-OPENSSL = shutil.which("openssl")
 SERVER_NAMES = "backup.example.test,127.0.0.1,*.example.test,192.168.1.*,::1"
 CLIENT_SUBJECT = "C:DE,CN:host1,O:Acme AG,OU:Backup,OU:Ops,T:Dr"
 
@@ -28,14 +26,6 @@ def run(capsys: pytest.CaptureFixture[str], layout: Layout, *argv: str) -> str:
     out, err = capsys.readouterr()
     assert code == 0, err
     return out
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
 
 
 def fails(capsys: pytest.CaptureFixture[str], layout: Layout, *argv: str) -> str:
@@ -155,7 +145,7 @@ def test_a_revoked_certificate_stays_revoked_when_renewed(
     assert entry.superseded_by == format_serial(load(layout.client_cert).serial_number)
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+@needs_openssl
 def test_openssl_verifies_the_renewed_certificates(
     ca: CertificateAuthority, layout: Layout, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -164,13 +154,7 @@ def test_openssl_verifies_the_renewed_certificates(
     run(capsys, layout, "renew", "server")
     run(capsys, layout, "renew", "client", "--keep-key")
     for path, purpose in [(layout.server_cert, "sslserver"), (layout.client_cert, "sslclient")]:
-        done = subprocess.run(
-            [OPENSSL, "verify", "-CAfile", str(layout.ca_cert), "-purpose", purpose, str(path)],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
+        done = openssl("verify", "-CAfile", layout.ca_cert, "-purpose", purpose, path)
         assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -3,9 +3,7 @@ ca/crl.pem as cryptography and openssl read it, and the one-line errors."""
 
 from __future__ import annotations
 
-import shutil
 import stat
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,10 +17,7 @@ from pki.cli import main
 from pki.errors import PkiError
 from pki.inventory import Inventory
 from pki.layout import Layout
-
-OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
-PROCESS_TIMEOUT = 20.0
+from tests.conftest import needs_openssl, openssl, tree
 
 
 @pytest.fixture
@@ -42,14 +37,6 @@ def run(capsys: pytest.CaptureFixture[str], layout: Layout, *argv: str) -> str:
     return out
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
-
-
 def fails(capsys: pytest.CaptureFixture[str], layout: Layout, *argv: str) -> str:
     """Exit status 2, one error line, and no file changed."""
     before = tree(layout.ini_dir)
@@ -65,17 +52,6 @@ def fails(capsys: pytest.CaptureFixture[str], layout: Layout, *argv: str) -> str
 
 def load_crl(layout: Layout) -> x509.CertificateRevocationList:
     return x509.load_pem_x509_crl(layout.crl.read_bytes())
-
-
-def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert OPENSSL is not None
-    return subprocess.run(
-        [OPENSSL, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=PROCESS_TIMEOUT,
-        check=False,
-    )
 
 
 # -- revoke ------------------------------------------------------------------------

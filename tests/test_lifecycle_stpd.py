@@ -18,11 +18,10 @@ import pytest
 from pki import crl as crl_module
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
-from tests.conftest import Pki, RunningStpd, run_sbc, running_stpd
+from tests.conftest import Pki, RunningStpd, needs_openssl, openssl, run_sbc, running_stpd
 
 PEER = r"client 127\.0\.0\.1:\d+"
 REVOKED = "certificate has been revoked"
-OPENSSL = shutil.which("openssl")
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="needs the curl command")
 PROCESS_TIMEOUT = 20.0
@@ -307,14 +306,8 @@ def test_allow_list_with_curl(pki: Pki, small_tar: Path) -> None:
 
 def openssl_fingerprint(cert: Path) -> str:
     """``AB:CD:...`` as the administrator gets it from openssl."""
-    assert OPENSSL is not None
-    done = subprocess.run(
-        [OPENSSL, "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert)],
-        capture_output=True,
-        text=True,
-        timeout=PROCESS_TIMEOUT,
-        check=True,
-    )
+    done = openssl("x509", "-noout", "-fingerprint", "-sha256", "-in", cert)
+    assert done.returncode == 0, done.stderr
     match = re.fullmatch(r"(?i)sha256 Fingerprint=([0-9A-F:]{95})\s*", done.stdout)
     assert match, done.stdout
     return match.group(1)
@@ -324,7 +317,7 @@ def pinned_client(pki: Pki, name: str, fingerprint: str) -> Layout:
     return pki.client_ini(name, extra_ini=f"SBC_SERVER_FINGERPRINT={fingerprint}  #pin\n")
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+@needs_openssl
 def test_pinned_server_fingerprint_accepted_and_refused(
     pki: Pki, source: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -347,7 +340,7 @@ def test_pinned_server_fingerprint_accepted_and_refused(
         assert len(stpd.daemon.store.all()) == 2
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+@needs_openssl
 def test_renewed_server_certificate_is_served_by_a_new_stpd(
     pki: Pki, source: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,21 +23,11 @@ from pki.authority import (
 )
 from pki.errors import PkiError
 from pki.layout import Layout
+from tests.conftest import tree
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file below root with its content: to prove nothing changed."""
-    if not root.exists():
-        return {}
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
 
 
 def extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension:

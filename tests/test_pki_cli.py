@@ -15,17 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pki.authority import format_serial
 from pki.cli import main
 from pki.layout import INI_DIR_ENV, Layout
-from tests.conftest import read_only_directory
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    if not root.exists():
-        return {}
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
+from tests.conftest import read_only_directory, tree
 
 
 def mode(path: Path) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,9 +19,9 @@ import pytest
 
 from pki.authority import CertificateAuthority, IssuedCert
 from pki.layout import Layout
+from tests.conftest import OPENSSL, needs_openssl, openssl
 
-OPENSSL = shutil.which("openssl")
-pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+pytestmark = needs_openssl
 
 # Generous: only reached when openssl misbehaves; never a synchronisation sleep.
 PROCESS_TIMEOUT = 20.0
@@ -59,18 +58,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             "CN:expired", out_dir=root / "expired", not_before=now - timedelta(days=10), days=1
         ),
         foreign_client=other.issue_client("CN:client1"),
-    )
-
-
-def openssl(*args: str | Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    assert OPENSSL is not None
-    return subprocess.run(
-        [OPENSSL, *map(str, args)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=PROCESS_TIMEOUT,
-        check=False,
     )
 
 

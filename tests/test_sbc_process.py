@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import queue
-import shutil
 import signal
 import socket
 import ssl
@@ -26,14 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from sbc.client import CONTINUE_WAIT
-from tests.conftest import WAIT_SECONDS, Pki, run_sbc
+from tests.conftest import OPENSSL, WAIT_SECONDS, Pki, needs_openssl, run_sbc
 
-OPENSSL = shutil.which("openssl")
 SBC = str(Path(sys.executable).parent / "sbc")
-pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+pytestmark = needs_openssl
 
 
 def _lines(stream: object) -> queue.Queue[str]:
