@@ -230,13 +230,8 @@ class SavesetStore:
         return self.root / f"{saveset}.tar"
 
     def all(self) -> list[SavesetMeta]:
-        found = []
-        for path in sorted(self.root.glob("SS-*.json")):
-            try:
-                found.append(SavesetMeta(**json.loads(path.read_text(encoding="utf-8"))))
-            except (OSError, ValueError, TypeError):
-                continue  # unreadable metadata: not listed, not served
-        return found
+        metas = (_read_meta(path) for path in sorted(self.root.glob("SS-*.json")))
+        return [meta for meta in metas if meta is not None]
 
     def owned_by(self, owner: str) -> list[SavesetMeta]:
         return [m for m in self.all() if m.owner == owner]
@@ -246,9 +241,14 @@ class SavesetStore:
         are reported exactly like missing ones."""
         if not SAVESET_ID.match(saveset):
             return None
-        path = self.root / f"{saveset}.json"
-        try:
-            meta = SavesetMeta(**json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            return None
-        return meta if meta.owner == owner else None
+        meta = _read_meta(self.root / f"{saveset}.json")
+        return meta if meta is not None and meta.owner == owner else None
+
+
+def _read_meta(path: Path) -> SavesetMeta | None:
+    """A saveset's metadata; None when it cannot be read (then the saveset
+    is neither listed nor served)."""
+    try:
+        return SavesetMeta(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
