@@ -243,7 +243,7 @@ class TreeWriter:
 _by_name = operator.attrgetter("name")
 
 
-def _walk(source: Path) -> Iterator[tuple[str, str, os.stat_result]]:
+def walk(source: Path) -> Iterator[tuple[str, str, os.stat_result]]:
     """(path, arcname, lstat) for the tree, each directory before its entries."""
     root_name = archive_root_name(source)
     try:
@@ -274,7 +274,7 @@ def _walk(source: Path) -> Iterator[tuple[str, str, os.stat_result]]:
 def write_tree(source: Path, put: Put, stats: TreeStats) -> None:
     """Write ``source`` (a file or a directory tree) as a tar stream to ``put``."""
     writer = TreeWriter(BatchWriter(put), stats)
-    for path, arcname, st in _walk(source):
+    for path, arcname, st in walk(source):
         writer.add(path, arcname, st)
     writer.finish()
 

@@ -7,14 +7,13 @@ see nothing of it. ``rich`` draws it (bytes, rate, ETA, files).
 
 from __future__ import annotations
 
-import os
 import stat
 import sys
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import archive_root_name
+from sbc.archive import ArchiveError, archive_root_name, walk
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -26,28 +25,17 @@ def wanted(quiet: bool, as_json: bool) -> bool:
     return not quiet and not as_json and sys.stderr.isatty()
 
 
-def estimate_tar_bytes(source: Path) -> int:
+def estimate_tar_bytes(source: Path) -> int | None:
     """About the size of the tar stream of ``source``: contents rounded to
-    blocks plus a header each (PAX headers make it a little more)."""
-    total = 2 * TAR_BLOCK
-    pending = [str(source)]
-    first = True
-    while pending:
-        path = pending.pop()
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        total += TAR_BLOCK + (
-            -(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0
+    blocks plus a header each (PAX headers make it a little more), from the
+    backup's own walk. None when that walk fails (the backup says why)."""
+    try:
+        return 2 * TAR_BLOCK + sum(
+            TAR_BLOCK + (-(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0)
+            for _, _, st in walk(source)
         )
-        if stat.S_ISDIR(st.st_mode) and (first or not stat.S_ISLNK(st.st_mode)):
-            try:
-                pending.extend(entry.path for entry in os.scandir(path))
-            except OSError:
-                pass
-        first = False
-    return total
+    except ArchiveError:
+        return None
 
 
 class TransferProgress:
