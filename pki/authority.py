@@ -56,6 +56,8 @@ LEAF_VALIDITY_DAYS = 825
 # not_before is set this far in the past, so that a peer whose clock is a
 # little behind does not see a brand-new certificate as "not yet valid".
 CLOCK_SKEW = timedelta(minutes=5)
+# stpd (its certificate and the CA) and `sm_ssl_cert list` warn this long before an expiry.
+EXPIRY_WARNING_DAYS = 30
 
 KeyType = Literal["ec", "rsa"]
 KEY_TYPES: tuple[KeyType, ...] = ("ec", "rsa")
@@ -510,6 +512,12 @@ class CertificateAuthority:
 
 
 # -- subjects ------------------------------------------------------------------
+
+
+def days_left(moment: datetime, now: datetime | None = None) -> float:
+    """Days from ``now`` until ``moment`` (an expiry, a CRL's next update);
+    negative once it has passed."""
+    return (moment - (now or datetime.now(UTC))).total_seconds() / 86400
 
 
 def parse_subject_options(text: str) -> x509.Name:

@@ -17,12 +17,14 @@ from cryptography import x509
 from pki.authority import (
     CA_VALIDITY_DAYS,
     DEFAULT_KEY_TYPE,
+    EXPIRY_WARNING_DAYS,
     KEY_TYPES,
     LEAF_VALIDITY_DAYS,
     PROFILES,
     RSA_KEY_SIZE,
     CertificateAuthority,
     IssuedCert,
+    days_left,
     format_fingerprint,
     format_name,
     format_serial,
@@ -435,14 +437,6 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
 # -- list --------------------------------------------------------------------------
 
 
-def _days_left(moment: datetime, now: datetime) -> int:
-    """Whole days, rounded toward zero: -3 is "expired 3 days ago"."""
-    return int((moment - now).total_seconds() / 86400)
-
-
-EXPIRY_WARNING_DAYS = 30  # as stpd's own warning about its certificate and the CA
-
-
 def _expiry_warnings(rows: list[dict[str, Any]]) -> list[str]:
     """Certificates in use (not revoked or superseded) that expired or expire soon."""
     warnings = []
@@ -468,7 +462,7 @@ def _expiry_warnings(rows: list[dict[str, Any]]) -> list[str]:
 
 def _list_row(entry: Entry, now: datetime) -> dict[str, Any]:
     row = entry.to_json()
-    row["days_left"] = _days_left(entry.not_after_utc, now)
+    row["days_left"] = int(days_left(entry.not_after_utc, now))  # -3: expired 3 days ago
     row["expired"] = entry.not_after_utc <= now
     row["not_yet_valid"] = entry.not_before_utc > now
     return row
@@ -564,7 +558,7 @@ def _crl_json(crl: CrlState | None, now: datetime) -> dict[str, Any] | None:
         "number": crl.number,
         "last_update": crl.last_update.isoformat(timespec="seconds"),
         "next_update": crl.next_update.isoformat(timespec="seconds") if crl.next_update else None,
-        "days_left": _days_left(crl.next_update, now) if crl.next_update else None,
+        "days_left": int(days_left(crl.next_update, now)) if crl.next_update else None,
         "revoked": sorted(format_serial(serial) for serial in crl.revoked_serials),
     }
 

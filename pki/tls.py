@@ -333,10 +333,3 @@ def fingerprint_sha256(cert: x509.Certificate) -> str:
     from cryptography.hazmat.primitives import hashes
 
     return cert.fingerprint(hashes.SHA256()).hex()
-
-
-def days_left(cert: x509.Certificate, now: float | None = None) -> float:
-    import time
-
-    now = time.time() if now is None else now
-    return (cert.not_valid_after_utc.timestamp() - now) / 86400

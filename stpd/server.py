@@ -23,9 +23,10 @@ import trio
 from cryptography import x509
 from OpenSSL import SSL
 
+from pki.authority import EXPIRY_WARNING_DAYS, days_left
 from pki.errors import PkiError
 from pki.inifile import ConfigError
-from pki.tls import days_left, server_context
+from pki.tls import server_context
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
@@ -61,7 +62,6 @@ def format_peer(stream: trio.SocketStream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-EXPIRY_WARNING_DAYS = 30  # warn this long before the server certificate or the CA expires
 EXPIRY_CHECK_INTERVAL = 24 * 3600.0  # seconds between expiry checks: daily
 
 
@@ -198,7 +198,7 @@ class Stpd:
             config.layout.stpd_ini,
             config.describe_level(),
             self.server_cert.subject.rfc4514_string(),
-            int(days_left(self.server_cert)),
+            int(days_left(self.server_cert.not_valid_after_utc)),
         )
         self._check_expiry()
 
@@ -220,7 +220,7 @@ class Stpd:
         for what, cert in (("server certificate", self.server_cert), ("root CA", self.ca_cert)):
             if cert is None:
                 continue
-            left = days_left(cert)
+            left = days_left(cert.not_valid_after_utc)
             if left < EXPIRY_WARNING_DAYS:
                 log.warning(
                     "%s %s expires in %d days (%s): renew it with `sm_ssl_cert renew server` "
@@ -259,7 +259,7 @@ class Stpd:
             "server_certificate": {
                 "subject": self.server_cert.subject.rfc4514_string(),
                 "not_after": self.server_cert.not_valid_after_utc.isoformat(),
-                "days_left": int(days_left(self.server_cert)),
+                "days_left": int(days_left(self.server_cert.not_valid_after_utc)),
             },
         }
 
