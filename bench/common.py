@@ -13,6 +13,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,6 +282,17 @@ class Server:
                     self.process.kill()
                 self.process.wait(STOP_TIMEOUT)
         self.log.join(STOP_TIMEOUT)
+
+
+def tool(name: str) -> str:
+    """The console script installed beside this interpreter (.venv/bin/NAME)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise BenchError(f"console script {name!r} not found: run `make install` first")
+    return found
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import HOST, free_port
+from bench.common import HOST, BenchError, free_port, tool
 from bench.lines import StderrLines
 
 COMMAND_TIMEOUT = 60.0  # seconds for one sbc / sm_ssl_cert / curl run
@@ -40,7 +40,7 @@ STOP_TIMEOUT = 15.0  # seconds for stpd to exit after SIGTERM
 SAMPLE_MTIME = 1_500_000_000  # 2017-07-14: restored files must keep it
 
 
-class DemoFailed(Exception):
+class DemoFailed(BenchError):
     """A step did not do what it should; the message says what."""
 
 
@@ -62,17 +62,6 @@ def ok(message: str) -> None:
 
 
 # -- running the real programs -------------------------------------------------
-
-
-def tool(name: str) -> str:
-    """The console script installed beside this interpreter (.venv/bin/NAME)."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if found is None:
-        raise DemoFailed(f"console script {name!r} not found: run `make install` first")
-    return found
 
 
 def run(argv: Sequence[str], *, expect_ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -338,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"demo directory: {work}", flush=True)
     try:
         demo(work)
-    except DemoFailed as exc:
+    except BenchError as exc:  # DemoFailed, or a console script not found
         print(f"\nDEMO FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:

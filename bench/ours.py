@@ -4,26 +4,13 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
-from bench.common import HOST, BenchError, Server, run_checked
+from bench.common import HOST, BenchError, Server, run_checked, tool
 
 START_TIMEOUT = 60.0  # seconds for stpd to log "listening on"
 PKI_TIMEOUT = 120.0  # seconds for one sm_ssl_cert command
 DEFAULT_MAX_CONNECTIONS = 64  # stpd's STPD_MAX_CONNECTIONS default
-
-
-def tool(name: str) -> str:
-    """The console script installed beside this interpreter (.venv/bin/NAME)."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise BenchError(f"console script {name!r} not found: run `make install` first")
-    return found
 
 
 class Pki:
