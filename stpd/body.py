@@ -7,11 +7,12 @@ in an upload. The decoders here take a view of the bytes as received and
 return views of the payload inside it, so the received buffer goes straight
 to hashing and writing.
 
-``feed(view)`` returns the payload slices found in ``view`` (views into it,
-valid while the caller's buffer is) and how many bytes of ``view`` belong
-to the body; bytes after the end of the body (a pipelined request) are not
-consumed. ``done`` says the body ended. Malformed framing raises
-:class:`h11.RemoteProtocolError`, as h11 itself would.
+``feed_spans(view)`` returns where the payload lies in ``view`` (``[start,
+stop)`` pairs) and how many bytes of ``view`` belong to the body; bytes
+after the end of the body (a pipelined request) are not consumed.
+``feed(view)`` gives the same payload as views into ``view``, valid while
+the caller's buffer is. ``done`` says the body ended. Malformed framing
+raises :class:`h11.RemoteProtocolError`, as h11 itself would.
 """
 
 from __future__ import annotations
@@ -22,8 +23,19 @@ MAX_LINE = 4096  # a chunk-size line or a trailer line longer than this is refus
 FIRST_LOOK = 64  # bytes searched for the end of a line before all MAX_LINE
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
+Span = tuple[int, int]  # [start, stop) of payload in the view given to feed_spans
 
-class LengthBody:
+
+class _Body:
+    def feed_spans(self, view: memoryview) -> tuple[list[Span], int]:
+        raise NotImplementedError
+
+    def feed(self, view: memoryview) -> tuple[list[memoryview], int]:
+        spans, used = self.feed_spans(view)
+        return [view[start:stop] for start, stop in spans], used
+
+
+class LengthBody(_Body):
     """A body of ``Content-Length`` bytes (what ``curl -T FILE`` sends)."""
 
     def __init__(self, length: int) -> None:
@@ -33,13 +45,13 @@ class LengthBody:
     def done(self) -> bool:
         return self.remaining == 0
 
-    def feed(self, view: memoryview) -> tuple[list[memoryview], int]:
+    def feed_spans(self, view: memoryview) -> tuple[list[Span], int]:
         take = min(self.remaining, len(view))
         self.remaining -= take
-        return ([view[:take]] if take else []), take
+        return ([(0, take)] if take else []), take
 
 
-class ChunkedBody:
+class ChunkedBody(_Body):
     """A ``Transfer-Encoding: chunked`` body (what sbc and ``curl -T -``
     send), per RFC 9112 section 7.1: chunk extensions are ignored, trailer
     fields are read and dropped."""
@@ -56,13 +68,13 @@ class ChunkedBody:
     def done(self) -> bool:
         return self._state == self._DONE
 
-    def feed(self, view: memoryview) -> tuple[list[memoryview], int]:
-        payload: list[memoryview] = []
+    def feed_spans(self, view: memoryview) -> tuple[list[Span], int]:
+        payload: list[Span] = []
         pos, end = 0, len(view)
         while pos < end and self._state != self._DONE:
             if self._state == self._DATA:
                 take = min(self._remaining, end - pos)
-                payload.append(view[pos : pos + take])
+                payload.append((pos, pos + take))
                 pos += take
                 self._remaining -= take
                 if not self._remaining:

@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from stpd.body import ChunkedBody, LengthBody
-
 if TYPE_CHECKING:
+    from stpd.body import ChunkedBody, LengthBody, Span
     from stpd.tlsconn import TLSConnection
 
 BATCH_BYTES = 1024 * 1024  # the one buffer of a transfer
@@ -70,22 +69,25 @@ class BodyReader:
             early, self._early = self._early, None
             return early
         buffer, body = self._buffer, self._body
-        batch: Batch = []
+        spans: list[Span] = []  # of the payload in buffer, adjacent ones joined
         filled = 0
         while filled < len(buffer) and not body.done:
             received = self._stream.receive_into_blocking(buffer[filled:], self._timeout)
             if not received:
                 raise self._stream.Broken("connection closed in the middle of the body")
-            payload, used = body.feed(buffer[filled : filled + received])
-            batch += payload
+            found, used = body.feed_spans(buffer[filled : filled + received])
+            for start, stop in found:
+                start, stop = filled + start, filled + stop
+                if spans and spans[-1][1] == start:  # continues the last piece
+                    spans[-1] = (spans[-1][0], stop)
+                else:
+                    spans.append((start, stop))
             if body.done:
                 self.after = bytes(buffer[filled + used : filled + received])
             filled += received
-        if len(batch) > 1 and isinstance(body, LengthBody):
-            # Its payload is the buffer's start: one piece, which a reader
-            # (BatchReader) can pass on in large views without joining.
-            batch = [buffer[: sum(len(piece) for piece in batch)]]
-        return batch
+        # Few large pieces: a reader (BatchReader) passes large reads on as
+        # views, and hashing and checking go piece by piece.
+        return [buffer[start:stop] for start, stop in spans]
 
 
 def send_batch(
