@@ -289,6 +289,16 @@ def _keep_mode(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     return safe
 
 
+def _first_prefix_in(names: set[str], parts: list[str], *, itself: bool) -> str | None:
+    """The shortest leading part of the path ``parts`` (the whole path too
+    if ``itself``) that is in ``names``."""
+    for end in range(1, len(parts) + (1 if itself else 0)):
+        prefix = "/".join(parts[:end])
+        if prefix in names:
+            return prefix
+    return None
+
+
 class UnsafeMember(tarfile.FilterError):
     def __init__(self, tarinfo: tarfile.TarInfo, message: str) -> None:
         self.tarinfo = tarinfo
@@ -304,11 +314,19 @@ class SafeMembers:
     filter would silently strip the '/'), no '..' in names or hard-link
     targets, and nothing extracted through, onto or hard-linked to a
     symbolic link that this archive created. Our own archives never hold
-    such members."""
+    such members.
 
-    def __init__(self) -> None:
+    Unless ``overwrite``, a member whose path already exists in the target
+    (but for a directory over a directory: those merge) is not extracted,
+    nor is anything under it; each is listed in ``kept``, so that a
+    restore never replaces newer data unasked."""
+
+    def __init__(self, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
         self.symlinks: set[str] = set()  # normalised names of the archive's links
         self.skipped: list[str] = []  # device nodes: not restored, reported
+        self.kept: list[str] = []  # members not extracted: existing paths left as they were
+        self._kept_names: set[str] = set()  # those that stood in the way themselves
 
     def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
         if path.startswith("/") or os.path.isabs(path):
@@ -319,11 +337,20 @@ class SafeMembers:
         return parts
 
     def _through_link(self, parts: list[str], *, itself: bool) -> str | None:
-        for end in range(1, len(parts) + (1 if itself else 0)):
-            prefix = "/".join(parts[:end])
-            if prefix in self.symlinks:
-                return prefix
-        return None
+        return _first_prefix_in(self.symlinks, parts, itself=itself)
+
+    def _kept(self, member: tarfile.TarInfo, parts: list[str], dest: str) -> bool:
+        """Whether something in the target stands where ``member`` would go:
+        an existing path (a directory merges with a directory member), or a
+        path kept before that this member lies under (a file where the
+        archive has a directory)."""
+        if self.kept and _first_prefix_in(self._kept_names, parts, itself=False) is not None:
+            return True
+        path = os.path.join(dest, *parts)
+        if not os.path.lexists(path) or (member.isdir() and os.path.isdir(path)):
+            return False
+        self._kept_names.add("/".join(parts))
+        return True
 
     def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         parts = self._parts(member, member.name, "member")
@@ -348,6 +375,9 @@ class SafeMembers:
             # A backup client does not create device nodes; say so, go on.
             self.skipped.append(name)
             return None
+        if not self.overwrite and self._kept(member, parts, dest):
+            self.kept.append(name)
+            return None
         if member.isfifo():
             # Harmless, but the data filter refuses every special file;
             # tar_filter still keeps it inside the target.
@@ -364,10 +394,14 @@ class RestoreResult:
     bytes: int = 0
     sha256: str = ""
     skipped: list[str] = field(default_factory=list)  # device nodes, not restored
+    kept: list[str] = field(default_factory=list)  # existed already, not overwritten
 
 
-def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
-    """Extract the tar stream from ``get`` into ``target`` and hash it."""
+def extract_stream(
+    get: Get, target: Path, result: RestoreResult, *, overwrite: bool = False
+) -> None:
+    """Extract the tar stream from ``get`` into ``target`` and hash it.
+    Existing files are kept unless ``overwrite`` (see ``SafeMembers``)."""
     digest = hashlib.sha256()
 
     def observe(piece: memoryview) -> None:
@@ -379,7 +413,7 @@ def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
         # "r:" with a forward-only reader: extractall takes member after
         # member in order, so it never seeks back (see BatchReader).
         with tarfile.open(fileobj=reader, mode="r:", copybufsize=RESTORE_COPY_BUFFER) as archive:  # type: ignore[call-overload]
-            safe_members = SafeMembers()
+            safe_members = SafeMembers(overwrite)
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
                 result.members += 1
@@ -387,7 +421,7 @@ def extract_stream(get: Get, target: Path, result: RestoreResult) -> None:
 
             # extractall sets directory modes and mtimes last, after their contents.
             archive.extractall(target, filter=counted)
-            result.skipped = safe_members.skipped
+            result.skipped, result.kept = safe_members.skipped, safe_members.kept
     except tarfile.FilterError as exc:
         raise ArchiveError(
             f"refused an unsafe archive member: {exc}; restore stopped there, nothing was "

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("saveset")
     restore.add_argument("target_dir", type=Path)
+    restore.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files that exist in the target (default: keep them, and say which)",
+    )
     commands.add_parser("list", parents=[common], help="list this client's savesets")
     commands.add_parser("status", parents=[common], help="show the STPD's status")
     return parser
@@ -107,14 +112,18 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
 
 def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     target = args.target_dir.absolute()
+    if target.exists() and not target.is_dir():
+        raise SbcError(f"cannot restore into {target}: it exists and is not a directory")
     target.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), f"restore {args.saveset}") as progress:
-        restored = session.restore(args.saveset, target, progress)
+        restored = session.restore(args.saveset, target, progress, overwrite=args.overwrite)
     seconds = time.monotonic() - started
     if not args.json:
         for name in restored.skipped:
             print(f"sbc: warning: not restored: device node {name}", file=sys.stderr)
+        if restored.kept:
+            print(f"sbc: warning: {_kept_summary(restored.kept)}", file=sys.stderr)
         print(
             f"restored saveset {args.saveset} into {target}: {restored.members} entries, "
             f"{restored.bytes} bytes in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), "
@@ -127,8 +136,19 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "members": restored.members,
         "sha256": restored.sha256,
         "skipped": restored.skipped,
+        "kept": restored.kept,
         "seconds": round(seconds, 3),
     }
+
+
+def _kept_summary(kept: list[str], shown: int = 5) -> str:
+    names = ", ".join(kept[:shown]) + (
+        f" and {len(kept) - shown} more" if len(kept) > shown else ""
+    )
+    return (
+        f"kept {len(kept)} existing path{'' if len(kept) == 1 else 's'} instead of restoring "
+        f"over {'it' if len(kept) == 1 else 'them'}: {names} (--overwrite replaces them)"
+    )
 
 
 def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -477,8 +477,15 @@ class Session:
         return body, stats
 
     def restore(
-        self, saveset: str, target: Path, progress: TransferProgress | None = None
+        self,
+        saveset: str,
+        target: Path,
+        progress: TransferProgress | None = None,
+        *,
+        overwrite: bool = False,
     ) -> RestoreResult:
+        """Extract ``saveset`` into ``target``; existing files are kept
+        (listed in the result) unless ``overwrite``."""
         self._send(
             h11.Request(
                 method="GET", target=f"/savesets/{quote(saveset, safe='')}", headers=self._headers()
@@ -510,7 +517,7 @@ class Session:
             return batch
 
         try:
-            extract_stream(next_batch, target, result)
+            extract_stream(next_batch, target, result, overwrite=overwrite)
         except TLSTimeout:
             raise SbcError(
                 f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"

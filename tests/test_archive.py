@@ -11,6 +11,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,6 +158,37 @@ def test_restore_from_batches_in_one_reused_buffer(tmp_path: Path) -> None:
         assert (tmp_path / "out" / "tree" / name).read_bytes() == content, name
     assert result.sha256 == hashlib.sha256(stream).hexdigest()
     assert result.bytes == len(stream)
+
+
+def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) -> None:
+    """Nothing is written under, onto or instead of a path that exists: a
+    file that now stands where the backup had a directory stays a file, the
+    directory's contents are listed as kept, and the rest is restored."""
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "inner").write_text("inner\n")
+    (tree / "z").write_text("z\n")
+    stream = tar_stream(tree, TreeStats())
+    out = tmp_path / "out"
+    (out / "tree").mkdir(parents=True)
+    (out / "tree" / "d").write_text("a file now\n")
+
+    def extract(overwrite: bool) -> RestoreResult:
+        batches = [[memoryview(stream)]]
+        result = RestoreResult()
+        extract_stream(lambda: batches.pop() if batches else [], out, result, overwrite=overwrite)
+        return result
+
+    result = extract(overwrite=False)
+    assert result.kept == ["tree/d", "tree/d/inner"]
+    assert (out / "tree" / "d").read_text() == "a file now\n"
+    assert (out / "tree" / "z").read_text() == "z\n"
+    assert result.sha256 == hashlib.sha256(stream).hexdigest()
+    # Asked to overwrite, tarfile does not turn a file into a directory: it stops.
+    (out / "tree" / "z").unlink()
+    with pytest.raises(NotADirectoryError):
+        extract(overwrite=True)
+    assert (out / "tree" / "d").read_text() == "a file now\n"
 
 
 READ_SIZES = st.sampled_from([0, 1, 512, 65_535, 65_536, 262_144, 1 << 20, (1 << 20) + 1, -1])

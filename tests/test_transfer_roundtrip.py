@@ -117,6 +117,66 @@ def test_single_file_backup_and_restore(
     assert (tmp_path / "out" / "one.bin").read_bytes() == source.read_bytes()
 
 
+def test_restore_keeps_existing_files_unless_told_to_overwrite(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = make_tree(tmp_path)
+    files = {"tree/" + rel for rel, kind in snapshot(tree).items() if kind[0] != "dir"}
+    client = pki.client_ini("client1")
+    target = tmp_path / "restored"
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini = ["--ini-dir", str(client.ini_dir)]
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        saveset = backup["saveset"]  # type: ignore[index]
+        restore = [*ini, "restore", saveset, str(target), "--server", stpd.address]
+        assert sbc_json(*restore, "--json")["kept"] == []  # type: ignore[index]
+        # Work done since the backup, and a file lost since.
+        (target / "tree" / "private").write_text("newer than the backup\n")
+        (target / "tree" / "nested" / "data.bin").unlink()
+
+        again = sbc_json(*restore, "--json")
+        assert set(again["kept"]) == files - {"tree/nested/data.bin"}  # type: ignore[index]
+        assert again["sha256"] == backup["sha256"]  # type: ignore[index]  # still all checked
+        assert (target / "tree" / "private").read_text() == "newer than the backup\n"
+        assert snapshot(target / "tree")["nested/data.bin"] == snapshot(tree)["nested/data.bin"]
+
+        code, out, err = run_sbc(*restore)
+        assert code == 0, err
+        assert (
+            f"sbc: warning: kept {len(files)} existing paths instead of restoring over them: "
+            in err
+        )
+        assert f" and {len(files) - 5} more (--overwrite replaces them)" in err
+        assert "sha256 verified" in out
+
+        replaced = sbc_json(*restore, "--overwrite", "--json")
+        assert replaced["kept"] == []  # type: ignore[index]
+    assert snapshot(target / "tree") == snapshot(tree)
+
+
+def test_restore_of_a_file_next_to_itself_and_into_a_file(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "f.txt"
+    source.write_text("data\n")
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini = ["--ini-dir", str(client.ini_dir)]
+        backup = sbc_json(*ini, "backup", str(source), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"]]  # type: ignore[index]
+        source.write_text("edited\n")
+        code, _, err = run_sbc(*restore, str(tmp_path), "--server", stpd.address)
+        assert code == 0, err
+        assert "kept 1 existing path instead of restoring over it: f.txt (" in err
+        assert source.read_text() == "edited\n"
+
+        code, _, err = run_sbc(*restore, str(source), "--server", stpd.address)
+    assert code != 0
+    assert f"sbc: error: cannot restore into {source}: it exists and is not a directory" in err
+    assert "Traceback" not in err
+    assert source.read_text() == "edited\n"
+
+
 def test_clients_see_only_their_own_savesets(
     pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
