@@ -414,14 +414,19 @@ def extract_stream(
         # member in order, so it never seeks back (see BatchReader).
         with tarfile.open(fileobj=reader, mode="r:", copybufsize=RESTORE_COPY_BUFFER) as archive:  # type: ignore[call-overload]
             safe_members = SafeMembers(overwrite)
+            extracting: list[tarfile.TarInfo] = []  # the member being written, if any
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
                 result.members += 1
-                return safe_members(member, dest)
+                safe = safe_members(member, dest)
+                extracting[:] = [safe] if safe is not None else []
+                return safe
 
             # extractall sets directory modes and mtimes last, after their contents.
             archive.extractall(target, filter=counted)
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
+    except OSError as exc:  # writing into the target: a full disk, a read-only place
+        raise ArchiveError(_write_failure(target, extracting, exc)) from None
     except tarfile.FilterError as exc:
         raise ArchiveError(
             f"refused an unsafe archive member: {exc}; restore stopped there, nothing was "
@@ -431,3 +436,23 @@ def extract_stream(
         raise ArchiveError(f"the restore stream is not a valid tar archive: {exc}") from None
     reader.drain()
     result.sha256 = digest.hexdigest()
+
+
+def _write_failure(target: Path, extracting: list[tarfile.TarInfo], exc: OSError) -> str:
+    """What to say when the restore could not write into ``target``. The
+    file being written is removed if it is incomplete: it would pass for
+    the whole file."""
+    member = extracting[0] if extracting else None
+    where = exc.filename or (member.name if member is not None else target)
+    message = (
+        f"cannot restore into {target}: {exc.strerror or exc} ({where}); the restore stopped there"
+    )
+    if member is not None and member.isreg():
+        path = target / member.name
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size != member.size:
+                path.unlink()
+                message += f", and the incomplete {member.name} was removed"
+        except OSError:
+            pass  # the message still says where it stopped
+    return message + " (what came before it in the saveset is restored)"

@@ -15,7 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sbc.archive import RestoreResult, TreeStats, extract_stream, member_header, write_tree
+from sbc.archive import (
+    ArchiveError,
+    RestoreResult,
+    TreeStats,
+    extract_stream,
+    member_header,
+    write_tree,
+)
 from stpd.tarcheck import TarStreamCheck
 from stpd.transfer import BatchReader
 
@@ -186,7 +193,9 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     assert result.sha256 == hashlib.sha256(stream).hexdigest()
     # Asked to overwrite, tarfile does not turn a file into a directory: it stops.
     (out / "tree" / "z").unlink()
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(
+        ArchiveError, match=r"Not a directory \(.*tree/d/inner\); the restore stopped"
+    ):
         extract(overwrite=True)
     assert (out / "tree" / "d").read_text() == "a file now\n"
 

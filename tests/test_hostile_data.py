@@ -430,6 +430,34 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
         assert_no_partial(data)
 
 
+def test_client_disk_full_during_a_restore_stops_with_one_line_and_no_partial_file(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    client = hpki.client_ini("restorer")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("first\n")
+    (tree / "big").write_bytes(os.urandom(3 * 1024 * 1024))
+    (tree / "z").write_text("last\n")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(hpki.layout, 2) as stpd, small_tmpfs(tmp_path / "small", "1m") as small:
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        code, out, err = run_sbc(*ini, "restore", saveset, str(small), "--server", stpd.address)
+        assert code == 1 and out == ""
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert (
+            f"sbc: error: cannot restore into {small}: No space left on device (tree/big); the "
+            "restore stopped there, and the incomplete tree/big was removed" in err
+        ), err
+        assert (small / "tree" / "a").read_text() == "first\n"
+        assert not (small / "tree" / "big").exists()  # a partial file would pass for the whole
+        assert not (small / "tree" / "z").exists()
+        assert_serves(stpd, client, tmp_path)
+
+
 # -- stpd killed during an upload ----------------------------------------------------------
 
 
