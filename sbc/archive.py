@@ -21,7 +21,7 @@ import pwd
 import stat
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,8 @@ class TreeStats:
     links: int = 0
     skipped: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)  # size changed while being read
+    # (path, what happened): removed meanwhile, no permission, a read error
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def archive_root_name(source: Path) -> str:
@@ -168,9 +170,10 @@ class TreeWriter:
     files (a fractional time would need an extra PAX header for each).
     """
 
-    def __init__(self, out: BatchWriter, stats: TreeStats) -> None:
+    def __init__(self, out: BatchWriter, stats: TreeStats, source: str) -> None:
         self.out = out
         self.stats = stats
+        self.source = source
         self._owners = _Owners()
         self._hardlinks: dict[tuple[int, int], str] = {}
 
@@ -179,54 +182,88 @@ class TreeWriter:
         if kind is None:  # sockets and the like have no tar form
             self.stats.skipped.append(path)
             return
-        size, linkname, devmajor, devminor = 0, "", 0, 0
+        linkname, devmajor, devminor = "", 0, 0
         if kind == tarfile.REGTYPE and st.st_nlink > 1:
-            first = self._hardlinks.setdefault((st.st_dev, st.st_ino), arcname)
-            if first != arcname:
+            first = self._hardlinks.get((st.st_dev, st.st_ino))
+            if first is not None:
                 kind, linkname = tarfile.LNKTYPE, first
-        if kind == tarfile.REGTYPE:
-            size = st.st_size
-        elif kind == tarfile.SYMTYPE:
-            linkname = os.readlink(path)
+        if kind == tarfile.SYMTYPE:
+            try:
+                linkname = os.readlink(path)
+            except OSError as exc:
+                self.unreadable(path, exc.strerror, "left out")
+                return
         elif kind in _DEVICES:
             devmajor, devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        self.out.write(
-            member_header(
-                arcname,
-                kind,
-                stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                size,
-                int(st.st_mtime),
-                linkname,
-                self._owners.user(st.st_uid),
-                self._owners.group(st.st_gid),
-                devmajor,
-                devminor,
-            )
-        )
-        if kind == tarfile.REGTYPE:
-            self._copy_contents(path, size)
-            self.stats.files += 1
-        else:
+        if kind != tarfile.REGTYPE:
+            self.out.write(self._header(arcname, kind, st, 0, linkname, devmajor, devminor))
             self.stats.directories += kind == tarfile.DIRTYPE
             self.stats.links += kind in (tarfile.SYMTYPE, tarfile.LNKTYPE)
+            return
+        try:
+            # Opened before its header is written: a file that cannot be is left out.
+            fd = os.open(path, os.O_RDONLY)  # no file object: a few us less per file
+        except OSError as exc:
+            self.unreadable(path, exc.strerror, "left out")
+            return
+        try:
+            if st.st_nlink > 1:  # later names of this file become links to this one
+                self._hardlinks[st.st_dev, st.st_ino] = arcname
+            self.out.write(self._header(arcname, kind, st, st.st_size))
+            self._copy_contents(fd, path, st.st_size)
+        finally:
+            os.close(fd)
+        self.stats.files += 1
 
-    def _copy_contents(self, path: str, size: int) -> None:
+    def unreadable(self, path: str, reason: str | None, consequence: str) -> None:
+        """A path of the tree could not be read: noted, and the backup goes
+        on without it, as GNU tar does (one such path must not cost the
+        whole backup). Only the backed-up path itself must be readable."""
+        if path == self.source:
+            raise ArchiveError(f"cannot read {path}: {reason}")
+        self.stats.unreadable.append((path, f"{reason}; {consequence}"))
+
+    def _header(
+        self,
+        arcname: str,
+        kind: bytes,
+        st: os.stat_result,
+        size: int,
+        linkname: str = "",
+        devmajor: int = 0,
+        devminor: int = 0,
+    ) -> bytes:
+        return member_header(
+            arcname,
+            kind,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            size,
+            int(st.st_mtime),
+            linkname,
+            self._owners.user(st.st_uid),
+            self._owners.group(st.st_gid),
+            devmajor,
+            devminor,
+        )
+
+    def _copy_contents(self, fd: int, path: str, size: int) -> None:
         """Exactly ``size`` bytes, whatever the file does meanwhile: a file
         that shrank is padded with zeros and reported, one that grew is cut
-        at the size its header announced (as GNU tar does)."""
+        at the size its header announced (as GNU tar does); so is one that
+        fails to read part-way (reported as unreadable)."""
+        start = self.out.tell()
         try:
-            fd = os.open(path, os.O_RDONLY)  # no file object: a few us less per file
-            try:
-                remaining = size - self.out.fill_from(fd, size)
-            finally:
-                os.close(fd)
+            remaining = size - self.out.fill_from(fd, size)
         except OSError as exc:
-            raise ArchiveError(f"cannot read {path}: {exc.strerror}") from None
+            remaining = size - (self.out.tell() - start)
+            reason = f"{exc.strerror} after {size - remaining} of {size} bytes"
+            self.unreadable(path, reason, "the rest is stored as zeros")
+        else:
+            if remaining:
+                self.stats.changed.append(path)
         if remaining:
-            self.stats.changed.append(path)
             self.out.write(bytes(remaining))
         padding = -size % tarfile.BLOCKSIZE
         if padding:
@@ -243,8 +280,14 @@ class TreeWriter:
 _by_name = operator.attrgetter("name")
 
 
-def walk(source: Path) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(path, arcname, lstat) for the tree, each directory before its entries."""
+# (path, reason, consequence): see TreeWriter.unreadable
+Unreadable = Callable[[str, str | None, str], None]
+
+
+def walk(source: Path, unreadable: Unreadable) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path, arcname, lstat) for the tree, each directory before its entries.
+    What cannot be read (removed meanwhile, no permission) is passed to
+    ``unreadable`` and left out."""
     root_name = archive_root_name(source)
     try:
         st = os.lstat(source)
@@ -259,22 +302,27 @@ def walk(source: Path) -> Iterator[tuple[str, str, os.stat_result]]:
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=_by_name)
-            subdirs = []
-            for entry in entries:
-                st = entry.stat(follow_symlinks=False)
-                arcname = f"{prefix}/{entry.name}"
-                yield entry.path, arcname, st
-                if stat.S_ISDIR(st.st_mode):
-                    subdirs.append((entry.path, arcname))
         except OSError as exc:
-            raise ArchiveError(f"cannot read {exc.filename or directory}: {exc.strerror}") from None
+            unreadable(directory, exc.strerror, "its contents are left out")
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                unreadable(entry.path, exc.strerror, "left out")
+                continue
+            arcname = f"{prefix}/{entry.name}"
+            yield entry.path, arcname, st
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append((entry.path, arcname))
         stack.extend(reversed(subdirs))
 
 
 def write_tree(source: Path, put: Put, stats: TreeStats) -> None:
     """Write ``source`` (a file or a directory tree) as a tar stream to ``put``."""
-    writer = TreeWriter(BatchWriter(put), stats)
-    for path, arcname, st in walk(source):
+    writer = TreeWriter(BatchWriter(put), stats, str(source))
+    for path, arcname, st in walk(source, writer.unreadable):
         writer.add(path, arcname, st)
     writer.finish()
 

@@ -90,6 +90,8 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         result["skipped"] = stats.skipped
     if stats.changed:
         result["changed"] = stats.changed
+    if stats.unreadable:
+        result["unreadable"] = [{"path": path, "error": what} for path, what in stats.unreadable]
     if not args.json:
         for path in stats.skipped:
             print(
@@ -102,6 +104,8 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
                 "had when the backup reached it (cut, or padded with zeros); back it up again",
                 file=sys.stderr,
             )
+        for path, what in stats.unreadable:
+            print(f"sbc: warning: could not read {path}: {what}", file=sys.stderr)
         print(
             f"saveset {meta['saveset']} stored on {session.where}: {meta['bytes']} bytes, "
             f"{stats.files} file{'' if stats.files == 1 else 's'} in {seconds:.2f}s ({_rate(meta['bytes'], seconds)}), "
@@ -189,6 +193,9 @@ def _log_to_stderr() -> None:
     logger.propagate = False
 
 
+# The saveset was stored, but some paths could not be read (as restic's 3).
+INCOMPLETE = 3
+
 COMMANDS = {"backup": _backup, "restore": _restore, "list": _list, "status": _status}
 
 
@@ -232,6 +239,8 @@ def main(
         except OSError as exc:  # a full disk, a closed pipe: the work itself was done
             print(f"sbc: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
             return 1
+    if isinstance(result, dict) and result.get("unreadable"):
+        return INCOMPLETE
     return 0
 
 

@@ -32,7 +32,7 @@ def estimate_tar_bytes(source: Path) -> int | None:
     try:
         return 2 * TAR_BLOCK + sum(
             TAR_BLOCK + (-(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0)
-            for _, _, st in walk(source)
+            for _, _, st in walk(source, lambda *unreadable: None)  # the backup reports those
         )
     except ArchiveError:
         return None

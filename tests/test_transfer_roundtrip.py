@@ -313,9 +313,9 @@ def test_a_file_that_changes_during_the_backup_is_reported(
         # The walk sizes the file, then it shrinks before it is read.
         real_copy = archive.TreeWriter._copy_contents
 
-        def shrink_then_copy(self, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
-            victim.write_bytes(b"a" * 100)
-            real_copy(self, path, size)
+        def shrink_then_copy(self, fd: int, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
+            victim.write_bytes(b"a" * 100)  # truncates the open file too
+            real_copy(self, fd, path, size)
 
         monkeypatch.setattr(archive.TreeWriter, "_copy_contents", shrink_then_copy)
         code, out, err = run_sbc(
@@ -327,3 +327,111 @@ def test_a_file_that_changes_during_the_backup_is_reported(
         "when the backup reached it (cut, or padded with zeros); back it up again\n"
     )
     assert "saveset SS-" in out
+
+
+def test_paths_that_cannot_be_read_are_left_out_and_the_rest_is_stored(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file removed after the walk saw it, a directory removed before it
+    was read, and a read error part-way: the backup goes on (as GNU tar
+    does), names each, and exits 3 (stored, but incomplete)."""
+    tree = tmp_path / "tree"
+    (tree / "gonedir").mkdir(parents=True)
+    (tree / "gonedir" / "inside").write_text("inside\n")
+    (tree / "a.txt").write_text("first\n")
+    (tree / "gone.txt").write_text("removed meanwhile\n")
+    failing = os.urandom(300_000)
+    (tree / "failing.bin").write_bytes(failing)
+    (tree / "z.txt").write_text("last\n")
+    real_add, real_copy = archive.TreeWriter.add, archive.TreeWriter._copy_contents
+
+    def add(self, path: str, arcname: str, st: os.stat_result) -> None:  # type: ignore[no-untyped-def]
+        if path.endswith("gone.txt"):
+            os.unlink(path)
+        if path.endswith("gonedir"):
+            (tree / "gonedir" / "inside").unlink()
+            os.rmdir(path)
+        real_add(self, path, arcname, st)
+
+    def copy(self, fd: int, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
+        if path.endswith("failing.bin"):
+            real_fill = self.out.fill_from
+
+            def fill_then_fail(fd: int, size: int) -> int:
+                real_fill(fd, 1000)
+                raise OSError(5, "Input/output error")
+
+            self.out.fill_from = fill_then_fail
+        try:
+            real_copy(self, fd, path, size)
+        finally:
+            self.out.__dict__.pop("fill_from", None)
+
+    monkeypatch.setattr(archive.TreeWriter, "add", add)
+    monkeypatch.setattr(archive.TreeWriter, "_copy_contents", copy)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        assert code == 3, err
+        assert err == ""
+        result = json.loads(out)
+        assert result["unreadable"] == [
+            {
+                "path": str(tree / "failing.bin"),
+                "error": "Input/output error after 1000 of 300000 bytes; the rest is stored as zeros",
+            },
+            {"path": str(tree / "gone.txt"), "error": "No such file or directory; left out"},
+            {
+                "path": str(tree / "gonedir"),
+                "error": "No such file or directory; its contents are left out",
+            },
+        ]
+        assert result["files"] == 3  # a.txt, failing.bin, z.txt
+
+        (tree / "gone.txt").write_text("again\n")  # and removed again by the hook
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", stpd.address)
+        assert code == 3
+        assert err.splitlines() == [
+            f"sbc: warning: could not read {tree / 'failing.bin'}: Input/output error after 1000 "
+            "of 300000 bytes; the rest is stored as zeros",
+            f"sbc: warning: could not read {tree / 'gone.txt'}: No such file or directory; left out",
+        ]
+        assert "saveset SS-" in out
+
+        back = tmp_path / "back"
+        sbc_json(*ini, "restore", result["saveset"], str(back), "--server", stpd.address, "--json")
+    restored = back / "tree"
+    # gonedir was there when the walk passed it, its contents were not.
+    assert sorted(p.name for p in restored.iterdir()) == [
+        "a.txt",
+        "failing.bin",
+        "gonedir",
+        "z.txt",
+    ]
+    assert list((restored / "gonedir").iterdir()) == []
+    assert (restored / "failing.bin").read_bytes() == failing[:1000] + bytes(299_000)
+    assert (restored / "z.txt").read_text() == "last\n"
+
+
+def test_a_backed_up_path_that_cannot_be_read_stores_nothing(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    real_add = archive.TreeWriter.add
+
+    def add(self, path: str, arcname: str, st: os.stat_result) -> None:  # type: ignore[no-untyped-def]
+        real_add(self, path, arcname, st)
+        if path == str(tree):
+            tree.rmdir()  # after its own member, before its entries are read
+
+    monkeypatch.setattr(archive.TreeWriter, "add", add)
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(tree), "--server", stpd.address
+        )
+        assert code == 1 and out == ""
+        assert err == f"sbc: error: cannot read {tree}: No such file or directory\n"
+        assert stpd.daemon.store.all() == []
