@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import compileall
 from pathlib import Path
 
 from bench.common import HOST, BenchError, Server, run_checked, tool
@@ -11,6 +12,17 @@ from bench.common import HOST, BenchError, Server, run_checked, tool
 START_TIMEOUT = 60.0  # seconds for stpd to log "listening on"
 PKI_TIMEOUT = 120.0  # seconds for one sm_ssl_cert command
 DEFAULT_MAX_CONNECTIONS = 64  # stpd's STPD_MAX_CONNECTIONS default
+
+
+def compile_bytecode() -> None:
+    """Bytecode for our packages, as ``pip install .`` leaves it in
+    site-packages. The development install runs the checkout's sources,
+    and where PYTHONDONTWRITEBYTECODE is set (as on these machines) every
+    sbc would compile them anew at its start: 25 ms of its 150."""
+    root = Path(__file__).resolve().parent.parent
+    for package in ("pki", "stpd", "sbc"):
+        if not compileall.compile_dir(root / package, quiet=1):
+            raise BenchError(f"cannot compile the {package} package to bytecode")
 
 
 class Pki:

@@ -56,7 +56,7 @@ from bench.common import (
     wait_all,
     write_random_file,
 )
-from bench.ours import Pki, Stpd, sbc_backup, sbc_restore, sbc_status
+from bench.ours import Pki, Stpd, compile_bytecode, sbc_backup, sbc_restore, sbc_status
 from bench.peer import Curl, Nginx, curl_result, ensure_installed, version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +153,7 @@ class Bench:
         self.check_space()
         for path in (self.src, self.restore_dir):
             path.mkdir(parents=True)
+        compile_bytecode()
         say("creating the PKI with sm_ssl_cert")
         self.pki.create()
         self.stpd.start()
