@@ -389,13 +389,16 @@ class SafeMembers:
 
     def _kept(self, member: tarfile.TarInfo, parts: list[str], dest: str) -> bool:
         """Whether something in the target stands where ``member`` would go:
-        an existing path (a directory merges with a directory member), or a
-        path kept before that this member lies under (a file where the
-        archive has a directory)."""
+        an existing path (only a directory merges with a directory member;
+        a symbolic link is not followed), or a path kept before that this
+        member lies under (a file where the archive has a directory)."""
         if self.kept and _first_prefix_in(self._kept_names, parts, itself=False) is not None:
             return True
-        path = os.path.join(dest, *parts)
-        if not os.path.lexists(path) or (member.isdir() and os.path.isdir(path)):
+        try:
+            existing = os.lstat(os.path.join(dest, *parts))
+        except OSError:
+            return False
+        if member.isdir() and stat.S_ISDIR(existing.st_mode):
             return False
         self._kept_names.add("/".join(parts))
         return True

@@ -199,6 +199,14 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
         extract(overwrite=True)
     assert (out / "tree" / "d").read_text() == "a file now\n"
 
+    # A symbolic link there now is not followed, wherever it points.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "tree" / "d").unlink()
+    (out / "tree" / "d").symlink_to(elsewhere)
+    assert extract(overwrite=False).kept == ["tree/d", "tree/z", "tree/d/inner"]
+    assert list(elsewhere.iterdir()) == []
+
 
 READ_SIZES = st.sampled_from([0, 1, 512, 65_535, 65_536, 262_144, 1 << 20, (1 << 20) + 1, -1])
 
