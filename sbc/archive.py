@@ -7,8 +7,10 @@ Both run in a worker thread of the transfer core (``stpd.transfer``):
 The archive is written by ``tarfile`` in PAX format (unicode names, long
 names, exact mtimes), with regular files, directories and symlinks (as
 links). Extraction uses ``tarfile``'s ``data`` filter (no absolute paths, no
-``..``, no links out of the target, no device nodes), but keeps the stored
-permission bits, which that filter would otherwise loosen or tighten.
+``..``, no hard links out of the target, no device nodes), but keeps the
+stored permission bits, which that filter would otherwise loosen or
+tighten, and restores symbolic links as they were stored, wherever they
+point, while writing nothing through them (see ``SafeMembers``).
 """
 
 from __future__ import annotations
@@ -429,11 +431,15 @@ class SafeMembers:
         if not self.overwrite and self._kept(member, parts, dest):
             self.kept.append(name)
             return None
-        if member.isfifo():
-            # Harmless, but the data filter refuses every special file;
-            # tar_filter still keeps it inside the target.
-            return tarfile.tar_filter(member, dest)
-        safe = _keep_mode(member, dest)
+        if member.isfifo() or member.issym():
+            # The data filter refuses every special file, and every symbolic
+            # link to an absolute path or out of the tree, of which /etc alone
+            # holds dozens (localtime, alternatives). A link is restored as it
+            # was stored, as GNU tar does, and nothing is ever written through
+            # it (_through_link); tar_filter keeps the member itself inside.
+            safe: tarfile.TarInfo | None = tarfile.tar_filter(member, dest)
+        else:
+            safe = _keep_mode(member, dest)
         if safe is not None and safe.issym():
             self.symlinks.add(name)
         return safe

@@ -358,9 +358,11 @@ def test_special_files_fifo_restored_device_node_skipped_with_a_warning(
     assert not (target / "null").exists()
 
 
-def test_links_inside_the_tree_still_restore(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
-    """The extra checks refuse nothing our own archives hold: relative links
-    with '..' that stay inside, hard links, dangling links."""
+def test_links_of_a_tree_restore_as_they_were(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """The checks refuse nothing our own archives hold: relative links with
+    '..' that stay inside, hard links, dangling links, and links to absolute
+    paths or out of the tree (as /etc has: localtime, alternatives), which
+    are restored as they were, without anything written through them."""
     client = hpki.client_ini("linker")
     tree = tmp_path / "tree"
     (tree / "a" / "b").mkdir(parents=True)
@@ -369,6 +371,8 @@ def test_links_inside_the_tree_still_restore(hpki: Pki, tmp_path: Path) -> None:
     (tree / "a" / "b" / "up").symlink_to("../file")
     (tree / "a" / "b" / "dir-link").symlink_to("..")
     (tree / "dangling").symlink_to("no/such/file")
+    (tree / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    (tree / "outward").symlink_to("../../elsewhere")
     with running_stpd(hpki.layout, 2) as stpd:
         ini, opts = ["--ini-dir", str(client.ini_dir)], ["--server", stpd.address, "--quiet"]
         code, out, err = run_sbc(*ini, "backup", str(tree), "--json", *opts)
@@ -381,6 +385,8 @@ def test_links_inside_the_tree_still_restore(hpki: Pki, tmp_path: Path) -> None:
     assert os.readlink(back / "a" / "b" / "dir-link") == ".."
     assert (back / "a" / "b" / "hard").stat().st_ino == (back / "a" / "file").stat().st_ino
     assert os.readlink(back / "dangling") == "no/such/file"
+    assert os.readlink(back / "localtime") == "/usr/share/zoneinfo/UTC"
+    assert os.readlink(back / "outward") == "../../elsewhere"
 
 
 # -- a full disk on the server -------------------------------------------------------------
