@@ -8,6 +8,7 @@ keeps every wait under a named timeout from ``StpdConfig``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -123,7 +124,18 @@ class Stpd:
         for path in removed:
             log.warning("removed leftover of an interrupted upload: %s", path)
         host, port = self.config.listen
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            why = (
+                "another process (another stpd?) holds that port: stop it, or"
+                if exc.errno == errno.EADDRINUSE
+                else f"is {host} an address of this machine?"
+            )
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; {why} set "
+                "STPD_HTTPS_LISTEN in stpd.ini (or --listen)"
+            ) from None
         self.port = listeners[0].socket.getsockname()[1]
         log.info(
             "stpd %s listening on %s:%d, client certificate level %s, data in %s",

@@ -5,6 +5,7 @@ a non-zero exit status and no traceback."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,23 @@ def test_stpd_refuses_a_read_only_data_directory(hpki: Pki, tmp_path: Path) -> N
         result = run_stpd(hpki.layout.ini_dir, data)
     assert result.returncode == 2, result.stderr
     assert_one_line(result.stderr, "stpd: error: ", str(data), "STPD_DATA_DIR")
+
+
+def test_stpd_refuses_a_port_in_use_naming_the_address(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [STPD, "--ini-dir", str(hpki.layout.ini_dir), "--listen", f"127.0.0.1:{port}",
+             "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=START_TIMEOUT,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert_one_line(
+        result.stderr,
+        f"stpd: error: cannot listen on 127.0.0.1:{port}: Address already in use; another "
+        "process (another stpd?) holds that port",
+        "STPD_HTTPS_LISTEN",
+    )
 
 
 def test_stpd_runs_without_the_ca_key(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
