@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup = commands.add_parser(
         "backup", parents=[common], help="back up a file or directory tree"
     )
-    backup.add_argument("path", type=Path)
+    backup.add_argument("path", type=backup_source)
     restore = commands.add_parser(
         "restore", parents=[common], help="restore a saveset into a directory"
     )
@@ -62,12 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def backup_source(raw: str) -> Path:
+    """PATH of ``sbc backup``, absolute. A trailing slash on a symbolic link
+    means the directory it points to, as for tar and every POSIX tool (Path
+    drops the slash, so it is looked at here)."""
+    path = Path(raw).absolute()
+    if raw.endswith("/") and path.is_symlink():
+        return Path(os.path.realpath(path))
+    return path
+
+
 def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / max(seconds, 1e-6) / 1e6:.1f} MB/s"
 
 
 def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
-    source = args.path.absolute()
+    source = args.path
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), backup_label(source)) as progress:
         if progress.enabled:
@@ -106,6 +116,17 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             )
         for path, what in stats.unreadable:
             print(f"sbc: warning: could not read {path}: {what}", file=sys.stderr)
+        if source.is_symlink():  # backed up as a link, which a user seldom means
+            hint = (
+                f"give {source}/ to back up the directory it points to"
+                if source.is_dir()
+                else "give the path it points to, to back that up"
+            )
+            print(
+                f"sbc: warning: {source} is a symbolic link (to {os.readlink(source)}): only the "
+                f"link is stored; {hint}",
+                file=sys.stderr,
+            )
         print(
             f"saveset {meta['saveset']} stored on {session.where}: {meta['bytes']} bytes, "
             f"{stats.files} file{'' if stats.files == 1 else 's'} in {seconds:.2f}s ({_rate(meta['bytes'], seconds)}), "

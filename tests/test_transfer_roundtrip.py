@@ -435,3 +435,32 @@ def test_a_backed_up_path_that_cannot_be_read_stores_nothing(
         assert code == 1 and out == ""
         assert err == f"sbc: error: cannot read {tree}: No such file or directory\n"
         assert stpd.daemon.store.all() == []
+
+
+def test_a_link_given_as_path_is_stored_as_a_link_with_a_warning_unless_followed_by_a_slash(
+    pki: Pki, tmp_path: Path
+) -> None:
+    data = tmp_path / "real"
+    data.mkdir()
+    (data / "f.txt").write_text("contents\n")
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        code, out, err = run_sbc(*ini, "backup", str(link), "--server", stpd.address)
+        assert code == 0, err
+        assert err == (
+            f"sbc: warning: {link} is a symbolic link (to {data}): only the link is stored; "
+            f"give {link}/ to back up the directory it points to\n"
+        )
+        assert ", 0 files in " in out
+
+        followed = sbc_json(*ini, "backup", f"{link}/", "--server", stpd.address, "--json")
+        assert followed["source"] == str(data)  # type: ignore[index]
+        assert followed["files"] == 1  # type: ignore[index]
+        sbc_json(
+            *ini, "restore", followed["saveset"], str(tmp_path / "back"),  # type: ignore[index]
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+    assert (tmp_path / "back" / "real" / "f.txt").read_text() == "contents\n"
