@@ -452,6 +452,7 @@ class RestoreResult:
     sha256: str = ""
     skipped: list[str] = field(default_factory=list)  # device nodes, not restored
     kept: list[str] = field(default_factory=list)  # existed already, not overwritten
+    removed: str | None = None  # the incomplete file of a restore that stopped part-way
 
 
 def extract_stream(
@@ -466,12 +467,12 @@ def extract_stream(
         result.bytes += len(piece)
 
     reader = BatchReader(get, observe)
+    extracting: list[tarfile.TarInfo] = []  # the member being written, if any
     try:
         # "r:" with a forward-only reader: extractall takes member after
         # member in order, so it never seeks back (see BatchReader).
         with tarfile.open(fileobj=reader, mode="r:", copybufsize=RESTORE_COPY_BUFFER) as archive:  # type: ignore[call-overload]
             safe_members = SafeMembers(overwrite)
-            extracting: list[tarfile.TarInfo] = []  # the member being written, if any
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
                 result.members += 1
@@ -482,34 +483,42 @@ def extract_stream(
             # extractall sets directory modes and mtimes last, after their contents.
             archive.extractall(target, filter=counted)
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
-    except OSError as exc:  # writing into the target: a full disk, a read-only place
-        raise ArchiveError(_write_failure(target, extracting, exc)) from None
-    except tarfile.FilterError as exc:
-        raise ArchiveError(
-            f"refused an unsafe archive member: {exc}; restore stopped there, nothing was "
-            "written outside the target directory"
-        ) from None
-    except (tarfile.TarError, EOFError) as exc:
-        raise ArchiveError(f"the restore stream is not a valid tar archive: {exc}") from None
+    except BaseException as exc:
+        # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
+        # file written in part would pass for the whole one: it goes.
+        result.removed = _remove_incomplete(target, extracting)
+        removed = f", and the incomplete {result.removed} was removed" if result.removed else ""
+        if isinstance(exc, OSError):  # writing into the target: a full disk, a read-only place
+            where = exc.filename or (extracting[0].name if extracting else target)
+            raise ArchiveError(
+                f"cannot restore into {target}: {exc.strerror or exc} ({where}); the restore "
+                f"stopped there{removed} (what came before it in the saveset is restored)"
+            ) from None
+        if isinstance(exc, tarfile.FilterError):
+            raise ArchiveError(
+                f"refused an unsafe archive member: {exc}; restore stopped there, nothing was "
+                "written outside the target directory"
+            ) from None
+        if isinstance(exc, (tarfile.TarError, EOFError)):
+            raise ArchiveError(
+                f"the restore stream is not a valid tar archive: {exc}{removed}"
+            ) from None
+        raise  # the caller says what it was
     reader.drain()
     result.sha256 = digest.hexdigest()
 
 
-def _write_failure(target: Path, extracting: list[tarfile.TarInfo], exc: OSError) -> str:
-    """What to say when the restore could not write into ``target``. The
-    file being written is removed if it is incomplete: it would pass for
-    the whole file."""
+def _remove_incomplete(target: Path, extracting: list[tarfile.TarInfo]) -> str | None:
+    """Remove the regular file last extracted if it is shorter or longer
+    than its member; its name if it was removed."""
     member = extracting[0] if extracting else None
-    where = exc.filename or (member.name if member is not None else target)
-    message = (
-        f"cannot restore into {target}: {exc.strerror or exc} ({where}); the restore stopped there"
-    )
-    if member is not None and member.isreg():
-        path = target / member.name
-        try:
-            if path.is_file() and not path.is_symlink() and path.stat().st_size != member.size:
-                path.unlink()
-                message += f", and the incomplete {member.name} was removed"
-        except OSError:
-            pass  # the message still says where it stopped
-    return message + " (what came before it in the saveset is restored)"
+    if member is None or not member.isreg():
+        return None
+    path = target / member.name
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size == member.size:
+            return None
+        path.unlink()
+    except OSError:
+        return None  # the error that stopped the restore is what to report
+    return member.name

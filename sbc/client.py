@@ -518,12 +518,14 @@ class Session:
 
         try:
             extract_stream(next_batch, target, result, overwrite=overwrite)
-        except TLSTimeout:
-            raise SbcError(
+        except (TLSTimeout, TLSBroken) as exc:
+            why = (
                 f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
-            ) from None
-        except TLSBroken as exc:
-            raise SbcError(f"connection to stpd at {self.where} lost mid-restore: {exc}") from None
+                if isinstance(exc, TLSTimeout)
+                else f"connection to stpd at {self.where} lost mid-restore: {exc}"
+            )
+            removed = f"; the incomplete {result.removed} was removed" if result.removed else ""
+            raise SbcError(why + removed) from None
         if expected and result.sha256 != expected:
             raise SbcError(
                 f"restored data of {saveset} does not match its checksum "

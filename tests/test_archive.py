@@ -208,6 +208,29 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     assert list(elsewhere.iterdir()) == []
 
 
+def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> None:
+    """Ctrl-C (or anything else) part-way through a file: the files before
+    it stay, the one in progress goes, and the interruption goes on up."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("whole\n")
+    (tree / "b").write_bytes(os.urandom(200_000))
+    stream = tar_stream(tree, TreeStats())
+    pieces = [memoryview(stream[:150_000])]
+
+    def get() -> list[memoryview]:
+        if pieces:
+            return [pieces.pop()]
+        raise KeyboardInterrupt
+
+    result = RestoreResult()
+    with pytest.raises(KeyboardInterrupt):
+        extract_stream(get, tmp_path / "out", result)
+    assert result.removed == "tree/b"
+    assert (tmp_path / "out" / "tree" / "a").read_text() == "whole\n"
+    assert not (tmp_path / "out" / "tree" / "b").exists()
+
+
 READ_SIZES = st.sampled_from([0, 1, 512, 65_535, 65_536, 262_144, 1 << 20, (1 << 20) + 1, -1])
 
 

@@ -1,6 +1,7 @@
 """``sbc`` as a process: it starts without trio, Ctrl-C ends it at once,
-also while it waits for a silent server, and it backs up to a server that
-does not answer ``Expect: 100-continue``.
+also while it waits for a silent server, it backs up to a server that
+does not answer ``Expect: 100-continue``, and a restore cut off part-way
+leaves no incomplete file.
 
 sbc waits for its socket in C (poll() in stpd/_tlsio.c, with the GIL
 released); a signal must end that wait so that Python can raise
@@ -158,3 +159,54 @@ def test_backup_to_a_server_that_never_answers_100_continue(pki: Pki, tmp_path: 
         assert member is not None and member.read() == source.read_bytes()
     assert json.loads(out)["sha256"] == hashlib.sha256(got["payload"]).hexdigest()
     assert elapsed >= CONTINUE_WAIT  # it waited for the 100 Continue that never came
+
+
+def test_a_restore_cut_off_mid_file_removes_the_incomplete_file(pki: Pki, tmp_path: Path) -> None:
+    """The server (Python's ssl module) announces a whole saveset, sends its
+    first file and part of the second, and closes the connection: sbc says
+    so in one line, and the second file, which would pass for the whole
+    one, is not left behind."""
+    # More than a batch (1 MiB) arrives before the break, so that sbc has
+    # begun the second file whenever the break reaches it.
+    first, second = b"complete\n", bytes(range(256)) * 12288
+    saveset = io.BytesIO()
+    with tarfile.open(fileobj=saveset, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in (("tree/first.txt", first), ("tree/second.bin", second)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    stream = saveset.getvalue()
+    cut = stream.index(second) + 2 * len(second) // 3
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        tls = context.wrap_socket(conn, server_side=True)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += tls.recv(65536)
+        tls.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: %d\r\n"
+            b"X-Sha256: %s\r\n\r\n" % (len(stream), hashlib.sha256(stream).hexdigest().encode())
+        )
+        tls.sendall(stream[:cut])
+        tls.close()  # no close_notify: the connection breaks off
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = pki.client_ini("cut-off")
+    target = tmp_path / "back"
+    code, out, err = run_sbc(
+        "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
+        str(target), "--server", f"127.0.0.1:{listener.getsockname()[1]}",
+    )  # fmt: skip
+    server.join(WAIT_SECONDS)
+    listener.close()
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "lost mid-restore" in err, err
+    assert err.rstrip().endswith("; the incomplete tree/second.bin was removed"), err
+    assert (target / "tree" / "first.txt").read_bytes() == first
+    assert not (target / "tree" / "second.bin").exists()
