@@ -169,8 +169,8 @@ def test_restore_from_batches_in_one_reused_buffer(tmp_path: Path) -> None:
 
 def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) -> None:
     """Nothing is written under, onto or instead of a path that exists: a
-    file that now stands where the backup had a directory stays a file, the
-    directory's contents are listed as kept, and the rest is restored."""
+    file or a link that now stands where the backup had a directory stays,
+    the directory's contents are listed as kept, and the rest is restored."""
     tree = tmp_path / "tree"
     (tree / "d").mkdir(parents=True)
     (tree / "d" / "inner").write_text("inner\n")
@@ -191,14 +191,6 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     assert (out / "tree" / "d").read_text() == "a file now\n"
     assert (out / "tree" / "z").read_text() == "z\n"
     assert result.sha256 == hashlib.sha256(stream).hexdigest()
-    # Asked to overwrite, tarfile does not turn a file into a directory: it stops.
-    (out / "tree" / "z").unlink()
-    with pytest.raises(
-        ArchiveError, match=r"Not a directory \(.*tree/d/inner\); the restore stopped"
-    ):
-        extract(overwrite=True)
-    assert (out / "tree" / "d").read_text() == "a file now\n"
-
     # A symbolic link there now is not followed, wherever it points.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -206,6 +198,18 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     (out / "tree" / "d").symlink_to(elsewhere)
     assert extract(overwrite=False).kept == ["tree/d", "tree/z", "tree/d/inner"]
     assert list(elsewhere.iterdir()) == []
+    # Asked to overwrite, the saveset's directory replaces the link, which
+    # is removed, not followed; a directory in the way of a file is not.
+    (out / "tree" / "z").unlink()
+    (out / "tree" / "z").mkdir()
+    with pytest.raises(ArchiveError, match=r"Is a directory \(.*tree/z\); the restore stopped"):
+        extract(overwrite=True)
+    assert (out / "tree" / "d").is_dir() and not (out / "tree" / "d").is_symlink()
+    assert list(elsewhere.iterdir()) == []
+    (out / "tree" / "z").rmdir()
+    assert extract(overwrite=True).kept == []
+    assert (out / "tree" / "d" / "inner").read_text() == "inner\n"
+    assert (out / "tree" / "z").read_text() == "z\n"
 
 
 def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> None:

@@ -464,3 +464,33 @@ def test_a_link_given_as_path_is_stored_as_a_link_with_a_warning_unless_followed
             "--server", stpd.address, "--json",
         )  # fmt: skip
     assert (tmp_path / "back" / "real" / "f.txt").read_text() == "contents\n"
+
+
+def test_restore_brings_back_owners_and_overwrite_replaces_a_link_without_following_it(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """sbc runs as root here (as the suite does): owners come back, by number
+    when the names are unknown on this machine, as tar does."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f.txt").write_text("saved\n")
+    os.chown(tree / "f.txt", 4321, 5432)
+    client = pki.client_ini("client1")
+    target = tmp_path / "back"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not to be touched\n")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini = ["--ini-dir", str(client.ini_dir)]
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"], str(target), "--server", stpd.address]  # type: ignore[index]
+        sbc_json(*restore, "--json")
+        st = (target / "tree" / "f.txt").stat()
+        assert (st.st_uid, st.st_gid) == (4321, 5432)
+
+        (target / "tree" / "f.txt").unlink()
+        (target / "tree" / "f.txt").symlink_to(outside)
+        assert sbc_json(*restore, "--json")["kept"] == ["tree/f.txt"]  # type: ignore[index]
+        assert sbc_json(*restore, "--overwrite", "--json")["kept"] == []  # type: ignore[index]
+    restored = target / "tree" / "f.txt"
+    assert not restored.is_symlink() and restored.read_text() == "saved\n"
+    assert outside.read_text() == "not to be touched\n"
