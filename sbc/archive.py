@@ -6,11 +6,9 @@ Both run in a worker thread of the transfer core (``stpd.transfer``):
 
 The archive is written by ``tarfile`` in PAX format (unicode names, long
 names, exact mtimes), with regular files, directories and symlinks (as
-links). Extraction uses ``tarfile``'s ``data`` filter (no absolute paths, no
-``..``, no hard links out of the target, no device nodes), but keeps the
-stored permission bits, which that filter would otherwise loosen or
-tighten, and restores symbolic links as they were stored, wherever they
-point, while writing nothing through them (see ``SafeMembers``).
+links). Extraction goes through ``SafeMembers``: nothing written outside the
+target or through a symbolic link, nothing already there replaced unasked,
+and every member as it was stored (see there).
 """
 
 from __future__ import annotations
