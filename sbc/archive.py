@@ -13,6 +13,7 @@ and every member as it was stored (see there).
 
 from __future__ import annotations
 
+import functools
 import grp
 import hashlib
 import operator
@@ -24,6 +25,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stpd.tarcheck import block_sum
 from stpd.transfer import BatchReader, BatchWriter, Get, Put
@@ -452,7 +454,22 @@ class SafeMembers:
             self.symlinks.add(name)
         else:
             member.mode = stat.S_IMODE(member.mode) & 0o777  # never set-id bits
+        # Owners by name where this machine knows the name, else by number, as
+        # tar does (tarfile chowns only as root). Looked up here once per name,
+        # so that extractall can take the numbers: it would look up every file.
+        member.uid = _known_id(pwd.getpwnam, member.uname, member.uid)
+        member.gid = _known_id(grp.getgrnam, member.gname, member.gid)
         return member
+
+
+@functools.cache
+def _known_id(lookup: Callable[[str], Any], name: str, number: int) -> int:
+    """The id of user or group ``name`` here (``lookup`` is pwd.getpwnam or
+    grp.getgrnam), else the stored ``number``."""
+    try:
+        return int(lookup(name)[2]) if name else number
+    except KeyError:
+        return number
 
 
 @dataclass
@@ -491,7 +508,7 @@ def extract_stream(
                 return safe
 
             # extractall sets directory modes and mtimes last, after their contents.
-            archive.extractall(target, filter=counted)
+            archive.extractall(target, filter=counted, numeric_owner=True)  # see SafeMembers
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
     except BaseException as exc:
         # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a

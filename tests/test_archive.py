@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pwd
 import random
 import subprocess
 import tarfile
@@ -233,6 +234,25 @@ def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> Non
     assert result.removed == "tree/b"
     assert (tmp_path / "out" / "tree" / "a").read_text() == "whole\n"
     assert not (tmp_path / "out" / "tree" / "b").exists()
+
+
+def test_owners_come_back_by_name_where_known_else_by_number(tmp_path: Path) -> None:
+    """As tar does when run as root (as the suite is)."""
+    nobody = pwd.getpwnam("nobody")
+    saveset = io.BytesIO()
+    with tarfile.open(fileobj=saveset, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, uname, uid, gid in (
+            ("known", "nobody", 1234, 2345),
+            ("unknown", "no-such-user-x", 4321, 5432),
+        ):
+            info = tarfile.TarInfo(name)
+            info.uname, info.uid, info.gname, info.gid = uname, uid, "no-such-group-x", gid
+            archive.addfile(info, io.BytesIO(b""))
+    batches = [[memoryview(saveset.getvalue())]]
+    extract_stream(lambda: batches.pop() if batches else [], tmp_path, RestoreResult())
+    known, unknown = (tmp_path / "known").stat(), (tmp_path / "unknown").stat()
+    assert (known.st_uid, known.st_gid) == (nobody.pw_uid, 2345)
+    assert (unknown.st_uid, unknown.st_gid) == (4321, 5432)
 
 
 READ_SIZES = st.sampled_from([0, 1, 512, 65_535, 65_536, 262_144, 1 << 20, (1 << 20) + 1, -1])
