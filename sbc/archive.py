@@ -332,6 +332,8 @@ def write_tree(source: Path, put: Put, stats: TreeStats) -> None:
 def _first_prefix_in(names: set[str], parts: list[str], *, itself: bool) -> str | None:
     """The shortest leading part of the path ``parts`` (the whole path too
     if ``itself``) that is in ``names``."""
+    if not names:  # most archives hold no links: no need to build the prefixes
+        return None
     for end in range(1, len(parts) + (1 if itself else 0)):
         prefix = "/".join(parts[:end])
         if prefix in names:
