@@ -213,6 +213,31 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     assert (out / "tree" / "z").read_text() == "z\n"
 
 
+def test_nothing_is_written_through_a_link_already_in_the_target(tmp_path: Path) -> None:
+    """A saveset member under a path that is a link in the target (here
+    without a directory member before it, as a hand-made saveset may be) is
+    kept out, with or without --overwrite: the link is never followed."""
+    saveset = io.BytesIO()
+    with tarfile.open(fileobj=saveset, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("evil/x.txt")
+        info.size = 4
+        archive.addfile(info, io.BytesIO(b"evil"))
+    outside, target = tmp_path / "outside", tmp_path / "target"
+    outside.mkdir()
+    target.mkdir()
+    (target / "evil").symlink_to(outside)
+    for overwrite in (False, True):
+        result = RestoreResult()
+        extract_stream(
+            iter([[memoryview(saveset.getvalue())], []]).__next__,
+            target,
+            result,
+            overwrite=overwrite,
+        )
+        assert result.kept == ["evil/x.txt"]
+        assert list(outside.iterdir()) == []
+
+
 def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> None:
     """Ctrl-C (or anything else) part-way through a file: the files before
     it stay, the one in progress goes, and the interruption goes on up."""
