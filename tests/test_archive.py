@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sbc.archive as archive
 from sbc.archive import (
     ArchiveError,
     RestoreResult,
@@ -83,6 +84,31 @@ def test_member_headers_equal_tarfiles_for_every_shape() -> None:
             info.devminor,
         )
         assert header == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    name=st.text(st.sampled_from("ab/é."), max_size=3) | st.sampled_from(["x" * 100, "y" * 101]),
+    mode=st.integers(0, 0o7777),
+    uid=st.sampled_from([0, 1000, 8**7 - 1, 8**7]),
+    gid=st.sampled_from([0, 5, 8**7]),
+    size=st.sampled_from([0, 1, 4096, 8**11 - 1, 8**11]),
+    mtime=st.sampled_from([-1, 0, 1_500_000_000, 8**11 - 1, 8**11]),
+)
+def test_file_headers_from_templates_equal_member_headers(
+    name: str, mode: int, uid: int, gid: int, size: int, mtime: int
+) -> None:
+    """The fast path for regular files gives member_header's bytes (and so
+    tarfile's, above), or declines."""
+    owners = archive._Owners()
+    stat_result = os.stat_result((0o100000 | mode, 1, 1, 1, uid, gid, size, 0, mtime, 0))
+    header = archive._FileHeaders(owners).header(name, stat_result)
+    expected = member_header(
+        name, tarfile.REGTYPE, mode, uid, gid, size, mtime, "", owners.user(uid), owners.group(gid)
+    )
+    assert header is None or header == expected
+    if len(expected) == tarfile.BLOCKSIZE and name.isascii():
+        assert header == expected  # declined only where PAX is needed
 
 
 def test_written_tree_reads_back(tmp_path: Path) -> None:
