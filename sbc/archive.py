@@ -164,9 +164,9 @@ def member_header(
 class _FileHeaders:
     """Tar headers of regular files, from one template per mode, owner and
     group: the name, size and mtime go into their fields, and the checksum
-    is the template's plus theirs. 1.1 us against 2.7 for member_header, in
-    a walk of 13 us per file. None where member_header is needed (a name or
-    number that needs PAX); tests check both give the same bytes."""
+    is the template's plus theirs: 1.1 us against 2.7 for member_header (the
+    walk went from 13.4 to 10.9 us per file). None where member_header is
+    needed (a name or number that needs PAX); tests check both agree."""
 
     def __init__(self, owners: _Owners) -> None:
         self._owners = owners
