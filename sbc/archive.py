@@ -58,28 +58,15 @@ def archive_root_name(source: Path) -> str:
     return name if name not in ("", ".", "..") else "root"
 
 
-class _Owners:
-    """uid/gid -> name, looked up once each (tarfile looks up every file)."""
-
-    def __init__(self) -> None:
-        self._users: dict[int, str] = {}
-        self._groups: dict[int, str] = {}
-
-    def user(self, uid: int) -> str:
-        if uid not in self._users:
-            try:
-                self._users[uid] = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                self._users[uid] = ""
-        return self._users[uid]
-
-    def group(self, gid: int) -> str:
-        if gid not in self._groups:
-            try:
-                self._groups[gid] = grp.getgrgid(gid).gr_name
-            except KeyError:
-                self._groups[gid] = ""
-        return self._groups[gid]
+@functools.cache
+def _known_name(lookup: Callable[[int], Any], number: int) -> str:
+    """The name of user or group ``number`` here (``lookup`` is pwd.getpwuid
+    or grp.getgrgid), else "": looked up once each (tarfile looks up every
+    file). ``_known_id`` is the way back."""
+    try:
+        return str(lookup(number)[0])
+    except KeyError:
+        return ""
 
 
 _TYPES = {
@@ -161,48 +148,6 @@ def member_header(
     return b"%s%06o\0 %s" % (block[:148], block_sum(block), block[156:])
 
 
-class _FileHeaders:
-    """Tar headers of regular files, from one template per mode, owner and
-    group: the name, size and mtime go into their fields, and the checksum
-    is the template's plus theirs: 1.1 us against 2.7 for member_header (the
-    walk went from 13.4 to 10.9 us per file). None where member_header is
-    needed (a name or number that needs PAX); tests check both agree."""
-
-    def __init__(self, owners: _Owners) -> None:
-        self._owners = owners
-        self._templates: dict[tuple[int, int, int], tuple[bytes, bytes, int] | None] = {}
-
-    def _template(self, st: os.stat_result) -> tuple[bytes, bytes, int] | None:
-        block = member_header(
-            "", tarfile.REGTYPE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, 0, 0, "",
-            self._owners.user(st.st_uid), self._owners.group(st.st_gid),
-        )  # fmt: skip
-        if len(block) != tarfile.BLOCKSIZE:  # PAX for the owner: no template
-            return None
-        middle, tail = block[100:124], block[156:]  # mode, uid, gid | type ... end
-        return middle, tail, sum(middle) + sum(b"        ") + sum(tail)
-
-    def header(self, arcname: str, st: os.stat_result) -> bytes | None:
-        key = (st.st_mode, st.st_uid, st.st_gid)
-        if key in self._templates:
-            template = self._templates[key]
-        else:
-            template = self._templates[key] = self._template(st)
-        mtime = int(st.st_mtime)
-        if template is None or not (0 <= mtime < 8**11 and st.st_size < 8**11):
-            return None
-        try:
-            name = arcname.encode("ascii")
-        except UnicodeEncodeError:
-            return None
-        if len(name) > 100:
-            return None
-        middle, tail, checksum = template
-        numbers = b"%011o\0%011o\0" % (st.st_size, mtime)
-        checksum += sum(name) + sum(numbers)
-        return b"%s%s%s%06o\0 %s" % (name.ljust(100, b"\0"), middle, numbers, checksum, tail)
-
-
 class TreeWriter:
     """Writes a file or directory tree as a tar stream.
 
@@ -218,9 +163,9 @@ class TreeWriter:
         self.out = out
         self.stats = stats
         self.source = source
-        self._owners = _Owners()
-        self._file_headers = _FileHeaders(self._owners)
         self._hardlinks: dict[tuple[int, int], str] = {}
+        # See _file_header: per (st_mode, uid, gid), None where PAX is needed.
+        self._templates: dict[tuple[int, int, int], tuple[bytes, bytes, int] | None] = {}
 
     def add(self, path: str, arcname: str, st: os.stat_result) -> None:
         kind = _TYPES.get(stat.S_IFMT(st.st_mode))
@@ -254,7 +199,7 @@ class TreeWriter:
         try:
             if st.st_nlink > 1:  # later names of this file become links to this one
                 self._hardlinks[st.st_dev, st.st_ino] = arcname
-            header = self._file_headers.header(arcname, st)
+            header = self._file_header(arcname, st)
             self.out.write(header or self._header(arcname, kind, st, st.st_size))
             self._copy_contents(fd, path, st.st_size)
         finally:
@@ -288,11 +233,42 @@ class TreeWriter:
             size,
             int(st.st_mtime),
             linkname,
-            self._owners.user(st.st_uid),
-            self._owners.group(st.st_gid),
+            _known_name(pwd.getpwuid, st.st_uid),
+            _known_name(grp.getgrgid, st.st_gid),
             devmajor,
             devminor,
         )
+
+    def _file_header(self, arcname: str, st: os.stat_result) -> bytes | None:
+        """The header of a regular file from a template per mode, owner and
+        group: the name, size and mtime go into their fields, and the
+        checksum is the template's plus theirs: 1.1 us against 2.7 for
+        member_header (the walk went from 13.4 to 10.9 us per file). None
+        where member_header is needed (a name or number that needs PAX);
+        tests check both agree."""
+        key = (st.st_mode, st.st_uid, st.st_gid)
+        if key not in self._templates:
+            block = self._header("", tarfile.REGTYPE, st, 0)
+            middle, tail = block[100:124], block[156:]  # mode, uid, gid | type ... end
+            self._templates[key] = (
+                (middle, tail, sum(middle) + sum(b"        ") + sum(tail))
+                if len(block) == tarfile.BLOCKSIZE  # else PAX for the owner: no template
+                else None
+            )
+        template = self._templates[key]
+        mtime = int(st.st_mtime)
+        if template is None or not (0 <= mtime < 8**11 and st.st_size < 8**11):
+            return None
+        try:
+            name = arcname.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        if len(name) > 100:
+            return None
+        middle, tail, checksum = template
+        numbers = b"%011o\0%011o\0" % (st.st_size, mtime)
+        checksum += sum(name) + sum(numbers)
+        return b"%s%s%s%06o\0 %s" % (name.ljust(100, b"\0"), middle, numbers, checksum, tail)
 
     def _copy_contents(self, fd: int, path: str, size: int) -> None:
         """Exactly ``size`` bytes, whatever the file does meanwhile: a file
@@ -454,7 +430,8 @@ class SafeMembers:
 
     def _in_the_way(self, member: tarfile.TarInfo, path: str) -> bool:
         """Whether an existing ``path`` stands where ``member`` would go
-        (a directory member merges with a directory)."""
+        (a directory member merges with a directory). With ``overwrite`` it
+        is removed first instead, unless it is a directory."""
         try:
             existing = os.lstat(path)
         except OSError:

@@ -3,6 +3,7 @@ is read back by tarfile and GNU tar."""
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import io
 import os
@@ -26,7 +27,7 @@ from sbc.archive import (
     write_tree,
 )
 from stpd.tarcheck import TarStreamCheck
-from stpd.transfer import BatchReader
+from stpd.transfer import BatchReader, BatchWriter
 
 
 def tar_stream(source: Path, stats: TreeStats) -> bytes:
@@ -100,12 +101,11 @@ def test_file_headers_from_templates_equal_member_headers(
 ) -> None:
     """The fast path for regular files gives member_header's bytes (and so
     tarfile's, above), or declines."""
-    owners = archive._Owners()
     stat_result = os.stat_result((0o100000 | mode, 1, 1, 1, uid, gid, size, 0, mtime, 0))
-    header = archive._FileHeaders(owners).header(name, stat_result)
-    expected = member_header(
-        name, tarfile.REGTYPE, mode, uid, gid, size, mtime, "", owners.user(uid), owners.group(gid)
-    )
+    writer = archive.TreeWriter(BatchWriter(lambda batch: None), TreeStats(), "")
+    header = writer._file_header(name, stat_result)
+    owner, group = archive._known_name(pwd.getpwuid, uid), archive._known_name(grp.getgrgid, gid)
+    expected = member_header(name, tarfile.REGTYPE, mode, uid, gid, size, mtime, "", owner, group)
     assert header is None or header == expected
     if len(expected) == tarfile.BLOCKSIZE and name.isascii():
         assert header == expected  # declined only where PAX is needed
