@@ -69,8 +69,13 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
     )
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are upper case
     try:
-        parser.read(path, encoding="utf-8")
-    except (configparser.Error, UnicodeDecodeError, OSError) as exc:
+        # Files edited on Windows: Notepad may write a byte-order mark, and
+        # comments may be in a legacy code page (a German "für"). Keys are
+        # ASCII, so such bytes must not make the file unreadable; in a value
+        # (a path) they pass through as the bytes they are.
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        parser.read_string(text, source=str(path))
+    except (configparser.Error, OSError) as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"{path}: cannot be read as an INI file ({first})") from None
     by_name = {(k.section, k.name.upper()): k for k in keys}

@@ -10,6 +10,8 @@ allowed; for the daemon that is one stderr line and exit status 2.
 from __future__ import annotations
 
 import configparser
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ import stpd.config
 from pki.inifile import ConfigError, Key
 from pki.layout import Layout
 from pki.tls import ClientCertPolicy
+from tests.conftest import Pki, run_sbc, running_stpd
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -142,6 +145,58 @@ def test_other_sections_of_a_sesam_file_are_left_alone(tmp_path: Path) -> None:
     config = sbc.config.load_config(layout)
     assert config.client_ssl_auth is False
     assert config.server == ("127.0.0.1", stpd.config.STPD_HTTPS_PORT)
+
+
+def notepad(text: str) -> bytes:
+    """``text`` as Windows Notepad may save it: a byte-order mark, CRLF line
+    ends, and a comment in the legacy code page (cp1252)."""
+    lines = ["# Sicherung für diesen Rechner"] + text.splitlines()
+    return b"\xef\xbb\xbf" + "\r\n".join(lines).encode("cp1252") + b"\r\n"
+
+
+def test_files_saved_on_windows_load_like_plain_ones(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "ini")
+    layout.ini_dir.mkdir()
+    layout.stpd_ini.write_bytes(
+        notepad("[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=1 #für alle\nSTPD_MAX_CONNECTIONS=7")
+    )
+    layout.sm_ini.write_bytes(
+        notepad("[SBC_SSL]\nSBC_CLIENT_SSL_AUTH=0\n[SBC]\nSBC_SERVER=127.0.0.2")
+    )
+    config = stpd.config.load_config(layout)
+    assert config.client_cert_policy == ClientCertPolicy.WARN
+    assert config.max_connections == 7
+    client = sbc.config.load_config(layout)
+    assert client.client_ssl_auth is False
+    assert client.server == ("127.0.0.2", stpd.config.STPD_HTTPS_PORT)
+
+
+def test_a_value_in_a_legacy_code_page_keeps_its_bytes(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "ini")
+    layout.ini_dir.mkdir()
+    layout.stpd_ini.write_bytes(b"[STPD_Server]\nSTPD_DATA_DIR=/srv/sicherung-f\xfcr\n")
+    config = stpd.config.load_config(layout)
+    assert os.fsencode(str(config.data_dir)) == b"/srv/sicherung-f\xfcr"
+
+
+def test_sbc_backs_up_with_an_sm_ini_saved_on_windows(pki: Pki, tmp_path: Path) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_bytes(b"saved by notepad\n" * 100)
+    with running_stpd(pki.layout, level=2) as server:
+        client = pki.client_ini("notepad")
+        client.sm_ini.write_bytes(
+            notepad(
+                "[SBC_SSL]\nSBC_CLIENT_SSL_AUTH=1 #für den Server\nSBC_SSL_SERVER_VERIFY=1\n"
+                f"[SBC]\nSBC_SERVER=127.0.0.1:{server.port}"
+            )
+        )
+        code, out, err = run_sbc("--ini-dir", str(client.ini_dir), "backup", str(source), "--json")
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        # Stored under the certificate's name: the file's flags were read.
+        meta = server.daemon.store.find("CN=notepad", saveset)
+    assert meta is not None
+    assert meta.source == str(source)
 
 
 def test_a_missing_file_means_the_defaults(tmp_path: Path) -> None:
