@@ -13,6 +13,7 @@ and every member as it was stored (see there).
 
 from __future__ import annotations
 
+import errno
 import functools
 import grp
 import hashlib
@@ -191,10 +192,16 @@ class TreeWriter:
             self.stats.links += kind in (tarfile.SYMTYPE, tarfile.LNKTYPE)
             return
         try:
-            # Opened before its header is written: a file that cannot be is left out.
-            fd = os.open(path, os.O_RDONLY)  # no file object: a few us less per file
+            # Opened before its header is written: a file that cannot be is left
+            # out. No file object: a few us less per file. The path may have
+            # been replaced since walk's lstat: O_NOFOLLOW keeps a symbolic
+            # link put there from being followed (to a file of someone else),
+            # O_NONBLOCK a FIFO from blocking the backup; that FIFO then reads
+            # as empty and is reported as changed.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
-            self.unreadable(path, exc.strerror, "left out")
+            reason = "replaced by a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            self.unreadable(path, reason, "left out")
             return
         try:
             if st.st_nlink > 1:  # later names of this file become links to this one

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
 import sbc.archive as archive
 from sbc.cli import main as sbc
-from tests.conftest import Pki, run_sbc, running_stpd
+from tests.conftest import WAIT_SECONDS, Pki, run_sbc, running_stpd
 
 
 def make_tree(root: Path) -> Path:
@@ -412,6 +414,66 @@ def test_paths_that_cannot_be_read_are_left_out_and_the_rest_is_stored(
     assert list((restored / "gonedir").iterdir()) == []
     assert (restored / "failing.bin").read_bytes() == failing[:1000] + bytes(299_000)
     assert (restored / "z.txt").read_text() == "last\n"
+
+
+def test_a_file_replaced_after_the_walk_is_not_followed_and_does_not_block(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between walk's lstat and the open, a regular file is replaced by a
+    symbolic link to a file of someone else (which must not be stored), and
+    another by a FIFO (which must not block the backup until someone writes
+    to it). Both are reported; the rest is stored."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "fifo").write_text("a file at first\n")
+    (tree / "link").write_text("a file at first\n")
+    (tree / "z.txt").write_text("last\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET of another user\n")
+    rescued = threading.Event()
+
+    def rescue(fifo: Path) -> None:
+        """Without O_NONBLOCK, sbc's open waits for a writer: this one
+        ends the wait, and the test fails below instead of hanging."""
+        rescued.set()
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    real_add = archive.TreeWriter.add
+    timers: list[threading.Timer] = []
+
+    def add(self, path: str, arcname: str, st: os.stat_result) -> None:  # type: ignore[no-untyped-def]
+        if path.endswith("link"):
+            os.unlink(path)
+            os.symlink(secret, path)
+        if path.endswith("fifo"):
+            os.unlink(path)
+            os.mkfifo(path)
+            timers.append(threading.Timer(WAIT_SECONDS, rescue, [Path(path)]))
+            timers[-1].start()
+        real_add(self, path, arcname, st)
+
+    monkeypatch.setattr(archive.TreeWriter, "add", add)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        try:
+            code, out, err = run_sbc(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        finally:
+            for timer in timers:
+                timer.cancel()
+        assert not rescued.is_set(), "sbc blocked opening a FIFO"
+        assert code == 3, err
+        result = json.loads(out)
+        assert result["unreadable"] == [
+            {"path": str(tree / "link"), "error": "replaced by a symbolic link; left out"}
+        ]
+        assert result["changed"] == [str(tree / "fifo")]  # read as empty: zeros stored
+        stored = (stpd.daemon.store.root / f"{result['saveset']}.tar").read_bytes()
+    assert b"SECRET" not in stored
+    with tarfile.open(fileobj=io.BytesIO(stored)) as tar:
+        assert tar.getnames() == ["tree", "tree/fifo", "tree/z.txt"]
+        member = tar.extractfile("tree/z.txt")
+        assert member is not None and member.read() == b"last\n"
 
 
 def test_a_backed_up_path_that_cannot_be_read_stores_nothing(
