@@ -329,22 +329,36 @@ def walk(source: Path, unreadable: Unreadable) -> Iterator[tuple[str, str, os.st
     while stack:
         directory, prefix = stack.pop()
         try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=_by_name)
+            # O_NOFOLLOW: a directory replaced by a symbolic link since its
+            # lstat is not followed into a tree that is not the one backed up.
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:
-            unreadable(directory, exc.strerror, "its contents are left out")
+            replaced = exc.errno in (errno.ELOOP, errno.ENOTDIR)  # by a link, or a file
+            reason = "no longer a directory" if replaced else exc.strerror
+            unreadable(directory, reason, "its contents are left out")
             continue
-        subdirs = []
-        for entry in entries:
+        try:  # fd stays open while its entries are stat'ed (relative to it)
             try:
-                st = entry.stat(follow_symlinks=False)
+                with os.scandir(fd) as it:
+                    entries = sorted(it, key=_by_name)
             except OSError as exc:
-                unreadable(entry.path, exc.strerror, "left out")
+                unreadable(directory, exc.strerror, "its contents are left out")
                 continue
-            arcname = f"{prefix}/{entry.name}"
-            yield entry.path, arcname, st
-            if stat.S_ISDIR(st.st_mode):
-                subdirs.append((entry.path, arcname))
+            base = directory if directory.endswith("/") else directory + "/"
+            subdirs = []
+            for entry in entries:
+                path = base + entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    unreadable(path, exc.strerror, "left out")
+                    continue
+                arcname = f"{prefix}/{entry.name}"
+                yield path, arcname, st
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append((path, arcname))
+        finally:
+            os.close(fd)
         stack.extend(reversed(subdirs))
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import threading
@@ -419,16 +420,20 @@ def test_paths_that_cannot_be_read_are_left_out_and_the_rest_is_stored(
 def test_a_file_replaced_after_the_walk_is_not_followed_and_does_not_block(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Between walk's lstat and the open, a regular file is replaced by a
-    symbolic link to a file of someone else (which must not be stored), and
-    another by a FIFO (which must not block the backup until someone writes
-    to it). Both are reported; the rest is stored."""
+    """Between walk's lstat and the open, a regular file and a directory are
+    replaced by symbolic links to files of someone else (which must not be
+    stored), and another file by a FIFO (which must not block the backup
+    until someone writes to it). Each is reported; the rest is stored."""
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "fifo").write_text("a file at first\n")
     (tree / "link").write_text("a file at first\n")
+    (tree / "sub").mkdir()
+    (tree / "sub" / "own.txt").write_text("own\n")
     (tree / "z.txt").write_text("last\n")
-    secret = tmp_path / "secret.txt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    secret = elsewhere / "secret.txt"
     secret.write_text("SECRET of another user\n")
     rescued = threading.Event()
 
@@ -445,6 +450,9 @@ def test_a_file_replaced_after_the_walk_is_not_followed_and_does_not_block(
         if path.endswith("link"):
             os.unlink(path)
             os.symlink(secret, path)
+        if path.endswith("sub"):
+            shutil.rmtree(path)
+            os.symlink(elsewhere, path)
         if path.endswith("fifo"):
             os.unlink(path)
             os.mkfifo(path)
@@ -465,13 +473,17 @@ def test_a_file_replaced_after_the_walk_is_not_followed_and_does_not_block(
         assert code == 3, err
         result = json.loads(out)
         assert result["unreadable"] == [
-            {"path": str(tree / "link"), "error": "replaced by a symbolic link; left out"}
+            {"path": str(tree / "link"), "error": "replaced by a symbolic link; left out"},
+            {
+                "path": str(tree / "sub"),
+                "error": "no longer a directory; its contents are left out",
+            },
         ]
         assert result["changed"] == [str(tree / "fifo")]  # read as empty: zeros stored
         stored = (stpd.daemon.store.root / f"{result['saveset']}.tar").read_bytes()
     assert b"SECRET" not in stored
     with tarfile.open(fileobj=io.BytesIO(stored)) as tar:
-        assert tar.getnames() == ["tree", "tree/fifo", "tree/z.txt"]
+        assert tar.getnames() == ["tree", "tree/fifo", "tree/sub", "tree/z.txt"]
         member = tar.extractfile("tree/z.txt")
         assert member is not None and member.read() == b"last\n"
 
