@@ -7,8 +7,9 @@ Both run in a worker thread of the transfer core (``stpd.transfer``):
 The archive is written by ``tarfile`` in PAX format (unicode names, long
 names, exact mtimes), with regular files, directories and symlinks (as
 links). Extraction goes through ``SafeMembers``: nothing written outside the
-target or through a symbolic link, nothing already there replaced unasked,
-and every member as it was stored (see there).
+target or through a symbolic link (not even one put there while the restore
+runs: see ``TargetDir``), nothing already there replaced unasked, and every
+member as it was stored (see there).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stpd.tarcheck import block_sum
 from stpd.transfer import BatchReader, BatchWriter, Get, Put
+
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
 # tarfile's copy size on restore (its default: 16 KiB). A read inside one
 # received batch (1 MiB) is passed on uncopied, one that crosses into the
@@ -388,6 +392,70 @@ class UnsafeMember(tarfile.FilterError):
         super().__init__(message)
 
 
+def _path_parts(path: str) -> list[str]:
+    """The components of a member's path, without empty ones and '.'."""
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class TargetDir:
+    """The restore target, reached through descriptors.
+
+    The parent directory of each member is opened from the target down, one
+    component at a time with O_NOFOLLOW, and what is looked at, created or
+    removed is named relative to it. So a symbolic link that someone with
+    write access to the target puts in place *during* the restore (after
+    ``SafeMembers`` looked) is never followed: tarfile works on paths, and a
+    root restore into a user's home could have been made to write, chown or
+    chmod anything through such a link. Members come in directory order,
+    so the last parent opened is kept for the next member."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._parent_parts: tuple[str, ...] = ()
+        self._parent = self.fd
+
+    def parent(self, parts: list[str]) -> int:
+        """The directory that holds the member ``parts``; open until
+        another is asked for. OSError if a component is missing, or is not
+        a directory (a file, or a link, which is not followed)."""
+        wanted = tuple(parts[:-1])
+        if wanted != self._parent_parts:
+            self._release()
+            self._parent = self.open_dir(wanted)
+            self._parent_parts = wanted
+        return self._parent
+
+    def open_dir(self, parts: tuple[str, ...] | list[str]) -> int:
+        """The directory ``parts`` opened; the caller closes it (``close_dir``)."""
+        fd = self.fd
+        for end, part in enumerate(parts, 1):
+            try:
+                child = os.open(part, _DIRECTORY, dir_fd=fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, "/".join(parts[:end])) from None
+            finally:
+                self.close_dir(fd)
+            fd = child
+        return fd
+
+    def close_dir(self, fd: int) -> None:
+        if fd != self.fd:
+            os.close(fd)
+
+    def _release(self) -> None:
+        self.close_dir(self._parent)
+        self._parent_parts, self._parent = (), self.fd
+
+    def close(self) -> None:
+        self._release()
+        os.close(self.fd)
+
+
 class SafeMembers:
     """The extraction filter: nothing is written outside the target, nothing
     already in it is replaced unasked, and every member comes back as it was
@@ -404,24 +472,26 @@ class SafeMembers:
     hard-link targets, nothing extracted through, onto or hard-linked to a
     symbolic link that this archive created, and nothing under a path of the
     target that is not a directory (a file, or a symbolic link, which is
-    never followed): such members are kept out, each parent looked at once.
+    never followed): such members are kept out. The target's directories
+    are reached through ``TargetDir``, which also keeps the extraction from
+    following links put in place after these checks.
 
     A member whose path already exists in the target (but for a directory
     over a directory: those merge) is not extracted either, and is listed in
     ``kept``; with ``overwrite`` what is there is removed first (never
     written through), unless it is a directory."""
 
-    def __init__(self, overwrite: bool = False) -> None:
+    def __init__(self, target: TargetDir, overwrite: bool = False) -> None:
+        self.target = target
         self.overwrite = overwrite
         self.symlinks: set[str] = set()  # normalised names of the archive's links
         self.skipped: list[str] = []  # device nodes: not restored, reported
         self.kept: list[str] = []  # members not extracted: existing paths left as they were
-        self._directories: set[str] = {""}  # parents seen to be directories, or absent
 
     def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
         if path.startswith("/") or os.path.isabs(path):
             raise UnsafeMember(member, f"{what} {path!r} is an absolute path")
-        parts = [part for part in path.split("/") if part not in ("", ".")]
+        parts = _path_parts(path)
         if ".." in parts:
             raise UnsafeMember(member, f"{what} {path!r} contains '..'")
         return parts
@@ -429,43 +499,34 @@ class SafeMembers:
     def _through_link(self, parts: list[str], *, itself: bool) -> str | None:
         return _first_prefix_in(self.symlinks, parts, itself=itself)
 
-    def _under_directories(self, parts: list[str], dest: str) -> bool:
-        """Whether every parent of the member is a directory of the target,
-        or absent (tarfile creates it as one). Those already seen are
-        remembered: a parent is looked at once, not once per member."""
-        if "/".join(parts[:-1]) in self._directories:
-            return True
-        for end in range(1, len(parts)):
-            prefix = "/".join(parts[:end])
-            if prefix in self._directories:
-                continue
-            try:
-                if not stat.S_ISDIR(os.lstat(os.path.join(dest, prefix)).st_mode):
-                    return False
-            except FileNotFoundError:
-                pass
-            except OSError:
-                return False
-            self._directories.add(prefix)
-        return True
-
-    def _in_the_way(self, member: tarfile.TarInfo, path: str) -> bool:
-        """Whether an existing ``path`` stands where ``member`` would go
-        (a directory member merges with a directory). With ``overwrite`` it
-        is removed first instead, unless it is a directory."""
+    def _blocked(self, member: tarfile.TarInfo, parts: list[str]) -> bool:
+        """Whether ``member`` must be kept out: a parent in the target is not
+        a directory, or something stands where it would go (a directory
+        member merges with a directory). With ``overwrite`` what stands
+        there is removed first instead, unless it is a directory."""
         try:
-            existing = os.lstat(path)
+            parent = self.target.parent(parts)
+        except FileNotFoundError:
+            return False  # a parent is absent: tarfile creates it as a directory
+        except OSError:
+            return True  # a file or a link (never followed) where a directory should be
+        try:
+            existing = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError:
             return False
         if member.isdir() and stat.S_ISDIR(existing.st_mode):
             return False
-        if self.overwrite and not stat.S_ISDIR(existing.st_mode):
-            os.unlink(path)  # replaced, never written through (it may be a link)
-            return False
-        return not self.overwrite
+        if not self.overwrite:
+            return True
+        if stat.S_ISDIR(existing.st_mode):  # it may hold anything: not removed
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), "/".join(parts))
+        os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
+        return False
 
     def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         parts = self._parts(member, member.name, "member")
+        if not parts:  # "./" (tar -C DIR -cf - .): the target itself, left as it is
+            return None
         name = "/".join(parts)
         link = self._through_link(parts, itself=not member.issym())
         if link is not None:
@@ -487,9 +548,7 @@ class SafeMembers:
             # A backup client does not create device nodes; say so, go on.
             self.skipped.append(name)
             return None
-        if not self._under_directories(parts, dest) or self._in_the_way(
-            member, os.path.join(dest, *parts)
-        ):
+        if self._blocked(member, parts):
             self.kept.append(name)
             return None
         if member.islnk():  # rare: only the data filter's check of where it points
@@ -504,6 +563,146 @@ class SafeMembers:
         member.uid = _known_id(pwd.getpwnam, member.uname, member.uid)
         member.gid = _known_id(grp.getgrnam, member.gname, member.gid)
         return member
+
+
+# tarfile's extraction filter: the member as extracted, or None to leave it out
+Filter = Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]
+
+
+class _Extraction(tarfile.TarFile):
+    """tarfile's extraction (member order, headers, the copy of contents,
+    directory attributes set last), with its file system calls made through
+    ``TargetDir``: files are created with O_EXCL|O_NOFOLLOW, links and
+    FIFOs relative to their parent's descriptor, and owners, modes and
+    times set on descriptors opened with O_NOFOLLOW, on a directory only if
+    it is still the one this restore created or merged with."""
+
+    target: TargetDir
+    removed: str | None = None  # the file being written when the restore stopped, removed
+
+    def extract_into(self, target: TargetDir, members: Filter) -> None:
+        self.target = target
+        self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
+        self._as_root = os.geteuid() == 0
+        # extractall sets directory modes and mtimes last, after their contents.
+        self.extractall(target.path, filter=members, numeric_owner=True)  # see SafeMembers
+
+    def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        parts = _path_parts(tarinfo.name)
+        parent = self.target.parent(parts)
+        fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
+        try:
+            with open(fd, "wb") as out:
+                self.fileobj.seek(tarinfo.offset_data)  # type: ignore[union-attr]
+                # (offset, size) pieces of a GNU sparse member (typeshed: bytes)
+                sparse: list[tuple[int, int]] | None = getattr(tarinfo, "sparse", None)
+                for offset, size in sparse or [(0, tarinfo.size)]:
+                    out.seek(offset)
+                    tarfile.copyfileobj(  # type: ignore[attr-defined]
+                        self.fileobj, out, size, tarfile.ReadError, RESTORE_COPY_BUFFER
+                    )
+                if sparse is not None:
+                    out.truncate(tarinfo.size)
+                out.flush()
+                self._set_attributes(out.fileno(), tarinfo)
+        except BaseException:
+            # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
+            # file written in part would pass for the whole one: it goes.
+            try:
+                os.unlink(parts[-1], dir_fd=parent)
+                self.removed = tarinfo.name
+            except OSError:
+                pass  # the error that stopped the restore is what to report
+            raise
+
+    def makedir(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        parts = _path_parts(tarinfo.name)
+        parent = self.target.parent(parts)
+        try:
+            os.mkdir(parts[-1], 0o700, dir_fd=parent)  # its mode is set last
+        except FileExistsError:
+            pass  # a directory already there: they merge (see SafeMembers)
+        made = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISDIR(made.st_mode):
+            self._directories["/".join(parts)] = (made.st_dev, made.st_ino)
+
+    def makelink(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        parts = _path_parts(tarinfo.name)
+        parent = self.target.parent(parts)
+        if tarinfo.issym():
+            os.symlink(tarinfo.linkname, parts[-1], dir_fd=parent)
+            return
+        source = _path_parts(tarinfo.linkname)
+        source_dir = self.target.open_dir(source[:-1])
+        try:
+            os.link(
+                source[-1],
+                parts[-1],
+                src_dir_fd=source_dir,
+                dst_dir_fd=parent,
+                follow_symlinks=False,
+            )
+        finally:
+            self.target.close_dir(source_dir)
+
+    def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        parts = _path_parts(tarinfo.name)
+        os.mkfifo(parts[-1], dir_fd=self.target.parent(parts))
+
+    # tarfile calls chown, then chmod and utime (not for links), with paths,
+    # which follow links: all three are done here, on a descriptor.
+    def chown(
+        self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath, numeric_owner: bool
+    ) -> None:
+        if tarinfo.isreg() or tarinfo.islnk():
+            return  # set by makefile on the new file (a hard link shares it)
+        parts = _path_parts(tarinfo.name)
+        try:
+            if tarinfo.issym():
+                if self._as_root:
+                    parent = self.target.parent(parts)
+                    os.chown(
+                        parts[-1], tarinfo.uid, tarinfo.gid, dir_fd=parent, follow_symlinks=False
+                    )
+                return
+            if tarinfo.isdir():
+                fd = self.target.open_dir(parts)
+            else:
+                flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(parts[-1], flags, dir_fd=self.target.parent(parts))
+        except OSError:
+            return  # gone or replaced meanwhile: nothing of ours to set
+        try:
+            st = os.fstat(fd)
+            ours = self._directories.get("/".join(parts)) == (st.st_dev, st.st_ino)
+            if ours or not tarinfo.isdir():
+                self._set_attributes(fd, tarinfo)
+        finally:
+            os.close(fd)
+
+    def chmod(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        """Done in ``chown``."""
+
+    def utime(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        """Done in ``chown``."""
+
+    def _set_attributes(self, fd: int, tarinfo: tarfile.TarInfo) -> None:
+        """Owner (as root), mode and time of ``tarinfo`` on ``fd``. One that
+        cannot be set (a file system without owners) does not stop the
+        restore, as with tarfile."""
+        if self._as_root:
+            try:
+                os.fchown(fd, tarinfo.uid, tarinfo.gid)
+            except OSError:
+                pass
+        try:
+            os.fchmod(fd, tarinfo.mode)
+        except OSError:
+            pass
+        try:
+            os.utime(fd, (tarinfo.mtime, tarinfo.mtime))
+        except OSError:
+            pass
 
 
 @functools.cache
@@ -538,29 +737,32 @@ def extract_stream(
         result.bytes += len(piece)
 
     reader = BatchReader(get, observe)
-    extracting: list[tarfile.TarInfo] = []  # the member being written, if any
+    extracting: list[tarfile.TarInfo] = []  # the member being extracted, if any
+    target.mkdir(parents=True, exist_ok=True)
+    target_dir = TargetDir(target)
+    archive: _Extraction | None = None
     try:
         # "r:" with a forward-only reader: extractall takes member after
         # member in order, so it never seeks back (see BatchReader).
-        with tarfile.open(fileobj=reader, mode="r:", copybufsize=RESTORE_COPY_BUFFER) as archive:  # type: ignore[call-overload]
-            safe_members = SafeMembers(overwrite)
+        archive = _Extraction.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]
+        with archive:
+            safe_members = SafeMembers(target_dir, overwrite)
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
                 result.members += 1
+                extracting[:] = [member]
                 safe = safe_members(member, dest)
-                extracting[:] = [safe] if safe is not None else []
+                if safe is None:
+                    extracting.clear()
                 return safe
 
-            # extractall sets directory modes and mtimes last, after their contents.
-            archive.extractall(target, filter=counted, numeric_owner=True)  # see SafeMembers
+            archive.extract_into(target_dir, counted)
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
     except BaseException as exc:
-        # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
-        # file written in part would pass for the whole one: it goes.
-        result.removed = _remove_incomplete(target, extracting)
+        result.removed = archive.removed if archive is not None else None
         removed = f", and the incomplete {result.removed} was removed" if result.removed else ""
         if isinstance(exc, OSError):  # writing into the target: a full disk, a read-only place
-            where = exc.filename or (extracting[0].name if extracting else target)
+            where = extracting[0].name if extracting else exc.filename or target
             raise ArchiveError(
                 f"cannot restore into {target}: {exc.strerror or exc} ({where}); the restore "
                 f"stopped there{removed} (what came before it in the saveset is restored)"
@@ -575,21 +777,7 @@ def extract_stream(
                 f"the restore stream is not a valid tar archive: {exc}{removed}"
             ) from None
         raise  # the caller says what it was
+    finally:
+        target_dir.close()
     reader.drain()
     result.sha256 = digest.hexdigest()
-
-
-def _remove_incomplete(target: Path, extracting: list[tarfile.TarInfo]) -> str | None:
-    """Remove the regular file last extracted if it is shorter or longer
-    than its member; its name if it was removed."""
-    member = extracting[0] if extracting else None
-    if member is None or not member.isreg():
-        return None
-    path = target / member.name
-    try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size == member.size:
-            return None
-        path.unlink()
-    except OSError:
-        return None  # the error that stopped the restore is what to report
-    return member.name

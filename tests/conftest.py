@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +32,7 @@ from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
 from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
+from sbc import archive
 from sbc.cli import main as sbc_main
 from stpd.config import load_config
 from stpd.server import Stpd
@@ -382,3 +383,20 @@ def read_only_directory(path: Path, prepare: Any = None) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+def swapped_during_restore(
+    monkeypatch: pytest.MonkeyPatch, member: str, swap: Callable[[], None]
+) -> None:
+    """Run ``swap`` once SafeMembers has let ``member`` through, before it
+    is extracted: what someone with write access to the target could do
+    at that moment."""
+    real = archive.SafeMembers.__call__
+
+    def checked_then_swapped(self, info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:  # type: ignore[no-untyped-def]
+        allowed = real(self, info, dest)
+        if info.name == member:
+            swap()
+        return allowed
+
+    monkeypatch.setattr(archive.SafeMembers, "__call__", checked_then_swapped)

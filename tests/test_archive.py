@@ -9,6 +9,7 @@ import io
 import os
 import pwd
 import random
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -28,6 +29,7 @@ from sbc.archive import (
 )
 from stpd.tarcheck import TarStreamCheck
 from stpd.transfer import BatchReader, BatchWriter
+from tests.conftest import swapped_during_restore
 
 
 def tar_stream(source: Path, stats: TreeStats) -> bytes:
@@ -239,6 +241,27 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     assert (out / "tree" / "z").read_text() == "z\n"
 
 
+def test_a_saveset_made_by_gnu_tar_of_dot_leaves_the_target_itself_alone(
+    tmp_path: Path,
+) -> None:
+    """``tar -C DIR -cf - .`` (an upload with curl) starts with "./": its
+    mode and owner are DIR's, not the target's, which keeps its own."""
+    source = tmp_path / "source"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "x").write_text("x\n")
+    source.chmod(0o700)
+    stream = subprocess.run(
+        ["tar", "-C", str(source), "-cf", "-", "."], capture_output=True, check=True
+    ).stdout
+    target = tmp_path / "target"
+    target.mkdir(mode=0o750)
+    target.chmod(0o750)
+    result = restore_bytes(stream, target)
+    assert (target / "sub" / "x").read_text() == "x\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    assert result.kept == []
+
+
 def test_nothing_is_written_through_a_link_already_in_the_target(tmp_path: Path) -> None:
     """A saveset member under a path that is a link in the target (here
     without a directory member before it, as a hand-made saveset may be) is
@@ -262,6 +285,96 @@ def test_nothing_is_written_through_a_link_already_in_the_target(tmp_path: Path)
         )
         assert result.kept == ["evil/x.txt"]
         assert list(outside.iterdir()) == []
+
+
+def restore_bytes(stream: bytes, target: Path) -> RestoreResult:
+    batches = [[memoryview(stream)]]
+    result = RestoreResult()
+    extract_stream(lambda: batches.pop() if batches else [], target, result)
+    return result
+
+
+def test_a_link_put_where_a_file_goes_after_the_check_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("from the saveset\n")
+    stream = tar_stream(tree, TreeStats())
+    victim = tmp_path / "victim"
+    victim.write_text("not to be overwritten\n")
+    out = tmp_path / "out"
+    swapped_during_restore(monkeypatch, "tree/f", lambda: (out / "tree" / "f").symlink_to(victim))
+    with pytest.raises(ArchiveError, match=r"File exists \(tree/f\); the restore stopped"):
+        restore_bytes(stream, out)
+    assert victim.read_text() == "not to be overwritten\n"
+    assert (out / "tree" / "f").is_symlink()  # left as it was found, not removed
+
+
+def test_a_directory_replaced_by_a_link_during_the_restore_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its contents go into the directory that was checked (now moved), and
+    its owner, mode and time, set at the end, go nowhere: not onto what the
+    link points to (a root restore into a home could chmod /etc)."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_text("in sub\n")
+    (tree / "sub").chmod(0o700)
+    os.utime(tree / "sub", (1_000_000_000, 1_000_000_000))
+    stream = tar_stream(tree, TreeStats())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    outside.chmod(0o755)
+    os.utime(outside, (1_500_000_000, 1_500_000_000))
+    before = outside.stat()
+    out = tmp_path / "out"
+    sub = out / "tree" / "sub"
+
+    def swap() -> None:
+        sub.rename(out / "tree" / "moved")
+        sub.symlink_to(outside)
+
+    swapped_during_restore(monkeypatch, "tree/sub/f", swap)
+    restore_bytes(stream, out)
+    assert list(outside.iterdir()) == []
+    after = outside.stat()
+    assert (after.st_mode, after.st_mtime, after.st_uid, after.st_gid) == (
+        before.st_mode,
+        before.st_mtime,
+        before.st_uid,
+        before.st_gid,
+    )
+    assert (out / "tree" / "moved" / "f").read_text() == "in sub\n"
+
+
+def test_what_goes_under_a_parent_replaced_by_a_link_is_kept_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent swapped before the next directory is entered: what goes
+    under it is kept out (as for a link that was there before), and its
+    attributes, set at the end, go nowhere."""
+    tree = tmp_path / "tree"
+    (tree / "a").mkdir(parents=True)
+    (tree / "a" / "f").write_text("in a\n")
+    (tree / "b").mkdir()
+    (tree / "b" / "g").write_text("in b\n")
+    (tree / "b").chmod(0o700)
+    stream = tar_stream(tree, TreeStats())
+    outside = tmp_path / "outside"
+    (outside / "b").mkdir(parents=True)
+    out = tmp_path / "out"
+
+    def swap() -> None:
+        (out / "tree").rename(out / "moved")
+        (out / "tree").symlink_to(outside)
+
+    (outside / "b").chmod(0o755)
+    swapped_during_restore(monkeypatch, "tree/a/f", swap)
+    assert restore_bytes(stream, out).kept == ["tree/b/g"]
+    assert list((outside / "b").iterdir()) == []
+    assert stat.S_IMODE((outside / "b").stat().st_mode) == 0o755
+    assert (out / "moved" / "a" / "f").read_text() == "in a\n"
 
 
 def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 import sbc.archive as archive
 from sbc.cli import main as sbc
-from tests.conftest import WAIT_SECONDS, Pki, run_sbc, running_stpd
+from tests.conftest import WAIT_SECONDS, Pki, run_sbc, running_stpd, swapped_during_restore
 
 
 def make_tree(root: Path) -> Path:
@@ -568,3 +568,50 @@ def test_restore_brings_back_owners_and_overwrite_replaces_a_link_without_follow
     restored = target / "tree" / "f.txt"
     assert not restored.is_symlink() and restored.read_text() == "saved\n"
     assert outside.read_text() == "not to be touched\n"
+
+
+def test_a_root_restore_into_a_home_cannot_be_made_to_chown_what_a_link_points_to(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack on an in-place restore as root: while the restore runs,
+    the owner of the home replaces one of its directories (theirs in the
+    saveset) with a link to a directory of root's. tarfile set owners and
+    modes by path, at the end: root's directory became the user's."""
+    home = tmp_path / "home"
+    (home / "projects").mkdir(parents=True)
+    (home / "projects" / "notes.txt").write_text("notes\n")
+    (home / "projects").chmod(0o777)
+    for path in (home, home / "projects", home / "projects" / "notes.txt"):
+        os.chown(path, 4321, 4321)
+    roots = tmp_path / "etc"
+    roots.mkdir(mode=0o755)
+    before = roots.stat()
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(home), "--server", stpd.address, "--json")
+        shutil.rmtree(home / "projects")  # lost: the user asks for the restore
+
+        def swap() -> None:
+            (home / "projects").rename(home / "moved")
+            (home / "projects").symlink_to(roots)
+
+        swapped_during_restore(monkeypatch, "home/projects/notes.txt", swap)
+        restored = sbc_json(
+            *ini,
+            "restore",
+            backup["saveset"],
+            str(tmp_path),
+            "--server",
+            stpd.address,
+            "--json",  # type: ignore[index]
+        )
+    assert restored["kept"] == []  # type: ignore[index]
+    after = roots.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+    assert list(roots.iterdir()) == []
+    assert (home / "moved" / "notes.txt").read_text() == "notes\n"
