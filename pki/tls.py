@@ -34,6 +34,9 @@ from pki.names import certificate_names, host_matches, ip_or_none, is_ca_certifi
 # TLS 1.3 suites are all strong and keep OpenSSL's default order.
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 VERIFY_DEPTH = 2  # root CA + leaf: our CA issues leaves directly (pathlen 0)
+# The reason for a connection closed before it sent a whole ClientHello: a
+# port check (monitoring, a load balancer) rather than a failed handshake.
+NO_HANDSHAKE_REASON = "connection closed before a TLS handshake began"
 
 # OpenSSL X509_V_ERR_* codes we explain in words; others use OpenSSL's text.
 _VERIFY_REASONS = {

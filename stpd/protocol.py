@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from cryptography import x509
 
 from pki.authority import SUBJECT_KEYS
-from pki.tls import ClientCertPolicy
+from pki.tls import NO_HANDSHAKE_REASON, ClientCertPolicy
 from stpd.store import SAVESET_ID
 
 KEY_BY_OID = {oid: key for key, oid in SUBJECT_KEYS.items()}
@@ -158,7 +158,15 @@ def refused_handshake(
     client's certificate, unless the client sent an alert: then it gave up
     on us (e.g. it does not trust our server certificate), at any level;
     or unless it did not speak TLS as we do (plain HTTP, old protocol
-    versions, weak ciphers only): a warning, at any level."""
+    versions, weak ciphers only): a warning, at any level. A connection
+    closed before its ClientHello is no handshake at all: an info line."""
+    if reason == NO_HANDSHAKE_REASON:  # not worth a warning every time a monitor looks
+        return PeerDecision(
+            False,
+            ANONYMOUS,
+            logging.INFO,
+            f"connection from {peer} closed without a TLS handshake (a port check?)",
+        )
     reason = _HANDSHAKE_REASONS.get(reason.strip().lower(), reason)
     lowered = reason.lower()
     if is_plain_http(reason):

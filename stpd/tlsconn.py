@@ -50,7 +50,7 @@ from cryptography import x509
 from cryptography.hazmat.bindings._rust import _openssl
 from OpenSSL import SSL
 
-from pki.tls import PeerVerdict, new_connection, peer_verdict
+from pki.tls import NO_HANDSHAKE_REASON, PeerVerdict, new_connection, peer_verdict
 from stpd import _tlsio
 
 # The C loop calls the very SSL_read/SSL_write that pyOpenSSL uses.
@@ -152,7 +152,12 @@ class TLSConnection:
         except (SSL.WantReadError, SSL.WantWriteError) as exc:
             return type(exc)
         except SSL.SysCallError:
-            self._broken = "connection closed by peer during TLS handshake"
+            hello_seen = self.conn.client_random() is not None  # ours, or the client's
+            self._broken = (
+                "connection closed by peer during TLS handshake"
+                if hello_seen
+                else NO_HANDSHAKE_REASON
+            )
             raise self.HandshakeError(self._broken) from None
         except SSL.Error as exc:
             self._broken = _ssl_reason(exc)

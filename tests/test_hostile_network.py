@@ -95,6 +95,29 @@ def test_client_hello_that_never_completes(hpki: Pki, tmp_path: Path, cut: str) 
         assert_serves(stpd, client, tmp_path)
 
 
+def test_a_port_check_is_an_info_line_and_a_cut_handshake_a_warning(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A monitor that connects and closes (nothing sent, or not even a
+    whole ClientHello) is no failed handshake; a client that goes away
+    after its ClientHello, mid-handshake, is."""
+    client = hpki.client_ini("good")
+    with running_stpd(hpki.layout, 2) as stpd:
+        for first_bytes in (b"", client_hello()[:20]):
+            with tcp_connect(stpd) as sock:
+                sock.sendall(first_bytes)
+            line = stpd.log.wait_for(rf"connection from {PEER} closed without a TLS handshake")
+            assert line.startswith("INFO "), line
+        with tcp_connect(stpd) as sock:
+            sock.sendall(client_hello())
+            sock.recv(1)  # the server's flight has begun: the handshake is under way
+        line = stpd.log.wait_for(rf"TLS handshake with {PEER} failed")
+        assert line.startswith("WARNING ") and "during TLS handshake" in line, line
+        assert not stpd.log.matching(r"^(WARNING|ERROR) .*without a TLS handshake")
+        assert_serves(stpd, client, tmp_path)
+
+
 # -- a TLS client that speaks nonsense ---------------------------------------------
 
 

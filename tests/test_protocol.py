@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki.tls import ClientCertPolicy
+from pki.tls import NO_HANDSHAKE_REASON, ClientCertPolicy
 from stpd.protocol import (
     ANONYMOUS,
     MAX_SOURCE_CHARS,
@@ -220,6 +220,16 @@ def test_an_alert_from_the_client_is_the_client_giving_up(
     assert decision.message.startswith(f"TLS handshake with {PEER} failed: the client {meaning}")
     assert decision.message.endswith(f"({reason})")
     assert "refused" not in decision.message
+
+
+@pytest.mark.parametrize("policy", [IGNORE, WARN, REQUIRE])
+def test_a_connection_closed_before_its_hello_is_an_info_line(policy: ClientCertPolicy) -> None:
+    decision = refused_handshake(PEER, policy, NO_HANDSHAKE_REASON)
+    assert not decision.serve
+    assert decision.log_level == logging.INFO
+    assert (
+        decision.message == f"connection from {PEER} closed without a TLS handshake (a port check?)"
+    )
 
 
 # -- route -------------------------------------------------------------------------
