@@ -121,6 +121,12 @@ class Stpd:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         removed = await trio.to_thread.run_sync(self.store.prepare)
+        try:
+            await self._serve(removed, task_status)
+        finally:
+            self.store.close()
+
+    async def _serve(self, removed: list[Path], task_status: Any) -> None:
         for path in removed:
             log.warning("removed leftover of an interrupted upload: %s", path)
         host, port = self.config.listen

@@ -7,7 +7,10 @@ upload is checked to be a tar archive while it streams in
 to have ended properly, renamed into place, and only then is its metadata
 written (atomically). Listing looks at metadata files only, so a saveset
 becomes visible in one step and nothing partial is ever listed. Leftovers
-of a crash (``.incoming/*``, a tar without metadata) are removed at start.
+of a crash (``.incoming/*``, a tar without metadata) are removed at start,
+under a lock (flock on the directory) that one stpd holds while it runs: a
+second stpd given the same data directory would remove the first one's
+uploads in progress.
 
 Everything here is blocking and runs in worker threads.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -178,15 +182,18 @@ class SavesetStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.incoming = root / INCOMING
+        self._lock: int | None = None
 
     def prepare(self) -> list[Path]:
-        """Create the directories and remove a crash's leftovers; returns them.
-        A data directory that cannot be used is a StoreError that says so."""
+        """Lock the data directory for this stpd, create the directories and
+        remove a crash's leftovers; returns them. A data directory that
+        cannot be used is a StoreError that says so."""
         fix = "set STPD_DATA_DIR in stpd.ini (or --data-dir) to a writable directory"
         removed = []
         try:
             # Backups are private: a data directory we create is ours alone.
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._take_lock()
             self.incoming.mkdir(exist_ok=True, mode=0o700)
             for leftover in self.incoming.iterdir():
                 leftover.unlink()
@@ -196,13 +203,36 @@ class SavesetStore:
                     tar.unlink()
                     removed.append(tar)
         except OSError as exc:
+            self.close()
             raise StoreError(
                 f"data directory {self.root} cannot be used: {exc.strerror or exc} "
                 f"({exc.filename or self.root}): {fix}"
             ) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
+            self.close()
             raise StoreError(f"data directory {self.root} is not writable: {fix}")
         return removed
+
+    def _take_lock(self) -> None:
+        # On the directory itself: no lock file to leave behind or delete.
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise StoreError(
+                    f"data directory {self.root} is in use by another stpd: give each stpd "
+                    "its own STPD_DATA_DIR in stpd.ini (or --data-dir), or stop the other one"
+                ) from None
+            raise
+        self._lock = fd
+
+    def close(self) -> None:
+        """Release the data directory (the lock goes with the descriptor)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def begin(self, owner: str, source: str, peer: str) -> Upload:
         return Upload(self, owner, source, peer)

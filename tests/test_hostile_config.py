@@ -144,6 +144,26 @@ def test_stpd_refuses_a_port_in_use_naming_the_address(hpki: Pki, tmp_path: Path
     )
 
 
+def test_a_second_stpd_on_the_same_data_directory_is_refused(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """Its start would have removed the first one's uploads in progress as a
+    crash's leftovers."""
+    data = tmp_path / "data"
+    client = hpki.client_ini("first")
+    with running_stpd(hpki.layout, 2, data_dir=data) as stpd:
+        in_progress = data / ".incoming" / "SS-20260101T000000Z-0123abcd.tar.part"
+        in_progress.write_bytes(b"an upload of the first stpd")
+        result = run_stpd(hpki.layout.ini_dir, data)
+        assert result.returncode == 2, result.stderr
+        assert_one_line(
+            result.stderr,
+            f"stpd: error: data directory {data} is in use by another stpd",
+            "STPD_DATA_DIR",
+        )
+        assert in_progress.exists()
+        in_progress.unlink()
+        assert_serves(stpd, client, tmp_path)
+
+
 def test_stpd_runs_without_the_ca_key(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
     assert not hpki.layout.ca_key.exists()
     client = hpki.client_ini("keyless")

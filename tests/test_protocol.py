@@ -450,10 +450,29 @@ def test_prepare_removes_leftovers_and_keeps_savesets(store: SavesetStore) -> No
     orphan = store.root / f"{SS}.tar"
     orphan.write_bytes(tar_bytes({"b": b"2"}))
 
-    removed = SavesetStore(store.root).prepare()
+    store.close()  # its lock went with the process
+
+    restarted = SavesetStore(store.root)
+    removed = restarted.prepare()
     assert sorted(removed) == sorted([part.part, store.incoming / f"{SS}.json.part", orphan])
     assert files_in(store) == [INCOMING, f"{kept.saveset}.json", f"{kept.saveset}.tar"]
     assert [m.saveset for m in store.all()] == [kept.saveset]
+    restarted.close()
+    assert SavesetStore(store.root).prepare() == []
+
+
+def test_a_second_store_on_the_same_directory_is_refused_and_removes_nothing(
+    store: SavesetStore,
+) -> None:
+    """Two stpd given one data directory: the second would take the first
+    one's uploads in progress for a crash's leftovers."""
+    running = store.begin("CN=a", "/src", PEER)
+    running.write([b"in progress"])
+    with pytest.raises(StoreError, match=r"is in use by another stpd: give each stpd its own"):
+        SavesetStore(store.root).prepare()
+    assert running.part.exists()
+    running.abort()
+    store.close()
     assert SavesetStore(store.root).prepare() == []
 
 
