@@ -20,6 +20,7 @@ from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
 from stpd.config import stpd_address
+from stpd.tlsconn import signals_end_waits
 
 
 def _server(text: str) -> tuple[str, int]:
@@ -244,7 +245,8 @@ def main(
             )
         if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
             raise SbcError(f"nothing to back up: {args.path} does not exist")
-        result = _run(config, server, args)
+        with signals_end_waits():
+            result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
         print(f"sbc: error: {exc}", file=sys.stderr)
         return 1

@@ -8,8 +8,11 @@
  * wants to read or write: SBC and STPD's transfer threads move a whole
  * body this way, without a trip through the trio loop per wake-up. A
  * signal ends the wait (INTERRUPTED), so that Python can run its handler
- * (Ctrl-C in sbc) before it calls again. Without a socket (fd < 0) they
- * return at once (trio waits).
+ * (Ctrl-C in sbc) before it calls again. EINTR alone misses a signal that
+ * arrives just before poll() begins, or in another thread: with a wake fd
+ * (the reading end of Python's signal.set_wakeup_fd pipe, set_wake_fd),
+ * poll() watches it too. Without a socket (fd < 0) they return at once
+ * (trio waits).
  *
  * They do no error translation: they stop at the first call that does not
  * succeed and return its result, and TLSConnection asks pyOpenSSL what it
@@ -25,11 +28,13 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <unistd.h>
 
 typedef int (*ssl_read_fn)(void *ssl, void *buf, int num);
 typedef int (*ssl_write_fn)(void *ssl, const void *buf, int num);
 typedef int (*ssl_get_error_fn)(const void *ssl, int ret);
 
+static int wake_fd = -1; /* see set_wake_fd */
 static ssl_read_fn ssl_read;
 static ssl_write_fn ssl_write;
 static ssl_get_error_fn ssl_get_error;
@@ -55,6 +60,15 @@ static PyObject *bind(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* set_wake_fd(fd): a non-blocking fd that becomes readable when a signal
+ * arrives (-1: none); the waits end when it does, and drain it. */
+static PyObject *set_wake_fd(PyObject *self, PyObject *args)
+{
+    if (!PyArg_ParseTuple(args, "i:set_wake_fd", &wake_fd))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* After a call returned `result` <= 0: wait for the socket when OpenSSL
  * wants it. Returns 1 to try again, 0 to stop (`*waited` says why). Called
  * without the GIL. */
@@ -65,10 +79,20 @@ static int wait_for_socket(void *ssl, int result, int fd, int timeout_ms, int wa
     int error = ssl_get_error(ssl, result);
     if (error != WANT_READ && error != WANT_WRITE)
         return 0;
-    struct pollfd p = {.fd = fd, .events = error == WANT_READ ? POLLIN : POLLOUT};
+    struct pollfd p[2] = {
+        {.fd = fd, .events = error == WANT_READ ? POLLIN : POLLOUT},
+        {.fd = wake_fd, .events = POLLIN},
+    };
     if (watch_input)
-        p.events |= POLLIN;
-    int ready = poll(&p, 1, timeout_ms);
+        p[0].events |= POLLIN;
+    int ready = poll(p, wake_fd >= 0 ? 2 : 1, timeout_ms);
+    if (ready > 0 && wake_fd >= 0 && (p[1].revents & POLLIN)) {
+        char sink[64];
+        while (read(wake_fd, sink, sizeof sink) > 0)
+            ;
+        *waited = INTERRUPTED;
+        return 0;
+    }
     if (ready < 0 && errno == EINTR) {
         *waited = INTERRUPTED;
         return 0;
@@ -77,7 +101,7 @@ static int wait_for_socket(void *ssl, int result, int fd, int timeout_ms, int wa
         *waited = TIMED_OUT;
         return 0;
     }
-    if (watch_input && (p.revents & POLLIN) && error == WANT_WRITE) {
+    if (watch_input && (p[0].revents & POLLIN) && error == WANT_WRITE) {
         *waited = READABLE;
         return 0;
     }
@@ -165,6 +189,7 @@ static PyObject *write_from(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "bind(SSL_read, SSL_write, SSL_get_error addresses)"},
+    {"set_wake_fd", set_wake_fd, METH_VARARGS, "set_wake_fd(fd): a signal's wake-up pipe, or -1"},
     {"read_into", read_into, METH_VARARGS,
      "read_into(ssl, buffer, offset, fd=-1, timeout_ms=-1) -> (read, result, waited)"},
     {"write_from", write_from, METH_VARARGS,

@@ -41,10 +41,13 @@ off mid-upload still reads why).
 from __future__ import annotations
 
 import contextlib
+import os
 import select
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from cryptography import x509
 from cryptography.hazmat.bindings._rust import _openssl
@@ -62,6 +65,30 @@ _tlsio.bind(
 )
 
 RECEIVE_BUFFER = 256 * 1024  # plaintext gathered per receive_borrowed call
+
+
+@contextlib.contextmanager
+def signals_end_waits() -> Iterator[None]:
+    """Within this, a signal (Ctrl-C) ends a blocking wait in C at once: also
+    one that arrives just before poll() begins, or in another thread, where
+    poll() sees no EINTR and would wait out its timeout. Python's signal
+    handler writes to a pipe (``signal.set_wakeup_fd``) that the waits watch.
+    For sbc; in the main thread only (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    _tlsio.set_wake_fd(read_end)
+    try:
+        yield
+    finally:
+        _tlsio.set_wake_fd(-1)
+        signal.set_wakeup_fd(previous)
+        os.close(read_end)
+        os.close(write_end)
+
+
 CLOSE_NOTIFY_TIMEOUT = 1.0  # seconds we wait to say goodbye politely
 
 

@@ -85,6 +85,57 @@ def test_ctrl_c_ends_sbc_waiting_for_an_answer(pki: Pki) -> None:
     assert err.strip() == "sbc: interrupted"
 
 
+def _waiting_in_poll(thread_id: int) -> bool:
+    """Whether the thread is in the poll() system call (number 7 on x86-64)."""
+    return Path(f"/proc/self/task/{thread_id}/syscall").read_text().split(" ", 1)[0] == "7"
+
+
+def test_a_signal_that_poll_does_not_see_still_ends_the_wait(pki: Pki) -> None:
+    """SIGINT delivered to another thread while sbc's main thread waits in
+    poll() (as one arriving just before poll() begins): poll() sees no EINTR.
+    Python's wake-up pipe, which poll() watches too, ends the wait."""
+    client = pki.client_ini("waiter", extra_ini="[SBC]\nSBC_IO_TIMEOUT=600\n")
+    assert OPENSSL is not None and threading.current_thread() is threading.main_thread()
+    server = subprocess.Popen(
+        [OPENSSL, "s_server", "-accept", "127.0.0.1:0", "-naccept", "1"]
+        + ["-cert", str(pki.layout.server_cert), "-key", str(pki.layout.server_key)],
+        stdin=subprocess.PIPE,  # kept open and empty: s_server sends nothing
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    main = threading.main_thread().native_id
+    rescued = threading.Event()
+
+    def interrupt_the_wait() -> None:
+        _wait_for_line(lines, "GET /status HTTP/1.1")  # sent: sbc waits for the answer
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not _waiting_in_poll(main) and time.monotonic() < deadline:
+            pass
+        signal.raise_signal(signal.SIGINT)  # to this thread, not the one in poll()
+        while _waiting_in_poll(main) and time.monotonic() < deadline:
+            pass
+        if _waiting_in_poll(main):
+            rescued.set()
+            server.kill()  # ends sbc's wait, so that the test fails instead of hanging
+
+    try:
+        lines = _lines(server.stdout)
+        port = _wait_for_line(lines, "ACCEPT").rsplit(":", 1)[1].strip()
+        interrupter = threading.Thread(target=interrupt_the_wait)
+        interrupter.start()
+        code, _, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "status", "--server", f"127.0.0.1:{port}"
+        )
+        interrupter.join(WAIT_SECONDS)
+    finally:
+        server.kill()
+        server.communicate()
+    assert not rescued.is_set(), "the signal did not end sbc's wait"
+    assert code == 130, err
+    assert err == "sbc: interrupted\n"
+
+
 def test_sbc_does_not_import_trio() -> None:
     """Importing trio is about 0.1 s of CPU, half of a short sbc run's
     start-up (16 concurrent backups pay it 16 times): sbc is blocking."""
