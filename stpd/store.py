@@ -218,13 +218,14 @@ class SavesetStore:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException as exc:
+        except BlockingIOError:
             os.close(fd)
-            if isinstance(exc, BlockingIOError):
-                raise StoreError(
-                    f"data directory {self.root} is in use by another stpd: give each stpd "
-                    "its own STPD_DATA_DIR in stpd.ini (or --data-dir), or stop the other one"
-                ) from None
+            raise StoreError(
+                f"data directory {self.root} is in use by another stpd: give each stpd "
+                "its own STPD_DATA_DIR in stpd.ini (or --data-dir), or stop the other one"
+            ) from None
+        except BaseException:
+            os.close(fd)
             raise
         self._lock = fd
 

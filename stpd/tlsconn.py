@@ -65,6 +65,7 @@ _tlsio.bind(
 )
 
 RECEIVE_BUFFER = 256 * 1024  # plaintext gathered per receive_borrowed call
+CLOSE_NOTIFY_TIMEOUT = 1.0  # seconds we wait to say goodbye politely
 
 
 @contextlib.contextmanager
@@ -87,9 +88,6 @@ def signals_end_waits() -> Iterator[None]:
         signal.set_wakeup_fd(previous)
         os.close(read_end)
         os.close(write_end)
-
-
-CLOSE_NOTIFY_TIMEOUT = 1.0  # seconds we wait to say goodbye politely
 
 
 class TLSBroken(Exception):
