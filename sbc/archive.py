@@ -317,18 +317,75 @@ _by_name = operator.attrgetter("name")
 Unreadable = Callable[[str, str | None, str], None]
 
 
-def walk(source: Path, unreadable: Unreadable) -> Iterator[tuple[str, str, os.stat_result]]:
+# Kernel file systems hold the kernel's state, not data: /proc/kcore alone
+# claims 128 TiB, and sysfs files read shorter than their size. A backup of
+# / stores their mount points as empty directories, as tar --one-file-system.
+KERNEL_FILE_SYSTEMS = frozenset(
+    [
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "tracefs",
+        "debugfs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "mqueue",
+        "hugetlbfs",
+        "autofs",
+        "binfmt_misc",
+        "efivarfs",
+        "rpc_pipefs",
+        "nsfs",
+        "selinuxfs",
+    ]
+)
+
+
+def mounted_types() -> dict[int, str]:
+    """``st_dev`` -> type of every mounted file system (/proc/self/mountinfo);
+    read once per walk: device numbers are reused after an unmount."""
+    types = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()  # ID PARENT MAJ:MIN ROOT POINT OPTIONS [TAGS] - TYPE ...
+                if "-" in fields:
+                    major, minor = fields[2].split(":")
+                    types[os.makedev(int(major), int(minor))] = fields[fields.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        pass  # no /proc: every directory is entered
+    return types
+
+
+def walk(
+    source: Path, unreadable: Unreadable, *, one_file_system: bool = False
+) -> Iterator[tuple[str, str, os.stat_result]]:
     """(path, arcname, lstat) for the tree, each directory before its entries.
     What cannot be read (removed meanwhile, no permission) is passed to
-    ``unreadable`` and left out."""
+    ``unreadable`` and left out. Directories where another file system is
+    mounted are entered unless it is a kernel one or ``one_file_system``;
+    else they are stored without their contents."""
     root_name = archive_root_name(source)
     try:
         st = os.lstat(source)
     except OSError as exc:
         raise ArchiveError(f"cannot read {source}: {exc.strerror}") from None
+    types = mounted_types()
+    kind = types.get(st.st_dev)
+    if kind in KERNEL_FILE_SYSTEMS:
+        raise ArchiveError(
+            f"nothing to back up: {source} is on a {kind} file system, the kernel's state, not data"
+        )
     yield str(source), root_name, st
     if not stat.S_ISDIR(st.st_mode):
         return
+    root_device = st.st_dev
     stack = [(str(source), root_name)]
     while stack:
         directory, prefix = stack.pop()
@@ -359,17 +416,20 @@ def walk(source: Path, unreadable: Unreadable) -> Iterator[tuple[str, str, os.st
                     continue
                 arcname = f"{prefix}/{entry.name}"
                 yield path, arcname, st
-                if stat.S_ISDIR(st.st_mode):
+                if stat.S_ISDIR(st.st_mode) and (
+                    st.st_dev == root_device  # the common case: no lookup
+                    or not (one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS)
+                ):
                     subdirs.append((path, arcname))
         finally:
             os.close(fd)
         stack.extend(reversed(subdirs))
 
 
-def write_tree(source: Path, put: Put, stats: TreeStats) -> None:
+def write_tree(source: Path, put: Put, stats: TreeStats, *, one_file_system: bool = False) -> None:
     """Write ``source`` (a file or a directory tree) as a tar stream to ``put``."""
     writer = TreeWriter(BatchWriter(put), stats, str(source))
-    for path, arcname, st in walk(source, writer.unreadable):
+    for path, arcname, st in walk(source, writer.unreadable, one_file_system=one_file_system):
         writer.add(path, arcname, st)
     writer.finish()
 

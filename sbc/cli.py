@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "backup", parents=[common], help="back up a file or directory tree"
     )
     backup.add_argument("path", type=backup_source)
+    backup.add_argument(
+        "--one-file-system",
+        action="store_true",
+        help="stay on PATH's file system: directories where another one is mounted are "
+        "stored without their contents (as tar --one-file-system)",
+    )
     restore = commands.add_parser(
         "restore", parents=[common], help="restore a saveset into a directory"
     )
@@ -82,8 +88,8 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), backup_label(source)) as progress:
         if progress.enabled:
-            progress.set_total(estimate_tar_bytes(source))
-        meta, stats = session.backup(source, progress)
+            progress.set_total(estimate_tar_bytes(source, one_file_system=args.one_file_system))
+        meta, stats = session.backup(source, progress, one_file_system=args.one_file_system)
     seconds = time.monotonic() - started
     result = {
         "saveset": meta["saveset"],

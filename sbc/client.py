@@ -394,9 +394,14 @@ class Session:
         return body
 
     def backup(
-        self, source: Path, progress: TransferProgress | None = None
+        self,
+        source: Path,
+        progress: TransferProgress | None = None,
+        *,
+        one_file_system: bool = False,
     ) -> tuple[dict[str, Any], TreeStats]:
-        """Stream ``source`` as a tar archive; returns the server's metadata."""
+        """Stream ``source`` as a tar archive (see ``write_tree``); returns
+        the server's metadata."""
         stats = TreeStats()
         target = "/savesets?source=" + quote(str(source), safe="/")
         self._send(
@@ -451,7 +456,7 @@ class Session:
                     progress.advance(size, stats.files)
 
             try:
-                write_tree(source, put, stats)
+                write_tree(source, put, stats, one_file_system=one_file_system)
             except _AnsweredEarly:
                 return False
             return True

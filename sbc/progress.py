@@ -25,14 +25,15 @@ def wanted(quiet: bool, as_json: bool) -> bool:
     return not quiet and not as_json and sys.stderr.isatty()
 
 
-def estimate_tar_bytes(source: Path) -> int | None:
+def estimate_tar_bytes(source: Path, *, one_file_system: bool = False) -> int | None:
     """About the size of the tar stream of ``source``: contents rounded to
     blocks plus a header each (PAX headers make it a little more), from the
     backup's own walk. None when that walk fails (the backup says why)."""
     try:
         return 2 * TAR_BLOCK + sum(
             TAR_BLOCK + (-(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0)
-            for _, _, st in walk(source, lambda *unreadable: None)  # the backup reports those
+            # the backup reports what cannot be read
+            for _, _, st in walk(source, lambda *_: None, one_file_system=one_file_system)
         )
     except ArchiveError:
         return None

@@ -385,6 +385,20 @@ def read_only_directory(path: Path, prepare: Any = None) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
+@contextmanager
+def mounted(kind: str, where: Path, options: str = "") -> Iterator[Path]:
+    """A file system of type ``kind`` (tmpfs, proc, ...) mounted at ``where``."""
+    where.mkdir(parents=True, exist_ok=True)
+    argv = ["mount", "-t", kind, *(["-o", options] if options else []), kind, str(where)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount {kind} at {where} (tests run as root): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
 def swapped_during_restore(
     monkeypatch: pytest.MonkeyPatch, member: str, swap: Callable[[], None]
 ) -> None:

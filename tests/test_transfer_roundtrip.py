@@ -16,7 +16,14 @@ import pytest
 
 import sbc.archive as archive
 from sbc.cli import main as sbc
-from tests.conftest import WAIT_SECONDS, Pki, run_sbc, running_stpd, swapped_during_restore
+from tests.conftest import (
+    WAIT_SECONDS,
+    Pki,
+    mounted,
+    run_sbc,
+    running_stpd,
+    swapped_during_restore,
+)
 
 
 def make_tree(root: Path) -> Path:
@@ -615,3 +622,41 @@ def test_a_root_restore_into_a_home_cannot_be_made_to_chown_what_a_link_points_t
     )
     assert list(roots.iterdir()) == []
     assert (home / "moved" / "notes.txt").read_text() == "notes\n"
+
+
+def test_kernel_file_systems_are_not_backed_up_and_one_file_system_stays_on_one(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """``sbc backup /`` must not read /proc (its kcore claims 128 TiB) or
+    /sys: where a kernel file system is mounted, the directory is stored
+    without its contents. Other file systems are entered, unless
+    --one-file-system. A kernel file system as PATH stores nothing."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+
+    def members(*extra: str) -> list[str]:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json", *extra)
+        stored = stpd.daemon.store.root / f"{backup['saveset']}.tar"  # type: ignore[index]
+        with tarfile.open(stored) as tar:
+            return tar.getnames()
+
+    with (
+        mounted("proc", tree / "proc"),
+        mounted("sysfs", tree / "sys"),
+        mounted("tmpfs", tree / "data", "size=1m") as data,
+        running_stpd(pki.layout, level=2) as stpd,
+    ):
+        (data / "work.txt").write_text("on another file system\n")
+        everything = ["tree", "tree/data", "tree/etc", "tree/proc", "tree/sys"]
+        assert members() == [*everything, "tree/data/work.txt", "tree/etc/hosts"]
+        assert members("--one-file-system") == [*everything, "tree/etc/hosts"]
+        code, out, err = run_sbc(*ini, "backup", str(tree / "proc"), "--server", stpd.address)
+        assert (code, out) == (1, "")
+        assert err == (
+            f"sbc: error: nothing to back up: {tree / 'proc'} is on a proc file system, "
+            "the kernel's state, not data\n"
+        )
+        assert len(stpd.daemon.store.all()) == 2
