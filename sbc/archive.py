@@ -638,10 +638,12 @@ class _Extraction(tarfile.TarFile):
     it is still the one this restore created or merged with."""
 
     target: TargetDir
+    kept: list[str]  # members found taken by the time they were created (SafeMembers.kept)
     removed: str | None = None  # the file being written when the restore stopped, removed
 
-    def extract_into(self, target: TargetDir, members: Filter) -> None:
-        self.target = target
+    def extract_into(self, target: TargetDir, members: Filter, kept: list[str]) -> None:
+        self.target, self.kept = target, kept
+        self._not_ours: set[str] = set()  # see _taken
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
         # extractall sets directory modes and mtimes last, after their contents.
@@ -650,7 +652,11 @@ class _Extraction(tarfile.TarFile):
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = _path_parts(tarinfo.name)
         parent = self.target.parent(parts)
-        fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
+        try:
+            fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
+        except FileExistsError:
+            self._taken(parts)
+            return
         try:
             with open(fd, "wb") as out:
                 self.fileobj.seek(tarinfo.offset_data)  # type: ignore[union-attr]
@@ -690,7 +696,10 @@ class _Extraction(tarfile.TarFile):
         parts = _path_parts(tarinfo.name)
         parent = self.target.parent(parts)
         if tarinfo.issym():
-            os.symlink(tarinfo.linkname, parts[-1], dir_fd=parent)
+            try:
+                os.symlink(tarinfo.linkname, parts[-1], dir_fd=parent)
+            except FileExistsError:
+                self._taken(parts)
             return
         source = _path_parts(tarinfo.linkname)
         source_dir = self.target.open_dir(source[:-1])
@@ -702,12 +711,25 @@ class _Extraction(tarfile.TarFile):
                 dst_dir_fd=parent,
                 follow_symlinks=False,
             )
+        except FileExistsError:
+            self._taken(parts)
         finally:
             self.target.close_dir(source_dir)
 
     def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = _path_parts(tarinfo.name)
-        os.mkfifo(parts[-1], dir_fd=self.target.parent(parts))
+        try:
+            os.mkfifo(parts[-1], dir_fd=self.target.parent(parts))
+        except FileExistsError:
+            self._taken(parts)
+
+    def _taken(self, parts: list[str]) -> None:
+        """Something appeared where a member goes after SafeMembers looked:
+        it is kept, as what was there before would have been, and its
+        owner, mode and time are left alone (``chown``)."""
+        name = "/".join(parts)
+        self.kept.append(name)
+        self._not_ours.add(name)
 
     # tarfile calls chown, then chmod and utime (not for links), with paths,
     # which follow links: all three are done here, on a descriptor.
@@ -717,6 +739,8 @@ class _Extraction(tarfile.TarFile):
         if tarinfo.isreg() or tarinfo.islnk():
             return  # set by makefile on the new file (a hard link shares it)
         parts = _path_parts(tarinfo.name)
+        if "/".join(parts) in self._not_ours:
+            return
         try:
             if tarinfo.issym():
                 if self._as_root:
@@ -816,7 +840,7 @@ def extract_stream(
                     extracting.clear()
                 return safe
 
-            archive.extract_into(target_dir, counted)
+            archive.extract_into(target_dir, counted, safe_members.kept)
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
     except BaseException as exc:
         result.removed = archive.removed if archive is not None else None

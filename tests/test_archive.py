@@ -294,21 +294,45 @@ def restore_bytes(stream: bytes, target: Path) -> RestoreResult:
     return result
 
 
-def test_a_link_put_where_a_file_goes_after_the_check_is_not_written_through(
+def test_what_appears_where_a_member_goes_after_the_check_is_kept_and_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A link put where a file goes (to a file of someone else) or a file
+    put where a link or a FIFO goes, after SafeMembers looked: kept as they
+    are, listed as kept, their owner and mode untouched; the rest is
+    restored."""
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "f").write_text("from the saveset\n")
+    (tree / "l").symlink_to("f")
+    os.mkfifo(tree / "p")
+    (tree / "z").write_text("last\n")
     stream = tar_stream(tree, TreeStats())
     victim = tmp_path / "victim"
     victim.write_text("not to be overwritten\n")
-    out = tmp_path / "out"
-    swapped_during_restore(monkeypatch, "tree/f", lambda: (out / "tree" / "f").symlink_to(victim))
-    with pytest.raises(ArchiveError, match=r"File exists \(tree/f\); the restore stopped"):
-        restore_bytes(stream, out)
+    victim.chmod(0o600)
+    out = tmp_path / "out" / "tree"
+    planted = {
+        "tree/f": lambda: (out / "f").symlink_to(victim),
+        "tree/l": lambda: (out / "l").write_text("a file now\n"),
+        "tree/p": lambda: (out / "p").write_text("a file now\n"),
+    }
+    real = archive.SafeMembers.__call__
+
+    def checked_then_planted(self, info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:  # type: ignore[no-untyped-def]
+        allowed = real(self, info, dest)
+        if info.name in planted:
+            planted[info.name]()
+        return allowed
+
+    monkeypatch.setattr(archive.SafeMembers, "__call__", checked_then_planted)
+    result = restore_bytes(stream, tmp_path / "out")
+    assert result.kept == ["tree/f", "tree/l", "tree/p"]
     assert victim.read_text() == "not to be overwritten\n"
-    assert (out / "tree" / "f").is_symlink()  # left as it was found, not removed
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert (out / "f").is_symlink()
+    assert (out / "l").read_text() == (out / "p").read_text() == "a file now\n"
+    assert (out / "z").read_text() == "last\n"
 
 
 def test_a_directory_replaced_by_a_link_during_the_restore_is_not_followed(
