@@ -400,17 +400,17 @@ def mounted(kind: str, where: Path, options: str = "") -> Iterator[Path]:
 
 
 def swapped_during_restore(
-    monkeypatch: pytest.MonkeyPatch, member: str, swap: Callable[[], None]
+    monkeypatch: pytest.MonkeyPatch, swaps: Mapping[str, Callable[[], None]]
 ) -> None:
-    """Run ``swap`` once SafeMembers has let ``member`` through, before it
-    is extracted: what someone with write access to the target could do
-    at that moment."""
+    """Run ``swaps[name]`` once SafeMembers has let the member ``name``
+    through, before it is extracted: what someone with write access to the
+    target could do at that moment."""
     real = archive.SafeMembers.__call__
 
     def checked_then_swapped(self, info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:  # type: ignore[no-untyped-def]
         allowed = real(self, info, dest)
-        if info.name == member:
-            swap()
+        if info.name in swaps:
+            swaps[info.name]()
         return allowed
 
     monkeypatch.setattr(archive.SafeMembers, "__call__", checked_then_swapped)

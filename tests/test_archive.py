@@ -317,15 +317,7 @@ def test_what_appears_where_a_member_goes_after_the_check_is_kept_and_not_writte
         "tree/l": lambda: (out / "l").write_text("a file now\n"),
         "tree/p": lambda: (out / "p").write_text("a file now\n"),
     }
-    real = archive.SafeMembers.__call__
-
-    def checked_then_planted(self, info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:  # type: ignore[no-untyped-def]
-        allowed = real(self, info, dest)
-        if info.name in planted:
-            planted[info.name]()
-        return allowed
-
-    monkeypatch.setattr(archive.SafeMembers, "__call__", checked_then_planted)
+    swapped_during_restore(monkeypatch, planted)
     result = restore_bytes(stream, tmp_path / "out")
     assert result.kept == ["tree/f", "tree/l", "tree/p"]
     assert victim.read_text() == "not to be overwritten\n"
@@ -359,7 +351,7 @@ def test_a_directory_replaced_by_a_link_during_the_restore_is_not_followed(
         sub.rename(out / "tree" / "moved")
         sub.symlink_to(outside)
 
-    swapped_during_restore(monkeypatch, "tree/sub/f", swap)
+    swapped_during_restore(monkeypatch, {"tree/sub/f": swap})
     restore_bytes(stream, out)
     assert list(outside.iterdir()) == []
     after = outside.stat()
@@ -394,7 +386,7 @@ def test_what_goes_under_a_parent_replaced_by_a_link_is_kept_out(
         (out / "tree").symlink_to(outside)
 
     (outside / "b").chmod(0o755)
-    swapped_during_restore(monkeypatch, "tree/a/f", swap)
+    swapped_during_restore(monkeypatch, {"tree/a/f": swap})
     assert restore_bytes(stream, out).kept == ["tree/b/g"]
     assert list((outside / "b").iterdir()) == []
     assert stat.S_IMODE((outside / "b").stat().st_mode) == 0o755

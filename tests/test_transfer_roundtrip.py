@@ -603,7 +603,7 @@ def test_a_root_restore_into_a_home_cannot_be_made_to_chown_what_a_link_points_t
             (home / "projects").rename(home / "moved")
             (home / "projects").symlink_to(roots)
 
-        swapped_during_restore(monkeypatch, "home/projects/notes.txt", swap)
+        swapped_during_restore(monkeypatch, {"home/projects/notes.txt": swap})
         restored = sbc_json(
             *ini,
             "restore",
