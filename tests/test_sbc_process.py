@@ -24,6 +24,8 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sbc.client import CONTINUE_WAIT
@@ -51,8 +53,10 @@ def _wait_for_line(lines: queue.Queue[str], prefix: str) -> str:
     return line
 
 
-def test_ctrl_c_ends_sbc_waiting_for_an_answer(pki: Pki) -> None:
-    client = pki.client_ini("waiter", extra_ini="[SBC]\nSBC_IO_TIMEOUT=600\n")
+@contextmanager
+def _silent_server(pki: Pki) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str], str]]:
+    """``openssl s_server`` that completes the handshake, prints the request
+    it gets, and never answers: (the process, its output lines, its port)."""
     assert OPENSSL is not None
     server = subprocess.Popen(
         [OPENSSL, "s_server", "-accept", "127.0.0.1:0", "-naccept", "1"]
@@ -65,6 +69,15 @@ def test_ctrl_c_ends_sbc_waiting_for_an_answer(pki: Pki) -> None:
     try:
         lines = _lines(server.stdout)
         port = _wait_for_line(lines, "ACCEPT").rsplit(":", 1)[1].strip()
+        yield server, lines, port
+    finally:
+        server.kill()
+        server.communicate()
+
+
+def test_ctrl_c_ends_sbc_waiting_for_an_answer(pki: Pki) -> None:
+    client = pki.client_ini("waiter", extra_ini="[SBC]\nSBC_IO_TIMEOUT=600\n")
+    with _silent_server(pki) as (_, lines, port):
         sbc = subprocess.Popen(
             [SBC, "--ini-dir", str(client.ini_dir), "status", "--server", f"127.0.0.1:{port}"],
             stdout=subprocess.PIPE,
@@ -78,9 +91,6 @@ def test_ctrl_c_ends_sbc_waiting_for_an_answer(pki: Pki) -> None:
         finally:
             sbc.kill()
             sbc.wait()
-    finally:
-        server.kill()
-        server.communicate()
     assert sbc.returncode == 130, err
     assert err.strip() == "sbc: interrupted"
 
@@ -97,19 +107,11 @@ def test_a_signal_that_poll_does_not_see_still_ends_the_wait(pki: Pki) -> None:
     poll() (as one arriving just before poll() begins): poll() sees no EINTR.
     Python's wake-up pipe, which poll() watches too, ends the wait."""
     client = pki.client_ini("waiter", extra_ini="[SBC]\nSBC_IO_TIMEOUT=600\n")
-    assert OPENSSL is not None and threading.current_thread() is threading.main_thread()
-    server = subprocess.Popen(
-        [OPENSSL, "s_server", "-accept", "127.0.0.1:0", "-naccept", "1"]
-        + ["-cert", str(pki.layout.server_cert), "-key", str(pki.layout.server_key)],
-        stdin=subprocess.PIPE,  # kept open and empty: s_server sends nothing
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    assert threading.current_thread() is threading.main_thread()
     main = threading.main_thread().native_id
     rescued = threading.Event()
 
-    def interrupt_the_wait() -> None:
+    def interrupt_the_wait(server: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
         _wait_for_line(lines, "GET /status HTTP/1.1")  # sent: sbc waits for the answer
         deadline = time.monotonic() + WAIT_SECONDS
         while not _waiting_in_poll(main) and time.monotonic() < deadline:
@@ -121,18 +123,13 @@ def test_a_signal_that_poll_does_not_see_still_ends_the_wait(pki: Pki) -> None:
             rescued.set()
             server.kill()  # ends sbc's wait, so that the test fails instead of hanging
 
-    try:
-        lines = _lines(server.stdout)
-        port = _wait_for_line(lines, "ACCEPT").rsplit(":", 1)[1].strip()
-        interrupter = threading.Thread(target=interrupt_the_wait)
+    with _silent_server(pki) as (server, lines, port):
+        interrupter = threading.Thread(target=interrupt_the_wait, args=(server, lines))
         interrupter.start()
         code, _, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "status", "--server", f"127.0.0.1:{port}"
         )
         interrupter.join(WAIT_SECONDS)
-    finally:
-        server.kill()
-        server.communicate()
     assert not rescued.is_set(), "the signal did not end sbc's wait"
     assert code == 130, err
     assert err == "sbc: interrupted\n"
