@@ -639,10 +639,17 @@ class _Extraction(tarfile.TarFile):
 
     target: TargetDir
     kept: list[str]  # members found taken by the time they were created (SafeMembers.kept)
+    unrestorable: list[tuple[str, str]]  # see _cannot_hold
     removed: str | None = None  # the file being written when the restore stopped, removed
 
-    def extract_into(self, target: TargetDir, members: Filter, kept: list[str]) -> None:
-        self.target, self.kept = target, kept
+    def extract_into(
+        self,
+        target: TargetDir,
+        members: Filter,
+        kept: list[str],
+        unrestorable: list[tuple[str, str]],
+    ) -> None:
+        self.target, self.kept, self.unrestorable = target, kept, unrestorable
         self._not_ours: set[str] = set()  # see _taken
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
@@ -700,6 +707,8 @@ class _Extraction(tarfile.TarFile):
                 os.symlink(tarinfo.linkname, parts[-1], dir_fd=parent)
             except FileExistsError:
                 self._taken(parts)
+            except OSError as exc:
+                self._cannot_hold(parts, exc)
             return
         source = _path_parts(tarinfo.linkname)
         source_dir = self.target.open_dir(source[:-1])
@@ -713,6 +722,8 @@ class _Extraction(tarfile.TarFile):
             )
         except FileExistsError:
             self._taken(parts)
+        except OSError as exc:
+            self._cannot_hold(parts, exc)
         finally:
             self.target.close_dir(source_dir)
 
@@ -722,6 +733,8 @@ class _Extraction(tarfile.TarFile):
             os.mkfifo(parts[-1], dir_fd=self.target.parent(parts))
         except FileExistsError:
             self._taken(parts)
+        except OSError as exc:
+            self._cannot_hold(parts, exc)
 
     def _taken(self, parts: list[str]) -> None:
         """Something appeared where a member goes after SafeMembers looked:
@@ -729,6 +742,19 @@ class _Extraction(tarfile.TarFile):
         owner, mode and time are left alone (``chown``)."""
         name = "/".join(parts)
         self.kept.append(name)
+        self._not_ours.add(name)
+
+    # What a file system without links or FIFOs (FAT, exFAT, an SMB share)
+    # answers: one such member must not cost the rest of the restore.
+    _CANNOT_HOLD = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
+
+    def _cannot_hold(self, parts: list[str], exc: OSError) -> None:
+        """A link or FIFO the target's file system refused: reported, and
+        the restore goes on. Any other error stops it (a full disk...)."""
+        if exc.errno not in self._CANNOT_HOLD:
+            raise exc
+        name = "/".join(parts)
+        self.unrestorable.append((name, exc.strerror or str(exc)))
         self._not_ours.add(name)
 
     # tarfile calls chown, then chmod and utime (not for links), with paths,
@@ -806,6 +832,8 @@ class RestoreResult:
     sha256: str = ""
     skipped: list[str] = field(default_factory=list)  # device nodes, not restored
     kept: list[str] = field(default_factory=list)  # existed already, not overwritten
+    # (name, reason): links and FIFOs the target's file system cannot hold
+    unrestorable: list[tuple[str, str]] = field(default_factory=list)
     removed: str | None = None  # the incomplete file of a restore that stopped part-way
 
 
@@ -840,7 +868,7 @@ def extract_stream(
                     extracting.clear()
                 return safe
 
-            archive.extract_into(target_dir, counted, safe_members.kept)
+            archive.extract_into(target_dir, counted, safe_members.kept, result.unrestorable)
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
     except BaseException as exc:
         result.removed = archive.removed if archive is not None else None

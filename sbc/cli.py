@@ -154,6 +154,12 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         for name in restored.skipped:
             print(f"sbc: warning: not restored: device node {name}", file=sys.stderr)
+        for name, reason in restored.unrestorable:
+            print(
+                f"sbc: warning: could not restore {name}: {reason} (the file system of "
+                f"{target} cannot hold links or FIFOs?)",
+                file=sys.stderr,
+            )
         if restored.kept:
             print(f"sbc: warning: {_kept_summary(restored.kept)}", file=sys.stderr)
         print(
@@ -161,7 +167,7 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             f"{restored.bytes} bytes in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), "
             f"sha256 verified"
         )
-    return {
+    result: dict[str, Any] = {
         "saveset": args.saveset,
         "target": str(target),
         "bytes": restored.bytes,
@@ -171,6 +177,11 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "kept": restored.kept,
         "seconds": round(seconds, 3),
     }
+    if restored.unrestorable:
+        result["unrestorable"] = [
+            {"path": name, "error": reason} for name, reason in restored.unrestorable
+        ]
+    return result
 
 
 def _kept_summary(kept: list[str], shown: int = 5) -> str:
@@ -221,7 +232,8 @@ def _log_to_stderr() -> None:
     logger.propagate = False
 
 
-# The saveset was stored, but some paths could not be read (as restic's 3).
+# The saveset was stored, but some paths could not be read (as restic's 3);
+# or the restore ended, but some links or FIFOs could not be made.
 INCOMPLETE = 3
 
 COMMANDS = {"backup": _backup, "restore": _restore, "list": _list, "status": _status}
@@ -268,7 +280,7 @@ def main(
         except OSError as exc:  # a full disk, a closed pipe: the work itself was done
             print(f"sbc: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    if isinstance(result, dict) and result.get("unreadable"):
+    if isinstance(result, dict) and (result.get("unreadable") or result.get("unrestorable")):
         return INCOMPLETE
     return 0
 

@@ -660,3 +660,46 @@ def test_kernel_file_systems_are_not_backed_up_and_one_file_system_stays_on_one(
             "the kernel's state, not data\n"
         )
         assert len(stpd.daemon.store.all()) == 2
+
+
+def test_links_and_fifos_a_file_system_cannot_hold_are_reported_and_the_rest_restored(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore onto FAT, exFAT or an SMB share, which answer EPERM to a
+    symbolic link, a hard link or a FIFO: each is named, the restore goes
+    on, and sbc exits 3 (done, but incomplete)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("first\n")
+    (tree / "link").symlink_to("a.txt")
+    os.link(tree / "a.txt", tree / "hard")
+    os.mkfifo(tree / "pipe")
+    (tree / "z.txt").write_text("last\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+
+        def like_fat(*args: object, **kwargs: object) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        for name in ("symlink", "link", "mkfifo"):
+            monkeypatch.setattr(os, name, like_fat)
+        back = tmp_path / "back"
+        restore = [*ini, "restore", backup["saveset"], str(back), "--server", stpd.address]  # type: ignore[index]
+        code, out, err = run_sbc(*restore, "--json")
+        assert code == 3, err
+        assert json.loads(out)["unrestorable"] == [
+            {"path": f"tree/{name}", "error": "Operation not permitted"}
+            for name in ("hard", "link", "pipe")
+        ]
+        shutil.rmtree(back)
+        code, out, err = run_sbc(*restore)
+    assert code == 3
+    assert err.splitlines() == [
+        f"sbc: warning: could not restore tree/{name}: Operation not permitted (the file system "
+        f"of {back} cannot hold links or FIFOs?)"
+        for name in ("hard", "link", "pipe")
+    ]
+    assert sorted(p.name for p in (back / "tree").iterdir()) == ["a.txt", "z.txt"]
+    assert (back / "tree" / "z.txt").read_text() == "last\n"
