@@ -24,7 +24,7 @@ import pwd
 import stat
 import struct
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -541,9 +541,14 @@ class SafeMembers:
     ``kept``; with ``overwrite`` what is there is removed first (never
     written through), unless it is a directory."""
 
-    def __init__(self, target: TargetDir, overwrite: bool = False) -> None:
+    def __init__(
+        self, target: TargetDir, overwrite: bool = False, only: Sequence[str] = ()
+    ) -> None:
         self.target = target
         self.overwrite = overwrite
+        # Restore only these entries and what is under them (all if none).
+        self.only = {name: _path_parts(name) for name in only}
+        self.found: set[str] = set()  # the names of ``only`` that matched
         self.symlinks: set[str] = set()  # normalised names of the archive's links
         self.skipped: list[str] = []  # device nodes: not restored, reported
         self.kept: list[str] = []  # members not extracted: existing paths left as they were
@@ -555,6 +560,13 @@ class SafeMembers:
         if ".." in parts:
             raise UnsafeMember(member, f"{what} {path!r} contains '..'")
         return parts
+
+    def _selected(self, parts: list[str]) -> bool:
+        for name, wanted in self.only.items():
+            if parts[: len(wanted)] == wanted:
+                self.found.add(name)
+                return True
+        return False
 
     def _through_link(self, parts: list[str], *, itself: bool) -> str | None:
         return _first_prefix_in(self.symlinks, parts, itself=itself)
@@ -586,6 +598,8 @@ class SafeMembers:
     def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         parts = self._parts(member, member.name, "member")
         if not parts:  # "./" (tar -C DIR -cf - .): the target itself, left as it is
+            return None
+        if self.only and not self._selected(parts):
             return None
         name = "/".join(parts)
         link = self._through_link(parts, itself=not member.issym())
@@ -711,21 +725,26 @@ class _Extraction(tarfile.TarFile):
                 self._cannot_hold(parts, exc)
             return
         source = _path_parts(tarinfo.linkname)
-        source_dir = self.target.open_dir(source[:-1])
         try:
-            os.link(
-                source[-1],
-                parts[-1],
-                src_dir_fd=source_dir,
-                dst_dir_fd=parent,
-                follow_symlinks=False,
-            )
+            source_dir = self.target.open_dir(source[:-1])
+            try:
+                os.link(
+                    source[-1],
+                    parts[-1],
+                    src_dir_fd=source_dir,
+                    dst_dir_fd=parent,
+                    follow_symlinks=False,
+                )
+            finally:
+                self.target.close_dir(source_dir)
         except FileExistsError:
             self._taken(parts)
+        except FileNotFoundError:  # its first name was not restored (not asked for)
+            self.unrestorable.append(
+                ("/".join(parts), f"a hard link to {tarinfo.linkname}, which was not restored")
+            )
         except OSError as exc:
             self._cannot_hold(parts, exc)
-        finally:
-            self.target.close_dir(source_dir)
 
     def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = _path_parts(tarinfo.name)
@@ -754,7 +773,8 @@ class _Extraction(tarfile.TarFile):
         if exc.errno not in self._CANNOT_HOLD:
             raise exc
         name = "/".join(parts)
-        self.unrestorable.append((name, exc.strerror or str(exc)))
+        why = f"{exc.strerror or exc} (can the target's file system hold links and FIFOs?)"
+        self.unrestorable.append((name, why))
         self._not_ours.add(name)
 
     # tarfile calls chown, then chmod and utime (not for links), with paths,
@@ -834,14 +854,22 @@ class RestoreResult:
     kept: list[str] = field(default_factory=list)  # existed already, not overwritten
     # (name, reason): links and FIFOs the target's file system cannot hold
     unrestorable: list[tuple[str, str]] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)  # entries asked for, not in the saveset
     removed: str | None = None  # the incomplete file of a restore that stopped part-way
 
 
 def extract_stream(
-    get: Get, target: Path, result: RestoreResult, *, overwrite: bool = False
+    get: Get,
+    target: Path,
+    result: RestoreResult,
+    *,
+    overwrite: bool = False,
+    only: Sequence[str] = (),
 ) -> None:
-    """Extract the tar stream from ``get`` into ``target`` and hash it.
-    Existing files are kept unless ``overwrite`` (see ``SafeMembers``)."""
+    """Extract the tar stream from ``get`` into ``target`` and hash it (all
+    of it, whatever is extracted). Existing files are kept unless
+    ``overwrite``; with ``only``, just those entries and what is under them
+    are extracted (see ``SafeMembers``)."""
     digest = hashlib.sha256()
 
     def observe(piece: memoryview) -> None:
@@ -858,7 +886,7 @@ def extract_stream(
         # member in order, so it never seeks back (see BatchReader).
         archive = _Extraction.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]
         with archive:
-            safe_members = SafeMembers(target_dir, overwrite)
+            safe_members = SafeMembers(target_dir, overwrite, only)
 
             def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
                 result.members += 1
@@ -870,6 +898,7 @@ def extract_stream(
 
             archive.extract_into(target_dir, counted, safe_members.kept, result.unrestorable)
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
+            result.not_found = [name for name in only if name not in safe_members.found]
     except BaseException as exc:
         result.removed = archive.removed if archive is not None else None
         removed = f", and the incomplete {result.removed} was removed" if result.removed else ""

@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("saveset")
     restore.add_argument("target_dir", type=Path)
     restore.add_argument(
+        "entries",
+        nargs="*",
+        metavar="ENTRY",
+        type=saveset_entry,
+        help="restore only these entries and what is under them, named as stored: "
+        "etc/hosts for a file of `sbc backup /etc` (default: everything)",
+    )
+    restore.add_argument(
         "--overwrite",
         action="store_true",
         help="replace files that exist in the target (default: keep them, and say which)",
@@ -67,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", parents=[common], help="list this client's savesets")
     commands.add_parser("status", parents=[common], help="show the STPD's status")
     return parser
+
+
+def saveset_entry(raw: str) -> str:
+    """An ENTRY of ``sbc restore`` as stored: "/etc/hosts/" and "./etc/hosts"
+    mean etc/hosts (members have relative names)."""
+    name = "/".join(part for part in raw.split("/") if part not in ("", "."))
+    if not name:
+        raise argparse.ArgumentTypeError(f"{raw!r} names no entry")
+    return name
 
 
 def backup_source(raw: str) -> Path:
@@ -149,17 +166,17 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     target.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), f"restore {args.saveset}") as progress:
-        restored = session.restore(args.saveset, target, progress, overwrite=args.overwrite)
+        restored = session.restore(
+            args.saveset, target, progress, overwrite=args.overwrite, only=args.entries
+        )
     seconds = time.monotonic() - started
     if not args.json:
         for name in restored.skipped:
             print(f"sbc: warning: not restored: device node {name}", file=sys.stderr)
+        for name in restored.not_found:
+            print(f"sbc: warning: not in saveset {args.saveset}: {name}", file=sys.stderr)
         for name, reason in restored.unrestorable:
-            print(
-                f"sbc: warning: could not restore {name}: {reason} (the file system of "
-                f"{target} cannot hold links or FIFOs?)",
-                file=sys.stderr,
-            )
+            print(f"sbc: warning: could not restore {name}: {reason}", file=sys.stderr)
         if restored.kept:
             print(f"sbc: warning: {_kept_summary(restored.kept)}", file=sys.stderr)
         print(
@@ -177,6 +194,8 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "kept": restored.kept,
         "seconds": round(seconds, 3),
     }
+    if restored.not_found:
+        result["not_found"] = restored.not_found
     if restored.unrestorable:
         result["unrestorable"] = [
             {"path": name, "error": reason} for name, reason in restored.unrestorable
@@ -233,7 +252,8 @@ def _log_to_stderr() -> None:
 
 
 # The saveset was stored, but some paths could not be read (as restic's 3);
-# or the restore ended, but some links or FIFOs could not be made.
+# or the restore ended, but some links or FIFOs could not be made, or some
+# entries asked for were not in the saveset.
 INCOMPLETE = 3
 
 COMMANDS = {"backup": _backup, "restore": _restore, "list": _list, "status": _status}
@@ -280,7 +300,9 @@ def main(
         except OSError as exc:  # a full disk, a closed pipe: the work itself was done
             print(f"sbc: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    if isinstance(result, dict) and (result.get("unreadable") or result.get("unrestorable")):
+    if isinstance(result, dict) and any(
+        result.get(key) for key in ("unreadable", "unrestorable", "not_found")
+    ):
         return INCOMPLETE
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -488,9 +489,11 @@ class Session:
         progress: TransferProgress | None = None,
         *,
         overwrite: bool = False,
+        only: Sequence[str] = (),
     ) -> RestoreResult:
-        """Extract ``saveset`` into ``target``; existing files are kept
-        (listed in the result) unless ``overwrite``."""
+        """Extract ``saveset`` (or ``only`` those entries of it) into
+        ``target``; existing files are kept (listed in the result) unless
+        ``overwrite``."""
         self._send(
             h11.Request(
                 method="GET", target=f"/savesets/{quote(saveset, safe='')}", headers=self._headers()
@@ -522,7 +525,7 @@ class Session:
             return batch
 
         try:
-            extract_stream(next_batch, target, result, overwrite=overwrite)
+            extract_stream(next_batch, target, result, overwrite=overwrite, only=only)
         except (TLSTimeout, TLSBroken) as exc:
             why = (
                 f"stpd at {self.where} stopped sending ({self.config.io_timeout:g}s)"
