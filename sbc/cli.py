@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -72,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace files that exist in the target (default: keep them, and say which)",
     )
-    commands.add_parser("list", parents=[common], help="list this client's savesets")
+    listing = commands.add_parser(
+        "list", parents=[common], help="list this client's savesets, or one saveset's entries"
+    )
+    listing.add_argument(
+        "saveset", nargs="?", help="list the entries of this saveset (the names ENTRY takes)"
+    )
     commands.add_parser("status", parents=[common], help="show the STPD's status")
     return parser
 
@@ -213,7 +219,10 @@ def _kept_summary(kept: list[str], shown: int = 5) -> str:
     )
 
 
-def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    if args.saveset:
+        _list_entries(session, args.saveset, args.json)
+        return None  # printed as it came
     savesets = session.get_json("/savesets")
     if not args.json:
         if not savesets:
@@ -221,6 +230,28 @@ def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
         for item in savesets:
             print(f"{item['saveset']}  {item['created']}  {item['bytes']:>14}  {item['source']}")
     return list(savesets)
+
+
+_TYPE_LETTERS = {"file": "-", "directory": "d", "symlink": "l", "hardlink": "h", "fifo": "p"}
+
+
+def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
+    """Each entry as it arrives (a saveset may hold millions): a line as
+    ``tar -tv`` prints it, or, with ``as_json``, an element of one array."""
+    separator = "[\n"
+    for entry in session.entries(saveset):
+        if as_json:
+            print(separator + json.dumps(entry), end="")
+            separator = ",\n"
+            continue
+        mode = _TYPE_LETTERS.get(entry["type"], "?") + stat.filemode(int(entry["mode"], 8))[1:]
+        link = {"symlink": " -> ", "hardlink": " link to "}.get(entry["type"], "")
+        target = f"{link}{entry.get('link', '')}" if link else ""
+        print(
+            f"{mode} {entry['owner']} {entry['size']:>12} {entry['mtime']} {entry['name']}{target}"
+        )
+    if as_json:
+        print("[]" if separator == "[\n" else "\n]")
 
 
 def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
@@ -294,7 +325,7 @@ def main(
     except KeyboardInterrupt:
         print("sbc: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and result is not None:
         try:
             print(json.dumps(result, indent=1), flush=True)
         except OSError as exc:  # a full disk, a closed pipe: the work itself was done

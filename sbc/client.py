@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,6 +393,35 @@ class Session:
             raise self._failure(response, body, f"GET {target}")
         self.conn.start_next_cycle()
         return body
+
+    def entries(self, saveset: str) -> Iterator[dict[str, Any]]:
+        """The entries of ``saveset`` as stpd reads them from its tar, one
+        JSON object a line: handed on as they come, none kept."""
+        target = f"/savesets/{quote(saveset, safe='')}/entries"
+        self._send(
+            h11.Request(method="GET", target=target, headers=self._headers()), h11.EndOfMessage()
+        )
+        response = self._response()
+        if response.status != 200:
+            raise self._failure(response, self._json_body(), f"listing of {saveset}")
+        pending = b""
+        while not isinstance(event := self._next_event(), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                raise SbcError(f"stpd at {self.where} closed the connection mid-answer")
+            *lines, pending = (pending + event.data).split(b"\n")
+            if len(pending) > MAX_JSON_BYTES:
+                raise SbcError(f"answer from stpd at {self.where} is too large")
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if not isinstance(entry, dict):
+                    raise SbcError(f"stpd at {self.where} sent an entry that is not JSON")
+                yield entry
+        if pending.strip():
+            raise SbcError(f"stpd at {self.where} ended the listing mid-line")
+        self.conn.start_next_cycle()
 
     def backup(
         self,

@@ -234,12 +234,17 @@ class Metadata:
 
 
 @dataclass(frozen=True)
+class Entries:
+    saveset: str
+
+
+@dataclass(frozen=True)
 class Reject:
     status: int
     message: str
 
 
-Action = Status | ListSavesets | Upload | Download | Metadata | Reject
+Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Reject
 
 
 def _source_value(query: str) -> str | Reject:
@@ -296,4 +301,6 @@ def route(method: str, target: str) -> Action:
             return Download(saveset)
         if segments[2] == "meta":
             return Metadata(saveset)
+        if segments[2] == "entries":
+            return Entries(saveset)
     return Reject(404, f"no such resource {path!r}")

@@ -12,10 +12,12 @@ import errno
 import json
 import logging
 import os
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from stpd.config import StpdConfig, load_config
 from stpd.protocol import (
     PLAIN_HTTP_ANSWER,
     Download,
+    Entries,
     ListSavesets,
     Metadata,
     Reject,
@@ -45,12 +48,13 @@ from stpd.protocol import (
     refused_handshake,
     route,
 )
-from stpd.store import SavesetStore, StoreError
+from stpd.store import SavesetStore, StoreError, saveset_entries
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import Batch, BatchWriter, BodyReader, send_batch
 
 log = logging.getLogger("stpd")
 
+ENTRIES_PER_CHUNK = 1000  # saveset entries read per worker-thread call and sent as one chunk
 LINGER_SECONDS = 1.0  # after an early error answer, read and drop for this long so the
 LINGER_BYTES = 64 * 1024 * 1024  # client sees our answer instead of a connection reset
 
@@ -517,6 +521,8 @@ class HttpSession:
                 await self._send_json(200, meta.to_json())
         elif isinstance(action, Download):
             await self._download(action.saveset)
+        elif isinstance(action, Entries):
+            await self._entries(action.saveset)
         elif isinstance(action, Upload):
             await self._upload(request, action.source)
 
@@ -580,6 +586,47 @@ class HttpSession:
         )
         await self._send_json(201, meta.to_json(), [("Location", f"/savesets/{meta.saveset}")])
         self.after_body = after_body
+
+    async def _entries(self, saveset: str) -> None:
+        """The saveset's entries, one JSON object a line, sent as they are
+        read (chunked): a listing of millions takes no more memory than one
+        of ten."""
+        store = self.daemon.store
+        meta = await trio.to_thread.run_sync(store.find, self.owner, saveset)
+        if meta is None:
+            await self._send_error(404, f"no saveset {saveset} for this client")
+            return
+        entries = saveset_entries(store.tar_path(saveset))
+
+        def next_lines() -> bytes:
+            lines = (json.dumps(entry) + "\n" for entry in islice(entries, ENTRIES_PER_CHUNK))
+            return "".join(lines).encode()
+
+        try:
+            chunk = await trio.to_thread.run_sync(next_lines)
+        except (OSError, tarfile.TarError) as exc:
+            log.error("saveset %s cannot be read: %s", saveset, exc)
+            await self._send_error(500, f"saveset {saveset} cannot be read on the server")
+            return
+        await self._send(
+            h11.Response(
+                status_code=200,
+                headers=[
+                    ("Content-Type", "application/x-ndjson"),
+                    ("Transfer-Encoding", "chunked"),
+                ],
+            )
+        )
+        try:
+            while chunk:
+                await self._send(h11.Data(data=chunk))
+                chunk = await trio.to_thread.run_sync(next_lines)
+        except (OSError, tarfile.TarError) as exc:  # after the head: only closing tells
+            log.error("saveset %s cannot be read: %s", saveset, exc)
+            raise trio.BrokenResourceError(f"saveset {saveset} unreadable") from None
+        finally:
+            entries.close()
+        await self._send(h11.EndOfMessage())
 
     async def _download(self, saveset: str) -> None:
         store = self.daemon.store

@@ -25,9 +25,11 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Sequence
+import tarfile
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from stpd.tarcheck import InvalidTar, TarStreamCheck
 
@@ -283,3 +285,37 @@ def _read_meta(path: Path) -> SavesetMeta | None:
         return SavesetMeta(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
+
+
+_KINDS = {
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.CONTTYPE: "file",
+    tarfile.DIRTYPE: "directory",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.FIFOTYPE: "fifo",
+    tarfile.CHRTYPE: "device",
+    tarfile.BLKTYPE: "device",
+}
+
+
+def saveset_entries(path: Path) -> Generator[dict[str, Any], None, None]:
+    """The entries of the stored saveset ``path``, header by header (tarfile
+    seeks over the contents), none kept: millions list in constant memory."""
+    with tarfile.open(path, "r:") as tar:
+        while (member := tar.next()) is not None:
+            # tarfile keeps every member it read (an attribute typeshed lacks);
+            # a listing needs none of them.
+            tar.members.clear()  # type: ignore[attr-defined]
+            entry: dict[str, Any] = {
+                "name": member.name,
+                "type": _KINDS.get(member.type, "other"),
+                "size": member.size,
+                "mode": f"{member.mode & 0o7777:04o}",
+                "owner": f"{member.uname or member.uid}/{member.gname or member.gid}",
+                "mtime": iso(dt.datetime.fromtimestamp(member.mtime, dt.UTC)),
+            }
+            if member.issym() or member.islnk():
+                entry["link"] = member.linkname
+            yield entry

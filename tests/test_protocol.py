@@ -5,6 +5,7 @@ saveset store on disk."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from stpd.protocol import (
     ANONYMOUS,
     MAX_SOURCE_CHARS,
     Download,
+    Entries,
     ListSavesets,
     Metadata,
     Reject,
@@ -29,7 +31,14 @@ from stpd.protocol import (
     refused_handshake,
     route,
 )
-from stpd.store import INCOMING, SAVESET_ID, InvalidArchive, SavesetStore, StoreError
+from stpd.store import (
+    INCOMING,
+    SAVESET_ID,
+    InvalidArchive,
+    SavesetStore,
+    StoreError,
+    saveset_entries,
+)
 from tests.conftest import Pki, read_only_directory, tar_bytes
 
 PEER = "127.0.0.1:40000"
@@ -258,6 +267,7 @@ def reject(action: object) -> Reject:
         ("GET", f"/savesets/{SS}", Download(SS)),
         ("GET", f"/savesets/{SS}/", Download(SS)),
         ("GET", f"/savesets/{SS}/meta", Metadata(SS)),
+        ("GET", f"/savesets/{SS}/entries", Entries(SS)),
         ("GET", "https://stpd.example.test:11443/status", Status()),  # absolute form
     ],
 )
@@ -280,6 +290,7 @@ def test_source_at_the_length_limit_is_accepted() -> None:
         ("PUT", f"/savesets/{SS}", 405, "use GET on a saveset"),
         ("DELETE", f"/savesets/{SS}", 405, "use GET on a saveset"),
         ("POST", f"/savesets/{SS}/meta", 405, "use GET on a saveset"),
+        ("PUT", f"/savesets/{SS}/entries", 405, "use GET on a saveset"),
         ("GET", "/", 404, "no such resource '/'"),
         ("GET", "/nope", 404, "no such resource '/nope'"),
         ("PUT", "/nope", 404, "no such resource '/nope'"),
@@ -323,7 +334,7 @@ def test_route_rejects(method: str, target: str, status: int, message: str) -> N
         "anything",
     ],
 )
-@pytest.mark.parametrize("suffix", ["", "/meta"])
+@pytest.mark.parametrize("suffix", ["", "/meta", "/entries"])
 def test_route_rejects_bad_saveset_names(name: str, suffix: str) -> None:
     rejected = reject(route("GET", f"/savesets/{name}{suffix}"))
     assert rejected.status == 400
@@ -363,6 +374,31 @@ def upload(store: SavesetStore, data: bytes, owner: str = "CN=a", source: str = 
     up.write(pieces[:3])
     up.write(pieces[3:])
     return up
+
+
+def test_saveset_entries_read_back_long_unicode_names_owners_and_links(store: SavesetStore) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, link in (
+            ("d", tarfile.DIRTYPE, ""),
+            ("d/" + "ü" * 120, tarfile.REGTYPE, ""),
+            ("d/l", tarfile.SYMTYPE, "/etc/localtime"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mode, info.mtime = kind, link, 0o640, 0
+            info.uid, info.gid, info.uname = 4321, 5432, "alice"
+            data = b"12345" if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    meta = upload(store, buffer.getvalue()).commit()
+    assert list(saveset_entries(store.tar_path(meta.saveset))) == [
+        {"name": "d", "type": "directory", "size": 0, "mode": "0640", "owner": "alice/5432",
+         "mtime": "1970-01-01T00:00:00Z"},
+        {"name": "d/" + "ü" * 120, "type": "file", "size": 5, "mode": "0640",
+         "owner": "alice/5432", "mtime": "1970-01-01T00:00:00Z"},
+        {"name": "d/l", "type": "symlink", "size": 0, "mode": "0640", "owner": "alice/5432",
+         "mtime": "1970-01-01T00:00:00Z", "link": "/etc/localtime"},
+    ]  # fmt: skip
 
 
 def test_prepare_creates_a_private_incoming_directory(store: SavesetStore) -> None:

@@ -278,6 +278,12 @@ def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
             check=True,
         )
         assert got.read_bytes() == archive.read_bytes()
+        entries = subprocess.run(
+            ["curl", "-sS", "--fail", *tls, f"{stpd.url}/savesets/{meta['saveset']}/entries"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert [json.loads(line)["name"] for line in entries.splitlines()] == ["payload.txt"]
         status = json.loads(
             subprocess.run(
                 ["curl", "-sS", *tls, f"{stpd.url}/status"], capture_output=True, check=True
@@ -744,3 +750,56 @@ def test_restore_of_some_entries_only(pki: Pki, tmp_path: Path) -> None:
         assert code == 3
         assert err == f"sbc: warning: not in saveset {backup['saveset']}: etc/nope\n"  # type: ignore[index]
         assert "restored saveset" in out
+
+
+def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path) -> None:
+    """``sbc list SAVESET`` names what ``tar -tvf`` of the stored saveset
+    names, with the same types, sizes and links; as JSON too. Another
+    client's saveset is refused as if it did not exist."""
+    tree = tmp_path / "etc"
+    (tree / "ssh").mkdir(parents=True)
+    (tree / "ssh" / "sshd_config").write_text("PermitRootLogin no\n")
+    (tree / "hosts").write_text("127.0.0.1 localhost\n")
+    os.link(tree / "hosts", tree / "hosts.hard")
+    (tree / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    os.mkfifo(tree / "fifo")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        saveset = backup["saveset"]  # type: ignore[index]
+        listing = [*ini, "list", saveset, "--server", stpd.address]
+        code, out, err = run_sbc(*listing)
+        assert code == 0, err
+        stored = stpd.daemon.store.root / f"{saveset}.tar"
+        gnu = subprocess.run(
+            ["tar", "-tvf", str(stored)], capture_output=True, text=True, check=True
+        )
+        ours, theirs = out.splitlines(), gnu.stdout.splitlines()
+        assert len(ours) == len(theirs) == 7
+        for line, tar_line in zip(ours, theirs, strict=True):
+            mode, owner, size, _, name = line.split()[:5]
+            tar_mode, tar_owner, tar_size, _, _, tar_name = tar_line.split()[:6]
+            assert (mode, owner, size, name) == (
+                tar_mode,
+                tar_owner,
+                tar_size,
+                tar_name.rstrip("/"),
+            )
+            assert line.partition(name)[2] == tar_line.partition(tar_name)[2]  # the link part
+        as_json = sbc_json(*listing, "--json")
+        assert [(e["name"], e["type"]) for e in as_json] == [  # type: ignore[union-attr, index]
+            ("etc", "directory"),
+            ("etc/fifo", "fifo"),
+            ("etc/hosts", "file"),
+            ("etc/hosts.hard", "hardlink"),
+            ("etc/localtime", "symlink"),
+            ("etc/ssh", "directory"),
+            ("etc/ssh/sshd_config", "file"),
+        ]
+        other = pki.client_ini("client2")
+        code, out, err = run_sbc(
+            "--ini-dir", str(other.ini_dir), "list", saveset, "--server", stpd.address
+        )
+        assert (code, out) == (1, "")
+        assert f"no saveset {saveset} for this client" in err
