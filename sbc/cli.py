@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 import time
@@ -319,8 +320,11 @@ def main(
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
         print(f"sbc: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as exc:
-        print(f"sbc: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"sbc: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sbc: interrupted", file=sys.stderr)
@@ -328,7 +332,9 @@ def main(
     if args.json and result is not None:
         try:
             print(json.dumps(result, indent=1), flush=True)
-        except OSError as exc:  # a full disk, a closed pipe: the work itself was done
+        except BrokenPipeError:
+            return _reader_gone()
+        except OSError as exc:  # a full disk: the work itself was done
             print(f"sbc: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
             return 1
     if isinstance(result, dict) and any(
@@ -336,6 +342,13 @@ def main(
     ):
         return INCOMPLETE
     return 0
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (``sbc list ID | head``): end quietly, as
+    tools killed by SIGPIPE do, and keep Python from failing to flush."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 def run() -> NoReturn:

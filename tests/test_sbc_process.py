@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sbc.client import CONTINUE_WAIT
-from tests.conftest import OPENSSL, WAIT_SECONDS, Pki, needs_openssl, run_sbc
+from tests.conftest import OPENSSL, WAIT_SECONDS, Pki, needs_openssl, run_sbc, running_stpd
 
 SBC = str(Path(sys.executable).parent / "sbc")
 pytestmark = needs_openssl
@@ -260,3 +260,31 @@ def test_a_restore_cut_off_mid_file_removes_the_incomplete_file(pki: Pki, tmp_pa
     assert err.rstrip().endswith("; the incomplete tree/second.bin was removed"), err
     assert (target / "tree" / "first.txt").read_bytes() == first
     assert not (target / "tree" / "second.bin").exists()
+
+
+def test_a_listing_piped_into_head_ends_quietly(pki: Pki, tmp_path: Path) -> None:
+    """``sbc list ID | head -1``: once the reader is gone, sbc stops with
+    the status of a process ended by SIGPIPE and says nothing."""
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for i in range(2000):  # more than a pipe's 64 KiB of listing
+        (tree / f"file-{i:04}").touch()
+    client = pki.client_ini("lister")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        sbc = subprocess.Popen(
+            [SBC, *ini, "list", saveset, "--server", stpd.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert sbc.stdout is not None and sbc.stderr is not None
+        first = sbc.stdout.readline()
+        sbc.stdout.close()  # as head does after its line
+        err_bytes = sbc.stderr.read()
+        sbc.wait(WAIT_SECONDS)
+    assert first.endswith(b" many\n"), first
+    assert sbc.returncode == 128 + signal.SIGPIPE, err_bytes
+    assert err_bytes == b""
