@@ -15,12 +15,14 @@ member as it was stored (see there).
 from __future__ import annotations
 
 import errno
+import fnmatch
 import functools
 import grp
 import hashlib
 import operator
 import os
 import pwd
+import re
 import stat
 import struct
 import tarfile
@@ -363,14 +365,46 @@ def mounted_types() -> dict[int, str]:
     return types
 
 
+@dataclass(frozen=True)
+class WalkOptions:
+    """What a backup leaves out (``sbc backup`` options)."""
+
+    one_file_system: bool = False  # directories of other file systems: stored empty
+    # Shell patterns (as tar --exclude): one without "/" is matched against
+    # the name of every entry, at any depth ("*.tmp", ".cache"); one with
+    # "/" against the whole path ("/home/*/Downloads"). "*" also matches "/".
+    exclude: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def _patterns(self) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
+        def joined(patterns: list[str]) -> re.Pattern[str] | None:
+            return re.compile("|".join(map(fnmatch.translate, patterns))) if patterns else None
+
+        return (
+            joined([p for p in self.exclude if "/" not in p]),
+            joined([p.rstrip("/") for p in self.exclude if "/" in p]),
+        )
+
+    def excludes(self, path: str, name: str) -> bool:
+        by_name, by_path = self._patterns
+        return bool(
+            (by_name is not None and by_name.match(name))
+            or (by_path is not None and by_path.match(path))
+        )
+
+
+EVERYTHING = WalkOptions()  # leave nothing out
+
+
 def walk(
-    source: Path, unreadable: Unreadable, *, one_file_system: bool = False
+    source: Path, unreadable: Unreadable, options: WalkOptions = EVERYTHING
 ) -> Iterator[tuple[str, str, os.stat_result]]:
     """(path, arcname, lstat) for the tree, each directory before its entries.
     What cannot be read (removed meanwhile, no permission) is passed to
-    ``unreadable`` and left out. Directories where another file system is
-    mounted are entered unless it is a kernel one or ``one_file_system``;
-    else they are stored without their contents."""
+    ``unreadable`` and left out, and so is what ``options`` exclude.
+    Directories where another file system is mounted are entered unless it
+    is a kernel one or ``options.one_file_system``; else they are stored
+    without their contents."""
     root_name = archive_root_name(source)
     try:
         st = os.lstat(source)
@@ -409,6 +443,8 @@ def walk(
             subdirs = []
             for entry in entries:
                 path = base + entry.name
+                if options.exclude and options.excludes(path, entry.name):
+                    continue
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError as exc:
@@ -418,7 +454,7 @@ def walk(
                 yield path, arcname, st
                 if stat.S_ISDIR(st.st_mode) and (
                     st.st_dev == root_device  # the common case: no lookup
-                    or not (one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS)
+                    or not (options.one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS)
                 ):
                     subdirs.append((path, arcname))
         finally:
@@ -426,10 +462,10 @@ def walk(
         stack.extend(reversed(subdirs))
 
 
-def write_tree(source: Path, put: Put, stats: TreeStats, *, one_file_system: bool = False) -> None:
+def write_tree(source: Path, put: Put, stats: TreeStats, options: WalkOptions = EVERYTHING) -> None:
     """Write ``source`` (a file or a directory tree) as a tar stream to ``put``."""
     writer = TreeWriter(BatchWriter(put), stats, str(source))
-    for path, arcname, st in walk(source, writer.unreadable, one_file_system=one_file_system):
+    for path, arcname, st in walk(source, writer.unreadable, options):
         writer.add(path, arcname, st)
     writer.finish()
 

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
-from sbc.archive import ArchiveError
+from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stay on PATH's file system: directories where another one is mounted are "
         "stored without their contents (as tar --one-file-system)",
+    )
+    backup.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out entries matching this shell pattern, and what is under them: "
+        "without '/' it is matched against names ('*.tmp', '.cache'), with '/' against "
+        "whole paths ('/home/*/Downloads'); may be repeated",
     )
     restore = commands.add_parser(
         "restore", parents=[common], help="restore a saveset into a directory"
@@ -109,11 +118,12 @@ def _rate(nbytes: int, seconds: float) -> str:
 
 def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     source = args.path
+    options = WalkOptions(one_file_system=args.one_file_system, exclude=tuple(args.exclude))
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), backup_label(source)) as progress:
         if progress.enabled:
-            progress.set_total(estimate_tar_bytes(source, one_file_system=args.one_file_system))
-        meta, stats = session.backup(source, progress, one_file_system=args.one_file_system)
+            progress.set_total(estimate_tar_bytes(source, options))
+        meta, stats = session.backup(source, progress, options)
     seconds = time.monotonic() - started
     result = {
         "saveset": meta["saveset"],

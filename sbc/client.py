@@ -27,7 +27,14 @@ from pki.tls import (
     client_context,
     fingerprint_sha256,
 )
-from sbc.archive import RestoreResult, TreeStats, extract_stream, write_tree
+from sbc.archive import (
+    EVERYTHING,
+    RestoreResult,
+    TreeStats,
+    WalkOptions,
+    extract_stream,
+    write_tree,
+)
 from sbc.config import SbcConfig
 from sbc.progress import TransferProgress
 from stpd.body import LengthBody
@@ -427,8 +434,7 @@ class Session:
         self,
         source: Path,
         progress: TransferProgress | None = None,
-        *,
-        one_file_system: bool = False,
+        options: WalkOptions = EVERYTHING,
     ) -> tuple[dict[str, Any], TreeStats]:
         """Stream ``source`` as a tar archive (see ``write_tree``); returns
         the server's metadata."""
@@ -486,7 +492,7 @@ class Session:
                     progress.advance(size, stats.files)
 
             try:
-                write_tree(source, put, stats, one_file_system=one_file_system)
+                write_tree(source, put, stats, options)
             except _AnsweredEarly:
                 return False
             return True

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import ArchiveError, archive_root_name, walk
+from sbc.archive import ArchiveError, WalkOptions, archive_root_name, walk
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -25,7 +25,7 @@ def wanted(quiet: bool, as_json: bool) -> bool:
     return not quiet and not as_json and sys.stderr.isatty()
 
 
-def estimate_tar_bytes(source: Path, *, one_file_system: bool = False) -> int | None:
+def estimate_tar_bytes(source: Path, options: WalkOptions) -> int | None:
     """About the size of the tar stream of ``source``: contents rounded to
     blocks plus a header each (PAX headers make it a little more), from the
     backup's own walk. None when that walk fails (the backup says why)."""
@@ -33,7 +33,7 @@ def estimate_tar_bytes(source: Path, *, one_file_system: bool = False) -> int | 
         return 2 * TAR_BLOCK + sum(
             TAR_BLOCK + (-(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0)
             # the backup reports what cannot be read
-            for _, _, st in walk(source, lambda *_: None, one_file_system=one_file_system)
+            for _, _, st in walk(source, lambda *_: None, options)
         )
     except ArchiveError:
         return None

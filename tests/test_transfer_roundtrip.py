@@ -803,3 +803,33 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
         )
         assert (code, out) == (1, "")
         assert f"no saveset {saveset} for this client" in err
+
+
+def test_exclude_patterns_leave_out_names_and_paths(pki: Pki, tmp_path: Path) -> None:
+    """``--exclude`` as tar's: a pattern without "/" against every entry's
+    name, one with "/" against the whole path; an excluded directory is
+    left out with everything under it."""
+    home = tmp_path / "home"
+    for path in ("alice/.cache/big", "alice/notes.txt", "alice/a.tmp", "bob/Downloads/x.iso",
+                 "bob/work/report.txt", "bob/work/.cache/c"):  # fmt: skip
+        (home / path).parent.mkdir(parents=True, exist_ok=True)
+        (home / path).write_text(path)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(
+            *ini, "backup", str(home), "--server", stpd.address, "--json",
+            "--exclude", ".cache", "--exclude", "*.tmp", "--exclude", f"{home}/*/Downloads",
+        )  # fmt: skip
+        stored = stpd.daemon.store.root / f"{backup['saveset']}.tar"  # type: ignore[index]
+        with tarfile.open(stored) as tar:
+            names = tar.getnames()
+    assert names == [
+        "home",
+        "home/alice",
+        "home/bob",
+        "home/alice/notes.txt",
+        "home/bob/work",
+        "home/bob/work/report.txt",
+    ]
+    assert backup["files"] == 2  # type: ignore[index]
