@@ -3,8 +3,9 @@
 In a throw-away directory it creates a CA and certificates with the real
 ``sm_ssl_cert``, writes ``stpd.ini`` and ``sm.ini``, starts the real ``stpd``
 at level 2 on 127.0.0.1, backs up a sample tree with ``sbc backup``, lists and
-restores it, compares the restored tree with the original, shows a client
-without a certificate being refused, and stops the server with SIGTERM.
+restores it, compares the restored tree with the original, lists its entries
+and restores one file alone, shows a client without a certificate being
+refused, and stops the server with SIGTERM.
 
 Every step prints the command it ran and that command's output. The exit
 status is 0 only if every step did what it should. Synchronisation with the
@@ -240,7 +241,7 @@ def demo(work: Path) -> None:
         server.show_new_log()
         run_clients(work, ini, data, sbc, server, port)
     finally:
-        heading(9, "stop stpd (SIGTERM)")
+        heading(10, "stop stpd (SIGTERM)")
         print(f"  $ kill -TERM {server.process.pid}", flush=True)
         status = server.stop()
         server.show_new_log()
@@ -290,7 +291,20 @@ def run_clients(
         raise DemoFailed("restored tree differs: " + "; ".join(problems))
     ok(f"{restored_root} equals {source}: contents, modes, mtimes and symlinks")
 
-    heading(8, "a client without a certificate is refused (SBC_CLIENT_SSL_AUTH=0)")
+    heading(8, "one file back: the saveset's entries (sbc list ID), then restore ID DIR ENTRY")
+    entry = f"{source.name}/docs/report.txt"
+    result = run([sbc, "--ini-dir", str(ini), "list", saveset])
+    if not re.search(rf" {re.escape(entry)}$", result.stdout, re.MULTILINE):
+        raise DemoFailed(f"sbc list {saveset} does not show {entry}")
+    single = work / "one-file"
+    run([sbc, "--ini-dir", str(ini), "restore", saveset, str(single), entry])
+    got = sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
+    if got != [entry] or (single / entry).read_bytes() != (source / "docs/report.txt").read_bytes():
+        raise DemoFailed(f"restoring {entry} alone gave {got}")
+    server.show_new_log()
+    ok(f"only {entry} was restored, equal to the original")
+
+    heading(9, "a client without a certificate is refused (SBC_CLIENT_SSL_AUTH=0)")
     anonymous = work / "ini-no-cert"
     (anonymous / "ca").mkdir(parents=True)
     shutil.copy(ini / "ca" / "rootCA.pem", anonymous / "ca" / "rootCA.pem")

@@ -883,7 +883,8 @@ def _known_id(lookup: Callable[[str], Any], name: str, number: int) -> int:
 
 @dataclass
 class RestoreResult:
-    members: int = 0
+    members: int = 0  # entries of the saveset
+    extracted: int = 0  # of them, those restored (not kept, skipped or left out)
     bytes: int = 0
     sha256: str = ""
     skipped: list[str] = field(default_factory=list)  # device nodes, not restored
@@ -930,6 +931,8 @@ def extract_stream(
                 safe = safe_members(member, dest)
                 if safe is None:
                     extracting.clear()
+                else:
+                    result.extracted += 1
                 return safe
 
             archive.extract_into(target_dir, counted, safe_members.kept, result.unrestorable)

@@ -196,16 +196,19 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             print(f"sbc: warning: could not restore {name}: {reason}", file=sys.stderr)
         if restored.kept:
             print(f"sbc: warning: {_kept_summary(restored.kept)}", file=sys.stderr)
+        entries = f"{restored.members} entries"
+        if args.entries:
+            entries = f"{restored.extracted} of {entries}"
         print(
-            f"restored saveset {args.saveset} into {target}: {restored.members} entries, "
-            f"{restored.bytes} bytes in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), "
-            f"sha256 verified"
+            f"restored saveset {args.saveset} into {target}: {entries}, {restored.bytes} bytes "
+            f"in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), sha256 verified"
         )
     result: dict[str, Any] = {
         "saveset": args.saveset,
         "target": str(target),
         "bytes": restored.bytes,
         "members": restored.members,
+        "extracted": restored.extracted,
         "sha256": restored.sha256,
         "skipped": restored.skipped,
         "kept": restored.kept,
