@@ -360,7 +360,9 @@ def main(
 def _reader_gone() -> int:
     """stdout's reader went away (``sbc list ID | head``): end quietly, as
     tools killed by SIGPIPE do, and keep Python from failing to flush."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     return 128 + signal.SIGPIPE
 
 
