@@ -37,6 +37,13 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _whole_days(text: str) -> int:
+    days = int(text)
+    if days < 0:
+        raise ValueError(text)
+    return days
+
+
 def _allowed_clients(text: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in text.split(","))
     if not all(item and ":" in item for item in items):
@@ -58,6 +65,7 @@ class StpdConfig:
     max_connections: int = 64  # beyond it new clients get 503
     max_header_bytes: int = 16 * 1024  # request line + headers; larger gets 431
     allowed_clients: tuple[str, ...] = ()  # empty: every valid client identity
+    retention_days: int = 0  # savesets older than this are removed; 0: kept for ever
 
     @property
     def saveset_dir(self) -> Path:
@@ -88,6 +96,13 @@ KEYS = [
     Key(SECTION, "STPD_SHUTDOWN_GRACE", "shutdown_grace", positive_number, "seconds > 0"),
     Key(SECTION, "STPD_MAX_CONNECTIONS", "max_connections", positive_int, "a whole number > 0"),
     Key(SECTION, "STPD_MAX_HEADER_BYTES", "max_header_bytes", positive_int, "a whole number > 0"),
+    Key(
+        SECTION,
+        "STPD_RETENTION_DAYS",
+        "retention_days",
+        _whole_days,
+        "a whole number of days >= 0 (0: keep for ever)",
+    ),
     Key(
         SECTION,
         "STPD_ALLOWED_CLIENTS",

@@ -8,6 +8,7 @@ keeps every wait under a named timeout from ``StpdConfig``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import errno
 import json
 import logging
@@ -48,7 +49,7 @@ from stpd.protocol import (
     refused_handshake,
     route,
 )
-from stpd.store import SavesetStore, StoreError, saveset_entries
+from stpd.store import SavesetStore, StoreError, saveset_entries, utc_now
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import Batch, BatchWriter, BodyReader, send_batch
 
@@ -68,6 +69,7 @@ def format_peer(stream: trio.SocketStream) -> str:
 
 
 EXPIRY_CHECK_INTERVAL = 24 * 3600.0  # seconds between expiry checks: daily
+RETENTION_CHECK_INTERVAL = 3600.0  # seconds between looks for savesets past their retention
 
 
 class Stpd:
@@ -159,6 +161,7 @@ class Stpd:
             async with trio.open_nursery() as acceptors:
                 self._stop_accepting = acceptors.cancel_scope
                 acceptors.start_soon(self._warn_about_expiry)
+                acceptors.start_soon(self._remove_expired_savesets)
                 await acceptors.start(
                     partial(
                         trio.serve_listeners,
@@ -252,6 +255,30 @@ class Stpd:
                     int(left),
                     cert.not_valid_after_utc.date(),
                 )
+
+    async def _remove_expired_savesets(self) -> None:
+        """STPD_RETENTION_DAYS: at start, then every hour (a SIGHUP's new
+        value counts from the next look)."""
+        while True:
+            days = self.config.retention_days
+            if days:
+                cutoff = utc_now() - datetime.timedelta(days=days)
+                try:
+                    removed = await trio.to_thread.run_sync(
+                        self.store.remove_finished_before, cutoff
+                    )
+                except OSError as exc:
+                    log.error("cannot remove savesets past STPD_RETENTION_DAYS=%d: %s", days, exc)
+                    removed = []
+                for meta in removed:
+                    log.info(
+                        "removed saveset %s of %s (finished %s): older than STPD_RETENTION_DAYS=%d",
+                        meta.saveset,
+                        meta.owner,
+                        meta.finished,
+                        days,
+                    )
+            await trio.sleep(RETENTION_CHECK_INTERVAL)
 
     async def _warn_about_expiry(self) -> None:
         while True:

@@ -269,6 +269,24 @@ class SavesetStore:
     def owned_by(self, owner: str) -> list[SavesetMeta]:
         return [m for m in self.all() if m.owner == owner]
 
+    def remove_finished_before(self, moment: dt.datetime) -> list[SavesetMeta]:
+        """Remove the savesets that finished before ``moment``; returns them.
+        The metadata goes first, so a saveset leaves every listing in one
+        step; a tar left by a crash in between is removed at the next start.
+        A saveset whose time cannot be read is kept."""
+        removed = []
+        for meta in self.all():
+            try:
+                finished = dt.datetime.fromisoformat(meta.finished)
+            except ValueError:
+                continue
+            if finished.tzinfo is None or finished >= moment:
+                continue
+            (self.root / f"{meta.saveset}.json").unlink(missing_ok=True)
+            self.tar_path(meta.saveset).unlink(missing_ok=True)
+            removed.append(meta)
+        return removed
+
     def find(self, owner: str, saveset: str) -> SavesetMeta | None:
         """The saveset if it exists and belongs to ``owner``; others' savesets
         are reported exactly like missing ones."""

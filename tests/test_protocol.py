@@ -4,6 +4,7 @@ saveset store on disk."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ from stpd.store import (
     INCOMING,
     SAVESET_ID,
     InvalidArchive,
+    SavesetMeta,
     SavesetStore,
     StoreError,
     saveset_entries,
@@ -473,6 +475,27 @@ def test_damaged_header_checksum_is_rejected(store: SavesetStore) -> None:
         up.commit()
     up.abort()
     assert files_in(store) == [INCOMING]
+
+
+def backdated(store: SavesetStore, meta: SavesetMeta, finished: str) -> None:
+    """Rewrite a saveset's metadata as if it had finished at ``finished``."""
+    path = store.root / f"{meta.saveset}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "finished": finished}))
+
+
+def test_savesets_finished_before_a_moment_are_removed_and_the_rest_kept(
+    store: SavesetStore,
+) -> None:
+    old, unreadable_time, recent = (upload(store, tar_bytes({"a": b"1"})).commit() for _ in "123")
+    backdated(store, old, "2026-01-01T00:00:00Z")
+    backdated(store, unreadable_time, "yesterday")
+    removed = store.remove_finished_before(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+    assert [m.saveset for m in removed] == [old.saveset]
+    assert sorted(m.saveset for m in store.all()) == sorted(
+        [unreadable_time.saveset, recent.saveset]
+    )
+    assert not store.tar_path(old.saveset).exists()
+    assert store.tar_path(recent.saveset).exists()
 
 
 def test_prepare_removes_leftovers_and_keeps_savesets(store: SavesetStore) -> None:

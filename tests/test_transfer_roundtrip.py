@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tarfile
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -834,3 +835,33 @@ def test_exclude_patterns_leave_out_names_and_paths(pki: Pki, tmp_path: Path) ->
         "home/bob/work/report.txt",
     ]
     assert backup["files"] == 2  # type: ignore[index]
+
+
+def test_savesets_past_the_retention_are_removed_at_start(pki: Pki, tmp_path: Path) -> None:
+    """STPD_RETENTION_DAYS=30: a saveset that finished 31 days ago is gone
+    (INFO line), one of today is listed and restores."""
+    data = tmp_path / "data"
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    source = tmp_path / "f.txt"
+    source.write_text("kept\n")
+    with running_stpd(pki.layout, level=2, data_dir=data) as stpd:
+        old, new = (
+            sbc_json(*ini, "backup", str(source), "--server", stpd.address, "--json")["saveset"]  # type: ignore[index]
+            for _ in "12"
+        )
+    meta_path = data / f"{old}.json"
+    long_ago = datetime.now(UTC) - timedelta(days=31)
+    meta_path.write_text(
+        json.dumps(
+            {**json.loads(meta_path.read_text()), "finished": f"{long_ago:%Y-%m-%dT%H:%M:%SZ}"}
+        )
+    )
+    with running_stpd(pki.layout, level=2, data_dir=data, retention_days=30) as stpd:
+        line = stpd.log.wait_for(rf"removed saveset {old} ")
+        assert line.startswith("INFO ") and "older than STPD_RETENTION_DAYS=30" in line
+        listed = sbc_json(*ini, "list", "--server", stpd.address, "--json")
+        assert [item["saveset"] for item in listed] == [new]  # type: ignore[index, union-attr]
+        sbc_json(*ini, "restore", new, str(tmp_path / "back"), "--server", stpd.address, "--json")
+    assert sorted(p.name for p in data.glob("SS-*")) == [f"{new}.json", f"{new}.tar"]
+    assert (tmp_path / "back" / "f.txt").read_text() == "kept\n"
