@@ -349,7 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nkept {work} (--keep)", flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print("\nDEMO OK: certificates, level 2, backup, list, restore, compare, refusal, stop")
+    print(
+        "\nDEMO OK: certificates, level 2, backup, list, restore, compare, one file back, "
+        "refusal, stop"
+    )
     return 0
 
 
