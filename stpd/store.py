@@ -318,6 +318,13 @@ _KINDS = {
 }
 
 
+def _mtime_text(mtime: float) -> str:
+    try:
+        return iso(dt.datetime.fromtimestamp(mtime, dt.UTC))
+    except (ValueError, OverflowError, OSError):  # a PAX time beyond datetime's years
+        return f"{mtime:.0f}"  # seconds since 1970
+
+
 def saveset_entries(path: Path) -> Generator[dict[str, Any], None, None]:
     """The entries of the stored saveset ``path``, header by header (tarfile
     seeks over the contents), none kept: millions list in constant memory."""
@@ -332,7 +339,7 @@ def saveset_entries(path: Path) -> Generator[dict[str, Any], None, None]:
                 "size": member.size,
                 "mode": f"{member.mode & 0o7777:04o}",
                 "owner": f"{member.uname or member.uid}/{member.gname or member.gid}",
-                "mtime": iso(dt.datetime.fromtimestamp(member.mtime, dt.UTC)),
+                "mtime": _mtime_text(member.mtime),
             }
             if member.issym() or member.islnk():
                 entry["link"] = member.linkname
