@@ -48,7 +48,9 @@ class BodyReader:
     decrypts straight into the one buffer, and a batch is the payload views
     in it. A stall longer than ``timeout`` raises the stream's ``TooSlow``;
     the end of the connection, its ``Broken``; bad framing,
-    ``h11.RemoteProtocolError``. ``after`` is what followed the body.
+    ``h11.RemoteProtocolError``. What arrived before a stall or a break is
+    handed on first, and the next call raises: a restore writes the files
+    that came whole. ``after`` is what followed the body.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class BodyReader:
         payload, used = body.feed(memoryview(early))
         self._early: Batch | None = payload
         self.after = early[used:] if body.done else b""
+        self._failure: Exception | None = None  # raised once what came before it is handed on
 
     def next_batch(self) -> Batch:
         """The next payload (at most a buffer's worth); [] at the end. The
@@ -68,13 +71,21 @@ class BodyReader:
         if self._early:
             early, self._early = self._early, None
             return early
+        if self._failure is not None:
+            raise self._failure
         buffer, body = self._buffer, self._body
         spans: list[Span] = []  # of the payload in buffer, adjacent ones joined
         filled = 0
         while filled < len(buffer) and not body.done:
-            received = self._stream.receive_into_blocking(buffer[filled:], self._timeout)
-            if not received:
-                raise self._stream.Broken("connection closed in the middle of the body")
+            try:
+                received = self._stream.receive_into_blocking(buffer[filled:], self._timeout)
+                if not received:
+                    raise self._stream.Broken("connection closed in the middle of the body")
+            except (self._stream.Broken, self._stream.TooSlow) as exc:
+                if not spans:
+                    raise
+                self._failure = exc
+                break
             found, used = body.feed_spans(buffer[filled : filled + received])
             for start, stop in found:
                 start, stop = filled + start, filled + stop

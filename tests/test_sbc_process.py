@@ -211,22 +211,20 @@ def test_backup_to_a_server_that_never_answers_100_continue(pki: Pki, tmp_path: 
     assert elapsed >= CONTINUE_WAIT  # it waited for the 100 Continue that never came
 
 
-def test_a_restore_cut_off_mid_file_removes_the_incomplete_file(pki: Pki, tmp_path: Path) -> None:
-    """The server (Python's ssl module) announces a whole saveset, sends its
-    first file and part of the second, and closes the connection: sbc says
-    so in one line, and the second file, which would pass for the whole
-    one, is not left behind."""
-    # More than a batch (1 MiB) arrives before the break, so that sbc has
-    # begun the second file whenever the break reaches it.
-    first, second = b"complete\n", bytes(range(256)) * 12288
+def _restore_cut_off(
+    pki: Pki, target: Path, members: list[tuple[str, bytes]], cut_into: bytes, fraction: float
+) -> tuple[int, str, str]:
+    """``sbc restore`` from a server (Python's ssl module) that announces a
+    whole saveset of ``members``, sends it up to ``fraction`` of the member
+    whose contents are ``cut_into``, and closes the connection."""
     saveset = io.BytesIO()
     with tarfile.open(fileobj=saveset, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, data in (("tree/first.txt", first), ("tree/second.bin", second)):
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     stream = saveset.getvalue()
-    cut = stream.index(second) + 2 * len(second) // 3
+    cut = stream.index(cut_into) + int(len(cut_into) * fraction)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -247,19 +245,50 @@ def test_a_restore_cut_off_mid_file_removes_the_incomplete_file(pki: Pki, tmp_pa
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     client = pki.client_ini("cut-off")
+    try:
+        return run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
+            str(target), "--server", f"127.0.0.1:{listener.getsockname()[1]}",
+        )  # fmt: skip
+    finally:
+        server.join(WAIT_SECONDS)
+        listener.close()
+
+
+def test_a_restore_cut_off_mid_file_removes_the_incomplete_file(pki: Pki, tmp_path: Path) -> None:
+    """The first file and part of the second arrive, then the connection
+    breaks: sbc says so in one line, and the second file, which would pass
+    for the whole one, is not left behind."""
+    # More than a batch (1 MiB) arrives before the break, so that sbc has
+    # begun the second file whenever the break reaches it.
+    first, second = b"complete\n", bytes(range(256)) * 12288
     target = tmp_path / "back"
-    code, out, err = run_sbc(
-        "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
-        str(target), "--server", f"127.0.0.1:{listener.getsockname()[1]}",
-    )  # fmt: skip
-    server.join(WAIT_SECONDS)
-    listener.close()
+    code, out, err = _restore_cut_off(
+        pki, target, [("tree/first.txt", first), ("tree/second.bin", second)], second, 2 / 3
+    )
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert "lost mid-restore" in err, err
     assert err.rstrip().endswith("; the incomplete tree/second.bin was removed"), err
     assert (target / "tree" / "first.txt").read_bytes() == first
     assert not (target / "tree" / "second.bin").exists()
+
+
+def test_files_received_whole_before_a_break_are_restored(pki: Pki, tmp_path: Path) -> None:
+    """All of it within the first batch (less than 1 MiB): the files that
+    arrived whole before the break are written, not thrown away with the
+    batch; the one cut off is removed."""
+    small = [(f"tree/f{i:02}.txt", b"%02d\n" % i * 500) for i in range(40)]
+    last = bytes(range(256)) * 100
+    target = tmp_path / "back"
+    code, _, err = _restore_cut_off(pki, target, [*small, ("tree/last.bin", last)], last, 0.5)
+    assert code == 1
+    assert err.rstrip().endswith("; the incomplete tree/last.bin was removed"), err
+    assert sorted(p.name for p in (target / "tree").iterdir()) == [
+        name.split("/")[1] for name, _ in small
+    ]
+    for name, data in small:
+        assert (target / name).read_bytes() == data
 
 
 def test_a_listing_piped_into_head_ends_quietly(pki: Pki, tmp_path: Path) -> None:
