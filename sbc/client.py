@@ -27,15 +27,9 @@ from pki.tls import (
     client_context,
     fingerprint_sha256,
 )
-from sbc.archive import (
-    EVERYTHING,
-    RestoreResult,
-    TreeStats,
-    WalkOptions,
-    extract_stream,
-    write_tree,
-)
+from sbc.archive import EVERYTHING, TreeStats, WalkOptions, write_tree
 from sbc.config import SbcConfig
+from sbc.extract import RestoreResult, extract_stream
 from sbc.progress import TransferProgress
 from stpd.body import LengthBody
 from stpd.tlsconn import TLSBroken, TLSConnection, TLSHandshakeError, TLSTimeout

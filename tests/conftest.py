@@ -32,7 +32,7 @@ from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
 from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
-from sbc import archive
+from sbc import extract
 from sbc.cli import main as sbc_main
 from stpd.config import load_config
 from stpd.server import Stpd
@@ -405,7 +405,7 @@ def swapped_during_restore(
     """Run ``swaps[name]`` once SafeMembers has let the member ``name``
     through, before it is extracted: what someone with write access to the
     target could do at that moment."""
-    real = archive.SafeMembers.__call__
+    real = extract.SafeMembers.__call__
 
     def checked_then_swapped(self, info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:  # type: ignore[no-untyped-def]
         allowed = real(self, info, dest)
@@ -413,4 +413,4 @@ def swapped_during_restore(
             swaps[info.name]()
         return allowed
 
-    monkeypatch.setattr(archive.SafeMembers, "__call__", checked_then_swapped)
+    monkeypatch.setattr(extract.SafeMembers, "__call__", checked_then_swapped)

@@ -19,14 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sbc.archive as archive
-from sbc.archive import (
-    ArchiveError,
-    RestoreResult,
-    TreeStats,
-    extract_stream,
-    member_header,
-    write_tree,
-)
+from sbc.archive import ArchiveError, TreeStats, member_header, write_tree
+from sbc.extract import RestoreResult, extract_stream
 from stpd.tarcheck import TarStreamCheck
 from stpd.transfer import BatchReader, BatchWriter
 from tests.conftest import swapped_during_restore
