@@ -20,6 +20,7 @@ from pki.layout import Layout, resolve_ini_dir
 from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
+from sbc.extract import path_parts
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
 from stpd.config import stpd_address
 from stpd.tlsconn import signals_end_waits
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def saveset_entry(raw: str) -> str:
     """An ENTRY of ``sbc restore`` as stored: "/etc/hosts/" and "./etc/hosts"
     mean etc/hosts (members have relative names)."""
-    name = "/".join(part for part in raw.split("/") if part not in ("", "."))
+    name = "/".join(path_parts(raw))
     if not name:
         raise argparse.ArgumentTypeError(f"{raw!r} names no entry")
     return name

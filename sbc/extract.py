@@ -54,7 +54,7 @@ class UnsafeMember(tarfile.FilterError):
         super().__init__(message)
 
 
-def _path_parts(path: str) -> list[str]:
+def path_parts(path: str) -> list[str]:
     """The components of a member's path, without empty ones and '.'."""
     return [part for part in path.split("/") if part not in ("", ".")]
 
@@ -149,7 +149,7 @@ class SafeMembers:
         self.target = target
         self.overwrite = overwrite
         # Restore only these entries and what is under them (all if none).
-        self.only = {name: _path_parts(name) for name in only}
+        self.only = {name: path_parts(name) for name in only}
         self.found: set[str] = set()  # the names of ``only`` that matched
         self.symlinks: set[str] = set()  # normalised names of the archive's links
         self.skipped: list[str] = []  # device nodes: not restored, reported
@@ -158,7 +158,7 @@ class SafeMembers:
     def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
         if path.startswith("/") or os.path.isabs(path):
             raise UnsafeMember(member, f"{what} {path!r} is an absolute path")
-        parts = _path_parts(path)
+        parts = path_parts(path)
         if ".." in parts:
             raise UnsafeMember(member, f"{what} {path!r} contains '..'")
         return parts
@@ -273,7 +273,7 @@ class _Extraction(tarfile.TarFile):
         self.extractall(target.path, filter=members, numeric_owner=True)  # see SafeMembers
 
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
-        parts = _path_parts(tarinfo.name)
+        parts = path_parts(tarinfo.name)
         parent = self.target.parent(parts)
         try:
             fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
@@ -305,7 +305,7 @@ class _Extraction(tarfile.TarFile):
             raise
 
     def makedir(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
-        parts = _path_parts(tarinfo.name)
+        parts = path_parts(tarinfo.name)
         parent = self.target.parent(parts)
         try:
             os.mkdir(parts[-1], 0o700, dir_fd=parent)  # its mode is set last
@@ -316,7 +316,7 @@ class _Extraction(tarfile.TarFile):
             self._directories["/".join(parts)] = (made.st_dev, made.st_ino)
 
     def makelink(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
-        parts = _path_parts(tarinfo.name)
+        parts = path_parts(tarinfo.name)
         parent = self.target.parent(parts)
         if tarinfo.issym():
             try:
@@ -326,7 +326,7 @@ class _Extraction(tarfile.TarFile):
             except OSError as exc:
                 self._cannot_hold(parts, exc)
             return
-        source = _path_parts(tarinfo.linkname)
+        source = path_parts(tarinfo.linkname)
         try:
             source_dir = self.target.open_dir(source[:-1])
             try:
@@ -349,7 +349,7 @@ class _Extraction(tarfile.TarFile):
             self._cannot_hold(parts, exc)
 
     def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
-        parts = _path_parts(tarinfo.name)
+        parts = path_parts(tarinfo.name)
         try:
             os.mkfifo(parts[-1], dir_fd=self.target.parent(parts))
         except FileExistsError:
@@ -386,7 +386,7 @@ class _Extraction(tarfile.TarFile):
     ) -> None:
         if tarinfo.isreg() or tarinfo.islnk():
             return  # set by makefile on the new file (a hard link shares it)
-        parts = _path_parts(tarinfo.name)
+        parts = path_parts(tarinfo.name)
         if "/".join(parts) in self._not_ours:
             return
         try:
