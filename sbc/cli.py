@@ -247,7 +247,9 @@ def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | 
     return list(savesets)
 
 
+# As tar -tv shows an entry's type, and what leads to a link's target.
 _TYPE_LETTERS = {"file": "-", "directory": "d", "symlink": "l", "hardlink": "h", "fifo": "p"}
+_LINK_WORDS = {"symlink": " -> ", "hardlink": " link to "}
 
 
 def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
@@ -260,7 +262,7 @@ def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
             separator = ",\n"
             continue
         mode = _TYPE_LETTERS.get(entry["type"], "?") + stat.filemode(int(entry["mode"], 8))[1:]
-        link = {"symlink": " -> ", "hardlink": " link to "}.get(entry["type"], "")
+        link = _LINK_WORDS.get(entry["type"], "")
         target = f"{link}{entry.get('link', '')}" if link else ""
         print(
             f"{mode} {entry['owner']} {entry['size']:>12} {entry['mtime']} {entry['name']}{target}"

@@ -49,7 +49,7 @@ from stpd.protocol import (
     refused_handshake,
     route,
 )
-from stpd.store import SavesetStore, StoreError, saveset_entries, utc_now
+from stpd.store import SavesetMeta, SavesetStore, StoreError, saveset_entries, utc_now
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import Batch, BatchWriter, BodyReader, send_batch
 
@@ -541,10 +541,8 @@ class HttpSession:
             found = await trio.to_thread.run_sync(self.daemon.store.owned_by, self.owner)
             await self._send_json(200, [meta.to_json() for meta in found])
         elif isinstance(action, Metadata):
-            meta = await trio.to_thread.run_sync(self.daemon.store.find, self.owner, action.saveset)
-            if meta is None:
-                await self._send_error(404, f"no saveset {action.saveset} for this client")
-            else:
+            meta = await self._owned_saveset(action.saveset)
+            if meta is not None:
                 await self._send_json(200, meta.to_json())
         elif isinstance(action, Download):
             await self._download(action.saveset)
@@ -614,16 +612,25 @@ class HttpSession:
         await self._send_json(201, meta.to_json(), [("Location", f"/savesets/{meta.saveset}")])
         self.after_body = after_body
 
+    async def _owned_saveset(self, saveset: str) -> SavesetMeta | None:
+        """The metadata of the caller's ``saveset``; else a 404 is sent (others'
+        savesets answer exactly like missing ones) and None returned."""
+        meta = await trio.to_thread.run_sync(self.daemon.store.find, self.owner, saveset)
+        if meta is None:
+            await self._send_error(404, f"no saveset {saveset} for this client")
+        return meta
+
+    async def _unreadable_saveset(self, saveset: str, exc: Exception) -> None:
+        log.error("saveset %s cannot be read: %s", saveset, exc)
+        await self._send_error(500, f"saveset {saveset} cannot be read on the server")
+
     async def _entries(self, saveset: str) -> None:
         """The saveset's entries, one JSON object a line, sent as they are
         read (chunked): a listing of millions takes no more memory than one
         of ten."""
-        store = self.daemon.store
-        meta = await trio.to_thread.run_sync(store.find, self.owner, saveset)
-        if meta is None:
-            await self._send_error(404, f"no saveset {saveset} for this client")
+        if await self._owned_saveset(saveset) is None:
             return
-        entries = saveset_entries(store.tar_path(saveset))
+        entries = saveset_entries(self.daemon.store.tar_path(saveset))
 
         def next_lines() -> bytes:
             lines = (json.dumps(entry) + "\n" for entry in islice(entries, ENTRIES_PER_CHUNK))
@@ -632,8 +639,7 @@ class HttpSession:
         try:
             chunk = await trio.to_thread.run_sync(next_lines)
         except (OSError, tarfile.TarError) as exc:
-            log.error("saveset %s cannot be read: %s", saveset, exc)
-            await self._send_error(500, f"saveset {saveset} cannot be read on the server")
+            await self._unreadable_saveset(saveset, exc)
             return
         await self._send(
             h11.Response(
@@ -656,16 +662,13 @@ class HttpSession:
         await self._send(h11.EndOfMessage())
 
     async def _download(self, saveset: str) -> None:
-        store = self.daemon.store
-        meta = await trio.to_thread.run_sync(store.find, self.owner, saveset)
+        meta = await self._owned_saveset(saveset)
         if meta is None:
-            await self._send_error(404, f"no saveset {saveset} for this client")
             return
         try:
-            f = await trio.to_thread.run_sync(open, store.tar_path(saveset), "rb")
+            f = await trio.to_thread.run_sync(open, self.daemon.store.tar_path(saveset), "rb")
         except OSError as exc:
-            log.error("saveset %s cannot be read: %s", saveset, exc)
-            await self._send_error(500, f"saveset {saveset} cannot be read on the server")
+            await self._unreadable_saveset(saveset, exc)
             return
         size = os.fstat(f.fileno()).st_size
 
