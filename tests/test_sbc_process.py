@@ -29,7 +29,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sbc.client import CONTINUE_WAIT
-from tests.conftest import OPENSSL, WAIT_SECONDS, Pki, needs_openssl, run_sbc, running_stpd
+from tests.conftest import (
+    OPENSSL,
+    WAIT_SECONDS,
+    Pki,
+    needs_openssl,
+    run_sbc,
+    running_stpd,
+    tar_bytes,
+)
 
 SBC = str(Path(sys.executable).parent / "sbc")
 pytestmark = needs_openssl
@@ -217,13 +225,7 @@ def _restore_cut_off(
     """``sbc restore`` from a server (Python's ssl module) that announces a
     whole saveset of ``members``, sends it up to ``fraction`` of the member
     whose contents are ``cut_into``, and closes the connection."""
-    saveset = io.BytesIO()
-    with tarfile.open(fileobj=saveset, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    stream = saveset.getvalue()
+    stream = tar_bytes(members)
     cut = stream.index(cut_into) + int(len(cut_into) * fraction)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
