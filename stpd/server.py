@@ -51,7 +51,7 @@ from stpd.protocol import (
 )
 from stpd.store import SavesetMeta, SavesetStore, StoreError, saveset_entries, utc_now
 from stpd.tlsstream import TLSHandshakeError, TLSStream
-from stpd.transfer import Batch, BatchWriter, BodyReader, send_batch
+from stpd.transfer import Batch, BatchWriter, BodyReader, WriteBehind, send_batch
 
 log = logging.getLogger("stpd")
 
@@ -569,10 +569,18 @@ class HttpSession:
             early, _ = self.conn.trailing_data
             body = request_body(list(request.headers))
 
+            # Writing overlaps receiving only for an upload on its own: with
+            # other transfers, the cores are busy already (see WriteBehind).
+            alone = self.daemon.active_transfers == 1
+
             def store_body() -> bytes:
-                reader = BodyReader(self.tls, body, early, self.config.io_timeout)
-                while batch := reader.next_batch():
-                    upload.write(batch)
+                buffers = 2 if alone else 1
+                reader = BodyReader(self.tls, body, early, self.config.io_timeout, buffers)
+                with WriteBehind(upload.write_out, threaded=alone) as behind:
+                    while batch := reader.next_batch():
+                        upload.absorb(batch)  # hashed while it is in this core's cache
+                        behind.put(batch)
+                    behind.finish()
                 return reader.after
 
             after_body = await run_transfer(self.tls, store_body, self.daemon.transfer_threads)

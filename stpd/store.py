@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from stpd.tarcheck import InvalidTar, TarStreamCheck
+from stpd.transfer import write_all
 
 INCOMING = ".incoming"
 # \Z, not $: "$" also matches before a trailing newline ("SS-...\n").
@@ -116,7 +117,12 @@ class Upload:
             raise _storage_error(exc, "create a saveset file") from None
 
     def write(self, pieces: Sequence[bytes | memoryview]) -> None:
-        assert self._fd is not None
+        self.absorb(pieces)
+        self.write_out(pieces)
+
+    def absorb(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Hash the pieces and check their tar framing (``write``'s first
+        half; stpd calls the halves in two threads, see WriteBehind)."""
         try:
             for piece in pieces:
                 self._hash.update(piece)
@@ -125,19 +131,12 @@ class Upload:
             raise InvalidArchive(
                 f"upload is not a valid tar stream: {exc}; nothing stored"
             ) from None
+
+    def write_out(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Write the pieces to the saveset file (``write``'s second half)."""
+        assert self._fd is not None
         try:
-            remaining = sum(len(p) for p in pieces)
-            views = [memoryview(p) for p in pieces]
-            while remaining:
-                written = os.writev(self._fd, views)
-                remaining -= written
-                while written and views:  # short write: drop what was written
-                    if written >= len(views[0]):
-                        written -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][written:]
-                        written = 0
+            write_all(self._fd, pieces)
         except OSError as exc:
             raise _storage_error(exc, "write the saveset") from None
 
