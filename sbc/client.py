@@ -545,7 +545,8 @@ class Session:
         # it is extracted as it comes.
         early, _ = self.conn.trailing_data
         assert self.tls is not None
-        reader = BodyReader(self.tls, LengthBody(length), early, self.config.io_timeout)
+        # Two buffers: a large file's writes overlap receiving (WriteBehind).
+        reader = BodyReader(self.tls, LengthBody(length), early, self.config.io_timeout, 2)
 
         def next_batch() -> Batch:
             batch = reader.next_batch()

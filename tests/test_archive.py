@@ -155,25 +155,30 @@ def test_a_file_that_shrinks_while_read_is_padded_and_reported(tmp_path: Path, m
     assert stats.changed == [str(victim)]
 
 
-def test_restore_from_batches_in_one_reused_buffer(tmp_path: Path) -> None:
-    """The restore side gets views into a ring of buffers that is refilled
-    once the next batch is asked for. Here a single buffer is overwritten at
-    every get(): a view kept past that point would restore garbage."""
+def test_restore_from_batches_in_two_reused_buffers(tmp_path: Path) -> None:
+    """The restore side gets views into two buffers that take turns, as
+    BodyReader(buffers=2) gives them: each get() overwrites the batch before
+    the previous one. A view kept past that point (by the file writes that
+    overlap the next get, for files of WRITE_BEHIND_BYTES or more) would
+    restore garbage."""
     tree = tmp_path / "tree"
     tree.mkdir()
     contents = {
-        f"f{n}": os.urandom(size) for n, size in enumerate([0, 1, 511, 70_000, 1_500_000, 300_001])
+        f"f{n}": os.urandom(size)
+        for n, size in enumerate([0, 1, 511, 70_000, 1_500_000, 300_001, 3_000_000])
     }
     for name, content in contents.items():
         (tree / name).write_bytes(content)
     stream = tar_stream(tree, TreeStats())
 
     rng = random.Random(4)
-    shared = bytearray(400_000)
+    buffers = [bytearray(400_000), bytearray(400_000)]
     position = 0
 
     def get() -> list[memoryview]:
         nonlocal position
+        shared = buffers.pop(0)
+        buffers.append(shared)
         size = min(rng.randint(1, len(shared)), len(stream) - position)
         shared[:] = os.urandom(len(shared))  # what a refill does to old views
         shared[:size] = stream[position : position + size]
@@ -459,3 +464,31 @@ def test_batch_reader_reads_exactly_what_is_asked(pieces: list[bytes], sizes: li
         assert got == expected
         position += len(got)
         assert reader.tell() == position
+
+
+def test_a_gathered_read_holds_its_bytes_through_the_next_one() -> None:
+    """Reads that cross pieces are gathered into one of two buffers that
+    take turns: a file write of one read's view (WriteBehind) may still be
+    running while the next read is made."""
+    pieces = [os.urandom(100_000) for _ in range(6)]
+    stream = b"".join(pieces)
+    batches = [[memoryview(piece)] for piece in pieces]
+    reader = BatchReader(lambda: batches.pop(0) if batches else [])
+    first = reader.read(150_000)  # crosses from the first piece into the second
+    second = reader.read(150_000)
+    assert bytes(first) == stream[:150_000]
+    assert bytes(second) == stream[150_000:300_000]
+
+
+def test_read_view_gives_the_pieces_as_they_lie() -> None:
+    """read_view (the write-behind copy of a large file) takes at most the
+    rest of the current piece, uncopied, and is empty only at the end."""
+    pieces = [bytearray(os.urandom(size)) for size in (1000, 3000)]
+    batches = [[memoryview(piece) for piece in pieces]]
+    reader = BatchReader(lambda: batches.pop(0) if batches else [])
+    assert bytes(reader.read(10)) == pieces[0][:10]
+    views = [reader.read_view(2500) for _ in range(4)]
+    assert [len(v) for v in views] == [990, 2500, 500, 0]
+    assert views[1].obj is pieces[1]  # a view into the received buffer: no copy
+    assert b"".join(views) == pieces[0][10:] + pieces[1]
+    assert reader.tell() == 4000
