@@ -172,6 +172,9 @@ class SafeMembers:
         self.symlinks: set[str] = set()  # normalised names of the archive's links
         self.skipped: list[str] = []  # device nodes: not restored, reported
         self.kept: list[str] = []  # members not extracted: existing paths left as they were
+        # Directories the target's file system could not name (_Extraction):
+        # what is under them is left out, reported with them.
+        self.refused: set[str] = set()
 
     def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
         if path.startswith("/") or os.path.isabs(path):
@@ -220,6 +223,8 @@ class SafeMembers:
         if not parts:  # "./" (tar -C DIR -cf - .): the target itself, left as it is
             return None
         if self.only and not self._selected(parts):
+            return None
+        if _first_prefix_in(self.refused, parts, itself=False) is not None:
             return None
         name = "/".join(parts)
         link = self._through_link(parts, itself=not member.issym())
@@ -273,7 +278,8 @@ class _Extraction(tarfile.TarFile):
 
     target: TargetDir
     kept: list[str]  # members found taken by the time they were created (SafeMembers.kept)
-    unrestorable: list[tuple[str, str]]  # see _cannot_hold
+    unrestorable: list[tuple[str, str]]  # see _refused
+    refused: set[str]  # SafeMembers.refused
     removed: str | None = None  # the file being written when the restore stopped, removed
 
     def extract_into(
@@ -282,8 +288,10 @@ class _Extraction(tarfile.TarFile):
         members: Filter,
         kept: list[str],
         unrestorable: list[tuple[str, str]],
+        refused: set[str],
     ) -> None:
         self.target, self.kept, self.unrestorable = target, kept, unrestorable
+        self.refused = refused
         self._not_ours: set[str] = set()  # see _taken
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
@@ -297,6 +305,9 @@ class _Extraction(tarfile.TarFile):
             fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
         except FileExistsError:
             self._taken(parts)
+            return
+        except OSError as exc:
+            self._refused(parts, exc)
             return
         try:
             with open(fd, "wb") as out:
@@ -333,6 +344,9 @@ class _Extraction(tarfile.TarFile):
             os.mkdir(parts[-1], 0o700, dir_fd=parent)  # its mode is set last
         except FileExistsError:
             pass  # a directory already there: they merge (see SafeMembers)
+        except OSError as exc:
+            self._refused(parts, exc, directory=True)
+            return
         made = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         if stat.S_ISDIR(made.st_mode):
             self._directories["/".join(parts)] = (made.st_dev, made.st_ino)
@@ -346,7 +360,7 @@ class _Extraction(tarfile.TarFile):
             except FileExistsError:
                 self._taken(parts)
             except OSError as exc:
-                self._cannot_hold(parts, exc)
+                self._refused(parts, exc, link_or_fifo=True)
             return
         source = path_parts(tarinfo.linkname)
         try:
@@ -368,7 +382,7 @@ class _Extraction(tarfile.TarFile):
                 ("/".join(parts), f"a hard link to {tarinfo.linkname}, which was not restored")
             )
         except OSError as exc:
-            self._cannot_hold(parts, exc)
+            self._refused(parts, exc, link_or_fifo=True)
 
     def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)
@@ -377,7 +391,7 @@ class _Extraction(tarfile.TarFile):
         except FileExistsError:
             self._taken(parts)
         except OSError as exc:
-            self._cannot_hold(parts, exc)
+            self._refused(parts, exc, link_or_fifo=True)
 
     def _taken(self, parts: list[str]) -> None:
         """Something appeared where a member goes after SafeMembers looked:
@@ -387,19 +401,31 @@ class _Extraction(tarfile.TarFile):
         self.kept.append(name)
         self._not_ours.add(name)
 
-    # What a file system without links or FIFOs (FAT, exFAT, an SMB share)
-    # answers: one such member must not cost the rest of the restore.
-    _CANNOT_HOLD = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
+    # What file systems answer to what they cannot hold: one such member must
+    # not cost the rest of the restore. A name: FAT and exFAT refuse ':',
+    # '?', '"' and others with EINVAL; a name may be too long. A link or a
+    # FIFO: FAT, exFAT and SMB shares have none.
+    _BAD_NAME = frozenset({errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG})
+    _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
 
-    def _cannot_hold(self, parts: list[str], exc: OSError) -> None:
-        """A link or FIFO the target's file system refused: reported, and
-        the restore goes on. Any other error stops it (a full disk...)."""
-        if exc.errno not in self._CANNOT_HOLD:
+    def _refused(
+        self, parts: list[str], exc: OSError, *, link_or_fifo: bool = False, directory: bool = False
+    ) -> None:
+        """A member the target's file system refused: reported, and the
+        restore goes on (a directory without what is under it). Any other
+        error stops it (a full disk...)."""
+        if exc.errno in self._BAD_NAME:
+            why = "the target's file system cannot hold this name"
+        elif link_or_fifo and exc.errno in self._NO_LINKS:
+            why = "can the target's file system hold links and FIFOs?"
+        else:
             raise exc
         name = "/".join(parts)
-        why = f"{exc.strerror or exc} (can the target's file system hold links and FIFOs?)"
-        self.unrestorable.append((name, why))
+        under = "; nothing under it was restored" if directory else ""
+        self.unrestorable.append((name, f"{exc.strerror or exc} ({why}){under}"))
         self._not_ours.add(name)
+        if directory:
+            self.refused.add(name)
 
     # tarfile calls chown, then chmod and utime (not for links), with paths,
     # which follow links: all three are done here, on a descriptor.
@@ -523,7 +549,9 @@ def extract_stream(
                     result.extracted += 1
                 return safe
 
-            archive.extract_into(target_dir, counted, safe_members.kept, result.unrestorable)
+            archive.extract_into(
+                target_dir, counted, safe_members.kept, result.unrestorable, safe_members.refused
+            )
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
             result.not_found = [name for name in only if name not in safe_members.found]
     except BaseException as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -10,8 +11,10 @@ import shutil
 import subprocess
 import tarfile
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -705,6 +708,53 @@ def test_links_and_fifos_a_file_system_cannot_hold_are_reported_and_the_rest_res
     assert code == 3
     assert err.splitlines() == [
         f"sbc: warning: could not restore tree/{name}: {why}" for name in ("hard", "link", "pipe")
+    ]
+    assert sorted(p.name for p in (back / "tree").iterdir()) == ["a.txt", "z.txt"]
+    assert (back / "tree" / "z.txt").read_text() == "last\n"
+
+
+def test_names_a_file_system_cannot_hold_are_reported_and_the_rest_restored(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore onto FAT or exFAT (a USB stick), which answer EINVAL to a
+    name with ':' or '?': the file is named, a directory is named with
+    nothing under it restored, a hard link to the file too, the restore goes
+    on, and sbc exits 3."""
+    tree = tmp_path / "tree"
+    (tree / "notes: 2026").mkdir(parents=True)
+    (tree / "notes: 2026" / "inner.txt").write_text("inner\n")
+    (tree / "a.txt").write_text("first\n")
+    (tree / "meeting 10:30.txt").write_text("agenda\n")
+    os.link(tree / "meeting 10:30.txt", tree / "zz-agenda")
+    (tree / "z.txt").write_text("last\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def like_exfat(real: Callable[..., Any]) -> Callable[..., Any]:
+            def call(path: str, *args: Any, dir_fd: int | None = None, **kwargs: Any) -> Any:
+                if dir_fd is not None and ":" in str(path):  # the restore's calls
+                    raise OSError(errno.EINVAL, "Invalid argument")
+                return real(path, *args, dir_fd=dir_fd, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(os, "open", like_exfat(real_open))
+        monkeypatch.setattr(os, "mkdir", like_exfat(real_mkdir))
+        back = tmp_path / "back"
+        restore = [*ini, "restore", backup["saveset"], str(back), "--server", stpd.address]  # type: ignore[index]
+        code, out, err = run_sbc(*restore, "--json")
+    assert code == 3, err
+    why = "Invalid argument (the target's file system cannot hold this name)"
+    assert json.loads(out)["unrestorable"] == [
+        {"path": "tree/meeting 10:30.txt", "error": why},
+        {"path": "tree/notes: 2026", "error": why + "; nothing under it was restored"},
+        {
+            "path": "tree/zz-agenda",
+            "error": "a hard link to tree/meeting 10:30.txt, which was not restored",
+        },
     ]
     assert sorted(p.name for p in (back / "tree").iterdir()) == ["a.txt", "z.txt"]
     assert (back / "tree" / "z.txt").read_text() == "last\n"
