@@ -20,9 +20,9 @@ from pki.layout import Layout, resolve_ini_dir
 from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
-from sbc.extract import path_parts
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
 from stpd.config import stpd_address
+from stpd.tarcheck import path_parts
 from stpd.tlsconn import signals_end_waits
 
 
@@ -200,9 +200,14 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         entries = f"{restored.members} entries"
         if args.entries:
             entries = f"{restored.extracted} of {entries}"
+        checked = (
+            "sha256 verified"
+            if restored.checked
+            else "selected entries only, so the saveset's sha256 (of all of it) was not checked"
+        )
         print(
             f"restored saveset {args.saveset} into {target}: {entries}, {restored.bytes} bytes "
-            f"in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), sha256 verified"
+            f"in {seconds:.2f}s ({_rate(restored.bytes, seconds)}), {checked}"
         )
     result: dict[str, Any] = {
         "saveset": args.saveset,
@@ -210,7 +215,7 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "bytes": restored.bytes,
         "members": restored.members,
         "extracted": restored.extracted,
-        "sha256": restored.sha256,
+        "sha256": restored.sha256 if restored.checked else None,
         "skipped": restored.skipped,
         "kept": restored.kept,
         "seconds": round(seconds, 3),

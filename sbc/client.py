@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import h11
 
@@ -31,7 +31,8 @@ from sbc.archive import EVERYTHING, TreeStats, WalkOptions, write_tree
 from sbc.config import SbcConfig
 from sbc.extract import RestoreResult, extract_stream
 from sbc.progress import TransferProgress
-from stpd.body import LengthBody
+from stpd.body import ChunkedBody, LengthBody
+from stpd.config import MAX_REQUEST_TARGET
 from stpd.tlsconn import TLSBroken, TLSConnection, TLSHandshakeError, TLSTimeout
 from stpd.transfer import Batch, BodyReader, send_batch, send_events_blocking
 
@@ -522,31 +523,39 @@ class Session:
     ) -> RestoreResult:
         """Extract ``saveset`` (or ``only`` those entries of it) into
         ``target``; existing files are kept (listed in the result) unless
-        ``overwrite``."""
+        ``overwrite``. stpd sends only the entries asked for, where they fit
+        in a request (else all of it, and they are picked out here)."""
+        path = f"/savesets/{quote(saveset, safe='')}"
+        selection = urlencode([("entry", name) for name in only])
+        if selection and len(path) + len(selection) < MAX_REQUEST_TARGET:
+            path += "?" + selection
         self._send(
-            h11.Request(
-                method="GET", target=f"/savesets/{quote(saveset, safe='')}", headers=self._headers()
-            ),
-            h11.EndOfMessage(),
+            h11.Request(method="GET", target=path, headers=self._headers()), h11.EndOfMessage()
         )
         response = self._response()
         if response.status != 200:
             raise self._failure(response, self._json_body(), f"restore of {saveset}")
         result = RestoreResult()
+        # The whole saveset comes with its checksum and length; selected
+        # entries (found by stpd as it sends them) chunked, without either.
         expected = response.headers.get("x-sha256", "")
         length_text = response.headers.get("content-length", "")
-        if not length_text.isdigit():
+        body: LengthBody | ChunkedBody
+        if length_text.isdigit():
+            body = LengthBody(int(length_text))
+            if progress is not None:
+                progress.set_total(int(length_text))
+        elif response.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = ChunkedBody()
+        else:
             raise SbcError(f"stpd at {self.where} sent a saveset without a Content-Length")
-        length = int(length_text)
-        if progress is not None:
-            progress.set_total(length)
 
         # The body bypasses h11 (the connection is closed after a restore):
         # it is extracted as it comes.
         early, _ = self.conn.trailing_data
         assert self.tls is not None
         # Two buffers: a large file's writes overlap receiving (WriteBehind).
-        reader = BodyReader(self.tls, LengthBody(length), early, self.config.io_timeout, 2)
+        reader = BodyReader(self.tls, body, early, self.config.io_timeout, 2)
 
         def next_batch() -> Batch:
             batch = reader.next_batch()
@@ -569,4 +578,5 @@ class Session:
                 f"restored data of {saveset} does not match its checksum "
                 f"(got {result.sha256}, expected {expected}): the saveset may be damaged"
             )
+        result.checked = bool(expected)
         return result

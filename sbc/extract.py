@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sbc.archive import ArchiveError
+from stpd.tarcheck import is_under, path_parts
 from stpd.transfer import BatchReader, Get, WriteBehind, write_all
 
 if TYPE_CHECKING:
@@ -70,11 +71,6 @@ class UnsafeMember(tarfile.FilterError):
     def __init__(self, tarinfo: tarfile.TarInfo, message: str) -> None:
         self.tarinfo = tarinfo
         super().__init__(message)
-
-
-def path_parts(path: str) -> list[str]:
-    """The components of a member's path, without empty ones and '.'."""
-    return [part for part in path.split("/") if part not in ("", ".")]
 
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -186,7 +182,7 @@ class SafeMembers:
 
     def _selected(self, parts: list[str]) -> bool:
         for name, wanted in self.only.items():
-            if parts[: len(wanted)] == wanted:
+            if is_under(parts, wanted):
                 self.found.add(name)
                 return True
         return False
@@ -497,10 +493,11 @@ def _known_id(lookup: Callable[[str], Any], name: str, number: int) -> int:
 
 @dataclass
 class RestoreResult:
-    members: int = 0  # entries of the saveset
+    members: int = 0  # entries received: the saveset's, or those stpd selected
     extracted: int = 0  # of them, those restored (not kept, skipped or left out)
     bytes: int = 0
-    sha256: str = ""
+    sha256: str = ""  # of what was received
+    checked: bool = False  # sha256 is the saveset's (all of it was received)
     skipped: list[str] = field(default_factory=list)  # device nodes, not restored
     kept: list[str] = field(default_factory=list)  # existed already, not overwritten
     # (name, reason): links and FIFOs the target's file system cannot hold

@@ -23,6 +23,7 @@ from pki.tls import ClientCertPolicy
 
 SECONDS = 1.0
 STPD_HTTPS_PORT = 11443  # STPD's customary HTTPS port
+MAX_REQUEST_TARGET = 8192  # characters: a longer request target is refused (400)
 SECTION = "STPD_Server"
 
 

@@ -27,11 +27,13 @@ from cryptography import x509
 
 from pki.authority import SUBJECT_KEYS
 from pki.tls import NO_HANDSHAKE_REASON, ClientCertPolicy
+from stpd.config import MAX_REQUEST_TARGET
 from stpd.store import SAVESET_ID
 
 KEY_BY_OID = {oid: key for key, oid in SUBJECT_KEYS.items()}
 ANONYMOUS = "anonymous"  # owner of savesets uploaded without a valid certificate
 MAX_SOURCE_CHARS = 4096  # a path longer than PATH_MAX is not a path
+MAX_ENTRIES = 1000  # ?entry= parameters of one selective restore
 NO_CERTIFICATE = "no client certificate presented"
 
 
@@ -226,6 +228,8 @@ class Upload:
 @dataclass(frozen=True)
 class Download:
     saveset: str
+    # ?entry=NAME&entry=...: only these entries and what is under them
+    entries: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -247,17 +251,37 @@ class Reject:
 Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Reject
 
 
-def _source_value(query: str) -> str | Reject:
+def _query_pairs(query: str, most: int) -> list[tuple[str, str]] | Reject:
     try:
-        pairs = parse_qsl(
+        return parse_qsl(
             query,
             keep_blank_values=True,
             strict_parsing=bool(query),
             errors="strict",
-            max_num_fields=8,
+            max_num_fields=most,
         )
     except (ValueError, UnicodeDecodeError):
         return Reject(400, "malformed query string")
+
+
+def _entries_value(query: str) -> tuple[str, ...] | Reject:
+    """The ``entry`` parameters of a download (a selective restore)."""
+    pairs = _query_pairs(query, MAX_ENTRIES)
+    if isinstance(pairs, Reject):
+        return pairs
+    unknown = {key for key, _ in pairs} - {"entry"}
+    if unknown:
+        return Reject(400, f"unknown query parameter {sorted(unknown)[0]!r}")
+    entries = tuple(value for _, value in pairs)
+    if any(not e or "\x00" in e or len(e) > MAX_SOURCE_CHARS for e in entries):
+        return Reject(400, "invalid entry name (empty, a NUL byte or longer than 4096 characters)")
+    return entries
+
+
+def _source_value(query: str) -> str | Reject:
+    pairs = _query_pairs(query, 8)
+    if isinstance(pairs, Reject):
+        return pairs
     values = dict(pairs)
     if len(values) < len(pairs):  # "source=/a&source=/b": which one was backed up?
         repeated = sorted({k for k, _ in pairs if [n for n, _ in pairs].count(k) > 1})[0]
@@ -279,7 +303,7 @@ def route(method: str, target: str) -> Action:
     except ValueError:  # "//[x/status": an unclosed IPv6 bracket in what looks like a host
         return Reject(400, "invalid request target")
     path = parts.path
-    if "\x00" in unquote(path) or len(target) > 8192:
+    if "\x00" in unquote(path) or len(target) > MAX_REQUEST_TARGET:
         return Reject(400, "invalid request target")
     segments = [s for s in path.split("/") if s]
     if segments == ["status"]:
@@ -298,7 +322,8 @@ def route(method: str, target: str) -> Action:
         if method != "GET":
             return Reject(405, "use GET on a saveset")
         if len(segments) == 2:
-            return Download(saveset)
+            entries = _entries_value(parts.query)
+            return entries if isinstance(entries, Reject) else Download(saveset, entries)
         if segments[2] == "meta":
             return Metadata(saveset)
         if segments[2] == "entries":

@@ -49,7 +49,15 @@ from stpd.protocol import (
     refused_handshake,
     route,
 )
-from stpd.store import SavesetMeta, SavesetStore, StoreError, saveset_entries, utc_now
+from stpd.store import (
+    SavesetMeta,
+    SavesetStore,
+    StoreError,
+    saveset_entries,
+    saveset_selection,
+    utc_now,
+)
+from stpd.tarcheck import END_OF_ARCHIVE
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import Batch, BatchWriter, BodyReader, WriteBehind, send_batch
 
@@ -545,7 +553,7 @@ class HttpSession:
             if meta is not None:
                 await self._send_json(200, meta.to_json())
         elif isinstance(action, Download):
-            await self._download(action.saveset)
+            await self._download(action.saveset, action.entries)
         elif isinstance(action, Entries):
             await self._entries(action.saveset)
         elif isinstance(action, Upload):
@@ -669,24 +677,37 @@ class HttpSession:
             entries.close()
         await self._send(h11.EndOfMessage())
 
-    async def _download(self, saveset: str) -> None:
+    async def _download(self, saveset: str, entries: tuple[str, ...]) -> None:
+        """The stored saveset; with ``entries``, a tar archive of just those
+        members (and what is under them), found as it is sent, so chunked
+        and without the checksum, which covers the whole saveset."""
         meta = await self._owned_saveset(saveset)
         if meta is None:
             return
+        path = self.daemon.store.tar_path(saveset)
         try:
-            f = await trio.to_thread.run_sync(open, self.daemon.store.tar_path(saveset), "rb")
+            f = await trio.to_thread.run_sync(open, path, "rb")
         except OSError as exc:
             await self._unreadable_saveset(saveset, exc)
             return
         size = os.fstat(f.fileno()).st_size
+        if entries:
+            framing = [("Transfer-Encoding", "chunked")]
+        else:
+            framing = [("Content-Length", str(size)), ("X-Sha256", meta.sha256)]
 
-        def send_saveset() -> None:
+        def send_saveset() -> int:
             def put(batch: Batch) -> None:
                 send_batch(self.tls, self.conn, batch, self.config.io_timeout)
 
             out = BatchWriter(put)
-            out.fill_from(f.fileno(), size)
+            for start, end in saveset_selection(path, entries) if entries else [(0, size)]:
+                os.lseek(f.fileno(), start, os.SEEK_SET)
+                out.fill_from(f.fileno(), end - start)
+            if entries:
+                out.write(END_OF_ARCHIVE)
             out.finish()
+            return out.tell()
 
         started = time.monotonic()
         self.daemon.active_transfers += 1
@@ -696,29 +717,32 @@ class HttpSession:
                     status_code=200,
                     headers=[
                         ("Content-Type", "application/x-tar"),
-                        ("Content-Length", str(size)),
+                        *framing,
                         ("X-Saveset", saveset),
-                        ("X-Sha256", meta.sha256),
                     ],
                 )
             )
-            await run_transfer(self.tls, send_saveset, self.daemon.transfer_threads)
+            sent = await run_transfer(self.tls, send_saveset, self.daemon.transfer_threads)
             await self._send(h11.EndOfMessage())
         except trio.TooSlowError:
             log.warning(
                 "restore of %s to %s stalled (client not reading); closed", saveset, self.peer
             )
             raise trio.BrokenResourceError("send timeout") from None
+        except (OSError, tarfile.TarError) as exc:  # after the head: only closing tells
+            log.error("saveset %s cannot be read: %s", saveset, exc)
+            raise trio.BrokenResourceError(f"saveset {saveset} unreadable") from None
         finally:
             self.daemon.active_transfers -= 1
             f.close()
         seconds = max(time.monotonic() - started, 1e-6)
         log.info(
-            "sent saveset %s to %s (%s): %d bytes in %.2fs (%.1f MB/s)",
+            "sent saveset %s%s to %s (%s): %d bytes in %.2fs (%.1f MB/s)",
             saveset,
+            f" (entries asked for: {len(entries)})" if entries else "",
             self.peer,
             self.owner,
-            size,
+            sent,
             seconds,
-            size / seconds / 1e6,
+            sent / seconds / 1e6,
         )

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stpd.tarcheck import InvalidTar, TarStreamCheck
+from stpd.tarcheck import InvalidTar, TarStreamCheck, is_under, path_parts
 from stpd.transfer import write_all
 
 INCOMING = ".incoming"
@@ -302,6 +302,29 @@ def _read_meta(path: Path) -> SavesetMeta | None:
         return SavesetMeta(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def saveset_selection(path: Path, entries: Sequence[str]) -> Generator[tuple[int, int], None, None]:
+    """The byte ranges ``(start, end)`` of the stored saveset ``path`` that
+    hold ``entries`` and what is under them, each member with its extended
+    headers and contents, adjacent ones joined. A selective restore sends
+    them as they are stored, then END_OF_ARCHIVE: the stream is a tar
+    archive of just those members. tarfile seeks over the rest."""
+    wanted = [path_parts(entry) for entry in entries]
+    start = end = -1
+    with tarfile.open(path, "r:") as tar:
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # type: ignore[attr-defined]  # see saveset_entries
+            parts = path_parts(member.name)
+            if not any(is_under(parts, entry) for entry in wanted):
+                continue
+            if member.offset != end:
+                if end >= 0:
+                    yield start, end
+                start = member.offset  # its first header block (a PAX one, say)
+            end = tar.offset  # where the next member's header begins
+    if end >= 0:
+        yield start, end
 
 
 _KINDS = {

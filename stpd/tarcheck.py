@@ -17,6 +17,9 @@ data. GNU long-name headers are ordinary members for this purpose.
 
 The archive is complete when an end-of-archive zero block has been seen at
 a header position and nothing but zeros follows.
+
+``path_parts`` and ``is_under`` say which members a selective restore
+(``sbc restore ID DIR ENTRY...``) takes, the same in stpd and sbc.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import tarfile
 import zlib
 
 BLOCK = tarfile.BLOCKSIZE
+END_OF_ARCHIVE = bytes(2 * BLOCK)
 MAX_PAX_HEADER = 1024 * 1024  # extended headers we read to find "size"
 _PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
@@ -160,3 +164,14 @@ _NO_DATA = (
     tarfile.DIRTYPE,
     tarfile.FIFOTYPE,
 )
+
+
+def path_parts(path: str) -> list[str]:
+    """The components of a member's path, without empty ones and '.'."""
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+def is_under(parts: list[str], entry: list[str]) -> bool:
+    """Whether the member path ``parts`` is ``entry`` or under it: what
+    ``sbc restore ID DIR ENTRY...`` selects (both as path_parts)."""
+    return parts[: len(entry)] == entry
