@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sbc.archive import ArchiveError
-from stpd.tarcheck import is_under, path_parts
+from stpd.tarcheck import PlainTarInfo, is_under, path_parts
 from stpd.transfer import BatchReader, Get, WriteBehind, write_all
 
 if TYPE_CHECKING:
@@ -272,6 +272,7 @@ class _Extraction(tarfile.TarFile):
     times set on descriptors opened with O_NOFOLLOW, on a directory only if
     it is still the one this restore created or merged with."""
 
+    tarinfo = PlainTarInfo  # headers parsed in one step where they are plain
     target: TargetDir
     kept: list[str]  # members found taken by the time they were created (SafeMembers.kept)
     unrestorable: list[tuple[str, str]]  # see _refused

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stpd.tarcheck import InvalidTar, TarStreamCheck, is_under, path_parts
+from stpd.tarcheck import InvalidTar, PlainTarInfo, TarStreamCheck, is_under, path_parts
 from stpd.transfer import write_all
 
 INCOMING = ".incoming"
@@ -312,7 +312,7 @@ def saveset_selection(path: Path, entries: Sequence[str]) -> Generator[tuple[int
     archive of just those members. tarfile seeks over the rest."""
     wanted = [path_parts(entry) for entry in entries]
     start = end = -1
-    with tarfile.open(path, "r:") as tar:
+    with tarfile.open(path, "r:", tarinfo=PlainTarInfo) as tar:
         while (member := tar.next()) is not None:
             tar.members.clear()  # type: ignore[attr-defined]  # see saveset_entries
             parts = path_parts(member.name)
@@ -350,7 +350,7 @@ def _mtime_text(mtime: float) -> str:
 def saveset_entries(path: Path) -> Generator[dict[str, Any], None, None]:
     """The entries of the stored saveset ``path``, header by header (tarfile
     seeks over the contents), none kept: millions list in constant memory."""
-    with tarfile.open(path, "r:") as tar:
+    with tarfile.open(path, "r:", tarinfo=PlainTarInfo) as tar:
         while (member := tar.next()) is not None:
             # tarfile keeps every member it read (an attribute typeshed lacks);
             # a listing needs none of them.

@@ -25,8 +25,10 @@ a header position and nothing but zeros follows.
 from __future__ import annotations
 
 import re
+import struct
 import tarfile
 import zlib
+from typing import Self
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
@@ -34,7 +36,7 @@ MAX_PAX_HEADER = 1024 * 1024  # extended headers we read to find "size"
 _PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
 
-def block_sum(block: bytes | memoryview) -> int:
+def block_sum(block: bytes | bytearray | memoryview) -> int:
     """``sum(block)`` of a 512-byte tar block (the header checksum), in a
     sixth of the time: the low 16 bits of Adler-32 are 1 + the byte sum
     modulo 65521, and a 256-byte half sums to at most 65,280, below the
@@ -153,6 +155,91 @@ def _type_and_size(block: bytes) -> tuple[bytes, int] | None:
     if stored != block_sum(block) - sum(block[148:156]) + 8 * ord(" "):
         return None
     return kind, size
+
+
+class PlainTarInfo(tarfile.TarInfo):
+    """``tarfile.TarInfo`` that parses a plain ustar header (what sbc writes
+    for most members) in one step. ``TarInfo.frombuf`` decodes field by
+    field: 16 us a header, a fifth of restoring a small file, and most of
+    listing a saveset. Anything else (PAX and GNU extensions, base-256
+    numbers, a bad or signed checksum, an odd number field) goes to
+    tarfile, which decides with its own results and errors; tests check
+    that both give the same. Used as ``tarfile.open(..., tarinfo=...)``."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        fields = _plain_fields(buf)
+        if fields is None:
+            return super().frombuf(buf, encoding, errors)
+        name, numbers, kind, linkname, uname, gname, prefix = fields
+        obj = cls()
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime, obj.chksum, major, minor = numbers
+        obj.devmajor, obj.devminor = major, minor
+        obj.type = kind
+        obj.name = name.decode(encoding, errors)
+        obj.linkname = linkname.decode(encoding, errors)
+        obj.uname = uname.decode(encoding, errors)
+        obj.gname = gname.decode(encoding, errors)
+        # As frombuf: an old-style directory, trailing slashes, the prefix.
+        if kind == tarfile.AREGTYPE and obj.name.endswith("/"):
+            obj.type = tarfile.DIRTYPE
+        if obj.isdir():
+            obj.name = obj.name.rstrip("/")
+        if prefix:
+            obj.name = prefix.decode(encoding, errors) + "/" + obj.name
+        return obj
+
+
+_USTAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+_PLAIN_TYPES = frozenset(
+    [
+        tarfile.REGTYPE,
+        tarfile.AREGTYPE,
+        tarfile.LNKTYPE,
+        tarfile.SYMTYPE,
+        tarfile.CHRTYPE,
+        tarfile.BLKTYPE,
+        tarfile.DIRTYPE,
+        tarfile.FIFOTYPE,
+        tarfile.CONTTYPE,
+    ]
+)
+
+
+def _plain_fields(
+    buf: bytes | bytearray,
+) -> tuple[bytes, tuple[int, ...], bytes, bytes, bytes, bytes, bytes] | None:
+    """(name, numbers, type, linkname, uname, gname, prefix) of a plain
+    ustar header whose checksum is right, the strings cut at their NUL and
+    the numbers in header order (mode ... chksum, devmajor, devminor);
+    None for anything else."""
+    if len(buf) != BLOCK:
+        return None
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, magic, uname, gname,
+     devmajor, devminor, prefix) = _USTAR_HEADER.unpack(buf)  # fmt: skip
+    if magic != tarfile.POSIX_MAGIC or kind not in _PLAIN_TYPES:
+        return None
+    try:
+        # What tarfile's nti reads, for fields of octal digits: bytes.strip()
+        # keeps what only str.strip() removes, which then fails here.
+        numbers = tuple(
+            int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+            for field in (mode, uid, gid, size, mtime, chksum, devmajor, devminor)
+            if not field[0] & 0x80  # base-256: left to tarfile
+        )
+    except ValueError:
+        return None
+    if len(numbers) != 8 or numbers[5] != block_sum(buf) - sum(chksum) + 8 * ord(" "):
+        return None
+    return (
+        name.split(b"\0", 1)[0],
+        numbers,
+        kind,
+        linkname.split(b"\0", 1)[0],
+        uname.split(b"\0", 1)[0],
+        gname.split(b"\0", 1)[0],
+        prefix.split(b"\0", 1)[0],
+    )
 
 
 # Types whose size field does not announce data blocks that follow.

@@ -8,13 +8,23 @@ import os
 import random
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stpd.tarcheck import InvalidTar, TarStreamCheck, block_sum
+from stpd.tarcheck import (
+    _PLAIN_TYPES,
+    InvalidTar,
+    PlainTarInfo,
+    TarStreamCheck,
+    _plain_fields,
+    block_sum,
+)
+
+_PLAIN = sorted(_PLAIN_TYPES)
 
 
 def archive(fmt: int, members: list[tuple[str, bytes]], *, extra: bool = True) -> bytes:
@@ -158,3 +168,99 @@ def test_fast_header_path_agrees_with_tarfile() -> None:
 @given(st.binary(min_size=512, max_size=512) | st.sampled_from([b"\xff" * 512, bytes(512)]))
 def test_block_sum_is_the_byte_sum(block: bytes) -> None:
     assert block_sum(block) == sum(block)
+
+
+_ATTRIBUTES = [
+    "name",
+    "mode",
+    "uid",
+    "gid",
+    "size",
+    "mtime",
+    "chksum",
+    "type",
+    "linkname",
+    "uname",
+    "gname",
+    "devmajor",
+    "devminor",
+    "pax_headers",
+]
+
+
+def _parsed(parse: Callable[[bytes], tarfile.TarInfo], block: bytes) -> object:
+    """What a header parser makes of ``block``: the fields, or the error."""
+    try:
+        info = parse(block)
+    except tarfile.HeaderError as exc:
+        return type(exc)
+    return type(info), [getattr(info, name) for name in _ATTRIBUTES]
+
+
+_NAMES = st.text(st.sampled_from("ab/.é \x1c"), max_size=30) | st.sampled_from(
+    ["d/", "d//", "x" * 99, "a/" + "b" * 98, "p" * 60 + "/" + "n" * 60]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    name=_NAMES,
+    kind=st.sampled_from([*_PLAIN, tarfile.GNUTYPE_SPARSE, tarfile.XHDTYPE, b"Z"]),
+    numbers=st.tuples(*[st.integers(0, 8**7 - 1)] * 3, st.integers(0, 8**11 - 1)),
+    linkname=_NAMES,
+    fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]),
+    damage=st.none() | st.tuples(st.integers(0, 511), st.integers(0, 255)),
+)
+def test_plain_tar_info_parses_as_tarfile_does(
+    name: str,
+    kind: bytes,
+    numbers: tuple[int, int, int, int],
+    linkname: str,
+    fmt: int,
+    damage: tuple[int, int] | None,
+) -> None:
+    """PlainTarInfo.frombuf gives what TarInfo.frombuf gives (fields, or the
+    error) for every header block tarfile writes, damaged or not."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    info.mode, info.uid, info.gid, info.mtime = numbers
+    info.size = numbers[3] if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+    info.uname, info.gname = "user", "grüppe"
+    try:
+        written = info.tobuf(fmt, "utf-8", "surrogateescape")
+    except ValueError:
+        return  # a name tarfile cannot write in this format
+    for start in range(0, len(written), tarfile.BLOCKSIZE):
+        block = bytearray(written[start : start + tarfile.BLOCKSIZE])
+        if damage is not None:
+            block[damage[0]] = damage[1]
+        plain = _parsed(lambda b: PlainTarInfo.frombuf(b, "utf-8", "surrogateescape"), bytes(block))
+        stock = _parsed(
+            lambda b: tarfile.TarInfo.frombuf(b, "utf-8", "surrogateescape"), bytes(block)
+        )
+        if isinstance(stock, tuple):
+            stock = (PlainTarInfo, stock[1])  # the same fields, made by cls()
+        assert plain == stock
+
+
+def test_plain_tar_info_takes_sbcs_headers_in_one_step() -> None:
+    """The common headers do not fall back to tarfile (else nothing is won)."""
+    for kind in _PLAIN:
+        info = tarfile.TarInfo("dir/name")
+        info.type = kind
+        block = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        assert len(block) == tarfile.BLOCKSIZE
+        assert _plain_fields(block) is not None, kind
+
+
+def test_plain_tar_info_lists_a_saveset_as_tarfile_does(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / ("long" * 30)).mkdir(parents=True)
+    (tree / ("long" * 30) / "ünï.txt").write_text("x\n")
+    (tree / "link").symlink_to("long" * 30)
+    archive = tmp_path / "a.tar"
+    subprocess.run(["tar", "-cf", str(archive), "-C", str(tmp_path), "tree"], check=True)
+    with tarfile.open(archive) as stock, tarfile.open(archive, tarinfo=PlainTarInfo) as plain:
+        assert [(m.name, m.type, m.size, m.offset, m.offset_data) for m in stock] == [
+            (m.name, m.type, m.size, m.offset, m.offset_data) for m in plain
+        ]
