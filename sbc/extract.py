@@ -30,10 +30,8 @@ from stpd.transfer import BatchReader, Get, WriteBehind, write_all
 if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath
 
-# tarfile's copy size on restore (its default: 16 KiB). A read inside one
-# received batch (1 MiB) is passed on uncopied, one that crosses into the
-# next batch is copied (see BatchReader): with a quarter of a batch, about
-# one read in four is. Measured: 1 MiB reads 530 MB/s, 256 KiB 600 MB/s.
+# tarfile's copy size for a sparse member (its default: 16 KiB); other files
+# go out as the pieces lie in the received batches (_copy_out).
 RESTORE_COPY_BUFFER = 256 * 1024
 
 # A file this large is written by a second thread while the next piece is
@@ -42,12 +40,15 @@ RESTORE_COPY_BUFFER = 256 * 1024
 WRITE_BEHIND_BYTES = 1024 * 1024
 
 
-def _copy_behind(source: BatchReader, fd: int, size: int) -> None:
-    """``size`` bytes of ``source`` written to the file ``fd``, each piece
+def _copy_out(source: BatchReader, fd: int, size: int) -> None:
+    """``size`` bytes of ``source`` written to the file ``fd`` as they lie in
+    the received batches (no copy, no file object). A file of
+    WRITE_BEHIND_BYTES or more is written by a second thread, each piece
     while the next one is read (the reader's views stay valid for that)."""
-    with WriteBehind(functools.partial(write_all, fd)) as behind:
+    write = functools.partial(write_all, fd)
+    with WriteBehind(write, threaded=size >= WRITE_BEHIND_BYTES) as behind:
         while size:
-            piece = source.read_view(size)  # a whole batch at a time: one hand-over a MiB
+            piece = source.read_view(size)  # up to a received batch: one hand-over a MiB
             if not piece:
                 raise tarfile.ReadError("unexpected end of data")
             behind.put([piece])
@@ -306,24 +307,25 @@ class _Extraction(tarfile.TarFile):
         except OSError as exc:
             self._refused(parts, exc)
             return
+        reader: BatchReader = self.fileobj  # type: ignore[assignment]  # extract_stream's
         try:
-            with open(fd, "wb") as out:
-                self.fileobj.seek(tarinfo.offset_data)  # type: ignore[union-attr]
+            try:
+                reader.seek(tarinfo.offset_data)
                 # (offset, size) pieces of a GNU sparse member (typeshed: bytes)
                 sparse: list[tuple[int, int]] | None = getattr(tarinfo, "sparse", None)
-                if sparse is None and tarinfo.size >= WRITE_BEHIND_BYTES:
-                    reader = self.fileobj  # the BatchReader of extract_stream
-                    _copy_behind(reader, fd, tarinfo.size)  # type: ignore[arg-type]
+                if sparse is None:
+                    _copy_out(reader, fd, tarinfo.size)
                 else:
-                    for offset, size in sparse or [(0, tarinfo.size)]:
-                        out.seek(offset)
-                        tarfile.copyfileobj(  # type: ignore[attr-defined]
-                            self.fileobj, out, size, tarfile.ReadError, RESTORE_COPY_BUFFER
-                        )
-                    if sparse is not None:
+                    with open(fd, "wb", closefd=False) as out:
+                        for offset, size in sparse:
+                            out.seek(offset)
+                            tarfile.copyfileobj(  # type: ignore[attr-defined]
+                                reader, out, size, tarfile.ReadError, RESTORE_COPY_BUFFER
+                            )
                         out.truncate(tarinfo.size)
-                    out.flush()
-                self._set_attributes(out.fileno(), tarinfo)
+                self._set_attributes(fd, tarinfo)
+            finally:
+                os.close(fd)
         except BaseException:
             # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
             # file written in part would pass for the whole one: it goes.

@@ -492,3 +492,24 @@ def test_read_view_gives_the_pieces_as_they_lie() -> None:
     assert views[1].obj is pieces[1]  # a view into the received buffer: no copy
     assert b"".join(views) == pieces[0][10:] + pieces[1]
     assert reader.tell() == 4000
+
+
+def test_restore_of_a_gnu_sparse_member(tmp_path: Path) -> None:
+    """A saveset made by ``tar -S`` (uploaded with curl, say) holds sparse
+    members: they come back whole, holes as zeros."""
+    source = tmp_path / "src"
+    source.mkdir()
+    with open(source / "holes", "wb") as f:
+        f.seek(5_000_000)
+        f.write(os.urandom(10_000))
+        f.seek(9_000_000)
+        f.write(b"end")
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(
+        ["tar", "--format=gnu", "-S", "-cf", str(archive), "-C", str(source), "holes"], check=True
+    )
+    with tarfile.open(archive) as tar:
+        assert tar.getmember("holes").type == tarfile.GNUTYPE_SPARSE
+    batches = [[memoryview(archive.read_bytes())]]
+    extract_stream(lambda: batches.pop() if batches else [], tmp_path / "out", RestoreResult())
+    assert (tmp_path / "out" / "holes").read_bytes() == (source / "holes").read_bytes()
