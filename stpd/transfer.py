@@ -290,8 +290,8 @@ class BatchReader:
     batch is asked for (see ``BodyReader``). A read of ``VIEW_READ`` bytes
     or more (tarfile copying file contents, which it writes straight out)
     returns a view without a new allocation: into the piece when it lies in
-    one, else into one of this reader's two gathering buffers, reused by
-    the next such read but one. (Allocating those, 256 KiB at a time, cost a page fault per
+    one, else into this reader's own gathering buffer, reused by the next
+    such read. (Allocating those, 256 KiB at a time, cost a page fault per
     11 KiB: an eighth of sbc's restore time.) Smaller reads (headers, which
     tarfile parses and keeps) return ``bytes``.
     """
@@ -310,9 +310,7 @@ class BatchReader:
         self._current = memoryview(b"")
         self._pos = 0  # in _current
         self._offset = 0  # in the whole stream
-        # See read; two take turns, as a WriteBehind may still be writing
-        # the view of one while the next read fills the other.
-        self._gathered = [memoryview(bytearray()), memoryview(bytearray())]
+        self._gathered = memoryview(bytearray())  # see read
         self.eof = False
 
     def _next_piece(self) -> bool:
@@ -338,12 +336,10 @@ class BatchReader:
             self._offset += size
             return view if size >= self.VIEW_READ else bytes(view)
         if self.VIEW_READ <= size <= self.GATHER_MAX:
-            gathered = self._gathered.pop(0)
-            if len(gathered) < size:
-                gathered = memoryview(bytearray(size))
-            self._gathered.append(gathered)
-            got = self._take_into(gathered[:size])
-            return gathered[:got]
+            if len(self._gathered) < size:
+                self._gathered = memoryview(bytearray(size))
+            got = self._take_into(self._gathered[:size])
+            return self._gathered[:got]
         # Small reads across pieces (a header), and huge ones: copied anew.
         parts: list[bytes] = []
         while size > 0:
@@ -357,7 +353,8 @@ class BatchReader:
 
     def read_view(self, size: int) -> memoryview:
         """At most ``size`` bytes, as they lie in the current piece (no copy):
-        up to a whole received batch. Empty only at the end."""
+        up to a whole received batch, valid until the next batch but one is
+        asked for (with a two-buffer BodyReader). Empty only at the end."""
         if self._pos == len(self._current) and not self._next_piece():
             return memoryview(b"")
         view = self._current[self._pos : self._pos + size]

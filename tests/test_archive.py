@@ -466,20 +466,6 @@ def test_batch_reader_reads_exactly_what_is_asked(pieces: list[bytes], sizes: li
         assert reader.tell() == position
 
 
-def test_a_gathered_read_holds_its_bytes_through_the_next_one() -> None:
-    """Reads that cross pieces are gathered into one of two buffers that
-    take turns: a file write of one read's view (WriteBehind) may still be
-    running while the next read is made."""
-    pieces = [os.urandom(100_000) for _ in range(6)]
-    stream = b"".join(pieces)
-    batches = [[memoryview(piece)] for piece in pieces]
-    reader = BatchReader(lambda: batches.pop(0) if batches else [])
-    first = reader.read(150_000)  # crosses from the first piece into the second
-    second = reader.read(150_000)
-    assert bytes(first) == stream[:150_000]
-    assert bytes(second) == stream[150_000:300_000]
-
-
 def test_read_view_gives_the_pieces_as_they_lie() -> None:
     """read_view (the write-behind copy of a large file) takes at most the
     rest of the current piece, uncopied, and is empty only at the end."""
