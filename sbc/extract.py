@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sbc.archive import ArchiveError
-from stpd.tarcheck import PlainTarInfo, is_under, path_parts
+from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import BatchReader, Get, WriteBehind, write_all
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class SafeMembers:
         self.target = target
         self.overwrite = overwrite
         # Restore only these entries and what is under them (all if none).
-        self.only = {name: path_parts(name) for name in only}
+        self.only = Selection(only) if only else None
         self.found: set[str] = set()  # the names of ``only`` that matched
         self.symlinks: set[str] = set()  # normalised names of the archive's links
         self.skipped: list[str] = []  # device nodes: not restored, reported
@@ -182,11 +182,10 @@ class SafeMembers:
         return parts
 
     def _selected(self, parts: list[str]) -> bool:
-        for name, wanted in self.only.items():
-            if is_under(parts, wanted):
-                self.found.add(name)
-                return True
-        return False
+        assert self.only is not None
+        names = self.only.match(parts)
+        self.found.update(names)
+        return bool(names)
 
     def _through_link(self, parts: list[str], *, itself: bool) -> str | None:
         return _first_prefix_in(self.symlinks, parts, itself=itself)
@@ -219,7 +218,7 @@ class SafeMembers:
         parts = self._parts(member, member.name, "member")
         if not parts:  # "./" (tar -C DIR -cf - .): the target itself, left as it is
             return None
-        if self.only and not self._selected(parts):
+        if self.only is not None and not self._selected(parts):
             return None
         if _first_prefix_in(self.refused, parts, itself=False) is not None:
             return None

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stpd.tarcheck import InvalidTar, PlainTarInfo, TarStreamCheck, is_under, path_parts
+from stpd.tarcheck import InvalidTar, PlainTarInfo, Selection, TarStreamCheck, path_parts
 from stpd.transfer import write_all
 
 INCOMING = ".incoming"
@@ -310,13 +310,12 @@ def saveset_selection(path: Path, entries: Sequence[str]) -> Generator[tuple[int
     headers and contents, adjacent ones joined. A selective restore sends
     them as they are stored, then END_OF_ARCHIVE: the stream is a tar
     archive of just those members. tarfile seeks over the rest."""
-    wanted = [path_parts(entry) for entry in entries]
+    selection = Selection(entries)
     start = end = -1
     with tarfile.open(path, "r:", tarinfo=PlainTarInfo) as tar:
         while (member := tar.next()) is not None:
             tar.members.clear()  # type: ignore[attr-defined]  # see saveset_entries
-            parts = path_parts(member.name)
-            if not any(is_under(parts, entry) for entry in wanted):
+            if not selection.match(path_parts(member.name)):
                 continue
             if member.offset != end:
                 if end >= 0:

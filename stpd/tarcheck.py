@@ -18,7 +18,7 @@ data. GNU long-name headers are ordinary members for this purpose.
 The archive is complete when an end-of-archive zero block has been seen at
 a header position and nothing but zeros follows.
 
-``path_parts`` and ``is_under`` say which members a selective restore
+``path_parts`` and ``Selection`` say which members a selective restore
 (``sbc restore ID DIR ENTRY...``) takes, the same in stpd and sbc.
 """
 
@@ -28,6 +28,7 @@ import re
 import struct
 import tarfile
 import zlib
+from collections.abc import Iterable
 from typing import Self
 
 BLOCK = tarfile.BLOCKSIZE
@@ -258,7 +259,21 @@ def path_parts(path: str) -> list[str]:
     return [part for part in path.split("/") if part not in ("", ".")]
 
 
-def is_under(parts: list[str], entry: list[str]) -> bool:
-    """Whether the member path ``parts`` is ``entry`` or under it: what
-    ``sbc restore ID DIR ENTRY...`` selects (both as path_parts)."""
-    return parts[: len(entry)] == entry
+class Selection:
+    """What ``sbc restore ID DIR ENTRY...`` takes: each ENTRY and what is
+    under it, names compared as path_parts (so "/etc/" is "etc"). A member
+    is looked up by its leading parts, at the cost of its depth: stpd scans
+    a saveset of millions of members for up to a thousand entries."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self._entries: dict[tuple[str, ...], list[str]] = {}
+        for entry in entries:
+            self._entries.setdefault(tuple(path_parts(entry)), []).append(entry)
+
+    def match(self, parts: list[str]) -> list[str]:
+        """The entries that take the member with path ``parts`` (it is one
+        of them, or under it); [] for none."""
+        found: list[str] = []
+        for depth in range(len(parts) + 1):
+            found += self._entries.get(tuple(parts[:depth]), [])
+        return found

@@ -19,6 +19,7 @@ from stpd.tarcheck import (
     _PLAIN_TYPES,
     InvalidTar,
     PlainTarInfo,
+    Selection,
     TarStreamCheck,
     _plain_fields,
     block_sum,
@@ -264,3 +265,17 @@ def test_plain_tar_info_lists_a_saveset_as_tarfile_does(tmp_path: Path) -> None:
         assert [(m.name, m.type, m.size, m.offset, m.offset_data) for m in stock] == [
             (m.name, m.type, m.size, m.offset, m.offset_data) for m in plain
         ]
+
+
+def test_selection_takes_each_entry_and_what_is_under_it() -> None:
+    """Names as path_parts ("/etc/" is "etc", "." is everything), and every
+    entry that takes a member is named, so that nested entries are all
+    found ("etc" and "etc/ssh")."""
+    selection = Selection(["/etc/", "etc/ssh", "home/a b", "./etc"])
+    assert selection.match(["etc"]) == ["/etc/", "./etc"]
+    assert selection.match(["etc", "ssh", "sshd_config"]) == ["/etc/", "./etc", "etc/ssh"]
+    assert selection.match(["home", "a b", "x"]) == ["home/a b"]
+    assert selection.match(["home"]) == []  # above an entry: not taken
+    assert selection.match(["etcetera"]) == []
+    assert Selection(["."]).match(["any", "thing"]) == ["."]
+    assert Selection([]).match(["x"]) == []

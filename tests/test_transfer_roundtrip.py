@@ -805,6 +805,11 @@ def test_restore_of_some_entries_only(pki: Pki, tmp_path: Path) -> None:
         assert ": 0 of 0 entries, " in out
         assert out.rstrip().endswith("sha256 (of all of it) was not checked")
 
+        # Nested entries: each is found, nothing comes twice.
+        nested = sbc_json(*restore, str(tmp_path / "nested"), "etc", "etc/ssh/sshd_config")
+        assert "not_found" not in nested
+        assert (nested["extracted"], nested["members"]) == (6, 6)  # type: ignore[index]
+
 
 def test_a_selective_restore_fetches_only_the_entries(pki: Pki, tmp_path: Path) -> None:
     """stpd sends a tar archive of just the entries asked for and what is
