@@ -57,11 +57,15 @@ from stpd.store import (
     saveset_selection,
     utc_now,
 )
-from stpd.tarcheck import END_OF_ARCHIVE
+from stpd.tarcheck import END_OF_ARCHIVE, STILL_LOOKING
 from stpd.tlsstream import TLSHandshakeError, TLSStream
 from stpd.transfer import Batch, BatchWriter, BodyReader, WriteBehind, send_batch
 
 log = logging.getLogger("stpd")
+
+# A selective restore's scan of a large saveset sends STILL_LOOKING when it
+# has sent nothing for this long: well within any SBC_IO_TIMEOUT (default 60).
+STILL_LOOKING_EVERY = 5.0
 
 ENTRIES_PER_CHUNK = 1000  # saveset entries read per worker-thread call and sent as one chunk
 LINGER_SECONDS = 1.0  # after an early error answer, read and drop for this long so the
@@ -697,11 +701,21 @@ class HttpSession:
             framing = [("Content-Length", str(size)), ("X-Sha256", meta.sha256)]
 
         def send_saveset() -> int:
+            last_sent = time.monotonic()
+
             def put(batch: Batch) -> None:
+                nonlocal last_sent
                 send_batch(self.tls, self.conn, batch, self.config.io_timeout)
+                last_sent = time.monotonic()
 
             out = BatchWriter(put)
-            for start, end in saveset_selection(path, entries) if entries else [(0, size)]:
+            for found in saveset_selection(path, entries) if entries else [(0, size)]:
+                if found is None:  # still scanning: sbc hears from us now and then
+                    if time.monotonic() - last_sent >= STILL_LOOKING_EVERY:
+                        out.write(STILL_LOOKING)
+                        out.finish()  # what is gathered goes now
+                    continue
+                start, end = found
                 os.lseek(f.fileno(), start, os.SEEK_SET)
                 out.fill_from(f.fileno(), end - start)
             if entries:

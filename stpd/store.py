@@ -304,25 +304,37 @@ def _read_meta(path: Path) -> SavesetMeta | None:
         return None
 
 
-def saveset_selection(path: Path, entries: Sequence[str]) -> Generator[tuple[int, int], None, None]:
+SCAN_STEP = 1000  # members (about 13 ms of reading headers)
+
+
+def saveset_selection(
+    path: Path, entries: Sequence[str]
+) -> Generator[tuple[int, int] | None, None, None]:
     """The byte ranges ``(start, end)`` of the stored saveset ``path`` that
     hold ``entries`` and what is under them, each member with its extended
     headers and contents, adjacent ones joined. A selective restore sends
     them as they are stored, then END_OF_ARCHIVE: the stream is a tar
-    archive of just those members. tarfile seeks over the rest."""
+    archive of just those members. tarfile seeks over the rest. Every
+    SCAN_STEP members passed over it yields None: a sender can show that
+    it is still there (see STILL_LOOKING)."""
     selection = Selection(entries)
-    start = end = -1
+    start = end = -1  # of the range being gathered
+    passed = 0
     with tarfile.open(path, "r:", tarinfo=PlainTarInfo) as tar:
         while (member := tar.next()) is not None:
             tar.members.clear()  # type: ignore[attr-defined]  # see saveset_entries
-            if not selection.match(path_parts(member.name)):
+            if selection.match(path_parts(member.name)):
+                if start < 0:
+                    start = member.offset  # its first header block (a PAX one, say)
+                end = tar.offset  # where the next member's header begins
                 continue
-            if member.offset != end:
-                if end >= 0:
-                    yield start, end
-                start = member.offset  # its first header block (a PAX one, say)
-            end = tar.offset  # where the next member's header begins
-    if end >= 0:
+            if start >= 0:
+                yield start, end
+                start = -1
+            passed += 1
+            if passed % SCAN_STEP == 0:
+                yield None
+    if start >= 0:
         yield start, end
 
 

@@ -20,7 +20,10 @@ from urllib.parse import urlencode
 import pytest
 
 import sbc.archive as archive
+import stpd.server as stpd_server
+import stpd.store as stpd_store
 from sbc.cli import main as sbc
+from stpd.tarcheck import STILL_LOOKING
 from tests.conftest import (
     WAIT_SECONDS,
     Pki,
@@ -849,6 +852,38 @@ def test_a_selective_restore_fetches_only_the_entries(pki: Pki, tmp_path: Path) 
     assert (listing.stdout.splitlines(), listing.stderr) == (["tree/big.bin", "tree/small.txt"], "")
     content = subprocess.run(["tar", "-xOf", str(got), "tree/big.bin"], capture_output=True)
     assert content.stdout == big
+
+
+def test_a_long_search_for_the_entries_keeps_sbc_waiting(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While stpd scans a large saveset for a selective restore's entries,
+    it sends a PAX global header now and then (here after every member it
+    passes over), which tar readers take in without a trace: sbc restores
+    just the entry, and GNU tar lists just it from what curl fetches."""
+    monkeypatch.setattr(stpd_server, "STILL_LOOKING_EVERY", 0.0)
+    monkeypatch.setattr(stpd_store, "SCAN_STEP", 1)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for n in range(30):
+        (tree / f"f{n:02}").write_text(f"{n}\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    tls = ["--cacert", str(client.ca_cert), "--cert", str(client.client_cert)]
+    tls += ["--key", str(client.client_key)]
+    got = tmp_path / "got.tar"
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")["saveset"]  # type: ignore[index]
+        back = tmp_path / "back"
+        restore = [*ini, "restore", saveset, "--server", stpd.address, "--json", str(back)]
+        result = sbc_json(*restore, "tree/f29")
+        url = f"{stpd.url}/savesets/{saveset}?entry=tree/f29"
+        subprocess.run(["curl", "-sS", "--fail", *tls, "-o", str(got), url], check=True)
+    assert (result["members"], result["extracted"]) == (1, 1)  # type: ignore[index]
+    assert sorted(p.name for p in (back / "tree").iterdir()) == ["f29"]
+    assert got.read_bytes().count(STILL_LOOKING) >= 30  # the tree and f00-f28 passed over
+    listing = subprocess.run(["tar", "-tf", str(got)], capture_output=True, text=True, check=True)
+    assert (listing.stdout, listing.stderr) == ("tree/f29\n", "")
 
 
 def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path) -> None:
