@@ -208,19 +208,6 @@ class PlainTarInfo(tarfile.TarInfo):
 
 
 _USTAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
-_PLAIN_TYPES = frozenset(
-    [
-        tarfile.REGTYPE,
-        tarfile.AREGTYPE,
-        tarfile.LNKTYPE,
-        tarfile.SYMTYPE,
-        tarfile.CHRTYPE,
-        tarfile.BLKTYPE,
-        tarfile.DIRTYPE,
-        tarfile.FIFOTYPE,
-        tarfile.CONTTYPE,
-    ]
-)
 
 
 def _plain_fields(
@@ -268,6 +255,8 @@ _NO_DATA = (
     tarfile.DIRTYPE,
     tarfile.FIFOTYPE,
 )
+# Types of members that tarfile parses from their header block alone.
+_PLAIN_TYPES = frozenset([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, *_NO_DATA])
 
 
 def path_parts(path: str) -> list[str]:
