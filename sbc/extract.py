@@ -502,7 +502,7 @@ class RestoreResult:
     checked: bool = False  # sha256 is the saveset's (all of it was received)
     skipped: list[str] = field(default_factory=list)  # device nodes, not restored
     kept: list[str] = field(default_factory=list)  # existed already, not overwritten
-    # (name, reason): links and FIFOs the target's file system cannot hold
+    # (name, reason): links, FIFOs and names the target's file system cannot hold
     unrestorable: list[tuple[str, str]] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)  # entries asked for, not in the saveset
     removed: str | None = None  # the incomplete file of a restore that stopped part-way

@@ -34,6 +34,8 @@ from typing import Self
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
+MAX_PAX_HEADER = 1024 * 1024  # extended headers we read to find "size"
+_PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
 
 def _still_looking() -> bytes:
@@ -49,8 +51,6 @@ def _still_looking() -> bytes:
 # then while it looks for a selective restore's entries in a large saveset,
 # so that sbc, which gives up after SBC_IO_TIMEOUT without data, waits.
 STILL_LOOKING = _still_looking()
-MAX_PAX_HEADER = 1024 * 1024  # extended headers we read to find "size"
-_PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
 
 def block_sum(block: bytes | bytearray | memoryview) -> int:
