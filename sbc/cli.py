@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument(
         "saveset", nargs="?", help="list the entries of this saveset (the names ENTRY takes)"
     )
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="have stpd check a saveset's stored data against the checksum taken at backup",
+    )
+    verify.add_argument("saveset")
     commands.add_parser("status", parents=[common], help="show the STPD's status")
     return parser
 
@@ -276,6 +282,22 @@ def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
         print("[]" if separator == "[\n" else "\n]")
 
 
+def _verify(session: Session, args: argparse.Namespace) -> dict[str, Any]:
+    verdict = session.verify(args.saveset)
+    if not verdict["intact"]:
+        raise SbcError(
+            f"saveset {args.saveset} is damaged: its stored data is {verdict['bytes']} bytes "
+            f"with sha256 {verdict['sha256']}, but was {verdict['recorded_bytes']} bytes with "
+            f"sha256 {verdict['recorded_sha256']} when stored; restore from another saveset"
+        )
+    if not args.json:
+        print(
+            f"saveset {args.saveset} is intact: {verdict['bytes']} bytes, "
+            f"sha256 {verdict['sha256']} as recorded when it was stored"
+        )
+    return verdict
+
+
 def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     status = session.get_json("/status")
     if not args.json:
@@ -309,7 +331,13 @@ def _log_to_stderr() -> None:
 # entries asked for were not in the saveset.
 INCOMPLETE = 3
 
-COMMANDS = {"backup": _backup, "restore": _restore, "list": _list, "status": _status}
+COMMANDS = {
+    "backup": _backup,
+    "restore": _restore,
+    "list": _list,
+    "verify": _verify,
+    "status": _status,
+}
 
 
 def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namespace) -> Any:

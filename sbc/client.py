@@ -397,15 +397,30 @@ class Session:
         return body
 
     def entries(self, saveset: str) -> Iterator[dict[str, Any]]:
-        """The entries of ``saveset`` as stpd reads them from its tar, one
-        JSON object a line: handed on as they come, none kept."""
+        """The entries of ``saveset`` as stpd reads them from its tar: handed
+        on as they come, none kept."""
         target = f"/savesets/{quote(saveset, safe='')}/entries"
+        return self._json_lines(target, f"listing of {saveset}")
+
+    def verify(self, saveset: str) -> dict[str, Any]:
+        """stpd's verdict on ``saveset``: its stored data hashed anew against
+        the checksum recorded at backup (``intact``, ``sha256``, ...)."""
+        verdict: dict[str, Any] = {}
+        target = f"/savesets/{quote(saveset, safe='')}/verify"
+        for line in self._json_lines(target, f"verification of {saveset}"):
+            verdict = line  # {"checked": N} while stpd hashes, then the verdict
+        if "intact" not in verdict:
+            raise SbcError(f"stpd at {self.where} ended the verification without a verdict")
+        return verdict
+
+    def _json_lines(self, target: str, what: str) -> Iterator[dict[str, Any]]:
+        """GET ``target``: an answer of one JSON object a line (chunked)."""
         self._send(
             h11.Request(method="GET", target=target, headers=self._headers()), h11.EndOfMessage()
         )
         response = self._response()
         if response.status != 200:
-            raise self._failure(response, self._json_body(), f"listing of {saveset}")
+            raise self._failure(response, self._json_body(), what)
         pending = b""
         while not isinstance(event := self._next_event(), h11.EndOfMessage):
             if not isinstance(event, h11.Data):
@@ -419,10 +434,10 @@ class Session:
                 except ValueError:
                     entry = None
                 if not isinstance(entry, dict):
-                    raise SbcError(f"stpd at {self.where} sent an entry that is not JSON")
+                    raise SbcError(f"stpd at {self.where} sent a line that is not JSON")
                 yield entry
         if pending.strip():
-            raise SbcError(f"stpd at {self.where} ended the listing mid-line")
+            raise SbcError(f"stpd at {self.where} ended the {what} mid-line")
         self.conn.start_next_cycle()
 
     def backup(

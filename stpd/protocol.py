@@ -243,12 +243,17 @@ class Entries:
 
 
 @dataclass(frozen=True)
+class Verify:
+    saveset: str
+
+
+@dataclass(frozen=True)
 class Reject:
     status: int
     message: str
 
 
-Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Reject
+Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Verify | Reject
 
 
 def _query_pairs(query: str, most: int) -> list[tuple[str, str]] | Reject:
@@ -328,4 +333,6 @@ def route(method: str, target: str) -> Action:
             return Metadata(saveset)
         if segments[2] == "entries":
             return Entries(saveset)
+        if segments[2] == "verify":
+            return Verify(saveset)
     return Reject(404, f"no such resource {path!r}")

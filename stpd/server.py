@@ -44,12 +44,14 @@ from stpd.protocol import (
     Reject,
     Status,
     Upload,
+    Verify,
     is_plain_http,
     judge_peer,
     refused_handshake,
     route,
 )
 from stpd.store import (
+    SavesetCheck,
     SavesetMeta,
     SavesetStore,
     StoreError,
@@ -67,6 +69,7 @@ log = logging.getLogger("stpd")
 # has sent nothing for this long: well within any SBC_IO_TIMEOUT (default 60).
 STILL_LOOKING_EVERY = 5.0
 
+VERIFY_LINE_EVERY = 5.0  # seconds of hashing between the lines of a verification
 ENTRIES_PER_CHUNK = 1000  # saveset entries read per worker-thread call and sent as one chunk
 LINGER_SECONDS = 1.0  # after an early error answer, read and drop for this long so the
 LINGER_BYTES = 64 * 1024 * 1024  # client sees our answer instead of a connection reset
@@ -560,6 +563,8 @@ class HttpSession:
             await self._download(action.saveset, action.entries)
         elif isinstance(action, Entries):
             await self._entries(action.saveset)
+        elif isinstance(action, Verify):
+            await self._verify(action.saveset)
         elif isinstance(action, Upload):
             await self._upload(request, action.source)
 
@@ -679,6 +684,55 @@ class HttpSession:
             raise trio.BrokenResourceError(f"saveset {saveset} unreadable") from None
         finally:
             entries.close()
+        await self._send(h11.EndOfMessage())
+
+    async def _verify(self, saveset: str) -> None:
+        """The stored saveset hashed anew and compared with the checksum
+        recorded when it was stored, as JSON lines (chunked): how far it got
+        every VERIFY_LINE_EVERY seconds, so that the client keeps waiting
+        through a large saveset, then the verdict."""
+        meta = await self._owned_saveset(saveset)
+        if meta is None:
+            return
+        path = self.daemon.store.tar_path(saveset)
+        try:
+            check = await trio.to_thread.run_sync(SavesetCheck, path)
+        except OSError as exc:
+            await self._unreadable_saveset(saveset, exc)
+            return
+        head = [("Content-Type", "application/x-ndjson"), ("Transfer-Encoding", "chunked")]
+        try:
+            await self._send(h11.Response(status_code=200, headers=head))
+            while not check.done:
+                await trio.to_thread.run_sync(check.step, VERIFY_LINE_EVERY)
+                if not check.done:
+                    await self._send(h11.Data(data=b'{"checked": %d}\n' % check.bytes))
+        except OSError as exc:  # after the head: only closing tells
+            log.error("saveset %s cannot be read: %s", saveset, exc)
+            raise trio.BrokenResourceError(f"saveset {saveset} unreadable") from None
+        finally:
+            check.close()
+        intact = check.sha256 == meta.sha256 and check.bytes == meta.bytes
+        verdict = {
+            "saveset": saveset,
+            "intact": intact,
+            "bytes": check.bytes,
+            "sha256": check.sha256,
+            "recorded_bytes": meta.bytes,
+            "recorded_sha256": meta.sha256,
+        }
+        if intact:
+            log.info("verified saveset %s for %s (%s): intact", saveset, self.peer, self.owner)
+        else:
+            log.error(
+                "saveset %s is damaged: %d bytes with sha256 %s, recorded %d bytes with sha256 %s",
+                saveset,
+                check.bytes,
+                check.sha256,
+                meta.bytes,
+                meta.sha256,
+            )
+        await self._send(h11.Data(data=json.dumps(verdict).encode() + b"\n"))
         await self._send(h11.EndOfMessage())
 
     async def _download(self, saveset: str, entries: tuple[str, ...]) -> None:

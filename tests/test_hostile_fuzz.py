@@ -26,12 +26,14 @@ from pki.tls import ClientCertPolicy
 from stpd.protocol import (
     MAX_SOURCE_CHARS,
     Download,
+    Entries,
     ListSavesets,
     Metadata,
     PeerDecision,
     Reject,
     Status,
     Upload,
+    Verify,
     judge_peer,
     refused_handshake,
     route,
@@ -94,11 +96,13 @@ def mutated_target(draw: st.DrawFn) -> str:
 
 def check_action(method: str, target: str) -> None:
     action = route(method, target)
-    assert isinstance(action, Status | ListSavesets | Upload | Download | Metadata | Reject)
+    assert isinstance(
+        action, Status | ListSavesets | Upload | Download | Metadata | Entries | Verify | Reject
+    )
     if isinstance(action, Reject):
         assert 400 <= action.status < 500
         assert action.message
-    elif isinstance(action, Download | Metadata):
+    elif isinstance(action, Download | Metadata | Entries | Verify):
         assert SAVESET_ID.match(action.saveset), action  # never a path of the caller's choice
         assert method == "GET"
     elif isinstance(action, Upload):

@@ -27,6 +27,7 @@ from stpd.protocol import (
     Reject,
     Status,
     Upload,
+    Verify,
     identity_allowed,
     judge_peer,
     refused_handshake,
@@ -272,6 +273,7 @@ def reject(action: object) -> Reject:
         ("GET", f"/savesets/{SS}?entry=a%20b&entry=%C3%BC/", Download(SS, ("a b", "ü/"))),
         ("GET", f"/savesets/{SS}/meta", Metadata(SS)),
         ("GET", f"/savesets/{SS}/entries", Entries(SS)),
+        ("GET", f"/savesets/{SS}/verify", Verify(SS)),
         ("GET", "https://stpd.example.test:11443/status", Status()),  # absolute form
     ],
 )

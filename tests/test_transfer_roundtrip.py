@@ -886,6 +886,60 @@ def test_a_long_search_for_the_entries_keeps_sbc_waiting(
     assert (listing.stdout, listing.stderr) == ("tree/f29\n", "")
 
 
+def test_verify_tells_an_intact_saveset_from_a_damaged_one(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sbc verify ID``: stpd hashes the stored saveset anew against the
+    checksum taken when it was stored. One bit changed on the server's disk
+    is found: one error line, exit status 1, an ERROR in stpd's log. While
+    it hashes, stpd says how far it got (here after every MiB), so that a
+    long check keeps sbc waiting; curl gets the same lines. Another
+    client's saveset is refused as if it did not exist."""
+    monkeypatch.setattr(stpd_server, "VERIFY_LINE_EVERY", 0.0)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big.bin").write_bytes(os.urandom(3_000_000))
+    client, other = pki.client_ini("client1"), pki.client_ini("client2")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    tls = ["--cacert", str(client.ca_cert), "--cert", str(client.client_cert)]
+    tls += ["--key", str(client.client_key)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        saveset, size, sha = backup["saveset"], backup["bytes"], backup["sha256"]  # type: ignore[index]
+        verdict = sbc_json(*ini, "verify", saveset, "--server", stpd.address, "--json")
+        assert verdict == {
+            "saveset": saveset,
+            "intact": True,
+            "bytes": size,
+            "sha256": sha,
+            "recorded_bytes": size,
+            "recorded_sha256": sha,
+        }
+        code, out, err = run_sbc(
+            "--ini-dir", str(other.ini_dir), "verify", saveset, "--server", stpd.address
+        )
+        assert code == 1 and f"no saveset {saveset}" in err, err
+
+        stored = stpd.daemon.store.tar_path(saveset)
+        damaged = bytearray(stored.read_bytes())
+        damaged[2_000_000] ^= 0x01
+        stored.write_bytes(damaged)
+        code, out, err = run_sbc(*ini, "verify", saveset, "--server", stpd.address)
+        assert (code, out) == (1, "")
+        assert err.count("\n") == 1, err
+        assert err.startswith(f"sbc: error: saveset {saveset} is damaged: its stored data is "), err
+        stpd.log.wait_for(rf"ERROR saveset {saveset} is damaged: {size} bytes with sha256 ")
+        url = f"{stpd.url}/savesets/{saveset}/verify"
+        answer = subprocess.run(
+            ["curl", "-sS", "--fail", *tls, url], capture_output=True, check=True
+        )
+    *progress, last = [json.loads(line) for line in answer.stdout.splitlines()]
+    assert len(progress) >= 2 and all(list(p) == ["checked"] for p in progress), progress
+    assert [p["checked"] for p in progress] == sorted({p["checked"] for p in progress})
+    assert (last["intact"], last["bytes"], last["recorded_sha256"]) == (False, size, sha)
+    assert last["sha256"] == hashlib.sha256(damaged).hexdigest()
+
+
 def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path) -> None:
     """``sbc list SAVESET`` names what ``tar -tvf`` of the stored saveset
     names, with the same types, sizes and links; as JSON too. Another
