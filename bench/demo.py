@@ -291,7 +291,11 @@ def run_clients(
         raise DemoFailed("restored tree differs: " + "; ".join(problems))
     ok(f"{restored_root} equals {source}: contents, modes, mtimes and symlinks")
 
-    heading(8, "one file back: the saveset's entries (sbc list ID), then restore ID DIR ENTRY")
+    heading(
+        8,
+        "one file back: the saveset's entries (sbc list ID), restore ID DIR ENTRY, and "
+        "sbc verify ID (a selective restore does not check the saveset's checksum)",
+    )
     entry = f"{source.name}/docs/report.txt"
     result = run([sbc, "--ini-dir", str(ini), "list", saveset])
     if not re.search(rf" {re.escape(entry)}$", result.stdout, re.MULTILINE):
@@ -301,8 +305,11 @@ def run_clients(
     got = sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
     if got != [entry] or (single / entry).read_bytes() != (source / "docs/report.txt").read_bytes():
         raise DemoFailed(f"restoring {entry} alone gave {got}")
+    result = run([sbc, "--ini-dir", str(ini), "verify", saveset])
+    if f"saveset {saveset} is intact" not in result.stdout:
+        raise DemoFailed(f"sbc verify {saveset} did not find it intact")
     server.show_new_log()
-    ok(f"only {entry} was restored, equal to the original")
+    ok(f"only {entry} was restored, equal to the original; stpd found the saveset intact")
 
     heading(9, "a client without a certificate is refused (SBC_CLIENT_SSL_AUTH=0)")
     anonymous = work / "ini-no-cert"
@@ -351,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(
         "\nDEMO OK: certificates, level 2, backup, list, restore, compare, one file back, "
-        "refusal, stop"
+        "verify, refusal, stop"
     )
     return 0
 

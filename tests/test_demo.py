@@ -65,8 +65,11 @@ def test_demo_runs_the_main_job_end_to_end_and_cleans_up() -> None:
     assert "DIFFERENT" not in result.stdout
     assert "equals" in result.stdout
     assert re.search(
-        r"only \S+/docs/report\.txt was restored, equal to the original", result.stdout
+        r"only \S+/docs/report\.txt was restored, equal to the original; stpd found the "
+        "saveset intact",
+        result.stdout,
     )
+    assert f"INFO stpd: verified saveset {saveset.group(1)} for " in result.stdout
 
     # The refused client: one clear sbc line, and the server's ERROR line.
     assert "SBC_CLIENT_SSL_AUTH=0" in result.stdout
