@@ -128,8 +128,7 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     options = WalkOptions(one_file_system=args.one_file_system, exclude=tuple(args.exclude))
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), backup_label(source)) as progress:
-        if progress.enabled:
-            progress.set_total(estimate_tar_bytes(source, options))
+        progress.estimate_total(lambda: estimate_tar_bytes(source, options))
         meta, stats = session.backup(source, progress, options)
     seconds = time.monotonic() - started
     result = {

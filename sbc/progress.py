@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import stat
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -79,6 +81,20 @@ class TransferProgress:
     ) -> None:
         if self._progress is not None:
             self._progress.stop()
+            self._task = None  # a late estimate_total changes nothing
+
+    def estimate_total(self, estimate: Callable[[], int | None]) -> threading.Thread | None:
+        """The total from ``estimate`` (a walk of the tree), found by a thread
+        of its own: the transfer starts at once, not after a first walk of a
+        large tree (seconds for a million files), and the bar shows the total
+        when the walk is done. The thread, if any, is returned."""
+        if self._progress is None:
+            return None
+        thread = threading.Thread(
+            target=lambda: self.set_total(estimate()), name="estimate", daemon=True
+        )
+        thread.start()
+        return thread
 
     def set_total(self, total: int | None) -> None:
         if self._progress is not None and self._task is not None:

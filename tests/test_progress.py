@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from pki.layout import Layout
+from sbc.progress import TransferProgress
 from tests.conftest import Pki, RunningStpd, running_stpd
 
 SBC = str(Path(sys.executable).parent / "sbc")
@@ -210,3 +211,34 @@ def test_no_bar_with_quiet_or_json_even_on_a_terminal(
         assert json.loads(run.stdout)["saveset"] == backup["saveset"]
     else:
         assert SUMMARY_RESTORE.match(run.stdout.strip()), run.stdout
+
+
+def test_the_total_is_estimated_while_the_transfer_goes_on() -> None:
+    """The walk that estimates the total runs beside the transfer: bytes
+    are counted before it ends, and the bar gets the total when it does;
+    one that ends after the transfer changes nothing."""
+    release = threading.Event()
+
+    def estimate() -> int:
+        assert release.wait(TIMEOUT)
+        return 4096
+
+    with TransferProgress(True, "backup t") as progress:
+        thread = progress.estimate_total(estimate)
+        assert thread is not None
+        progress.advance(1024, 1)  # the transfer is not waiting for the walk
+        task = progress._progress.tasks[0]  # type: ignore[union-attr]
+        assert (task.completed, task.total) == (1024, None)
+        release.set()
+        thread.join(TIMEOUT)
+        assert task.total == 4096
+
+    late = threading.Event()
+    with TransferProgress(True, "backup u") as progress:
+        thread = progress.estimate_total(lambda: 1 if late.wait(TIMEOUT) else 0)
+        task = progress._progress.tasks[0]  # type: ignore[union-attr]
+    late.set()
+    assert thread is not None
+    thread.join(TIMEOUT)
+    assert task.total is None
+    assert TransferProgress(False, "quiet").estimate_total(lambda: 1) is None
