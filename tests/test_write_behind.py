@@ -1,7 +1,8 @@
-"""WriteBehind (stpd.transfer): an upload's writes overlap the receiving of
-the next batch, in order, with errors raised where the caller can act.
-Over TLS, every upload test goes through it (test_upload_framing checks
-the stored bytes across several two-buffer batches)."""
+"""WriteBehind (stpd.transfer): the writes of an upload (and of a large
+restored file) overlap the receiving of the next batch, in order, with
+errors raised where the caller can act. Over TLS, every upload test goes
+through it (test_upload_framing checks the stored bytes across several
+two-buffer batches), and every restore of a file of 1 MiB or more."""
 
 from __future__ import annotations
 
