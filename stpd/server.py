@@ -586,8 +586,9 @@ class HttpSession:
             early, _ = self.conn.trailing_data
             body = request_body(list(request.headers))
 
-            # Writing overlaps receiving only for an upload on its own: with
-            # other transfers, the cores are busy already (see WriteBehind).
+            # Writing overlaps receiving only for an upload that starts on its
+            # own: with other transfers the cores are busy already (see
+            # WriteBehind). One that others join later keeps its two threads.
             alone = self.daemon.active_transfers == 1
 
             def store_body() -> bytes:
