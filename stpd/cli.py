@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -61,6 +62,40 @@ def configure_logging() -> None:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+# Open files a connection may hold: its socket, a saveset file during a
+# transfer, and one to spare (a listing, a verification).
+FILES_PER_CONNECTION = 3
+FILES_BESIDES = 64  # listeners, the data directory's lock, the log, trio's own
+
+
+def raise_open_files_limit(max_connections: int) -> None:
+    """Let stpd open as many files as it may (the hard limit): the soft one
+    is often 1024, which a busy night of backups reaches (STPD_MAX_CONNECTIONS
+    does not count handshakes in progress), and then no connection can be
+    accepted. Says so when even the hard limit is short of what
+    ``max_connections`` may need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open files limit raised from %d to %d", soft, target)
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d: %s", soft, exc)
+    needed = FILES_PER_CONNECTION * max_connections + FILES_BESIDES
+    if soft < needed:
+        log.warning(
+            "the open files limit (%d) is below the %d that STPD_MAX_CONNECTIONS=%d may need: "
+            "raise it (LimitNOFILE= in the systemd unit, ulimit -n) or lower STPD_MAX_CONNECTIONS",
+            soft,
+            needed,
+            max_connections,
+        )
 
 
 async def run_daemon(daemon: Stpd) -> None:
@@ -134,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "status":
                 return status(layout, config, args.json)
             configure_logging()
+            raise_open_files_limit(config.max_connections)
             daemon = Stpd(config)
             if args.pid_file:
                 write_pid_file(args.pid_file)

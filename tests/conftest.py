@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -312,8 +312,13 @@ def write_stpd_ini(ini: Path, *lines: str) -> None:
 class StpdProcess:
     """The real ``stpd`` console script, its stderr lines awaited by events."""
 
-    def __init__(self, ini: Path, data: Path, pid_file: Path | None = None) -> None:
+    def __init__(
+        self, ini: Path, data: Path, pid_file: Path | None = None, launcher: Sequence[str] = ()
+    ) -> None:
+        """``launcher``: a command that execs stpd (argv follows), to start it
+        in a changed process (see ``with_open_files``)."""
         argv = [STPD, "--ini-dir", str(ini), "--listen", f"{LOOPBACK}:0", "--data-dir", str(data)]
+        argv = [*launcher, *argv]
         if pid_file is not None:
             argv += ["--pid-file", str(pid_file)]
         self.log = StderrLines.start(argv, "stpd")
@@ -359,6 +364,16 @@ class StpdProcess:
             self.process.kill()
             self.process.wait()
         self.log.join(WAIT_SECONDS)
+
+
+def with_open_files(soft: int, hard: int) -> list[str]:
+    """A launcher for StpdProcess: stpd started with these open files limits."""
+    code = (
+        "import os, resource, sys; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+        "os.execv(sys.argv[3], sys.argv[3:])"
+    )
+    return [sys.executable, "-c", code, str(soft), str(hard)]
 
 
 @contextmanager

@@ -30,7 +30,15 @@ from cryptography import x509
 from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
-from tests.conftest import Pki, StpdProcess, assert_no_partial, make_pki, tar_bytes, write_stpd_ini
+from tests.conftest import (
+    Pki,
+    StpdProcess,
+    assert_no_partial,
+    make_pki,
+    tar_bytes,
+    with_open_files,
+    write_stpd_ini,
+)
 
 HOST = "127.0.0.1"
 WAIT_SECONDS = 20.0  # upper bound for an expected event; never a sleep
@@ -329,3 +337,32 @@ def test_broken_reload_is_refused_and_the_old_configuration_stays(
 
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one(
+    setup: tuple[Pki, Layout, Path],
+) -> None:
+    """A soft limit of 1024 (the usual) can run out on a busy night, and then
+    stpd accepts no connection: it raises it to the hard limit, and says so
+    when even that is short of what STPD_MAX_CONNECTIONS may need."""
+    pki, _, data = setup
+    server = StpdProcess(pki.layout.ini_dir, data, launcher=with_open_files(256, 4096))
+    try:
+        server.wait_for(r"INFO stpd: open files limit raised from 256 to 4096$")
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+        found = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.MULTILINE)
+        assert found and found.groups() == ("4096", "4096"), limits
+        assert not server.matching(r"WARNING")
+    finally:
+        server.stop()
+
+    write_stpd_ini(pki.layout.ini_dir, "STPD_MAX_CONNECTIONS=200")
+    server = StpdProcess(pki.layout.ini_dir, data, launcher=with_open_files(128, 128))
+    try:
+        server.wait_for(
+            r"WARNING stpd: the open files limit \(128\) is below the 664 that "
+            r"STPD_MAX_CONNECTIONS=200 may need: raise it \(LimitNOFILE="
+        )
+        assert not server.matching(r"open files limit raised")
+    finally:
+        server.stop()
