@@ -70,6 +70,8 @@ log = logging.getLogger("stpd")
 STILL_LOOKING_EVERY = 5.0
 
 VERIFY_LINE_EVERY = 5.0  # seconds of hashing between the lines of a verification
+# An answer of one JSON object a line, sent as the lines are made.
+JSON_LINES_HEAD = [("Content-Type", "application/x-ndjson"), ("Transfer-Encoding", "chunked")]
 ENTRIES_PER_CHUNK = 1000  # saveset entries read per worker-thread call and sent as one chunk
 LINGER_SECONDS = 1.0  # after an early error answer, read and drop for this long so the
 LINGER_BYTES = 64 * 1024 * 1024  # client sees our answer instead of a connection reset
@@ -647,8 +649,15 @@ class HttpSession:
         return meta
 
     async def _unreadable_saveset(self, saveset: str, exc: Exception) -> None:
+        """Before the answer's head: a 500 says so."""
         log.error("saveset %s cannot be read: %s", saveset, exc)
         await self._send_error(500, f"saveset {saveset} cannot be read on the server")
+
+    def _unreadable_mid_answer(self, saveset: str, exc: Exception) -> trio.BrokenResourceError:
+        """After the answer's head only closing the connection tells: logged,
+        and the error to raise for that returned."""
+        log.error("saveset %s cannot be read: %s", saveset, exc)
+        return trio.BrokenResourceError(f"saveset {saveset} unreadable")
 
     async def _entries(self, saveset: str) -> None:
         """The saveset's entries, one JSON object a line, sent as they are
@@ -667,22 +676,13 @@ class HttpSession:
         except (OSError, tarfile.TarError) as exc:
             await self._unreadable_saveset(saveset, exc)
             return
-        await self._send(
-            h11.Response(
-                status_code=200,
-                headers=[
-                    ("Content-Type", "application/x-ndjson"),
-                    ("Transfer-Encoding", "chunked"),
-                ],
-            )
-        )
+        await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
         try:
             while chunk:
                 await self._send(h11.Data(data=chunk))
                 chunk = await trio.to_thread.run_sync(next_lines)
-        except (OSError, tarfile.TarError) as exc:  # after the head: only closing tells
-            log.error("saveset %s cannot be read: %s", saveset, exc)
-            raise trio.BrokenResourceError(f"saveset {saveset} unreadable") from None
+        except (OSError, tarfile.TarError) as exc:
+            raise self._unreadable_mid_answer(saveset, exc) from None
         finally:
             entries.close()
         await self._send(h11.EndOfMessage())
@@ -701,16 +701,14 @@ class HttpSession:
         except OSError as exc:
             await self._unreadable_saveset(saveset, exc)
             return
-        head = [("Content-Type", "application/x-ndjson"), ("Transfer-Encoding", "chunked")]
         try:
-            await self._send(h11.Response(status_code=200, headers=head))
+            await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
             while not check.done:
                 await trio.to_thread.run_sync(check.step, VERIFY_LINE_EVERY)
                 if not check.done:
                     await self._send(h11.Data(data=b'{"checked": %d}\n' % check.bytes))
-        except OSError as exc:  # after the head: only closing tells
-            log.error("saveset %s cannot be read: %s", saveset, exc)
-            raise trio.BrokenResourceError(f"saveset {saveset} unreadable") from None
+        except OSError as exc:
+            raise self._unreadable_mid_answer(saveset, exc) from None
         finally:
             check.close()
         intact = check.sha256 == meta.sha256 and check.bytes == meta.bytes
@@ -798,9 +796,8 @@ class HttpSession:
                 "restore of %s to %s stalled (client not reading); closed", saveset, self.peer
             )
             raise trio.BrokenResourceError("send timeout") from None
-        except (OSError, tarfile.TarError) as exc:  # after the head: only closing tells
-            log.error("saveset %s cannot be read: %s", saveset, exc)
-            raise trio.BrokenResourceError(f"saveset {saveset} unreadable") from None
+        except (OSError, tarfile.TarError) as exc:
+            raise self._unreadable_mid_answer(saveset, exc) from None
         finally:
             self.daemon.active_transfers -= 1
             f.close()
