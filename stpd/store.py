@@ -338,6 +338,18 @@ class SavesetCheck:
         os.close(self._fd)
 
 
+def _stored_members(path: Path) -> Generator[tuple[tarfile.TarInfo, int], None, None]:
+    """The members of the stored saveset ``path``, header by header (tarfile
+    seeks over the contents), none kept: millions in constant memory. Each
+    comes with the offset where the next member's header begins."""
+    with tarfile.open(path, "r:", tarinfo=PlainTarInfo) as tar:
+        while (member := tar.next()) is not None:
+            # tarfile keeps every member it read (an attribute typeshed lacks);
+            # none is needed again here.
+            tar.members.clear()  # type: ignore[attr-defined]
+            yield member, tar.offset
+
+
 SCAN_STEP = 1000  # members (about 13 ms of reading headers)
 
 
@@ -354,20 +366,18 @@ def saveset_selection(
     selection = Selection(entries)
     start = end = -1  # of the range being gathered
     passed = 0
-    with tarfile.open(path, "r:", tarinfo=PlainTarInfo) as tar:
-        while (member := tar.next()) is not None:
-            tar.members.clear()  # type: ignore[attr-defined]  # see saveset_entries
-            if selection.match(path_parts(member.name)):
-                if start < 0:
-                    start = member.offset  # its first header block (a PAX one, say)
-                end = tar.offset  # where the next member's header begins
-                continue
-            if start >= 0:
-                yield start, end
-                start = -1
-            passed += 1
-            if passed % SCAN_STEP == 0:
-                yield None
+    for member, next_offset in _stored_members(path):
+        if selection.match(path_parts(member.name)):
+            if start < 0:
+                start = member.offset  # its first header block (a PAX one, say)
+            end = next_offset
+            continue
+        if start >= 0:
+            yield start, end
+            start = -1
+        passed += 1
+        if passed % SCAN_STEP == 0:
+            yield None
     if start >= 0:
         yield start, end
 
@@ -393,21 +403,16 @@ def _mtime_text(mtime: float) -> str:
 
 
 def saveset_entries(path: Path) -> Generator[dict[str, Any], None, None]:
-    """The entries of the stored saveset ``path``, header by header (tarfile
-    seeks over the contents), none kept: millions list in constant memory."""
-    with tarfile.open(path, "r:", tarinfo=PlainTarInfo) as tar:
-        while (member := tar.next()) is not None:
-            # tarfile keeps every member it read (an attribute typeshed lacks);
-            # a listing needs none of them.
-            tar.members.clear()  # type: ignore[attr-defined]
-            entry: dict[str, Any] = {
-                "name": member.name,
-                "type": _KINDS.get(member.type, "other"),
-                "size": member.size,
-                "mode": f"{member.mode & 0o7777:04o}",
-                "owner": f"{member.uname or member.uid}/{member.gname or member.gid}",
-                "mtime": _mtime_text(member.mtime),
-            }
-            if member.issym() or member.islnk():
-                entry["link"] = member.linkname
-            yield entry
+    """The entries of the stored saveset ``path`` (see _stored_members)."""
+    for member, _ in _stored_members(path):
+        entry: dict[str, Any] = {
+            "name": member.name,
+            "type": _KINDS.get(member.type, "other"),
+            "size": member.size,
+            "mode": f"{member.mode & 0o7777:04o}",
+            "owner": f"{member.uname or member.uid}/{member.gname or member.gid}",
+            "mtime": _mtime_text(member.mtime),
+        }
+        if member.issym() or member.islnk():
+            entry["link"] = member.linkname
+        yield entry
