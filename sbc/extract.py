@@ -273,27 +273,25 @@ class _Extraction(tarfile.TarFile):
     it is still the one this restore created or merged with."""
 
     tarinfo = PlainTarInfo  # headers parsed in one step where they are plain
+    # From the SafeMembers of this extraction: its target, and where members
+    # found taken (kept) and directories refused by name (refused) are noted.
     target: TargetDir
-    kept: list[str]  # members found taken by the time they were created (SafeMembers.kept)
+    kept: list[str]
+    refused: set[str]
     unrestorable: list[tuple[str, str]]  # see _refused
-    refused: set[str]  # SafeMembers.refused
     removed: str | None = None  # the file being written when the restore stopped, removed
 
     def extract_into(
-        self,
-        target: TargetDir,
-        members: Filter,
-        kept: list[str],
-        unrestorable: list[tuple[str, str]],
-        refused: set[str],
+        self, safe: SafeMembers, members: Filter, unrestorable: list[tuple[str, str]]
     ) -> None:
-        self.target, self.kept, self.unrestorable = target, kept, unrestorable
-        self.refused = refused
+        """Extract ``members`` (``safe``, or a filter that calls it)."""
+        self.target, self.kept, self.refused = safe.target, safe.kept, safe.refused
+        self.unrestorable = unrestorable
         self._not_ours: set[str] = set()  # see _taken
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
         # extractall sets directory modes and mtimes last, after their contents.
-        self.extractall(target.path, filter=members, numeric_owner=True)  # see SafeMembers
+        self.extractall(self.target.path, filter=members, numeric_owner=True)  # see SafeMembers
 
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)
@@ -548,9 +546,7 @@ def extract_stream(
                     result.extracted += 1
                 return safe
 
-            archive.extract_into(
-                target_dir, counted, safe_members.kept, result.unrestorable, safe_members.refused
-            )
+            archive.extract_into(safe_members, counted, result.unrestorable)
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
             result.not_found = [name for name in only if name not in safe_members.found]
     except BaseException as exc:
