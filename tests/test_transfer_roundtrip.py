@@ -22,6 +22,7 @@ import pytest
 import sbc.archive as archive
 import stpd.server as stpd_server
 import stpd.store as stpd_store
+from pki.layout import Layout
 from sbc.cli import main as sbc
 from stpd.tarcheck import STILL_LOOKING
 from tests.conftest import (
@@ -233,14 +234,9 @@ def test_clients_see_only_their_own_savesets(
         assert not (tmp_path / "x" / "f.txt").exists()
 
 
-def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
-    client = pki.client_ini("curlclient")
-    archive = tmp_path / "upload.tar"
-    payload = tmp_path / "payload.txt"
-    payload.write_text("from curl\n")
-    with tarfile.open(archive, "w") as tar:
-        tar.add(payload, "payload.txt")
-    tls = [
+def curl_tls(client: Layout) -> list[str]:
+    """curl's options for a TLS connection with the client certificate."""
+    return [
         "--cacert",
         str(client.ca_cert),
         "--cert",
@@ -248,6 +244,16 @@ def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
         "--key",
         str(client.client_key),
     ]
+
+
+def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
+    client = pki.client_ini("curlclient")
+    archive = tmp_path / "upload.tar"
+    payload = tmp_path / "payload.txt"
+    payload.write_text("from curl\n")
+    with tarfile.open(archive, "w") as tar:
+        tar.add(payload, "payload.txt")
+    tls = curl_tls(client)
     with running_stpd(pki.layout, level=2) as stpd:
         put = subprocess.run(
             [
@@ -828,8 +834,7 @@ def test_a_selective_restore_fetches_only_the_entries(pki: Pki, tmp_path: Path) 
     (tree / "small.txt").write_text("small\n")
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
-    tls = ["--cacert", str(client.ca_cert), "--cert", str(client.client_cert)]
-    tls += ["--key", str(client.client_key)]
+    tls = curl_tls(client)
     got = tmp_path / "got.tar"
     with running_stpd(pki.layout, level=2) as stpd:
         backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
@@ -869,8 +874,7 @@ def test_a_long_search_for_the_entries_keeps_sbc_waiting(
         (tree / f"f{n:02}").write_text(f"{n}\n")
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
-    tls = ["--cacert", str(client.ca_cert), "--cert", str(client.client_cert)]
-    tls += ["--key", str(client.client_key)]
+    tls = curl_tls(client)
     got = tmp_path / "got.tar"
     with running_stpd(pki.layout, level=2) as stpd:
         saveset = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")["saveset"]  # type: ignore[index]
@@ -901,8 +905,7 @@ def test_verify_tells_an_intact_saveset_from_a_damaged_one(
     (tree / "big.bin").write_bytes(os.urandom(3_000_000))
     client, other = pki.client_ini("client1"), pki.client_ini("client2")
     ini = ["--ini-dir", str(client.ini_dir)]
-    tls = ["--cacert", str(client.ca_cert), "--cert", str(client.client_cert)]
-    tls += ["--key", str(client.client_key)]
+    tls = curl_tls(client)
     with running_stpd(pki.layout, level=2) as stpd:
         backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
         saveset, size, sha = backup["saveset"], backup["bytes"], backup["sha256"]  # type: ignore[index]
