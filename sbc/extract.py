@@ -18,7 +18,7 @@ import os
 import pwd
 import stat
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,7 +291,17 @@ class _Extraction(tarfile.TarFile):
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
         # extractall sets directory modes and mtimes last, after their contents.
-        self.extractall(self.target.path, filter=members, numeric_owner=True)  # see SafeMembers
+        self.extractall(  # numeric: see SafeMembers
+            self.target.path, self._forgetting(), filter=members, numeric_owner=True
+        )
+
+    def _forgetting(self) -> Iterator[tarfile.TarInfo]:
+        """Member after member, each forgotten once the next is read: tarfile
+        keeps every member it read (about 900 bytes each: a saveset of ten
+        million files would take gigabytes). extractall keeps directories."""
+        while (member := self.next()) is not None:
+            self.members.clear()  # type: ignore[attr-defined]
+            yield member
 
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)
