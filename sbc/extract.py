@@ -45,6 +45,9 @@ def _copy_out(source: BatchReader, fd: int, size: int) -> None:
     the received batches (no copy, no file object). A file of
     WRITE_BEHIND_BYTES or more is written by a second thread, each piece
     while the next one is read (the reader's views stay valid for that)."""
+    if size <= source.in_piece():  # a small file: one write, as it lies
+        write_all(fd, [source.read_view(size)])
+        return
     write = functools.partial(write_all, fd)
     with WriteBehind(write, threaded=size >= WRITE_BEHIND_BYTES) as behind:
         while size:
@@ -201,6 +204,10 @@ class SafeMembers:
             return False  # a parent is absent: tarfile creates it as a directory
         except OSError:
             return True  # a file or a link (never followed) where a directory should be
+        if not (self.overwrite or member.isdir()):
+            # Creating it finds what stands there (O_EXCL, EEXIST), and
+            # _Extraction keeps that: no stat of every new file.
+            return False
         try:
             existing = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError:
@@ -208,7 +215,7 @@ class SafeMembers:
         if member.isdir() and stat.S_ISDIR(existing.st_mode):
             return False
         if not self.overwrite:
-            return True
+            return True  # a directory member where a file or a link is
         if stat.S_ISDIR(existing.st_mode):  # it may hold anything: not removed
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), "/".join(parts))
         os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
@@ -280,6 +287,7 @@ class _Extraction(tarfile.TarFile):
     refused: set[str]
     unrestorable: list[tuple[str, str]]  # see _refused
     removed: str | None = None  # the file being written when the restore stopped, removed
+    not_made = 0  # members the filter let through that were kept or unrestorable here
 
     def extract_into(
         self, safe: SafeMembers, members: Filter, unrestorable: list[tuple[str, str]]
@@ -303,9 +311,36 @@ class _Extraction(tarfile.TarFile):
             self.members.clear()  # type: ignore[attr-defined]
             yield member
 
+    def _extract_member(
+        self,
+        tarinfo: tarfile.TarInfo,
+        targetpath: str,
+        set_attrs: bool = True,
+        numeric_owner: bool = False,
+        **newer: Any,  # filter_function, extraction_root: Pythons with the CVE-2025-4517 fix
+    ) -> None:
+        # A file whose directory is there (members come in directory order:
+        # it is the one TargetDir holds open) is made at once. tarfile's way
+        # builds paths, looks for the directory by path, and calls chown,
+        # chmod and utime, which _make_file does on the new file anyway.
+        if tarinfo.isreg() and tarinfo.sparse is None and set_attrs:  # type: ignore[attr-defined]
+            parts = path_parts(tarinfo.name)
+            try:
+                parent = self.target.parent(parts)
+            except OSError:
+                pass  # absent: tarfile creates the directories, then calls makefile
+            else:
+                self._make_file(tarinfo, parts, parent)
+                return
+        super()._extract_member(
+            tarinfo, targetpath, set_attrs=set_attrs, numeric_owner=numeric_owner, **newer
+        )
+
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)
-        parent = self.target.parent(parts)
+        self._make_file(tarinfo, parts, self.target.parent(parts))
+
+    def _make_file(self, tarinfo: tarfile.TarInfo, parts: list[str], parent: int) -> None:
         try:
             fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
         except FileExistsError:
@@ -387,6 +422,7 @@ class _Extraction(tarfile.TarFile):
             self.unrestorable.append(
                 ("/".join(parts), f"a hard link to {tarinfo.linkname}, which was not restored")
             )
+            self.not_made += 1
         except OSError as exc:
             self._refused(parts, exc, link_or_fifo=True)
 
@@ -400,12 +436,13 @@ class _Extraction(tarfile.TarFile):
             self._refused(parts, exc, link_or_fifo=True)
 
     def _taken(self, parts: list[str]) -> None:
-        """Something appeared where a member goes after SafeMembers looked:
-        it is kept, as what was there before would have been, and its
-        owner, mode and time are left alone (``chown``)."""
+        """Something stands where a member goes (SafeMembers looks only
+        for directories and to overwrite; or it appeared after it looked):
+        it is kept, and its owner, mode and time are left alone (``chown``)."""
         name = "/".join(parts)
         self.kept.append(name)
         self._not_ours.add(name)
+        self.not_made += 1
 
     # What file systems answer to what they cannot hold: one such member must
     # not cost the rest of the restore. A name: FAT and exFAT refuse ':',
@@ -429,6 +466,7 @@ class _Extraction(tarfile.TarFile):
         name = "/".join(parts)
         under = "; nothing under it was restored" if directory else ""
         self.unrestorable.append((name, f"{exc.strerror or exc} ({why}){under}"))
+        self.not_made += 1
         self._not_ours.add(name)
         if directory:
             self.refused.add(name)
@@ -557,6 +595,7 @@ def extract_stream(
                 return safe
 
             archive.extract_into(safe_members, counted, result.unrestorable)
+            result.extracted -= archive.not_made
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
             result.not_found = [name for name in only if name not in safe_members.found]
     except BaseException as exc:

@@ -117,6 +117,11 @@ class BodyReader:
 def write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
     """All of ``pieces`` written to the file ``fd``, in one ``writev`` unless
     it writes short."""
+    if len(pieces) == 1:  # most often (a small file): no list of views
+        view = memoryview(pieces[0])
+        while view:
+            view = view[os.write(fd, view) :]
+        return
     remaining = sum(len(p) for p in pieces)
     views = [memoryview(p) for p in pieces]
     while remaining:
@@ -350,6 +355,10 @@ class BatchReader:
                 break
             size -= got
         return b"".join(parts)
+
+    def in_piece(self) -> int:
+        """How many bytes ``read_view`` can return from the current piece."""
+        return len(self._current) - self._pos
 
     def read_view(self, size: int) -> memoryview:
         """At most ``size`` bytes, as they lie in the current piece (no copy):

@@ -155,6 +155,8 @@ def test_restore_keeps_existing_files_unless_told_to_overwrite(
 
         again = sbc_json(*restore, "--json")
         assert set(again["kept"]) == files - {"tree/nested/data.bin"}  # type: ignore[index]
+        # The directories merge; of the files, only the lost one is restored.
+        assert again["extracted"] == again["members"] - len(files) + 1  # type: ignore[index]
         assert again["sha256"] == backup["sha256"]  # type: ignore[index]  # still all checked
         assert (target / "tree" / "private").read_text() == "newer than the backup\n"
         assert snapshot(target / "tree")["nested/data.bin"] == snapshot(tree)["nested/data.bin"]
@@ -802,6 +804,7 @@ def test_restore_of_some_entries_only(pki: Pki, tmp_path: Path) -> None:
         code, out, err = run_sbc(*restore, str(tmp_path / "more"), "etc/zz-passwd-copy", "etc/nope")
         assert code == 3, err
         assert json.loads(out)["not_found"] == ["etc/nope"]
+        assert (json.loads(out)["extracted"], json.loads(out)["members"]) == (0, 1)
         assert json.loads(out)["unrestorable"] == [
             {
                 "path": "etc/zz-passwd-copy",
