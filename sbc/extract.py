@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sbc.archive import ArchiveError
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
-from stpd.transfer import BatchReader, Get, WriteBehind, write_all
+from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
 
 if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath
@@ -565,14 +565,42 @@ def extract_stream(
     """Extract the tar stream from ``get`` into ``target`` and hash it (all
     of it, whatever is extracted). Existing files are kept unless
     ``overwrite``; with ``only``, just those entries and what is under them
-    are extracted (see ``SafeMembers``)."""
+    are extracted (see ``SafeMembers``).
+
+    The pieces ``get`` returns must stay valid until the batch after the
+    next one is asked for (a two-buffer BodyReader): a thread of its own
+    hashes each piece while the next is extracted, and a large file's
+    pieces are written behind too (_copy_out). Receiving and extracting,
+    hashing, and writing into fresh page cache are about alike in cost;
+    hashing in line made a 2 GiB restore 12 % slower."""
     digest = hashlib.sha256()
 
-    def observe(piece: memoryview) -> None:
-        digest.update(piece)
-        result.bytes += len(piece)
+    def hash_pieces(pieces: Batch) -> None:
+        for piece in pieces:
+            digest.update(piece)
 
-    reader = BatchReader(get, observe)
+    with WriteBehind(hash_pieces) as hashing:
+
+        def observe(piece: memoryview) -> None:
+            hashing.put([piece])
+            result.bytes += len(piece)
+
+        reader = BatchReader(get, observe)
+        _extract_all(reader, target, result, overwrite, only)
+        reader.drain()
+        hashing.finish()
+    result.sha256 = digest.hexdigest()
+
+
+def _extract_all(
+    reader: BatchReader,
+    target: Path,
+    result: RestoreResult,
+    overwrite: bool,
+    only: Sequence[str],
+) -> None:
+    """extract_stream's extraction: members through SafeMembers, errors as
+    ArchiveError (see there)."""
     extracting: list[tarfile.TarInfo] = []  # the member being extracted, if any
     target.mkdir(parents=True, exist_ok=True)
     target_dir = TargetDir(target)
@@ -619,5 +647,3 @@ def extract_stream(
         raise  # the caller says what it was
     finally:
         target_dir.close()
-    reader.drain()
-    result.sha256 = digest.hexdigest()

@@ -20,7 +20,9 @@ a thread that cannot write does not read. On two cores the two ends of a
 transfer (or many transfers) run in parallel; ``hashlib``, file I/O and
 the TLS loop release the GIL. An upload that runs alone in STPD also
 hands its writes to a second thread (``WriteBehind``, two buffers), as
-writing into fresh page cache costs about what receiving does.
+writing into fresh page cache costs about what receiving does; SBC's
+restore hands both its hashing and a large file's writes to threads of
+their own (sbc.extract).
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class WriteBehind:
     ``BodyReader``. A write's error is raised by the next ``put`` or by
     ``finish``; leaving the block waits for the thread, so the file may be
     closed or removed after it.
+
+    ``write`` may do other work on the batch: SBC's restore hashes behind
+    this way too.
 
     Not ``threaded``, ``put`` writes at once: when other transfers keep
     both cores busy, the hand-overs would only cost (16 concurrent uploads
