@@ -204,7 +204,8 @@ class Nginx:
 
 class Curl:
     """curl with our client certificate, verifying nginx with our CA. Each
-    command prints ``HTTP_CODE SIZE_UPLOAD SIZE_DOWNLOAD`` on stdout."""
+    command prints ``HTTP_CODE SIZE_UPLOAD SIZE_DOWNLOAD`` on stdout (``fetch``:
+    on stderr)."""
 
     def __init__(self, binary: str, ca: Path, cert: Path, key: Path) -> None:
         self.base = [
@@ -227,6 +228,10 @@ class Curl:
 
     def download(self, url: str, target: Path) -> list[str]:
         return [*self.base, "-o", str(target), url]
+
+    def fetch(self, url: str) -> list[str]:
+        """The body on stdout (for a pipe); the ``-w`` line goes to stderr."""
+        return [*self.base[:-1], "%{stderr}" + self.base[-1], url]
 
     def ping(self, url: str) -> list[str]:
         return [*self.base, "-o", "/dev/null", url]

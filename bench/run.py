@@ -8,6 +8,8 @@ mutual TLS on 127.0.0.1, and store on /dev/shm. Cases (issue 4):
    (files/s);
 3. restore: the saveset of case 1, ``sbc restore`` vs ``curl`` GET of the same
    file from nginx (MB/s);
+   small_restore: the saveset of case 2, ``sbc restore`` vs ``curl`` GET of
+   the same tar from nginx ``| tar -xf -`` (files/s; not in issue 4's list);
 4. concurrent: N clients at once, ``sbc backup`` vs ``curl -T`` (aggregate MB/s);
 5. rss_mib: peak RSS of stpd (VmHWM after case 1, of an stpd started fresh
    for this benchmark) and of sbc during case 1 (its ru_maxrss, taken by a
@@ -48,6 +50,7 @@ from bench.common import (
     mib,
     reset_hwm,
     run,
+    run_checked,
     run_pipeline,
     sha256_file,
     span,
@@ -65,8 +68,14 @@ SHM = Path("/dev/shm")
 WORK_PREFIX = "stpd-bench-"
 SMALL_FILE = 4096  # bytes per file of the small_files case
 FILES_PER_DIR = 200
-CASES = ("single_file", "small_files", "restore", "concurrent")
-UNITS = {"single_file": "MB/s", "small_files": "files/s", "restore": "MB/s", "concurrent": "MB/s"}
+CASES = ("single_file", "small_files", "restore", "small_restore", "concurrent")
+UNITS = {
+    "single_file": "MB/s",
+    "small_files": "files/s",
+    "restore": "MB/s",
+    "small_restore": "files/s",
+    "concurrent": "MB/s",
+}
 MB = 1e6  # MB/s are decimal megabytes, like sbc's own output
 
 
@@ -143,6 +152,7 @@ class Bench:
         self.client_files: list[Path] = []
         self.client_digests: dict[Path, str] = {}
         self.kept_saveset: str | None = None  # the case-1 saveset restored by case 3
+        self.kept_tree_saveset: str | None = None  # the case-2 saveset, for small_restore
         self.results: dict[str, CaseResult] = {}
         self.rss: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
@@ -275,9 +285,14 @@ class Bench:
         return dict(info)
 
     def check_curl(
-        self, proc: Proc, code: int, up: int | None = None, down: int | None = None
+        self,
+        proc: Proc,
+        code: int,
+        up: int | None = None,
+        down: int | None = None,
+        report: str | None = None,  # where curl's -w line went: stdout if None
     ) -> None:
-        got_code, got_up, got_down = curl_result(proc.stdout)
+        got_code, got_up, got_down = curl_result(proc.stdout if report is None else report)
         if proc.returncode != 0 or got_code != code:
             raise BenchError(f"{proc.describe()} (HTTP {got_code}, expected {code})")
         if up is not None and got_up != up:
@@ -419,7 +434,9 @@ class Bench:
             info = self.check_saveset(proc, self.tree_digests)
             if info.get("files") != files:
                 raise BenchError(f"sbc reported {info.get('files')} files, expected {files}")
-            self.stpd.delete_saveset(info["saveset"])
+            if self.kept_tree_saveset is not None:  # the newest is kept for small_restore
+                self.stpd.delete_saveset(self.kept_tree_saveset)
+            self.kept_tree_saveset = info["saveset"]
             return files / proc.seconds
 
         peer = None
@@ -508,6 +525,89 @@ class Bench:
             self.kept_saveset = None
             if self.nginx is not None:
                 (self.nginx.files / self.big.name).unlink(missing_ok=True)
+
+    # -- small_restore: the tree back ----------------------------------------------------
+
+    def check_tree(self, root: Path) -> None:
+        """``root/small`` holds exactly the files of the small tree, each with
+        its contents."""
+        import hashlib
+
+        found = {
+            path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in (root / self.tree.name).rglob("*")
+            if path.is_file()
+        }
+        if found != self.tree_digests:
+            missing = len(self.tree_digests.keys() - found.keys())
+            wrong = sum(
+                1
+                for k in found.keys() & self.tree_digests.keys()
+                if found[k] != self.tree_digests[k]
+            )
+            raise BenchError(
+                f"{root} does not hold the small tree: {missing} files missing, "
+                f"{len(found.keys() - self.tree_digests.keys())} unexpected, {wrong} different"
+            )
+
+    def case_small_restore(self) -> None:
+        files = self.o.files
+        say(f"\n== small_restore: the saveset of {files} files, sbc restore vs curl | tar -x")
+        self.make_tree()
+        tree_bytes = files * SMALL_FILE
+        if self.kept_tree_saveset is None:  # case 2 was not run: store one, untimed
+            proc = run(sbc_backup(self.pki, self.tree), budget(tree_bytes, files))
+            self.kept_tree_saveset = self.check_saveset(proc, self.tree_digests)["saveset"]
+        saveset = self.kept_tree_saveset
+        counter = iter(range(1_000_000))
+
+        def ours() -> float:
+            target = self.restore_dir / f"ours-{next(counter)}"
+            try:
+                proc = run(sbc_restore(self.pki, saveset, target), budget(tree_bytes, files))
+                if proc.returncode != 0:
+                    raise BenchError(proc.describe())
+                self.check_tree(target)
+            finally:
+                shutil.rmtree(target, ignore_errors=True)
+            return files / proc.seconds
+
+        peer = None
+        if self.curl is not None and self.nginx is not None:
+            curl, nginx = self.curl, self.nginx
+            served = nginx.files / "small.tar"  # what tar -cf makes of the same tree
+            run_checked(
+                ["tar", "-cf", str(served), "-C", str(self.src), self.tree.name],
+                budget(tree_bytes, files),
+            )
+            served.chmod(0o644)
+            size = served.stat().st_size
+            url = nginx.url(f"/files/{served.name}")
+
+            def peer() -> float:
+                target = self.restore_dir / f"peer-{next(counter)}"
+                target.mkdir()
+                try:
+                    procs = run_pipeline(
+                        curl.fetch(url),
+                        ["tar", "-xf", "-", "-C", str(target)],
+                        budget(tree_bytes, files),
+                    )
+                    if procs[1].returncode != 0:
+                        raise BenchError(procs[1].describe())
+                    self.check_curl(procs[0], 200, down=size, report=procs[0].stderr)
+                    self.check_tree(target)
+                finally:
+                    shutil.rmtree(target, ignore_errors=True)
+                return files / span(procs)
+
+        try:
+            self.alternate("small_restore", ours, peer)
+        finally:
+            self.stpd.delete_saveset(saveset)
+            self.kept_tree_saveset = None
+            if self.nginx is not None:
+                (self.nginx.files / "small.tar").unlink(missing_ok=True)
 
     # -- case 4: concurrent clients ------------------------------------------------------
 

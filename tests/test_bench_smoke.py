@@ -19,7 +19,7 @@ from bench.peer import find_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT = 300  # seconds; a quick run takes a few
-CASES = ("single_file", "small_files", "restore", "concurrent")
+CASES = ("single_file", "small_files", "restore", "small_restore", "concurrent")
 
 
 def run_bench(output: Path, *args: str) -> subprocess.CompletedProcess[str]:
