@@ -18,7 +18,7 @@ import os
 import pwd
 import stat
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,19 +261,19 @@ class SafeMembers:
             member.mode = stat.S_IMODE(member.mode) & 0o777  # never set-id bits
         # Owners by name where this machine knows the name, else by number, as
         # tar does (tarfile chowns only as root). Looked up here once per name,
-        # so that extractall can take the numbers: it would look up every file.
+        # so that extraction can take the numbers: it would look up every file.
         member.uid = _known_id(pwd.getpwnam, member.uname, member.uid)
         member.gid = _known_id(grp.getgrnam, member.gname, member.gid)
         return member
 
 
-# tarfile's extraction filter: the member as extracted, or None to leave it out
+# The extraction filter: the member as extracted, or None to leave it out
 Filter = Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]
 
 
 class _Extraction(tarfile.TarFile):
-    """tarfile's extraction (member order, headers, the copy of contents,
-    directory attributes set last), with its file system calls made through
+    """tarfile's extraction (headers, the copy of contents, directory
+    attributes set last; see extract_into), with its file system calls made through
     ``TargetDir``: files are created with O_EXCL|O_NOFOLLOW, links and
     FIFOs relative to their parent's descriptor, and owners, modes and
     times set on descriptors opened with O_NOFOLLOW, on a directory only if
@@ -292,38 +292,37 @@ class _Extraction(tarfile.TarFile):
     def extract_into(
         self, safe: SafeMembers, members: Filter, unrestorable: list[tuple[str, str]]
     ) -> None:
-        """Extract ``members`` (``safe``, or a filter that calls it)."""
+        """Extract ``members`` (``safe``, or a filter that calls it) as
+        tarfile's extractall does: member after member, and the directories'
+        owners, modes and times last (deepest first), once their contents
+        are in. Each member is forgotten once the next is read: tarfile keeps
+        every member it read (about 900 bytes each: a saveset of ten million
+        files would take gigabytes)."""
         self.target, self.kept, self.refused = safe.target, safe.kept, safe.refused
         self.unrestorable = unrestorable
         self._not_ours: set[str] = set()  # see _taken
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
-        # extractall sets directory modes and mtimes last, after their contents.
-        self.extractall(  # numeric: see SafeMembers
-            self.target.path, self._forgetting(), filter=members, numeric_owner=True
-        )
-
-    def _forgetting(self) -> Iterator[tarfile.TarInfo]:
-        """Member after member, each forgotten once the next is read: tarfile
-        keeps every member it read (about 900 bytes each: a saveset of ten
-        million files would take gigabytes). extractall keeps directories."""
+        destination = str(self.target.path)
+        directories: list[tarfile.TarInfo] = []
         while (member := self.next()) is not None:
             self.members.clear()  # type: ignore[attr-defined]
-            yield member
+            tarinfo = members(member, destination)
+            if tarinfo is None:
+                continue
+            if tarinfo.isdir():
+                directories.append(tarinfo)
+            self._extract(tarinfo)
+        directories.sort(key=lambda directory: directory.name, reverse=True)
+        for tarinfo in directories:
+            self.chown(tarinfo, "", numeric_owner=True)  # and mode and times: see there
 
-    def _extract_member(
-        self,
-        tarinfo: tarfile.TarInfo,
-        targetpath: str,
-        set_attrs: bool = True,
-        numeric_owner: bool = False,
-        **newer: Any,  # filter_function, extraction_root: Pythons with the CVE-2025-4517 fix
-    ) -> None:
+    def _extract(self, tarinfo: tarfile.TarInfo) -> None:
         # A file whose directory is there (members come in directory order:
         # it is the one TargetDir holds open) is made at once. tarfile's way
         # builds paths, looks for the directory by path, and calls chown,
         # chmod and utime, which _make_file does on the new file anyway.
-        if tarinfo.isreg() and tarinfo.sparse is None and set_attrs:  # type: ignore[attr-defined]
+        if tarinfo.isreg() and tarinfo.sparse is None:  # type: ignore[attr-defined]
             parts = path_parts(tarinfo.name)
             try:
                 parent = self.target.parent(parts)
@@ -332,8 +331,12 @@ class _Extraction(tarfile.TarFile):
             else:
                 self._make_file(tarinfo, parts, parent)
                 return
-        super()._extract_member(
-            tarinfo, targetpath, set_attrs=set_attrs, numeric_owner=numeric_owner, **newer
+        # Owners by number: SafeMembers looked the names up.
+        self._extract_member(  # type: ignore[attr-defined]
+            tarinfo,
+            os.path.join(self.target.path, tarinfo.name),
+            set_attrs=not tarinfo.isdir(),  # a directory's: last, see extract_into
+            numeric_owner=True,
         )
 
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
@@ -606,7 +609,7 @@ def _extract_all(
     target_dir = TargetDir(target)
     archive: _Extraction | None = None
     try:
-        # "r:" with a forward-only reader: extractall takes member after
+        # "r:" with a forward-only reader: extract_into takes member after
         # member in order, so it never seeks back (see BatchReader).
         archive = _Extraction.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]
         with archive:
