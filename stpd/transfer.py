@@ -28,8 +28,9 @@ their own (sbc.extract).
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import h11
@@ -161,28 +162,53 @@ class WriteBehind:
 
     def __init__(self, write: Put, threaded: bool = True) -> None:
         self._write = write
-        self._pool = ThreadPoolExecutor(1, "write-behind") if threaded else None
-        self._pending: Future[None] | None = None
+        self._pending = False  # a batch is handed over and not yet done
+        # Hand-overs through two C queues, not a ThreadPoolExecutor: its
+        # Future and Condition ran a few hundred lines of Python under the
+        # GIL per batch, which the receiving thread then waited for.
+        self._todo: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        todo, done, write = self._todo, self._done, self._write
+        while (batch := todo.get()) is not None:
+            try:
+                write(batch)
+            except BaseException as exc:  # raised in the caller's thread (finish)
+                done.put(exc)
+            else:
+                done.put(None)
 
     def put(self, batch: Batch) -> None:
-        if self._pool is None:
+        if self._thread is None:
             self._write(batch)
             return
         self.finish()
-        self._pending = self._pool.submit(self._write, batch)
+        self._todo.put(batch)
+        self._pending = True
 
     def finish(self) -> None:
         """Wait for the last batch's write (and raise its error)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if self._pending:
+            self._pending = False
+            error = self._done.get()
+            if error is not None:
+                raise error
 
     def __enter__(self) -> WriteBehind:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self._thread is not None:
+            if self._pending:  # leaving on an error: the write ends before the file may go
+                self._pending = False
+                self._done.get()
+            self._todo.put(None)
+            self._thread.join()
 
 
 def send_batch(
