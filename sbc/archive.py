@@ -24,7 +24,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stpd.tarcheck import block_sum
 from stpd.transfer import BatchWriter, Put
@@ -160,7 +160,8 @@ class TreeWriter:
         # See _file_header: per (st_mode, uid, gid), None where PAX is needed.
         self._templates: dict[tuple[int, int, int], tuple[bytes, bytes, int] | None] = {}
 
-    def add(self, path: str, arcname: str, st: os.stat_result) -> None:
+    def add(self, found: Found) -> None:
+        path, arcname, st = found.path, found.arcname, found.st
         kind = _TYPES.get(stat.S_IFMT(st.st_mode))
         if kind is None:  # sockets and the like have no tar form
             self.stats.skipped.append(path)
@@ -172,7 +173,7 @@ class TreeWriter:
                 kind, linkname = tarfile.LNKTYPE, first
         if kind == tarfile.SYMTYPE:
             try:
-                linkname = os.readlink(path)
+                linkname = os.readlink(found.name, dir_fd=found.within)
             except OSError as exc:
                 self.unreadable(path, exc.strerror, "left out")
                 return
@@ -185,12 +186,14 @@ class TreeWriter:
             return
         try:
             # Opened before its header is written: a file that cannot be is left
-            # out. No file object: a few us less per file. The path may have
+            # out. No file object: a few us less per file. The name may have
             # been replaced since walk's lstat: O_NOFOLLOW keeps a symbolic
             # link put there from being followed (to a file of someone else),
             # O_NONBLOCK a FIFO from blocking the backup; that FIFO then reads
-            # as empty and is reported as changed.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            # as empty and is reported as changed. Relative to its directory's
+            # descriptor: see Found.
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(found.name, flags, dir_fd=found.within)
         except OSError as exc:
             reason = "replaced by a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
             self.unreadable(path, reason, "left out")
@@ -382,15 +385,48 @@ class WalkOptions:
 EVERYTHING = WalkOptions()  # leave nothing out
 
 
+class Found(NamedTuple):
+    """An entry of the tree that ``walk`` found. ``name`` is opened relative
+    to the descriptor ``within`` (None for the backed-up path itself): of
+    the directory that was listed, never through a symbolic link that
+    someone put in place of one of its parents after the listing (which
+    would store their choice of files, read with sbc's rights, under the
+    names of this tree)."""
+
+    path: str
+    arcname: str
+    st: os.stat_result
+    name: str
+    within: int | None
+
+
+class _OpenDirectory:
+    """A listed directory's descriptor, open while subdirectories found in it
+    wait to be listed, each opened relative to it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.waiting = 0
+
+    def release(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            os.close(self.fd)
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def walk(
     source: Path, unreadable: Unreadable, options: WalkOptions = EVERYTHING
-) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(path, arcname, lstat) for the tree, each directory before its entries.
-    What cannot be read (removed meanwhile, no permission) is passed to
-    ``unreadable`` and left out, and so is what ``options`` exclude.
-    Directories where another file system is mounted are entered unless it
-    is a kernel one or ``options.one_file_system``; else they are stored
-    without their contents."""
+) -> Iterator[Found]:
+    """The tree, each directory before its entries. What cannot be read
+    (removed meanwhile, no permission) is passed to ``unreadable`` and left
+    out, and so is what ``options`` exclude. Directories where another file
+    system is mounted are entered unless it is a kernel one or
+    ``options.one_file_system``; else they are stored without their contents.
+    Every directory below ``source`` is opened relative to its parent's
+    descriptor with O_NOFOLLOW (see Found)."""
     root_name = archive_root_name(source)
     try:
         st = os.lstat(source)
@@ -402,55 +438,68 @@ def walk(
         raise ArchiveError(
             f"nothing to back up: {source} is on a {kind} file system, the kernel's state, not data"
         )
-    yield str(source), root_name, st
+    yield Found(str(source), root_name, st, str(source), None)
     if not stat.S_ISDIR(st.st_mode):
         return
     root_device = st.st_dev
-    stack = [(str(source), root_name)]
-    while stack:
-        directory, prefix = stack.pop()
-        try:
-            # O_NOFOLLOW: a directory replaced by a symbolic link since its
-            # lstat is not followed into a tree that is not the one backed up.
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError as exc:
-            replaced = exc.errno in (errno.ELOOP, errno.ENOTDIR)  # by a link, or a file
-            reason = "no longer a directory" if replaced else exc.strerror
-            unreadable(directory, reason, "its contents are left out")
-            continue
-        try:  # fd stays open while its entries are stat'ed (relative to it)
+    # (parent, name, path, arcname) of the directories still to list
+    stack: list[tuple[_OpenDirectory | None, str, str, str]] = [
+        (None, str(source), str(source), root_name)
+    ]
+    try:
+        while stack:
+            parent, name, directory, prefix = stack.pop()
             try:
-                with os.scandir(fd) as it:
-                    entries = sorted(it, key=_by_name)
+                fd = os.open(name, _DIRECTORY, dir_fd=None if parent is None else parent.fd)
             except OSError as exc:
-                unreadable(directory, exc.strerror, "its contents are left out")
+                replaced = exc.errno in (errno.ELOOP, errno.ENOTDIR)  # by a link, or a file
+                reason = "no longer a directory" if replaced else exc.strerror
+                unreadable(directory, reason, "its contents are left out")
                 continue
-            base = directory if directory.endswith("/") else directory + "/"
+            finally:
+                if parent is not None:
+                    parent.release()
+            here = _OpenDirectory(fd)
             subdirs = []
-            for entry in entries:
-                path = base + entry.name
-                if options.exclude and options.excludes(path, entry.name):
-                    continue
+            try:  # fd stays open while its entries are stat'ed and read (relative to it)
                 try:
-                    st = entry.stat(follow_symlinks=False)
+                    with os.scandir(fd) as it:
+                        entries = sorted(it, key=_by_name)
                 except OSError as exc:
-                    unreadable(path, exc.strerror, "left out")
+                    unreadable(directory, exc.strerror, "its contents are left out")
                     continue
-                arcname = f"{prefix}/{entry.name}"
-                yield path, arcname, st
-                if stat.S_ISDIR(st.st_mode) and (
-                    st.st_dev == root_device  # the common case: no lookup
-                    or not (options.one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS)
-                ):
-                    subdirs.append((path, arcname))
-        finally:
-            os.close(fd)
-        stack.extend(reversed(subdirs))
+                base = directory if directory.endswith("/") else directory + "/"
+                for entry in entries:
+                    path = base + entry.name
+                    if options.exclude and options.excludes(path, entry.name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError as exc:
+                        unreadable(path, exc.strerror, "left out")
+                        continue
+                    arcname = f"{prefix}/{entry.name}"
+                    yield Found(path, arcname, st, entry.name, fd)
+                    if stat.S_ISDIR(st.st_mode) and (
+                        st.st_dev == root_device  # the common case: no lookup
+                        or not (
+                            options.one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS
+                        )
+                    ):
+                        subdirs.append((here, entry.name, path, arcname))
+            finally:
+                stack.extend(reversed(subdirs))
+                here.waiting = len(subdirs) + 1
+                here.release()  # closed now, or by the last subdirectory opened
+    finally:  # stopped early (an error, or the generator closed): nothing left open
+        for parent, *_ in stack:
+            if parent is not None:
+                parent.release()
 
 
 def write_tree(source: Path, put: Put, stats: TreeStats, options: WalkOptions = EVERYTHING) -> None:
     """Write ``source`` (a file or a directory tree) as a tar stream to ``put``."""
     writer = TreeWriter(BatchWriter(put), stats, str(source))
-    for path, arcname, st in walk(source, writer.unreadable, options):
-        writer.add(path, arcname, st)
+    for found in walk(source, writer.unreadable, options):
+        writer.add(found)
     writer.finish()

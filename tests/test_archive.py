@@ -197,6 +197,26 @@ def test_restore_from_batches_in_two_reused_buffers(tmp_path: Path) -> None:
     assert result.bytes == len(stream)
 
 
+def test_walk_leaves_no_directory_open_when_done_or_stopped(tmp_path: Path) -> None:
+    """walk keeps a directory open while subdirectories found in it wait to
+    be listed (each is opened relative to it); all are closed at the end,
+    and when the walk stops early (a failed backup)."""
+    tree = tmp_path / "tree"
+    for branch in ("a/b/c", "a/d", "e/f", "g"):
+        (tree / branch).mkdir(parents=True)
+        (tree / branch / "file").write_text(branch)
+    before = len(os.listdir("/proc/self/fd"))
+    found = [entry.arcname for entry in archive.walk(tree, lambda *_: None)]
+    assert found[:3] == ["tree", "tree/a", "tree/e"] and "tree/a/b/c/file" in found
+    assert len(os.listdir("/proc/self/fd")) == before
+    for stop_after in range(1, len(found)):
+        walking = archive.walk(tree, lambda *_: None)
+        for _ in range(stop_after):
+            next(walking)
+        walking.close()
+        assert len(os.listdir("/proc/self/fd")) == before, f"stopped after {stop_after}"
+
+
 def test_restore_memory_stays_flat_whatever_the_number_of_members(tmp_path: Path) -> None:
     """tarfile keeps every member it reads (about 900 bytes each); the
     restore forgets each once the next is read, so a saveset of ten million

@@ -377,13 +377,14 @@ def test_paths_that_cannot_be_read_are_left_out_and_the_rest_is_stored(
     (tree / "z.txt").write_text("last\n")
     real_add, real_copy = archive.TreeWriter.add, archive.TreeWriter._copy_contents
 
-    def add(self, path: str, arcname: str, st: os.stat_result) -> None:  # type: ignore[no-untyped-def]
+    def add(self, found: archive.Found) -> None:  # type: ignore[no-untyped-def]
+        path = found.path
         if path.endswith("gone.txt"):
             os.unlink(path)
         if path.endswith("gonedir"):
             (tree / "gonedir" / "inside").unlink()
             os.rmdir(path)
-        real_add(self, path, arcname, st)
+        real_add(self, found)
 
     def copy(self, fd: int, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
         if path.endswith("failing.bin"):
@@ -475,7 +476,8 @@ def test_a_file_replaced_after_the_walk_is_not_followed_and_does_not_block(
     real_add = archive.TreeWriter.add
     timers: list[threading.Timer] = []
 
-    def add(self, path: str, arcname: str, st: os.stat_result) -> None:  # type: ignore[no-untyped-def]
+    def add(self, found: archive.Found) -> None:  # type: ignore[no-untyped-def]
+        path = found.path
         if path.endswith("link"):
             os.unlink(path)
             os.symlink(secret, path)
@@ -487,7 +489,7 @@ def test_a_file_replaced_after_the_walk_is_not_followed_and_does_not_block(
             os.mkfifo(path)
             timers.append(threading.Timer(WAIT_SECONDS, rescue, [Path(path)]))
             timers[-1].start()
-        real_add(self, path, arcname, st)
+        real_add(self, found)
 
     monkeypatch.setattr(archive.TreeWriter, "add", add)
     client = pki.client_ini("client1")
@@ -517,6 +519,59 @@ def test_a_file_replaced_after_the_walk_is_not_followed_and_does_not_block(
         assert member is not None and member.read() == b"last\n"
 
 
+def test_a_parent_replaced_by_a_link_after_its_listing_is_not_followed(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory that someone moves away and replaces by a symbolic link
+    after sbc listed it, or listed its parent, is not followed: what is
+    stored under its names is what was listed there, never the files the
+    link points to (another user's, read with sbc's rights). Opened by path,
+    only the last component was safe from links (O_NOFOLLOW)."""
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "deep.txt").write_text("deep\n")
+    (tree / "sub").mkdir()
+    (tree / "sub" / "own.txt").write_text("own\n")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "b").mkdir(parents=True)
+    (elsewhere / "b" / "deep.txt").write_text("SECRET of another user\n")
+    (elsewhere / "own.txt").write_text("SECRET of another user\n")
+    real_add = archive.TreeWriter.add
+
+    def swap(directory: Path) -> None:
+        directory.rename(tmp_path / f"{directory.name}.moved")
+        directory.symlink_to(elsewhere)
+
+    def add(self, found: archive.Found) -> None:  # type: ignore[no-untyped-def]
+        if found.path == str(tree / "a" / "b"):  # a is listed, b is not yet
+            swap(tree / "a")
+        if found.path == str(tree / "sub" / "own.txt"):  # listed, not yet read
+            swap(tree / "sub")
+        real_add(self, found)
+
+    monkeypatch.setattr(archive.TreeWriter, "add", add)
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        result = sbc_json(
+            "--ini-dir",
+            str(client.ini_dir),
+            "backup",
+            str(tree),
+            "--server",
+            stpd.address,
+            "--json",
+        )
+        stored = (stpd.daemon.store.root / f"{result['saveset']}.tar").read_bytes()  # type: ignore[index]
+    assert b"SECRET" not in stored
+    with tarfile.open(fileobj=io.BytesIO(stored)) as tar:
+        contents = {
+            member.name: extracted.read()
+            for member in tar.getmembers()
+            if (extracted := tar.extractfile(member)) is not None
+        }
+    assert contents == {"tree/a/b/deep.txt": b"deep\n", "tree/sub/own.txt": b"own\n"}
+
+
 def test_a_backed_up_path_that_cannot_be_read_stores_nothing(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -524,8 +579,9 @@ def test_a_backed_up_path_that_cannot_be_read_stores_nothing(
     tree.mkdir()
     real_add = archive.TreeWriter.add
 
-    def add(self, path: str, arcname: str, st: os.stat_result) -> None:  # type: ignore[no-untyped-def]
-        real_add(self, path, arcname, st)
+    def add(self, found: archive.Found) -> None:  # type: ignore[no-untyped-def]
+        path = found.path
+        real_add(self, found)
         if path == str(tree):
             tree.rmdir()  # after its own member, before its entries are read
 
