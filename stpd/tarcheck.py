@@ -206,6 +206,26 @@ class PlainTarInfo(tarfile.TarInfo):
             obj.name = prefix.decode(encoding, errors) + "/" + obj.name
         return obj
 
+    @classmethod
+    def fromtarfile(cls, tarfile: tarfile.TarFile) -> Self:
+        """The next member of ``tarfile``: a member of a plain type in one
+        step, as TarInfo's _proc_builtin would take it (where the data
+        starts and ends, no PAX records to apply). Others, and every member
+        while a global PAX header is in force, go through tarfile's steps."""
+        fileobj = tarfile.fileobj
+        obj = cls.frombuf(fileobj.read(BLOCK), tarfile.encoding, tarfile.errors)  # type: ignore[attr-defined]
+        obj.offset = fileobj.tell() - BLOCK
+        if obj.type not in _PLAIN_TYPES or tarfile.pax_headers:  # type: ignore[attr-defined]
+            return obj._proc_member(tarfile)  # type: ignore[attr-defined, no-any-return]
+        obj.offset_data = end = obj.offset + BLOCK
+        if obj.isreg():
+            end += -(-obj.size // BLOCK) * BLOCK  # the data, padded to whole blocks
+        tarfile.offset = end  # type: ignore[attr-defined]
+        obj.pax_headers = {}
+        if obj.isdir():
+            obj.name = obj.name.rstrip("/")
+        return obj
+
 
 _USTAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 

@@ -267,6 +267,53 @@ def test_plain_tar_info_lists_a_saveset_as_tarfile_does(tmp_path: Path) -> None:
         ]
 
 
+def _members(fmt: int, names: list[str]) -> bytes:
+    """The headers and data tarfile writes for a directory, files, links and
+    a FIFO under each of ``names``, without the end-of-archive blocks."""
+    kinds = [
+        (tarfile.REGTYPE, 700),
+        (tarfile.REGTYPE, 0),
+        (tarfile.SYMTYPE, 0),
+        (tarfile.LNKTYPE, 0),
+        (tarfile.FIFOTYPE, 0),
+    ]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for name in names:
+            directory = tarfile.TarInfo(name)
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+            for kind, size in kinds:
+                info = tarfile.TarInfo(f"{name}/{kind.decode()}{size}")
+                info.type, info.size, info.uname = kind, size, "user"
+                info.linkname = f"{name}/00" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+                tar.addfile(info, io.BytesIO(os.urandom(size)) if size else None)
+        return out.getvalue()[: tar.offset]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_plain_tar_info_reads_archives_member_by_member_as_tarfile_does(fmt: int) -> None:
+    """PlainTarInfo.fromtarfile takes a plain member in one step: each member
+    comes out as tarfile's own (fields, where its data starts, where the
+    next header is), long names (GNU or PAX headers) too, and so do the
+    members after a global PAX header, which applies to all that follow
+    (stpd sends one while it scans a saveset)."""
+    names = ["d", "sub/" + "n" * 90] if fmt == tarfile.USTAR_FORMAT else ["d", "l" * 150, "ü"]
+    glob = tarfile.TarInfo.create_pax_global_header({"comment": "still looking", "uname": "glob"})
+    stream = _members(fmt, names) + glob + _members(fmt, ["after"]) + bytes(2 * tarfile.BLOCKSIZE)
+
+    def members(tarinfo: type[tarfile.TarInfo]) -> list[object]:
+        with tarfile.open(fileobj=io.BytesIO(stream), tarinfo=tarinfo) as tar:
+            return [
+                (type(m) is tarinfo, [getattr(m, a) for a in _ATTRIBUTES], m.offset, m.offset_data)
+                for m in tar
+            ]
+
+    stock, plain = members(tarfile.TarInfo), members(PlainTarInfo)
+    assert plain == stock and len(plain) == 6 * (len(names) + 1)
+    assert plain[-1][1][_ATTRIBUTES.index("uname")] == "glob"
+
+
 def test_selection_takes_each_entry_and_what_is_under_it() -> None:
     """Names as path_parts ("/etc/" is "etc", "." is everything), and every
     entry that takes a member is named, so that nested entries are all
