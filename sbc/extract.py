@@ -46,7 +46,8 @@ def _copy_out(source: BatchReader, fd: int, size: int) -> None:
     WRITE_BEHIND_BYTES or more is written by a second thread, each piece
     while the next one is read (the reader's views stay valid for that)."""
     if size <= source.in_piece():  # a small file: one write, as it lies
-        write_all(fd, [source.read_view(size)])
+        if size:
+            write_all(fd, [source.read_view(size)])
         return
     write = functools.partial(write_all, fd)
     with WriteBehind(write, threaded=size >= WRITE_BEHIND_BYTES) as behind:
@@ -272,8 +273,8 @@ Filter = Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]
 
 
 class _Extraction(tarfile.TarFile):
-    """tarfile's extraction (headers, the copy of contents, directory
-    attributes set last; see extract_into), with its file system calls made through
+    """tarfile's extraction (headers, contents, directory attributes set
+    last: see extract_into), with its file system calls made through
     ``TargetDir``: files are created with O_EXCL|O_NOFOLLOW, links and
     FIFOs relative to their parent's descriptor, and owners, modes and
     times set on descriptors opened with O_NOFOLLOW, on a directory only if
