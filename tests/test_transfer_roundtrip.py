@@ -48,6 +48,10 @@ def make_tree(root: Path) -> Path:
     (tree / "script.sh").chmod(0o750)
     (tree / "private").write_text("secret\n")
     (tree / "private").chmod(0o600)
+    (tree / "shared").write_text("everyone writes\n")
+    (tree / "shared").chmod(0o666)  # more than the umask lets a new file have
+    (tree / "read-only").write_text("frozen\n")
+    (tree / "read-only").chmod(0o444)
     (tree / "link-to-file").symlink_to("nested/data.bin")
     (tree / "dangling-link").symlink_to("does/not/exist")
     os.utime(tree / "nested" / "data.bin", (1_500_000_000, 1_500_000_000))
