@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
-from stpd.config import stpd_address
+from stpd.config import open_files_to_the_hard_limit, stpd_address
 from stpd.tarcheck import path_parts
 from stpd.tlsconn import signals_end_waits
 
@@ -361,8 +362,13 @@ def main(
             raise SbcError(
                 f"no server given: pass --server HOST[:PORT] or set SBC_SERVER in [SBC] of {layout.sm_ini}"
             )
-        if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
-            raise SbcError(f"nothing to back up: {args.path} does not exist")
+        if args.command == "backup":
+            if not (args.path.exists() or args.path.is_symlink()):
+                raise SbcError(f"nothing to back up: {args.path} does not exist")
+            # The walk holds a directory open while subdirectories found in
+            # it wait: in a deep tree, as many as it is deep (sbc.archive.walk).
+            with contextlib.suppress(ValueError, OSError):
+                open_files_to_the_hard_limit()
         with signals_end_waits():
             result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:

@@ -17,7 +17,7 @@ from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
 from stpd.aio import single_error
-from stpd.config import StpdConfig, load_config, stpd_address
+from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
 from stpd.server import Stpd
 from stpd.store import StoreError
 
@@ -76,17 +76,16 @@ def raise_open_files_limit(max_connections: int) -> None:
     does not count handshakes in progress), and then no connection can be
     accepted. Says so when even the hard limit is short of what
     ``max_connections`` may need."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            log.info("open files limit raised from %d to %d", soft, target)
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open files limit from %d: %s", soft, exc)
+    try:
+        before, soft = open_files_to_the_hard_limit()
+    except (ValueError, OSError) as exc:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        log.warning("cannot raise the open files limit from %d: %s", soft, exc)
+    else:
+        if soft == resource.RLIM_INFINITY:
+            return
+        if soft != before:
+            log.info("open files limit raised from %d to %d", before, soft)
     needed = FILES_PER_CONNECTION * max_connections + FILES_BESIDES
     if soft < needed:
         log.warning(

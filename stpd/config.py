@@ -6,6 +6,7 @@ value comes from the file, then from the defaults below (units in names).
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,18 @@ def load_config(layout: Layout, **overrides: Any) -> StpdConfig:
     """Read ``stpd.ini`` of ``layout``; ``overrides`` (None values ignored)
     are what the operator gave on the command line."""
     return load_settings(StpdConfig(layout=layout), layout.stpd_ini, KEYS, overrides)
+
+
+def open_files_to_the_hard_limit() -> tuple[int, int]:
+    """Raise the soft open files limit (often 1024) to the hard one (often
+    far more): stpd for its connections, sbc for the directories a backup
+    holds open (see sbc.archive.walk). Returns the soft limit before and
+    after; ValueError or OSError when it cannot be raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    return soft, soft

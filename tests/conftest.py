@@ -367,7 +367,7 @@ class StpdProcess:
 
 
 def with_open_files(soft: int, hard: int) -> list[str]:
-    """A launcher for StpdProcess: stpd started with these open files limits."""
+    """A launcher: stpd (StpdProcess) or sbc started with these open files limits."""
     code = (
         "import os, resource, sys; "
         "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "

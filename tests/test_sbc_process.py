@@ -37,6 +37,7 @@ from tests.conftest import (
     run_sbc,
     running_stpd,
     tar_bytes,
+    with_open_files,
 )
 
 SBC = str(Path(sys.executable).parent / "sbc")
@@ -319,3 +320,44 @@ def test_a_listing_piped_into_head_ends_quietly(pki: Pki, tmp_path: Path) -> Non
     assert first.endswith(b" many\n"), first
     assert sbc.returncode == 128 + signal.SIGPIPE, err_bytes
     assert err_bytes == b""
+
+
+def test_a_tree_deeper_than_the_soft_open_files_limit_is_backed_up_whole(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """sbc's walk holds a directory open while subdirectories found in it
+    wait to be listed: in a tree 1,100 deep with a sibling at every level,
+    1,100 at once, past a soft limit of 1024 (as on many systems). sbc
+    raises it to the hard limit, as stpd does, and stores all of it."""
+    tree = tmp_path / "deep"
+    directory = tree
+    for _ in range(1100):
+        (directory / "b").mkdir(parents=True)  # waits while "a" is walked
+        directory = directory / "a"
+    directory.mkdir()
+    (directory / "bottom.txt").write_text("bottom\n")
+    client = pki.client_ini("deep")
+    with running_stpd(pki.layout, level=2) as stpd:
+        done = subprocess.run(
+            [
+                *with_open_files(1024, 4096),
+                SBC,
+                "--ini-dir",
+                str(client.ini_dir),
+                "backup",
+                str(tree),
+                "--server",
+                stpd.address,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_SECONDS,
+        )
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert (result["files"], result["directories"]) == (1, 2201)
+        stored = stpd.daemon.store.root / f"{result['saveset']}.tar"
+        with tarfile.open(stored) as tar:
+            bottom = tar.extractfile("deep/" + "a/" * 1100 + "bottom.txt")
+            assert bottom is not None and bottom.read() == b"bottom\n"
