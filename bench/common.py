@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import resource
 import select
 import shlex
 import shutil
@@ -318,6 +319,27 @@ def reset_hwm(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User and system CPU seconds used so far by the processes ``pids``
+    (all their threads), from /proc; 0 for one that is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def children_cpu_seconds() -> float:
+    """User and system CPU seconds of this process's children reaped so far
+    (the commands the benchmark ran: sbc, curl, tar)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def children_of(pid: int) -> list[int]:

@@ -45,7 +45,9 @@ from typing import Any
 from bench.common import (
     BenchError,
     Proc,
+    children_cpu_seconds,
     children_of,
+    cpu_seconds,
     digest_tar,
     mib,
     reset_hwm,
@@ -347,15 +349,29 @@ class Bench:
         for index in range(self.o.runs):
             order = sides if index % 2 == 0 else sides[::-1]
             for name, measure, _, values in order:
+                server = self.server_pids(name)
+                client_cpu, server_cpu = children_cpu_seconds(), cpu_seconds(server)
                 value = measure()
+                cpu = (children_cpu_seconds() - client_cpu, cpu_seconds(server) - server_cpu)
                 values.append(value)
-                say(f"  {case} {name:4} run {index + 1}/{self.o.runs}: {value:10.1f} {unit}")
+                result.notes.setdefault(f"cpu_s_{name}", []).append([round(c, 2) for c in cpu])
+                say(
+                    f"  {case} {name:4} run {index + 1}/{self.o.runs}: {value:10.1f} {unit}"
+                    f"  (CPU s: clients {cpu[0]:.2f}, server {cpu[1]:.2f})"
+                )
             if peer is not None:
                 result.ratios.append(result.ours[-1] / result.peer[-1])
                 say(f"  {case} pair {index + 1} ratio ours/peer: {result.ratios[-1]:.3f}")
         self.results[case] = result
         self.check_servers()
         return result
+
+    def server_pids(self, side: str) -> list[int]:
+        """stpd, or nginx's master and workers."""
+        if side == "ours":
+            return [self.stpd.pid]
+        assert self.nginx is not None
+        return [self.nginx.pid, *children_of(self.nginx.pid)]
 
     def check_servers(self) -> None:
         self.stpd.check_alive()

@@ -55,6 +55,9 @@ def test_quick_run_of_ours_only_writes_the_results(tmp_path: Path) -> None:
         assert {"ours", "peer", "ratio"} <= results[case].keys(), case
         assert results[case]["ours"] > 0, case
         assert results[case]["peer"] is None and results[case]["ratio"] is None, case
+        # CPU seconds of the run's commands (sbc: at least its start) and of stpd
+        [(clients, server)] = results["runs"][case]["cpu_s_ours"]
+        assert clients > 0.01 and server >= 0, case
     assert set(results["rss_mib"]) == {"stpd", "sbc"}
     assert results["rss_mib"]["stpd"] > 0 and results["rss_mib"]["sbc"] > 0
     assert results["parameters"]["runs"] == 1
