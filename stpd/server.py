@@ -701,15 +701,21 @@ class HttpSession:
         except OSError as exc:
             await self._unreadable_saveset(saveset, exc)
             return
+        # It reads and hashes a whole saveset, as a restore does: counted
+        # (status, shutdown, uploads' write-behind) and run in their threads.
+        self.daemon.active_transfers += 1
         try:
             await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
             while not check.done:
-                await trio.to_thread.run_sync(check.step, VERIFY_LINE_EVERY)
+                await trio.to_thread.run_sync(
+                    check.step, VERIFY_LINE_EVERY, limiter=self.daemon.transfer_threads
+                )
                 if not check.done:
                     await self._send(h11.Data(data=b'{"checked": %d}\n' % check.bytes))
         except OSError as exc:
             raise self._unreadable_mid_answer(saveset, exc) from None
         finally:
+            self.daemon.active_transfers -= 1
             check.close()
         intact = check.sha256 == meta.sha256 and check.bytes == meta.bytes
         verdict = {

@@ -972,7 +972,17 @@ def test_verify_tells_an_intact_saveset_from_a_damaged_one(
     with running_stpd(pki.layout, level=2) as stpd:
         backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
         saveset, size, sha = backup["saveset"], backup["bytes"], backup["sha256"]  # type: ignore[index]
+        counted: list[int] = []  # stpd's active transfers while it hashes
+        real_step = stpd_server.SavesetCheck.step
+
+        def step(self: stpd_server.SavesetCheck, seconds: float) -> None:
+            counted.append(stpd.daemon.active_transfers)
+            real_step(self, seconds)
+
+        monkeypatch.setattr(stpd_server.SavesetCheck, "step", step)
         verdict = sbc_json(*ini, "verify", saveset, "--server", stpd.address, "--json")
+        assert counted and set(counted) == {1}, counted  # shown by status, waited for at stop
+        assert stpd.daemon.active_transfers == 0
         assert verdict == {
             "saveset": saveset,
             "intact": True,
