@@ -10,6 +10,7 @@ as it was stored (see there).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import grp
@@ -487,11 +488,15 @@ class _Extraction(tarfile.TarFile):
             return
         try:
             if tarinfo.issym():
+                parent = self.target.parent(parts)
                 if self._as_root:
-                    parent = self.target.parent(parts)
                     os.chown(
                         parts[-1], tarinfo.uid, tarinfo.gid, dir_fd=parent, follow_symlinks=False
                     )
+                with contextlib.suppress(OSError):  # a file system without link times
+                    # The link's own time, as GNU tar sets it (tarfile leaves it at now).
+                    times = (tarinfo.mtime, tarinfo.mtime)
+                    os.utime(parts[-1], times, dir_fd=parent, follow_symlinks=False)
                 return
             if tarinfo.isdir():
                 fd = self.target.open_dir(parts)

@@ -54,19 +54,22 @@ def make_tree(root: Path) -> Path:
     (tree / "read-only").chmod(0o444)
     (tree / "link-to-file").symlink_to("nested/data.bin")
     (tree / "dangling-link").symlink_to("does/not/exist")
+    for link in ("link-to-file", "dangling-link"):  # the link's own time, not its target's
+        os.utime(tree / link, (1_300_000_000, 1_300_000_000), follow_symlinks=False)
     os.utime(tree / "nested" / "data.bin", (1_500_000_000, 1_500_000_000))
     os.utime(tree / "nested", (1_400_000_000, 1_400_000_000))
     return tree
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """What a restore must reproduce: type, mode, mtime, content or link."""
+    """What a restore must reproduce: type, mode, mtime, content or link
+    (with the link's own mtime)."""
     result = {}
     for path in sorted([root, *root.rglob("*")]):
         st = path.lstat()
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
-            result[rel] = ("link", os.readlink(path))
+            result[rel] = ("link", os.readlink(path), int(st.st_mtime))
         elif path.is_dir():
             result[rel] = (
                 "dir",
