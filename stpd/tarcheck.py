@@ -281,7 +281,10 @@ _PLAIN_TYPES = frozenset([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, *
 
 def path_parts(path: str) -> list[str]:
     """The components of a member's path, without empty ones and '.'."""
-    return [part for part in path.split("/") if part not in ("", ".")]
+    parts = path.split("/")
+    if "" in parts or "." in parts:  # "./a", "a//b", "d/": not the common case
+        parts = [part for part in parts if part not in ("", ".")]
+    return parts
 
 
 class Selection:

@@ -23,6 +23,7 @@ from stpd.tarcheck import (
     TarStreamCheck,
     _plain_fields,
     block_sum,
+    path_parts,
 )
 
 _PLAIN = sorted(_PLAIN_TYPES)
@@ -312,6 +313,23 @@ def test_plain_tar_info_reads_archives_member_by_member_as_tarfile_does(fmt: int
     stock, plain = members(tarfile.TarInfo), members(PlainTarInfo)
     assert plain == stock and len(plain) == 6 * (len(names) + 1)
     assert plain[-1][1][_ATTRIBUTES.index("uname")] == "glob"
+
+
+@pytest.mark.parametrize(
+    ("path", "parts"),
+    [
+        ("small/d042/f123", ["small", "d042", "f123"]),
+        ("./tree/a", ["tree", "a"]),
+        ("tree//a/./b/", ["tree", "a", "b"]),
+        ("/etc/", ["etc"]),
+        (".", []),
+        ("", []),
+        ("..", [".."]),  # kept: SafeMembers refuses it
+        ("a/../b", ["a", "..", "b"]),
+    ],
+)
+def test_path_parts_drops_empty_components_and_dots_only(path: str, parts: list[str]) -> None:
+    assert path_parts(path) == parts
 
 
 def test_selection_takes_each_entry_and_what_is_under_it() -> None:
