@@ -414,7 +414,8 @@ class _OpenDirectory:
             os.close(self.fd)
 
 
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A directory opened without following a link put in its place (restores too).
+DIRECTORY_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def walk(
@@ -450,7 +451,7 @@ def walk(
         while stack:
             parent, name, directory, prefix = stack.pop()
             try:
-                fd = os.open(name, _DIRECTORY, dir_fd=None if parent is None else parent.fd)
+                fd = os.open(name, DIRECTORY_NOFOLLOW, dir_fd=None if parent is None else parent.fd)
             except OSError as exc:
                 replaced = exc.errno in (errno.ELOOP, errno.ENOTDIR)  # by a link, or a file
                 reason = "no longer a directory" if replaced else exc.strerror

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import ArchiveError
+from sbc.archive import DIRECTORY_NOFOLLOW, ArchiveError
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
 
@@ -79,7 +79,6 @@ class UnsafeMember(tarfile.FilterError):
         super().__init__(message)
 
 
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -117,7 +116,7 @@ class TargetDir:
         fd = self.fd
         for end, part in enumerate(parts, 1):
             try:
-                child = os.open(part, _DIRECTORY, dir_fd=fd)
+                child = os.open(part, DIRECTORY_NOFOLLOW, dir_fd=fd)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, "/".join(parts[:end])) from None
             finally:
