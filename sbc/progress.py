@@ -35,7 +35,7 @@ def estimate_tar_bytes(source: Path, options: WalkOptions) -> int | None:
         return 2 * TAR_BLOCK + sum(
             TAR_BLOCK + (-(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0)
             # the backup reports what cannot be read
-            for _, _, st, _, _ in walk(source, lambda *_: None, options)
+            for st in (found.st for found in walk(source, lambda *_: None, options))
         )
     except ArchiveError:
         return None
