@@ -126,6 +126,10 @@ def _rate(nbytes: int, seconds: float) -> str:
 
 def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     source = args.path
+    # The walk holds a directory open while subdirectories found in it
+    # wait: in a deep tree, as many as it is deep (sbc.archive.walk).
+    with contextlib.suppress(ValueError, OSError):
+        open_files_to_the_hard_limit()
     options = WalkOptions(one_file_system=args.one_file_system, exclude=tuple(args.exclude))
     started = time.monotonic()
     with TransferProgress(wanted(args.quiet, args.json), backup_label(source)) as progress:
@@ -362,13 +366,8 @@ def main(
             raise SbcError(
                 f"no server given: pass --server HOST[:PORT] or set SBC_SERVER in [SBC] of {layout.sm_ini}"
             )
-        if args.command == "backup":
-            if not (args.path.exists() or args.path.is_symlink()):
-                raise SbcError(f"nothing to back up: {args.path} does not exist")
-            # The walk holds a directory open while subdirectories found in
-            # it wait: in a deep tree, as many as it is deep (sbc.archive.walk).
-            with contextlib.suppress(ValueError, OSError):
-                open_files_to_the_hard_limit()
+        if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
+            raise SbcError(f"nothing to back up: {args.path} does not exist")
         with signals_end_waits():
             result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
