@@ -222,7 +222,7 @@ class PlainTarInfo(tarfile.TarInfo):
             end += -(-obj.size // BLOCK) * BLOCK  # the data, padded to whole blocks
         tarfile.offset = end  # type: ignore[attr-defined]
         obj.pax_headers = {}
-        if obj.isdir():
+        if obj.isdir():  # not redundant: a prefix joined to an empty name ends in "/"
             obj.name = obj.name.rstrip("/")
         return obj
 

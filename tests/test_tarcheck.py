@@ -315,6 +315,22 @@ def test_plain_tar_info_reads_archives_member_by_member_as_tarfile_does(fmt: int
     assert plain[-1][1][_ATTRIBUTES.index("uname")] == "glob"
 
 
+def test_a_directory_named_by_its_prefix_alone_reads_as_tarfile_reads_it() -> None:
+    """A ustar directory header with an empty name field and a prefix: the
+    joined name ends in "/", which tarfile strips after frombuf, and so
+    must PlainTarInfo.fromtarfile."""
+    info = tarfile.TarInfo("x")
+    info.type = tarfile.DIRTYPE
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[0:100] = bytes(100)  # no name
+    block[345:348] = b"a/b"  # the prefix
+    block[148:156] = b"%06o\0 " % (block_sum(block[:148] + b" " * 8 + block[156:]))
+    stream = bytes(block) + bytes(2 * tarfile.BLOCKSIZE)
+    for tarinfo in (tarfile.TarInfo, PlainTarInfo):
+        with tarfile.open(fileobj=io.BytesIO(stream), tarinfo=tarinfo) as tar:
+            assert [m.name for m in tar] == ["a/b"], tarinfo
+
+
 @pytest.mark.parametrize(
     ("path", "parts"),
     [
