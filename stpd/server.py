@@ -197,6 +197,16 @@ class Stpd:
             )
         log.info("stpd stopped")
 
+    @contextmanager
+    def transfer_running(self) -> Iterator[None]:
+        """A backup, restore or verification under way: counted for status,
+        for shutdown's message, and for an upload's write-behind rule."""
+        self.active_transfers += 1
+        try:
+            yield
+        finally:
+            self.active_transfers -= 1
+
     def shutdown(self) -> None:
         """Stop accepting; finish running transfers (SIGTERM)."""
         if self.draining or self._stop_accepting is None:
@@ -581,51 +591,50 @@ class HttpSession:
             await self._send_error(exc.status, str(exc))
             return
         started = time.monotonic()
-        self.daemon.active_transfers += 1
-        try:
-            # h11 parsed the head; the body bypasses it (see BodyReader), and
-            # run() starts a new h11 connection after it.
-            early, _ = self.conn.trailing_data
-            body = request_body(list(request.headers))
+        with self.daemon.transfer_running():
+            try:
+                # h11 parsed the head; the body bypasses it (see BodyReader), and
+                # run() starts a new h11 connection after it.
+                early, _ = self.conn.trailing_data
+                body = request_body(list(request.headers))
 
-            # Writing overlaps receiving only for an upload that starts on its
-            # own: with other transfers the cores are busy already (see
-            # WriteBehind). One that others join later keeps its two threads.
-            alone = self.daemon.active_transfers == 1
+                # Writing overlaps receiving only for an upload that starts on its
+                # own: with other transfers the cores are busy already (see
+                # WriteBehind). One that others join later keeps its two threads.
+                alone = self.daemon.active_transfers == 1
 
-            def store_body() -> bytes:
-                buffers = 2 if alone else 1
-                reader = BodyReader(self.tls, body, early, self.config.io_timeout, buffers)
-                with WriteBehind(upload.write_out, threaded=alone) as behind:
-                    while batch := reader.next_batch():
-                        upload.absorb(batch)  # hashed while it is in this core's cache
-                        behind.put(batch)
-                    behind.finish()
-                return reader.after
+                def store_body() -> bytes:
+                    buffers = 2 if alone else 1
+                    reader = BodyReader(self.tls, body, early, self.config.io_timeout, buffers)
+                    with WriteBehind(upload.write_out, threaded=alone) as behind:
+                        while batch := reader.next_batch():
+                            upload.absorb(batch)  # hashed while it is in this core's cache
+                            behind.put(batch)
+                        behind.finish()
+                    return reader.after
 
-            after_body = await run_transfer(self.tls, store_body, self.daemon.transfer_threads)
-            meta = await trio.to_thread.run_sync(upload.commit)
-        except StoreError as exc:
-            # Remove the partial file before answering: the answer lingers
-            # while the client is still sending, and a full disk should be
-            # free again by the time the client reads why it failed.
-            await trio.to_thread.run_sync(upload.abort)
-            log.error("upload from %s (%s) failed: %s", self.peer, self.owner, exc)
-            await self._send_error(exc.status, str(exc))
-            return
-        except (trio.BrokenResourceError, trio.TooSlowError, h11.RemoteProtocolError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            log.warning(
-                "upload from %s (%s) cut off: %s; nothing stored", self.peer, self.owner, reason
-            )
-            raise trio.BrokenResourceError(reason) from None
-        finally:
-            self.daemon.active_transfers -= 1
-            # Shielded: when the grace period (or a second SIGTERM) cancels this
-            # upload, run_sync would raise Cancelled before calling abort and
-            # leave the .part file behind.
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(upload.abort)  # no-op after a commit
+                after_body = await run_transfer(self.tls, store_body, self.daemon.transfer_threads)
+                meta = await trio.to_thread.run_sync(upload.commit)
+            except StoreError as exc:
+                # Remove the partial file before answering: the answer lingers
+                # while the client is still sending, and a full disk should be
+                # free again by the time the client reads why it failed.
+                await trio.to_thread.run_sync(upload.abort)
+                log.error("upload from %s (%s) failed: %s", self.peer, self.owner, exc)
+                await self._send_error(exc.status, str(exc))
+                return
+            except (trio.BrokenResourceError, trio.TooSlowError, h11.RemoteProtocolError) as exc:
+                reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+                log.warning(
+                    "upload from %s (%s) cut off: %s; nothing stored", self.peer, self.owner, reason
+                )
+                raise trio.BrokenResourceError(reason) from None
+            finally:
+                # Shielded: when the grace period (or a second SIGTERM) cancels this
+                # upload, run_sync would raise Cancelled before calling abort and
+                # leave the .part file behind.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(upload.abort)  # no-op after a commit
         seconds = max(time.monotonic() - started, 1e-6)
         log.info(
             "stored saveset %s from %s (%s): %d bytes in %.2fs (%.1f MB/s), source %s",
@@ -701,22 +710,21 @@ class HttpSession:
         except OSError as exc:
             await self._unreadable_saveset(saveset, exc)
             return
-        # It reads and hashes a whole saveset, as a restore does: counted
-        # (status, shutdown, uploads' write-behind) and run in their threads.
-        self.daemon.active_transfers += 1
-        try:
-            await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
-            while not check.done:
-                await trio.to_thread.run_sync(
-                    check.step, VERIFY_LINE_EVERY, limiter=self.daemon.transfer_threads
-                )
-                if not check.done:
-                    await self._send(h11.Data(data=b'{"checked": %d}\n' % check.bytes))
-        except OSError as exc:
-            raise self._unreadable_mid_answer(saveset, exc) from None
-        finally:
-            self.daemon.active_transfers -= 1
-            check.close()
+        # It reads and hashes a whole saveset, as a restore does: counted,
+        # and run in the transfer threads.
+        with self.daemon.transfer_running():
+            try:
+                await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
+                while not check.done:
+                    await trio.to_thread.run_sync(
+                        check.step, VERIFY_LINE_EVERY, limiter=self.daemon.transfer_threads
+                    )
+                    if not check.done:
+                        await self._send(h11.Data(data=b'{"checked": %d}\n' % check.bytes))
+            except OSError as exc:
+                raise self._unreadable_mid_answer(saveset, exc) from None
+            finally:
+                check.close()
         intact = check.sha256 == meta.sha256 and check.bytes == meta.bytes
         verdict = {
             "saveset": saveset,
@@ -783,30 +791,29 @@ class HttpSession:
             return out.tell()
 
         started = time.monotonic()
-        self.daemon.active_transfers += 1
-        try:
-            await self._send(
-                h11.Response(
-                    status_code=200,
-                    headers=[
-                        ("Content-Type", "application/x-tar"),
-                        *framing,
-                        ("X-Saveset", saveset),
-                    ],
+        with self.daemon.transfer_running():
+            try:
+                await self._send(
+                    h11.Response(
+                        status_code=200,
+                        headers=[
+                            ("Content-Type", "application/x-tar"),
+                            *framing,
+                            ("X-Saveset", saveset),
+                        ],
+                    )
                 )
-            )
-            sent = await run_transfer(self.tls, send_saveset, self.daemon.transfer_threads)
-            await self._send(h11.EndOfMessage())
-        except trio.TooSlowError:
-            log.warning(
-                "restore of %s to %s stalled (client not reading); closed", saveset, self.peer
-            )
-            raise trio.BrokenResourceError("send timeout") from None
-        except (OSError, tarfile.TarError) as exc:
-            raise self._unreadable_mid_answer(saveset, exc) from None
-        finally:
-            self.daemon.active_transfers -= 1
-            f.close()
+                sent = await run_transfer(self.tls, send_saveset, self.daemon.transfer_threads)
+                await self._send(h11.EndOfMessage())
+            except trio.TooSlowError:
+                log.warning(
+                    "restore of %s to %s stalled (client not reading); closed", saveset, self.peer
+                )
+                raise trio.BrokenResourceError("send timeout") from None
+            except (OSError, tarfile.TarError) as exc:
+                raise self._unreadable_mid_answer(saveset, exc) from None
+            finally:
+                f.close()
         seconds = max(time.monotonic() - started, 1e-6)
         log.info(
             "sent saveset %s%s to %s (%s): %d bytes in %.2fs (%.1f MB/s)",
