@@ -547,10 +547,8 @@ class Bench:
     def check_tree(self, root: Path) -> None:
         """``root/small`` holds exactly the files of the small tree, each with
         its contents."""
-        import hashlib
-
         found = {
-            path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            path.relative_to(root).as_posix(): sha256_file(path)
             for path in (root / self.tree.name).rglob("*")
             if path.is_file()
         }
