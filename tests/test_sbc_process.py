@@ -338,20 +338,11 @@ def test_a_tree_deeper_than_the_soft_open_files_limit_is_backed_up_whole(
         directory = directory / "a"
     directory.mkdir()
     (directory / "bottom.txt").write_text("bottom\n")
-    client = pki.client_ini("deep")
+    ini = ["--ini-dir", str(pki.client_ini("deep").ini_dir)]
     with running_stpd(pki.layout, level=2) as stpd:
+        backup = [*ini, "backup", str(tree), "--server", stpd.address, "--json"]
         done = subprocess.run(
-            [
-                *with_open_files(256, 4096),
-                SBC,
-                "--ini-dir",
-                str(client.ini_dir),
-                "backup",
-                str(tree),
-                "--server",
-                stpd.address,
-                "--json",
-            ],
+            [*with_open_files(256, 4096), SBC, *backup],
             capture_output=True,
             text=True,
             timeout=WAIT_SECONDS,

@@ -557,17 +557,9 @@ def test_a_parent_replaced_by_a_link_after_its_listing_is_not_followed(
         real_add(self, found)
 
     monkeypatch.setattr(archive.TreeWriter, "add", add)
-    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(pki.client_ini("client1").ini_dir)]
     with running_stpd(pki.layout, level=2) as stpd:
-        result = sbc_json(
-            "--ini-dir",
-            str(client.ini_dir),
-            "backup",
-            str(tree),
-            "--server",
-            stpd.address,
-            "--json",
-        )
+        result = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
         stored = (stpd.daemon.store.root / f"{result['saveset']}.tar").read_bytes()  # type: ignore[index]
     assert b"SECRET" not in stored
     with tarfile.open(fileobj=io.BytesIO(stored)) as tar:
