@@ -12,6 +12,7 @@ prints the request it got, and never answers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -49,8 +50,10 @@ def _lines(stream: object) -> queue.Queue[str]:
     lines: queue.Queue[str] = queue.Queue()
 
     def read() -> None:
-        for line in iter(stream.readline, ""):  # type: ignore[attr-defined]
-            lines.put(line)
+        # The test closes the stream when it is done with the server: so is this.
+        with contextlib.suppress(ValueError):
+            for line in iter(stream.readline, ""):  # type: ignore[attr-defined]
+                lines.put(line)
 
     threading.Thread(target=read, daemon=True).start()
     return lines
