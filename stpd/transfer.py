@@ -391,6 +391,11 @@ class BatchReader:
         """How many bytes ``read_view`` can return from the current piece."""
         return len(self._current) - self._pos
 
+    def piece_ahead(self, skip: int) -> tuple[memoryview, int]:
+        """The current piece, and where in it the stream is ``skip`` bytes on
+        (``skip`` < 0: back), which may lie outside it."""
+        return self._current, self._pos + skip
+
     def read_view(self, size: int) -> memoryview:
         """At most ``size`` bytes, as they lie in the current piece (no copy):
         up to a whole received batch, valid until the next batch but one is

@@ -32,7 +32,7 @@ from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
 from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
-from sbc import extract
+from sbc import _plainfiles, extract
 from sbc.cli import main as sbc_main
 from stpd.config import load_config
 from stpd.server import Stpd
@@ -56,6 +56,14 @@ def openssl(*args: str | Path, stdin: str = "") -> subprocess.CompletedProcess[s
         timeout=WAIT_SECONDS,
         check=False,
     )
+
+
+def restores_make_files_in_python_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restores make every file the Python way: the runs in C
+    (sbc/_plainfiles.c) make none. For tests that emulate a file system by
+    patching ``os``, whose functions the C calls do not go through, and to
+    compare the two ways."""
+    monkeypatch.setattr(_plainfiles, "make_files", lambda piece, start, *rest: (start, 0))
 
 
 def tree(root: Path) -> dict[str, bytes]:

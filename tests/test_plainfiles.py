@@ -1,0 +1,309 @@
+"""The runs of plain files that a restore makes in C (sbc/_plainfiles.c):
+the same files, owners, modes and times as the Python way, the same
+results, and every case it does not take left to that way (sbc restore
+over TLS runs them in tests/test_transfer_roundtrip.py)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import random
+import resource
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sbc import _plainfiles
+from sbc.archive import ArchiveError
+from sbc.extract import RestoreResult, extract_stream
+from tests.conftest import restores_make_files_in_python_only
+
+# (uname, uid, gname, gid): by name where this machine knows it, else by number
+OWNERS = [
+    ("root", 0, "root", 0),
+    ("nobody", 1234, "no-such-group-x", 2345),
+    ("no-such-user-x", 4321, "no-such-group-x", 5432),
+]
+SIZES = [0, 1, 511, 512, 513, 4096, 10_000, 70_000]
+MODES = [0o644, 0o600, 0o4755, 0o777, 0o400, 0o2711]
+
+
+def member(
+    name: str, size: int = 0, *, n: int = 0, kind: bytes = tarfile.REGTYPE
+) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    info.mode = MODES[n % len(MODES)] if kind == tarfile.REGTYPE else 0o755
+    info.mtime = 1_600_000_000 + 7919 * n
+    info.uname, info.uid, info.gname, info.gid = OWNERS[(n // 10) % len(OWNERS)]
+    return info
+
+
+def saveset(format: int) -> bytes:
+    """Directories of files of every size, mode and owner above, with what a
+    run stops at between them: links, a directory, a PAX header, names
+    spelled with "./", and (ustar) a name split into prefix and name."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=format) as archive:
+        archive.addfile(member("t", kind=tarfile.DIRTYPE))
+        deep = "t/" + "d" * 120  # ustar: stored as prefix "t/ddd..." and name
+        for directory in ("t/a", "./t/b", deep):
+            archive.addfile(member(directory, kind=tarfile.DIRTYPE))
+            for n in range(30):
+                size = SIZES[n % len(SIZES)]
+                data = random.Random(n).randbytes(size)
+                archive.addfile(member(f"{directory}/f{n}", size, n=n), io.BytesIO(data))
+                if n == 10:
+                    link = member(f"{directory}/link", kind=tarfile.SYMTYPE)
+                    link.linkname = "f0"
+                    archive.addfile(link)
+                if n == 20:
+                    hard = member(f"{directory}/hard", kind=tarfile.LNKTYPE)
+                    hard.linkname = "t/a/f3"
+                    archive.addfile(hard)
+        # Files of two directories in a row, named alike but for the directory.
+        archive.addfile(member("t/a/x1", 1), io.BytesIO(b"a"))
+        archive.addfile(member("t/b/x2", 1), io.BytesIO(b"b"))
+        if format == tarfile.PAX_FORMAT:  # PAX headers of their own, then plain members
+            info = member("t/a/jörg", 3)  # an owner name not in ASCII
+            info.uname = "jörg"
+            archive.addfile(info, io.BytesIO(b"abc"))
+            archive.addfile(member("t/a/after-pax", 2, n=1), io.BytesIO(b"ok"))
+            # A uid too large for its field (a PAX record; 0 in the field), then
+            # a file whose owner fields are those of the PAX header's own header.
+            for name, uid in (("large-uid", 70_000_000), ("zero-uid", 0)):
+                info = member(f"t/a/{name}", 1)
+                info.uname, info.uid, info.gname, info.gid = "", uid, "", 0
+                archive.addfile(info, io.BytesIO(b"1"))
+    return out.getvalue()
+
+
+def state(root: Path) -> dict[str, tuple[object, ...]]:
+    """Type, mode, owner, time and content (or link) of everything below root."""
+    found: dict[str, tuple[object, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        what: object = os.readlink(path) if path.is_symlink() else None
+        if path.is_file() and not path.is_symlink():
+            what = path.read_bytes()
+        found[str(path.relative_to(root))] = (
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            int(st.st_mtime) if not path.is_dir() else None,
+            what,
+        )
+    return found
+
+
+def restore(stream: bytes, target: Path, seed: int | None) -> RestoreResult:
+    """extract_stream of ``stream`` in pieces of random sizes (one piece
+    with no seed), so that runs meet the ends of pieces anywhere."""
+    pieces, at = [], 0
+    rng = random.Random(seed)
+    while at < len(stream):
+        size = len(stream) if seed is None else rng.randint(1, 30_000)
+        pieces.append(memoryview(stream)[at : at + size])
+        at += size
+    pieces.reverse()
+    result = RestoreResult()
+    extract_stream(lambda: [pieces.pop()] if pieces else [], target, result)
+    return result
+
+
+def counting_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of files each call of make_files made."""
+    made: list[int] = []
+    real = _plainfiles.make_files
+
+    def make_files(*args: object) -> tuple[int, int]:
+        end, count = real(*args)
+        made.append(count)
+        return end, count
+
+    monkeypatch.setattr(_plainfiles, "make_files", make_files)
+    return made
+
+
+@pytest.mark.parametrize("format", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_runs_in_c_restore_what_the_python_way_restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, format: int, seed: int | None
+) -> None:
+    stream = saveset(format)
+    with monkeypatch.context() as python_only:
+        restores_make_files_in_python_only(python_only)
+        expected = restore(stream, tmp_path / "python", seed)
+    made = counting_runs(monkeypatch)
+    result = restore(stream, tmp_path / "c", seed)
+
+    assert state(tmp_path / "c") == state(tmp_path / "python")
+    assert result == expected
+    with tarfile.open(fileobj=io.BytesIO(stream)) as archive:
+        assert expected.members == expected.extracted == len(archive.getmembers())
+    if format == tarfile.GNU_FORMAT:  # not ustar: all left to tarfile, as _plain_fields does
+        assert sum(made) == 0
+    else:  # of the 90 files (those of the deep directory have PAX headers in PAX format)
+        assert sum(made) >= (50 if seed is None else 25)
+    # As the suite runs as root: owners by name where known, else by number.
+    c = tmp_path / "c" / "t" / "a"
+    assert [(c / f"f{n}").stat().st_uid for n in (0, 10, 20)] == [0, 65534, 4321]
+    if format == tarfile.PAX_FORMAT:
+        assert [(c / name).stat().st_uid for name in ("large-uid", "zero-uid")] == [70_000_000, 0]
+
+
+def test_runs_of_a_restore_not_as_root_leave_owners_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not as root (as tar), owners are not set: the files are the user's."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    stream = saveset(tarfile.USTAR_FORMAT)
+    with monkeypatch.context() as python_only:
+        restores_make_files_in_python_only(python_only)
+        expected = restore(stream, tmp_path / "python", None)
+    made = counting_runs(monkeypatch)
+    result = restore(stream, tmp_path / "c", None)
+    assert state(tmp_path / "c") == state(tmp_path / "python")
+    assert result == expected
+    assert {path.stat().st_uid for path in (tmp_path / "c").rglob("f*")} == {os.getuid()}
+    assert sum(made) >= 80  # of the 90 files: owners no longer end runs
+
+
+def test_a_run_keeps_what_stands_in_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = saveset(tarfile.USTAR_FORMAT)
+    for place in ("python", "c"):
+        (tmp_path / place / "t" / "a").mkdir(parents=True)
+        for n in (3, 7):
+            (tmp_path / place / "t" / "a" / f"f{n}").write_text("mine\n")
+    with monkeypatch.context() as python_only:
+        restores_make_files_in_python_only(python_only)
+        expected = restore(stream, tmp_path / "python", None)
+    made = counting_runs(monkeypatch)
+    result = restore(stream, tmp_path / "c", None)
+
+    assert result.kept == expected.kept == ["t/a/f3", "t/a/f7"]
+    assert (tmp_path / "c" / "t" / "a" / "f3").read_text() == "mine\n"
+    assert state(tmp_path / "c") == state(tmp_path / "python")
+    assert sum(made) >= 60
+
+
+def test_a_run_writes_nothing_through_a_link_in_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member a level deeper than the run's directory is not the run's:
+    its parent in the target (here a link put there) is for the Python
+    way, which reaches it with O_NOFOLLOW and keeps the member out."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        archive.addfile(member("t", kind=tarfile.DIRTYPE))
+        for name in ("t/f0", "t/f1", "t/sub/y", "t/f2"):
+            archive.addfile(member(name, 2), io.BytesIO(b"hi"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "back" / "t").mkdir(parents=True)
+    (tmp_path / "back" / "t" / "sub").symlink_to(elsewhere)
+    made = counting_runs(monkeypatch)
+    result = restore(out.getvalue(), tmp_path / "back", None)
+    assert result.kept == ["t/sub/y"]
+    assert list(elsewhere.iterdir()) == []
+    assert made == [1, 0]  # f1; then f2, after the Python way kept t/sub/y, starts none
+
+
+def test_a_damaged_header_ends_a_run_where_tarfile_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        archive.addfile(member("t", kind=tarfile.DIRTYPE))
+        for n in range(6):
+            archive.addfile(member(f"t/f{n}", 2), io.BytesIO(b"hi"))
+    stream = bytearray(out.getvalue())
+    f3 = 512 * (1 + 2 * 3)  # t, then a header and a data block per file
+    assert stream[f3 : f3 + 4] == b"t/f3"
+    stream[f3 + 148 : f3 + 154] = b"000001"  # its checksum
+    with monkeypatch.context() as python_only:
+        restores_make_files_in_python_only(python_only)
+        expected = restore(bytes(stream), tmp_path / "python", None)
+    made = counting_runs(monkeypatch)
+    result = restore(bytes(stream), tmp_path / "c", None)
+    assert state(tmp_path / "c") == state(tmp_path / "python")
+    assert result == expected
+    assert made == [2]  # f1 and f2
+
+
+def test_a_stream_that_ends_in_the_padding_of_a_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As tarfile refuses it: a run does not take a file whose padding is
+    not all there."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        archive.addfile(member("t", kind=tarfile.DIRTYPE))
+        for n in range(4):
+            archive.addfile(member(f"t/f{n}", 2), io.BytesIO(b"hi"))
+    cut = out.getvalue()[: 512 * (1 + 2 * 3) + 512 + 10]  # in the padding of f3
+    made = counting_runs(monkeypatch)
+    with pytest.raises(ArchiveError, match="not a valid tar archive: unexpected end of data"):
+        restore(cut, tmp_path / "back", None)
+    assert made == [2]  # f1 and f2
+    assert sorted(p.name for p in (tmp_path / "back" / "t").iterdir()) == ["f0", "f1", "f2", "f3"]
+
+
+def test_a_file_named_as_a_link_that_could_not_be_made_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on FAT, where no link can be made: SafeMembers refuses a later
+    file of the link's name, which a run in C, knowing no names, would make."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        archive.addfile(member("t/x", kind=tarfile.SYMTYPE))
+        for name in ("t/a", "t/b", "t/x", "t/z"):
+            archive.addfile(member(name, 2), io.BytesIO(b"hi"))
+
+    def like_fat(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", like_fat)
+    with pytest.raises(ArchiveError, match="refused an unsafe archive member: member 't/x'"):
+        restore(out.getvalue(), tmp_path / "back", None)
+    assert sorted(p.name for p in (tmp_path / "back" / "t").iterdir()) == ["a", "b"]
+
+
+def test_a_file_that_cannot_be_written_whole_stops_the_restore_and_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails in a run (here: past the file size limit, as a
+    full disk would) removes the file and leaves it to the Python way, which
+    meets the same error, removes the file again, and stops the restore."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        archive.addfile(member("t", kind=tarfile.DIRTYPE))
+        for n in range(5):
+            archive.addfile(member(f"t/f{n}", 100), io.BytesIO(bytes(100)))
+        archive.addfile(member("t/big", 50_000), io.BytesIO(bytes(50_000)))
+        archive.addfile(member("t/after", 1), io.BytesIO(b"!"))
+    made = counting_runs(monkeypatch)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # SIGXFSZ: Python ignores it
+    try:
+        with pytest.raises(
+            ArchiveError, match=r"File too large \(t/big\).*incomplete t/big was removed"
+        ):
+            restore(out.getvalue(), tmp_path / "back", None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert made == [4]  # f1 to f4; f0 by the Python way, which starts the run
+    assert sorted(p.name for p in (tmp_path / "back" / "t").iterdir()) == [
+        f"f{n}" for n in range(5)
+    ]
+
+
+def test_make_files_refuses_a_start_outside_the_piece() -> None:
+    with pytest.raises(ValueError, match="outside the piece"):
+        _plainfiles.make_files(b"", 1, 0, b"", b"", 0, 0)
+    with pytest.raises(ValueError, match="80 bytes"):
+        _plainfiles.make_files(b"", 0, 0, b"", b"x", 0, 0)
