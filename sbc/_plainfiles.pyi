@@ -5,3 +5,18 @@ Buffer = bytes | bytearray | memoryview
 def make_files(
     piece: Buffer, start: int, dir_fd: int, prefix: bytes, owner: bytes, uid: int, gid: int, /
 ) -> tuple[int, int]: ...
+def pack_files(
+    buffer: bytearray | memoryview,
+    filled: int,
+    dir_fd: int,
+    prefix: bytes,
+    names: list[str],
+    first: int,
+    mode: int,
+    uid: int,
+    gid: int,
+    middle: bytes,
+    tail: bytes,
+    checksum: int,
+    /,
+) -> tuple[int, int]: ...

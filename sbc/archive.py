@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from sbc import _plainfiles
 from stpd.tarcheck import block_sum
 from stpd.transfer import BatchWriter, Put
 
@@ -159,6 +160,8 @@ class TreeWriter:
         self._hardlinks: dict[tuple[int, int], str] = {}
         # See _file_header: per (st_mode, uid, gid), None where PAX is needed.
         self._templates: dict[tuple[int, int, int], tuple[bytes, bytes, int] | None] = {}
+        # The key and template of the last file stored from one (take_files).
+        self._last: tuple[tuple[int, int, int], tuple[bytes, bytes, int]] | None = None
 
     def add(self, found: Found) -> None:
         path, arcname, st = found.path, found.arcname, found.st
@@ -267,10 +270,34 @@ class TreeWriter:
             return None
         if len(name) > 100:
             return None
+        self._last = key, template
         middle, tail, checksum = template
         numbers = b"%011o\0%011o\0" % (st.st_size, mtime)
         checksum += sum(name) + sum(numbers)
         return b"%s%s%s%06o\0 %s" % (name.ljust(100, b"\0"), middle, numbers, checksum, tail)
+
+    def take_files(self, directory: int, prefix: str, names: list[str], first: int) -> int:
+        """How many of ``names[first:]``, entries of the directory
+        ``directory`` (``prefix`` in the archive), were stored in C one after
+        another (sbc/_plainfiles.c): plain files like the last one stored
+        from a header template, as ``add`` stores them. walk goes on with
+        the first one not taken; after none, this takes none until another
+        file is stored from a template (a file in the way is stat'ed once
+        more, not at every entry)."""
+        if self._last is None or not prefix.isascii():
+            return 0
+        (mode, uid, gid), (middle, tail, checksum) = self._last
+        buffer, filled = self.out.free_view()
+        taken, end = _plainfiles.pack_files(
+            buffer, filled, directory, prefix.encode() + b"/", names, first,
+            mode, uid, gid, middle, tail, checksum,
+        )  # fmt: skip
+        if not taken:
+            self._last = None
+            return 0
+        self.out.advance(end - filled)
+        self.stats.files += taken
+        return taken
 
     def _copy_contents(self, fd: int, path: str, size: int) -> None:
         """Exactly ``size`` bytes, whatever the file does meanwhile: a file
@@ -306,6 +333,9 @@ _by_name = operator.attrgetter("name")
 
 # (path, reason, consequence): see TreeWriter.unreadable
 Unreadable = Callable[[str, str | None, str], None]
+# (directory's descriptor, its name in the archive, names, first): how many of
+# names[first:] were stored (TreeWriter.take_files)
+TakeFiles = Callable[[int, str, list[str], int], int]
 
 
 # Kernel file systems hold the kernel's state, not data: /proc/kcore alone
@@ -419,7 +449,10 @@ DIRECTORY_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def walk(
-    source: Path, unreadable: Unreadable, options: WalkOptions = EVERYTHING
+    source: Path,
+    unreadable: Unreadable,
+    options: WalkOptions = EVERYTHING,
+    take_files: TakeFiles | None = None,
 ) -> Iterator[Found]:
     """The tree, each directory before its entries. What cannot be read
     (removed meanwhile, no permission) is passed to ``unreadable`` and left
@@ -427,7 +460,9 @@ def walk(
     system is mounted are entered unless it is a kernel one or
     ``options.one_file_system``; else they are stored without their contents.
     Every directory below ``source`` is opened relative to its parent's
-    descriptor with O_NOFOLLOW (see Found)."""
+    descriptor with O_NOFOLLOW (see Found). ``take_files``, if given, is
+    offered the regular files of a directory's listing, and those it takes
+    are not yielded (nothing is excluded then)."""
     root_name = archive_root_name(source)
     try:
         st = os.lstat(source)
@@ -470,7 +505,17 @@ def walk(
                     unreadable(directory, exc.strerror, "its contents are left out")
                     continue
                 base = directory if directory.endswith("/") else directory + "/"
-                for entry in entries:
+                take = take_files if not options.exclude else None
+                names = [entry.name for entry in entries] if take is not None else []
+                index = 0
+                while index < len(entries):
+                    entry = entries[index]
+                    if take is not None and entry.is_file(follow_symlinks=False):
+                        taken = take(fd, prefix, names, index)
+                        if taken:
+                            index += taken
+                            continue
+                    index += 1
                     path = base + entry.name
                     if options.exclude and options.excludes(path, entry.name):
                         continue
@@ -501,6 +546,6 @@ def walk(
 def write_tree(source: Path, put: Put, stats: TreeStats, options: WalkOptions = EVERYTHING) -> None:
     """Write ``source`` (a file or a directory tree) as a tar stream to ``put``."""
     writer = TreeWriter(BatchWriter(put), stats, str(source))
-    for found in walk(source, writer.unreadable, options):
+    for found in walk(source, writer.unreadable, options, writer.take_files):
         writer.add(found)
     writer.finish()

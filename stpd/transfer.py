@@ -276,7 +276,7 @@ class BatchWriter:
             take = min(len(view), len(self._buffer) - self._filled)
             self._buffer[self._filled : self._filled + take] = view[:take]
             view = view[take:]
-            self._advance(take)
+            self.advance(take)
         return size
 
     def fill_from(self, fd: int, size: int) -> int:
@@ -289,10 +289,16 @@ class BatchWriter:
             if not read:
                 break
             done += read
-            self._advance(read)
+            self.advance(read)
         return done
 
-    def _advance(self, count: int) -> None:
+    def free_view(self) -> tuple[memoryview, int]:
+        """The buffer and how much of it is filled, for a writer of its own
+        (``advance`` by what it wrote after that)."""
+        return self._buffer, self._filled
+
+    def advance(self, count: int) -> None:
+        """``count`` more bytes of the buffer are filled (see free_view)."""
         self._filled += count
         self._offset += count
         if self._filled == len(self._buffer):

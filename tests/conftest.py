@@ -58,12 +58,13 @@ def openssl(*args: str | Path, stdin: str = "") -> subprocess.CompletedProcess[s
     )
 
 
-def restores_make_files_in_python_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Restores make every file the Python way: the runs in C
-    (sbc/_plainfiles.c) make none. For tests that emulate a file system by
-    patching ``os``, whose functions the C calls do not go through, and to
-    compare the two ways."""
+def plain_files_the_python_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restores make and backups store every file the Python way: the runs
+    in C (sbc/_plainfiles.c) take none. For tests that emulate a file system
+    or a change by patching ``os`` or Python steps, which the C calls do not
+    go through, and to compare the two ways."""
     monkeypatch.setattr(_plainfiles, "make_files", lambda piece, start, *rest: (start, 0))
+    monkeypatch.setattr(_plainfiles, "pack_files", lambda buffer, filled, *rest: (0, filled))
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -1,11 +1,13 @@
-"""The runs of plain files that a restore makes in C (sbc/_plainfiles.c):
-the same files, owners, modes and times as the Python way, the same
-results, and every case it does not take left to that way (sbc restore
-over TLS runs them in tests/test_transfer_roundtrip.py)."""
+"""The runs of plain files that a restore makes and a backup stores in C
+(sbc/_plainfiles.c): the same files, owners, modes and times, the same tar
+stream and the same results as the Python way, and every case they do not
+take left to that way (sbc backup and restore over TLS run them in
+tests/test_transfer_roundtrip.py)."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import random
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sbc import _plainfiles
-from sbc.archive import ArchiveError
+from sbc import _plainfiles, archive
+from sbc.archive import ArchiveError, TreeStats, write_tree
 from sbc.extract import RestoreResult, extract_stream
-from tests.conftest import restores_make_files_in_python_only
+from stpd.transfer import BatchWriter
+from tests.conftest import plain_files_the_python_way
 
 # (uname, uid, gname, gid): by name where this machine knows it, else by number
 OWNERS = [
@@ -113,17 +116,17 @@ def restore(stream: bytes, target: Path, seed: int | None) -> RestoreResult:
     return result
 
 
-def counting_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of files each call of make_files made."""
+def counting_runs(monkeypatch: pytest.MonkeyPatch, function: str = "make_files") -> list[int]:
+    """The number of files each call of make_files (or pack_files) took."""
     made: list[int] = []
-    real = _plainfiles.make_files
+    real = getattr(_plainfiles, function)
 
-    def make_files(*args: object) -> tuple[int, int]:
-        end, count = real(*args)
-        made.append(count)
-        return end, count
+    def run(*args: object) -> tuple[int, int]:
+        first, second = real(*args)
+        made.append(second if function == "make_files" else first)
+        return first, second
 
-    monkeypatch.setattr(_plainfiles, "make_files", make_files)
+    monkeypatch.setattr(_plainfiles, function, run)
     return made
 
 
@@ -134,7 +137,7 @@ def test_runs_in_c_restore_what_the_python_way_restores(
 ) -> None:
     stream = saveset(format)
     with monkeypatch.context() as python_only:
-        restores_make_files_in_python_only(python_only)
+        plain_files_the_python_way(python_only)
         expected = restore(stream, tmp_path / "python", seed)
     made = counting_runs(monkeypatch)
     result = restore(stream, tmp_path / "c", seed)
@@ -161,7 +164,7 @@ def test_runs_of_a_restore_not_as_root_leave_owners_alone(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     stream = saveset(tarfile.USTAR_FORMAT)
     with monkeypatch.context() as python_only:
-        restores_make_files_in_python_only(python_only)
+        plain_files_the_python_way(python_only)
         expected = restore(stream, tmp_path / "python", None)
     made = counting_runs(monkeypatch)
     result = restore(stream, tmp_path / "c", None)
@@ -180,7 +183,7 @@ def test_a_run_keeps_what_stands_in_the_target(
         for n in (3, 7):
             (tmp_path / place / "t" / "a" / f"f{n}").write_text("mine\n")
     with monkeypatch.context() as python_only:
-        restores_make_files_in_python_only(python_only)
+        plain_files_the_python_way(python_only)
         expected = restore(stream, tmp_path / "python", None)
     made = counting_runs(monkeypatch)
     result = restore(stream, tmp_path / "c", None)
@@ -226,7 +229,7 @@ def test_a_damaged_header_ends_a_run_where_tarfile_ends(
     assert stream[f3 : f3 + 4] == b"t/f3"
     stream[f3 + 148 : f3 + 154] = b"000001"  # its checksum
     with monkeypatch.context() as python_only:
-        restores_make_files_in_python_only(python_only)
+        plain_files_the_python_way(python_only)
         expected = restore(bytes(stream), tmp_path / "python", None)
     made = counting_runs(monkeypatch)
     result = restore(bytes(stream), tmp_path / "c", None)
@@ -307,3 +310,117 @@ def test_make_files_refuses_a_start_outside_the_piece() -> None:
         _plainfiles.make_files(b"", 1, 0, b"", b"", 0, 0)
     with pytest.raises(ValueError, match="80 bytes"):
         _plainfiles.make_files(b"", 0, 0, b"", b"x", 0, 0)
+
+
+def backup_tree(root: Path) -> Path:
+    """Directories of files of every size, mode, owner and time above, and
+    between them what a run in C stops at: a hard link, a symbolic link, a
+    FIFO, names not in ASCII, names too long for the header, a directory."""
+    tree = root / "tree"
+    for directory in ("a", "bé", "c" * 90):
+        for n in range(30):
+            path = tree / directory / f"f{n:02}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(random.Random(n).randbytes(SIZES[n % len(SIZES)]))
+            # Runs end where the mode, the owner or the group changes: at
+            # different files (n = 5, 10, ...; 7, 17, 27; 3, 13, 23).
+            os.chown(path, (0, 1234, 4321)[(n + 3) // 10 % 3], (0, 2345, 5432)[(n + 7) // 10 % 3])
+            path.chmod(MODES[(n // 5) % len(MODES)])  # a run ends where mode or owner changes
+            os.utime(path, (0, 1_600_000_000 + 7919 * n + 0.5))
+    os.link(tree / "a" / "f12", tree / "a" / "f12-again")
+    (tree / "a" / "f13-link").symlink_to("f13")
+    os.mkfifo(tree / "a" / "f14-fifo")
+    # Each like the file before it, so that only its name or time ends a
+    # run: not in ASCII; not UTF-8 (it reads as "f15-\udce9"), the bytes of
+    # "f15-é" in Latin-1; too long for the header with its directory's name;
+    # a time before 1970.
+    for before, name in (
+        (tree / "a" / "f15", "f15-é"),
+        (tree / "a" / "f15", b"f15-\xe9"),
+        (tree / ("c" * 90) / "f05", "f05-longer"),
+        (tree / "a" / "f20", "f20-old"),
+    ):
+        path = os.path.join(os.fsencode(before.parent), os.fsencode(name))
+        with open(path, "wb") as new:
+            new.write(b"named in a way of its own\n")
+        st = before.stat()
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, st.st_mode)
+        os.utime(path, (0, -100 if name == "f20-old" else st.st_mtime))
+    (tree / "a" / "f16-sub").mkdir()
+    for directory in [tree, *tree.rglob("*")]:
+        if directory.is_dir() and not directory.is_symlink():
+            os.utime(directory, (0, 1_500_000_000))
+    return tree
+
+
+def stream_of(source: Path) -> tuple[bytes, TreeStats]:
+    out = bytearray()
+
+    def put(batch: list[memoryview]) -> None:
+        for view in batch:
+            out.extend(view)
+
+    stats = TreeStats()
+    write_tree(source, put, stats)
+    return bytes(out), stats
+
+
+@pytest.mark.parametrize("batch_bytes", [1 << 20, 10_000, 4608])
+def test_runs_in_c_store_what_the_python_way_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_bytes: int
+) -> None:
+    """Byte for byte, in batches of any size (a file that does not fit in
+    what is left of one goes the Python way)."""
+    tree = backup_tree(tmp_path)
+    monkeypatch.setattr(
+        archive, "BatchWriter", functools.partial(BatchWriter, batch_bytes=batch_bytes)
+    )
+    with monkeypatch.context() as python_only:
+        plain_files_the_python_way(python_only)
+        expected, expected_stats = stream_of(tree)
+    taken = counting_runs(monkeypatch, "pack_files")
+    stream, stats = stream_of(tree)
+
+    assert stream == expected
+    assert stats == expected_stats
+    assert (stats.files, stats.links) == (94, 2)  # 94 files; f12-again and f13-link
+    with tarfile.open(fileobj=io.BytesIO(stream)) as saved:
+        assert saved.getmember("tree/a/f12-again").islnk()
+    assert sum(taken) >= (30 if batch_bytes > 10_000 else 15)  # of the 94 files
+
+
+def test_a_file_gone_before_its_run_is_reported_as_by_the_python_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = backup_tree(tmp_path)
+    gone = tree / "a" / "f02"
+
+    def removing_f02(real: object) -> object:
+        def pack_files(buffer: memoryview, filled: int, *rest: object) -> tuple[int, int]:
+            gone.unlink(missing_ok=True)
+            return real(buffer, filled, *rest)  # type: ignore[operator, no-any-return]
+
+        return pack_files
+
+    with monkeypatch.context() as python_only:
+        python_only.setattr(
+            _plainfiles, "pack_files", removing_f02(lambda buffer, filled, *rest: (0, filled))
+        )
+        expected, expected_stats = stream_of(tree)
+    (tmp_path / "again").mkdir()
+    tree = backup_tree(tmp_path / "again")
+    gone = tree / "a" / "f02"
+    monkeypatch.setattr(_plainfiles, "pack_files", removing_f02(_plainfiles.pack_files))
+    stream, stats = stream_of(tree)
+
+    assert stats.unreadable == [(str(gone), "No such file or directory; left out")]
+    assert [path.replace(str(tmp_path / "again"), "") for path, _ in stats.unreadable] == [
+        path.replace(str(tmp_path), "") for path, _ in expected_stats.unreadable
+    ]
+    assert stream == expected
+
+
+def test_pack_files_refuses_what_is_not_a_template() -> None:
+    with pytest.raises(ValueError, match="not a template"):
+        _plainfiles.pack_files(bytearray(512), 0, 0, b"", [], 0, 0, 0, 0, b"", b"", 0)
