@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml stpd/_tlsio.c sbc/_plainfiles.c
+$(STAMP): pyproject.toml stpd/_tlsio.c stpd/_plaintar.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sbc import _plainfiles
+from stpd import _plaintar
 from stpd.tarcheck import block_sum
 from stpd.transfer import BatchWriter, Put
 
@@ -279,7 +279,7 @@ class TreeWriter:
     def take_files(self, directory: int, prefix: str, names: list[str], first: int) -> int:
         """How many of ``names[first:]``, entries of the directory
         ``directory`` (``prefix`` in the archive), were stored in C one after
-        another (sbc/_plainfiles.c): plain files like the last one stored
+        another (stpd/_plaintar.c): plain files like the last one stored
         from a header template, as ``add`` stores them. walk goes on with
         the first one not taken; after none, this takes none until another
         file is stored from a template (a file in the way is stat'ed once
@@ -288,7 +288,7 @@ class TreeWriter:
             return 0
         (mode, uid, gid), (middle, tail, checksum) = self._last
         buffer, filled = self.out.free_view()
-        taken, end = _plainfiles.pack_files(
+        taken, end = _plaintar.pack_files(
             buffer, filled, directory, prefix.encode() + b"/", names, first,
             mode, uid, gid, middle, tail, checksum,
         )  # fmt: skip

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbc import _plainfiles
 from sbc.archive import DIRECTORY_NOFOLLOW, ArchiveError
+from stpd import _plaintar
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
 
@@ -369,7 +369,7 @@ class _Extraction(tarfile.TarFile):
 
     def _make_run(self) -> int:
         """The plain files that follow the one _make_file made, in its
-        directory and in the piece at hand, made in C (sbc/_plainfiles.c):
+        directory and in the piece at hand, made in C (stpd/_plaintar.c):
         how many. tarfile goes on from the first member it did not make."""
         run, self._run = self._run, None
         assert run is not None
@@ -378,7 +378,7 @@ class _Extraction(tarfile.TarFile):
         piece, start = reader.piece_ahead(at - reader.tell())
         if start > len(piece):  # the last file's padding goes on in the next piece
             return 0
-        end, made = _plainfiles.make_files(piece, start, *run)
+        end, made = _plaintar.make_files(piece, start, *run)
         if made:
             self.offset = reader.seek(at + end - start)
         return made

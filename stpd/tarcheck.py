@@ -32,6 +32,8 @@ import zlib
 from collections.abc import Iterable
 from typing import Self
 
+from stpd import _plaintar
+
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 MAX_PAX_HEADER = 1024 * 1024  # extended headers we read to find "size"
@@ -98,6 +100,15 @@ class TarStreamCheck:
             if absolute < self._next_header:  # member data: skip it
                 pos += min(len(view) - pos, self._next_header - absolute)
                 continue
+            if not self._header and self._size_override is None:
+                # Plain headers whole in the piece, in C: where the next one
+                # starts, maybe in a later piece (stpd/_plaintar.c).
+                end, members = _plaintar.scan_members(view, pos)
+                if members:
+                    self.members += members
+                    self._next_header = start + end
+                    pos = min(end, len(view))
+                    continue
             take = min(len(view) - pos, BLOCK - len(self._header))
             self._header += view[pos : pos + take]
             pos += take

@@ -32,8 +32,9 @@ from bench.lines import StderrLines
 from pki.authority import CertificateAuthority
 from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
-from sbc import _plainfiles, extract
+from sbc import extract
 from sbc.cli import main as sbc_main
+from stpd import _plaintar
 from stpd.config import load_config
 from stpd.server import Stpd
 from stpd.store import INCOMING
@@ -60,11 +61,11 @@ def openssl(*args: str | Path, stdin: str = "") -> subprocess.CompletedProcess[s
 
 def plain_files_the_python_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """Restores make and backups store every file the Python way: the runs
-    in C (sbc/_plainfiles.c) take none. For tests that emulate a file system
+    in C (stpd/_plaintar.c) take none. For tests that emulate a file system
     or a change by patching ``os`` or Python steps, which the C calls do not
     go through, and to compare the two ways."""
-    monkeypatch.setattr(_plainfiles, "make_files", lambda piece, start, *rest: (start, 0))
-    monkeypatch.setattr(_plainfiles, "pack_files", lambda buffer, filled, *rest: (0, filled))
+    monkeypatch.setattr(_plaintar, "make_files", lambda piece, start, *rest: (start, 0))
+    monkeypatch.setattr(_plaintar, "pack_files", lambda buffer, filled, *rest: (0, filled))
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -411,7 +411,7 @@ def test_paths_that_cannot_be_read_are_left_out_and_the_rest_is_stored(
     monkeypatch.setattr(archive.TreeWriter, "add", add)
     monkeypatch.setattr(archive.TreeWriter, "_copy_contents", copy)
     # Runs in C would store the files without these steps. They leave a file
-    # that is gone, or fails, to the Python way (tests/test_plainfiles.py).
+    # that is gone, or fails, to the Python way (tests/test_plaintar.py).
     plain_files_the_python_way(monkeypatch)
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
@@ -818,7 +818,7 @@ def test_names_a_file_system_cannot_hold_are_reported_and_the_rest_restored(
         monkeypatch.setattr(os, "open", like_exfat(real_open))
         monkeypatch.setattr(os, "mkdir", like_exfat(real_mkdir))
         # The C calls do not go through os. On exFAT itself they fail alike
-        # and leave the file to the Python way (tests/test_plainfiles.py).
+        # and leave the file to the Python way (tests/test_plaintar.py).
         plain_files_the_python_way(monkeypatch)
         back = tmp_path / "back"
         restore = [*ini, "restore", backup["saveset"], str(back), "--server", stpd.address]  # type: ignore[index]

@@ -1,4 +1,4 @@
-# Types of the C module sbc/_plainfiles.c (see there).
+# Types of the C module stpd/_plaintar.c (see there).
 
 Buffer = bytes | bytearray | memoryview
 
@@ -20,3 +20,4 @@ def pack_files(
     checksum: int,
     /,
 ) -> tuple[int, int]: ...
+def scan_members(piece: Buffer, at: int, /) -> tuple[int, int]: ...

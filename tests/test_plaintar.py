@@ -1,8 +1,8 @@
-"""The runs of plain files that a restore makes and a backup stores in C
-(sbc/_plainfiles.c): the same files, owners, modes and times, the same tar
-stream and the same results as the Python way, and every case they do not
-take left to that way (sbc backup and restore over TLS run them in
-tests/test_transfer_roundtrip.py)."""
+"""The runs of plain tar members in C (stpd/_plaintar.c), that a restore
+makes, a backup stores and stpd checks: the same files, owners, modes and
+times, the same tar stream, the same verdicts and results as the Python
+way, and every case they do not take left to that way (sbc backup and
+restore over TLS run them all in tests/test_transfer_roundtrip.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sbc import _plainfiles, archive
+from sbc import archive
 from sbc.archive import ArchiveError, TreeStats, write_tree
 from sbc.extract import RestoreResult, extract_stream
+from stpd import _plaintar
+from stpd.tarcheck import InvalidTar, TarStreamCheck, block_sum
 from stpd.transfer import BatchWriter
 from tests.conftest import plain_files_the_python_way
 
@@ -117,16 +119,17 @@ def restore(stream: bytes, target: Path, seed: int | None) -> RestoreResult:
 
 
 def counting_runs(monkeypatch: pytest.MonkeyPatch, function: str = "make_files") -> list[int]:
-    """The number of files each call of make_files (or pack_files) took."""
+    """The number of files (members) each call of make_files (pack_files,
+    scan_members) took."""
     made: list[int] = []
-    real = getattr(_plainfiles, function)
+    real = getattr(_plaintar, function)
 
     def run(*args: object) -> tuple[int, int]:
         first, second = real(*args)
-        made.append(second if function == "make_files" else first)
+        made.append(first if function == "pack_files" else second)
         return first, second
 
-    monkeypatch.setattr(_plainfiles, function, run)
+    monkeypatch.setattr(_plaintar, function, run)
     return made
 
 
@@ -307,9 +310,9 @@ def test_a_file_that_cannot_be_written_whole_stops_the_restore_and_is_removed(
 
 def test_make_files_refuses_a_start_outside_the_piece() -> None:
     with pytest.raises(ValueError, match="outside the piece"):
-        _plainfiles.make_files(b"", 1, 0, b"", b"", 0, 0)
+        _plaintar.make_files(b"", 1, 0, b"", b"", 0, 0)
     with pytest.raises(ValueError, match="80 bytes"):
-        _plainfiles.make_files(b"", 0, 0, b"", b"x", 0, 0)
+        _plaintar.make_files(b"", 0, 0, b"", b"x", 0, 0)
 
 
 def backup_tree(root: Path) -> Path:
@@ -405,13 +408,13 @@ def test_a_file_gone_before_its_run_is_reported_as_by_the_python_way(
 
     with monkeypatch.context() as python_only:
         python_only.setattr(
-            _plainfiles, "pack_files", removing_f02(lambda buffer, filled, *rest: (0, filled))
+            _plaintar, "pack_files", removing_f02(lambda buffer, filled, *rest: (0, filled))
         )
         expected, expected_stats = stream_of(tree)
     (tmp_path / "again").mkdir()
     tree = backup_tree(tmp_path / "again")
     gone = tree / "a" / "f02"
-    monkeypatch.setattr(_plainfiles, "pack_files", removing_f02(_plainfiles.pack_files))
+    monkeypatch.setattr(_plaintar, "pack_files", removing_f02(_plaintar.pack_files))
     stream, stats = stream_of(tree)
 
     assert stats.unreadable == [(str(gone), "No such file or directory; left out")]
@@ -423,4 +426,95 @@ def test_a_file_gone_before_its_run_is_reported_as_by_the_python_way(
 
 def test_pack_files_refuses_what_is_not_a_template() -> None:
     with pytest.raises(ValueError, match="not a template"):
-        _plainfiles.pack_files(bytearray(512), 0, 0, b"", [], 0, 0, 0, 0, b"", b"", 0)
+        _plaintar.pack_files(bytearray(512), 0, 0, b"", [], 0, 0, 0, 0, b"", b"", 0)
+
+
+def check_outcome(data: bytes, seed: int) -> tuple[object, ...]:
+    """What TarStreamCheck makes of ``data`` fed in random pieces: its
+    counts, or its error."""
+    checker = TarStreamCheck()
+    rng = random.Random(seed)
+    try:
+        at = 0
+        while at < len(data):
+            size = rng.choice([1, 7, 511, 512, 513, 4096, 100_000])
+            checker.feed(data[at : at + size])
+            at += size
+        checker.finish()
+    except InvalidTar as exc:
+        return ("refused", str(exc))
+    return (checker.members, checker.offset)
+
+
+def upload_like(seed: int) -> bytes:
+    """Members of every kind and format tarfile writes, PAX size records
+    and GNU long names among them."""
+    rng = random.Random(seed)
+    out = io.BytesIO()
+    fmt = rng.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as saved:
+        for n in range(rng.randrange(1, 40)):
+            info = member(
+                f"t/{'n' * rng.choice([1, 90, 150 if fmt != tarfile.USTAR_FORMAT else 9])}{n}"
+            )
+            info.type = rng.choice([tarfile.REGTYPE] * 4 + [tarfile.DIRTYPE, tarfile.SYMTYPE])
+            size = rng.choice(SIZES) if info.isreg() else 0
+            info.size = size
+            saved.addfile(info, io.BytesIO(bytes(size)) if info.isreg() else None)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_scans_in_c_check_uploads_as_the_python_way(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Whole, cut short, with bytes changed (headers, checksums, sizes) or
+    added: the same members, or the same refusal."""
+    rng = random.Random(seed)
+    data = bytearray(upload_like(seed))
+    cases = [bytes(data), bytes(data[: rng.randrange(len(data))]), bytes(data) + b"x"]
+    with tarfile.open(fileobj=io.BytesIO(data)) as saved:
+        headers = [info.offset for info in saved.getmembers()]
+    for n in range(40):
+        damaged = bytearray(data)
+        header = rng.choice(headers) if n % 2 else 512 * rng.randrange(len(damaged) // 512)
+        for _ in range(rng.randint(1, 3)):
+            where = header + rng.choice(
+                [156, 124, 130, 135, 148, 150, 154, 155, rng.randrange(512)]
+            )
+            damaged[where] = rng.choice(
+                [0, 32, ord("0"), ord("7"), ord("8"), 0x80, rng.randrange(256)]
+            )
+        if n % 2:  # another type and size, under a right checksum
+            damaged[header + 156] = rng.choice(bytes(3) + b"0123456xgLKSV")
+            damaged[header + 124 : header + 136] = b"%011o\0" % rng.choice([0, 1, 600, 5000])
+            block = damaged[header : header + 512]
+            right = block_sum(block) - sum(block[148:156]) + 8 * ord(" ")
+            damaged[header + 148 : header + 156] = b"%06o\0 " % right
+        cases.append(bytes(damaged))
+    in_c = [check_outcome(case, seed) for case in cases]
+    monkeypatch.setattr(_plaintar, "scan_members", lambda piece, at: (at, 0))
+    assert [check_outcome(case, seed) for case in cases] == in_c
+
+
+def test_scan_members_passes_the_plain_headers_of_a_saveset() -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as saved:
+        for n in range(50):
+            saved.addfile(member(f"t/f{n}", SIZES[n % len(SIZES)]), io.BytesIO(bytes(70_000)))
+        link = member("t/link", kind=tarfile.SYMTYPE)
+        link.linkname = "f0"
+        saved.addfile(link)
+        saved.addfile(member("t/" + "long" * 30, 1), io.BytesIO(b"x"))  # a PAX header first
+    data = out.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as saved:
+        names = ("t/f49", "t/link", "t/" + "long" * 30)
+        last, link, pax = (saved.getmember(name).offset for name in names)
+    assert _plaintar.scan_members(data, 0) == (pax, 51)
+    # The last header whole, its data in the next piece: where the next one starts.
+    assert _plaintar.scan_members(data[: last + 513], 0) == (link, 50)
+
+
+def test_scan_members_refuses_a_start_before_the_piece() -> None:
+    with pytest.raises(ValueError, match="before the piece"):
+        _plaintar.scan_members(b"", -1)

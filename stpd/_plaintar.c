@@ -1,11 +1,13 @@
-/* Runs of plain files, in C: a restore's (make_files) and a backup's
- * (pack_files). In Python each small file cost more than its system calls
- * several times over, and a home directory is mostly small files, a
- * directory's files one after another. Each function takes such a run for
- * as long as every file is plain, and leaves anything else, a failed
- * system call included, to the Python way, which then meets the same case
- * and does what it always did (reports, keeps, refuses). So they make and
- * store nothing that Python would not, nor differently.
+/* Runs of plain tar members, in C: the files a restore makes (make_files)
+ * and a backup stores (pack_files), and the headers stpd checks as an
+ * upload arrives (scan_members). In Python each small file cost more than
+ * its system calls several times over, and a home directory is mostly
+ * small files, a directory's files one after another. Each function takes
+ * such a run for as long as every member is plain, and leaves anything
+ * else, a failed system call included, to the Python way, which then meets
+ * the same case and does what it always did (reports, keeps, refuses). So
+ * they make, store and accept nothing that Python would not, nor
+ * differently.
  *
  * make_files (see sbc/extract.py, _Extraction._make_run). Restoring a small
  * file took about 18 us of Python: tarfile's parse of its header,
@@ -36,6 +38,15 @@
  * its directory's, a size and time that fit, and room for it all in the
  * batch. A file that changed (shorter than its stat said) is left to Python
  * too, which reads and reports it as it does.
+ *
+ * scan_members (see stpd/tarcheck.py, TarStreamCheck.feed). stpd checks the
+ * framing of every upload: each header's checksum, type and size, to find
+ * the next. That took 1.6 us a member in Python, a fifth of the receiving
+ * thread's time for small files. scan_members passes the headers of a
+ * piece that _type_and_size would take (checksum right, octal fields), of
+ * members that are not extensions (PAX, GNU long names) nor the old-style
+ * regular type, and stops at any other, at the end-of-archive block, and
+ * at the end of the piece.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -76,6 +87,18 @@ static size_t field_length(const unsigned char *field, size_t size)
     return nul == NULL ? size : (size_t)(nul - field);
 }
 
+/* The header's checksum as tar computes it: its bytes, the checksum field's
+ * counted as spaces. */
+static long long header_sum(const unsigned char *h)
+{
+    unsigned int sum = 8 * ' '; /* a loop the compiler vectorizes */
+    for (int i = 0; i < BLOCK; i++)
+        sum += h[i];
+    for (int i = 148; i < 156; i++)
+        sum -= h[i];
+    return sum;
+}
+
 struct plain_file {
     char name[BLOCK]; /* the last component, NUL-terminated */
     long long mode, size, mtime;
@@ -94,10 +117,7 @@ static int plain_file(const unsigned char *h, const char *prefix, size_t prefix_
     for (int i = 0; i < 8; i++)
         if (octal(h + number_at[i], number_size[i], &numbers[i]) < 0)
             return 0;
-    long long sum = 8 * ' ';
-    for (int i = 0; i < BLOCK; i++)
-        sum += (i >= 148 && i < 156) ? 0 : h[i];
-    if (numbers[5] != sum)
+    if (numbers[5] != header_sum(h))
         return 0;
     /* The member's name as tarfile joins it: prefix "/" name. */
     char full[BLOCK];
@@ -298,20 +318,59 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
     return Py_BuildValue("nn", packed, filled);
 }
 
+/* scan_members(piece, at) -> (end, members)
+ * Passes the plain headers (see above) that follow one another in piece
+ * from at, a header's offset, and the data they announce. end: where the
+ * first header not passed starts, which is past the piece when the last
+ * member's data goes on in the next one. */
+static PyObject *scan_members(PyObject *self, PyObject *args)
+{
+    Py_buffer piece;
+    Py_ssize_t at, members = 0;
+    if (!PyArg_ParseTuple(args, "y*n:scan_members", &piece, &at))
+        return NULL;
+    if (at < 0) {
+        PyBuffer_Release(&piece);
+        PyErr_SetString(PyExc_ValueError, "scan_members: at before the piece");
+        return NULL;
+    }
+    const unsigned char *bytes = piece.buf;
+    while (piece.len - at >= BLOCK) {
+        const unsigned char *h = bytes + at;
+        char kind = (char)h[156];
+        long long stored, size;
+        /* Not passed: extensions, whose data changes what follows; the old
+         * regular type (a directory if its name ends in '/'); fields that
+         * are not octal (base-256 among them). */
+        if (strchr("xgLK", kind) != NULL || kind == 0)
+            break;
+        if (octal(h + 148, 8, &stored) < 0 || octal(h + 124, 12, &size) < 0)
+            break;
+        if (stored != header_sum(h))
+            break; /* (an empty field reads as 0: never a header's sum) */
+        long long data = (kind >= '1' && kind <= '6') ? 0 : (size + BLOCK - 1) / BLOCK * BLOCK;
+        at += BLOCK + (Py_ssize_t)data;
+        members++;
+    }
+    PyBuffer_Release(&piece);
+    return Py_BuildValue("nn", at, members);
+}
+
 static PyMethodDef methods[] = {
     {"make_files", make_files, METH_VARARGS,
      "make_files(piece, start, dir_fd, prefix, owner, uid, gid) -> (end, made)"},
     {"pack_files", pack_files, METH_VARARGS,
      "pack_files(buffer, filled, dir_fd, prefix, names, first, mode, uid, gid, middle, tail, "
      "checksum) -> (packed, filled)"},
+    {"scan_members", scan_members, METH_VARARGS, "scan_members(piece, at) -> (end, members)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_plainfiles", "Runs of plain files of a restore and a backup, in C.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_plaintar", "Runs of plain tar members, in C.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__plainfiles(void)
+PyMODINIT_FUNC PyInit__plaintar(void)
 {
     return PyModule_Create(&module);
 }
