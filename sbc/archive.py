@@ -461,8 +461,8 @@ def walk(
     ``options.one_file_system``; else they are stored without their contents.
     Every directory below ``source`` is opened relative to its parent's
     descriptor with O_NOFOLLOW (see Found). ``take_files``, if given, is
-    offered the regular files of a directory's listing, and those it takes
-    are not yielded (nothing is excluded then)."""
+    offered the rest of a directory's listing at each entry, and those it
+    takes are not yielded (nothing is excluded then)."""
     root_name = archive_root_name(source)
     try:
         st = os.lstat(source)
@@ -509,12 +509,11 @@ def walk(
                 names = [entry.name for entry in entries] if take is not None else []
                 index = 0
                 while index < len(entries):
+                    taken = take(fd, prefix, names, index) if take is not None else 0
+                    if taken:
+                        index += taken
+                        continue
                     entry = entries[index]
-                    if take is not None and entry.is_file(follow_symlinks=False):
-                        taken = take(fd, prefix, names, index)
-                        if taken:
-                            index += taken
-                            continue
                     index += 1
                     path = base + entry.name
                     if options.exclude and options.excludes(path, entry.name):
