@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import signal
 import stat
@@ -314,20 +313,10 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     return dict(status)
 
 
-def _log_to_stderr() -> None:
-    """Warnings of the ``sbc`` logger (e.g. an unverified server) go to the
-    current stderr. Not ``logging.basicConfig``: it does nothing when the
-    root logger already has a handler (an embedding program, pytest), and it
-    would also print every other library's records with our prefix."""
-    logger = logging.getLogger("sbc")
-    for handler in [h for h in logger.handlers if getattr(h, "sbc_cli", False)]:
-        logger.removeHandler(handler)  # a previous main() in this process
-    handler = logging.StreamHandler(sys.stderr)
-    handler.sbc_cli = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("sbc: %(levelname)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
+def _warn_loudly(message: str) -> None:
+    """What Session warns of (an unverified server), to stderr. Not through
+    logging: importing it cost every sbc start 5 ms."""
+    print(f"sbc: WARNING: {message}", file=sys.stderr)
 
 
 # The saveset was stored, but some paths could not be read (as restic's 3);
@@ -345,7 +334,7 @@ COMMANDS = {
 
 
 def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namespace) -> Any:
-    with Session(config, server) as session:
+    with Session(config, server, _warn_loudly) as session:
         return COMMANDS[args.command](session, args)
 
 
@@ -355,7 +344,6 @@ def main(
     """``adjust`` lets another program (``stpd status``) change the loaded
     configuration before use."""
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
     layout = Layout(resolve_ini_dir(args.ini_dir))
     try:
         config = load_config(layout)

@@ -7,9 +7,8 @@ line saying what was refused, by whom, why, and what to do.
 from __future__ import annotations
 
 import json
-import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,6 @@ from stpd.body import ChunkedBody, LengthBody
 from stpd.config import MAX_REQUEST_TARGET
 from stpd.tlsconn import TLSBroken, TLSConnection, TLSHandshakeError, TLSTimeout
 from stpd.transfer import Batch, BodyReader, send_batch, send_events_blocking
-
-log = logging.getLogger("sbc")
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 # Socket buffers on both sides hold a few MiB; once more than this was sent,
@@ -142,8 +139,13 @@ class Session:
     a time, so it needs no event loop (and does not pay for importing
     trio); the bulk of a body moves in C with poll() (``stpd.tlsconn``)."""
 
-    def __init__(self, config: SbcConfig, server: tuple[str, int]) -> None:
+    def __init__(
+        self, config: SbcConfig, server: tuple[str, int], warn: Callable[[str], None]
+    ) -> None:
+        """``warn`` tells the user something that does not stop the command
+        (an unverified server)."""
         self.config = config
+        self.warn = warn
         self.host, self.port = server
         self.where = f"{self.host}:{self.port}"
         self.tls: TLSConnection | None = None
@@ -270,10 +272,9 @@ class Session:
             except PkiError as exc:
                 raise SbcError(f"stpd at {self.where} not trusted: {exc}") from None
         else:
-            log.warning(
-                "server certificate of %s NOT verified (SBC_SSL_SERVER_VERIFY=0): "
-                "anyone on the network path could impersonate the server",
-                self.where,
+            self.warn(
+                f"server certificate of {self.where} NOT verified (SBC_SSL_SERVER_VERIFY=0): "
+                "anyone on the network path could impersonate the server"
             )
         pin = self.config.server_fingerprint
         if pin is not None and (cert is None or fingerprint_sha256(cert) != pin):
