@@ -329,7 +329,9 @@ def backup_tree(root: Path) -> Path:
             # different files (n = 5, 10, ...; 7, 17, 27; 3, 13, 23).
             os.chown(path, (0, 1234, 4321)[(n + 3) // 10 % 3], (0, 2345, 5432)[(n + 7) // 10 % 3])
             path.chmod(MODES[(n // 5) % len(MODES)])  # a run ends where mode or owner changes
-            os.utime(path, (0, 1_600_000_000 + 7919 * n + 0.5))
+            # f29: a time that Python's st_mtime rounds up to the next second
+            nanoseconds = 999_999_999 if n == 29 else 500_000_000
+            os.utime(path, ns=(0, (1_600_000_000 + 7919 * n) * 10**9 + nanoseconds))
     os.link(tree / "a" / "f12", tree / "a" / "f12-again")
     (tree / "a" / "f13-link").symlink_to("f13")
     os.mkfifo(tree / "a" / "f14-fifo")
