@@ -25,6 +25,8 @@ from stpd.tarcheck import InvalidTar, TarStreamCheck, block_sum
 from stpd.transfer import BatchWriter
 from tests.conftest import plain_files_the_python_way
 
+# -- restores: make_files ------------------------------------------------------
+
 # (uname, uid, gname, gid): by name where this machine knows it, else by number
 OWNERS = [
     ("root", 0, "root", 0),
@@ -315,6 +317,9 @@ def test_make_files_refuses_a_start_outside_the_piece() -> None:
         _plaintar.make_files(b"", 0, 0, b"", b"x", 0, 0)
 
 
+# -- backups: pack_files --------------------------------------------------------
+
+
 def backup_tree(root: Path) -> Path:
     """Directories of files of every size, mode, owner and time above, and
     between them what a run in C stops at: a hard link, a symbolic link, a
@@ -429,6 +434,9 @@ def test_a_file_gone_before_its_run_is_reported_as_by_the_python_way(
 def test_pack_files_refuses_what_is_not_a_template() -> None:
     with pytest.raises(ValueError, match="not a template"):
         _plaintar.pack_files(bytearray(512), 0, 0, b"", [], 0, 0, 0, 0, b"", b"", 0)
+
+
+# -- stpd's check of uploads: scan_members ---------------------------------------
 
 
 def check_outcome(data: bytes, seed: int) -> tuple[object, ...]:
