@@ -135,22 +135,31 @@ def counting_runs(monkeypatch: pytest.MonkeyPatch, function: str = "make_files")
     return made
 
 
+def restore_both_ways(
+    stream: bytes, root: Path, monkeypatch: pytest.MonkeyPatch, seed: int | None = None
+) -> tuple[RestoreResult, list[int]]:
+    """``stream`` restored the Python way into root/python, then with runs
+    in C into root/c: the trees and the results must be the same. The
+    result, and the files each run made."""
+    with monkeypatch.context() as python_only:
+        plain_files_the_python_way(python_only)
+        expected = restore(stream, root / "python", seed)
+    made = counting_runs(monkeypatch)
+    result = restore(stream, root / "c", seed)
+    assert state(root / "c") == state(root / "python")
+    assert result == expected
+    return result, made
+
+
 @pytest.mark.parametrize("format", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
 @pytest.mark.parametrize("seed", [None, 1, 2])
 def test_runs_in_c_restore_what_the_python_way_restores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, format: int, seed: int | None
 ) -> None:
     stream = saveset(format)
-    with monkeypatch.context() as python_only:
-        plain_files_the_python_way(python_only)
-        expected = restore(stream, tmp_path / "python", seed)
-    made = counting_runs(monkeypatch)
-    result = restore(stream, tmp_path / "c", seed)
-
-    assert state(tmp_path / "c") == state(tmp_path / "python")
-    assert result == expected
+    result, made = restore_both_ways(stream, tmp_path, monkeypatch, seed)
     with tarfile.open(fileobj=io.BytesIO(stream)) as archive:
-        assert expected.members == expected.extracted == len(archive.getmembers())
+        assert result.members == result.extracted == len(archive.getmembers())
     if format == tarfile.GNU_FORMAT:  # not ustar: all left to tarfile, as _plain_fields does
         assert sum(made) == 0
     else:  # of the 90 files (those of the deep directory have PAX headers in PAX format)
@@ -167,14 +176,7 @@ def test_runs_of_a_restore_not_as_root_leave_owners_alone(
 ) -> None:
     """Not as root (as tar), owners are not set: the files are the user's."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    stream = saveset(tarfile.USTAR_FORMAT)
-    with monkeypatch.context() as python_only:
-        plain_files_the_python_way(python_only)
-        expected = restore(stream, tmp_path / "python", None)
-    made = counting_runs(monkeypatch)
-    result = restore(stream, tmp_path / "c", None)
-    assert state(tmp_path / "c") == state(tmp_path / "python")
-    assert result == expected
+    _, made = restore_both_ways(saveset(tarfile.USTAR_FORMAT), tmp_path, monkeypatch)
     assert {path.stat().st_uid for path in (tmp_path / "c").rglob("f*")} == {os.getuid()}
     assert sum(made) >= 80  # of the 90 files: owners no longer end runs
 
@@ -187,15 +189,9 @@ def test_a_run_keeps_what_stands_in_the_target(
         (tmp_path / place / "t" / "a").mkdir(parents=True)
         for n in (3, 7):
             (tmp_path / place / "t" / "a" / f"f{n}").write_text("mine\n")
-    with monkeypatch.context() as python_only:
-        plain_files_the_python_way(python_only)
-        expected = restore(stream, tmp_path / "python", None)
-    made = counting_runs(monkeypatch)
-    result = restore(stream, tmp_path / "c", None)
-
-    assert result.kept == expected.kept == ["t/a/f3", "t/a/f7"]
+    result, made = restore_both_ways(stream, tmp_path, monkeypatch)
+    assert result.kept == ["t/a/f3", "t/a/f7"]
     assert (tmp_path / "c" / "t" / "a" / "f3").read_text() == "mine\n"
-    assert state(tmp_path / "c") == state(tmp_path / "python")
     assert sum(made) >= 60
 
 
@@ -233,13 +229,7 @@ def test_a_damaged_header_ends_a_run_where_tarfile_ends(
     f3 = 512 * (1 + 2 * 3)  # t, then a header and a data block per file
     assert stream[f3 : f3 + 4] == b"t/f3"
     stream[f3 + 148 : f3 + 154] = b"000001"  # its checksum
-    with monkeypatch.context() as python_only:
-        plain_files_the_python_way(python_only)
-        expected = restore(bytes(stream), tmp_path / "python", None)
-    made = counting_runs(monkeypatch)
-    result = restore(bytes(stream), tmp_path / "c", None)
-    assert state(tmp_path / "c") == state(tmp_path / "python")
-    assert result == expected
+    _, made = restore_both_ways(bytes(stream), tmp_path, monkeypatch)
     assert made == [2]  # f1 and f2
 
 
