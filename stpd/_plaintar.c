@@ -283,6 +283,10 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
         const char *ascii = (const char *)PyUnicode_DATA(name);
         if (prefix_length + length > NAME_FIELD)
             break;
+        /* A name of the listing has neither: it must name an entry of dir_fd,
+         * not a path through another directory (or link). */
+        if ((Py_ssize_t)strlen(ascii) != length || memchr(ascii, '/', (size_t)length) != NULL)
+            break;
         struct stat st;
         if (fstatat(dir_fd, ascii, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode) ||
             st.st_nlink != 1 || st.st_mode != mode || st.st_uid != uid || st.st_gid != gid ||

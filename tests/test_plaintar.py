@@ -421,6 +421,29 @@ def test_a_file_gone_before_its_run_is_reported_as_by_the_python_way(
     assert stream == expected
 
 
+def test_pack_files_takes_names_of_the_directory_only(tmp_path: Path) -> None:
+    """Not a path through another directory, nor a name cut short by a NUL:
+    a listing holds neither, and either could reach another file."""
+    (tmp_path / "sub").mkdir()
+    for path in (tmp_path / "a", tmp_path / "sub" / "b", tmp_path / "c"):
+        path.write_bytes(b"x")
+    st = (tmp_path / "a").stat()
+    template = archive.TreeWriter(BatchWriter(lambda batch: None), TreeStats(), "")
+    assert template._file_header("t/a", st) is not None
+    assert template._last is not None
+    (mode, uid, gid), (middle, tail, checksum) = template._last
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for names in (["a", "sub/b", "c"], ["a", "c\0x", "c"]):
+            taken, _ = _plaintar.pack_files(
+                bytearray(1 << 16), 0, directory, b"t/", names, 0,
+                mode, uid, gid, middle, tail, checksum,
+            )  # fmt: skip
+            assert taken == 1, names
+    finally:
+        os.close(directory)
+
+
 def test_pack_files_refuses_what_is_not_a_template() -> None:
     with pytest.raises(ValueError, match="not a template"):
         _plaintar.pack_files(bytearray(512), 0, 0, b"", [], 0, 0, 0, 0, b"", b"", 0)
