@@ -300,6 +300,37 @@ def test_a_file_that_cannot_be_written_whole_stops_the_restore_and_is_removed(
     ]
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_runs_in_c_restore_damaged_savesets_as_the_python_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Bytes of a header changed (its checksum made right again or not):
+    the same files, and the same result or the same error."""
+    rng = random.Random(seed)
+    stream = bytearray(saveset(tarfile.USTAR_FORMAT))
+    with tarfile.open(fileobj=io.BytesIO(bytes(stream))) as saved:
+        header = rng.choice([info.offset for info in saved.getmembers()][4:])
+    for _ in range(rng.randint(1, 3)):
+        where = header + rng.choice([0, 1, 98, 100, 108, 124, 134, 136, 156, 257, 345])
+        stream[where] = rng.choice([0, ord("/"), ord("."), ord("0"), ord("7"), ord("x"), 0x80])
+    if seed % 2:
+        block = stream[header : header + 512]
+        right = block_sum(block) - sum(block[148:156]) + 8 * ord(" ")
+        stream[header + 148 : header + 156] = b"%06o\0 " % right
+
+    def outcome(way: str) -> object:
+        try:
+            return restore(bytes(stream), tmp_path / way, seed)
+        except ArchiveError as exc:
+            return str(exc).replace(str(tmp_path / way), "TARGET")
+
+    with monkeypatch.context() as python_only:
+        plain_files_the_python_way(python_only)
+        expected = outcome("python")
+    assert outcome("c") == expected
+    assert state(tmp_path / "c") == state(tmp_path / "python")
+
+
 def test_make_files_refuses_a_start_outside_the_piece() -> None:
     with pytest.raises(ValueError, match="outside the piece"):
         _plaintar.make_files(b"", 1, 0, b"", b"", 0, 0)
