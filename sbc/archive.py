@@ -430,18 +430,17 @@ class Found(NamedTuple):
     within: int | None
 
 
-class _OpenDirectory:
-    """A listed directory's descriptor, open while subdirectories found in it
-    wait to be listed, each opened relative to it."""
+class _Listing:
+    """A directory being walked: its descriptor, open until its entries (and
+    what is under them) are done, and its sorted entries."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: str, prefix: str, entries: list[os.DirEntry[str]]) -> None:
         self.fd = fd
-        self.waiting = 0
-
-    def release(self) -> None:
-        self.waiting -= 1
-        if self.waiting == 0:
-            os.close(self.fd)
+        self.base = path if path.endswith("/") else path + "/"  # its entries' paths start so
+        self.prefix = prefix  # its name in the archive
+        self.entries = entries
+        self.names = [entry.name for entry in entries]  # for take_files
+        self.next = 0  # the entry to go on with
 
 
 # A directory opened without following a link put in its place (restores too).
@@ -454,7 +453,10 @@ def walk(
     options: WalkOptions = EVERYTHING,
     take_files: TakeFiles | None = None,
 ) -> Iterator[Found]:
-    """The tree, each directory before its entries. What cannot be read
+    """The tree, each directory before its entries and these (sorted by
+    name) before the directory's next sibling, as ``tar --sort=name``
+    stores a tree: GNU tar, extracting, sets a directory's time once it has
+    left it, for good in this order. What cannot be read
     (removed meanwhile, no permission) is passed to ``unreadable`` and left
     out, and so is what ``options`` exclude. Directories where another file
     system is mounted are entered unless it is a kernel one or
@@ -478,68 +480,68 @@ def walk(
     if not stat.S_ISDIR(st.st_mode):
         return
     root_device = st.st_dev
-    # (parent, name, path, arcname) of the directories still to list
-    stack: list[tuple[_OpenDirectory | None, str, str, str]] = [
-        (None, str(source), str(source), root_name)
-    ]
+    take = take_files if not options.exclude else None
+    listings: list[_Listing] = []  # the directory being walked, and those above it
     try:
-        while stack:
-            parent, name, directory, prefix = stack.pop()
-            try:
-                fd = os.open(name, DIRECTORY_NOFOLLOW, dir_fd=None if parent is None else parent.fd)
-            except OSError as exc:
-                replaced = exc.errno in (errno.ELOOP, errno.ENOTDIR)  # by a link, or a file
-                reason = "no longer a directory" if replaced else exc.strerror
-                unreadable(directory, reason, "its contents are left out")
-                continue
-            finally:
-                if parent is not None:
-                    parent.release()
-            here = _OpenDirectory(fd)
-            subdirs = []
-            try:  # fd stays open while its entries are stat'ed and read (relative to it)
-                try:
-                    with os.scandir(fd) as it:
-                        entries = sorted(it, key=_by_name)
-                except OSError as exc:
-                    unreadable(directory, exc.strerror, "its contents are left out")
+        root = _listed(None, str(source), str(source), root_name, unreadable)
+        if root is not None:
+            listings.append(root)
+        while listings:
+            here = listings[-1]
+            entries, fd, base, prefix = here.entries, here.fd, here.base, here.prefix
+            index, below = here.next, None
+            while index < len(entries) and below is None:
+                taken = take(fd, prefix, here.names, index) if take is not None else 0
+                if taken:
+                    index += taken
                     continue
-                base = directory if directory.endswith("/") else directory + "/"
-                take = take_files if not options.exclude else None
-                names = [entry.name for entry in entries] if take is not None else []
-                index = 0
-                while index < len(entries):
-                    taken = take(fd, prefix, names, index) if take is not None else 0
-                    if taken:
-                        index += taken
-                        continue
-                    entry = entries[index]
-                    index += 1
-                    path = base + entry.name
-                    if options.exclude and options.excludes(path, entry.name):
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError as exc:
-                        unreadable(path, exc.strerror, "left out")
-                        continue
-                    arcname = f"{prefix}/{entry.name}"
-                    yield Found(path, arcname, st, entry.name, fd)
-                    if stat.S_ISDIR(st.st_mode) and (
-                        st.st_dev == root_device  # the common case: no lookup
-                        or not (
-                            options.one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS
-                        )
-                    ):
-                        subdirs.append((here, entry.name, path, arcname))
-            finally:
-                stack.extend(reversed(subdirs))
-                here.waiting = len(subdirs) + 1
-                here.release()  # closed now, or by the last subdirectory opened
+                entry = entries[index]
+                index += 1
+                path = base + entry.name
+                if options.exclude and options.excludes(path, entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    unreadable(path, exc.strerror, "left out")
+                    continue
+                arcname = f"{prefix}/{entry.name}"
+                yield Found(path, arcname, st, entry.name, fd)
+                if stat.S_ISDIR(st.st_mode) and (
+                    st.st_dev == root_device  # the common case: no lookup
+                    or not (options.one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS)
+                ):  # its entries come next, as GNU tar stores them
+                    below = _listed(fd, entry.name, path, arcname, unreadable)
+            here.next = index
+            if below is not None:
+                listings.append(below)
+            elif index == len(entries):  # done with it and what was under it
+                os.close(listings.pop().fd)
     finally:  # stopped early (an error, or the generator closed): nothing left open
-        for parent, *_ in stack:
-            if parent is not None:
-                parent.release()
+        for listing in listings:
+            os.close(listing.fd)
+
+
+def _listed(
+    within: int | None, name: str, path: str, prefix: str, unreadable: Unreadable
+) -> _Listing | None:
+    """The directory ``name`` (``path``) opened relative to ``within`` and
+    listed; None, and passed to ``unreadable``, where it cannot be."""
+    try:
+        fd = os.open(name, DIRECTORY_NOFOLLOW, dir_fd=within)
+    except OSError as exc:
+        replaced = exc.errno in (errno.ELOOP, errno.ENOTDIR)  # by a link, or a file
+        unreadable(
+            path, "no longer a directory" if replaced else exc.strerror, "its contents are left out"
+        )
+        return None
+    try:
+        with os.scandir(fd) as it:
+            return _Listing(fd, path, prefix, sorted(it, key=_by_name))
+    except OSError as exc:
+        os.close(fd)
+        unreadable(path, exc.strerror, "its contents are left out")
+        return None
 
 
 def write_tree(source: Path, put: Put, stats: TreeStats, options: WalkOptions = EVERYTHING) -> None:

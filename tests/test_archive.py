@@ -138,6 +138,43 @@ def test_written_tree_reads_back(tmp_path: Path) -> None:
     assert "tree/ünï" in listing
 
 
+def test_members_come_in_the_order_of_gnu_tar_which_then_restores_directory_times(
+    tmp_path: Path,
+) -> None:
+    """Each directory's entries sorted, a subdirectory's contents before
+    the next entry: what ``tar --sort=name`` stores. GNU tar, extracting,
+    sets a directory's time when it leaves it; contents that came later
+    (each directory's subdirectories after all its entries) stamped it anew."""
+    tree = tmp_path / "tree"
+    for path in ("a/b/c/file", "a/b/z", "a/m", "a/n/x", "k", "z/y"):
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text(path)
+    (tree / "a" / "link").symlink_to("m")
+    directories = [tree, *(path for path in tree.rglob("*") if path.is_dir())]
+    for n, directory in enumerate(directories):
+        os.utime(directory, (0, 1_500_000_000 + n))
+    data = tar_stream(tree, TreeStats())
+    gnu = subprocess.run(
+        ["tar", "--sort=name", "-C", str(tmp_path), "-cf", "-", "tree"],
+        capture_output=True,
+        check=True,
+    ).stdout
+
+    def names(archive: bytes) -> list[str]:
+        listing = subprocess.run(
+            ["tar", "-tf", "-"], input=archive, capture_output=True, check=True
+        )
+        return listing.stdout.decode().splitlines()
+
+    assert names(data) == names(gnu)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", "-", "-C", str(out)], input=data, check=True)
+    for directory in directories:
+        back = out / directory.relative_to(tmp_path)
+        assert int(back.stat().st_mtime) == int(directory.stat().st_mtime), back
+
+
 def test_a_file_that_shrinks_while_read_is_padded_and_reported(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     victim = tmp_path / "shrinks"
     victim.write_bytes(b"a" * 5000)
@@ -198,16 +235,16 @@ def test_restore_from_batches_in_two_reused_buffers(tmp_path: Path) -> None:
 
 
 def test_walk_leaves_no_directory_open_when_done_or_stopped(tmp_path: Path) -> None:
-    """walk keeps a directory open while subdirectories found in it wait to
-    be listed (each is opened relative to it); all are closed at the end,
-    and when the walk stops early (a failed backup)."""
+    """walk keeps a directory open while its entries and what is under them
+    are walked (each subdirectory is opened relative to it); all are closed
+    at the end, and when the walk stops early (a failed backup)."""
     tree = tmp_path / "tree"
     for branch in ("a/b/c", "a/d", "e/f", "g"):
         (tree / branch).mkdir(parents=True)
         (tree / branch / "file").write_text(branch)
     before = len(os.listdir("/proc/self/fd"))
     found = [entry.arcname for entry in archive.walk(tree, lambda *_: None)]
-    assert found[:3] == ["tree", "tree/a", "tree/e"] and "tree/a/b/c/file" in found
+    assert found[:5] == ["tree", "tree/a", "tree/a/b", "tree/a/b/c", "tree/a/b/c/file"]
     assert len(os.listdir("/proc/self/fd")) == before
     for stop_after in range(1, len(found)):
         walking = archive.walk(tree, lambda *_: None)
@@ -271,7 +308,7 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     elsewhere.mkdir()
     (out / "tree" / "d").unlink()
     (out / "tree" / "d").symlink_to(elsewhere)
-    assert extract(overwrite=False).kept == ["tree/d", "tree/z", "tree/d/inner"]
+    assert extract(overwrite=False).kept == ["tree/d", "tree/d/inner", "tree/z"]
     assert list(elsewhere.iterdir()) == []
     # Asked to overwrite, the saveset's directory replaces the link, which
     # is removed, not followed; a directory in the way of a file is not.
@@ -413,9 +450,9 @@ def test_a_directory_replaced_by_a_link_during_the_restore_is_not_followed(
 def test_what_goes_under_a_parent_replaced_by_a_link_is_kept_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A parent swapped before the next directory is entered: what goes
-    under it is kept out (as for a link that was there before), and its
-    attributes, set at the end, go nowhere."""
+    """A parent swapped before the next directory is made: it and what goes
+    under it are kept out (as for a link that was there before), and
+    nothing of theirs, attributes included, goes where the link points."""
     tree = tmp_path / "tree"
     (tree / "a").mkdir(parents=True)
     (tree / "a" / "f").write_text("in a\n")
@@ -433,7 +470,7 @@ def test_what_goes_under_a_parent_replaced_by_a_link_is_kept_out(
 
     (outside / "b").chmod(0o755)
     swapped_during_restore(monkeypatch, {"tree/a/f": swap})
-    assert restore_bytes(stream, out).kept == ["tree/b/g"]
+    assert restore_bytes(stream, out).kept == ["tree/b", "tree/b/g"]
     assert list((outside / "b").iterdir()) == []
     assert stat.S_IMODE((outside / "b").stat().st_mode) == 0o755
     assert (out / "moved" / "a" / "f").read_text() == "in a\n"
