@@ -3,6 +3,7 @@ is read back by tarfile and GNU tar."""
 
 from __future__ import annotations
 
+import copy
 import grp
 import hashlib
 import io
@@ -40,10 +41,24 @@ def tar_stream(source: Path, stats: TreeStats) -> bytes:
     return bytes(out)
 
 
+LONG_NAMES = [
+    "d" * 60 + "/" + "n" * 60,  # ustar: prefix and name
+    "d" * 155 + "/" + "n" * 100,  # the longest that fits
+    "d" * 156 + "/" + "n" * 10,  # prefix too long: PAX
+    "d" * 10 + "/" + "n" * 101,  # name too long: PAX
+    "p" * 99 + "/" + "q" * 99 + "/",  # a directory split before its last part
+    "p" * 40 + "/" + "ü" * 70,  # not ASCII: PAX
+]
+
+
 def test_member_headers_equal_tarfiles_for_every_shape() -> None:
+    """tarfile's PAX format, but ustar's prefix field for a longer name that
+    it takes (tarfile's PAX format would give that a PAX header)."""
     rng = random.Random(7)
     for _ in range(5000):
-        info = tarfile.TarInfo(rng.choice(["a", "dir/b", "x" * 100, "y" * 101, "ü", "d/"]))
+        info = tarfile.TarInfo(
+            rng.choice(["a", "dir/b", "x" * 100, "y" * 101, "ü", "d/", *LONG_NAMES])
+        )
         info.type = rng.choice(
             [
                 tarfile.REGTYPE,
@@ -81,7 +96,17 @@ def test_member_headers_equal_tarfiles_for_every_shape() -> None:
             info.devmajor,
             info.devminor,
         )
-        assert header == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        pax = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        named_short = copy.copy(info)
+        named_short.name = "n"
+        try:  # ustar's split, where nothing but the name needs PAX
+            if len(named_short.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")) > 512:
+                raise ValueError("PAX for another field")
+            ustar = info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+        except (ValueError, UnicodeError):
+            ustar = b""
+        path = info.name + "/" if info.isdir() and not info.name.endswith("/") else info.name
+        assert header == (ustar if len(path) > 100 and ustar else pax)
 
 
 @settings(max_examples=400, deadline=None)
