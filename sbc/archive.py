@@ -475,8 +475,8 @@ def walk(
 ) -> Iterator[Found]:
     """The tree, each directory before its entries and these (sorted by
     name) before the directory's next sibling, as ``tar --sort=name``
-    stores a tree: GNU tar, extracting, sets a directory's time once it has
-    left it, for good in this order. What cannot be read
+    stores a tree: GNU tar, extracting, sets a directory's time when it
+    leaves it, which holds only in this order. What cannot be read
     (removed meanwhile, no permission) is passed to ``unreadable`` and left
     out, and so is what ``options`` exclude. Directories where another file
     system is mounted are entered unless it is a kernel one or
