@@ -99,7 +99,7 @@ def member_header(
     tarfile spends about 25 us building a header; for members that need no
     PAX extension (ASCII names that fit, small ids and sizes) we pack the
     same ustar bytes in one step, and leave everything else to tarfile. A
-    path of up to 255 bytes in a deep tree (common: a fifth of Python's
+    path of up to 255 bytes in a deep tree (common: a sixth of Python's
     standard library) thus needs no PAX header either: 1 KiB less, and a
     restore makes it in C (stpd/_plaintar.c). Tests check that both give
     identical bytes.
