@@ -125,8 +125,8 @@ def _rate(nbytes: int, seconds: float) -> str:
 
 def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     source = args.path
-    # The walk holds a directory open while subdirectories found in it
-    # wait: in a deep tree, as many as it is deep (sbc.archive.walk).
+    # The walk holds a directory open while what is under it is walked: in
+    # a deep tree, as many as it is deep (sbc.archive.walk).
     with contextlib.suppress(ValueError, OSError):
         open_files_to_the_hard_limit()
     options = WalkOptions(one_file_system=args.one_file_system, exclude=tuple(args.exclude))

@@ -328,10 +328,10 @@ def test_a_listing_piped_into_head_ends_quietly(pki: Pki, tmp_path: Path) -> Non
 def test_a_tree_deeper_than_the_soft_open_files_limit_is_backed_up_whole(
     pki: Pki, tmp_path: Path
 ) -> None:
-    """sbc's walk holds a directory open while subdirectories found in it
-    wait to be listed: in a tree 300 deep with a sibling at every level,
-    300 at once, past a soft limit of 256 (1024 on many systems, and trees
-    deeper than that exist). sbc raises it to the hard limit, as stpd does,
+    """sbc's walk holds a directory open while what is under it is walked:
+    in a tree 300 deep with a sibling at every level, 300 at once, past a
+    soft limit of 256 (1024 on many systems, and trees deeper than that
+    exist). sbc raises it to the hard limit, as stpd does,
     and stores all of it. (Not deeper: pytest's later clean-up of its
     temporary directories recurses once per level.)"""
     tree = tmp_path / "deep"
