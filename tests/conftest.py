@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import random
 import re
 import shutil
 import signal
@@ -33,7 +34,9 @@ from pki.authority import CertificateAuthority
 from pki.layout import INI_DIR_ENV, Layout
 from pki.tls import ClientCertPolicy
 from sbc import extract
+from sbc.archive import TreeStats, write_tree
 from sbc.cli import main as sbc_main
+from sbc.extract import RestoreResult, extract_stream
 from stpd import _plaintar
 from stpd.config import load_config
 from stpd.server import Stpd
@@ -66,6 +69,36 @@ def plain_files_the_python_way(monkeypatch: pytest.MonkeyPatch) -> None:
     go through, and to compare the two ways."""
     monkeypatch.setattr(_plaintar, "make_files", lambda piece, start, *rest: (start, 0))
     monkeypatch.setattr(_plaintar, "pack_files", lambda buffer, filled, *rest: (0, filled))
+
+
+def tar_stream(source: Path, stats: TreeStats) -> bytes:
+    """The whole stream write_tree makes. Each batch is copied when it is
+    handed over: its buffers are refilled later (a ring, see BatchWriter)."""
+    out = bytearray()
+
+    def put(batch: list[memoryview]) -> None:
+        for view in batch:
+            out.extend(view)
+
+    write_tree(source, put, stats)
+    return bytes(out)
+
+
+def restore_bytes(
+    stream: bytes, target: Path, *, seed: int | None = None, overwrite: bool = False
+) -> RestoreResult:
+    """extract_stream of ``stream``: in one piece, or with a ``seed`` in
+    pieces of random sizes, so that members meet the ends of pieces anywhere."""
+    pieces, at = [], 0
+    rng = random.Random(seed)
+    while at < len(stream):
+        size = len(stream) if seed is None else rng.randint(1, 30_000)
+        pieces.append(memoryview(stream)[at : at + size])
+        at += size
+    pieces.reverse()
+    result = RestoreResult()
+    extract_stream(lambda: [pieces.pop()] if pieces else [], target, result, overwrite=overwrite)
+    return result
 
 
 def tree(root: Path) -> dict[str, bytes]:

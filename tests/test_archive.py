@@ -21,25 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sbc.archive as archive
-from sbc.archive import ArchiveError, TreeStats, member_header, write_tree
+from sbc.archive import ArchiveError, TreeStats, member_header
 from sbc.extract import RestoreResult, extract_stream
 from stpd.tarcheck import TarStreamCheck
 from stpd.transfer import BatchReader, BatchWriter
-from tests.conftest import swapped_during_restore
-
-
-def tar_stream(source: Path, stats: TreeStats) -> bytes:
-    """The whole stream write_tree makes. Each batch is copied when it is
-    handed over: its buffers are refilled later (a ring, see BatchWriter)."""
-    out = bytearray()
-
-    def put(batch: list[memoryview]) -> None:
-        for view in batch:
-            out.extend(view)
-
-    write_tree(source, put, stats)
-    return bytes(out)
-
+from tests.conftest import restore_bytes, swapped_during_restore, tar_stream
 
 LONG_NAMES = [
     "d" * 60 + "/" + "n" * 60,  # ustar: prefix and name
@@ -318,10 +304,7 @@ def test_restore_keeps_a_file_where_the_archive_has_a_directory(tmp_path: Path) 
     (out / "tree" / "d").write_text("a file now\n")
 
     def extract(overwrite: bool) -> RestoreResult:
-        batches = [[memoryview(stream)]]
-        result = RestoreResult()
-        extract_stream(lambda: batches.pop() if batches else [], out, result, overwrite=overwrite)
-        return result
+        return restore_bytes(stream, out, overwrite=overwrite)
 
     result = extract(overwrite=False)
     assert result.kept == ["tree/d", "tree/d/inner"]
@@ -393,13 +376,6 @@ def test_nothing_is_written_through_a_link_already_in_the_target(tmp_path: Path)
         )
         assert result.kept == ["evil/x.txt"]
         assert list(outside.iterdir()) == []
-
-
-def restore_bytes(stream: bytes, target: Path) -> RestoreResult:
-    batches = [[memoryview(stream)]]
-    result = RestoreResult()
-    extract_stream(lambda: batches.pop() if batches else [], target, result)
-    return result
 
 
 def test_what_appears_where_a_member_goes_after_the_check_is_kept_and_not_written_through(
@@ -536,8 +512,7 @@ def test_owners_come_back_by_name_where_known_else_by_number(tmp_path: Path) -> 
             info = tarfile.TarInfo(name)
             info.uname, info.uid, info.gname, info.gid = uname, uid, "no-such-group-x", gid
             archive.addfile(info, io.BytesIO(b""))
-    batches = [[memoryview(saveset.getvalue())]]
-    extract_stream(lambda: batches.pop() if batches else [], tmp_path, RestoreResult())
+    restore_bytes(saveset.getvalue(), tmp_path)
     known, unknown = (tmp_path / "known").stat(), (tmp_path / "unknown").stat()
     assert (known.st_uid, known.st_gid) == (nobody.pw_uid, 2345)
     assert (unknown.st_uid, unknown.st_gid) == (4321, 5432)
@@ -605,6 +580,5 @@ def test_restore_of_a_gnu_sparse_member(tmp_path: Path) -> None:
     )
     with tarfile.open(archive) as tar:
         assert tar.getmember("holes").type == tarfile.GNUTYPE_SPARSE
-    batches = [[memoryview(archive.read_bytes())]]
-    extract_stream(lambda: batches.pop() if batches else [], tmp_path / "out", RestoreResult())
+    restore_bytes(archive.read_bytes(), tmp_path / "out")
     assert (tmp_path / "out" / "holes").read_bytes() == (source / "holes").read_bytes()

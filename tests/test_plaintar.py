@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from sbc import archive
-from sbc.archive import ArchiveError, TreeStats, write_tree
-from sbc.extract import RestoreResult, extract_stream
+from sbc.archive import ArchiveError, TreeStats
+from sbc.extract import RestoreResult
 from stpd import _plaintar
 from stpd.tarcheck import InvalidTar, TarStreamCheck, block_sum
 from stpd.transfer import BatchWriter
-from tests.conftest import plain_files_the_python_way
+from tests.conftest import plain_files_the_python_way, restore_bytes, tar_stream
 
 # -- restores: make_files ------------------------------------------------------
 
@@ -105,21 +105,6 @@ def state(root: Path) -> dict[str, tuple[object, ...]]:
     return found
 
 
-def restore(stream: bytes, target: Path, seed: int | None) -> RestoreResult:
-    """extract_stream of ``stream`` in pieces of random sizes (one piece
-    with no seed), so that runs meet the ends of pieces anywhere."""
-    pieces, at = [], 0
-    rng = random.Random(seed)
-    while at < len(stream):
-        size = len(stream) if seed is None else rng.randint(1, 30_000)
-        pieces.append(memoryview(stream)[at : at + size])
-        at += size
-    pieces.reverse()
-    result = RestoreResult()
-    extract_stream(lambda: [pieces.pop()] if pieces else [], target, result)
-    return result
-
-
 def counting_runs(monkeypatch: pytest.MonkeyPatch, function: str = "make_files") -> list[int]:
     """The number of files (members) each call of make_files (pack_files,
     scan_members) took."""
@@ -143,9 +128,9 @@ def restore_both_ways(
     result, and the files each run made."""
     with monkeypatch.context() as python_only:
         plain_files_the_python_way(python_only)
-        expected = restore(stream, root / "python", seed)
+        expected = restore_bytes(stream, root / "python", seed=seed)
     made = counting_runs(monkeypatch)
-    result = restore(stream, root / "c", seed)
+    result = restore_bytes(stream, root / "c", seed=seed)
     assert state(root / "c") == state(root / "python")
     assert result == expected
     return result, made
@@ -211,7 +196,7 @@ def test_a_run_writes_nothing_through_a_link_in_the_target(
     (tmp_path / "back" / "t").mkdir(parents=True)
     (tmp_path / "back" / "t" / "sub").symlink_to(elsewhere)
     made = counting_runs(monkeypatch)
-    result = restore(out.getvalue(), tmp_path / "back", None)
+    result = restore_bytes(out.getvalue(), tmp_path / "back")
     assert result.kept == ["t/sub/y"]
     assert list(elsewhere.iterdir()) == []
     assert made == [1, 0]  # f1; then f2, after the Python way kept t/sub/y, starts none
@@ -246,7 +231,7 @@ def test_a_stream_that_ends_in_the_padding_of_a_file_is_refused(
     cut = out.getvalue()[: 512 * (1 + 2 * 3) + 512 + 10]  # in the padding of f3
     made = counting_runs(monkeypatch)
     with pytest.raises(ArchiveError, match="not a valid tar archive: unexpected end of data"):
-        restore(cut, tmp_path / "back", None)
+        restore_bytes(cut, tmp_path / "back")
     assert made == [2]  # f1 and f2
     assert sorted(p.name for p in (tmp_path / "back" / "t").iterdir()) == ["f0", "f1", "f2", "f3"]
 
@@ -267,7 +252,7 @@ def test_a_file_named_as_a_link_that_could_not_be_made_is_refused(
 
     monkeypatch.setattr(os, "symlink", like_fat)
     with pytest.raises(ArchiveError, match="refused an unsafe archive member: member 't/x'"):
-        restore(out.getvalue(), tmp_path / "back", None)
+        restore_bytes(out.getvalue(), tmp_path / "back")
     assert sorted(p.name for p in (tmp_path / "back" / "t").iterdir()) == ["a", "b"]
 
 
@@ -291,7 +276,7 @@ def test_a_file_that_cannot_be_written_whole_stops_the_restore_and_is_removed(
         with pytest.raises(
             ArchiveError, match=r"File too large \(t/big\).*incomplete t/big was removed"
         ):
-            restore(out.getvalue(), tmp_path / "back", None)
+            restore_bytes(out.getvalue(), tmp_path / "back")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert made == [4]  # f1 to f4; f0 by the Python way, which starts the run
@@ -320,7 +305,7 @@ def test_runs_in_c_restore_damaged_savesets_as_the_python_way(
 
     def outcome(way: str) -> object:
         try:
-            return restore(bytes(stream), tmp_path / way, seed)
+            return restore_bytes(bytes(stream), tmp_path / way, seed=seed)
         except ArchiveError as exc:
             return str(exc).replace(str(tmp_path / way), "TARGET")
 
@@ -386,15 +371,8 @@ def backup_tree(root: Path) -> Path:
 
 
 def stream_of(source: Path) -> tuple[bytes, TreeStats]:
-    out = bytearray()
-
-    def put(batch: list[memoryview]) -> None:
-        for view in batch:
-            out.extend(view)
-
     stats = TreeStats()
-    write_tree(source, put, stats)
-    return bytes(out), stats
+    return tar_stream(source, stats), stats
 
 
 @pytest.mark.parametrize("batch_bytes", [1 << 20, 10_000, 4608])
