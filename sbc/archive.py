@@ -4,7 +4,9 @@ tar stream (``write_tree``), in a worker thread of the transfer core
 
 The archive is in PAX format (unicode names, long names), with regular
 files, directories, symbolic links (as links), hard links and FIFOs; the
-common headers are packed here, the rest by ``tarfile``. Extracting one is
+common headers are packed here, the rest by ``tarfile``. Extended
+attributes (ACLs and file capabilities among them) are stored as GNU tar
+``--xattrs`` stores them (see ``read_xattrs``). Extracting one is
 ``sbc.extract``.
 """
 
@@ -73,6 +75,50 @@ _TYPES = {
 }
 
 
+# Extended attributes go into the member's PAX header, a record each, as
+# GNU tar (and star) store them: "SCHILY.xattr." and the attribute's name.
+XATTR_RECORD = "SCHILY.xattr."
+# SELinux labels are not stored (GNU tar stores them only with --selinux):
+# the policy of the system restored to sets them (restorecon).
+NOT_STORED_XATTRS = frozenset({"security.selinux"})
+# What listxattr answers for a file system without extended attributes.
+_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` (decoded with surrogateescape) was UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_xattrs(target: int | str) -> dict[str, bytes]:
+    """The extended attributes of an open file (a descriptor) or of a path
+    (a link's own, not followed), by name: user, trusted and security ones
+    and ACLs (``system.posix_acl_*``), but not SELinux labels. {} on a file
+    system without them. An attribute removed meanwhile is left out; other
+    errors (OSError) are the caller's to report."""
+    follow = isinstance(target, int)  # a descriptor is the file itself
+    try:
+        names = os.listxattr(target, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno in _NO_XATTRS:
+            return {}
+        raise
+    found = {}
+    for name in names:
+        if name in NOT_STORED_XATTRS:
+            continue
+        try:
+            found[name] = os.getxattr(target, name, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed since listed
+                raise
+    return found
+
+
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s32s32s8s8s167s")
 _DEVICES = (tarfile.CHRTYPE, tarfile.BLKTYPE)
 
@@ -90,11 +136,12 @@ def member_header(
     gname: str = "",
     devmajor: int = 0,
     devminor: int = 0,
+    xattrs: dict[str, bytes] | None = None,
 ) -> bytes:
     """The tar header of a member: what ``TarInfo.tobuf(PAX_FORMAT)`` gives
-    for these fields, computed directly in the common case; but for a longer
-    ASCII name that ustar's prefix field takes, what ``tobuf(USTAR_FORMAT)``
-    gives, split as tarfile splits it.
+    for these fields (and ``xattrs`` as PAX records), computed directly in
+    the common case; but for a longer ASCII name that ustar's prefix field
+    takes, what ``tobuf(USTAR_FORMAT)`` gives, split as tarfile splits it.
 
     tarfile spends about 25 us building a header; for members that need no
     PAX extension (ASCII names that fit, small ids and sizes) we pack the
@@ -128,7 +175,8 @@ def member_header(
         info.type, info.mode, info.uid, info.gid = kind, mode, uid, gid
         info.size, info.mtime, info.linkname = size, mtime, linkname
         info.uname, info.gname, info.devmajor, info.devminor = uname, gname, devmajor, devminor
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        block = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        return _with_xattrs(block, xattrs) if xattrs else block
     device = kind in _DEVICES
     block = _USTAR.pack(
         fields[0],
@@ -147,7 +195,38 @@ def member_header(
         b"%07o\0" % devminor if device else b"",
         prefix,
     )
-    return b"%s%06o\0 %s" % (block[:148], block_sum(block), block[156:])
+    block = b"%s%06o\0 %s" % (block[:148], block_sum(block), block[156:])
+    return _with_xattrs(block, xattrs) if xattrs else block
+
+
+def _with_xattrs(block: bytes, xattrs: dict[str, bytes]) -> bytes:
+    """A member's ``block`` (its header, after the extended header tarfile
+    gave it, if any) with ``xattrs`` added to that extended header, or given
+    one. The values go in as they are, as GNU tar writes them: tarfile
+    would add a hdrcharset record for any that is not UTF-8, which GNU tar
+    warns about at every such member (file capabilities and ACLs are
+    binary)."""
+    records = b""
+    if block[156:157] == tarfile.XHDTYPE:  # tarfile's: keep its records
+        size = tarfile.TarInfo.frombuf(block[: tarfile.BLOCKSIZE], "utf-8", "strict").size
+        records = block[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + size]
+        block = block[tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE :]
+    for name, value in sorted(xattrs.items()):
+        records += _pax_record((XATTR_RECORD + name).encode(), value)
+    extension = tarfile.TarInfo("././@PaxHeader")
+    extension.type, extension.size = tarfile.XHDTYPE, len(records)
+    padding = bytes(-len(records) % tarfile.BLOCKSIZE)
+    return extension.tobuf(tarfile.USTAR_FORMAT) + records + padding + block
+
+
+def _pax_record(keyword: bytes, value: bytes) -> bytes:
+    """One PAX record: "LENGTH KEYWORD=VALUE\n", where LENGTH counts the
+    whole record, its own digits included."""
+    rest = b" %s=%s\n" % (keyword, value)
+    length = len(rest) + 1
+    while len(b"%d" % length) + len(rest) != length:
+        length = len(b"%d" % length) + len(rest)
+    return b"%d%s" % (length, rest)
 
 
 def _ustar_split(path: bytes) -> tuple[bytes, bytes]:
@@ -203,7 +282,17 @@ class TreeWriter:
         elif kind in _DEVICES:
             devmajor, devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         if kind != tarfile.REGTYPE:
-            self.out.write(self._header(arcname, kind, st, 0, linkname, devmajor, devminor))
+            # A hard link's attributes are its first name's; anything else's
+            # are read by path, relative to its directory's descriptor.
+            xattrs = None
+            if kind != tarfile.LNKTYPE:
+                at = (
+                    found.name
+                    if found.within is None
+                    else f"/proc/self/fd/{found.within}/{found.name}"
+                )
+                xattrs = self._xattrs(at, path)
+            self.out.write(self._header(arcname, kind, st, 0, linkname, devmajor, devminor, xattrs))
             self.stats.directories += kind == tarfile.DIRTYPE
             self.stats.links += kind in (tarfile.SYMTYPE, tarfile.LNKTYPE)
             return
@@ -224,8 +313,9 @@ class TreeWriter:
         try:
             if st.st_nlink > 1:  # later names of this file become links to this one
                 self._hardlinks[st.st_dev, st.st_ino] = arcname
-            header = self._file_header(arcname, st)
-            self.out.write(header or self._header(arcname, kind, st, st.st_size))
+            xattrs = self._xattrs(fd, path)
+            header = None if xattrs else self._file_header(arcname, st)
+            self.out.write(header or self._header(arcname, kind, st, st.st_size, xattrs=xattrs))
             self._copy_contents(fd, path, st.st_size)
         finally:
             os.close(fd)
@@ -239,6 +329,24 @@ class TreeWriter:
             raise ArchiveError(f"cannot read {path}: {reason}")
         self.stats.unreadable.append((path, f"{reason}; {consequence}"))
 
+    def _xattrs(self, target: int | str, path: str) -> dict[str, bytes]:
+        """``read_xattrs``; what cannot be read or stored is reported, and
+        the entry is stored without it."""
+        try:
+            xattrs = read_xattrs(target)
+        except FileNotFoundError:
+            return {}  # removed since the walk saw it: stored as it saw it, as before
+        except OSError as exc:
+            self.unreadable(path, f"extended attributes: {exc.strerror}", "stored without them")
+            return {}
+        # A PAX record's keyword is UTF-8 text, and ends at the first "=".
+        for name in [name for name in xattrs if "=" in name or not _is_utf8(name)]:
+            del xattrs[name]
+            self.unreadable(
+                path, f"extended attribute {name!r}: a name tar cannot hold", "left out"
+            )
+        return xattrs
+
     def _header(
         self,
         arcname: str,
@@ -248,6 +356,7 @@ class TreeWriter:
         linkname: str = "",
         devmajor: int = 0,
         devminor: int = 0,
+        xattrs: dict[str, bytes] | None = None,
     ) -> bytes:
         return member_header(
             arcname,
@@ -262,6 +371,7 @@ class TreeWriter:
             _known_name(grp.getgrgid, st.st_gid),
             devmajor,
             devminor,
+            xattrs,
         )
 
     def _file_header(self, arcname: str, st: os.stat_result) -> bytes | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import DIRECTORY_NOFOLLOW, ArchiveError
+from sbc.archive import DIRECTORY_NOFOLLOW, XATTR_RECORD, ArchiveError
 from stpd import _plaintar
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
@@ -558,6 +558,7 @@ class _Extraction(tarfile.TarFile):
                     os.chown(
                         parts[-1], tarinfo.uid, tarinfo.gid, dir_fd=parent, follow_symlinks=False
                     )
+                self._set_xattrs(f"/proc/self/fd/{parent}/{parts[-1]}", tarinfo)
                 with contextlib.suppress(OSError):  # a file system without link times
                     # The link's own time, as GNU tar sets it (tarfile leaves it at now).
                     times = (tarinfo.mtime, tarinfo.mtime)
@@ -578,6 +579,23 @@ class _Extraction(tarfile.TarFile):
         finally:
             os.close(fd)
 
+    def _set_xattrs(self, target: int | str, tarinfo: tarfile.TarInfo) -> None:
+        """The extended attributes stored with ``tarinfo`` (see
+        sbc.archive.read_xattrs), set on ``target``: a descriptor, or a
+        link's path (not followed). One that cannot be set (not as root, or
+        on a file system without them) is reported, and the restore goes on."""
+        for record, text in tarinfo.pax_headers.items():
+            if not record.startswith(XATTR_RECORD):
+                continue
+            name = record[len(XATTR_RECORD) :]
+            value = text.encode("utf-8", "surrogateescape")  # as tarfile decoded it
+            try:
+                os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
+            except OSError as exc:
+                where = "/".join(path_parts(tarinfo.name))
+                why = f"its extended attribute {name} was not restored: {exc.strerror}"
+                self.unrestorable.append((where, why))
+
     def chmod(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         """Done in ``chown``."""
 
@@ -585,14 +603,18 @@ class _Extraction(tarfile.TarFile):
         """Done in ``chown``."""
 
     def _set_attributes(self, fd: int, tarinfo: tarfile.TarInfo) -> None:
-        """Owner (as root), mode and time of ``tarinfo`` on ``fd``. One that
-        cannot be set (a file system without owners) does not stop the
-        restore, as with tarfile."""
+        """Owner (as root), extended attributes, mode and time of ``tarinfo``
+        on ``fd``. An owner, mode or time that cannot be set (a file system
+        without owners) does not stop the restore, as with tarfile; nor does
+        an extended attribute (see _set_xattrs)."""
         if self._as_root:
             try:
                 os.fchown(fd, tarinfo.uid, tarinfo.gid)
             except OSError:
                 pass
+        # After the owner, which clears a file capability; before the mode,
+        # which an ACL (system.posix_acl_access) would change.
+        self._set_xattrs(fd, tarinfo)
         try:
             os.fchmod(fd, tarinfo.mode)
         except OSError:

@@ -34,11 +34,11 @@
  * stores the files of a directory's listing that follow one another, each
  * as TreeWriter.add stores it, while each is plain: a regular file with one
  * link, the mode, owner and group of the last file Python stored (whose
- * header template it is given), a name in ASCII that fits the header with
- * its directory's, a size and time that fit, and room for it all in the
- * batch. A file that changed (shorter than its stat said) is left to Python
- * too, which reads and reports it as it does. It holds the GIL: it reads
- * the names from their list.
+ * header template it is given), no extended attributes to store, a name in
+ * ASCII that fits the header with its directory's, a size and time that
+ * fit, and room for it all in the batch. A file that changed (shorter than
+ * its stat said) is left to Python too, which reads and reports it as it
+ * does. It holds the GIL: it reads the names from their list.
  *
  * scan_members (see stpd/tarcheck.py, TarStreamCheck.feed). stpd checks the
  * framing of every upload: each header's checksum, type and size, to find
@@ -57,6 +57,7 @@
 #include <string.h>
 #include <stdio.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #define BLOCK 512
@@ -242,6 +243,19 @@ static PyObject *make_files(PyObject *self, PyObject *args)
     return Py_BuildValue("nn", at, made);
 }
 
+/* Whether the file fd has extended attributes that sbc.archive.read_xattrs
+ * stores (all but an SELinux label); also when they cannot be listed (in a
+ * list longer than this buffer, say): Python reads them or reports why not. */
+static int has_xattrs(int fd)
+{
+    static const char selinux[] = "security.selinux"; /* its NUL ends it in the list */
+    char names[64];
+    ssize_t length = flistxattr(fd, names, sizeof names);
+    if (length < 0)
+        return errno != ENOTSUP; /* a file system without them has none */
+    return length != 0 && !(length == sizeof selinux && memcmp(names, selinux, sizeof selinux) == 0);
+}
+
 #define NAME_FIELD 100
 #define MIDDLE_BYTES 24 /* mode, uid and gid fields */
 #define TAIL_BYTES 356  /* from the type field to the end */
@@ -304,6 +318,10 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
         int fd = openat(dir_fd, ascii, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
         if (fd < 0)
             break;
+        if (has_xattrs(fd)) {
+            close(fd);
+            break; /* a PAX header for them: Python */
+        }
         int whole = read_exactly(fd, data, size);
         close(fd);
         if (!whole)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
 import random
 import re
 import shutil
@@ -109,6 +110,58 @@ def tree(root: Path) -> dict[str, bytes]:
         for path in sorted(root.rglob("*"))
         if path.is_file()
     }
+
+
+# Binary, as the kernel keeps them: a capability (cap_net_raw+ep) and ACLs
+# (u::rw-, u:1000:r--, g::r--, m::r--, o::---; the default one: u::rwx ...).
+CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
+ACCESS_ACL = bytes.fromhex(
+    "0200000001000600ffffffff02000400e803000004000400ffffffff10000400ffffffff20000000ffffffff"
+)
+DEFAULT_ACL = bytes.fromhex("0200000001000700ffffffff04000500ffffffff20000500ffffffff")
+
+
+def with_xattrs(root: Path) -> Path:
+    """A tree whose entries carry extended attributes of every kind a backup
+    stores: user ones (a value that is not UTF-8 among them), a file
+    capability, ACLs, a trusted one on a symbolic link, and on a file whose
+    name needs a PAX header of its own; and an SELinux label, not stored."""
+    tree = root / "xattrs"
+    (tree / "dir").mkdir(parents=True)
+    os.setxattr(tree / "dir", "user.comment", b"a directory")
+    os.setxattr(tree / "dir", "system.posix_acl_default", DEFAULT_ACL)
+    ping = tree / "dir" / "ping"
+    ping.write_bytes(b"\x7fELF")
+    ping.chmod(0o755)
+    os.setxattr(ping, "security.capability", CAPABILITY)
+    os.setxattr(ping, "user.binary", b"\xff\x00\xfe")
+    os.setxattr(ping, "security.selinux", b"system_u:object_r:ping_exec_t:s0\0")
+    shared = tree / "shared.txt"
+    shared.write_text("for one more user\n")
+    os.setxattr(shared, "system.posix_acl_access", ACCESS_ACL)
+    (tree / "link").symlink_to("shared.txt")
+    os.setxattr(tree / "link", "trusted.origin", b"here", follow_symlinks=False)
+    long = tree / ("ünïcödé " * 20)
+    long.write_text("long name\n")
+    os.setxattr(long, "user.long", b"v" * 300)
+    for n in range(20):  # plain files around them, for runs in C
+        (tree / f"plain{n:02}").write_text(f"{n}\n")
+        (tree / "dir" / f"plain{n:02}").write_text(f"{n}\n")
+    return tree
+
+
+def xattrs_of(root: Path) -> dict[str, dict[str, bytes]]:
+    """The extended attributes below ``root`` (a link's own) but SELinux
+    labels, by path: what a restore must bring back."""
+    found = {}
+    for path in sorted([root, *root.rglob("*")]):
+        names = os.listxattr(path, follow_symlinks=False)
+        found[str(path.relative_to(root))] = {
+            name: os.getxattr(path, name, follow_symlinks=False)
+            for name in names
+            if name != "security.selinux"
+        }
+    return found
 
 
 @dataclass

@@ -25,7 +25,13 @@ from sbc.archive import ArchiveError, TreeStats, member_header
 from sbc.extract import RestoreResult, extract_stream
 from stpd.tarcheck import TarStreamCheck
 from stpd.transfer import BatchReader, BatchWriter
-from tests.conftest import restore_bytes, swapped_during_restore, tar_stream
+from tests.conftest import (
+    restore_bytes,
+    swapped_during_restore,
+    tar_stream,
+    with_xattrs,
+    xattrs_of,
+)
 
 LONG_NAMES = [
     "d" * 60 + "/" + "n" * 60,  # ustar: prefix and name
@@ -582,3 +588,109 @@ def test_restore_of_a_gnu_sparse_member(tmp_path: Path) -> None:
         assert tar.getmember("holes").type == tarfile.GNUTYPE_SPARSE
     restore_bytes(archive.read_bytes(), tmp_path / "out")
     assert (tmp_path / "out" / "holes").read_bytes() == (source / "holes").read_bytes()
+
+
+# -- extended attributes ------------------------------------------------------------
+
+
+def gnu_tar(*argv: str, stream: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["tar", *argv], input=stream, capture_output=True, check=False)
+
+
+def test_extended_attributes_are_stored_as_gnu_tar_stores_them_and_come_back(
+    tmp_path: Path,
+) -> None:
+    """ACLs, a file capability and user and trusted attributes: GNU tar
+    lists and extracts them from our stream without a warning, and so does
+    our restore, in one piece or in pieces of any size. SELinux labels are
+    not stored."""
+    tree = with_xattrs(tmp_path)
+    expected = xattrs_of(tree)
+    assert expected["dir/ping"].keys() == {"security.capability", "user.binary"}
+    stats = TreeStats()
+    stream = tar_stream(tree, stats)
+    assert stats.unreadable == []
+
+    listed = gnu_tar("--xattrs", "--xattrs-include=*", "-tvvf", "-", stream=stream)
+    assert (listed.returncode, listed.stderr) == (0, b"")
+    assert b"  x: 20 security.capability\n" in listed.stdout
+    assert b"security.selinux" not in listed.stdout
+    (tmp_path / "gnu").mkdir()
+    extracted = gnu_tar(
+        "--xattrs", "--xattrs-include=*", "-xpf", "-", "-C", str(tmp_path / "gnu"), stream=stream
+    )
+    assert (extracted.returncode, extracted.stderr) == (0, b"")
+    assert xattrs_of(tmp_path / "gnu" / "xattrs") == expected
+
+    for seed in (None, 1, 2):
+        target = tmp_path / f"ours-{seed}"
+        result = restore_bytes(stream, target, seed=seed)
+        assert result.unrestorable == []
+        assert xattrs_of(target / "xattrs") == expected, seed
+    # The ACL's mask is the group bits of the mode: both came back.
+    assert stat.S_IMODE((target / "xattrs" / "shared.txt").stat().st_mode) == 0o640
+
+
+def test_extended_attributes_of_a_gnu_tar_archive_are_restored(tmp_path: Path) -> None:
+    tree = with_xattrs(tmp_path)
+    made = gnu_tar("--xattrs", "--xattrs-include=*", "-cf", "-", "-C", str(tmp_path), "xattrs")
+    assert made.returncode == 0, made.stderr
+    result = restore_bytes(made.stdout, tmp_path / "back")
+    assert result.unrestorable == []
+    assert xattrs_of(tmp_path / "back" / "xattrs") == xattrs_of(tree)
+
+
+def test_extended_attributes_that_cannot_be_read_or_stored_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry is stored without them, and the backup goes on."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "odd").write_text("odd\n")
+    os.setxattr(tree / "odd", "user.a=b", b"tar's records end a name at '='")
+    os.setxattr(tree / "odd", "user.fine", b"kept")
+    (tree / "locked").write_text("locked\n")
+    real_listxattr = os.listxattr
+
+    def listxattr(target: int | str, **kwargs: bool) -> list[str]:
+        if isinstance(target, int) and os.readlink(f"/proc/self/fd/{target}").endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_listxattr(target, **kwargs)
+
+    monkeypatch.setattr(os, "listxattr", listxattr)
+    stats = TreeStats()
+    stream = tar_stream(tree, stats)
+    assert stats.unreadable == [
+        (str(tree / "locked"), "extended attributes: Permission denied; stored without them"),
+        (str(tree / "odd"), "extended attribute 'user.a=b': a name tar cannot hold; left out"),
+    ]
+    result = restore_bytes(stream, tmp_path / "back")
+    assert (tmp_path / "back" / "tree" / "locked").read_text() == "locked\n"
+    assert xattrs_of(tmp_path / "back" / "tree")["odd"] == {"user.fine": b"kept"}
+    assert result.unrestorable == []
+
+
+def test_an_extended_attribute_that_cannot_be_set_is_reported_and_the_rest_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a user, trusted and security attributes cannot be set; on some file
+    systems none can. The restore goes on."""
+    tree = with_xattrs(tmp_path)
+    stream = tar_stream(tree, TreeStats())
+    real_setxattr = os.setxattr
+
+    def setxattr(target: int | str, name: str, value: bytes, **kwargs: bool) -> None:
+        if name.startswith(("trusted.", "security.")):
+            raise PermissionError(1, "Operation not permitted")
+        real_setxattr(target, name, value, **kwargs)
+
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    result = restore_bytes(stream, tmp_path / "back")
+    why = "its extended attribute {} was not restored: Operation not permitted"
+    assert result.unrestorable == [
+        ("xattrs/dir/ping", why.format("security.capability")),
+        ("xattrs/link", why.format("trusted.origin")),
+    ]
+    restored = xattrs_of(tmp_path / "back" / "xattrs")
+    assert restored["dir/ping"] == {"user.binary": b"\xff\x00\xfe"}
+    assert restored["dir"] == xattrs_of(tree)["dir"]

@@ -33,6 +33,8 @@ from tests.conftest import (
     run_sbc,
     running_stpd,
     swapped_during_restore,
+    with_xattrs,
+    xattrs_of,
 )
 
 
@@ -789,6 +791,37 @@ def test_links_and_fifos_a_file_system_cannot_hold_are_reported_and_the_rest_res
     ]
     assert sorted(p.name for p in (back / "tree").iterdir()) == ["a.txt", "z.txt"]
     assert (back / "tree" / "z.txt").read_text() == "last\n"
+
+
+def test_extended_attributes_acls_and_capabilities_come_back(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backed up and restored over TLS; each one that cannot be set (as a
+    user, or on a file system without them) is named, and sbc exits 3."""
+    tree = with_xattrs(tmp_path)
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini, server = ["--ini-dir", str(client.ini_dir)], ["--server", stpd.address]
+        backup = sbc_json(*ini, "backup", str(tree), *server, "--json")
+        saveset = backup["saveset"]  # type: ignore[index]
+        sbc_json(*ini, "restore", saveset, str(tmp_path / "back"), *server, "--json")
+        assert xattrs_of(tmp_path / "back" / "xattrs") == xattrs_of(tree)
+
+        def like_fat(target: int | str, name: str, *args: object, **kwargs: object) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(os, "setxattr", like_fat)
+        code, out, err = run_sbc(*ini, "restore", saveset, str(tmp_path / "again"), *server)
+    assert code == 3, err
+    assert sorted(err.splitlines()) == sorted(
+        f"sbc: warning: could not restore xattrs/{path}: its extended attribute {name} "
+        "was not restored: Operation not supported"
+        for path, names in xattrs_of(tree).items()
+        for name in names
+    )
+    assert len(err.splitlines()) == 7
+    assert "restored saveset" in out
+    assert (tmp_path / "again" / "xattrs" / "dir" / "ping").read_bytes() == b"\x7fELF"
 
 
 def test_names_a_file_system_cannot_hold_are_reported_and_the_rest_restored(
