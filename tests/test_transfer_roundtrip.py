@@ -806,6 +806,11 @@ def test_extended_attributes_acls_and_capabilities_come_back(
         saveset = backup["saveset"]  # type: ignore[index]
         sbc_json(*ini, "restore", saveset, str(tmp_path / "back"), *server, "--json")
         assert xattrs_of(tmp_path / "back" / "xattrs") == xattrs_of(tree)
+        # stpd sends a selected entry with its extended header
+        sbc_json(
+            *ini, "restore", saveset, str(tmp_path / "one"), "xattrs/dir/ping", *server, "--json"
+        )
+        assert xattrs_of(tmp_path / "one" / "xattrs")["dir/ping"] == xattrs_of(tree)["dir/ping"]
 
         def like_fat(target: int | str, name: str, *args: object, **kwargs: object) -> None:
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
