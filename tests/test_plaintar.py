@@ -351,6 +351,8 @@ def backup_tree(root: Path) -> Path:
     os.link(tree / "a" / "f12", tree / "a" / "f12-again")
     (tree / "a" / "f13-link").symlink_to("f13")
     os.mkfifo(tree / "a" / "f14-fifo")
+    for made_now in ("f13-link", "f14-fifo"):  # the same in trees made seconds apart
+        os.utime(tree / "a" / made_now, (0, 1_500_000_000), follow_symlinks=False)
     # Each like the file before it, so that only its name or time ends a
     # run: not in ASCII; not UTF-8 (it reads as "f15-\udce9"), the bytes of
     # "f15-é" in Latin-1; too long for the header with its directory's name;
