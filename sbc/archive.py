@@ -6,7 +6,8 @@ The archive is in PAX format (unicode names, long names), with regular
 files, directories, symbolic links (as links), hard links and FIFOs; the
 common headers are packed here, the rest by ``tarfile``. Extended
 attributes (ACLs and file capabilities among them) are stored as GNU tar
-``--xattrs`` stores them (see ``read_xattrs``). Extracting one is
+``--xattrs`` stores them (see ``read_xattrs``), and files with holes as
+``--sparse`` stores them (see ``data_regions``). Extracting one is
 ``sbc.extract``.
 """
 
@@ -23,7 +24,7 @@ import re
 import stat
 import struct
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -119,6 +120,31 @@ def read_xattrs(target: int | str) -> dict[str, bytes]:
     return found
 
 
+def data_regions(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Where the open file ``fd`` of ``size`` bytes has its data, if it has
+    holes: (offset, length) pairs as SEEK_DATA and SEEK_HOLE find them,
+    and (size, 0) after a hole at the end, as GNU tar records one. None
+    where it has no hole, or the file system cannot tell. Leaves the file
+    at offset 0."""
+    regions: list[tuple[int, int]] = []
+    at = 0
+    try:
+        while at < size:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+            at = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            regions.append((start, at - start))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: no data after ``at``
+            return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    if regions == [(0, size)]:
+        return None
+    if at < size:
+        regions.append((size, 0))
+    return regions
+
+
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s32s32s8s8s167s")
 _DEVICES = (tarfile.CHRTYPE, tarfile.BLKTYPE)
 
@@ -136,12 +162,13 @@ def member_header(
     gname: str = "",
     devmajor: int = 0,
     devminor: int = 0,
-    xattrs: dict[str, bytes] | None = None,
+    records: Sequence[tuple[str, bytes]] = (),
 ) -> bytes:
     """The tar header of a member: what ``TarInfo.tobuf(PAX_FORMAT)`` gives
-    for these fields (and ``xattrs`` as PAX records), computed directly in
-    the common case; but for a longer ASCII name that ustar's prefix field
-    takes, what ``tobuf(USTAR_FORMAT)`` gives, split as tarfile splits it.
+    for these fields (and ``records``, PAX records of ours: see
+    ``_with_records``), computed directly in the common case; but for a
+    longer ASCII name that ustar's prefix field takes, what
+    ``tobuf(USTAR_FORMAT)`` gives, split as tarfile splits it.
 
     tarfile spends about 25 us building a header; for members that need no
     PAX extension (ASCII names that fit, small ids and sizes) we pack the
@@ -176,7 +203,7 @@ def member_header(
         info.size, info.mtime, info.linkname = size, mtime, linkname
         info.uname, info.gname, info.devmajor, info.devminor = uname, gname, devmajor, devminor
         block = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        return _with_xattrs(block, xattrs) if xattrs else block
+        return _with_records(block, records) if records else block
     device = kind in _DEVICES
     block = _USTAR.pack(
         fields[0],
@@ -196,27 +223,33 @@ def member_header(
         prefix,
     )
     block = b"%s%06o\0 %s" % (block[:148], block_sum(block), block[156:])
-    return _with_xattrs(block, xattrs) if xattrs else block
+    return _with_records(block, records) if records else block
 
 
-def _with_xattrs(block: bytes, xattrs: dict[str, bytes]) -> bytes:
+def xattr_records(xattrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """The PAX records of ``xattrs`` (see read_xattrs), as GNU tar names them."""
+    return [(XATTR_RECORD + name, value) for name, value in sorted(xattrs.items())]
+
+
+def _with_records(block: bytes, records: Sequence[tuple[str, bytes]]) -> bytes:
     """A member's ``block`` (its header, after the extended header tarfile
-    gave it, if any) with ``xattrs`` added to that extended header, or given
-    one. The values go in as they are, as GNU tar writes them: tarfile
-    would add a hdrcharset record for any that is not UTF-8, which GNU tar
-    warns about at every such member (file capabilities and ACLs are
-    binary)."""
-    records = b""
+    gave it, if any) with ``records`` added to that extended header, or
+    given one; after tarfile's, so that ours win where both name the member
+    (GNU.sparse.name after path). The values go in as they are, as GNU tar
+    writes them: tarfile would add a hdrcharset record for any that is not
+    UTF-8, which GNU tar warns about at every such member (file capabilities
+    and ACLs are binary)."""
+    extended = b""
     if block[156:157] == tarfile.XHDTYPE:  # tarfile's: keep its records
         size = tarfile.TarInfo.frombuf(block[: tarfile.BLOCKSIZE], "utf-8", "strict").size
-        records = block[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + size]
+        extended = block[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + size]
         block = block[tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE :]
-    for name, value in sorted(xattrs.items()):
-        records += _pax_record((XATTR_RECORD + name).encode(), value)
-    extension = tarfile.TarInfo("././@PaxHeader")
-    extension.type, extension.size = tarfile.XHDTYPE, len(records)
-    padding = bytes(-len(records) % tarfile.BLOCKSIZE)
-    return extension.tobuf(tarfile.USTAR_FORMAT) + records + padding + block
+    for keyword, value in records:
+        extended += _pax_record(keyword.encode("utf-8", "surrogateescape"), value)
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(extended)
+    padding = bytes(-len(extended) % tarfile.BLOCKSIZE)
+    return header.tobuf(tarfile.USTAR_FORMAT) + extended + padding + block
 
 
 def _pax_record(keyword: bytes, value: bytes) -> bytes:
@@ -284,15 +317,17 @@ class TreeWriter:
         if kind != tarfile.REGTYPE:
             # A hard link's attributes are its first name's; anything else's
             # are read by path, relative to its directory's descriptor.
-            xattrs = None
+            records = []
             if kind != tarfile.LNKTYPE:
                 at = (
                     found.name
                     if found.within is None
                     else f"/proc/self/fd/{found.within}/{found.name}"
                 )
-                xattrs = self._xattrs(at, path)
-            self.out.write(self._header(arcname, kind, st, 0, linkname, devmajor, devminor, xattrs))
+                records = xattr_records(self._xattrs(at, path))
+            self.out.write(
+                self._header(arcname, kind, st, 0, linkname, devmajor, devminor, records)
+            )
             self.stats.directories += kind == tarfile.DIRTYPE
             self.stats.links += kind in (tarfile.SYMTYPE, tarfile.LNKTYPE)
             return
@@ -313,10 +348,17 @@ class TreeWriter:
         try:
             if st.st_nlink > 1:  # later names of this file become links to this one
                 self._hardlinks[st.st_dev, st.st_ino] = arcname
-            xattrs = self._xattrs(fd, path)
-            header = None if xattrs else self._file_header(arcname, st)
-            self.out.write(header or self._header(arcname, kind, st, st.st_size, xattrs=xattrs))
-            self._copy_contents(fd, path, st.st_size)
+            records = xattr_records(self._xattrs(fd, path))
+            # Fewer blocks than its size: it may have holes (or be compressed).
+            regions = data_regions(fd, st.st_size) if st.st_blocks * 512 < st.st_size else None
+            if regions is not None:
+                self._add_sparse(fd, path, arcname, st, regions, records)
+            else:
+                header = None if records else self._file_header(arcname, st)
+                self.out.write(
+                    header or self._header(arcname, kind, st, st.st_size, records=records)
+                )
+                self._copy_contents(fd, path, [(0, st.st_size)])
         finally:
             os.close(fd)
         self.stats.files += 1
@@ -356,7 +398,7 @@ class TreeWriter:
         linkname: str = "",
         devmajor: int = 0,
         devminor: int = 0,
-        xattrs: dict[str, bytes] | None = None,
+        records: Sequence[tuple[str, bytes]] = (),
     ) -> bytes:
         return member_header(
             arcname,
@@ -371,7 +413,7 @@ class TreeWriter:
             _known_name(grp.getgrgid, st.st_gid),
             devmajor,
             devminor,
-            xattrs,
+            records,
         )
 
     def _file_header(self, arcname: str, st: os.stat_result) -> bytes | None:
@@ -429,23 +471,62 @@ class TreeWriter:
         self.stats.files += taken
         return taken
 
-    def _copy_contents(self, fd: int, path: str, size: int) -> None:
-        """Exactly ``size`` bytes, whatever the file does meanwhile: a file
-        that shrank is padded with zeros and reported, one that grew is cut
-        at the size its header announced (as GNU tar does); so is one that
-        fails to read part-way (reported as unreadable)."""
+    def _add_sparse(
+        self,
+        fd: int,
+        path: str,
+        arcname: str,
+        st: os.stat_result,
+        regions: list[tuple[int, int]],
+        records: list[tuple[str, bytes]],
+    ) -> None:
+        """A file with holes, as GNU tar --sparse stores it (PAX format 1.0,
+        which tarfile reads too): a map of its data regions, then their
+        bytes. The holes take no room in the saveset, and none on the disk
+        restored to."""
+        numbers = [len(regions), *(number for region in regions for number in region)]
+        listed = b"".join(b"%d\n" % number for number in numbers)
+        listed += bytes(-len(listed) % tarfile.BLOCKSIZE)
+        stored = len(listed) + sum(length for _, length in regions)
+        directory, _, name = arcname.rpartition("/")
+        records = [
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", arcname.encode("utf-8", "surrogateescape")),
+            ("GNU.sparse.realsize", b"%d" % st.st_size),
+            *records,
+        ]
+        # The name a tar without sparse files sees (GNU tar's, with 0 for its pid).
+        stand_in = f"{directory}/GNUSparseFile.0/{name}".lstrip("/")
+        self.out.write(self._header(stand_in, tarfile.REGTYPE, st, stored, records=records))
+        self.out.write(listed)
+        self._copy_contents(fd, path, regions)
+
+    def _copy_contents(self, fd: int, path: str, regions: list[tuple[int, int]]) -> None:
+        """The (offset, length) ``regions`` of the file, one after another,
+        exactly as long as the header announced, whatever the file does
+        meanwhile: a file that shrank is padded with zeros and reported, one
+        that grew is cut at the size its header announced (as GNU tar does);
+        so is one that fails to read part-way (reported as unreadable)."""
+        size = sum(length for _, length in regions)
         start = self.out.tell()
+        remaining = 0
         try:
-            remaining = size - self.out.fill_from(fd, size)
+            for offset, length in regions:
+                if offset:  # (the file is at 0 to begin with)
+                    os.lseek(fd, offset, os.SEEK_SET)
+                short = length - self.out.fill_from(fd, length)
+                if short:
+                    self.out.write(bytes(short))
+                    remaining += short
         except OSError as exc:
             remaining = size - (self.out.tell() - start)
             reason = f"{exc.strerror} after {size - remaining} of {size} bytes"
             self.unreadable(path, reason, "the rest is stored as zeros")
+            self.out.write(bytes(remaining))
         else:
             if remaining:
                 self.stats.changed.append(path)
-        if remaining:
-            self.out.write(bytes(remaining))
         padding = -size % tarfile.BLOCKSIZE
         if padding:
             self.out.write(bytes(padding))

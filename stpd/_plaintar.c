@@ -34,9 +34,9 @@
  * stores the files of a directory's listing that follow one another, each
  * as TreeWriter.add stores it, while each is plain: a regular file with one
  * link, the mode, owner and group of the last file Python stored (whose
- * header template it is given), no extended attributes to store, a name in
- * ASCII that fits the header with its directory's, a size and time that
- * fit, and room for it all in the batch. A file that changed (shorter than
+ * header template it is given), no extended attributes to store and no
+ * holes, a name in ASCII that fits the header with its directory's, a size
+ * and time that fit, and room for it all in the batch. A file that changed (shorter than
  * its stat said) is left to Python too, which reads and reports it as it
  * does. It holds the GIL: it reads the names from their list.
  *
@@ -256,6 +256,18 @@ static int has_xattrs(int fd)
     return length != 0 && !(length == sizeof selinux && memcmp(names, selinux, sizeof selinux) == 0);
 }
 
+/* Whether the file fd has holes, which sbc.archive.data_regions finds and
+ * TreeWriter stores as a sparse file. Looked for as there: only in a file
+ * with fewer blocks than its size. Leaves the file at offset 0. */
+static int has_holes(int fd, const struct stat *st)
+{
+    if ((long long)st->st_blocks * 512 >= st->st_size)
+        return 0;
+    off_t hole = lseek(fd, 0, SEEK_HOLE);
+    lseek(fd, 0, SEEK_SET);
+    return hole >= 0 && hole < st->st_size;
+}
+
 #define NAME_FIELD 100
 #define MIDDLE_BYTES 24 /* mode, uid and gid fields */
 #define TAIL_BYTES 356  /* from the type field to the end */
@@ -318,7 +330,7 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
         int fd = openat(dir_fd, ascii, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
         if (fd < 0)
             break;
-        if (has_xattrs(fd)) {
+        if (has_xattrs(fd) || has_holes(fd, &st)) {
             close(fd);
             break; /* a PAX header for them: Python */
         }

@@ -150,6 +150,30 @@ def with_xattrs(root: Path) -> Path:
     return tree
 
 
+def with_holes(root: Path) -> Path:
+    """A tree of files with holes (sparse files): 64 MiB with 12 KiB of data
+    in two places and a hole at the end; 10 MiB of hole only; one that
+    begins with a hole, has a name that needs a PAX header of its own and an
+    extended attribute; and plain files around them."""
+    tree = root / "holes"
+    tree.mkdir()
+    with open(tree / "disk.img", "wb") as image:
+        image.truncate(64 << 20)
+        image.write(b"A" * 4096)
+        image.seek(32 << 20)
+        image.write(os.urandom(8192))
+    with open(tree / "empty.img", "wb") as empty:
+        empty.truncate(10 << 20)
+    late = tree / ("ünïcödé " * 20)
+    with open(late, "wb") as tail:
+        tail.seek(5 << 20)
+        tail.write(b"the end")
+    os.setxattr(late, "user.note", b"sparse")
+    for n in range(10):
+        (tree / f"plain{n}").write_text(f"{n}\n")
+    return tree
+
+
 def xattrs_of(root: Path) -> dict[str, dict[str, bytes]]:
     """The extended attributes below ``root`` (a link's own) but SELinux
     labels, by path: what a restore must bring back."""

@@ -29,6 +29,7 @@ from tests.conftest import (
     restore_bytes,
     swapped_during_restore,
     tar_stream,
+    with_holes,
     with_xattrs,
     xattrs_of,
 )
@@ -694,3 +695,81 @@ def test_an_extended_attribute_that_cannot_be_set_is_reported_and_the_rest_resto
     restored = xattrs_of(tmp_path / "back" / "xattrs")
     assert restored["dir/ping"] == {"user.binary": b"\xff\x00\xfe"}
     assert restored["dir"] == xattrs_of(tree)["dir"]
+
+
+# -- files with holes ----------------------------------------------------------------
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def test_files_with_holes_are_stored_as_gnu_tar_stores_them_and_restored_with_holes(
+    tmp_path: Path,
+) -> None:
+    """The holes of 79 MiB of sparse files take no room in the saveset, GNU
+    tar lists and extracts it as ours restores it: same names, sizes and
+    contents, and holes again."""
+    tree = with_holes(tmp_path)
+    stats = TreeStats()
+    stream = tar_stream(tree, stats)
+    assert len(stream) < 100_000
+    assert (stats.files, stats.changed, stats.unreadable) == (13, [], [])
+    with tarfile.open(fileobj=io.BytesIO(stream)) as saved:
+        image = saved.getmember("holes/disk.img")
+        assert (image.size, image.sparse) == (
+            64 << 20,
+            [(0, 4096), (32 << 20, 8192), (64 << 20, 0)],
+        )  # type: ignore[attr-defined]
+        assert saved.getmember("holes/empty.img").sparse == [(10 << 20, 0)]  # type: ignore[attr-defined]
+
+    listed = gnu_tar("-tvf", "-", stream=stream)
+    assert (listed.returncode, listed.stderr) == (0, b"")
+    sizes = {
+        line.split(maxsplit=5)[5]: int(line.split()[2])
+        for line in listed.stdout.decode().splitlines()
+    }
+    assert sizes["holes/disk.img"] == 64 << 20
+    assert sizes["holes/" + "ünïcödé " * 20] == (5 << 20) + 7
+    (tmp_path / "gnu").mkdir()
+    extracted = gnu_tar("-xpf", "-", "-C", str(tmp_path / "gnu"), stream=stream)
+    assert (extracted.returncode, extracted.stderr) == (0, b"")
+
+    targets = [tmp_path / "gnu"]
+    for seed in (None, 1, 2):
+        targets.append(tmp_path / f"ours-{seed}")
+        assert restore_bytes(stream, targets[-1], seed=seed).unrestorable == []
+    for target in targets:
+        back = target / "holes"
+        assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in tree.iterdir())
+        for path in tree.iterdir():
+            assert (back / path.name).read_bytes() == path.read_bytes(), (target, path.name)
+        assert allocated(back / "disk.img") <= 64 * 1024
+        assert allocated(back / "empty.img") == 0
+    assert xattrs_of(tmp_path / "ours-None" / "holes")["ünïcödé " * 20] == {"user.note": b"sparse"}
+
+
+def test_a_file_with_holes_that_shrinks_while_read_is_padded_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a file without holes: stored at the size the walk saw."""
+    victim = tmp_path / "shrinks.img"
+    with open(victim, "wb") as image:
+        image.truncate(8 << 20)
+        image.write(b"a" * 5000)
+        image.seek(4 << 20)
+        image.write(b"b" * 5000)
+    real_regions = archive.data_regions
+
+    def regions_then_truncate(fd: int, size: int) -> list[tuple[int, int]] | None:
+        found = real_regions(fd, size)
+        os.truncate(victim, 100)  # after its regions were found
+        return found
+
+    monkeypatch.setattr(archive, "data_regions", regions_then_truncate)
+    stats = TreeStats()
+    stream = tar_stream(victim, stats)
+    assert stats.changed == [str(victim)]
+    result = restore_bytes(stream, tmp_path / "back")
+    assert result.unrestorable == []
+    assert (tmp_path / "back" / "shrinks.img").read_bytes() == b"a" * 100 + bytes((8 << 20) - 100)

@@ -460,13 +460,18 @@ def test_pack_files_takes_names_of_the_directory_only(tmp_path: Path) -> None:
         os.close(directory)
 
 
-def test_pack_files_leaves_a_file_with_extended_attributes_to_python(tmp_path: Path) -> None:
-    """Whose header needs PAX records for them; but not for an SELinux
+def test_pack_files_leaves_files_with_extended_attributes_or_holes_to_python(
+    tmp_path: Path,
+) -> None:
+    """Whose headers need PAX records for them; but not for an SELinux
     label, which is not stored."""
-    for name in ("a", "b", "c", "d"):
+    names = ["a", "b", "c", "d", "e", "f"]
+    for name in names:
         (tmp_path / name).write_bytes(b"x")
     os.setxattr(tmp_path / "b", "user.note", b"note")
     os.setxattr(tmp_path / "c", "security.selinux", b"system_u:object_r:user_home_t:s0\0")
+    with open(tmp_path / "e", "r+b") as holes:
+        holes.truncate(1 << 16)  # x, then a hole (it would fit in the buffer)
     st = (tmp_path / "a").stat()
     template = archive.TreeWriter(BatchWriter(lambda batch: None), TreeStats(), "")
     assert template._file_header("t/a", st) is not None
@@ -474,9 +479,9 @@ def test_pack_files_leaves_a_file_with_extended_attributes_to_python(tmp_path: P
     (mode, uid, gid), (middle, tail, checksum) = template._last
     directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for first, taken in ((0, 1), (2, 2)):  # a (not b); c and d
+        for first, taken in ((0, 1), (2, 2), (5, 1)):  # a (not b); c and d (not e); f
             assert _plaintar.pack_files(
-                bytearray(1 << 16), 0, directory, b"t/", ["a", "b", "c", "d"], first,
+                bytearray(1 << 20), 0, directory, b"t/", names, first,
                 mode, uid, gid, middle, tail, checksum,
             )[0] == taken, first  # fmt: skip
     finally:

@@ -33,6 +33,7 @@ from tests.conftest import (
     run_sbc,
     running_stpd,
     swapped_during_restore,
+    with_holes,
     with_xattrs,
     xattrs_of,
 )
@@ -827,6 +828,34 @@ def test_extended_attributes_acls_and_capabilities_come_back(
     assert len(err.splitlines()) == 7
     assert "restored saveset" in out
     assert (tmp_path / "again" / "xattrs" / "dir" / "ping").read_bytes() == b"\x7fELF"
+
+
+def test_files_with_holes_move_and_come_back_without_them(pki: Pki, tmp_path: Path) -> None:
+    """79 MiB of sparse files: a saveset of a few KiB over TLS, listed with
+    their real names and sizes, and restored with their holes."""
+    tree = with_holes(tmp_path)
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini, server = ["--ini-dir", str(client.ini_dir)], ["--server", stpd.address]
+        backup = sbc_json(*ini, "backup", str(tree), *server, "--json")
+        assert backup["bytes"] < 100_000  # type: ignore[index]
+        saveset = backup["saveset"]  # type: ignore[index]
+        listing = sbc_json(*ini, "list", saveset, *server, "--json")
+        sizes = {entry["name"]: entry["size"] for entry in listing}  # type: ignore[union-attr, index]
+        assert sizes["holes/disk.img"] == 64 << 20
+        assert sizes["holes/" + "ünïcödé " * 20] == (5 << 20) + 7
+        sbc_json(*ini, "restore", saveset, str(tmp_path / "back"), *server, "--json")
+        one = [*ini, "restore", saveset, str(tmp_path / "one"), "holes/disk.img", *server]
+        sbc_json(*one, "--json")  # selected by its name, not the stand-in's
+    assert [p.name for p in (tmp_path / "one" / "holes").iterdir()] == ["disk.img"]
+    assert (tmp_path / "one" / "holes" / "disk.img").read_bytes() == (
+        tree / "disk.img"
+    ).read_bytes()
+    back = tmp_path / "back" / "holes"
+    for path in tree.iterdir():
+        assert (back / path.name).read_bytes() == path.read_bytes(), path.name
+    assert (back / "disk.img").stat().st_blocks * 512 <= 64 * 1024
+    assert (back / "empty.img").stat().st_blocks == 0
 
 
 def test_names_a_file_system_cannot_hold_are_reported_and_the_rest_restored(
