@@ -32,6 +32,12 @@ from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
 if TYPE_CHECKING:
     from _typeshed import StrOrBytesPath
 
+# Extended attributes a restore leaves out: file capabilities and security
+# labels (SELinux, Smack, IMA) grant privileges, and privileges do not come
+# from a saveset, as set-id bits do not (see SafeMembers): savesets of
+# clients without a certificate are shared. The saveset keeps them.
+NOT_RESTORED_XATTRS = ("security.",)
+
 # tarfile's copy size for a sparse member (its default: 16 KiB); other files
 # go out as the pieces lie in the received batches (_copy_out).
 RESTORE_COPY_BUFFER = 256 * 1024
@@ -582,12 +588,15 @@ class _Extraction(tarfile.TarFile):
     def _set_xattrs(self, target: int | str, tarinfo: tarfile.TarInfo) -> None:
         """The extended attributes stored with ``tarinfo`` (see
         sbc.archive.read_xattrs), set on ``target``: a descriptor, or a
-        link's path (not followed). One that cannot be set (not as root, or
-        on a file system without them) is reported, and the restore goes on."""
+        link's path (not followed); but security ones (NOT_RESTORED_XATTRS).
+        One that cannot be set (not as root, or on a file system without
+        them) is reported, and the restore goes on."""
         for record, text in tarinfo.pax_headers.items():
             if not record.startswith(XATTR_RECORD):
                 continue
             name = record[len(XATTR_RECORD) :]
+            if name.startswith(NOT_RESTORED_XATTRS):
+                continue
             value = text.encode("utf-8", "surrogateescape")  # as tarfile decoded it
             try:
                 os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
@@ -612,8 +621,7 @@ class _Extraction(tarfile.TarFile):
                 os.fchown(fd, tarinfo.uid, tarinfo.gid)
             except OSError:
                 pass
-        # After the owner, which clears a file capability; before the mode,
-        # which an ACL (system.posix_acl_access) would change.
+        # Before the mode, which an ACL (system.posix_acl_access) would change.
         self._set_xattrs(fd, tarinfo)
         try:
             os.fchmod(fd, tarinfo.mode)

@@ -174,16 +174,17 @@ def with_holes(root: Path) -> Path:
     return tree
 
 
-def xattrs_of(root: Path) -> dict[str, dict[str, bytes]]:
-    """The extended attributes below ``root`` (a link's own) but SELinux
-    labels, by path: what a restore must bring back."""
+def xattrs_of(root: Path, *, restored: bool = False) -> dict[str, dict[str, bytes]]:
+    """The extended attributes below ``root`` (a link's own), by path: but
+    SELinux labels, what a backup stores; with ``restored``, but all
+    security ones (capabilities), what sbc restores of it."""
     found = {}
     for path in sorted([root, *root.rglob("*")]):
         names = os.listxattr(path, follow_symlinks=False)
         found[str(path.relative_to(root))] = {
             name: os.getxattr(path, name, follow_symlinks=False)
             for name in names
-            if name != "security.selinux"
+            if name != "security.selinux" and not (restored and name.startswith("security."))
         }
     return found
 
