@@ -17,7 +17,6 @@ import errno
 import fnmatch
 import functools
 import grp
-import operator
 import os
 import pwd
 import re
@@ -539,9 +538,6 @@ class TreeWriter:
         self.out.finish()
 
 
-_by_name = operator.attrgetter("name")
-
-
 # (path, reason, consequence): see TreeWriter.unreadable
 Unreadable = Callable[[str, str | None, str], None]
 # (directory's descriptor, its name in the archive, names, first): how many of
@@ -643,14 +639,16 @@ class Found(NamedTuple):
 
 class _Listing:
     """A directory being walked: its descriptor, open until its entries (and
-    what is under them) are done, and its sorted entries."""
+    what is under them) are done, and its entries' names, sorted. Names, not
+    os.DirEntry objects, which took twice the memory (145 bytes an entry: a
+    directory of ten million files held 1.4 GB) and save no system call
+    (their stat is an fstatat too)."""
 
-    def __init__(self, fd: int, path: str, prefix: str, entries: list[os.DirEntry[str]]) -> None:
+    def __init__(self, fd: int, path: str, prefix: str, names: list[str]) -> None:
         self.fd = fd
         self.base = path if path.endswith("/") else path + "/"  # its entries' paths start so
         self.prefix = prefix  # its name in the archive
-        self.entries = entries
-        self.names = [entry.name for entry in entries]  # for take_files
+        self.names = names
         self.next = 0  # the entry to go on with
 
 
@@ -699,34 +697,34 @@ def walk(
             listings.append(root)
         while listings:
             here = listings[-1]
-            entries, fd, base, prefix = here.entries, here.fd, here.base, here.prefix
+            names, fd, base, prefix = here.names, here.fd, here.base, here.prefix
             index, below = here.next, None
-            while index < len(entries) and below is None:
-                taken = take(fd, prefix, here.names, index) if take is not None else 0
+            while index < len(names) and below is None:
+                taken = take(fd, prefix, names, index) if take is not None else 0
                 if taken:
                     index += taken
                     continue
-                entry = entries[index]
+                name = names[index]
                 index += 1
-                path = base + entry.name
-                if options.exclude and options.excludes(path, entry.name):
+                path = base + name
+                if options.exclude and options.excludes(path, name):
                     continue
                 try:
-                    st = entry.stat(follow_symlinks=False)
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except OSError as exc:
                     unreadable(path, exc.strerror, "left out")
                     continue
-                arcname = f"{prefix}/{entry.name}"
-                yield Found(path, arcname, st, entry.name, fd)
+                arcname = f"{prefix}/{name}"
+                yield Found(path, arcname, st, name, fd)
                 if stat.S_ISDIR(st.st_mode) and (
                     st.st_dev == root_device  # the common case: no lookup
                     or not (options.one_file_system or types.get(st.st_dev) in KERNEL_FILE_SYSTEMS)
                 ):  # its entries come next, as GNU tar stores them
-                    below = _listed(fd, entry.name, path, arcname, unreadable)
+                    below = _listed(fd, name, path, arcname, unreadable)
             here.next = index
             if below is not None:
                 listings.append(below)
-            elif index == len(entries):  # done with it and what was under it
+            elif index == len(names):  # done with it and what was under it
                 os.close(listings.pop().fd)
     finally:  # stopped early (an error, or the generator closed): nothing left open
         for listing in listings:
@@ -748,7 +746,7 @@ def _listed(
         return None
     try:
         with os.scandir(fd) as it:
-            return _Listing(fd, path, prefix, sorted(it, key=_by_name))
+            return _Listing(fd, path, prefix, sorted(entry.name for entry in it))
     except OSError as exc:
         os.close(fd)
         unreadable(path, exc.strerror, "its contents are left out")
