@@ -79,6 +79,19 @@ def upload_started(stpd: RunningStpd) -> Iterator[threading.Event]:
 # -- uploads cut off -------------------------------------------------------------------
 
 
+def long_upload(directory: Path) -> Path:
+    """2 GiB of zeros that sbc sends byte by byte, written in no time: space
+    allocated without writing (fallocate), not a file with holes, which
+    sbc now sends as a few bytes."""
+    path = directory / "zeros.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 2 << 30)
+    finally:
+        os.close(fd)
+    return path
+
+
 def partial_upload_head(size: int = 1 << 30) -> bytes:
     """A chunked PUT whose tar announces a ``size``-byte member: whatever
     part of it we send is a valid beginning of an archive."""
@@ -101,11 +114,9 @@ def test_upload_cut_off_mid_stream_stores_nothing(hpki: Pki, tmp_path: Path, how
     client = hpki.client_ini("cutter")
     with running_stpd(hpki.layout, 2, io_timeout=0.5) as stpd, upload_started(stpd) as began:
         if how == "sbc-killed":
-            sparse = tmp_path / "sparse.bin"
-            with open(sparse, "wb") as f:
-                f.truncate(4 << 30)  # 4 GiB of zeros that take no disk
+            zeros = long_upload(tmp_path)
             sbc = subprocess.Popen(
-                [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup", str(sparse),
+                [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup", str(zeros),
                  "--server", stpd.address, "--quiet"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
@@ -502,14 +513,12 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
             first.process.send_signal(signal.SIGKILL)
             assert first.process.wait(DEADLINE) == -signal.SIGKILL
             sock.close()
-        else:  # sbc streams 4 GiB of sparse zeros; stpd dies once its .part exists
-            sparse = tmp_path / "sparse.bin"
-            with open(sparse, "wb") as f:
-                f.truncate(4 << 30)
+        else:  # sbc streams 2 GiB of zeros; stpd dies once its .part exists
+            zeros = long_upload(tmp_path)
             with created_in(data / ".incoming") as next_created:
                 sbc = subprocess.Popen(
                     [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup",
-                     str(sparse), "--server", f"127.0.0.1:{first.port}", "--quiet"],
+                     str(zeros), "--server", f"127.0.0.1:{first.port}", "--quiet"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 try:
