@@ -36,9 +36,10 @@
  * link, the mode, owner and group of the last file Python stored (whose
  * header template it is given), no extended attributes to store and no
  * holes, a name in ASCII that fits the header with its directory's, a size
- * and time that fit, and room for it all in the batch. A file that changed (shorter than
- * its stat said) is left to Python too, which reads and reports it as it
- * does. It holds the GIL: it reads the names from their list.
+ * and time that fit, and room for it all in the batch. A file that changed
+ * (shorter than its stat said) is left to Python too, which reads and
+ * reports it as it does. It holds the GIL: it reads the names from their
+ * list.
  *
  * scan_members (see stpd/tarcheck.py, TarStreamCheck.feed). stpd checks the
  * framing of every upload: each header's checksum, type and size, to find
@@ -332,7 +333,7 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
             break;
         if (has_xattrs(fd) || has_holes(fd, &st)) {
             close(fd);
-            break; /* a PAX header for them: Python */
+            break; /* PAX records for them, or the sparse format: Python */
         }
         int whole = read_exactly(fd, data, size);
         close(fd);
