@@ -437,27 +437,32 @@ def test_a_file_gone_before_its_run_is_reported_as_by_the_python_way(
     assert stream == expected
 
 
+def taken_by_pack_files(directory: Path, names: list[str], first: int) -> int:
+    """How many of ``names[first:]``, in ``directory``, pack_files takes
+    after its file "a" was stored from a header template (as "t/a")."""
+    template = archive.TreeWriter(BatchWriter(lambda batch: None), TreeStats(), "")
+    assert template._file_header("t/a", (directory / "a").stat()) is not None
+    assert template._last is not None
+    (mode, uid, gid), (middle, tail, checksum) = template._last
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        taken, _ = _plaintar.pack_files(
+            bytearray(1 << 20), 0, fd, b"t/", names, first,
+            mode, uid, gid, middle, tail, checksum,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    return int(taken)
+
+
 def test_pack_files_takes_names_of_the_directory_only(tmp_path: Path) -> None:
     """Not a path through another directory, nor a name cut short by a NUL:
     a listing holds neither, and either could reach another file."""
     (tmp_path / "sub").mkdir()
     for path in (tmp_path / "a", tmp_path / "sub" / "b", tmp_path / "c"):
         path.write_bytes(b"x")
-    st = (tmp_path / "a").stat()
-    template = archive.TreeWriter(BatchWriter(lambda batch: None), TreeStats(), "")
-    assert template._file_header("t/a", st) is not None
-    assert template._last is not None
-    (mode, uid, gid), (middle, tail, checksum) = template._last
-    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for names in (["a", "sub/b", "c"], ["a", "c\0x", "c"]):
-            taken, _ = _plaintar.pack_files(
-                bytearray(1 << 16), 0, directory, b"t/", names, 0,
-                mode, uid, gid, middle, tail, checksum,
-            )  # fmt: skip
-            assert taken == 1, names
-    finally:
-        os.close(directory)
+    for names in (["a", "sub/b", "c"], ["a", "c\0x", "c"]):
+        assert taken_by_pack_files(tmp_path, names, 0) == 1, names
 
 
 def test_pack_files_leaves_files_with_extended_attributes_or_holes_to_python(
@@ -472,20 +477,8 @@ def test_pack_files_leaves_files_with_extended_attributes_or_holes_to_python(
     os.setxattr(tmp_path / "c", "security.selinux", b"system_u:object_r:user_home_t:s0\0")
     with open(tmp_path / "e", "r+b") as holes:
         holes.truncate(1 << 16)  # x, then a hole (it would fit in the buffer)
-    st = (tmp_path / "a").stat()
-    template = archive.TreeWriter(BatchWriter(lambda batch: None), TreeStats(), "")
-    assert template._file_header("t/a", st) is not None
-    assert template._last is not None
-    (mode, uid, gid), (middle, tail, checksum) = template._last
-    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for first, taken in ((0, 1), (2, 2), (5, 1)):  # a (not b); c and d (not e); f
-            assert _plaintar.pack_files(
-                bytearray(1 << 20), 0, directory, b"t/", names, first,
-                mode, uid, gid, middle, tail, checksum,
-            )[0] == taken, first  # fmt: skip
-    finally:
-        os.close(directory)
+    for first, taken in ((0, 1), (2, 2), (5, 1)):  # a (not b); c and d (not e); f
+        assert taken_by_pack_files(tmp_path, names, first) == taken, first
 
 
 def test_pack_files_refuses_what_is_not_a_template() -> None:
