@@ -202,7 +202,8 @@ def member_header(
         info.size, info.mtime, info.linkname = size, mtime, linkname
         info.uname, info.gname, info.devmajor, info.devminor = uname, gname, devmajor, devminor
         block = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        return _with_records(block, records) if records else block
+        binary = block[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + len(_BINARY)] == _BINARY
+        return _with_records(block, records) if records or binary else block
     device = kind in _DEVICES
     block = _USTAR.pack(
         fields[0],
@@ -230,18 +231,23 @@ def xattr_records(xattrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
     return [(XATTR_RECORD + name, value) for name, value in sorted(xattrs.items())]
 
 
+# tarfile's first record where a value is not UTF-8 (a name in Latin-1, say).
+_BINARY = b"21 hdrcharset=BINARY\n"
+
+
 def _with_records(block: bytes, records: Sequence[tuple[str, bytes]]) -> bytes:
     """A member's ``block`` (its header, after the extended header tarfile
     gave it, if any) with ``records`` added to that extended header, or
     given one; after tarfile's, so that ours win where both name the member
     (GNU.sparse.name after path). The values go in as they are, as GNU tar
-    writes them: tarfile would add a hdrcharset record for any that is not
-    UTF-8, which GNU tar warns about at every such member (file capabilities
-    and ACLs are binary)."""
+    writes them, without tarfile's hdrcharset record, which GNU tar (1.34)
+    does not know and warns about at every such member (file capabilities
+    and ACLs are binary, some old names are Latin-1). tarfile reads such a
+    value as it reads its own: UTF-8, else with surrogateescape."""
     extended = b""
     if block[156:157] == tarfile.XHDTYPE:  # tarfile's: keep its records
         size = tarfile.TarInfo.frombuf(block[: tarfile.BLOCKSIZE], "utf-8", "strict").size
-        extended = block[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + size]
+        extended = block[tarfile.BLOCKSIZE : tarfile.BLOCKSIZE + size].removeprefix(_BINARY)
         block = block[tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE :]
     for keyword, value in records:
         extended += _pax_record(keyword.encode("utf-8", "surrogateescape"), value)

@@ -652,6 +652,41 @@ def test_extended_attributes_are_stored_as_gnu_tar_stores_them_and_come_back(
     assert stat.S_IMODE((target / "xattrs" / "shared.txt").stat().st_mode) == 0o640
 
 
+def test_a_name_that_is_not_utf8_is_stored_as_its_bytes_without_a_warning_from_gnu_tar(
+    tmp_path: Path,
+) -> None:
+    """An old file named in Latin-1: tarfile marks such a record
+    hdrcharset=BINARY, which GNU tar 1.34 warns about at every member; we
+    leave the mark out, and both read the bytes as they are."""
+    tree = tmp_path / "old"
+    tree.mkdir()
+    latin1 = os.path.join(os.fsencode(tree), b"caf\xe9.txt")
+    for name in (latin1, os.path.join(os.fsencode(tree), b"na\xefve.txt")):
+        with open(name, "wb") as old:
+            old.write(b"x")
+    os.setxattr(latin1, "user.note", b"\xe9t\xe9")  # records of ours as well
+    stream = tar_stream(tree, TreeStats())
+    assert b"hdrcharset" not in stream
+    listed = gnu_tar("-tf", "-", stream=stream)
+    assert (listed.returncode, listed.stdout, listed.stderr) == (
+        0,
+        b"old/\nold/caf\\351.txt\nold/na\\357ve.txt\n",
+        b"",
+    )
+    (tmp_path / "gnu").mkdir()
+    assert gnu_tar("-xf", "-", "-C", str(tmp_path / "gnu"), stream=stream).returncode == 0
+    for seed in (None, 1):
+        restore_bytes(stream, tmp_path / f"ours-{seed}", seed=seed)
+    for target in (tmp_path / "gnu", tmp_path / "ours-None", tmp_path / "ours-1"):
+        assert sorted(os.listdir(os.fsencode(target / "old"))) == [b"caf\xe9.txt", b"na\xefve.txt"]
+    assert (
+        os.getxattr(
+            os.path.join(os.fsencode(tmp_path / "ours-1" / "old"), b"caf\xe9.txt"), "user.note"
+        )
+        == b"\xe9t\xe9"
+    )
+
+
 def test_extended_attributes_of_a_gnu_tar_archive_are_restored(tmp_path: Path) -> None:
     tree = with_xattrs(tmp_path)
     made = gnu_tar("--xattrs", "--xattrs-include=*", "-cf", "-", "-C", str(tmp_path), "xattrs")
