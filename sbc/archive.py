@@ -231,6 +231,25 @@ def xattr_records(xattrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
     return [(XATTR_RECORD + name, value) for name, value in sorted(xattrs.items())]
 
 
+def size_field(size: int) -> bytes:
+    """ustar's 12-byte size field: octal, or past 8 GiB base-256, GNU's way
+    (which tarfile and GNU tar read), where tarfile would give PAX a size
+    record instead."""
+    return b"%011o\0" % size if size < 8**11 else b"\x80" + size.to_bytes(11, "big")
+
+
+def _with_size(block: bytes, size: int) -> bytes:
+    """``block`` with ``size`` in its member header's size field (the last
+    512 bytes), not in a PAX record. A sparse member needs this past 8 GiB
+    of data: tarfile, after reading its map, places the next member by the
+    size a record gives as if it counted from the end of the map."""
+    header = bytearray(block[-tarfile.BLOCKSIZE :])
+    header[124:136] = size_field(size)
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % block_sum(header)
+    return block[: -tarfile.BLOCKSIZE] + bytes(header)
+
+
 # tarfile's first record where a value is not UTF-8 (a name in Latin-1, say).
 _BINARY = b"21 hdrcharset=BINARY\n"
 
@@ -503,7 +522,8 @@ class TreeWriter:
         ]
         # The name a tar without sparse files sees (GNU tar's, with 0 for its pid).
         stand_in = f"{directory}/GNUSparseFile.0/{name}".lstrip("/")
-        self.out.write(self._header(stand_in, tarfile.REGTYPE, st, stored, records=records))
+        header = self._header(stand_in, tarfile.REGTYPE, st, 0, records=records)
+        self.out.write(_with_size(header, stored))
         self.out.write(listed)
         self._copy_contents(fd, path, regions)
 
