@@ -832,9 +832,16 @@ def test_extended_attributes_and_acls_come_back_but_no_capability(
     assert (tmp_path / "again" / "xattrs" / "dir" / "ping").read_bytes() == b"\x7fELF"
 
 
-def test_files_with_holes_move_and_come_back_without_them(pki: Pki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sizes", ["octal", "base-256"])
+def test_files_with_holes_move_and_come_back_without_them(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: str
+) -> None:
     """79 MiB of sparse files: a saveset of a few KiB over TLS, listed with
-    their real names and sizes, and restored with their holes."""
+    their real names and sizes, and restored with their holes. Also with
+    their size fields in base-256, as past 8 GiB of data: stpd checks, lists
+    and selects such members too."""
+    if sizes == "base-256":
+        monkeypatch.setattr(archive, "size_field", lambda n: b"\x80" + n.to_bytes(11, "big"))
     tree = with_holes(tmp_path)
     client = pki.client_ini("client1")
     with running_stpd(pki.layout, level=2) as stpd:
