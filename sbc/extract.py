@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 # from a saveset, as set-id bits do not (see SafeMembers): savesets of
 # clients without a certificate are shared. The saveset keeps them.
 NOT_RESTORED_XATTRS = ("security.",)
+# An NFSv4 ACL (every file read over NFS has one, most of them the mode in
+# another form) is set where the target is on NFS too; elsewhere the file
+# system has no such thing, and saying so for every file would drown the rest.
+NFS_ACL = "system.nfs4_acl"
+_NOT_SUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 
 # tarfile's copy size for a sparse member (its default: 16 KiB); other files
 # go out as the pieces lie in the received batches (_copy_out).
@@ -601,6 +606,8 @@ class _Extraction(tarfile.TarFile):
             try:
                 os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
             except OSError as exc:
+                if name == NFS_ACL and exc.errno in _NOT_SUPPORTED:
+                    continue  # restored off NFS
                 where = "/".join(path_parts(tarinfo.name))
                 why = f"its extended attribute {name} was not restored: {exc.strerror}"
                 self.unrestorable.append((where, why))

@@ -687,6 +687,29 @@ def test_a_name_that_is_not_utf8_is_stored_as_its_bytes_without_a_warning_from_g
     )
 
 
+def test_an_nfs4_acl_restored_off_nfs_is_left_out_without_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file backed up from NFS has one; a local file system has no
+    such attribute (EOPNOTSUPP), and one warning a file would drown the
+    rest. Other attributes of the file come back."""
+    tree = tmp_path / "share"
+    tree.mkdir()
+    (tree / "report.txt").write_text("from the NAS\n")
+    os.setxattr(tree / "report.txt", "user.origin", b"nas")
+    real_read = archive.read_xattrs
+
+    def as_over_nfs(target: int | str) -> dict[str, bytes]:
+        return {**real_read(target), "system.nfs4_acl": b"\0\0\0\1" + bytes(36)}
+
+    monkeypatch.setattr(archive, "read_xattrs", as_over_nfs)
+    stream = tar_stream(tree, TreeStats())
+    assert stream.count(b"SCHILY.xattr.system.nfs4_acl=") == 2  # the directory's and the file's
+    result = restore_bytes(stream, tmp_path / "back")
+    assert result.unrestorable == []
+    assert xattrs_of(tmp_path / "back" / "share")["report.txt"] == {"user.origin": b"nas"}
+
+
 def test_extended_attributes_of_a_gnu_tar_archive_are_restored(tmp_path: Path) -> None:
     tree = with_xattrs(tmp_path)
     made = gnu_tar("--xattrs", "--xattrs-include=*", "-cf", "-", "-C", str(tmp_path), "xattrs")
