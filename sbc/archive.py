@@ -81,8 +81,16 @@ XATTR_RECORD = "SCHILY.xattr."
 # SELinux labels are not stored (GNU tar stores them only with --selinux):
 # the policy of the system restored to sets them (restorecon).
 NOT_STORED_XATTRS = frozenset({"security.selinux"})
-# What listxattr answers for a file system without extended attributes.
-_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
+# What listxattr and setxattr answer on a file system without extended
+# attributes, or without the one asked for.
+NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def in_directory(fd: int, name: str) -> str:
+    """A path to ``name`` in the directory open as ``fd``, for calls that
+    take no dir_fd (listxattr, setxattr): through /proc, so that no path
+    from the root is looked up again (see Found)."""
+    return f"/proc/self/fd/{fd}/{name}"
 
 
 def _is_utf8(text: str) -> bool:
@@ -104,7 +112,7 @@ def read_xattrs(target: int | str) -> dict[str, bytes]:
     try:
         names = os.listxattr(target, follow_symlinks=follow)
     except OSError as exc:
-        if exc.errno in _NO_XATTRS:
+        if exc.errno in NO_XATTRS:
             return {}
         raise
     found = {}
@@ -343,11 +351,7 @@ class TreeWriter:
             # are read by path, relative to its directory's descriptor.
             records = []
             if kind != tarfile.LNKTYPE:
-                at = (
-                    found.name
-                    if found.within is None
-                    else f"/proc/self/fd/{found.within}/{found.name}"
-                )
+                at = found.name if found.within is None else in_directory(found.within, found.name)
                 records = xattr_records(self._xattrs(at, path))
             self.out.write(
                 self._header(arcname, kind, st, 0, linkname, devmajor, devminor, records)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import DIRECTORY_NOFOLLOW, XATTR_RECORD, ArchiveError
+from sbc.archive import DIRECTORY_NOFOLLOW, NO_XATTRS, XATTR_RECORD, ArchiveError, in_directory
 from stpd import _plaintar
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
@@ -41,7 +41,6 @@ NOT_RESTORED_XATTRS = ("security.",)
 # another form) is set where the target is on NFS too; elsewhere the file
 # system has no such thing, and saying so for every file would drown the rest.
 NFS_ACL = "system.nfs4_acl"
-_NOT_SUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 
 # tarfile's copy size for a sparse member (its default: 16 KiB); other files
 # go out as the pieces lie in the received batches (_copy_out).
@@ -569,7 +568,7 @@ class _Extraction(tarfile.TarFile):
                     os.chown(
                         parts[-1], tarinfo.uid, tarinfo.gid, dir_fd=parent, follow_symlinks=False
                     )
-                self._set_xattrs(f"/proc/self/fd/{parent}/{parts[-1]}", tarinfo)
+                self._set_xattrs(in_directory(parent, parts[-1]), tarinfo)
                 with contextlib.suppress(OSError):  # a file system without link times
                     # The link's own time, as GNU tar sets it (tarfile leaves it at now).
                     times = (tarinfo.mtime, tarinfo.mtime)
@@ -606,7 +605,7 @@ class _Extraction(tarfile.TarFile):
             try:
                 os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
             except OSError as exc:
-                if name == NFS_ACL and exc.errno in _NOT_SUPPORTED:
+                if name == NFS_ACL and exc.errno in NO_XATTRS:
                     continue  # restored off NFS
                 where = "/".join(path_parts(tarinfo.name))
                 why = f"its extended attribute {name} was not restored: {exc.strerror}"
