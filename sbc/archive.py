@@ -230,8 +230,13 @@ def member_header(
         b"%07o\0" % devminor if device else b"",
         prefix,
     )
-    block = b"%s%06o\0 %s" % (block[:148], block_sum(block), block[156:])
+    block = _with_checksum(block)
     return _with_records(block, records) if records else block
+
+
+def _with_checksum(block: bytes) -> bytes:
+    """A header ``block`` whose checksum field holds spaces, with its checksum."""
+    return b"%s%06o\0 %s" % (block[:148], block_sum(block), block[156:])
 
 
 def xattr_records(xattrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
@@ -251,11 +256,9 @@ def _with_size(block: bytes, size: int) -> bytes:
     512 bytes), not in a PAX record. A sparse member needs this past 8 GiB
     of data: tarfile, after reading its map, places the next member by the
     size a record gives as if it counted from the end of the map."""
-    header = bytearray(block[-tarfile.BLOCKSIZE :])
-    header[124:136] = size_field(size)
-    header[148:156] = b"        "
-    header[148:156] = b"%06o\0 " % block_sum(header)
-    return block[: -tarfile.BLOCKSIZE] + bytes(header)
+    header = block[-tarfile.BLOCKSIZE :]
+    header = header[:124] + size_field(size) + header[136:148] + b" " * 8 + header[156:]
+    return block[: -tarfile.BLOCKSIZE] + _with_checksum(header)
 
 
 # tarfile's first record where a value is not UTF-8 (a name in Latin-1, say).
