@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 import pytest
 
 from stpd.body import LengthBody
-from stpd.transfer import BATCH_BYTES, Batch, BodyReader, WriteBehind
+from stpd.transfer import HANDED_OVER_BATCH_BYTES, Batch, BodyReader, WriteBehind
 
 if TYPE_CHECKING:
     from stpd.tlsconn import TLSConnection
@@ -129,7 +129,7 @@ class _Received:
 def test_a_two_buffer_body_reader_keeps_a_batch_while_the_next_is_received() -> None:
     """What WriteBehind needs from BodyReader(buffers=2): a batch's views
     still hold its bytes after the next batch was received."""
-    data = os.urandom(3 * BATCH_BYTES + 100)
+    data = os.urandom(3 * HANDED_OVER_BATCH_BYTES + 100)
     stream = cast("TLSConnection", _Received(data))
     reader = BodyReader(stream, LengthBody(len(data)), b"", WAIT, buffers=2)
     previous: tuple[Batch, bytes] | None = None
