@@ -141,8 +141,7 @@ class TLSConnection:
         self.conn = new_connection(ctx, sock, server_hostname=server_hostname)
         self._ssl = self.conn._ssl  # for pyOpenSSL's error translation
         self._ssl_address = int(_openssl.ffi.cast("uintptr_t", self._ssl))  # for _tlsio
-        self._plain_buffer = bytearray(RECEIVE_BUFFER)
-        self._plain_view = memoryview(self._plain_buffer)
+        self._plain_view: memoryview | None = None  # see _borrowable
         self._handshook = False
         self._eof = False
         self._broken: str | None = None
@@ -293,7 +292,16 @@ class TLSConnection:
     def receive_borrowed_blocking(self, timeout: float) -> memoryview:
         """``receive_into_blocking`` into our own buffer: the view is valid
         only until the next receive. For callers that copy anyway (h11)."""
-        return self._plain_view[: self.receive_into_blocking(self._plain_buffer, timeout)]
+        buffer = self._borrowable()
+        return buffer[: self.receive_into_blocking(buffer, timeout)]
+
+    def _borrowable(self) -> memoryview:
+        """Our own buffer for the receive_borrowed calls, made at the first:
+        not for a connection that never gets past its handshake, or
+        thousands of silent ones would take a quarter MiB each."""
+        if self._plain_view is None:
+            self._plain_view = memoryview(bytearray(RECEIVE_BUFFER))
+        return self._plain_view
 
     def read_available(self, buf: bytearray | memoryview) -> int:
         """What the peer has sent already, without waiting (0 if nothing, or

@@ -122,8 +122,8 @@ class TLSStream(TLSConnection, trio.abc.Stream):
         """Like ``receive_some``, without a copy: the view points into our
         own buffer and is valid only until the next receive. For callers
         that copy anyway (h11's ``receive_data``)."""
-        n = await self.receive_into(self._plain_buffer)
-        return self._plain_view[:n]
+        buffer = self._borrowable()
+        return buffer[: await self.receive_into(buffer)]
 
     async def receive_into(self, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` with the plaintext of every record readable now (at

@@ -8,7 +8,9 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.test_hostile_common import (
     request,
     run_sbc,
     small_tar,
+    tcp_connect,
     tls_connect,
     tls_context,
     wait_count,
@@ -87,6 +90,28 @@ def test_64_concurrent_valid_and_invalid_clients_at_level_2(
         assert grown < 64 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
         assert_serves(stpd, hpki.client_ini("after"), tmp_path)
         assert_no_partial(stpd.daemon.store.root)
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {DEADLINE}s"
+        time.sleep(0.01)  # polling a condition with a deadline, not a synchronising sleep
+
+
+def test_silent_connections_hold_little_memory(hpki: Pki) -> None:  # noqa: F811
+    """A connection that never starts TLS costs the daemon its socket and
+    OpenSSL's state, not a receive buffer (a quarter MiB each before)."""
+    with running_stpd(hpki.layout, 2, max_connections=200, handshake_timeout=60) as stpd:
+        before = rss_bytes()
+        silent = [tcp_connect(stpd) for _ in range(400)]
+        try:
+            until(lambda: stpd.daemon.connections == 400, "400 connections accepted")
+            grown = rss_bytes() - before
+            assert grown < 400 * 128 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
+        finally:
+            for sock in silent:
+                sock.close()
 
 
 def test_connection_limit_answers_503_and_recovers(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
