@@ -18,7 +18,7 @@ from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
-from stpd.server import Stpd
+from stpd.server import OPEN_PER_SERVED, Stpd
 from stpd.store import StoreError
 
 log = logging.getLogger("stpd")
@@ -64,17 +64,18 @@ def configure_logging() -> None:
     )
 
 
-# Open files a connection may hold: its socket, a saveset file during a
+# Open files per connection served: the sockets of the connections open at
+# once (OPEN_PER_SERVED of them: see stpd.server), a saveset file during a
 # transfer, and one to spare (a listing, a verification).
-FILES_PER_CONNECTION = 3
+FILES_PER_CONNECTION = OPEN_PER_SERVED + 2
 FILES_BESIDES = 64  # listeners, the data directory's lock, the log, trio's own
 
 
 def raise_open_files_limit(max_connections: int) -> None:
     """Let stpd open as many files as it may (the hard limit): the soft one
-    is often 1024, which a busy night of backups reaches (STPD_MAX_CONNECTIONS
-    does not count handshakes in progress), and then no connection can be
-    accepted. Says so when even the hard limit is short of what
+    is often 1024, which a busy night of backups reaches (twice
+    STPD_MAX_CONNECTIONS may be open, see OPEN_PER_SERVED), and then no
+    connection can be accepted. Says so when even the hard limit is short of what
     ``max_connections`` may need."""
     try:
         before, soft = open_files_to_the_hard_limit()

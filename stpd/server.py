@@ -17,7 +17,6 @@ import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -75,6 +74,18 @@ JSON_LINES_HEAD = [("Content-Type", "application/x-ndjson"), ("Transfer-Encoding
 ENTRIES_PER_CHUNK = 1000  # saveset entries read per worker-thread call and sent as one chunk
 LINGER_SECONDS = 1.0  # after an early error answer, read and drop for this long so the
 LINGER_BYTES = 64 * 1024 * 1024  # client sees our answer instead of a connection reset
+# Connections open at once, handshakes included, are at most this many times
+# STPD_MAX_CONNECTIONS: those served, and as many more in their handshake or
+# being told 503. Further ones wait in the kernel's listen backlog until one
+# closes (as with nginx's worker_connections). Unbounded, silent or idle
+# connections, which need no certificate, could take all memory: about 60
+# KiB each in a handshake, and 320 KiB once past it.
+OPEN_PER_SERVED = 2
+FULL_WARNING_EVERY = 60.0  # seconds between warnings that the limit holds connections back
+# accept() failing for want of resources: wait and try again (as trio's
+# serve_listeners does), instead of giving up listening.
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_RETRY_SECONDS = 0.1
 
 
 def format_peer(stream: trio.SocketStream) -> str:
@@ -111,7 +122,8 @@ class Stpd:
         self.connections = 0  # every open connection, handshakes included
         # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits. A
         # handshake in progress does not count (STPD_HANDSHAKE_TIMEOUT bounds it),
-        # or silent TCP connections could lock every client out.
+        # or silent TCP connections could lock every client out; all that are
+        # open are bounded by open_slots (see OPEN_PER_SERVED).
         self.sessions = 0
         self.active_transfers = 0
         # A transfer holds a worker thread from start to end (run_transfer):
@@ -119,6 +131,8 @@ class Stpd:
         # default pool of 40 neither caps the transfers nor is used up by
         # them (the short jobs, like opening a saveset, need it too).
         self.transfer_threads = trio.CapacityLimiter(config.max_connections)
+        self.open_slots = trio.CapacityLimiter(OPEN_PER_SERVED * config.max_connections)
+        self._full_warned_at = -FULL_WARNING_EVERY
         self.port: int | None = None
         self.draining = False
         self._idle: set[trio.CancelScope] = set()  # connections waiting for a request
@@ -179,14 +193,8 @@ class Stpd:
                 self._stop_accepting = acceptors.cancel_scope
                 acceptors.start_soon(self._warn_about_expiry)
                 acceptors.start_soon(self._remove_expired_savesets)
-                await acceptors.start(
-                    partial(
-                        trio.serve_listeners,
-                        self.handle_connection,
-                        listeners,
-                        handler_nursery=handlers,
-                    )
-                )
+                for listener in listeners:
+                    acceptors.start_soon(self._accept, listener, handlers)
                 task_status.started(self.port)
             # Draining: no new connections; running transfers get the grace period.
             handlers.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
@@ -196,6 +204,46 @@ class Stpd:
                 self.config.shutdown_grace,
             )
         log.info("stpd stopped")
+
+    async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        """Accept connections while fewer than the limit are open (see
+        OPEN_PER_SERVED); each is handled in ``handlers``."""
+        async with listener:
+            while True:
+                slot = object()  # held by the connection until it closes
+                if not self.open_slots.available_tokens:
+                    self._warn_full()
+                await self.open_slots.acquire_on_behalf_of(slot)
+                try:
+                    transport = await listener.accept()
+                except BaseException as exc:
+                    self.open_slots.release_on_behalf_of(slot)
+                    if not isinstance(exc, OSError) or exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error(
+                        "cannot accept a connection: %s; trying again in %gs",
+                        exc.strerror,
+                        ACCEPT_RETRY_SECONDS,
+                    )
+                    await trio.sleep(ACCEPT_RETRY_SECONDS)
+                    continue
+                handlers.start_soon(self._hold_slot, transport, slot)
+
+    async def _hold_slot(self, transport: trio.SocketStream, slot: object) -> None:
+        try:
+            await self.handle_connection(transport)
+        finally:
+            self.open_slots.release_on_behalf_of(slot)
+
+    def _warn_full(self) -> None:
+        now = trio.current_time()
+        if now - self._full_warned_at >= FULL_WARNING_EVERY:
+            self._full_warned_at = now
+            log.warning(
+                "%d connections open, %d x STPD_MAX_CONNECTIONS: new ones wait until one closes",
+                self.open_slots.total_tokens,
+                OPEN_PER_SERVED,
+            )
 
     @contextmanager
     def transfer_running(self) -> Iterator[None]:
@@ -245,6 +293,7 @@ class Stpd:
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
         self.transfer_threads.total_tokens = config.max_connections
+        self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
         log.info(
             "reloaded %s and certificates: level %s, server certificate %s (%d days left)",
             config.layout.stpd_ini,

@@ -360,9 +360,39 @@ def test_the_open_files_limit_is_raised_to_the_hard_one(
     server = StpdProcess(pki.layout.ini_dir, data, launcher=with_open_files(128, 128))
     try:
         server.wait_for(
-            r"WARNING stpd: the open files limit \(128\) is below the 664 that "
+            r"WARNING stpd: the open files limit \(128\) is below the 864 that "
             r"STPD_MAX_CONNECTIONS=200 may need: raise it \(LimitNOFILE="
         )
         assert not server.matching(r"open files limit raised")
     finally:
         server.stop()
+
+
+def test_out_of_open_files_it_says_so_and_serves_again(
+    setup: tuple[Pki, Layout, Path],
+) -> None:
+    """accept() failing for want of file descriptors does not end stpd's
+    listening: it says why, tries again, and serves once connections close."""
+    pki, client, data = setup
+    server = StpdProcess(pki.layout.ini_dir, data, launcher=with_open_files(48, 48))
+    silent: list[socket.socket] = []
+    try:
+        # More than 48 descriptors' worth: the kernel completes TCP's
+        # handshake for each, and stpd runs out before it can accept them all.
+        silent = [socket.create_connection((HOST, server.port)) for _ in range(60)]
+        server.wait_for(
+            r"ERROR stpd: cannot accept a connection: Too many open files; trying again in 0\.1s$"
+        )
+        for sock in silent:
+            sock.close()
+        probe = RawClient(client, server.port)
+        try:
+            status, body = probe.get("/status")
+        finally:
+            probe.close()
+        assert status == 200 and json.loads(body)["active_transfers"] == 0
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+    assert server.process.returncode == 0

@@ -92,11 +92,50 @@ def test_64_concurrent_valid_and_invalid_clients_at_level_2(
         assert_no_partial(stpd.daemon.store.root)
 
 
+def listen_queue(port: int) -> int:
+    """Connections the kernel holds for the listening socket on ``port``
+    that were not accepted yet (/proc/net/tcp shows a listening socket's
+    accept queue as its receive queue)."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            local, state, queues = line.split()[1], line.split()[3], line.split()[4]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                return int(queues.split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 def until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + DEADLINE
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not within {DEADLINE}s"
         time.sleep(0.01)  # polling a condition with a deadline, not a synchronising sleep
+
+
+def test_connections_past_twice_the_limit_wait_in_the_backlog(
+    hpki: Pki,  # noqa: F811
+) -> None:
+    """Silent connections need no certificate, so they cannot be allowed
+    to take all memory: at most 2 x STPD_MAX_CONNECTIONS are open at once.
+    The next one waits in the kernel's backlog, and is served as soon as
+    one closes."""
+    ctx = tls_context(hpki, hpki.client_ini("good"))
+    with running_stpd(hpki.layout, 2, max_connections=2, handshake_timeout=60) as stpd:
+        silent = [tcp_connect(stpd) for _ in range(4)]
+        late = tcp_connect(stpd)  # the kernel completes TCP's handshake for it
+        try:
+            until(lambda: stpd.daemon.connections == 4, "4 connections accepted")
+            until(lambda: listen_queue(stpd.port) == 1, "the fifth left in the backlog")
+            wait_count(stpd, r"^WARNING 4 connections open, 2 x STPD_MAX_CONNECTIONS: new", 1)
+            assert stpd.daemon.connections == 4
+            silent.pop().close()
+            with ctx.wrap_socket(late, server_hostname=LOOPBACK) as tls:
+                answer = request(tls, "GET", "/status")
+                assert answer is not None and answer.status == 200
+            assert listen_queue(stpd.port) == 0
+        finally:
+            for sock in [*silent, late]:
+                sock.close()
 
 
 def test_silent_connections_hold_little_memory(hpki: Pki) -> None:  # noqa: F811
