@@ -11,7 +11,7 @@ import os
 import h11
 import pytest
 
-from stpd.transfer import HANDED_OVER_BATCH_BYTES
+from stpd.transfer import BATCH_BYTES
 from tests.conftest import Pki, running_stpd
 from tests.test_hostile_common import (
     LOOPBACK,
@@ -37,9 +37,9 @@ def framed(body: bytes, framing: str) -> tuple[list[tuple[str, str]], bytes]:
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_upload_then_pipelined_request_on_the_same_connection(hpki: Pki, framing: str) -> None:  # noqa: F811
     client = hpki.client_ini("good")
-    # Several buffers full (an upload alone has two that take turns), so
-    # that each is reused.
-    content = os.urandom(3 * HANDED_OVER_BATCH_BYTES + 12345)
+    # Several buffers full, so that each receive buffer is reused (an
+    # upload alone has two that take turns).
+    content = os.urandom(3 * BATCH_BYTES + 12345)
     body = tar_bytes({"big.bin": content})
     headers, wire = framed(body, framing)
     head = f"PUT /savesets?source=/framing HTTP/1.1\r\nHost: {LOOPBACK}\r\n"

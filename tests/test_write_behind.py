@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, cast
 
 import pytest
 
+from stpd import transfer
 from stpd.body import LengthBody
-from stpd.transfer import HANDED_OVER_BATCH_BYTES, Batch, BodyReader, WriteBehind
+from stpd.transfer import BATCH_BYTES, HANDED_OVER_BATCH_BYTES, Batch, BodyReader, WriteBehind
 
 if TYPE_CHECKING:
     from stpd.tlsconn import TLSConnection
@@ -126,17 +127,25 @@ class _Received:
         return take
 
 
-def test_a_two_buffer_body_reader_keeps_a_batch_while_the_next_is_received() -> None:
+def test_a_two_buffer_body_reader_keeps_a_batch_while_the_next_is_received(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """What WriteBehind needs from BodyReader(buffers=2): a batch's views
-    still hold its bytes after the next batch was received."""
-    data = os.urandom(3 * HANDED_OVER_BATCH_BYTES + 100)
+    still hold its bytes after the next batch was received, also where its
+    batches grow, past the first LONG_BODY_BYTES (2 MiB here)."""
+    monkeypatch.setattr(transfer, "LONG_BODY_BYTES", 2 * BATCH_BYTES)
+    data = os.urandom(2 * BATCH_BYTES + 3 * HANDED_OVER_BATCH_BYTES + 100)
     stream = cast("TLSConnection", _Received(data))
     reader = BodyReader(stream, LengthBody(len(data)), b"", WAIT, buffers=2)
     previous: tuple[Batch, bytes] | None = None
     received = bytearray()
+    sizes: list[int] = []
     while batch := reader.next_batch():
         if previous is not None:
             assert b"".join(previous[0]) == previous[1]
         previous = batch, b"".join(batch)
         received += previous[1]
+        sizes.append(len(previous[1]))
     assert received == data
+    grown = [HANDED_OVER_BATCH_BYTES] * 3
+    assert sizes == [BATCH_BYTES, BATCH_BYTES, *grown, 100]
