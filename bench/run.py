@@ -153,8 +153,6 @@ class Bench:
         self.tree_tar_size = 0
         self.client_files: list[Path] = []
         self.client_digests: dict[Path, str] = {}
-        self.kept_saveset: str | None = None  # the case-1 saveset restored by case 3
-        self.kept_tree_saveset: str | None = None  # the case-2 saveset, for small_restore
         self.results: dict[str, CaseResult] = {}
         self.rss: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
@@ -390,12 +388,12 @@ class Bench:
         def ours() -> float:
             proc = run(sbc_backup(self.pki, self.big), budget(self.size), measure_rss=True)
             info = self.check_saveset(proc, {self.big.name: self.big_sha})
+            # Removed once checked, as nginx removes each body it stored: on
+            # this VM, memory freed just before a run writes faster.
+            self.stpd.delete_saveset(info["saveset"])
             if proc.maxrss_kib is not None:
                 sbc_rss.append(round(proc.maxrss_kib / 1024, 1))
             internal.append(round(self.size / info["seconds"] / MB, 1))
-            if self.kept_saveset is not None:
-                self.stpd.delete_saveset(self.kept_saveset)
-            self.kept_saveset = info["saveset"]  # the newest is kept for the restore case
             return self.size / proc.seconds / MB
 
         peer = None
@@ -450,9 +448,7 @@ class Bench:
             info = self.check_saveset(proc, self.tree_digests)
             if info.get("files") != files:
                 raise BenchError(f"sbc reported {info.get('files')} files, expected {files}")
-            if self.kept_tree_saveset is not None:  # the newest is kept for small_restore
-                self.stpd.delete_saveset(self.kept_tree_saveset)
-            self.kept_tree_saveset = info["saveset"]
+            self.stpd.delete_saveset(info["saveset"])  # as in case 1
             return files / proc.seconds
 
         peer = None
@@ -493,10 +489,8 @@ class Bench:
     def case_restore(self) -> None:
         say(f"\n== restore: the {self.o.size_mib} MiB saveset, sbc restore vs curl GET")
         self.make_big()
-        if self.kept_saveset is None:  # case 1 was not run: store one, untimed
-            proc = run(sbc_backup(self.pki, self.big), budget(self.size))
-            self.kept_saveset = self.check_saveset(proc, {self.big.name: self.big_sha})["saveset"]
-        saveset = self.kept_saveset
+        proc = run(sbc_backup(self.pki, self.big), budget(self.size))  # untimed
+        saveset = self.check_saveset(proc, {self.big.name: self.big_sha})["saveset"]
         counter = iter(range(1_000_000))
 
         def ours() -> float:
@@ -538,7 +532,6 @@ class Bench:
             self.alternate("restore", ours, peer)
         finally:
             self.stpd.delete_saveset(saveset)
-            self.kept_saveset = None
             if self.nginx is not None:
                 (self.nginx.files / self.big.name).unlink(missing_ok=True)
 
@@ -569,10 +562,8 @@ class Bench:
         say(f"\n== small_restore: the saveset of {files} files, sbc restore vs curl | tar -x")
         self.make_tree()
         tree_bytes = files * SMALL_FILE
-        if self.kept_tree_saveset is None:  # case 2 was not run: store one, untimed
-            proc = run(sbc_backup(self.pki, self.tree), budget(tree_bytes, files))
-            self.kept_tree_saveset = self.check_saveset(proc, self.tree_digests)["saveset"]
-        saveset = self.kept_tree_saveset
+        proc = run(sbc_backup(self.pki, self.tree), budget(tree_bytes, files))  # untimed
+        saveset = self.check_saveset(proc, self.tree_digests)["saveset"]
         counter = iter(range(1_000_000))
 
         def ours() -> float:
@@ -619,7 +610,6 @@ class Bench:
             self.alternate("small_restore", ours, peer)
         finally:
             self.stpd.delete_saveset(saveset)
-            self.kept_tree_saveset = None
             if self.nginx is not None:
                 (self.nginx.files / "small.tar").unlink(missing_ok=True)
 
