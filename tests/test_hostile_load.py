@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import ssl
 import threading
@@ -244,3 +245,31 @@ def test_more_transfers_than_trios_default_thread_pool_run_at_once(
         owner = x509.load_pem_x509_certificate(client.client_cert.read_bytes()).subject
         assert len(stpd.daemon.store.owned_by(owner.rfc4514_string())) == uploads
         assert_no_partial(stpd.daemon.store.root)
+
+
+def test_an_upload_among_others_is_stored_whole(hpki: Pki) -> None:  # noqa: F811
+    """An upload that starts while another runs is received and written in
+    one thread, in 256 KiB batches (see BodyReader); the one that started
+    alone keeps its two threads. Both are stored byte for byte."""
+    ctx = tls_context(hpki, hpki.client_ini("among"))
+    alone = small_tar("alone.bin", os.urandom(300_000))
+    among = small_tar("among.bin", os.urandom(3 * 1024 * 1024 + 5))
+    head = (
+        f"PUT /savesets?source=/alone HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+        f"Content-Length: {len(alone)}\r\n\r\n"
+    ).encode()
+    with running_stpd(hpki.layout, 2) as stpd:
+        store = stpd.daemon.store
+        with created_in(store.incoming) as next_created, tls_connect(stpd, ctx) as first:
+            first.sendall(head + alone[:1000])
+            assert next_created().endswith(".tar.part")  # the first upload runs
+            with tls_connect(stpd, ctx) as second:
+                answer = request(second, "PUT", "/savesets?source=/among", among)
+            assert answer is not None and answer.status == 201, answer
+            assert stpd.daemon.active_transfers == 1  # the first one still runs
+            first.sendall(alone[1000:])
+            first_answer = read_answer(first, "PUT")
+            assert first_answer is not None and first_answer.status == 201, first_answer
+        for reply, body in ((first_answer, alone), (answer, among)):
+            saveset = reply.json()["saveset"]  # type: ignore[index]
+            assert store.tar_path(saveset).read_bytes() == body

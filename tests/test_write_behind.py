@@ -15,7 +15,14 @@ import pytest
 
 from stpd import transfer
 from stpd.body import LengthBody
-from stpd.transfer import BATCH_BYTES, HANDED_OVER_BATCH_BYTES, Batch, BodyReader, WriteBehind
+from stpd.transfer import (
+    AMONG_OTHERS_BATCH_BYTES,
+    BATCH_BYTES,
+    HANDED_OVER_BATCH_BYTES,
+    Batch,
+    BodyReader,
+    WriteBehind,
+)
 
 if TYPE_CHECKING:
     from stpd.tlsconn import TLSConnection
@@ -149,3 +156,19 @@ def test_a_two_buffer_body_reader_keeps_a_batch_while_the_next_is_received(
     assert received == data
     grown = [HANDED_OVER_BATCH_BYTES] * 3
     assert sizes == [BATCH_BYTES, BATCH_BYTES, *grown, 100]
+
+
+def test_a_one_buffer_body_reader_hands_out_256_kib_batches() -> None:
+    """An upload among others (one buffer, written in the receiving thread)
+    goes in batches that stay in the cache while they are hashed and
+    written; each batch is valid until the next is received."""
+    data = os.urandom(3 * AMONG_OTHERS_BATCH_BYTES + 100)
+    stream = cast("TLSConnection", _Received(data))
+    reader = BodyReader(stream, LengthBody(len(data)), b"", WAIT)
+    received = bytearray()
+    sizes: list[int] = []
+    while batch := reader.next_batch():
+        received += b"".join(batch)
+        sizes.append(sum(len(piece) for piece in batch))
+    assert received == data
+    assert sizes == [AMONG_OTHERS_BATCH_BYTES] * 3 + [100]
