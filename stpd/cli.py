@@ -75,8 +75,8 @@ def raise_open_files_limit(max_connections: int) -> None:
     """Let stpd open as many files as it may (the hard limit): the soft one
     is often 1024, which a busy night of backups reaches (twice
     STPD_MAX_CONNECTIONS may be open, see OPEN_PER_SERVED), and then no
-    connection can be accepted. Says so when even the hard limit is short of what
-    ``max_connections`` may need."""
+    connection can be accepted. Says so when even the hard limit is short
+    of what ``max_connections`` may need."""
     try:
         before, soft = open_files_to_the_hard_limit()
     except (ValueError, OSError) as exc:
