@@ -67,17 +67,19 @@ class BodyReader:
     is received, for a ``WriteBehind`` that writes it meanwhile. Each such
     batch is handed over to another thread, and every hand-over costs both,
     so past the first 128 MiB of a body they grow to 4 MiB. For 2 GiB,
-    STPD's receiving thread took 2.38 instead of 2.60 CPU-s, and SBC's
-    restore 2.81 instead of 3.12 (8 MiB ones no longer fit the caches and
-    were slower). Not from the start: the last batch is written after all
-    is received, so a short body gains nothing and waits longer at the end
-    (20,000 small files, 82 MiB: 0.254 instead of 0.243 s).
+    STPD's receiving thread took 2.30 instead of 2.56 CPU-s (2.48 instead
+    of 2.79 s), and SBC's restore 2.81 instead of 3.12 (8 MiB ones no
+    longer fit the caches and were slower). Not from the start: the last
+    batch is written after all is received, so a short body gains nothing
+    and waits longer at the end (20,000 small files, 82 MiB: 0.254 instead
+    of 0.243 s).
 
     With one buffer (STPD's upload among others, whose writes are not
     behind) batches are 256 KiB: with many transfers taking turns on two
     cores, a smaller batch is still in the cache when it is hashed and
-    written. 16 uploads of 128 MiB at once: STPD took 3.49 instead of 3.73
-    CPU-s, and 3.38 instead of 3.52 s (128 KiB: 3.66 CPU-s; 512 KiB: 3.54).
+    written. 16 uploads of 128 MiB at once: STPD took 3.54 instead of 3.67
+    CPU-s, and 3.41 instead of 3.50 s (with every reader's batches at 128
+    KiB, 256 KiB or 512 KiB: 3.66, 3.49 and 3.54 against 3.73).
     """
 
     def __init__(

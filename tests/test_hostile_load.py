@@ -100,7 +100,8 @@ def listen_queue(port: int) -> int:
     with open("/proc/net/tcp") as table:
         next(table)
         for line in table:
-            local, state, queues = line.split()[1], line.split()[3], line.split()[4]
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
             if state == "0A" and int(local.split(":")[1], 16) == port:
                 return int(queues.split(":")[1], 16)
     raise AssertionError(f"nothing listens on port {port}")

@@ -161,7 +161,7 @@ def test_a_two_buffer_body_reader_keeps_a_batch_while_the_next_is_received(
 def test_a_one_buffer_body_reader_hands_out_256_kib_batches() -> None:
     """An upload among others (one buffer, written in the receiving thread)
     goes in batches that stay in the cache while they are hashed and
-    written; each batch is valid until the next is received."""
+    written."""
     data = os.urandom(3 * AMONG_OTHERS_BATCH_BYTES + 100)
     stream = cast("TLSConnection", _Received(data))
     reader = BodyReader(stream, LengthBody(len(data)), b"", WAIT)
