@@ -211,7 +211,7 @@ class Stpd:
         async with listener:
             while True:
                 slot = object()  # held by the connection until it closes
-                if not self.open_slots.available_tokens:
+                if self.open_slots.available_tokens <= 0:  # below 0 after a SIGHUP lowered it
                     self._warn_full()
                 await self.open_slots.acquire_on_behalf_of(slot)
                 try:
