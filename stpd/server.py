@@ -677,6 +677,13 @@ class HttpSession:
                 log.warning(
                     "upload from %s (%s) cut off: %s; nothing stored", self.peer, self.owner, reason
                 )
+                if isinstance(exc, trio.TooSlowError):  # the client may still be there: say why
+                    await trio.to_thread.run_sync(upload.abort)  # gone before it can read that
+                    await self._send_error(
+                        408,
+                        f"no data for {self.config.io_timeout:g}s (STPD_IO_TIMEOUT): the upload "
+                        "was cut off and nothing was stored",
+                    )
                 raise trio.BrokenResourceError(reason) from None
             finally:
                 # Shielded: when the grace period (or a second SIGTERM) cancels this

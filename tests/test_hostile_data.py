@@ -135,7 +135,14 @@ def test_upload_cut_off_mid_stream_stores_nothing(hpki: Pki, tmp_path: Path, how
                 sock.close()
             elif how == "stalled":
                 stpd.log.wait_for(rf"^WARNING upload from {PEER} \(CN=cutter\) cut off: timed out")
-                assert wait_closed(sock) == b""  # closed by stpd, no answer
+                answer = read_answer(sock, "PUT")  # why, then closed
+                assert answer is not None and answer.status == 408, answer
+                assert answer.headers.get("connection") == "close"
+                assert answer.json() == {
+                    "error": "no data for 0.5s (STPD_IO_TIMEOUT): the upload was cut off and "
+                    "nothing was stored"
+                }
+                assert wait_closed(sock) == b""
                 sock.close()
             elif how == "close-notify":
                 with suppress(ssl.SSLError, OSError):
