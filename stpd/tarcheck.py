@@ -176,13 +176,25 @@ def _type_and_size(block: bytes) -> tuple[bytes, int] | None:
     if kind == tarfile.AREGTYPE or size_field[0] & 0x80:
         return None
     try:
-        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"x", 8)
-        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        stored, size = _octal(block[148:156]), _octal(size_field)
     except ValueError:
         return None
-    if stored != block_sum(block) - sum(block[148:156]) + 8 * ord(" "):
+    if not _checksum_matches(block, stored):
         return None
     return kind, size
+
+
+def _octal(field: bytes) -> int:
+    """A number field of octal digits, as tarfile's nti reads it; ValueError
+    for anything else. bytes.strip() keeps what only str.strip() removes,
+    which then fails here, as in nti."""
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _checksum_matches(block: bytes | bytearray, stored: int) -> bool:
+    """Whether ``stored`` is the header checksum of ``block`` (its own
+    field counted as spaces)."""
+    return stored == block_sum(block) - sum(block[148:156]) + 8 * ord(" ")
 
 
 class PlainTarInfo(tarfile.TarInfo):
@@ -255,16 +267,14 @@ def _plain_fields(
     if magic != tarfile.POSIX_MAGIC or kind not in _PLAIN_TYPES:
         return None
     try:
-        # What tarfile's nti reads, for fields of octal digits: bytes.strip()
-        # keeps what only str.strip() removes, which then fails here.
         numbers = tuple(
-            int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+            _octal(field)
             for field in (mode, uid, gid, size, mtime, chksum, devmajor, devminor)
             if not field[0] & 0x80  # base-256: left to tarfile
         )
     except ValueError:
         return None
-    if len(numbers) != 8 or numbers[5] != block_sum(buf) - sum(chksum) + 8 * ord(" "):
+    if len(numbers) != 8 or not _checksum_matches(buf, numbers[5]):
         return None
     return (
         name.split(b"\0", 1)[0],
