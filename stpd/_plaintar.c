@@ -229,11 +229,9 @@ static PyObject *make_files(PyObject *self, PyObject *args)
             break;
         if (owner_length && (memcmp(h + 108, owner, 16) != 0 || memcmp(h + 265, owner + 16, 64) != 0))
             break;
-        if (file.size > piece.len - at - BLOCK)
-            break; /* its data goes on in the next piece */
         Py_ssize_t padded = (Py_ssize_t)((file.size + BLOCK - 1) / BLOCK * BLOCK);
         if (padded > piece.len - at - BLOCK)
-            break;
+            break; /* its data, or their padding, goes on in the next piece */
         if (!make_file(dir_fd, &file, h + BLOCK, owner_length != 0, uid, gid))
             break;
         at += BLOCK + padded;
