@@ -381,10 +381,14 @@ class Session:
             raise SbcError(f"stpd at {self.where} sent an answer that is not JSON") from None
 
     def _failure(self, response: Response, body: Any, what: str) -> SbcError:
+        """stpd's error answer in one line: it refused the request (4xx), or
+        could not complete it (408: our data stopped coming; 5xx: a full
+        disk), which an operator fixes elsewhere than a refusal."""
         message = body.get("error") if isinstance(body, dict) else None
-        return SbcError(
-            f"{what} refused by stpd at {self.where}: {message or f'HTTP {response.status}'}"
-        )
+        message = message or f"HTTP {response.status}"
+        if response.status == 408 or response.status >= 500:
+            return SbcError(f"{what} failed on stpd at {self.where}: {message}")
+        return SbcError(f"{what} refused by stpd at {self.where}: {message}")
 
     def get_json(self, target: str) -> Any:
         self._send(

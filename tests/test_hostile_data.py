@@ -439,7 +439,7 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
         )  # fmt: skip
         assert code == 1 and out == ""
         assert err.count("\n") == 1 and "Traceback" not in err, err
-        assert "storage full" in err, err
+        assert f"sbc: error: backup of {big} failed on stpd at {stpd.address}: storage full" in err
         stpd.log.wait_for(rf"^ERROR upload from {PEER} \(CN=filler\) failed: storage full")
         assert stpd.daemon.store.all() == []
         assert_no_partial(data)
