@@ -28,6 +28,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef int (*ssl_read_fn)(void *ssl, void *buf, int num);
@@ -108,6 +109,26 @@ static int wait_for_socket(void *ssl, int result, int fd, int timeout_ms, int wa
     return 1; /* ready, or an error OpenSSL will report on the next call */
 }
 
+/* write_from(watch_input) looks for an answer before its first write, and
+ * again after a pause this long since the last one began: this process was
+ * stopped or the machine suspended, and the peer may have given up on us
+ * and answered meanwhile (a check per record would cost a system call per
+ * 16 KiB). */
+#define PAUSE_NS 100000000LL /* 0.1 s */
+
+static long long monotonic_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static int peer_has_sent(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
 static int chunk(Py_ssize_t left)
 {
     return left > INT_MAX ? INT_MAX : (int)left;
@@ -156,7 +177,10 @@ static PyObject *read_into(PyObject *self, PyObject *args)
  * (result 1) or SSL_write returns <= 0 (WANT_WRITE when the socket buffer
  * is full, an error). With a socket, it waits (poll) until it can go on;
  * with watch_input, it also stops when the peer sends something (an early
- * answer). A retry must pass the same bytes again, from where this stopped. */
+ * answer), and looks for one before it writes at all: the peer may have
+ * answered while we were not sending (a source that stalled made it give
+ * up), and once a write has failed on its closed socket, OpenSSL reads no
+ * more. A retry must pass the same bytes again, from where this stopped. */
 static PyObject *write_from(PyObject *self, PyObject *args)
 {
     unsigned long long ssl_address;
@@ -173,7 +197,17 @@ static PyObject *write_from(PyObject *self, PyObject *args)
     void *ssl = (void *)(uintptr_t)ssl_address;
     const char *start = (const char *)view.buf;
     Py_BEGIN_ALLOW_THREADS
+    long long began = 0; /* when the last SSL_write began; 0: none yet */
     while (written < view.len) {
+        if (watch_input && fd >= 0) {
+            long long now = monotonic_ns();
+            if ((began == 0 || now - began > PAUSE_NS) && peer_has_sent(fd)) {
+                result = 0;
+                waited = READABLE;
+                break;
+            }
+            began = now;
+        }
         result = ssl_write(ssl, start + written, chunk(view.len - written));
         if (result > 0) {
             written += result;

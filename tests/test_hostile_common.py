@@ -17,6 +17,7 @@ import select
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ from tests.conftest import (
 )
 
 DEADLINE = 10.0  # upper bound for any expected event on a socket
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {DEADLINE}s"
+        time.sleep(0.01)  # polling a condition with a deadline, not a synchronising sleep
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from tests.test_hostile_common import (
     small_tar,
     tls_connect,
     tls_context,
+    until,
     wait_closed,
 )
 
@@ -77,6 +78,15 @@ def upload_started(stpd: RunningStpd) -> Iterator[threading.Event]:
 
 
 # -- uploads cut off -------------------------------------------------------------------
+
+
+def stored_so_far(stpd: RunningStpd) -> int:
+    """Bytes in stpd's partial saveset files (0 when there are none)."""
+    sizes = []
+    for part in stpd.daemon.store.incoming.glob("*.part"):
+        with suppress(FileNotFoundError):
+            sizes.append(part.stat().st_size)
+    return sum(sizes)
 
 
 def long_upload(directory: Path) -> Path:
@@ -156,6 +166,38 @@ def test_upload_cut_off_mid_stream_stores_nothing(hpki: Pki, tmp_path: Path, how
         assert stpd.daemon.store.all() == []
         assert_no_partial(stpd.daemon.store.root)
         assert_serves(stpd, client, tmp_path)
+
+
+def test_sbc_that_stops_sending_is_told_stpd_cut_the_upload_off(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """An sbc that cannot go on for STPD_IO_TIMEOUT (here: stopped with
+    SIGSTOP, as a hung source or a suspended machine would) learns from the
+    408 that stpd gave up and stored nothing, not that it was refused."""
+    client = hpki.client_ini("sleeper")
+    zeros = long_upload(tmp_path)
+    with running_stpd(hpki.layout, 2, io_timeout=0.5) as stpd, upload_started(stpd) as began:
+        sbc = subprocess.Popen(
+            [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup", str(zeros),
+             "--server", stpd.address, "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert began.wait(DEADLINE), "the upload never started"
+            until(lambda: stored_so_far(stpd) > 16 << 20, "16 MiB stored")  # sbc is sending
+            sbc.send_signal(signal.SIGSTOP)
+            stpd.log.wait_for(rf"^WARNING upload from {PEER} \(CN=sleeper\) cut off: timed out")
+            stpd.log.wait_for(rf"^INFO connection with {PEER} ended: ")  # answered, closed
+        finally:
+            sbc.send_signal(signal.SIGCONT)
+        out, err = sbc.communicate(timeout=DEADLINE)
+        assert sbc.returncode == 1 and out == ""
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert re.fullmatch(
+            rf"sbc: error: backup of {re.escape(str(zeros))} failed on stpd at {PEER}: no data "
+            r"for 0\.5s \(STPD_IO_TIMEOUT\): the upload was cut off and nothing was stored\n",
+            err,
+        ), err
+        assert stpd.daemon.store.all() == []
+        assert_no_partial(stpd.daemon.store.root)
 
 
 # -- archives that are not tar ----------------------------------------------------------

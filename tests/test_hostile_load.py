@@ -9,9 +9,7 @@ import os
 import socket
 import ssl
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from tests.test_hostile_common import (
     tcp_connect,
     tls_connect,
     tls_context,
+    until,
     wait_count,
 )
 
@@ -105,13 +104,6 @@ def listen_queue(port: int) -> int:
             if state == "0A" and int(local.split(":")[1], 16) == port:
                 return int(queues.split(":")[1], 16)
     raise AssertionError(f"nothing listens on port {port}")
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {DEADLINE}s"
-        time.sleep(0.01)  # polling a condition with a deadline, not a synchronising sleep
 
 
 def test_connections_past_twice_the_limit_wait_in_the_backlog(
