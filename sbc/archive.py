@@ -127,12 +127,21 @@ def read_xattrs(target: int | str) -> dict[str, bytes]:
     return found
 
 
-def data_regions(fd: int, size: int) -> list[tuple[int, int]] | None:
-    """Where the open file ``fd`` of ``size`` bytes has its data, if it has
+def may_have_holes(st: os.stat_result) -> bool:
+    """Fewer blocks than its size: a file with holes, or one that its file
+    system compresses. Holes are looked for only in such a file."""
+    return st.st_blocks * 512 < st.st_size
+
+
+def data_regions(fd: int, st: os.stat_result) -> list[tuple[int, int]] | None:
+    """Where the open file ``fd`` (``st`` its stat) has its data, if it has
     holes: (offset, length) pairs as SEEK_DATA and SEEK_HOLE find them,
     and (size, 0) after a hole at the end, as GNU tar records one. None
-    where it has no hole, or the file system cannot tell. Leaves the file
-    at offset 0."""
+    where it has no hole (or ``may_have_holes`` says it has none), or the
+    file system cannot tell. Leaves the file at offset 0."""
+    size = st.st_size
+    if not may_have_holes(st):
+        return None
     regions: list[tuple[int, int]] = []
     at = 0
     try:
@@ -370,8 +379,7 @@ class TreeWriter:
             # O_NONBLOCK a FIFO from blocking the backup; that FIFO then reads
             # as empty and is reported as changed. Relative to its directory's
             # descriptor: see Found.
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            fd = os.open(found.name, flags, dir_fd=found.within)
+            fd = os.open(found.name, FILE_NOFOLLOW, dir_fd=found.within)
         except OSError as exc:
             reason = "replaced by a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
             self.unreadable(path, reason, "left out")
@@ -380,8 +388,7 @@ class TreeWriter:
             if st.st_nlink > 1:  # later names of this file become links to this one
                 self._hardlinks[st.st_dev, st.st_ino] = arcname
             records = xattr_records(self._xattrs(fd, path))
-            # Fewer blocks than its size: it may have holes (or be compressed).
-            regions = data_regions(fd, st.st_size) if st.st_blocks * 512 < st.st_size else None
+            regions = data_regions(fd, st)
             if regions is not None:
                 self._add_sparse(fd, path, arcname, st, regions, records)
             else:
@@ -687,6 +694,8 @@ class _Listing:
 
 # A directory opened without following a link put in its place (restores too).
 DIRECTORY_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A file to read, the same way, and without blocking on a FIFO put there.
+FILE_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def walk(

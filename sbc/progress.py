@@ -7,6 +7,7 @@ see nothing of it. ``rich`` draws it (bytes, rate, ETA, files).
 
 from __future__ import annotations
 
+import os
 import stat
 import sys
 import threading
@@ -15,7 +16,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import ArchiveError, WalkOptions, archive_root_name, walk
+from sbc.archive import (
+    FILE_NOFOLLOW,
+    ArchiveError,
+    Found,
+    WalkOptions,
+    archive_root_name,
+    data_regions,
+    may_have_holes,
+    walk,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -33,12 +43,32 @@ def estimate_tar_bytes(source: Path, options: WalkOptions) -> int | None:
     backup's own walk. None when that walk fails (the backup says why)."""
     try:
         return 2 * TAR_BLOCK + sum(
-            TAR_BLOCK + (-(-st.st_size // TAR_BLOCK) * TAR_BLOCK if stat.S_ISREG(st.st_mode) else 0)
+            TAR_BLOCK + (-(-_stored_bytes(found) // TAR_BLOCK) * TAR_BLOCK)
             # the backup reports what cannot be read
-            for st in (found.st for found in walk(source, lambda *_: None, options))
+            for found in walk(source, lambda *_: None, options)
         )
     except ArchiveError:
         return None
+
+
+def _stored_bytes(found: Found) -> int:
+    """The contents the backup sends of an entry: a regular file's size, or
+    only its data where it has holes (a disk image of 100 GB with 10 of
+    data, found as the backup finds them)."""
+    st = found.st
+    if not stat.S_ISREG(st.st_mode):
+        return 0
+    if not may_have_holes(st):
+        return st.st_size
+    try:
+        fd = os.open(found.name, FILE_NOFOLLOW, dir_fd=found.within)
+    except OSError:
+        return st.st_size  # the backup reports it
+    try:
+        regions = data_regions(fd, st)
+    finally:
+        os.close(fd)
+    return st.st_size if regions is None else sum(length for _, length in regions)
 
 
 class TransferProgress:

@@ -865,8 +865,8 @@ def test_a_file_with_holes_that_shrinks_while_read_is_padded_and_reported(
         image.write(b"b" * 5000)
     real_regions = archive.data_regions
 
-    def regions_then_truncate(fd: int, size: int) -> list[tuple[int, int]] | None:
-        found = real_regions(fd, size)
+    def regions_then_truncate(fd: int, st: os.stat_result) -> list[tuple[int, int]] | None:
+        found = real_regions(fd, st)
         os.truncate(victim, 100)  # after its regions were found
         return found
 

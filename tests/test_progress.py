@@ -19,15 +19,16 @@ import subprocess
 import sys
 import termios
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pki.layout import Layout
-from sbc.progress import TransferProgress
-from tests.conftest import Pki, RunningStpd, running_stpd
+from sbc.archive import EVERYTHING, TreeStats
+from sbc.progress import TransferProgress, estimate_tar_bytes
+from tests.conftest import Pki, RunningStpd, running_stpd, tar_stream, with_holes, with_xattrs
 
 SBC = str(Path(sys.executable).parent / "sbc")
 TIMEOUT = 60.0
@@ -211,6 +212,22 @@ def test_no_bar_with_quiet_or_json_even_on_a_terminal(
         assert json.loads(run.stdout)["saveset"] == backup["saveset"]
     else:
         assert SUMMARY_RESTORE.match(run.stdout.strip()), run.stdout
+
+
+@pytest.mark.parametrize("make", [with_holes, with_xattrs], ids=["holes", "plain"])
+def test_the_estimated_total_is_near_the_stream_the_backup_sends(
+    tmp_path: Path, make: Callable[[Path], Path]
+) -> None:
+    """Files with holes count by their data, as the backup sends them: 79
+    MiB of sparse files are 40 KiB of stream, and the bar's total should
+    say so rather than stop at a two-thousandth of it. What the estimate
+    leaves out: PAX headers (sparse maps, extended attributes) and the
+    stream's padding to 10 KiB."""
+    tree = make(tmp_path)
+    sent = len(tar_stream(tree, TreeStats()))
+    estimate = estimate_tar_bytes(tree, EVERYTHING)
+    assert estimate is not None
+    assert abs(estimate - sent) <= 20 * 1024, (estimate, sent)
 
 
 def test_the_total_is_estimated_while_the_transfer_goes_on() -> None:
