@@ -45,7 +45,7 @@ from pki.crl import (
     write_crl,
 )
 from pki.errors import PkiError
-from pki.inventory import Entry, Inventory
+from pki.inventory import Entry, Inventory, timestamp
 from pki.layout import DEFAULT_INI_DIR, INI_DIR_ENV, Layout, resolve_ini_dir
 
 PROG = "sm_ssl_cert"
@@ -556,8 +556,8 @@ def _crl_json(crl: CrlState | None, now: datetime) -> dict[str, Any] | None:
     return {
         "path": str(crl.path),
         "number": crl.number,
-        "last_update": crl.last_update.isoformat(timespec="seconds"),
-        "next_update": crl.next_update.isoformat(timespec="seconds") if crl.next_update else None,
+        "last_update": timestamp(crl.last_update),
+        "next_update": timestamp(crl.next_update) if crl.next_update else None,
         "days_left": int(days_left(crl.next_update, now)) if crl.next_update else None,
         "revoked": sorted(format_serial(serial) for serial in crl.revoked_serials),
     }

@@ -57,7 +57,9 @@ def serial_text(serial: int) -> str:
 
 
 def timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds")
+    """ISO 8601 in UTC to the second, as every file and JSON answer of ours
+    writes times: ``2026-11-28T07:10:06Z``."""
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_timestamp(text: str) -> datetime:

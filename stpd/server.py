@@ -29,6 +29,7 @@ from OpenSSL import SSL
 from pki.authority import EXPIRY_WARNING_DAYS, days_left
 from pki.errors import PkiError
 from pki.inifile import ConfigError
+from pki.inventory import timestamp
 from pki.tls import server_context
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
@@ -383,7 +384,7 @@ class Stpd:
             "active_transfers": self.active_transfers,
             "server_certificate": {
                 "subject": self.server_cert.subject.rfc4514_string(),
-                "not_after": self.server_cert.not_valid_after_utc.isoformat(),
+                "not_after": timestamp(self.server_cert.not_valid_after_utc),
                 "days_left": int(days_left(self.server_cert.not_valid_after_utc)),
             },
         }

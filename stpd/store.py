@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pki.inventory import timestamp
 from stpd.tarcheck import InvalidTar, PlainTarInfo, Selection, TarStreamCheck, path_parts
 from stpd.transfer import write_all
 
@@ -56,10 +57,6 @@ class InvalidArchive(StoreError):
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def iso(moment: dt.datetime) -> str:
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def new_saveset_id(now: dt.datetime) -> str:
@@ -163,8 +160,8 @@ class Upload:
                 source=self.source,
                 bytes=self._check.offset,  # the checker saw every byte written
                 sha256=self._hash.hexdigest(),
-                started=iso(self.started),
-                finished=iso(utc_now()),
+                started=timestamp(self.started),
+                finished=timestamp(utc_now()),
                 peer=self.peer,
             )
             self.store.publish(self.part, meta)
@@ -397,7 +394,7 @@ _KINDS = {
 
 def _mtime_text(mtime: float) -> str:
     try:
-        return iso(dt.datetime.fromtimestamp(mtime, dt.UTC))
+        return timestamp(dt.datetime.fromtimestamp(mtime, dt.UTC))
     except (ValueError, OverflowError, OSError):  # a PAX time beyond datetime's years
         return f"{mtime:.0f}"  # seconds since 1970
 

@@ -56,6 +56,7 @@ def check_status(status: dict, active: int) -> None:
     cert = status["server_certificate"]
     assert cert["subject"] == "CN=localhost"
     assert cert["days_left"] in (824, 825)  # the default validity
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cert["not_after"])  # as everywhere
 
 
 def test_stpd_status_and_sbc_status(daemon: tuple[Pki, StpdProcess]) -> None:

@@ -223,6 +223,9 @@ def test_list_shows_days_to_expiry_and_marks_expired_and_revoked(
     assert revoked["status"] == "revoked"
     assert revoked["revocation_reason"] == "keyCompromise"
     assert datetime.fromisoformat(revoked["revoked_at"]) >= now - timedelta(minutes=1)
+    # One form of time in every file and answer: UTC to the second, with Z.
+    times = [revoked["revoked_at"], revoked["not_after"], document["crl"]["last_update"]]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t) for t in times), times
     assert document["crl"]["revoked"] == [format_serial(lost.serial)]
     assert document["crl"]["number"] == 1
     [warning] = document["warnings"]  # the expired certificate still in use; the CRL is fine
