@@ -64,6 +64,9 @@ KEY_TYPES: tuple[KeyType, ...] = ("ec", "rsa")
 DEFAULT_KEY_TYPE: KeyType = "ec"  # ECDSA P-256: small, fast, accepted everywhere today
 RSA_KEY_SIZE = 3072  # for old peers; 3072 bits matches the strength of P-256
 DEFAULT_CA_COMMON_NAME = "SEP sesam root CA"
+# An encrypted root CA key is as safe as its passphrase: PBKDF2 with 2,048
+# rounds (OpenSSL's default, which cryptography uses) slows guessing little.
+MIN_PASSPHRASE_LENGTH = 12
 
 Profile = Literal["server", "client"]
 PROFILES: tuple[Profile, ...] = ("server", "client")
@@ -158,12 +161,15 @@ class CertificateAuthority:
         key_type: str = DEFAULT_KEY_TYPE,
         force: bool = False,
         common_name: str = DEFAULT_CA_COMMON_NAME,
+        passphrase: bytes | None = None,
     ) -> CertificateAuthority:
         """Create a new self-signed root CA and write its key (0600) and certificate.
 
         Refuses to replace an existing CA unless ``force``: every certificate
         it issued would stop working. With ``force`` the old files are moved
-        aside (``ca.moved_aside`` lists them).
+        aside (``ca.moved_aside`` lists them). With ``passphrase`` (at least
+        MIN_PASSPHRASE_LENGTH bytes) the key is written encrypted with it,
+        as PKCS#8 with PBES2 (PBKDF2-SHA256, AES-256-CBC), which OpenSSL reads.
         """
         existing = [path for path in (layout.ca_cert, layout.ca_key) if path.exists()]
         if existing and not force:
@@ -173,6 +179,11 @@ class CertificateAuthority:
                 f"run `sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
             )
         _check_days(days)
+        if passphrase is not None and len(passphrase) < MIN_PASSPHRASE_LENGTH:
+            raise PkiError(
+                f"a passphrase of {len(passphrase)} characters is too short to protect the root "
+                f"CA key: use at least {MIN_PASSPHRASE_LENGTH} (e.g. `openssl rand -base64 24`)"
+            )
         key = _generate_key(key_type)
         name = _name([_attribute(NameOID.COMMON_NAME, common_name, "CA common name")], "CA name")
         cert = (
@@ -195,7 +206,10 @@ class CertificateAuthority:
             .sign(key, hashes.SHA256())
         )
         ca = cls(layout, key, cert)
-        files = [(layout.ca_key, _key_pem(key), True), (layout.ca_cert, ca.cert_pem, False)]
+        files = [
+            (layout.ca_key, _key_pem(key, passphrase), True),
+            (layout.ca_cert, ca.cert_pem, False),
+        ]
         # The inventory and the CRL belong to the CA that is being replaced.
         stale = [path for path in (layout.inventory, layout.crl) if path.exists()]
         if not stale:
@@ -209,8 +223,10 @@ class CertificateAuthority:
         return ca
 
     @classmethod
-    def load(cls, layout: Layout) -> CertificateAuthority:
-        """Load the CA of ``layout``; both the certificate and the key must be there."""
+    def load(cls, layout: Layout, passphrase: bytes | None = None) -> CertificateAuthority:
+        """Load the CA of ``layout``; both the certificate and the key must be
+        there, and ``passphrase`` must be given exactly when the key is
+        encrypted."""
         create_hint = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
         if not layout.ca_cert.exists():
             raise PkiError(f"no root CA at {layout.ca_cert}: {create_hint}")
@@ -227,14 +243,7 @@ class CertificateAuthority:
                 f"{layout.ca_cert} is not a PEM certificate ({exc}): restore it, or "
                 f"create a new CA with `sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
             ) from exc
-        try:
-            key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
-            # TypeError: the key is encrypted and we were given no password.
-            raise PkiError(
-                f"cannot read the root CA key {layout.ca_key} ({exc}): sm_ssl_cert needs "
-                "the unencrypted PEM key written by `sm_ssl_cert ca`"
-            ) from exc
+        key = _load_ca_key(layout.ca_key, passphrase)
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise PkiError(
                 f"{layout.ca_key} holds a {type(key).__name__}: expected an EC or RSA key"
@@ -753,12 +762,43 @@ def _check_days(days: int) -> None:
         raise PkiError(f"invalid validity {days!r} days: --days must be a whole number >= 1")
 
 
-def _key_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+def _key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.NoEncryption()
+        if passphrase is None
+        else serialization.BestAvailableEncryption(passphrase)
     )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def _load_ca_key(path: Path, passphrase: bytes | None) -> object:
+    """The private key in ``path``, decrypted with ``passphrase``. Whether
+    it is encrypted is what cryptography says: TypeError when a passphrase
+    is missing or needless, ValueError when it does not decrypt the key or
+    the file is not a key."""
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=passphrase)
+    except TypeError:
+        if passphrase is None:
+            raise PkiError(
+                f"the root CA key {path} is encrypted: pass --passphrase-file FILE, a file "
+                "whose first line is its passphrase"
+            ) from None
+        raise PkiError(
+            f"the root CA key {path} is not encrypted: leave out --passphrase-file"
+        ) from None
+    except ValueError as exc:
+        if passphrase is not None:
+            raise PkiError(
+                f"the passphrase does not decrypt the root CA key {path}: check the file "
+                "given to --passphrase-file"
+            ) from None
+        raise PkiError(
+            f"cannot read the root CA key {path} ({exc}): sm_ssl_cert needs the PEM key "
+            "written by `sm_ssl_cert ca`"
+        ) from exc
 
 
 def _public_der(key: object) -> bytes:

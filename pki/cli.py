@@ -45,6 +45,7 @@ from pki.crl import (
     write_crl,
 )
 from pki.errors import PkiError
+from pki.files import read_passphrase
 from pki.inventory import Entry, Inventory, timestamp
 from pki.layout import DEFAULT_INI_DIR, INI_DIR_ENV, Layout, resolve_ini_dir
 
@@ -89,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"ini directory (default: ${INI_DIR_ENV}, else {DEFAULT_INI_DIR})",
     )
+    # Every command that signs reads the root CA key, which may be encrypted.
+    signing = argparse.ArgumentParser(add_help=False)
+    signing.add_argument(
+        "--passphrase-file",
+        type=Path,
+        metavar="FILE",
+        help="the passphrase of ca/rootCA.key is the first line of FILE (mode 0600); "
+        "with `ca`, the new key is encrypted with it",
+    )
     parser = argparse.ArgumentParser(
         prog=PROG,
         parents=[common],
@@ -98,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ca = commands.add_parser(
         "ca",
-        parents=[common],
+        parents=[common, signing],
         help="create ca/rootCA.pem and ca/rootCA.key",
         description="Create the self-signed root CA. Refuses to replace an existing one "
         "unless --force is given (the old files are then moved aside).",
@@ -113,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser(
         "server",
-        parents=[common],
+        parents=[common, signing],
         help="issue ssl/server.pem and ssl/server.key",
         description="Issue a server certificate (serverAuth) signed by the root CA.",
     )
@@ -132,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 
     client = commands.add_parser(
         "client",
-        parents=[common],
+        parents=[common, signing],
         help="issue x.509/client.pem and x.509/client.key",
         description="Issue a client certificate (clientAuth) signed by the root CA.",
     )
@@ -169,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 
     revoking = commands.add_parser(
         "revoke",
-        parents=[common],
+        parents=[common, signing],
         help="revoke a certificate and write ca/crl.pem",
         description="Mark a certificate revoked in the inventory and write the signed CRL "
         f"ca/crl.pem (next update in {CRL_VALIDITY_DAYS} days). STPD refuses a revoked "
@@ -190,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
 
     crl = commands.add_parser(
         "crl",
-        parents=[common],
+        parents=[common, signing],
         help="write ca/crl.pem again (a new next update)",
         description="Sign and write the CRL ca/crl.pem from the inventory. A CRL past its "
         "next update makes STPD refuse every client certificate: run this regularly "
@@ -207,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
 
     renew = commands.add_parser(
         "renew",
-        parents=[common],
+        parents=[common, signing],
         help="re-issue the server or client certificate with the same subject and names",
         description="Issue a new certificate with the subject and names of the current one "
         "in ssl/ (server), x.509/ (client) or --path DIR, and a new key unless --keep-key. "
@@ -254,6 +264,11 @@ def _add_key_options(parser: argparse.ArgumentParser, default_days: int) -> None
     )
 
 
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    path = args.passphrase_file
+    return None if path is None else read_passphrase(path)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -269,11 +284,16 @@ def _positive_int(text: str) -> int:
 
 def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     ca = CertificateAuthority.create(
-        layout, days=args.days, key_type=args.key_type, force=args.force
+        layout,
+        days=args.days,
+        key_type=args.key_type,
+        force=args.force,
+        passphrase=_passphrase(args),
     )
     for path in ca.moved_aside:
         print(f"moved aside: {path}", file=out)
-    print(f"wrote root CA key:         {layout.ca_key} (mode 0600)", file=out)
+    encrypted = ", encrypted with the passphrase" if args.passphrase_file else ""
+    print(f"wrote root CA key:         {layout.ca_key} (mode 0600{encrypted})", file=out)
     print(f"wrote root CA certificate: {layout.ca_cert}", file=out)
     _describe(out, ca.cert, args.days)
     print(
@@ -284,7 +304,7 @@ def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_server(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout)
+    ca = CertificateAuthority.load(layout, _passphrase(args))
     issued = ca.issue_server(
         args.common_name, out_dir=args.path, days=args.days, key_type=args.key_type
     )
@@ -306,7 +326,7 @@ def _run_server(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_client(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout)
+    ca = CertificateAuthority.load(layout, _passphrase(args))
     issued = ca.issue_client(args.oid, out_dir=args.path, days=args.days, key_type=args.key_type)
     _print_issued(out, "client", issued, args.days)
     print(
@@ -362,7 +382,7 @@ def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_revoke(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout)
+    ca = CertificateAuthority.load(layout, _passphrase(args))
     result = revoke(ca, args.target, args.reason)
     entry = result.entry
     what = f"serial {entry.serial} ({entry.profile} {entry.subject}, {entry.path})"
@@ -378,12 +398,12 @@ def _run_revoke(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_crl(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout)
+    ca = CertificateAuthority.load(layout, _passphrase(args))
     _print_crl(out, layout, write_crl(ca, days=args.days))
 
 
 def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout)
+    ca = CertificateAuthority.load(layout, _passphrase(args))
     issued = ca.renew(
         args.profile,
         out_dir=args.path,

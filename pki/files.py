@@ -14,6 +14,8 @@ import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pki.errors import PkiError
+
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
 # Directories we create hold private keys next to certificates.
@@ -31,6 +33,28 @@ def write_private(path: Path, data: bytes) -> None:
 def write_public(path: Path, data: bytes) -> None:
     """Atomically write ``data`` to ``path`` with mode 0644 (certificates)."""
     _write_atomic(Path(path), data, PUBLIC_MODE)
+
+
+def read_passphrase(path: Path) -> bytes:
+    """The first line of the file ``path`` (as OpenSSL's ``-passin
+    file:``), which must be readable by its owner only: a passphrase that
+    anyone on the machine can read protects nothing."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PkiError(f"passphrase file {path} not found") from None
+    except OSError as exc:
+        raise PkiError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise PkiError(
+            f"passphrase file {path} is readable by others (mode {mode & 0o777:04o}): "
+            f"chmod 600 {path}"
+        )
+    passphrase = data.split(b"\n", 1)[0].removesuffix(b"\r")
+    if not passphrase:
+        raise PkiError(f"passphrase file {path} is empty: put the passphrase on its first line")
+    return passphrase
 
 
 def ensure_directory(directory: Path) -> None:

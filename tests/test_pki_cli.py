@@ -264,6 +264,106 @@ def test_issuing_without_the_ca_key(with_ca: Layout, capsys: pytest.CaptureFixtu
     )
 
 
+# -- an encrypted root CA key --------------------------------------------------------
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def passphrase_file(directory: Path, text: str = PASSPHRASE, file_mode: int = 0o600) -> Path:
+    path = directory / "ca.pass"
+    path.write_text(text + "\n")
+    path.chmod(file_mode)
+    return path
+
+
+def test_root_ca_key_encrypted_with_a_passphrase(
+    ini: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ca --passphrase-file` writes rootCA.key encrypted, which OpenSSL
+    reads with that file and not without; every command that signs then
+    needs the file, and what it signs verifies."""
+    secret = passphrase_file(tmp_path)
+    assert main(["--ini-dir", str(ini), "ca", "--passphrase-file", str(secret)]) == 0
+    layout = Layout(ini)
+    assert "(mode 0600, encrypted with the passphrase)" in capsys.readouterr().out
+    assert mode(layout.ca_key) == 0o600
+    assert layout.ca_key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    read_key = ["openssl", "pkey", "-in", str(layout.ca_key), "-noout", "-passin"]
+    assert subprocess.run([*read_key, f"file:{secret}"], capture_output=True).returncode == 0
+    assert subprocess.run([*read_key, "pass:wrong"], capture_output=True).returncode != 0
+    given = ["--passphrase-file", str(secret)]
+    for command in (
+        ["server", "--common-name=localhost"],
+        ["client"],
+        ["renew", "server"],
+        ["revoke", str(layout.client_cert)],
+        ["crl"],
+    ):
+        fails(
+            ["--ini-dir", str(ini), *command],
+            capsys,
+            ini,
+            f"the root CA key {layout.ca_key} is encrypted: pass --passphrase-file FILE",
+        )
+        assert main(["--ini-dir", str(ini), *command, *given]) == 0
+        assert capsys.readouterr().err == ""
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(layout.ca_cert), "-CRLfile", str(layout.crl),
+         "-crl_check", str(layout.server_cert)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_a_key_encrypted_with_openssl_is_read_with_its_passphrase(
+    with_ca: Layout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """How README says to encrypt an existing root CA key."""
+    secret = passphrase_file(tmp_path)
+    encrypted = tmp_path / "rootCA.key.enc"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(with_ca.ca_key), "-aes256", "-passout", f"file:{secret}",
+         "-out", str(encrypted)],
+        check=True,
+    )  # fmt: skip
+    encrypted.replace(with_ca.ca_key)
+    argv = ["--ini-dir", str(with_ca.ini_dir), "client", "--passphrase-file", str(secret)]
+    assert main(argv) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case", ["wrong", "readable by others", "missing", "empty", "key not encrypted", "too short"]
+)
+def test_passphrase_mistakes_are_one_line(
+    ini: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    layout = Layout(ini)
+    secret = passphrase_file(tmp_path)
+    encrypt = [] if case == "key not encrypted" else ["--passphrase-file", str(secret)]
+    assert main(["--ini-dir", str(ini), "ca", *encrypt]) == 0
+    capsys.readouterr()
+    command = ["--ini-dir", str(ini), "client", "--passphrase-file", str(secret)]
+    if case == "wrong":
+        passphrase_file(tmp_path, "wrong horse battery staple")
+        message = f"the passphrase does not decrypt the root CA key {layout.ca_key}"
+    elif case == "readable by others":
+        secret.chmod(0o640)
+        message = f"passphrase file {secret} is readable by others (mode 0640): chmod 600 {secret}"
+    elif case == "missing":
+        secret.unlink()
+        message = f"passphrase file {secret} not found"
+    elif case == "empty":
+        passphrase_file(tmp_path, "")
+        message = f"passphrase file {secret} is empty"
+    elif case == "key not encrypted":
+        message = f"the root CA key {layout.ca_key} is not encrypted: leave out --passphrase-file"
+    else:
+        passphrase_file(tmp_path, "short")
+        command = ["--ini-dir", str(tmp_path / "other"), "ca", "--passphrase-file", str(secret)]
+        message = "a passphrase of 5 characters is too short to protect the root CA key"
+    fails(command, capsys, tmp_path, message)
+
+
 def test_clean_ssl(with_ca: Layout, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--ini-dir", str(with_ca.ini_dir), "clean-ssl"]
     assert main(argv) == 0
