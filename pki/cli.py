@@ -33,6 +33,7 @@ from pki.authority import (
     move_old_server_keys,
     read_certificate,
 )
+from pki.console import reader_gone
 from pki.crl import (
     CRL_VALIDITY_DAYS,
     CRL_WARNING_DAYS,
@@ -63,8 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = Layout(resolve_ini_dir(getattr(args, "ini_dir", None)))
     try:
         args.run(layout, args, sys.stdout)
+        sys.stdout.flush()
     except PkiError as exc:
         return _fail(str(exc))
+    except BrokenPipeError:
+        return reader_gone()
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         return _fail(

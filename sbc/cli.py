@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import stat
 import sys
 import time
@@ -14,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pki.console import reader_gone
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import Layout, resolve_ini_dir
@@ -362,7 +362,7 @@ def main(
         print(f"sbc: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        return _reader_gone()
+        return reader_gone()
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"sbc: error: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -374,7 +374,7 @@ def main(
         try:
             print(json.dumps(result, indent=1), flush=True)
         except BrokenPipeError:
-            return _reader_gone()
+            return reader_gone()
         except OSError as exc:  # a full disk: the work itself was done
             print(f"sbc: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
             return 1
@@ -383,15 +383,6 @@ def main(
     ):
         return INCOMPLETE
     return 0
-
-
-def _reader_gone() -> int:
-    """stdout's reader went away (``sbc list ID | head``): end quietly, as
-    tools killed by SIGPIPE do, and keep Python from failing to flush."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    return 128 + signal.SIGPIPE
 
 
 def run() -> NoReturn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -449,3 +450,22 @@ def test_installed_console_script(tmp_path: Path) -> None:
     assert again.returncode == 2
     assert again.stderr.startswith("sm_ssl_cert: error: a root CA already exists")
     assert "Traceback" not in again.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """``sm_ssl_cert client | head -1``: the certificate is issued, and once
+    the reader is gone sm_ssl_cert ends with the status of a process ended by
+    SIGPIPE and says nothing (it reported a failure: 'Broken pipe (check
+    --ini-dir ...)')."""
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini")}
+    subprocess.run([str(script), "ca"], env=env, capture_output=True, check=True, timeout=60)
+    issuing = subprocess.Popen(
+        [str(script), "client"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert issuing.stdout is not None and issuing.stderr is not None
+    issuing.stdout.close()  # before it prints: its output goes out at the end
+    err = issuing.stderr.read()
+    assert issuing.wait(60) == 128 + signal.SIGPIPE, err
+    assert err == b""
+    assert Layout(tmp_path / "ini").client_cert.exists()
