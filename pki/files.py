@@ -35,22 +35,32 @@ def write_public(path: Path, data: bytes) -> None:
     _write_atomic(Path(path), data, PUBLIC_MODE)
 
 
+def open_to_others(path: Path, what: str) -> str | None:
+    """Why the secret ``path`` (a private key, a passphrase) is not safe:
+    other users than its owner may read or change it. None when it is
+    safe, or cannot be looked at (reading it then says why)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return f"{what} {path} is open to other users (mode {mode:04o}): chmod 600 {path}"
+
+
 def read_passphrase(path: Path) -> bytes:
     """The first line of the file ``path`` (as OpenSSL's ``-passin
-    file:``), which must be readable by its owner only: a passphrase that
-    anyone on the machine can read protects nothing."""
+    file:``), which must be its owner's alone: a passphrase that anyone on
+    the machine can read protects nothing."""
     try:
-        mode = path.stat().st_mode
         data = path.read_bytes()
     except FileNotFoundError:
         raise PkiError(f"passphrase file {path} not found") from None
     except OSError as exc:
         raise PkiError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise PkiError(
-            f"passphrase file {path} is readable by others (mode {mode & 0o777:04o}): "
-            f"chmod 600 {path}"
-        )
+    problem = open_to_others(path, "passphrase file")
+    if problem is not None:
+        raise PkiError(problem)
     passphrase = data.split(b"\n", 1)[0].removesuffix(b"\r")
     if not passphrase:
         raise PkiError(f"passphrase file {path} is empty: put the passphrase on its first line")

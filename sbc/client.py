@@ -17,6 +17,7 @@ from urllib.parse import quote, urlencode
 import h11
 
 from pki.errors import PkiError
+from pki.files import open_to_others
 from pki.tls import (
     X509_V_ERR_CERT_HAS_EXPIRED,
     X509_V_ERR_CERT_NOT_YET_VALID,
@@ -176,6 +177,10 @@ class Session:
             )
         except PkiError as exc:
             raise SbcError(str(exc)) from None
+        if self.config.client_ssl_auth:
+            loose = open_to_others(self.config.layout.client_key, "private key")
+            if loose is not None:
+                self.warn(loose)
         try:
             tcp = socket.create_connection((self.host, self.port), self.config.connect_timeout)
         except TimeoutError:

@@ -28,6 +28,7 @@ from OpenSSL import SSL
 
 from pki.authority import EXPIRY_WARNING_DAYS, days_left
 from pki.errors import PkiError
+from pki.files import open_to_others
 from pki.inifile import ConfigError
 from pki.inventory import timestamp
 from pki.tls import server_context
@@ -144,6 +145,9 @@ class Stpd:
         config: StpdConfig,
     ) -> tuple[SSL.Context, x509.Certificate, x509.Certificate | None]:
         ctx = server_context(config.layout, config.client_cert_policy)
+        loose = open_to_others(config.layout.server_key, "private key")
+        if loose is not None:
+            log.warning("%s", loose)
         server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
         ca = config.layout.ca_cert
         ca_cert = x509.load_pem_x509_certificate(ca.read_bytes()) if ca.is_file() else None

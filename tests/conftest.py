@@ -361,11 +361,15 @@ def running_stpd(
     config = load_config(layout, listen=(host, 0), client_cert_policy=ClientCertPolicy(level))
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    daemon = Stpd(config)
     watch = LogWatch()
     logger = logging.getLogger("stpd")
     logger.addHandler(watch)
     logger.setLevel(logging.INFO)
+    try:
+        daemon = Stpd(config)  # what it logs while starting is watched too, as stpd logs it
+    except BaseException:
+        logger.removeHandler(watch)
+        raise
     started = threading.Event()
     state: dict[str, Any] = {}
 

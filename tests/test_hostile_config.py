@@ -4,6 +4,8 @@ a non-zero exit status and no traceback."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -169,6 +171,39 @@ def test_stpd_runs_without_the_ca_key(hpki: Pki, tmp_path: Path) -> None:  # noq
     client = hpki.client_ini("keyless")
     with running_stpd(hpki.layout, 2) as stpd:
         assert_serves(stpd, client, tmp_path)
+
+
+def test_keys_open_to_other_users_are_warned_about(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """A server or client key that other users may read (copied with the
+    wrong umask, say) still works, with a warning that names the fix."""
+    client = hpki.client_ini("careless")
+    hpki.layout.server_key.chmod(0o644)
+    client.client_key.chmod(0o640)
+    source = tmp_path / "x.txt"
+    source.write_text("x\n")
+    with running_stpd(hpki.layout, 2) as stpd:
+        stpd.log.wait_for(
+            rf"^WARNING private key {re.escape(str(hpki.layout.server_key))} is open to other "
+            rf"users \(mode 0644\): chmod 600 {re.escape(str(hpki.layout.server_key))}$"
+        )
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", stpd.address,
+            "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        assert json.loads(out)["saveset"]
+        assert err == (
+            f"sbc: WARNING: private key {client.client_key} is open to other users (mode 0640): "
+            f"chmod 600 {client.client_key}\n"
+        )
+    hpki.layout.server_key.chmod(0o600)
+    client.client_key.chmod(0o600)
+    with running_stpd(hpki.layout, 2) as stpd:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "list", "--server", stpd.address
+        )  # fmt: skip
+        assert code == 0 and err == "", err
+        assert not [line for line in stpd.log.lines if "open to other users" in line]
 
 
 # -- sbc ---------------------------------------------------------------------------

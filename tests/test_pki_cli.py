@@ -333,7 +333,7 @@ def test_a_key_encrypted_with_openssl_is_read_with_its_passphrase(
 
 
 @pytest.mark.parametrize(
-    "case", ["wrong", "readable by others", "missing", "empty", "key not encrypted", "too short"]
+    "case", ["wrong", "open to others", "missing", "empty", "key not encrypted", "too short"]
 )
 def test_passphrase_mistakes_are_one_line(
     ini: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
@@ -347,9 +347,9 @@ def test_passphrase_mistakes_are_one_line(
     if case == "wrong":
         passphrase_file(tmp_path, "wrong horse battery staple")
         message = f"the passphrase does not decrypt the root CA key {layout.ca_key}"
-    elif case == "readable by others":
+    elif case == "open to others":
         secret.chmod(0o640)
-        message = f"passphrase file {secret} is readable by others (mode 0640): chmod 600 {secret}"
+        message = f"passphrase file {secret} is open to other users (mode 0640): chmod 600 {secret}"
     elif case == "missing":
         secret.unlink()
         message = f"passphrase file {secret} not found"
