@@ -305,10 +305,17 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     status = session.get_json("/status")
     if not args.json:
         cert = status.get("server_certificate", {})
+        storage = status.get("storage") or {}
+        free = (
+            f", {storage['free_bytes'] / 1e9:.1f} of {storage['total_bytes'] / 1e9:.1f} GB free "
+            "for savesets"
+            if {"free_bytes", "total_bytes"} <= storage.keys()
+            else ""
+        )
         print(
             f"stpd {status.get('version')} at {session.where}: level {status.get('level')}, "
             f"up {status.get('uptime_seconds')}s, {status.get('active_transfers')} active transfers, "
-            f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days"
+            f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days{free}"
         )
     return dict(status)
 

@@ -391,6 +391,7 @@ class Stpd:
                 "not_after": timestamp(self.server_cert.not_valid_after_utc),
                 "days_left": int(days_left(self.server_cert.not_valid_after_utc)),
             },
+            "storage": self.store.space(),
         }
 
     async def handle_connection(self, transport: trio.SocketStream) -> None:

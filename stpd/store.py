@@ -183,6 +183,16 @@ class SavesetStore:
         self.incoming = root / INCOMING
         self._lock: int | None = None
 
+    def space(self) -> dict[str, int] | None:
+        """Bytes free for savesets (for stpd's user, as ``df`` counts them)
+        and in all, in the data directory's file system; None if it cannot
+        be asked (status answers anyway)."""
+        try:
+            fs = os.statvfs(self.root)
+        except OSError:
+            return None
+        return {"free_bytes": fs.f_bavail * fs.f_frsize, "total_bytes": fs.f_blocks * fs.f_frsize}
+
     def prepare(self) -> list[Path]:
         """Lock the data directory for this stpd, create the directories and
         remove a crash's leftovers; returns them. A data directory that

@@ -57,6 +57,8 @@ def check_status(status: dict, active: int) -> None:
     assert cert["subject"] == "CN=localhost"
     assert cert["days_left"] in (824, 825)  # the default validity
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cert["not_after"])  # as everywhere
+    storage = status["storage"]
+    assert 0 < storage["free_bytes"] <= storage["total_bytes"]
 
 
 def test_stpd_status_and_sbc_status(daemon: tuple[Pki, StpdProcess]) -> None:
@@ -73,7 +75,8 @@ def test_stpd_status_and_sbc_status(daemon: tuple[Pki, StpdProcess]) -> None:
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(
         rf"stpd {re.escape(__version__)} at {where}: level 2, up [\d.]+s, 0 active transfers, "
-        r"certificate CN=localhost expires in 82[45] days\n",
+        r"certificate CN=localhost expires in 82[45] days, [\d.]+ of [\d.]+ GB free for "
+        r"savesets\n",
         result.stdout,
     ), result.stdout
 

@@ -486,6 +486,8 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
         assert stpd.daemon.store.all() == []
         assert_no_partial(data)
         assert_serves(stpd, client, tmp_path)  # the space came back with the clean-up
+        storage = stpd.daemon.status()["storage"]  # what sbc status shows of it
+        assert storage["total_bytes"] == 2 << 20 and 0 < storage["free_bytes"] < 2 << 20
         # A raw client sees a plain 507 with the reason.
         with tls_connect(stpd, tls_context(hpki, client)) as sock:
             head = partial_upload_head(4 * 1024 * 1024)
