@@ -99,6 +99,11 @@ def format_peer(stream: trio.SocketStream) -> str:
 
 
 EXPIRY_CHECK_INTERVAL = 24 * 3600.0  # seconds between expiry checks: daily
+# Below this share of its file system free, the data directory is warned
+# about (at start and after a stored saveset), at most once an hour: before
+# uploads are refused with 507, while there is time to act.
+LOW_SPACE_SHARE = 0.10
+LOW_SPACE_WARNING_EVERY = 3600.0
 RETENTION_CHECK_INTERVAL = 3600.0  # seconds between looks for savesets past their retention
 
 
@@ -135,6 +140,7 @@ class Stpd:
         self.transfer_threads = trio.CapacityLimiter(config.max_connections)
         self.open_slots = trio.CapacityLimiter(OPEN_PER_SERVED * config.max_connections)
         self._full_warned_at = -FULL_WARNING_EVERY
+        self._low_space_warned_at: float | None = None  # time.monotonic() of the last warning
         self.port: int | None = None
         self.draining = False
         self._idle: set[trio.CancelScope] = set()  # connections waiting for a request
@@ -193,6 +199,7 @@ class Stpd:
             self.config.describe_level(),
             self.store.root,
         )
+        self.warn_if_space_is_low()
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as acceptors:
                 self._stop_accepting = acceptors.cancel_scope
@@ -249,6 +256,25 @@ class Stpd:
                 self.open_slots.total_tokens,
                 OPEN_PER_SERVED,
             )
+
+    def warn_if_space_is_low(self) -> None:
+        space = self.store.space()
+        if not space or space["free_bytes"] >= LOW_SPACE_SHARE * space["total_bytes"]:
+            return
+        now = time.monotonic()
+        if self._low_space_warned_at is not None and (
+            now - self._low_space_warned_at < LOW_SPACE_WARNING_EVERY
+        ):
+            return
+        self._low_space_warned_at = now
+        log.warning(
+            "data directory %s: %.1f of %.1f GB free (%.0f %%); uploads are refused once it is "
+            "full: free space there, or set STPD_RETENTION_DAYS",
+            self.store.root,
+            space["free_bytes"] / 1e9,
+            space["total_bytes"] / 1e9,
+            100 * space["free_bytes"] / max(space["total_bytes"], 1),
+        )
 
     @contextmanager
     def transfer_running(self) -> Iterator[None]:
@@ -708,6 +734,7 @@ class HttpSession:
             meta.bytes / seconds / 1e6,
             meta.source,
         )
+        self.daemon.warn_if_space_is_low()
         await self._send_json(201, meta.to_json(), [("Location", f"/savesets/{meta.saveset}")])
         self.after_body = after_body
 

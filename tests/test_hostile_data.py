@@ -498,6 +498,35 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
         assert_no_partial(data)
 
 
+def test_a_data_directory_running_out_of_space_is_warned_about_once_an_hour(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Below 10 % free, stpd warns at start and after a stored saveset,
+    before uploads are refused, but not again within the hour."""
+    client = hpki.client_ini("filler")
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(100 * 1024))
+    with small_tmpfs(tmp_path / "data", "4m") as data:
+        with running_stpd(hpki.layout, 2, data_dir=data) as stpd:
+            assert_serves(stpd, client, tmp_path)  # plenty of room: no warning
+            assert not [line for line in stpd.log.lines if "GB free" in line]
+        (data / "someone-elses.bin").write_bytes(bytes(3800 * 1024))
+        with running_stpd(hpki.layout, 2, data_dir=data) as stpd:
+            warning = rf"^WARNING data directory {re.escape(str(data))}: 0\.0 of 0\.0 GB free "
+            stpd.log.wait_for(warning + r"\(\d %\); uploads are refused once it is full: free "
+                              r"space there, or set STPD_RETENTION_DAYS$")  # fmt: skip
+            code, out, err = run_sbc(
+                "--ini-dir", str(client.ini_dir), "backup", str(small), "--server",
+                stpd.address, "--quiet",
+            )  # fmt: skip
+            assert code == 0, err  # stpd looked at the space before it answered
+            assert len([line for line in stpd.log.lines if re.search(warning, line)]) == 1
+            stpd.daemon._low_space_warned_at = -1e9  # as if the hour had passed
+            assert_serves(stpd, client, tmp_path)
+            assert len([line for line in stpd.log.lines if re.search(warning, line)]) == 2
+
+
 def test_client_disk_full_during_a_restore_stops_with_one_line_and_no_partial_file(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,
