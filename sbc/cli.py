@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup = commands.add_parser(
         "backup", parents=[common], help="back up a file or directory tree"
     )
-    backup.add_argument("path", type=backup_source)
+    backup.add_argument("path", type=backup_source, help="the file or directory tree to back up")
     backup.add_argument(
         "--one-file-system",
         action="store_true",
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser(
         "restore", parents=[common], help="restore a saveset into a directory"
     )
-    restore.add_argument("saveset")
-    restore.add_argument("target_dir", type=Path)
+    restore.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
+    restore.add_argument("target_dir", type=Path, help="where to restore it (made if missing)")
     restore.add_argument(
         "entries",
         nargs="*",
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="have stpd check a saveset's stored data against the checksum taken at backup",
     )
-    verify.add_argument("saveset")
+    verify.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
     commands.add_parser("status", parents=[common], help="show the STPD's status")
     return parser
 
