@@ -107,6 +107,22 @@ LOW_SPACE_WARNING_EVERY = 3600.0
 RETENTION_CHECK_INTERVAL = 3600.0  # seconds between looks for savesets past their retention
 
 
+class Throttle:
+    """At most one of something (a warning that would repeat) every
+    ``every`` seconds; the first is never held back."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.last: float | None = None  # time.monotonic() of the last one let through
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every:
+            return False
+        self.last = now
+        return True
+
+
 class Stpd:
     """The daemon: listeners, the TLS material in force, and its life-cycle.
 
@@ -139,8 +155,8 @@ class Stpd:
         # them (the short jobs, like opening a saveset, need it too).
         self.transfer_threads = trio.CapacityLimiter(config.max_connections)
         self.open_slots = trio.CapacityLimiter(OPEN_PER_SERVED * config.max_connections)
-        self._full_warned_at = -FULL_WARNING_EVERY
-        self._low_space_warned_at: float | None = None  # time.monotonic() of the last warning
+        self._full_warning = Throttle(FULL_WARNING_EVERY)
+        self._low_space_warning = Throttle(LOW_SPACE_WARNING_EVERY)
         self.port: int | None = None
         self.draining = False
         self._idle: set[trio.CancelScope] = set()  # connections waiting for a request
@@ -248,9 +264,7 @@ class Stpd:
             self.open_slots.release_on_behalf_of(slot)
 
     def _warn_full(self) -> None:
-        now = trio.current_time()
-        if now - self._full_warned_at >= FULL_WARNING_EVERY:
-            self._full_warned_at = now
+        if self._full_warning.ready():
             log.warning(
                 "%d connections open, %d x STPD_MAX_CONNECTIONS: new ones wait until one closes",
                 self.open_slots.total_tokens,
@@ -261,12 +275,8 @@ class Stpd:
         space = self.store.space()
         if not space or space["free_bytes"] >= LOW_SPACE_SHARE * space["total_bytes"]:
             return
-        now = time.monotonic()
-        if self._low_space_warned_at is not None and (
-            now - self._low_space_warned_at < LOW_SPACE_WARNING_EVERY
-        ):
+        if not self._low_space_warning.ready():
             return
-        self._low_space_warned_at = now
         log.warning(
             "data directory %s: %.1f of %.1f GB free (%.0f %%); uploads are refused once it is "
             "full: free space there, or set STPD_RETENTION_DAYS",

@@ -522,7 +522,7 @@ def test_a_data_directory_running_out_of_space_is_warned_about_once_an_hour(
             )  # fmt: skip
             assert code == 0, err  # stpd looked at the space before it answered
             assert len([line for line in stpd.log.lines if re.search(warning, line)]) == 1
-            stpd.daemon._low_space_warned_at = -1e9  # as if the hour had passed
+            stpd.daemon._low_space_warning.last = None  # as if the hour had passed
             assert_serves(stpd, client, tmp_path)
             assert len([line for line in stpd.log.lines if re.search(warning, line)]) == 2
 
