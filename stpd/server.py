@@ -625,7 +625,8 @@ class HttpSession:
             await self._send_json(status, {"error": message}, [("Connection", "close")])
         except (trio.BrokenResourceError, trio.TooSlowError, h11.LocalProtocolError):
             return
-        if self.conn.their_state in (h11.SEND_BODY, h11.IDLE) and status not in (408,):
+        # ERROR: a head we refused may still be arriving (an endless header line).
+        if self.conn.their_state in (h11.SEND_BODY, h11.IDLE, h11.ERROR) and status != 408:
             with trio.move_on_after(LINGER_SECONDS):
                 drained = 0
                 while drained < LINGER_BYTES:
