@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from sbc.client import CONTINUE_WAIT
 from tests.conftest import (
     OPENSSL,
@@ -43,6 +45,16 @@ from tests.conftest import (
 
 SBC = str(Path(sys.executable).parent / "sbc")
 pytestmark = needs_openssl
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_a_terminal_sends_it() -> Iterator[None]:
+    """A test run started in the background (``make test &``) inherits SIGINT
+    ignored, and so would sbc: Python then installs no handler for it. These
+    tests are about the Ctrl-C of a foreground sbc."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _lines(stream: object) -> queue.Queue[str]:
