@@ -250,14 +250,14 @@ class Session:
             reason,
             local,
             unnamed=f"stpd at {self.where} closed the connection before answering ({reason}): "
-            "it probably refused this client; see the stpd log (e.g. a revoked certificate or "
-            "STPD_ALLOWED_CLIENTS)",
+            "it probably refused this client; see the stpd log (e.g. a revoked certificate)",
         )
 
     def _was_accepted(self) -> bool:
         """stpd read our request: it answered 100 Continue, or took more
         data than the socket buffers on the way can hold. It refuses a
-        client before reading anything, so a break now is not a refusal."""
+        certificate before reading anything (and one outside its allow-list
+        with an answer), so a break now is not a refusal."""
         return self.accepted or self.sent > READ_BY_SERVER_BYTES
 
     def _lost_mid_backup(self, reason: str) -> SbcError:

@@ -48,6 +48,7 @@ class PeerDecision:
     owner: str
     log_level: int  # logging.INFO / WARNING / ERROR
     message: str
+    refusal: str = ""  # a refused client's answer: why, without its address
 
 
 def identity_allowed(cert: x509.Certificate, allowed: tuple[str, ...]) -> bool:
@@ -97,11 +98,9 @@ def judge_peer(
             f"client {peer}{subject}: invalid client certificate: {reason}; "
             f"served as {ANONYMOUS} (STPD_HTTPS_USE_CLIENT_CERT=1)",
         )
+    refusal = f"{reason} (STPD_HTTPS_USE_CLIENT_CERT=2)"
     return PeerDecision(
-        False,
-        ANONYMOUS,
-        logging.ERROR,
-        f"refused client {peer}{subject}: {reason} (STPD_HTTPS_USE_CLIENT_CERT=2)",
+        False, ANONYMOUS, logging.ERROR, f"refused client {peer}{subject}: {refusal}", refusal
     )
 
 

@@ -471,9 +471,10 @@ class Stpd:
             peer, policy, tls.peer_certificate, tls.verdict.problems, self.config.allowed_clients
         )
         log.log(decision.log_level, "%s", decision.message)
-        if not decision.serve:
-            return
         session = HttpSession(self, tls, peer, decision.owner)
+        if not decision.serve:
+            await session.refuse(decision.refusal)
+            return
         self.sessions += 1
         try:
             await session.run()
@@ -553,6 +554,17 @@ class HttpSession:
                 self.conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+
+    async def refuse(self, reason: str) -> None:
+        """A client whose certificate was refused after the handshake (one
+        outside STPD_ALLOWED_CLIENTS): its first request is answered 403
+        with the reason, so that it says why instead of "connection closed"."""
+        try:
+            request = await self._read_request()
+        except h11.RemoteProtocolError:
+            return
+        if request is not None:
+            await self._send_error(403, reason)
 
     # -- reading -------------------------------------------------------------
 

@@ -51,7 +51,9 @@ def test_unlisted_client_gets_one_clear_line(
             err = capsys.readouterr().err
             assert code == 1, attempt
             assert err.count("\n") == 1 and "Traceback" not in err
-            assert "closed the connection before answering" in err, err
-            assert "STPD_ALLOWED_CLIENTS" in err
+            assert err == (
+                f"sbc: error: backup of {source} refused by stpd at {stpd.address}: client "
+                "identity CN=bob is not in STPD_ALLOWED_CLIENTS (STPD_HTTPS_USE_CLIENT_CERT=2)\n"
+            )
         stpd.log.wait_for(r"ERROR refused client .*CN=bob.*not in STPD_ALLOWED_CLIENTS")
         assert not list(stpd.daemon.store.root.glob("SS-*"))

@@ -352,6 +352,6 @@ def test_valid_certificate_outside_the_allow_list(
             assert code == 1 and out == ""
             assert_one_line_error(
                 err,
-                rf"stpd at {re.escape(stpd.address)} closed the connection .*it (probably )?"
-                r"refused this client.*STPD_ALLOWED_CLIENTS",
+                rf"GET /savesets refused by stpd at {re.escape(stpd.address)}: {reason} "
+                r"\(STPD_HTTPS_USE_CLIENT_CERT=2\)$",
             )

@@ -265,8 +265,10 @@ def test_allow_list_at_level_2(pki: Pki, source: Path, capsys: pytest.CaptureFix
             "client identity CN=bob is not in STPD_ALLOWED_CLIENTS (STPD_HTTPS_USE_CLIENT_CERT=2)"
         ), line
         assert code == 1 and out == ""
-        # (sbc's words vary with how the close arrives; stpd's line above is the contract.)
-        assert one_line(err).startswith(f"sbc: error: stpd at {stpd.address} ")
+        assert one_line(err) == (
+            f"sbc: error: backup of {source} refused by stpd at {stpd.address}: client "
+            "identity CN=bob is not in STPD_ALLOWED_CLIENTS (STPD_HTTPS_USE_CLIENT_CERT=2)"
+        )
         # Nothing of bob's request was stored.
         assert len(stpd.daemon.store.all()) == 2
 
@@ -295,9 +297,13 @@ def test_allow_list_with_curl(pki: Pki, small_tar: Path) -> None:
         ok = curl(alice, f"{stpd.url}/savesets")
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout) == []
-        refused = curl(bob, f"{stpd.url}/savesets")
-        assert refused.returncode != 0
-        assert refused.stdout == ""
+        refused = curl(bob, f"{stpd.url}/savesets")  # --fail-with-body: exit 22 for an HTTP error
+        assert refused.returncode == 22, refused.stderr
+        assert "403" in refused.stderr
+        assert json.loads(refused.stdout) == {
+            "error": "client identity CN=bob is not in STPD_ALLOWED_CLIENTS "
+            "(STPD_HTTPS_USE_CLIENT_CERT=2)"
+        }
         stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=bob\): client identity CN=bob is not")
 
 

@@ -137,6 +137,13 @@ def test_identity_outside_the_allow_list(
         "client identity OU=Backup,O=Example Corp,CN=host1 is not in STPD_ALLOWED_CLIENTS"
         in decision.message
     )
+    # The refused client's answer: the reason, without the address the log adds.
+    assert decision.refusal == (
+        ""
+        if serve
+        else "client identity OU=Backup,O=Example Corp,CN=host1 is not in STPD_ALLOWED_CLIENTS "
+        "(STPD_HTTPS_USE_CLIENT_CERT=2)"
+    )
 
 
 def test_identity_inside_the_allow_list(client_cert: x509.Certificate) -> None:
