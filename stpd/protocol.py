@@ -19,6 +19,7 @@ GET      /savesets/ID/meta           JSON metadata of one saveset
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -139,13 +140,28 @@ _NOT_A_CERTIFICATE_MATTER = (
     "connection closed by peer",
 )
 
+
+def unread_request_answer(status: bytes, content_type: bytes, body: bytes) -> bytes:
+    """A whole answer that closes the connection, for a request stpd does
+    not read (h11 answers only one it has read)."""
+    head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nConnection: close\r\n" % (status, content_type)
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
 PLAIN_HTTP_REASON = "http request"  # OpenSSL's words for "GET / HTTP/1.1" on a TLS port
 # The answer in clear to a plain HTTP request on the TLS port (as nginx does).
-_PLAIN_HTTP_TEXT = b"This is the TLS port of stpd: use https:// (plain HTTP is not served).\n"
-PLAIN_HTTP_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_HTTP_TEXT), _PLAIN_HTTP_TEXT)
+PLAIN_HTTP_ANSWER = unread_request_answer(
+    b"400 Bad Request",
+    b"text/plain",
+    b"This is the TLS port of stpd: use https:// (plain HTTP is not served).\n",
 )
+
+
+def refusal_answer(refusal: str) -> bytes:
+    """The 403 for a client refused after the handshake (one outside
+    STPD_ALLOWED_CLIENTS), sent before anything of its request is read."""
+    body = json.dumps({"error": refusal}, indent=1).encode() + b"\n"
+    return unread_request_answer(b"403 Forbidden", b"application/json", body)
 
 
 def is_plain_http(reason: str) -> bool:

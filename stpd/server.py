@@ -48,6 +48,7 @@ from stpd.protocol import (
     Verify,
     is_plain_http,
     judge_peer,
+    refusal_answer,
     refused_handshake,
     route,
 )
@@ -471,15 +472,27 @@ class Stpd:
             peer, policy, tls.peer_certificate, tls.verdict.problems, self.config.allowed_clients
         )
         log.log(decision.log_level, "%s", decision.message)
-        session = HttpSession(self, tls, peer, decision.owner)
         if not decision.serve:
-            await session.refuse(decision.refusal)
+            await self._answer_refusal(tls, decision.refusal)
             return
+        session = HttpSession(self, tls, peer, decision.owner)
         self.sessions += 1
         try:
             await session.run()
         finally:
             self.sessions -= 1
+
+    async def _answer_refusal(self, tls: TLSStream, refusal: str) -> None:
+        """Tell a client refused after the handshake why, in a 403 sent
+        before any byte of its request is read (SPEC: none is processed),
+        then linger so that it reads the answer instead of a reset."""
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                await tls.send_all(refusal_answer(refusal))
+                await tls.send_close_notify()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        await tls.linger(LINGER_SECONDS)
 
 
 class HttpSession:
@@ -554,17 +567,6 @@ class HttpSession:
                 self.conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
-
-    async def refuse(self, reason: str) -> None:
-        """A client whose certificate was refused after the handshake (one
-        outside STPD_ALLOWED_CLIENTS): its first request is answered 403
-        with the reason, so that it says why instead of "connection closed"."""
-        try:
-            request = await self._read_request()
-        except h11.RemoteProtocolError:
-            return
-        if request is not None:
-            await self._send_error(403, reason)
 
     # -- reading -------------------------------------------------------------
 

@@ -348,7 +348,11 @@ class TLSConnection:
     # -- closing ----------------------------------------------------------------
 
     def _may_say_goodbye(self) -> bool:
-        return self._handshook and self._broken is None and self._send_broken is None
+        """Handshake done, nothing broken, and close_notify not sent yet:
+        a second SSL_shutdown would read (and drop) what the peer sent."""
+        if not self._handshook or self._broken is not None or self._send_broken is not None:
+            return False
+        return not self.conn.get_shutdown() & SSL.SENT_SHUTDOWN
 
     def _close_notify_step(self) -> Want | None:
         """One try at sending close_notify: None when sent (or hopeless)."""

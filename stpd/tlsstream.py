@@ -196,16 +196,21 @@ class TLSStream(TLSConnection, trio.abc.Stream):
                     return
                 drained += len(data)
 
+    async def send_close_notify(self) -> None:
+        """Say that we send no more (for up to CLOSE_NOTIFY_TIMEOUT), once,
+        when the connection still allows it."""
+        if self._may_say_goodbye():
+            with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT) as scope:
+                scope.shield = True
+                while (want := self._close_notify_step()) is not None:
+                    await self._wait_for(want)
+
     async def aclose(self) -> None:
         """Send close_notify when we can, and always close the socket."""
         if self._closed:
             return
         try:
-            if self._may_say_goodbye():
-                with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT) as scope:
-                    scope.shield = True
-                    while (want := self._close_notify_step()) is not None:
-                        await self._wait_for(want)
+            await self.send_close_notify()
         finally:
             self._closed = True
             await trio.aclose_forcefully(self.transport)
