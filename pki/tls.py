@@ -37,6 +37,9 @@ VERIFY_DEPTH = 2  # root CA + leaf: our CA issues leaves directly (pathlen 0)
 # The reason for a connection closed before it sent a whole ClientHello: a
 # port check (monitoring, a load balancer) rather than a failed handshake.
 NO_HANDSHAKE_REASON = "connection closed before a TLS handshake began"
+# OpenSSL's words for a peer whose first bytes are not TLS at all (plain
+# HTTP, SSH, SMTP banners): another service, not a refusal.
+NOT_TLS_REASONS = ("wrong version number", "packet length too long")
 
 # OpenSSL X509_V_ERR_* codes we explain in words; others use OpenSSL's text.
 _VERIFY_REASONS = {

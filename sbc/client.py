@@ -19,6 +19,7 @@ import h11
 from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.tls import (
+    NOT_TLS_REASONS,
     X509_V_ERR_CERT_HAS_EXPIRED,
     X509_V_ERR_CERT_NOT_YET_VALID,
     X509_V_ERR_INVALID_PURPOSE,
@@ -236,6 +237,12 @@ class Session:
         reason = str(exc).rstrip(": ") or "connection reset"
         if self.answers:
             return SbcError(f"connection to stpd at {self.where} lost: {reason}")
+        if any(words in reason.lower() for words in NOT_TLS_REASONS):
+            return SbcError(
+                f"what answers at {self.where} does not speak TLS ({reason}): another service "
+                "listens there, not stpd; check the port in --server or SBC_SERVER in sm.ini "
+                "(stpd's is STPD_HTTPS_LISTEN in stpd.ini, customarily 11443)"
+            )
         if self._was_accepted():
             return self._lost_mid_backup(reason)
         if not self.config.client_ssl_auth:

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from cryptography import x509
 
 from pki.authority import SUBJECT_KEYS
-from pki.tls import NO_HANDSHAKE_REASON, ClientCertPolicy
+from pki.tls import NO_HANDSHAKE_REASON, NOT_TLS_REASONS, ClientCertPolicy
 from stpd.config import MAX_REQUEST_TARGET
 from stpd.store import SAVESET_ID
 
@@ -128,8 +128,7 @@ _CLIENT_ALERTS = [
 _NOT_A_CERTIFICATE_MATTER = (
     "http request",
     "https proxy request",
-    "wrong version number",
-    "packet length too long",
+    *NOT_TLS_REASONS,
     "record layer failure",
     "unsupported protocol",
     "version too low",

@@ -4,10 +4,14 @@ over loopback with real certificates, and the name forms (``*.domain`` and
 
 from __future__ import annotations
 
+import http.server
 import re
 import shutil
 import socket
 import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -115,6 +119,69 @@ def test_expired_server_certificate_is_refused(
         line = one_line(err)
         assert code == 1
         assert "failed verification: certificate has expired; the server certificate is out" in line
+
+
+# -- not stpd at all ------------------------------------------------------------------
+
+
+def test_a_port_where_nothing_listens(pki: Pki) -> None:
+    with socket.socket() as placeholder:  # a port that was free a moment ago, now closed
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    code, out, err = sbc_status(pki.client_ini("c").ini_dir, f"127.0.0.1:{port}")
+    assert code == 1 and out == ""
+    assert one_line(err) == (
+        f"sbc: error: cannot connect to stpd at 127.0.0.1:{port}: Connection refused; is stpd "
+        "running there? (the server comes from --server or SBC_SERVER in sm.ini)"
+    )
+
+
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        """Not into the stderr that run_sbc captures."""
+
+
+@contextmanager
+def plain_service(kind: str) -> Iterator[int]:
+    """A service on 127.0.0.1 that does not speak TLS: the standard
+    library's HTTP server (it answers a ClientHello "400 Bad request"),
+    or one that greets with a banner first, as SSH and SMTP servers do."""
+    if kind == "http":
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+            server.server_close()
+        return
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def greet() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                conn.recv(4096)
+
+        thread = threading.Thread(target=greet, daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        thread.join(10)
+
+
+@pytest.mark.parametrize("kind", ["http", "banner"])
+def test_a_service_that_does_not_speak_tls(pki: Pki, kind: str) -> None:
+    """Not "stpd refused this client": nothing there is stpd."""
+    client = pki.client_ini("c")
+    with plain_service(kind) as port:
+        code, out, err = sbc_status(client.ini_dir, f"127.0.0.1:{port}")
+    assert code == 1 and out == ""
+    assert one_line(err) == (
+        f"sbc: error: what answers at 127.0.0.1:{port} does not speak TLS (wrong version "
+        "number): another service listens there, not stpd; check the port in --server or "
+        "SBC_SERVER in sm.ini (stpd's is STPD_HTTPS_LISTEN in stpd.ini, customarily 11443)"
+    )
 
 
 @pytest.mark.parametrize("names", ["other.example.test", "other-ca"])
