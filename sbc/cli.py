@@ -190,12 +190,17 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     target = args.target_dir.absolute()
     if target.exists() and not target.is_dir():
         raise SbcError(f"cannot restore into {target}: it exists and is not a directory")
-    target.mkdir(parents=True, exist_ok=True)
+    # Made before the request, so that an unwritable place fails first.
+    created = _make_directories(target)
     started = time.monotonic()
-    with TransferProgress(wanted(args.quiet, args.json), f"restore {args.saveset}") as progress:
-        restored = session.restore(
-            args.saveset, target, progress, overwrite=args.overwrite, only=args.entries
-        )
+    try:
+        with TransferProgress(wanted(args.quiet, args.json), f"restore {args.saveset}") as progress:
+            restored = session.restore(
+                args.saveset, target, progress, overwrite=args.overwrite, only=args.entries
+            )
+    except BaseException:
+        _remove_if_empty(created)  # a refused restore (a mistyped id) leaves nothing behind
+        raise
     seconds = time.monotonic() - started
     if not args.json:
         for name in restored.skipped:
@@ -236,6 +241,25 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             {"path": name, "error": reason} for name, reason in restored.unrestorable
         ]
     return result
+
+
+def _make_directories(target: Path) -> list[Path]:
+    """``mkdir -p target``: the directories it made, deepest first."""
+    missing = []
+    for path in (target, *target.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    target.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(directories: list[Path]) -> None:
+    for directory in directories:  # deepest first; one with anything in it stays
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def _kept_summary(kept: list[str], shown: int = 5) -> str:

@@ -236,7 +236,7 @@ def test_clients_see_only_their_own_savesets(
                 str(bob.ini_dir),
                 "restore",
                 saveset,
-                str(tmp_path / "x"),
+                str(tmp_path / "x" / "y"),
                 "--server",
                 stpd.address,
             ]
@@ -244,7 +244,14 @@ def test_clients_see_only_their_own_savesets(
         err = capsys.readouterr().err
         assert code != 0
         assert f"no saveset {saveset} for this client" in err
-        assert not (tmp_path / "x" / "f.txt").exists()
+        assert not (tmp_path / "x").exists()  # the directories made for it are gone too
+        (tmp_path / "empty").mkdir()  # one that was there stays, empty or not
+        ini = ["--ini-dir", str(bob.ini_dir)]
+        code, _, err = run_sbc(
+            *ini, "restore", saveset, str(tmp_path / "empty"), "--server", stpd.address
+        )
+        assert code == 1 and f"no saveset {saveset} for this client" in err
+        assert (tmp_path / "empty").is_dir()
 
 
 def curl_tls(client: Layout) -> list[str]:
