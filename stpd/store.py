@@ -179,8 +179,8 @@ class Upload:
 
 class SavesetStore:
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.incoming = root / INCOMING
+        self.root = root.absolute()  # as the log names it: stpd may be started anywhere
+        self.incoming = self.root / INCOMING
         self._lock: int | None = None
 
     def space(self) -> dict[str, int] | None:

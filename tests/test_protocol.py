@@ -390,6 +390,17 @@ def store(tmp_path: Path) -> SavesetStore:
     return store
 
 
+def test_a_relative_data_directory_is_named_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stpd.ini's STPD_DATA_DIR=data, or the default beside a relative
+    --ini-dir: the log lines and warnings then say where that is."""
+    monkeypatch.chdir(tmp_path)
+    store = SavesetStore(Path("data"))
+    assert store.root == tmp_path / "data"
+    assert store.incoming.parent == tmp_path / "data"
+
+
 def files_in(store: SavesetStore) -> list[str]:
     return sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*"))
 
