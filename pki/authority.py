@@ -548,9 +548,14 @@ def parse_subject_options(text: str) -> x509.Name:
             )
         key, colon, value = item.partition(":")
         if not colon:
-            raise PkiError(
-                f"--oid item {item!r} has no colon: write KEY:VALUE, for example CN:{item.strip()}"
+            # KEY=VALUE, as openssl writes subjects: say the same in our syntax.
+            named, equals, rest = item.strip().partition("=")
+            example = (
+                f"here {named.upper()}:{rest}"
+                if equals and named.upper() in SUBJECT_KEYS
+                else f"for example CN:{item.strip()}"
             )
+            raise PkiError(f"--oid item {item!r} has no colon: write KEY:VALUE, {example}")
         fields.append((key, value))
     return subject_from_fields(fields)
 

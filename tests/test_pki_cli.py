@@ -215,6 +215,8 @@ def test_client_defaults_and_options(
         ("CN:", "--oid key CN has an empty value: write CN:<value>"),
         ("CN:a,O:", "--oid key O has an empty value"),
         ("CN", "--oid item 'CN' has no colon: write KEY:VALUE, for example CN:CN"),
+        ("CN=host1,o=Acme", "--oid item 'CN=host1' has no colon: write KEY:VALUE, here CN:host1"),
+        ("X=1", "--oid item 'X=1' has no colon: write KEY:VALUE, for example CN:X=1"),
         ("CN:a,,O:b", "--oid 'CN:a,,O:b' has an empty item (position 2): remove the extra comma"),
         ("CN:a,", "has an empty item (position 2)"),
         ("", "--oid is empty"),
