@@ -70,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "restore", parents=[common], help="restore a saveset into a directory"
     )
     restore.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
-    restore.add_argument("target_dir", type=Path, help="where to restore it (made if missing)")
+    restore.add_argument(
+        "target_dir", type=given_path, help="where to restore it (made if missing)"
+    )
     restore.add_argument(
         "entries",
         nargs="*",
+        default=[],  # else argparse names ENTRY among the missing arguments
         metavar="ENTRY",
         type=saveset_entry,
         help="restore only these entries and what is under them, named as stored: "
@@ -109,11 +112,20 @@ def saveset_entry(raw: str) -> str:
     return name
 
 
+def given_path(raw: str) -> Path:
+    """A path argument, refused when empty: Path("") is the current
+    directory, and an empty argument is a script's unset variable
+    (``sbc backup "$DIR"``), not a wish to back up or restore into "."."""
+    if not raw:
+        raise argparse.ArgumentTypeError("the path is empty (write . for the current directory)")
+    return Path(raw)
+
+
 def backup_source(raw: str) -> Path:
     """PATH of ``sbc backup``, absolute. A trailing slash on a symbolic link
     means the directory it points to, as for tar and every POSIX tool (Path
     drops the slash, so it is looked at here)."""
-    path = Path(raw).absolute()
+    path = given_path(raw).absolute()
     if raw.endswith("/") and path.is_symlink():
         return Path(os.path.realpath(path))
     return path

@@ -332,3 +332,26 @@ def test_sbc_with_a_bad_flag_exits_non_zero_with_one_line(tmp_path: Path) -> Non
     assert str(layout.sm_ini) in lines[0]
     assert "SBC_CLIENT_SSL_AUTH" in lines[0]
     assert "0 or 1" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["backup", ""], "sbc backup: error: argument path: the path is empty"),
+        (["restore", "SS-x", ""], "sbc restore: error: argument target_dir: the path is empty"),
+        # ENTRY is optional: not among the missing ones.
+        (
+            ["restore"],
+            "sbc restore: error: the following arguments are required: saveset, target_dir",
+        ),
+    ],
+)
+def test_sbc_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None:
+    """An empty path is a script's unset variable ("$DIR"), not "back up
+    (or restore into) the current directory": a usage error, nothing sent."""
+    result = run_program([script("sbc"), "--ini-dir", str(tmp_path / "none"), *argv])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith(message), result.stderr
+    assert result.stderr.splitlines()[-1].endswith(
+        "(write . for the current directory)" if "empty" in message else "target_dir"
+    ), result.stderr
