@@ -48,7 +48,13 @@ from pki.crl import (
 from pki.errors import PkiError
 from pki.files import read_passphrase
 from pki.inventory import Entry, Inventory, timestamp
-from pki.layout import DEFAULT_INI_DIR, INI_DIR_ENV, Layout, resolve_ini_dir
+from pki.layout import (
+    INI_DIR_ENV,
+    INI_DIR_HELP,
+    Layout,
+    ini_dir_option,
+    resolve_ini_dir,
+)
 
 PROG = "sm_ssl_cert"
 EXIT_ERROR = 2
@@ -91,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--ini-dir",
         metavar="DIR",
+        type=ini_dir_option,
         default=argparse.SUPPRESS,
-        help=f"ini directory (default: ${INI_DIR_ENV}, else {DEFAULT_INI_DIR})",
+        help=INI_DIR_HELP,
     )
     # Every command that signs reads the root CA key, which may be encrypted.
     signing = argparse.ArgumentParser(add_help=False)

@@ -6,12 +6,25 @@ option wins, then ``SESAM_INI_DIR``, then the product default.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_INI_DIR = Path("/var/opt/sesam/var/ini")
 INI_DIR_ENV = "SESAM_INI_DIR"
+INI_DIR_HELP = f"ini directory (default: ${INI_DIR_ENV}, else {DEFAULT_INI_DIR})"
+
+
+def ini_dir_option(raw: str) -> str:
+    """``--ini-dir``'s argparse type. An empty value is an unset variable
+    (``--ini-dir "$DIR"``): refused, not taken as the product default,
+    which may be the production CA's directory."""
+    if not raw:
+        raise argparse.ArgumentTypeError(
+            f"the directory is empty (leave --ini-dir out for ${INI_DIR_ENV} or {DEFAULT_INI_DIR})"
+        )
+    return raw
 
 
 def resolve_ini_dir(option: str | os.PathLike[str] | None) -> Path:

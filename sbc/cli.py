@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from pki.console import reader_gone
 from pki.errors import PkiError
 from pki.inifile import ConfigError
-from pki.layout import Layout, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, ini_dir_option, resolve_ini_dir
 from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
@@ -43,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbc", description="SEP sesam backup client over mutual TLS"
     )
-    parser.add_argument(
-        "--ini-dir", help="ini directory (default: $SESAM_INI_DIR or /var/opt/sesam/var/ini)"
-    )
+    parser.add_argument("--ini-dir", type=ini_dir_option, help=INI_DIR_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     backup = commands.add_parser(
         "backup", parents=[common], help="back up a file or directory tree"

@@ -15,7 +15,7 @@ import trio
 
 from pki.errors import PkiError
 from pki.inifile import ConfigError
-from pki.layout import Layout, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, ini_dir_option, resolve_ini_dir
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
 from stpd.server import OPEN_PER_SERVED, Stpd
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="SEP sesam transfer protocol daemon (HTTPS). Without a command it runs "
         "in the foreground: SIGTERM stops it gracefully, SIGHUP reloads stpd.ini and certificates.",
     )
-    parser.add_argument(
-        "--ini-dir", help="ini directory (default: $SESAM_INI_DIR or /var/opt/sesam/var/ini)"
-    )
+    parser.add_argument("--ini-dir", type=ini_dir_option, help=INI_DIR_HELP)
     parser.add_argument(
         "--listen", type=_listen, help="HOST:PORT to listen on (stpd.ini: STPD_HTTPS_LISTEN)"
     )

@@ -355,3 +355,29 @@ def test_sbc_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None
     assert result.stderr.splitlines()[-1].endswith(
         "(write . for the current directory)" if "empty" in message else "target_dir"
     ), result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sbc", "--ini-dir", "", "status"],
+        ["stpd", "--ini-dir", ""],
+        ["sm_ssl_cert", "--ini-dir", "", "ca"],
+        ["sm_ssl_cert", "ca", "--ini-dir", ""],
+    ],
+)
+def test_an_empty_ini_dir_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """``--ini-dir "$DIR"`` with DIR unset must not fall back to
+    $SESAM_INI_DIR or the product default: there, `sm_ssl_cert ca` would
+    meet (or with --force replace) the production CA. (The environment's
+    directory, set here, also keeps a failing run away from the default.)"""
+    monkeypatch.setenv("SESAM_INI_DIR", str(tmp_path / "from-env"))
+    result = run_program([script(argv[0]), *argv[1:]])
+    assert not (tmp_path / "from-env").exists()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].endswith(
+        "error: argument --ini-dir: the directory is empty (leave --ini-dir out for "
+        "$SESAM_INI_DIR or /var/opt/sesam/var/ini)"
+    ), result.stderr
