@@ -9,7 +9,6 @@ import math
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, TextIO
 
 from cryptography import x509
@@ -52,7 +51,7 @@ from pki.layout import (
     INI_DIR_ENV,
     INI_DIR_HELP,
     Layout,
-    ini_dir_option,
+    path_argument,
     resolve_ini_dir,
 )
 
@@ -97,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--ini-dir",
         metavar="DIR",
-        type=ini_dir_option,
+        type=path_argument,
         default=argparse.SUPPRESS,
         help=INI_DIR_HELP,
     )
@@ -105,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     signing = argparse.ArgumentParser(add_help=False)
     signing.add_argument(
         "--passphrase-file",
-        type=Path,
+        type=path_argument,
         metavar="FILE",
         help="the passphrase of ca/rootCA.key is the first line of FILE (mode 0600); "
         "with `ca`, the new key is encrypted with it",
@@ -146,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
         "the first is the subject CN",
     )
     server.add_argument(
-        "--path", type=Path, metavar="DIR", help="write into DIR instead of ssl/ (for an RDS)"
+        "--path",
+        type=path_argument,
+        metavar="DIR",
+        help="write into DIR instead of ssl/ (for an RDS)",
     )
     _add_key_options(server, LEAF_VALIDITY_DAYS)
     server.set_defaults(run=_run_server)
@@ -163,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         help="subject as KEY:VALUE,... with keys C CN DQ GN GQ I L N O OU P PC S T "
         "(default: CN=<this machine's host name>)",
     )
-    client.add_argument("--path", type=Path, metavar="DIR", help="write into DIR instead of x.509/")
+    client.add_argument(
+        "--path", type=path_argument, metavar="DIR", help="write into DIR instead of x.509/"
+    )
     _add_key_options(client, LEAF_VALIDITY_DAYS)
     client.set_defaults(run=_run_client)
 
@@ -236,7 +240,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     renew.add_argument("profile", choices=PROFILES, help="which certificate to renew")
     renew.add_argument(
-        "--path", type=Path, metavar="DIR", help="the certificate is in DIR (e.g. for an RDS)"
+        "--path",
+        type=path_argument,
+        metavar="DIR",
+        help="the certificate is in DIR (e.g. for an RDS)",
     )
     renew.add_argument(
         "--keep-key", action="store_true", help="keep the current key (the key file is untouched)"

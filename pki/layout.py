@@ -16,15 +16,14 @@ INI_DIR_ENV = "SESAM_INI_DIR"
 INI_DIR_HELP = f"ini directory (default: ${INI_DIR_ENV}, else {DEFAULT_INI_DIR})"
 
 
-def ini_dir_option(raw: str) -> str:
-    """``--ini-dir``'s argparse type. An empty value is an unset variable
-    (``--ini-dir "$DIR"``): refused, not taken as the product default,
-    which may be the production CA's directory."""
+def path_argument(raw: str) -> Path:
+    """The argparse type of every path argument of the three programs. An
+    empty one is a script's unset variable (``--path "$DIR"``), refused:
+    Path("") would be the current directory, and an empty ``--ini-dir``
+    the product default, which may hold the production CA."""
     if not raw:
-        raise argparse.ArgumentTypeError(
-            f"the directory is empty (leave --ini-dir out for ${INI_DIR_ENV} or {DEFAULT_INI_DIR})"
-        )
-    return raw
+        raise argparse.ArgumentTypeError("the path is empty (write . for the current directory)")
+    return Path(raw)
 
 
 def resolve_ini_dir(option: str | os.PathLike[str] | None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from pki.console import reader_gone
 from pki.errors import PkiError
 from pki.inifile import ConfigError
-from pki.layout import INI_DIR_HELP, Layout, ini_dir_option, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbc", description="SEP sesam backup client over mutual TLS"
     )
-    parser.add_argument("--ini-dir", type=ini_dir_option, help=INI_DIR_HELP)
+    parser.add_argument("--ini-dir", type=path_argument, help=INI_DIR_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     backup = commands.add_parser(
         "backup", parents=[common], help="back up a file or directory tree"
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
     restore.add_argument(
-        "target_dir", type=given_path, help="where to restore it (made if missing)"
+        "target_dir", type=path_argument, help="where to restore it (made if missing)"
     )
     restore.add_argument(
         "entries",
@@ -110,20 +110,11 @@ def saveset_entry(raw: str) -> str:
     return name
 
 
-def given_path(raw: str) -> Path:
-    """A path argument, refused when empty: Path("") is the current
-    directory, and an empty argument is a script's unset variable
-    (``sbc backup "$DIR"``), not a wish to back up or restore into "."."""
-    if not raw:
-        raise argparse.ArgumentTypeError("the path is empty (write . for the current directory)")
-    return Path(raw)
-
-
 def backup_source(raw: str) -> Path:
     """PATH of ``sbc backup``, absolute. A trailing slash on a symbolic link
     means the directory it points to, as for tar and every POSIX tool (Path
     drops the slash, so it is looked at here)."""
-    path = given_path(raw).absolute()
+    path = path_argument(raw).absolute()
     if raw.endswith("/") and path.is_symlink():
         return Path(os.path.realpath(path))
     return path

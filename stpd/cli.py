@@ -15,7 +15,7 @@ import trio
 
 from pki.errors import PkiError
 from pki.inifile import ConfigError
-from pki.layout import INI_DIR_HELP, Layout, ini_dir_option, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
 from stpd.server import OPEN_PER_SERVED, Stpd
@@ -37,12 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="SEP sesam transfer protocol daemon (HTTPS). Without a command it runs "
         "in the foreground: SIGTERM stops it gracefully, SIGHUP reloads stpd.ini and certificates.",
     )
-    parser.add_argument("--ini-dir", type=ini_dir_option, help=INI_DIR_HELP)
+    parser.add_argument("--ini-dir", type=path_argument, help=INI_DIR_HELP)
     parser.add_argument(
         "--listen", type=_listen, help="HOST:PORT to listen on (stpd.ini: STPD_HTTPS_LISTEN)"
     )
-    parser.add_argument("--data-dir", help="saveset directory (stpd.ini: STPD_DATA_DIR)")
-    parser.add_argument("--pid-file", type=Path, help="write the process id here while running")
+    parser.add_argument(
+        "--data-dir", type=path_argument, help="saveset directory (stpd.ini: STPD_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--pid-file", type=path_argument, help="write the process id here while running"
+    )
     parser.add_argument(
         "command",
         nargs="?",
@@ -160,7 +164,7 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     layout = Layout(resolve_ini_dir(args.ini_dir))
-    data_dir = Path(args.data_dir) if args.data_dir else None
+    data_dir = args.data_dir
     try:
         try:
             config = load_config(layout, listen=args.listen, data_dir=data_dir)

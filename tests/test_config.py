@@ -22,6 +22,7 @@ import pytest
 
 import sbc.config
 import stpd.config
+from pki.authority import CertificateAuthority
 from pki.inifile import ConfigError, Key
 from pki.layout import Layout
 from pki.tls import ClientCertPolicy
@@ -364,20 +365,36 @@ def test_sbc_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None
         ["stpd", "--ini-dir", ""],
         ["sm_ssl_cert", "--ini-dir", "", "ca"],
         ["sm_ssl_cert", "ca", "--ini-dir", ""],
+        ["sm_ssl_cert", "--ini-dir", "{ini}", "client", "--path", ""],
+        ["sm_ssl_cert", "--ini-dir", "{ini}", "server", "--common-name", "x", "--path", ""],
+        ["sm_ssl_cert", "--ini-dir", "{ini}", "crl", "--passphrase-file", ""],
+        ["stpd", "--ini-dir", "{ini}", "--data-dir", ""],
+        ["stpd", "--ini-dir", "{ini}", "--pid-file", ""],
     ],
 )
-def test_an_empty_ini_dir_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+def test_an_empty_path_argument_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ca: CertificateAuthority,
+    layout: Layout,
+    argv: list[str],
 ) -> None:
-    """``--ini-dir "$DIR"`` with DIR unset must not fall back to
-    $SESAM_INI_DIR or the product default: there, `sm_ssl_cert ca` would
-    meet (or with --force replace) the production CA. (The environment's
-    directory, set here, also keeps a failing run away from the default.)"""
+    """A path argument given as "$DIR" with DIR unset must not mean the
+    current directory (Path("") is ".": `sm_ssl_cert client --path ""`
+    wrote the key there) nor, for --ini-dir, $SESAM_INI_DIR or the product
+    default, where `sm_ssl_cert ca` would meet the production CA. (The
+    environment's directory, set here, also keeps a failing run away from
+    the default.)"""
     monkeypatch.setenv("SESAM_INI_DIR", str(tmp_path / "from-env"))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    argv = [arg.replace("{ini}", str(layout.ini_dir)) for arg in argv]
     result = run_program([script(argv[0]), *argv[1:]])
     assert not (tmp_path / "from-env").exists()
+    assert list(workdir.iterdir()) == []
     assert result.returncode == 2 and result.stdout == ""
+    option = argv[argv.index("") - 1]
     assert result.stderr.splitlines()[-1].endswith(
-        "error: argument --ini-dir: the directory is empty (leave --ini-dir out for "
-        "$SESAM_INI_DIR or /var/opt/sesam/var/ini)"
+        f"error: argument {option}: the path is empty (write . for the current directory)"
     ), result.stderr

@@ -72,7 +72,7 @@ def test_exec_start_is_a_valid_stpd_command_line() -> None:
     assert Path(argv[0]).is_absolute() and Path(argv[0]).name == "stpd"
     args = build_parser().parse_args(argv[1:])
     assert args.command == "run"
-    assert args.ini_dir == str(DEFAULT_INI_DIR)
+    assert args.ini_dir == DEFAULT_INI_DIR
     assert args.pid_file == Path("/run/stpd/stpd.pid")  # inside RuntimeDirectory=stpd
 
 
