@@ -234,11 +234,12 @@ class TLSConnection:
         raise AssertionError("unreachable")  # pragma: no cover - _raise_ssl_error raises
 
     def _broke(self, reason: str, filled: int) -> int:
-        """Hand over what was read before the break; the next call raises."""
-        self._broken = reason
+        """Hand over what was read before the break; the next call raises.
+        A reason set before (an interrupt) stays: the break follows from it."""
+        self._broken = self._broken or reason
         if filled:
             return filled
-        raise self.Broken(reason)
+        raise self.Broken(self._broken)
 
     def _raise_ssl_error(self, result: int) -> None:
         """Raise what an SSL_read/SSL_write result <= 0 means (pyOpenSSL's

@@ -4,6 +4,7 @@ end of stream, truncation, and trio's checkpoint rules."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import trio
@@ -89,6 +90,19 @@ async def test_a_cancelled_send_stops_sending_but_not_receiving(pki: Pki) -> Non
         await stream.aclose()
 
 
+def a_thread_waits_in_poll() -> bool:
+    """Whether a thread of this process is in poll() (system call 7 on
+    x86-64, or ppoll, 271): the transfer thread waiting in C for data."""
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            call = (task / "syscall").read_text().split(" ", 1)[0]
+        except OSError:  # the thread ended meanwhile
+            continue
+        if call in ("7", "271"):
+            return True
+    return False
+
+
 async def test_a_transfer_thread_times_out_and_is_interrupted_by_cancellation(pki: Pki) -> None:
     """The blocking side of the stream (a whole body in one thread, see
     stpd.transfer): a stall past the timeout raises TooSlowError, and
@@ -102,14 +116,21 @@ async def test_a_transfer_thread_times_out_and_is_interrupted_by_cancellation(pk
         await run_transfer(server, lambda: server.receive_into_blocking(buf, 0.2))
     with pytest.raises(trio.TooSlowError):  # the peer does not read
         await run_transfer(sbc, lambda: sbc.send_blocking([b"x" * 50_000_000], 0.2))
+    for stream in (server, sbc):
+        await stream.aclose()
 
+    # A new pair: the server's buffers hold megabytes of the send above, which
+    # a receive would return at once, before the cancellation it is to wait for.
+    server, sbc = await tls_pair(pki, pki.client_ini("b"))
     started = trio.current_time()
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 run_transfer, server, lambda: server.receive_into_blocking(buf, 60.0)
             )
-            await trio.testing.wait_all_tasks_blocked()
+            deadline = trio.current_time() + 10
+            while not a_thread_waits_in_poll() and trio.current_time() < deadline:
+                await trio.sleep(0.01)
             scope.cancel()
     assert scope.cancelled_caught
     assert trio.current_time() - started < 30  # not the 60 s wait: interrupted
