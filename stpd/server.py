@@ -693,7 +693,7 @@ class HttpSession:
         try:
             upload = await trio.to_thread.run_sync(store.begin, self.owner, source, self.peer)
         except StoreError as exc:
-            log.error("upload from %s refused: %s", self.peer, exc)
+            log.error("upload from %s refused: %s (data directory %s)", self.peer, exc, store.root)
             await self._send_error(exc.status, str(exc))
             return
         started = time.monotonic()
@@ -726,7 +726,13 @@ class HttpSession:
                 # while the client is still sending, and a full disk should be
                 # free again by the time the client reads why it failed.
                 await trio.to_thread.run_sync(upload.abort)
-                log.error("upload from %s (%s) failed: %s", self.peer, self.owner, exc)
+                log.error(
+                    "upload from %s (%s) failed: %s (data directory %s)",
+                    self.peer,
+                    self.owner,
+                    exc,
+                    store.root,
+                )
                 await self._send_error(exc.status, str(exc))
                 return
             except (trio.BrokenResourceError, trio.TooSlowError, h11.RemoteProtocolError) as exc:

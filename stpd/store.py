@@ -112,6 +112,11 @@ class Upload:
                 self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
             )
         except OSError as exc:
+            if exc.errno == errno.ENOENT:  # made at start: not made again into a mount point
+                raise StoreError(
+                    "cannot create a saveset file: the data directory is gone (its file system "
+                    "unmounted?); stpd makes it again only when it starts"
+                ) from None
             raise _storage_error(exc, "create a saveset file") from None
 
     def write(self, pieces: Sequence[bytes | memoryview]) -> None:

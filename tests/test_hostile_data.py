@@ -498,6 +498,41 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
         assert_no_partial(data)
 
 
+def test_a_data_directory_unmounted_under_stpd_is_not_made_again(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The data directory's file system unmounted while stpd runs (a disk
+    pulled, a share gone): an upload fails with the reason, and nothing is
+    written into the bare mount point, which is on another file system
+    (often the root one) that the backups would fill."""
+    client = hpki.client_ini("orphan")
+    source = tmp_path / "f.txt"
+    source.write_text("data\n")
+    backup = ["--ini-dir", str(client.ini_dir), "backup", str(source), "--quiet"]
+    with (
+        small_tmpfs(tmp_path / "disk", "4m") as data,
+        running_stpd(hpki.layout, 2, data_dir=data) as stpd,
+    ):
+        code, _, err = run_sbc(*backup, "--server", stpd.address)
+        assert code == 0, err
+        subprocess.run(["umount", "-l", str(data)], check=True)
+        code, out, err = run_sbc(*backup, "--server", stpd.address)
+        assert (code, out) == (1, "")
+        reason = (
+            "cannot create a saveset file: the data directory is gone (its file system "
+            "unmounted?); stpd makes it again only when it starts"
+        )
+        assert err == f"sbc: error: backup of {source} failed on stpd at {stpd.address}: {reason}\n"
+        stpd.log.wait_for(
+            rf"^ERROR upload from {PEER} refused: {re.escape(reason)} "
+            rf"\(data directory {re.escape(str(data))}\)$"
+        )
+        assert list(data.iterdir()) == []  # the mount point beneath
+        code, _, err = run_sbc("--ini-dir", str(client.ini_dir), "status", "--server", stpd.address)
+        assert code == 0, err  # and stpd still serves
+
+
 def test_a_data_directory_running_out_of_space_is_warned_about_once_an_hour(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,
