@@ -671,7 +671,11 @@ class HttpSession:
         elif isinstance(action, Status):
             await self._send_json(200, self.daemon.status())
         elif isinstance(action, ListSavesets):
-            found = await trio.to_thread.run_sync(self.daemon.store.owned_by, self.owner)
+            try:
+                found = await trio.to_thread.run_sync(self.daemon.store.owned_by, self.owner)
+            except StoreError as exc:
+                await self._storage_failed("listing", exc)
+                return
             await self._send_json(200, [meta.to_json() for meta in found])
         elif isinstance(action, Metadata):
             meta = await self._owned_saveset(action.saveset)
@@ -772,10 +776,24 @@ class HttpSession:
     async def _owned_saveset(self, saveset: str) -> SavesetMeta | None:
         """The metadata of the caller's ``saveset``; else a 404 is sent (others'
         savesets answer exactly like missing ones) and None returned."""
-        meta = await trio.to_thread.run_sync(self.daemon.store.find, self.owner, saveset)
+        try:
+            meta = await trio.to_thread.run_sync(self.daemon.store.find, self.owner, saveset)
+        except StoreError as exc:
+            await self._storage_failed(f"request for {saveset}", exc)
+            return None
         if meta is None:
             await self._send_error(404, f"no saveset {saveset} for this client")
         return meta
+
+    async def _storage_failed(self, what: str, exc: StoreError) -> None:
+        log.error(
+            "%s from %s failed: %s (data directory %s)",
+            what,
+            self.peer,
+            exc,
+            self.daemon.store.root,
+        )
+        await self._send_error(exc.status, str(exc))
 
     async def _unreadable_saveset(self, saveset: str, exc: Exception) -> None:
         """Before the answer's head: a 500 says so."""

@@ -47,6 +47,12 @@ class StoreError(Exception):
     status = 500
 
 
+DATA_DIRECTORY_GONE = (
+    "the data directory is gone (its file system unmounted?); stpd makes it again only when "
+    "it starts"
+)
+
+
 class StorageFull(StoreError):
     status = 507
 
@@ -112,11 +118,6 @@ class Upload:
                 self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
             )
         except OSError as exc:
-            if exc.errno == errno.ENOENT:  # made at start: not made again into a mount point
-                raise StoreError(
-                    "cannot create a saveset file: the data directory is gone (its file system "
-                    "unmounted?); stpd makes it again only when it starts"
-                ) from None
             raise _storage_error(exc, "create a saveset file") from None
 
     def write(self, pieces: Sequence[bytes | memoryview]) -> None:
@@ -188,13 +189,28 @@ class SavesetStore:
         self.incoming = self.root / INCOMING
         self._lock: int | None = None
 
+    def check_in_place(self) -> None:
+        """StoreError unless the data directory is still the one locked at
+        start: unmounted (a disk pulled, a share gone), the bare mount point
+        beneath would list no savesets and take backups onto the file
+        system under it. stpd makes it only when it starts."""
+        if self._lock is None:
+            return  # not prepared (tests of the store alone)
+        try:
+            now, locked = os.stat(self.root), os.fstat(self._lock)
+        except OSError:
+            raise StoreError(DATA_DIRECTORY_GONE) from None
+        if (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
+            raise StoreError(DATA_DIRECTORY_GONE)
+
     def space(self) -> dict[str, int] | None:
         """Bytes free for savesets (for stpd's user, as ``df`` counts them)
         and in all, in the data directory's file system; None if it cannot
-        be asked (status answers anyway)."""
+        be asked (status answers anyway), or is not there."""
         try:
+            self.check_in_place()
             fs = os.statvfs(self.root)
-        except OSError:
+        except (OSError, StoreError):
             return None
         return {"free_bytes": fs.f_bavail * fs.f_frsize, "total_bytes": fs.f_blocks * fs.f_frsize}
 
@@ -250,6 +266,7 @@ class SavesetStore:
             self._lock = None
 
     def begin(self, owner: str, source: str, peer: str) -> Upload:
+        self.check_in_place()
         return Upload(self, owner, source, peer)
 
     def publish(self, part: Path, meta: SavesetMeta) -> None:
@@ -279,6 +296,7 @@ class SavesetStore:
         return [meta for meta in metas if meta is not None]
 
     def owned_by(self, owner: str) -> list[SavesetMeta]:
+        self.check_in_place()
         return [m for m in self.all() if m.owner == owner]
 
     def remove_finished_before(self, moment: dt.datetime) -> list[SavesetMeta]:
@@ -304,6 +322,7 @@ class SavesetStore:
         are reported exactly like missing ones."""
         if not SAVESET_ID.match(saveset):
             return None
+        self.check_in_place()
         meta = _read_meta(self.root / f"{saveset}.json")
         return meta if meta is not None and meta.owner == owner else None
 

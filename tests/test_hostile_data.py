@@ -503,33 +503,44 @@ def test_a_data_directory_unmounted_under_stpd_is_not_made_again(
     tmp_path: Path,
 ) -> None:
     """The data directory's file system unmounted while stpd runs (a disk
-    pulled, a share gone): an upload fails with the reason, and nothing is
-    written into the bare mount point, which is on another file system
-    (often the root one) that the backups would fill."""
+    pulled, a share gone): backups, listings and restores fail with the
+    reason, instead of "no savesets" from the bare mount point beneath, and
+    nothing is written there: it is on another file system (often the root
+    one), which the backups would fill."""
     client = hpki.client_ini("orphan")
     source = tmp_path / "f.txt"
     source.write_text("data\n")
-    backup = ["--ini-dir", str(client.ini_dir), "backup", str(source), "--quiet"]
+    ini = ["--ini-dir", str(client.ini_dir)]
+    backup = [*ini, "backup", str(source), "--quiet"]
     with (
         small_tmpfs(tmp_path / "disk", "4m") as data,
         running_stpd(hpki.layout, 2, data_dir=data) as stpd,
     ):
-        code, _, err = run_sbc(*backup, "--server", stpd.address)
+        server = ["--server", stpd.address]
+        code, out, err = run_sbc(*backup, *server, "--json")
         assert code == 0, err
+        saveset = json.loads(out)["saveset"]
         subprocess.run(["umount", "-l", str(data)], check=True)
-        code, out, err = run_sbc(*backup, "--server", stpd.address)
-        assert (code, out) == (1, "")
-        reason = (
-            "cannot create a saveset file: the data directory is gone (its file system "
-            "unmounted?); stpd makes it again only when it starts"
+        gone = (
+            "the data directory is gone (its file system unmounted?); stpd makes it again "
+            "only when it starts"
         )
-        assert err == f"sbc: error: backup of {source} failed on stpd at {stpd.address}: {reason}\n"
+        for argv, what in [
+            (backup, f"backup of {source} failed on"),
+            ([*ini, "list"], "GET /savesets failed on"),
+            ([*ini, "restore", saveset, str(tmp_path / "back")], f"restore of {saveset} failed on"),
+        ]:
+            code, out, err = run_sbc(*argv, *server)
+            assert (code, out) == (1, ""), err
+            assert err == f"sbc: error: {what} stpd at {stpd.address}: {gone}\n"
         stpd.log.wait_for(
-            rf"^ERROR upload from {PEER} refused: {re.escape(reason)} "
+            rf"^ERROR upload from {PEER} refused: {re.escape(gone)} "
             rf"\(data directory {re.escape(str(data))}\)$"
         )
         assert list(data.iterdir()) == []  # the mount point beneath
-        code, _, err = run_sbc("--ini-dir", str(client.ini_dir), "status", "--server", stpd.address)
+        assert not (tmp_path / "back").exists()
+        assert stpd.daemon.status()["storage"] is None  # not the space beneath
+        code, _, err = run_sbc(*ini, "status", *server)
         assert code == 0, err  # and stpd still serves
 
 
