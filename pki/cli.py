@@ -47,13 +47,7 @@ from pki.crl import (
 from pki.errors import PkiError
 from pki.files import read_passphrase
 from pki.inventory import Entry, Inventory, timestamp
-from pki.layout import (
-    INI_DIR_ENV,
-    INI_DIR_HELP,
-    Layout,
-    path_argument,
-    resolve_ini_dir,
-)
+from pki.layout import INI_DIR_ENV, INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 
 PROG = "sm_ssl_cert"
 EXIT_ERROR = 2

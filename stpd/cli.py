@@ -164,10 +164,9 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     layout = Layout(resolve_ini_dir(args.ini_dir))
-    data_dir = args.data_dir
     try:
         try:
-            config = load_config(layout, listen=args.listen, data_dir=data_dir)
+            config = load_config(layout, listen=args.listen, data_dir=args.data_dir)
             if args.command == "status":
                 return status(layout, config, args.json)
             configure_logging()

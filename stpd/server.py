@@ -674,7 +674,7 @@ class HttpSession:
             try:
                 found = await trio.to_thread.run_sync(self.daemon.store.owned_by, self.owner)
             except StoreError as exc:
-                await self._storage_failed("listing", exc)
+                await self._storage_failed(f"listing from {self.peer} failed", exc)
                 return
             await self._send_json(200, [meta.to_json() for meta in found])
         elif isinstance(action, Metadata):
@@ -697,8 +697,7 @@ class HttpSession:
         try:
             upload = await trio.to_thread.run_sync(store.begin, self.owner, source, self.peer)
         except StoreError as exc:
-            log.error("upload from %s refused: %s (data directory %s)", self.peer, exc, store.root)
-            await self._send_error(exc.status, str(exc))
+            await self._storage_failed(f"upload from {self.peer} refused", exc)
             return
         started = time.monotonic()
         with self.daemon.transfer_running():
@@ -730,14 +729,7 @@ class HttpSession:
                 # while the client is still sending, and a full disk should be
                 # free again by the time the client reads why it failed.
                 await trio.to_thread.run_sync(upload.abort)
-                log.error(
-                    "upload from %s (%s) failed: %s (data directory %s)",
-                    self.peer,
-                    self.owner,
-                    exc,
-                    store.root,
-                )
-                await self._send_error(exc.status, str(exc))
+                await self._storage_failed(f"upload from {self.peer} ({self.owner}) failed", exc)
                 return
             except (trio.BrokenResourceError, trio.TooSlowError, h11.RemoteProtocolError) as exc:
                 reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
@@ -779,20 +771,16 @@ class HttpSession:
         try:
             meta = await trio.to_thread.run_sync(self.daemon.store.find, self.owner, saveset)
         except StoreError as exc:
-            await self._storage_failed(f"request for {saveset}", exc)
+            await self._storage_failed(f"request for {saveset} from {self.peer} failed", exc)
             return None
         if meta is None:
             await self._send_error(404, f"no saveset {saveset} for this client")
         return meta
 
     async def _storage_failed(self, what: str, exc: StoreError) -> None:
-        log.error(
-            "%s from %s failed: %s (data directory %s)",
-            what,
-            self.peer,
-            exc,
-            self.daemon.store.root,
-        )
+        """The data directory failed a request: logged with where it is (the
+        client is not told that), and answered with the error's status."""
+        log.error("%s: %s (data directory %s)", what, exc, self.daemon.store.root)
         await self._send_error(exc.status, str(exc))
 
     async def _unreadable_saveset(self, saveset: str, exc: Exception) -> None:

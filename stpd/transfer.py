@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from stpd.body import ChunkedBody, LengthBody, Span
     from stpd.tlsconn import TLSConnection
 
-BATCH_BYTES = 1024 * 1024  # the one buffer of a transfer
+BATCH_BYTES = 1024 * 1024  # a transfer's buffer (see BodyReader for uploads)
 # A two-buffer BodyReader's batches, once the body is long, and a
 # one-buffer BodyReader's (see there).
 HANDED_OVER_BATCH_BYTES = 4 * BATCH_BYTES
