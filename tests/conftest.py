@@ -251,6 +251,14 @@ def make_pki(root: Path, server_names: str = "localhost,127.0.0.1") -> Pki:
     return Pki(root, layout, ca)
 
 
+def waiting_in_poll(thread_id: int) -> bool:
+    """Whether the thread ``thread_id`` of this process is in poll() (system
+    call 7 on x86-64; 271 is ppoll, which a C library may use for it): a
+    wait in C that a test must catch while it lasts."""
+    call = Path(f"/proc/self/task/{thread_id}/syscall").read_text().split(" ", 1)[0]
+    return call in ("7", "271")
+
+
 def run_sbc(*argv: str) -> tuple[int, str, str]:
     """``sbc`` in this process; returns (exit status, stdout, stderr).
 

@@ -40,6 +40,7 @@ from tests.conftest import (
     run_sbc,
     running_stpd,
     tar_bytes,
+    waiting_in_poll,
     with_open_files,
 )
 
@@ -119,13 +120,6 @@ def test_ctrl_c_ends_sbc_waiting_for_an_answer(pki: Pki) -> None:
     assert err.strip() == "sbc: interrupted"
 
 
-def _waiting_in_poll(thread_id: int) -> bool:
-    """Whether the thread is in poll() (system call 7 on x86-64; 271 is
-    ppoll, which a C library may use for it)."""
-    call = Path(f"/proc/self/task/{thread_id}/syscall").read_text().split(" ", 1)[0]
-    return call in ("7", "271")
-
-
 def test_a_signal_that_poll_does_not_see_still_ends_the_wait(pki: Pki) -> None:
     """SIGINT delivered to another thread while sbc's main thread waits in
     poll() (as one arriving just before poll() begins): poll() sees no EINTR.
@@ -138,12 +132,12 @@ def test_a_signal_that_poll_does_not_see_still_ends_the_wait(pki: Pki) -> None:
     def interrupt_the_wait(server: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
         _wait_for_line(lines, "GET /status HTTP/1.1")  # sent: sbc waits for the answer
         deadline = time.monotonic() + WAIT_SECONDS
-        while not _waiting_in_poll(main) and time.monotonic() < deadline:
+        while not waiting_in_poll(main) and time.monotonic() < deadline:
             pass
         signal.raise_signal(signal.SIGINT)  # to this thread, not the one in poll()
-        while _waiting_in_poll(main) and time.monotonic() < deadline:
+        while waiting_in_poll(main) and time.monotonic() < deadline:
             pass
-        if _waiting_in_poll(main):
+        if waiting_in_poll(main):
             rescued.set()
             server.kill()  # ends sbc's wait, so that the test fails instead of hanging
 
