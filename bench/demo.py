@@ -205,10 +205,15 @@ def demo(work: Path) -> None:
     data = work / "data"
     port = free_port()
 
-    heading(1, "root CA, server and client certificates (sm_ssl_cert)")
+    heading(1, "root CA, server and client certificates (sm_ssl_cert); the CA key off the server")
     run([sm_ssl_cert, "--ini-dir", str(ini), "ca"])
     run([sm_ssl_cert, "--ini-dir", str(ini), "server", f"--common-name=localhost,{HOST}"])
     run([sm_ssl_cert, "--ini-dir", str(ini), "client", "--oid=CN:demo-client,O:Demo,OU:Backup"])
+    # What an administrator does next: the CA key goes where certificates are
+    # issued, not on the server (stpd would warn about it).
+    offline = work / "offline-ca"
+    offline.mkdir(mode=0o700)
+    run(["mv", str(ini / "ca" / "rootCA.key"), str(offline)])
 
     heading(2, "configuration: stpd.ini (level 2) and sm.ini")
     write_file(

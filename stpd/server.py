@@ -171,6 +171,13 @@ class Stpd:
         loose = open_to_others(config.layout.server_key, "private key")
         if loose is not None:
             log.warning("%s", loose)
+        if config.layout.ca_key.exists():  # SPEC: needed only to issue, never by a daemon
+            log.warning(
+                "%s is on this server: stpd does not need it, and whoever reads it can issue "
+                "certificates that this stpd accepts; once certificates are issued, move it "
+                "to the machine (or medium) you issue them from",
+                config.layout.ca_key,
+            )
         server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
         ca = config.layout.ca_cert
         ca_cert = x509.load_pem_x509_certificate(ca.read_bytes()) if ca.is_file() else None

@@ -298,6 +298,39 @@ def test_sighup_renewed_certificate_for_new_connections_only(
     assert_no_partial(data, require_incoming=True)
 
 
+def test_a_ca_key_on_the_server_is_pointed_out_at_start_and_reload(
+    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
+) -> None:
+    """SPEC: rootCA.key is needed only to issue certificates, the
+    administrator should move it off the server, and every daemon runs
+    without it. stpd says so while it finds the key in its ini directory:
+    at start and at each reload, and no more once it is gone."""
+    pki, client, _ = setup
+    write_stpd_ini(pki.layout.ini_dir)
+    key = pki.layout.ca_key
+    warning = rf"WARNING stpd: {re.escape(str(key))} is on this server: stpd does not need it"
+    server = start()
+    assert len(server.matching(warning)) == 1
+
+    def reload() -> None:
+        mark = server.mark()
+        server.signal(signal.SIGHUP)
+        server.wait_for(r"INFO stpd: reloaded .*stpd\.ini and certificates", after=mark)
+
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    os.replace(key, offline / "rootCA.key")
+    reload()
+    assert len(server.matching(warning)) == 1  # none at this reload
+    assert server_serial(server.port, client) > 0  # served without the key
+
+    os.replace(offline / "rootCA.key", key)  # copied back by mistake
+    reload()
+    assert len(server.matching(warning)) == 2
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+
+
 def test_broken_reload_is_refused_and_the_old_configuration_stays(
     setup: tuple[Pki, Layout, Path], start, tmp_path: Path
 ) -> None:
@@ -346,6 +379,7 @@ def test_the_open_files_limit_is_raised_to_the_hard_one(
     stpd accepts no connection: it raises it to the hard limit, and says so
     when even that is short of what STPD_MAX_CONNECTIONS may need."""
     pki, _, data = setup
+    os.replace(pki.layout.ca_key, data.parent / "rootCA.key")  # off the server: no warning
     server = StpdProcess(pki.layout.ini_dir, data, launcher=with_open_files(256, 4096))
     try:
         server.wait_for(r"INFO stpd: open files limit raised from 256 to 4096$")

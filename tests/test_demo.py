@@ -42,6 +42,9 @@ def test_demo_runs_the_main_job_end_to_end_and_cleans_up() -> None:
     for command in ("sm_ssl_cert --ini-dir", " ca\n", " server --common-name=", " client "):
         assert command in result.stdout, command
     assert re.search(r"INFO stpd: stpd \S+ listening on 127\.0\.0\.1:\d+, .*level 2", output)
+    # The CA key went off the server first, so stpd had nothing to warn about.
+    assert re.search(r"\$ mv \S+/ini/ca/rootCA\.key \S+/offline-ca\n", result.stdout)
+    assert "WARNING" not in output
 
     # The backup: sbc printed the saveset, and stpd stored it.
     assert re.search(r"\$ \S*sbc --ini-dir \S+ backup ", result.stdout)
@@ -88,6 +91,8 @@ def test_demo_keep_leaves_the_directory() -> None:
     work = demo_dir(result.stdout)
     try:
         assert (work / "ini" / "ca" / "rootCA.pem").is_file()
+        assert not (work / "ini" / "ca" / "rootCA.key").exists()
+        assert (work / "offline-ca" / "rootCA.key").stat().st_mode & 0o777 == 0o600
         assert (work / "ini" / "stpd.ini").is_file()
         assert list((work / "data").glob("SS-*.tar"))
     finally:

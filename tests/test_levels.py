@@ -92,8 +92,11 @@ def stored_files(stpd: RunningStpd) -> list[str]:
 
 
 def peer_lines(stpd: RunningStpd) -> list[str]:
-    """Every log line after the start-up line."""
-    return [line for line in stpd.log.lines if " listening on " not in line]
+    """Every log line after the start-up line (before it: what stpd says
+    about its files, such as the CA key beside it)."""
+    lines = list(stpd.log.lines)
+    start = next(i for i, line in enumerate(lines) if " listening on " in line)
+    return lines[start + 1 :]
 
 
 # -- sbc -----------------------------------------------------------------------
