@@ -337,10 +337,13 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             if {"free_bytes", "total_bytes"} <= storage.keys()
             else ""
         )
+        crl = status.get("crl") or {}
+        crl_text = f", CRL next update in {crl['days_left']} days" if "days_left" in crl else ""
         print(
             f"stpd {status.get('version')} at {session.where}: level {status.get('level')}, "
             f"up {status.get('uptime_seconds')}s, {status.get('active_transfers')} active transfers, "
-            f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days{free}"
+            f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days{crl_text}"
+            f"{free}"
         )
     return dict(status)
 

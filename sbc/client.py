@@ -72,6 +72,14 @@ _REFUSALS = {
         "our client certificate has expired",
         "issue a new one with `sm_ssl_cert client` on the backup server and copy it to x.509/",
     ),
+    # OpenSSL sends the "certificate expired" alert for a CRL past its next
+    # update too: with our certificate in date, that is the likelier cause.
+    "crl-expired": (
+        "stpd says a certificate has expired, but our client certificate is in date here",
+        "its CRL (ca/crl.pem) is probably past its next update, or its clock is wrong; "
+        "ask the administrator to write a new CRL with `sm_ssl_cert crl` and copy it there "
+        "(stpd's log names the reason)",
+    ),
     "not-yet-valid": (
         "our client certificate is not yet valid",
         "check the clocks of this machine and of the backup server, or issue a new one "
@@ -107,6 +115,8 @@ def _refusal_kind(reason: str, local: tuple[str, str] | None) -> tuple[str | Non
     can name), and the reason with our local finding added."""
     lowered = reason.lower()
     kind = next((kind for needle, kind in _ALERTS if needle in lowered), None)
+    if kind == "expired" and local is None:
+        return "crl-expired", reason
     if local is not None and kind in (None, "bad"):
         kind, detail = local
         reason = f"{reason}; {detail}"

@@ -12,6 +12,7 @@ import datetime
 import errno
 import json
 import logging
+import math
 import os
 import tarfile
 import time
@@ -27,11 +28,12 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from pki.authority import EXPIRY_WARNING_DAYS, days_left
+from pki.crl import CRL_WARNING_DAYS
 from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.inifile import ConfigError
 from pki.inventory import timestamp
-from pki.tls import server_context
+from pki.tls import ClientCertPolicy, load_crl, server_context
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
@@ -350,6 +352,7 @@ class Stpd:
             self.server_cert.subject.rfc4514_string(),
             int(days_left(self.server_cert.not_valid_after_utc)),
         )
+        self._check_crl()
         self._check_expiry()
 
     def _refresh_crl(self) -> None:
@@ -365,8 +368,10 @@ class Stpd:
             log.error("new CRL refused, the previous one stays in force: %s", exc)
             return
         log.info("CRL %s changed: reloaded", self.config.layout.crl)
+        self._check_crl()  # a copy of an old one, for example
 
     def _check_expiry(self) -> None:
+        self._check_crl()
         for what, cert in (("server certificate", self.server_cert), ("root CA", self.ca_cert)):
             if cert is None:
                 continue
@@ -380,6 +385,43 @@ class Stpd:
                     int(left),
                     cert.not_valid_after_utc.date(),
                 )
+
+    def _check_crl(self) -> None:
+        """Past its next update, OpenSSL fails every check against the CRL,
+        so every client certificate is invalid: said here before it happens
+        and when it has, with the fix (the refusals name only the symptom)."""
+        next_update = self.crl_next_update()
+        if next_update is None:
+            return
+        crl, left = self.config.layout.crl, days_left(next_update)
+        if left <= 0:
+            log.error(
+                "CRL %s is out of date since %s UTC: every client certificate now fails "
+                "validation (level 2 refuses them all); write a new one with `sm_ssl_cert crl` "
+                "where the CA key is and copy it here (stpd reads it at the next connection)",
+                crl,
+                f"{next_update:%Y-%m-%d %H:%M}",
+            )
+        elif left < CRL_WARNING_DAYS:
+            log.warning(
+                "CRL %s must be written again within %d day(s) (next update %s UTC), or every "
+                "client certificate fails validation: run `sm_ssl_cert crl` where the CA key is "
+                "(e.g. weekly from cron) and copy it here",
+                crl,
+                math.ceil(left),
+                f"{next_update:%Y-%m-%d %H:%M}",
+            )
+
+    def crl_next_update(self) -> datetime.datetime | None:
+        """When the CRL in force must be replaced; None without one (or at
+        level 0, where none is checked)."""
+        if self.config.client_cert_policy == ClientCertPolicy.IGNORE or self.ca_cert is None:
+            return None
+        try:
+            crl = load_crl(self.config.layout, self.ca_cert)
+        except PkiError:
+            return None  # refused where the context is built, with the reason
+        return crl.next_update_utc if crl is not None else None
 
     async def _remove_expired_savesets(self) -> None:
         """STPD_RETENTION_DAYS: at start, then every hour (a SIGHUP's new
@@ -436,7 +478,14 @@ class Stpd:
                 "days_left": int(days_left(self.server_cert.not_valid_after_utc)),
             },
             "storage": self.store.space(),
+            "crl": self._crl_status(),
         }
+
+    def _crl_status(self) -> dict[str, Any] | None:
+        next_update = self.crl_next_update()
+        if next_update is None:
+            return None
+        return {"next_update": timestamp(next_update), "days_left": int(days_left(next_update))}
 
     async def handle_connection(self, transport: trio.SocketStream) -> None:
         peer = format_peer(transport)

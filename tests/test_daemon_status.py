@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 import stpd.server
+from pki import crl as crl_module
 from pki.authority import CertificateAuthority
 from pki.layout import Layout
 from stpd import __version__
-from tests.conftest import Pki, StpdProcess, make_pki, running_stpd, write_stpd_ini
+from tests.conftest import Pki, StpdProcess, make_pki, run_sbc, running_stpd, write_stpd_ini
 from tests.test_daemon_signals import RawClient, make_tar, wait_active_transfers
 
 BIN = Path(sys.executable).parent
@@ -59,6 +60,7 @@ def check_status(status: dict, active: int) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cert["not_after"])  # as everywhere
     storage = status["storage"]
     assert 0 < storage["free_bytes"] <= storage["total_bytes"]
+    assert status["crl"] is None  # none written
 
 
 def test_stpd_status_and_sbc_status(daemon: tuple[Pki, StpdProcess]) -> None:
@@ -179,3 +181,45 @@ def test_sbc_command_output_that_cannot_be_written_is_one_clear_line(pki: Pki) -
         piped = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert piped.returncode == 0, piped.stderr
         check_status(json.loads(piped.stdout), active=0)
+
+
+def test_a_crl_near_its_next_update_is_warned_about_and_shown_in_status(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its next update the CRL fails every client certificate (see
+    test_lifecycle_stpd): stpd warns within CRL_WARNING_DAYS, daily, and
+    status shows the date; a new CRL from `sm_ssl_cert crl` ends it."""
+    client = pki.client_ini("crl-watcher")
+    crl_module.write_crl(pki.ca, days=3)
+    monkeypatch.setattr(stpd.server, "EXPIRY_CHECK_INTERVAL", 0.05)
+    warning = (
+        rf"^WARNING CRL {re.escape(str(pki.layout.crl))} must be written again within 3 day\(s\) "
+        r"\(next update \d{4}-\d\d-\d\d \d\d:\d\d UTC\), or every client certificate fails "
+        r"validation: run `sm_ssl_cert crl` where the CA key is \(e\.g\. weekly from cron\) and "
+        r"copy it here$"
+    )
+    with running_stpd(pki.layout) as daemon:
+        daemon.log.wait_for(warning)
+        with daemon.log.changed:  # repeated by the daily check
+            assert daemon.log.changed.wait_for(
+                lambda: len(daemon.log.matching(warning)) >= 2, timeout=10
+            )
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "status", "--server", daemon.address
+        )
+        assert code == 0, err
+        assert ", CRL next update in 2 days, " in out, out  # 2.99 days, as for certificates
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "status", "--server", daemon.address, "--json"
+        )
+        crl = json.loads(out)["crl"]
+        assert crl["days_left"] == 2
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", crl["next_update"])
+
+        crl_module.write_crl(pki.ca)  # the fix: 30 days more
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "status", "--server", daemon.address, "--json"
+        )
+        assert code == 0, err
+        daemon.log.wait_for(r"^INFO CRL .* changed: reloaded$")
+        assert json.loads(out)["crl"]["days_left"] == 29

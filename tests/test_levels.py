@@ -305,6 +305,20 @@ def test_client_certificate_problem(pki: Pki, kind: str, expected: str | None) -
             "refused by stpd at h:1: our client certificate is not signed by the server's "
             "root CA (TLS error: tlsv1 alert unknown ca); issue a new one",
         ),
+        # "certificate expired" with our certificate in date: the CRL has expired.
+        (
+            "TLS error: tls alert certificate expired",
+            None,
+            "refused by stpd at h:1: stpd says a certificate has expired, but our client "
+            "certificate is in date here (TLS error: tls alert certificate expired); its CRL "
+            "(ca/crl.pem) is probably past its next update",
+        ),
+        (
+            "TLS error: tls alert certificate expired",
+            ("expired", "x expired on 2026-01-01"),
+            "refused by stpd at h:1: our client certificate has expired (TLS error: tls alert "
+            "certificate expired); issue a new one",
+        ),
         # "bad certificate" says little: the local finding is more precise.
         (
             "TLS error: tls alert bad certificate",

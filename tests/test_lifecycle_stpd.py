@@ -171,9 +171,24 @@ def test_an_out_of_date_crl_refuses_every_client_at_level_2(
     client = pki.client_ini("host1")
     crl_module.write_crl(pki.ca, days=30, now=datetime.now(UTC) - timedelta(days=31))
     with running_stpd(pki.layout, level=2) as stpd:
-        code, _out, _err = backup(client, stpd, source)
+        # Said at start, with the fix: the refusals name only the symptom.
+        stpd.log.wait_for(
+            rf"^ERROR CRL {re.escape(str(pki.layout.crl))} is out of date since "
+            r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: every client certificate now fails validation "
+            r"\(level 2 refuses them all\); write a new one with `sm_ssl_cert crl` where the CA "
+            r"key is and copy it here \(stpd reads it at the next connection\)$"
+        )
+        code, _out, err = backup(client, stpd, source)
         assert code == 1
         stpd.log.wait_for(rf"^ERROR refused {PEER} \([^)]+\): CRL has expired")
+        # The alert is "certificate expired", but sbc does not blame its own.
+        assert re.match(
+            rf"sbc: error: refused by stpd at {re.escape(stpd.address)}: stpd says a certificate "
+            r"has expired, but our client certificate is in date here \(.*certificate expired\); "
+            r"its CRL \(ca/crl\.pem\) is probably past its next update, or its clock is wrong; "
+            r"ask the administrator to write a new CRL with `sm_ssl_cert crl`",
+            one_line(err),
+        ), err
     assert sm_ssl_cert(["--ini-dir", str(pki.layout.ini_dir), "crl"]) == 0
     capsys.readouterr()
     with running_stpd(pki.layout, level=2) as stpd:
