@@ -390,17 +390,20 @@ class Stpd:
         """Past its next update, OpenSSL fails every check against the CRL,
         so every client certificate is invalid: said here before it happens
         and when it has, with the fix (the refusals name only the symptom)."""
-        next_update = self.crl_next_update()
+        next_update = self._crl_next_update()
         if next_update is None:
             return
         crl, left = self.config.layout.crl, days_left(next_update)
         if left <= 0:
             log.error(
                 "CRL %s is out of date since %s UTC: every client certificate now fails "
-                "validation (level 2 refuses them all); write a new one with `sm_ssl_cert crl` "
+                "validation, so every client is %s; write a new one with `sm_ssl_cert crl` "
                 "where the CA key is and copy it here (stpd reads it at the next connection)",
                 crl,
                 f"{next_update:%Y-%m-%d %H:%M}",
+                "refused"
+                if self.config.client_cert_policy == ClientCertPolicy.REQUIRE
+                else "served as anonymous",
             )
         elif left < CRL_WARNING_DAYS:
             log.warning(
@@ -412,7 +415,7 @@ class Stpd:
                 f"{next_update:%Y-%m-%d %H:%M}",
             )
 
-    def crl_next_update(self) -> datetime.datetime | None:
+    def _crl_next_update(self) -> datetime.datetime | None:
         """When the CRL in force must be replaced; None without one (or at
         level 0, where none is checked)."""
         if self.config.client_cert_policy == ClientCertPolicy.IGNORE or self.ca_cert is None:
@@ -482,7 +485,7 @@ class Stpd:
         }
 
     def _crl_status(self) -> dict[str, Any] | None:
-        next_update = self.crl_next_update()
+        next_update = self._crl_next_update()
         if next_update is None:
             return None
         return {"next_update": timestamp(next_update), "days_left": int(days_left(next_update))}

@@ -174,8 +174,8 @@ def test_an_out_of_date_crl_refuses_every_client_at_level_2(
         # Said at start, with the fix: the refusals name only the symptom.
         stpd.log.wait_for(
             rf"^ERROR CRL {re.escape(str(pki.layout.crl))} is out of date since "
-            r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: every client certificate now fails validation "
-            r"\(level 2 refuses them all\); write a new one with `sm_ssl_cert crl` where the CA "
+            r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: every client certificate now fails validation, "
+            r"so every client is refused; write a new one with `sm_ssl_cert crl` where the CA "
             r"key is and copy it here \(stpd reads it at the next connection\)$"
         )
         code, _out, err = backup(client, stpd, source)
@@ -189,6 +189,8 @@ def test_an_out_of_date_crl_refuses_every_client_at_level_2(
             r"ask the administrator to write a new CRL with `sm_ssl_cert crl`",
             one_line(err),
         ), err
+    with running_stpd(pki.layout, level=1) as stpd:
+        stpd.log.wait_for(r"^ERROR CRL .* so every client is served as anonymous; write a new one")
     assert sm_ssl_cert(["--ini-dir", str(pki.layout.ini_dir), "crl"]) == 0
     capsys.readouterr()
     with running_stpd(pki.layout, level=2) as stpd:
