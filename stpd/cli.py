@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -19,7 +20,7 @@ from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
 from stpd.server import OPEN_PER_SERVED, Stpd
-from stpd.store import StoreError
+from stpd.store import SavesetStore, StoreError
 
 log = logging.getLogger("stpd")
 
@@ -50,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["run", "status"],
+        choices=["run", "status", "list", "delete"],
         default="run",
-        help="run (default) the daemon, or show the running daemon's status",
+        help="run (default) the daemon; show the running daemon's status; list the savesets "
+        "of every client in the data directory; delete the savesets named",
     )
-    parser.add_argument("--json", action="store_true", help="status: print JSON")
+    parser.add_argument(
+        "savesets", nargs="*", metavar="SAVESET", help="delete: the saveset ids, as list shows them"
+    )
+    parser.add_argument("--json", action="store_true", help="status, list: print JSON")
     return parser
 
 
@@ -161,14 +166,72 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
     return sbc_main(argv + (["--json"] if as_json else []), adjust=pin_our_certificate)
 
 
+def _open_store(config: StpdConfig) -> SavesetStore:
+    """The data directory, for the administrator's commands: they read and
+    remove files beside a running stpd (which reads the directory at every
+    request) and take no lock."""
+    store = SavesetStore(config.saveset_dir)
+    try:
+        os.scandir(store.root).close()  # an unreadable one would list as empty
+    except OSError as exc:
+        raise StoreError(
+            f"cannot read the data directory {store.root}: {exc.strerror or exc}; run this as "
+            "the user stpd runs as, with its --ini-dir (or --data-dir)"
+        ) from None
+    return store
+
+
+def list_savesets(config: StpdConfig, as_json: bool) -> int:
+    store = _open_store(config)
+    savesets = store.all()
+    if as_json:
+        print(json.dumps([meta.to_json() for meta in savesets], indent=2))
+        return 0
+    for meta in savesets:
+        print(f"{meta.saveset}  {meta.created}  {meta.bytes:>14}  {meta.owner}  {meta.source}")
+    total = sum(meta.bytes for meta in savesets)
+    print(f"{len(savesets)} saveset(s), {total} bytes, in {store.root}")
+    return 0
+
+
+def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
+    """All or nothing: an id that is not there is an error before any is
+    removed (a typo must not cost the savesets named before it)."""
+    if not savesets:
+        raise StoreError("delete: name the savesets to delete (`stpd list` shows them)")
+    store = _open_store(config)
+    found = {saveset: store.get(saveset) for saveset in savesets}
+    missing = [saveset for saveset, meta in found.items() if meta is None]
+    if missing:
+        raise StoreError(
+            f"no saveset {', '.join(missing)} in {store.root} (`stpd list` shows what is "
+            "there); nothing was deleted"
+        )
+    for saveset, meta in found.items():
+        assert meta is not None
+        store.remove(saveset)
+        print(
+            f"deleted saveset {saveset} of {meta.owner}: {meta.bytes} bytes of {meta.source}, "
+            f"stored {meta.created}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.savesets and args.command != "delete":
+        parser.error(f"unexpected arguments for {args.command}: {' '.join(args.savesets)}")
     layout = Layout(resolve_ini_dir(args.ini_dir))
     try:
         try:
             config = load_config(layout, listen=args.listen, data_dir=args.data_dir)
             if args.command == "status":
                 return status(layout, config, args.json)
+            if args.command == "list":
+                return list_savesets(config, args.json)
+            if args.command == "delete":
+                return delete_savesets(config, args.savesets)
             configure_logging()
             raise_open_files_limit(config.max_connections)
             daemon = Stpd(config)

@@ -312,18 +312,29 @@ class SavesetStore:
                 continue
             if finished.tzinfo is None or finished >= moment:
                 continue
-            (self.root / f"{meta.saveset}.json").unlink(missing_ok=True)
-            self.tar_path(meta.saveset).unlink(missing_ok=True)
+            self.remove(meta.saveset)
             removed.append(meta)
         return removed
+
+    def remove(self, saveset: str) -> None:
+        """Remove one saveset. The metadata goes first, so it leaves every
+        listing in one step; a tar left by a crash in between is removed at
+        the next start."""
+        (self.root / f"{saveset}.json").unlink(missing_ok=True)
+        self.tar_path(saveset).unlink(missing_ok=True)
+
+    def get(self, saveset: str) -> SavesetMeta | None:
+        """The saveset's metadata, whoever owns it; None for a malformed id
+        or a saveset that is not there."""
+        if not SAVESET_ID.match(saveset):
+            return None
+        self.check_in_place()
+        return _read_meta(self.root / f"{saveset}.json")
 
     def find(self, owner: str, saveset: str) -> SavesetMeta | None:
         """The saveset if it exists and belongs to ``owner``; others' savesets
         are reported exactly like missing ones."""
-        if not SAVESET_ID.match(saveset):
-            return None
-        self.check_in_place()
-        meta = _read_meta(self.root / f"{saveset}.json")
+        meta = self.get(saveset)
         return meta if meta is not None and meta.owner == owner else None
 
 

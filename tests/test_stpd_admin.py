@@ -1,0 +1,151 @@
+"""``stpd list`` and ``stpd delete``: the administrator's view of the data
+directory, every client's savesets, beside a running stpd that clients
+back up to and restore from over TLS."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pki.layout import Layout
+from tests.conftest import Pki, StpdProcess, make_pki, run_sbc, write_stpd_ini
+
+BIN = Path(sys.executable).parent
+
+
+def stpd_command(pki: Pki, data: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(data), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def backup(client: Layout, server: StpdProcess, source: Path) -> str:
+    code, out, err = run_sbc(
+        "--ini-dir", str(client.ini_dir), "backup", str(source), "--json", "--quiet",
+        "--server", f"127.0.0.1:{server.port}",
+    )  # fmt: skip
+    assert code == 0, err
+    return str(json.loads(out)["saveset"])
+
+
+def listed_by(client: Layout, server: StpdProcess) -> list[str]:
+    code, out, err = run_sbc(
+        "--ini-dir", str(client.ini_dir), "list", "--json", "--server", f"127.0.0.1:{server.port}"
+    )
+    assert code == 0, err
+    return [item["saveset"] for item in json.loads(out)]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    pki = make_pki(tmp_path)
+    write_stpd_ini(pki.layout.ini_dir)
+    return pki
+
+
+def test_list_and_delete_every_clients_savesets_beside_a_running_stpd(
+    pki: Pki, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    alice, bob = pki.client_ini("alice"), pki.client_ini("bob")
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        kept, doomed = backup(alice, server, source), backup(alice, server, source)
+        bobs = backup(bob, server, source)
+
+        listing = stpd_command(pki, data, "list")
+        assert listing.returncode == 0, listing.stderr
+        lines = listing.stdout.splitlines()
+        assert [line.split()[0] for line in lines[:-1]] == sorted([kept, doomed, bobs])
+        assert re.fullmatch(
+            rf"{bobs}  \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ +10240  CN=bob  {re.escape(str(source))}",
+            next(line for line in lines if line.startswith(bobs)),
+        )
+        assert lines[-1] == f"3 saveset(s), 30720 bytes, in {data}"
+        as_json = json.loads(stpd_command(pki, data, "list", "--json").stdout)
+        assert {item["saveset"]: item["owner"] for item in as_json} == {
+            kept: "CN=alice",
+            doomed: "CN=alice",
+            bobs: "CN=bob",
+        }
+
+        # A typo among the ids: nothing is deleted.
+        typo = doomed[:-1] + ("0" if doomed[-1] != "0" else "1")
+        refused = stpd_command(pki, data, "delete", doomed, typo)
+        assert refused.returncode == 2
+        assert refused.stderr == (
+            f"stpd: error: no saveset {typo} in {data} (`stpd list` shows what is there); "
+            "nothing was deleted\n"
+        )
+        assert (data / f"{doomed}.tar").exists()
+
+        deleted = stpd_command(pki, data, "delete", doomed)
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout == (
+            f"deleted saveset {doomed} of CN=alice: 10240 bytes of {source}, stored "
+            f"{next(item['created'] for item in as_json if item['saveset'] == doomed)}\n"
+        )
+        assert not (data / f"{doomed}.tar").exists()
+        assert not (data / f"{doomed}.json").exists()
+
+        # The running stpd serves what is left, and not the deleted one.
+        assert listed_by(alice, server) == [kept]
+        assert listed_by(bob, server) == [bobs]
+        code, _, err = run_sbc(
+            "--ini-dir", str(alice.ini_dir), "restore", doomed, str(tmp_path / "back"),
+            "--server", f"127.0.0.1:{server.port}",
+        )  # fmt: skip
+        assert code == 1 and f"no saveset {doomed} for this client" in err, err
+        code, _, err = run_sbc(
+            "--ini-dir", str(alice.ini_dir), "restore", kept, str(tmp_path / "back"),
+            "--server", f"127.0.0.1:{server.port}",
+        )  # fmt: skip
+        assert code == 0, err
+        assert (tmp_path / "back" / "notes.txt").read_text() == "notes\n"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["delete"], "stpd: error: delete: name the savesets to delete (`stpd list` shows them)"),
+        (["delete", "../etc/passwd"], "stpd: error: no saveset ../etc/passwd in "),
+        (["list", "SS-20260101T000000Z-00000000"], "stpd: error: unexpected arguments for list"),
+    ],
+)
+def test_operator_mistakes_are_one_line(
+    pki: Pki, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    result = stpd_command(pki, data, *argv)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_list_of_an_empty_or_missing_data_directory(pki: Pki, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    empty = stpd_command(pki, data, "list")
+    assert (empty.returncode, empty.stdout) == (0, f"0 saveset(s), 0 bytes, in {data}\n")
+    assert json.loads(stpd_command(pki, data, "list", "--json").stdout) == []
+
+    missing = stpd_command(pki, tmp_path / "nowhere", "list")
+    assert missing.returncode == 2
+    assert missing.stderr == (
+        f"stpd: error: cannot read the data directory {tmp_path / 'nowhere'}: No such file or "
+        "directory; run this as the user stpd runs as, with its --ini-dir (or --data-dir)\n"
+    )
