@@ -12,6 +12,7 @@ import pwd
 import random
 import stat
 import subprocess
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -877,3 +878,80 @@ def test_a_file_with_holes_that_shrinks_while_read_is_padded_and_reported(
     result = restore_bytes(stream, tmp_path / "back")
     assert result.unrestorable == []
     assert (tmp_path / "back" / "shrinks.img").read_bytes() == b"a" * 100 + bytes((8 << 20) - 100)
+
+
+# Run with tarfile as Python 3.11.0 to 3.11.3 have it (Debian 12's python3 is
+# 3.11.2): without the extraction filters of PEP 706, which came in 3.11.4.
+WITHOUT_EXTRACTION_FILTERS = """
+import io, sys, tarfile
+from pathlib import Path
+
+for name in ("FilterError", "AbsolutePathError", "OutsideDestinationError",
+             "SpecialFileError", "AbsoluteLinkError", "LinkOutsideDestinationError",
+             "fully_trusted_filter", "tar_filter", "data_filter"):
+    if hasattr(tarfile, name):  # where they are not to begin with, as they are
+        delattr(tarfile, name)
+for owner, name in ((tarfile.TarInfo, "replace"), (tarfile.TarFile, "extraction_filter")):
+    if hasattr(owner, name):
+        delattr(owner, name)
+
+from sbc.archive import ArchiveError
+from sbc.extract import RestoreResult, extract_stream
+
+def archive(*members):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.REGTYPE:
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+                continue
+            info.linkname = value
+            tar.addfile(info)
+    return out.getvalue()
+
+def restore(data, target):
+    pieces = [memoryview(data)]
+    extract_stream(lambda: [pieces.pop()] if pieces else [], target, RestoreResult())
+
+target = Path(sys.argv[1])
+restore(archive(("d", tarfile.DIRTYPE, ""), ("d/f", tarfile.REGTYPE, b"data"),
+                ("s", tarfile.SYMTYPE, "d/f"), ("h", tarfile.LNKTYPE, "d/f")), target / "ok")
+assert (target / "ok/s").read_bytes() == b"data" and (target / "ok/s").is_symlink()
+assert (target / "ok/h").stat().st_ino == (target / "ok/d/f").stat().st_ino
+for name, kind, value in [("../out", tarfile.REGTYPE, b"x"), ("h", tarfile.LNKTYPE, "/etc/passwd"),
+                          ("h", tarfile.LNKTYPE, "../out")]:
+    try:
+        restore(archive((name, kind, value)), target / "bad")
+    except ArchiveError as exc:
+        print(exc)
+    else:
+        raise SystemExit(f"{name} -> {value} was restored")
+"""
+
+
+def test_restore_works_without_tarfiles_extraction_filters(tmp_path: Path) -> None:
+    """sbc's checks of what a restore may write are its own (SafeMembers):
+    it runs on Pythons before 3.11.4, as Debian 12's python3, and refuses
+    there what it refuses here."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRACTION_FILTERS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "refused an unsafe archive member: member '../out' contains '..'; restore stopped "
+        "there, nothing was written outside the target directory",
+        "refused an unsafe archive member: hard link target '/etc/passwd' is an absolute "
+        "path; restore stopped there, nothing was written outside the target directory",
+        "refused an unsafe archive member: hard link target '../out' contains '..'; restore "
+        "stopped there, nothing was written outside the target directory",
+    ]
+    assert not (tmp_path / "out").exists()
