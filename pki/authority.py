@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from pki.errors import PkiError
-from pki.files import move_aside, write_private, write_public
+from pki.files import move_aside, present, write_private, write_public
 from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
 from pki.inventory import lock as inventory_lock
 from pki.layout import Layout
@@ -228,9 +228,9 @@ class CertificateAuthority:
         there, and ``passphrase`` must be given exactly when the key is
         encrypted."""
         create_hint = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
-        if not layout.ca_cert.exists():
+        if not present(layout.ca_cert, "root CA certificate"):
             raise PkiError(f"no root CA at {layout.ca_cert}: {create_hint}")
-        if not layout.ca_key.exists():
+        if not present(layout.ca_key, "root CA key"):
             raise PkiError(
                 f"no root CA key at {layout.ca_key} (the certificate {layout.ca_cert} is there): "
                 "issuing needs the key; copy rootCA.key back from where you keep it, "

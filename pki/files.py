@@ -35,6 +35,30 @@ def write_public(path: Path, data: bytes) -> None:
     _write_atomic(Path(path), data, PUBLIC_MODE)
 
 
+def unreadable(path: Path, what: str, exc: OSError) -> str:
+    """The line for a file that is there but that this user may not read
+    (the file, or a directory above it): not "not found", which would send
+    the administrator off to make a new one."""
+    if isinstance(exc, PermissionError):
+        return (
+            f"{what} {path} cannot be read by this user ({exc.strerror}): run this as a "
+            "user who may read it (the file's owner), or give this user access to it"
+        )
+    return f"{what} {path} cannot be read ({exc.strerror or exc})"
+
+
+def present(path: Path, what: str) -> bool:
+    """Whether ``path`` exists. PkiError when this user cannot even look (a
+    directory above it is closed to them): that is not "missing"."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise PkiError(unreadable(path, what, exc)) from None
+    return True
+
+
 def open_to_others(path: Path, what: str) -> str | None:
     """Why the secret ``path`` (a private key, a passphrase) is not safe:
     other users than its owner may read or change it. None when it is

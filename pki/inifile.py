@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pki.files import unreadable
+
 T = TypeVar("T")
 
 
@@ -62,8 +64,12 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
     """Values of ``keys`` found in ``path`` as ``{field: value}``; a missing
     file gives ``{}`` (every key has a default)."""
     keys = list(keys)
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return {}
+    except OSError as exc:  # not "missing": its settings would be dropped unseen
+        raise ConfigError(unreadable(path, "configuration file", exc)) from None
     parser = configparser.ConfigParser(
         inline_comment_prefixes=("#", ";"), interpolation=None, strict=False
     )
@@ -73,9 +79,9 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
         # comments may be in a legacy code page (a German "für"). Keys are
         # ASCII, so such bytes must not make the file unreadable; in a value
         # (a path) they pass through as the bytes they are.
-        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        text = data.decode("utf-8-sig", errors="surrogateescape")
         parser.read_string(text, source=str(path))
-    except (configparser.Error, OSError) as exc:
+    except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"{path}: cannot be read as an INI file ({first})") from None
     by_name = {(k.section, k.name.upper()): k for k in keys}

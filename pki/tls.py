@@ -16,6 +16,8 @@ our ``a.b.c.*`` IP wildcard form.
 from __future__ import annotations
 
 import enum
+import os
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from pki.errors import PkiError
+from pki.files import unreadable
 from pki.layout import Layout
 from pki.names import certificate_names, host_matches, ip_or_none, is_ca_certificate
 
@@ -151,10 +154,17 @@ def _hardened_context(method: int) -> SSL.Context:
 
 
 def _require_file(path: Path, what: str, fix: str) -> None:
-    if path.exists() and not path.is_file():
+    """PkiError unless ``path`` is a file this user can read."""
+    try:
+        is_file = stat.S_ISREG(path.stat().st_mode)
+        if is_file:
+            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        raise PkiError(f"{what} {path} not found: {fix}") from None
+    except OSError as exc:
+        raise PkiError(unreadable(path, what, exc)) from None
+    if not is_file:
         raise PkiError(f"{what} {path} is not a file: {fix}")
-    if not path.is_file():
-        raise PkiError(f"{what} {path} not found: {fix}")
 
 
 def _load_cert_and_key(ctx: SSL.Context, cert: Path, key: Path, fix: str) -> None:

@@ -4,17 +4,27 @@ a non-zero exit status and no traceback."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import pwd
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from pki.authority import CertificateAuthority
+from pki.errors import PkiError
+from pki.inifile import ConfigError
 from pki.layout import Layout
+from pki.tls import client_context
+from sbc.config import load_config as load_sbc_config
 from tests.conftest import Pki, read_only_directory, running_stpd
 from tests.test_hostile_common import (
     assert_serves,
@@ -261,3 +271,78 @@ def test_sbc_refuses_to_start(hpki: Pki, tmp_path: Path, what: str) -> None:  # 
         )
         assert code == 1 and out == "", err
         assert_one_line(err, "sbc: error: ", *needles)
+
+
+# -- files there, but closed to the user who runs the program ----------------------------
+
+
+def as_nobody(action: Callable[[], object]) -> str:
+    """``action`` in a child process (forked, so that no interpreter has to
+    start as that user) running as the user nobody: the message of the
+    PkiError or ConfigError it raised, "" if none."""
+    nobody = pwd.getpwnam("nobody")
+    # Python's library may lie where that user cannot read (root's pyenv):
+    # what the actions load lazily is loaded here first.
+    codecs.lookup("utf-8-sig")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on
+        message = ""
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            action()
+        except (PkiError, ConfigError) as exc:
+            message = str(exc)
+        except BaseException as exc:  # noqa: BLE001  (reported to the test)
+            message = f"unexpected {exc!r}"
+        finally:
+            os.write(write_end, message.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_files_closed_to_this_user_are_not_called_missing(tmp_path: Path) -> None:
+    """sbc run by a user who may not read the client's key, or sm.ini, or
+    the directory they are in, used to say the key "cannot be read as a
+    PEM key: create it with sm_ssl_cert client", or to run with sm.ini's
+    settings dropped unseen; sm_ssl_cert said "no root CA: create it"."""
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own directories are root's alone
+    try:
+        shared.chmod(0o755)
+        layout = Layout(shared / "ini")
+        CertificateAuthority.create(layout).issue_client("CN:closed")
+        (layout.ini_dir / "sm.ini").write_text("[SBC]\nSBC_SERVER=127.0.0.1:11443\n")
+        for directory in (layout.ini_dir, layout.client_dir):
+            directory.chmod(0o755)  # the files alone are closed: keys 0600, owned by root
+        fix = "cannot be read by this user (Permission denied): run this as a user who may read it"
+
+        def connect() -> object:
+            return client_context(layout, present_cert=True, verify_server=False)
+
+        assert as_nobody(connect).startswith(f"private key {layout.client_key} {fix}")
+        layout.client_key.chmod(0o644)
+        assert as_nobody(connect) == ""  # readable: no error (the check can pass)
+        layout.client_key.chmod(0o600)
+
+        layout.client_dir.chmod(0o700)  # the directory above is closed
+        assert as_nobody(connect).startswith(f"certificate {layout.client_cert} {fix}")
+
+        (layout.ini_dir / "sm.ini").chmod(0o600)
+        assert as_nobody(lambda: load_sbc_config(layout)).startswith(
+            f"configuration file {layout.sm_ini} {fix}"
+        )
+        (layout.ini_dir / "sm.ini").chmod(0o644)
+        assert as_nobody(lambda: load_sbc_config(layout)) == ""
+
+        layout.ca_dir.chmod(0o700)
+        assert as_nobody(lambda: CertificateAuthority.load(layout)).startswith(
+            f"root CA certificate {layout.ca_cert} {fix}"
+        )
+    finally:
+        shutil.rmtree(shared)
