@@ -352,7 +352,6 @@ class Stpd:
             self.server_cert.subject.rfc4514_string(),
             int(days_left(self.server_cert.not_valid_after_utc)),
         )
-        self._check_crl()
         self._check_expiry()
 
     def _refresh_crl(self) -> None:
@@ -416,8 +415,8 @@ class Stpd:
             )
 
     def _crl_next_update(self) -> datetime.datetime | None:
-        """When the CRL in force must be replaced; None without one (or at
-        level 0, where none is checked)."""
+        """When ca/crl.pem must be replaced; None without one, or at level 0,
+        where none is checked."""
         if self.config.client_cert_policy == ClientCertPolicy.IGNORE or self.ca_cert is None:
             return None
         try:
