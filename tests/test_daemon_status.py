@@ -184,7 +184,7 @@ def test_sbc_command_output_that_cannot_be_written_is_one_clear_line(pki: Pki) -
 
 
 def test_a_crl_near_its_next_update_is_warned_about_and_shown_in_status(
-    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past its next update the CRL fails every client certificate (see
     test_lifecycle_stpd): stpd warns within CRL_WARNING_DAYS, daily, and
