@@ -48,6 +48,7 @@ from pki.errors import PkiError
 from pki.files import read_passphrase
 from pki.inventory import Entry, Inventory, timestamp
 from pki.layout import INI_DIR_ENV, INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from stpd import __version__  # of the whole distribution (pyproject reads it there)
 
 PROG = "sm_ssl_cert"
 EXIT_ERROR = 2
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Create the SEP sesam root CA and issue server and client certificates.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ca = commands.add_parser(

@@ -21,6 +21,7 @@ from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
 from sbc.progress import TransferProgress, backup_label, estimate_tar_bytes, wanted
+from stpd import __version__
 from stpd.config import open_files_to_the_hard_limit, stpd_address
 from stpd.tarcheck import path_parts
 from stpd.tlsconn import signals_end_waits
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbc", description="SEP sesam backup client over mutual TLS"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--ini-dir", type=path_argument, help=INI_DIR_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     backup = commands.add_parser(

@@ -17,6 +17,7 @@ import trio
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from stpd import __version__
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
 from stpd.server import OPEN_PER_SERVED, Stpd
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in the foreground: SIGTERM stops it gracefully, SIGHUP reloads stpd.ini and certificates.",
     )
     parser.add_argument("--ini-dir", type=path_argument, help=INI_DIR_HELP)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--listen", type=_listen, help="HOST:PORT to listen on (stpd.ini: STPD_HTTPS_LISTEN)"
     )

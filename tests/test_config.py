@@ -398,3 +398,24 @@ def test_an_empty_path_argument_is_refused(
     assert result.stderr.splitlines()[-1].endswith(
         f"error: argument {option}: the path is empty (write . for the current directory)"
     ), result.stderr
+
+
+def test_each_program_says_its_version_which_is_the_installed_one() -> None:
+    """``--version`` of the three programs, from the one place pyproject.toml
+    reads it too (stpd.__version__): what pip installed is what they say."""
+    from importlib.metadata import version
+
+    installed = version("sesam-stp")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", installed)
+    for program in ("sbc", "stpd", "sm_ssl_cert"):
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / program), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (result.returncode, result.stdout, result.stderr) == (
+            0,
+            f"{program} {installed}\n",
+            "",
+        ), program
