@@ -149,3 +149,30 @@ def test_list_of_an_empty_or_missing_data_directory(pki: Pki, tmp_path: Path) ->
         f"stpd: error: cannot read the data directory {tmp_path / 'nowhere'}: No such file or "
         "directory; run this as the user stpd runs as, with its --ini-dir (or --data-dir)\n"
     )
+
+
+def test_list_points_out_what_stpd_neither_lists_nor_serves(pki: Pki, tmp_path: Path) -> None:
+    """Metadata that cannot be read hides its saveset from every listing,
+    and a tar without metadata (a crash between the two) waits for the
+    next start: both take room, so the administrator's listing names them."""
+    data = tmp_path / "data"
+    client = pki.client_ini("alice")
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        good, broken, orphan = (backup(client, server, source) for _ in range(3))
+    finally:
+        server.stop()
+    (data / f"{broken}.json").write_text("{not json")
+    (data / f"{orphan}.json").unlink()
+
+    listing = stpd_command(pki, data, "list")
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[0] for line in listing.stdout.splitlines()[:-1]] == [good]
+    assert listing.stderr.splitlines() == [
+        f"stpd: warning: {data / broken}.json cannot be read as saveset metadata, so that "
+        "saveset is neither listed nor served: repair the file, or remove it and its .tar",
+        f"stpd: warning: {data / orphan}.tar has no metadata (an upload cut short by a "
+        "crash?): stpd removes it when it next starts",
+    ]
