@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -107,28 +108,56 @@ def raise_open_files_limit(max_connections: int) -> None:
         )
 
 
-async def run_daemon(daemon: Stpd) -> None:
+async def run_daemon(daemon: Stpd, pid_file: Path | None = None) -> None:
     """SIGTERM/SIGINT: drain and stop (a second one stops at once);
-    SIGHUP: reload configuration and certificates."""
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    SIGHUP: reload configuration and certificates. ``pid_file`` is
+    written once stpd listens, and removed at the end if it is still
+    ours: a second stpd that cannot take the port must not replace, or
+    remove, the running one's."""
+    written: list[Path] = []
 
-            async def serve_then_stop() -> None:
-                await daemon.serve()
-                nursery.cancel_scope.cancel()  # served out: stop listening for signals
+    def write_ours() -> None:
+        if pid_file is not None:
+            write_pid_file(pid_file)
+            written.append(pid_file)
 
-            nursery.start_soon(serve_then_stop)
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if signum == signal.SIGHUP:
-                    log.info("received SIGHUP: reloading")
-                    daemon.reload()
-                elif daemon.draining:
-                    log.warning("received %s again: stopping at once", name)
-                    nursery.cancel_scope.cancel()
-                else:
-                    log.info("received %s", name)
-                    daemon.shutdown()
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+
+                async def serve_then_stop() -> None:
+                    await daemon.serve(on_listening=write_ours)
+                    nursery.cancel_scope.cancel()  # served out: stop listening for signals
+
+                nursery.start_soon(serve_then_stop)
+                await _handle_signals(daemon, signals, nursery.cancel_scope)
+    finally:
+        for path in written:
+            if _holds_our_pid(path):
+                path.unlink(missing_ok=True)
+
+
+def _holds_our_pid(pid_file: Path) -> bool:
+    try:
+        return pid_file.read_text().strip() == str(os.getpid())
+    except OSError:
+        return False
+
+
+async def _handle_signals(
+    daemon: Stpd, signals: AsyncIterator[int], stop: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.info("received SIGHUP: reloading")
+            daemon.reload()
+        elif daemon.draining:
+            log.warning("received %s again: stopping at once", name)
+            stop.cancel()
+        else:
+            log.info("received %s", name)
+            daemon.shutdown()
 
 
 def write_pid_file(path: Path) -> None:
@@ -253,13 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging()
             raise_open_files_limit(config.max_connections)
             daemon = Stpd(config)
-            if args.pid_file:
-                write_pid_file(args.pid_file)
-            try:
-                trio.run(run_daemon, daemon)
-            finally:
-                if args.pid_file:
-                    args.pid_file.unlink(missing_ok=True)
+            trio.run(run_daemon, daemon, args.pid_file)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
     except (ConfigError, PkiError, StoreError) as exc:

@@ -16,7 +16,7 @@ import math
 import os
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from itertools import islice
 from pathlib import Path
@@ -193,14 +193,24 @@ class Stpd:
             return None
         return st.st_mtime_ns, st.st_size
 
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        *,
+        on_listening: Callable[[], object] | None = None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until shutdown() and the transfers' end. ``on_listening``
+        runs once the port is ours, before the "listening on" line that
+        says stpd is ready (the CLI writes its pid file there)."""
         removed = await trio.to_thread.run_sync(self.store.prepare)
         try:
-            await self._serve(removed, task_status)
+            await self._serve(removed, on_listening, task_status)
         finally:
             self.store.close()
 
-    async def _serve(self, removed: list[Path], task_status: Any) -> None:
+    async def _serve(
+        self, removed: list[Path], on_listening: Callable[[], object] | None, task_status: Any
+    ) -> None:
         for path in removed:
             log.warning("removed leftover of an interrupted upload: %s", path)
         host, port = self.config.listen
@@ -217,6 +227,8 @@ class Stpd:
                 "STPD_HTTPS_LISTEN in stpd.ini (or --listen)"
             ) from None
         self.port = listeners[0].socket.getsockname()[1]
+        if on_listening is not None:
+            on_listening()
         log.info(
             "stpd %s listening on %s:%d, client certificate level %s, data in %s",
             __version__,

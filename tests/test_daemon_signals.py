@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
 from tests.conftest import (
+    STPD,
     Pki,
     StpdProcess,
     assert_no_partial,
@@ -188,6 +190,30 @@ def test_pid_file_written_and_removed_sigterm_exits_0(
     server.wait_for(r"INFO stpd: received SIGTERM")
     server.wait_for(r"INFO stpd: stopping: no new connections; 0 transfers may finish within 30s")
     server.wait_for(r"INFO stpd: stpd stopped")
+
+
+def test_a_second_stpd_that_cannot_listen_leaves_the_pid_file_alone(
+    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
+) -> None:
+    """The pid file is written once stpd listens: a second stpd started by
+    mistake with the same --pid-file, refused the port, used to replace it
+    and then remove it, so `kill -HUP $(cat PIDFILE)` and systemd's
+    PIDFile= lost the running daemon."""
+    pki, _, _ = setup
+    write_stpd_ini(pki.layout.ini_dir)
+    pid_file = tmp_path / "stpd.pid"
+    running = start(pid_file)
+    second = subprocess.run(
+        [STPD, "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(tmp_path / "other"),
+         "--listen", f"{HOST}:{running.port}", "--pid-file", str(pid_file)],
+        capture_output=True, text=True, timeout=WAIT_SECONDS,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert f"cannot listen on {HOST}:{running.port}: Address already in use" in second.stderr
+    assert pid_file.read_text() == f"{running.process.pid}\n"
+    running.signal(signal.SIGTERM)
+    assert running.wait_exit() == 0
+    assert not pid_file.exists()
 
 
 def test_sigterm_lets_a_running_upload_finish(setup: tuple[Pki, Layout, Path], start) -> None:
