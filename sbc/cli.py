@@ -194,12 +194,23 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     if target.exists() and not target.is_dir():
         raise SbcError(f"cannot restore into {target}: it exists and is not a directory")
     # Made before the request, so that an unwritable place fails first.
-    created = _make_directories(target)
+    try:
+        created = _make_directories(target)
+    except OSError as exc:
+        raise SbcError(
+            f"cannot restore into {target}: {exc.strerror or exc} ({exc.filename or target})"
+        ) from None
     started = time.monotonic()
     try:
         with TransferProgress(wanted(args.quiet, args.json), f"restore {args.saveset}") as progress:
             restored = session.restore(
                 args.saveset, target, progress, overwrite=args.overwrite, only=args.entries
+            )
+        if args.entries and len(restored.not_found) == len(args.entries):
+            raise SbcError(
+                f"none of the entries asked for is in saveset {args.saveset}: "
+                f"{', '.join(restored.not_found)}; `sbc list {args.saveset}` shows its entries, "
+                "named as stored (etc/hosts for a file of `sbc backup /etc`)"
             )
     except BaseException:
         _remove_if_empty(created)  # a refused restore (a mistyped id) leaves nothing behind

@@ -7,6 +7,7 @@ line saying what was refused, by whom, why, and what to do.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -476,7 +477,10 @@ class Session:
         """Stream ``source`` as a tar archive (see ``write_tree``); returns
         the server's metadata."""
         stats = TreeStats()
-        target = "/savesets?source=" + quote(str(source), safe="/")
+        # source is what listings show: a name that is not UTF-8 (an old
+        # Latin-1 disk) is recorded with \xNN for the bytes UTF-8 lacks.
+        shown = os.fsencode(source).decode("utf-8", "backslashreplace")
+        target = "/savesets?source=" + quote(shown, safe="/")
         self._send(
             h11.Request(
                 method="PUT",
@@ -568,7 +572,10 @@ class Session:
         ``overwrite``. stpd sends only the entries asked for, where they fit
         in a request (else all of it, and they are picked out here)."""
         path = f"/savesets/{quote(saveset, safe='')}"
-        selection = urlencode([("entry", name) for name in only])
+        # Names as stored: bytes that are not UTF-8 go as they are (%XX).
+        selection = urlencode(
+            [("entry", name) for name in only], encoding="utf-8", errors="surrogateescape"
+        )
         if selection and len(path) + len(selection) < MAX_REQUEST_TARGET:
             path += "?" + selection
         self._send(

@@ -270,13 +270,13 @@ class Reject:
 Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Verify | Reject
 
 
-def _query_pairs(query: str, most: int) -> list[tuple[str, str]] | Reject:
+def _query_pairs(query: str, most: int, errors: str = "strict") -> list[tuple[str, str]] | Reject:
     try:
         return parse_qsl(
             query,
             keep_blank_values=True,
             strict_parsing=bool(query),
-            errors="strict",
+            errors=errors,
             max_num_fields=most,
         )
     except (ValueError, UnicodeDecodeError):
@@ -284,8 +284,10 @@ def _query_pairs(query: str, most: int) -> list[tuple[str, str]] | Reject:
 
 
 def _entries_value(query: str) -> tuple[str, ...] | Reject:
-    """The ``entry`` parameters of a download (a selective restore)."""
-    pairs = _query_pairs(query, MAX_ENTRIES)
+    """The ``entry`` parameters of a download (a selective restore). Names
+    that are not UTF-8 are kept as tarfile reads them (surrogateescape),
+    so that they match."""
+    pairs = _query_pairs(query, MAX_ENTRIES, errors="surrogateescape")
     if isinstance(pairs, Reject):
         return pairs
     unknown = {key for key, _ in pairs} - {"entry"}

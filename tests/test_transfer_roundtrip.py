@@ -203,8 +203,13 @@ def test_restore_of_a_file_next_to_itself_and_into_a_file(
         assert source.read_text() == "edited\n"
 
         code, _, err = run_sbc(*restore, str(source), "--server", stpd.address)
+        assert code != 0
+        assert f"sbc: error: cannot restore into {source}: it exists and is not a directory" in err
+        code, _, beneath = run_sbc(*restore, str(source / "sub"), "--server", stpd.address)
     assert code != 0
-    assert f"sbc: error: cannot restore into {source}: it exists and is not a directory" in err
+    assert beneath == (
+        f"sbc: error: cannot restore into {source / 'sub'}: Not a directory ({source / 'sub'})\n"
+    )
     assert "Traceback" not in err
     assert source.read_text() == "edited\n"
 
@@ -963,11 +968,15 @@ def test_restore_of_some_entries_only(pki: Pki, tmp_path: Path) -> None:
                 "error": "a hard link to etc/passwd, which was not restored",
             }
         ]
-        code, out, err = run_sbc(*restore[:-1], str(tmp_path / "again"), "etc/nope")
-        assert code == 3
-        assert err == f"sbc: warning: not in saveset {backup['saveset']}: etc/nope\n"  # type: ignore[index]
-        assert ": 0 of 0 entries, " in out
-        assert out.rstrip().endswith("sha256 (of all of it) was not checked")
+        # None of them there: an error, and the target it made is gone again.
+        code, out, err = run_sbc(*restore[:-1], str(tmp_path / "again"), "etc/nope", "nope")
+        assert (code, out) == (1, "")
+        assert err == (
+            f"sbc: error: none of the entries asked for is in saveset {backup['saveset']}: "  # type: ignore[index]
+            f"etc/nope, nope; `sbc list {backup['saveset']}` shows its entries, named as stored "  # type: ignore[index]
+            "(etc/hosts for a file of `sbc backup /etc`)\n"
+        )
+        assert not (tmp_path / "again").exists()
 
         # Nested entries: each is found, nothing comes twice.
         nested = sbc_json(*restore, str(tmp_path / "nested"), "etc", "etc/ssh/sshd_config")
@@ -1219,3 +1228,33 @@ def test_savesets_past_the_retention_are_removed_at_start(pki: Pki, tmp_path: Pa
         sbc_json(*ini, "restore", new, str(tmp_path / "back"), "--server", stpd.address, "--json")
     assert sorted(p.name for p in data.glob("SS-*")) == [f"{new}.json", f"{new}.tar"]
     assert (tmp_path / "back" / "f.txt").read_text() == "kept\n"
+
+
+def test_names_that_are_not_utf_8_back_up_list_and_restore_one_by_one(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Latin-1 names from an old disk, in the path backed up itself and in
+    an entry restored alone: sbc sent the path as UTF-8 and died with a
+    UnicodeEncodeError traceback. The source is recorded with \\xNN for
+    the bytes UTF-8 lacks; an entry goes by its bytes."""
+    source = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    (source / "sub").mkdir(parents=True)
+    latin = os.fsdecode(b"r\xe9sum\xe9.txt")
+    (source / "sub" / latin).write_text("latin-1 name\n")
+    (source / "plain.txt").write_text("plain\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(source), "--server", stpd.address, "--json")
+        saveset = backup["saveset"]  # type: ignore[index]
+        [listed] = sbc_json(*ini, "list", "--server", stpd.address, "--json")  # type: ignore[misc]
+        assert listed["source"] == f"{tmp_path}/caf\\xe9"
+        entry = os.fsdecode(b"caf\xe9/sub/") + latin
+        result = sbc_json(
+            *ini, "restore", saveset, str(tmp_path / "out"), entry,
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+    assert (result["extracted"], result.get("not_found")) == (1, None)  # type: ignore[union-attr]
+    restored = tmp_path / "out" / os.fsdecode(b"caf\xe9") / "sub" / latin
+    assert restored.read_text() == "latin-1 name\n"
+    assert not (tmp_path / "out" / os.fsdecode(b"caf\xe9") / "plain.txt").exists()
