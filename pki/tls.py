@@ -327,11 +327,18 @@ def client_certificate_problem(
         ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
     except (OSError, ValueError):
         return None
+    if not signed_by(cert, ca):
+        return "unknown-ca", f"{path} is not signed by {layout.ca_cert}"
+    return None
+
+
+def signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` issued ``cert`` (names and signature)."""
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        return "unknown-ca", f"{path} is not signed by {layout.ca_cert}"
-    return None
+        return False
+    return True
 
 
 def check_server_names(cert: x509.Certificate, host: str) -> None:

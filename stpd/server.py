@@ -33,7 +33,7 @@ from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.inifile import ConfigError
 from pki.inventory import timestamp
-from pki.tls import ClientCertPolicy, load_crl, server_context
+from pki.tls import ClientCertPolicy, load_crl, server_context, signed_by
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
@@ -183,6 +183,27 @@ class Stpd:
         server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
         ca = config.layout.ca_cert
         ca_cert = x509.load_pem_x509_certificate(ca.read_bytes()) if ca.is_file() else None
+        if (
+            config.client_cert_policy != ClientCertPolicy.IGNORE
+            and ca_cert is not None
+            and not signed_by(server_cert, ca_cert)
+        ):
+            # One of the two comes from another CA (the wrong rootCA.pem
+            # copied to an RDS, a CA made anew without re-issuing): clients
+            # are then refused, or refuse us, with reasons that point at them.
+            issuer, ours = server_cert.issuer.rfc4514_string(), ca_cert.subject.rfc4514_string()
+            log.error(
+                "%s is not signed by %s (%s): this stpd and its clients do not share one CA, so "
+                'clients are refused as "not signed by our root CA" or refuse this server; '
+                "copy the backup server's ca/rootCA.pem here, or re-issue the server "
+                "certificate with `sm_ssl_cert server` from the CA that signs the clients' "
+                "certificates",
+                config.layout.server_cert,
+                ca,
+                f"{ours}, a CA of that name made anew?"
+                if issuer == ours
+                else f"{ours}; the server certificate's issuer is {issuer}",
+            )
         return ctx, server_cert, ca_cert
 
     @staticmethod

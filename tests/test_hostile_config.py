@@ -25,7 +25,7 @@ from pki.inifile import ConfigError
 from pki.layout import Layout
 from pki.tls import client_context
 from sbc.config import load_config as load_sbc_config
-from tests.conftest import Pki, read_only_directory, running_stpd
+from tests.conftest import Pki, make_pki, read_only_directory, running_stpd
 from tests.test_hostile_common import (
     assert_serves,
     hpki,  # noqa: F401  (fixture)
@@ -346,3 +346,28 @@ def test_files_closed_to_this_user_are_not_called_missing(tmp_path: Path) -> Non
         )
     finally:
         shutil.rmtree(shared)
+
+
+def test_a_root_ca_that_did_not_sign_the_server_certificate_is_an_error_at_start(
+    tmp_path: Path,
+) -> None:
+    """The wrong rootCA.pem copied to an RDS (or a CA made anew without
+    re-issuing the server certificate): stpd started as if all were well,
+    and each client was refused as "not signed by our root CA", which
+    sends its owner to re-issue a certificate that is fine."""
+    ours, theirs = make_pki(tmp_path / "ours"), make_pki(tmp_path / "theirs")
+    error = (
+        rf"^ERROR {re.escape(str(ours.layout.server_cert))} is not signed by "
+        rf"{re.escape(str(ours.layout.ca_cert))} \(CN=SEP sesam root CA, a CA of that name made "
+        r"anew\?\): this stpd and its clients do not share one CA, .*copy the backup server's "
+        r"ca/rootCA\.pem here, or re-issue the server certificate"
+    )
+    with running_stpd(ours.layout, level=2) as stpd:
+        stpd.log.wait_for(r"listening on")
+        assert not stpd.log.matching(error)
+    shutil.copy(theirs.layout.ca_cert, ours.layout.ca_cert)
+    with running_stpd(ours.layout, level=2) as stpd:
+        stpd.log.wait_for(error)
+    with running_stpd(ours.layout, level=0) as stpd:  # no client is checked against it
+        stpd.log.wait_for(r"listening on")
+        assert not stpd.log.matching(error)
