@@ -434,9 +434,9 @@ def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     if profile == "server":
         where = (
             f"copy {issued.cert_path.name} and {issued.key_path.name} into ssl/ of the RDS and "
-            "restart its stpd"
+            "send its stpd SIGHUP (systemctl reload stpd)"
             if args.path is not None
-            else "restart stpd"
+            else "send stpd SIGHUP (systemctl reload stpd)"
         )
         print(
             f"next: {where} so that it presents the new certificate; sbc clients that pin it "
@@ -461,7 +461,7 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
     )
     print(
         f"next: copy {written.path.name} into ca/ of every STPD (the backup server and each "
-        f"RDS) and restart them; write it again before {written.next_update:%Y-%m-%d} with "
+        f"RDS), where it takes effect at the next connection; write it again before {written.next_update:%Y-%m-%d} with "
         f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl` (an out-of-date CRL makes stpd refuse "
         "every client certificate)",
         file=out,

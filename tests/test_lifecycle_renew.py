@@ -67,6 +67,8 @@ def test_renew_server_keeps_subject_and_names_with_a_new_key(
     new = load(layout.server_cert)
     assert f"renewed server certificate: serial {format_serial(old.serial)} is superseded" in out
     assert f"SBC_SERVER_FINGERPRINT={format_fingerprint(new)}" in out
+    # stpd takes a renewed certificate at SIGHUP: no restart (see test_daemon_signals).
+    assert "next: send stpd SIGHUP (systemctl reload stpd) so that it presents" in out
     assert "  names:       backup.example.test, 127.0.0.1, *.example.test, 192.168.1.*, ::1" in out
     # Same subject and names (the IP wildcard included), byte for byte.
     assert new.subject == old.cert.subject
@@ -122,7 +124,7 @@ def test_renew_in_a_path_keeps_the_key_type(
     old = ca.issue_server("rds1.example.test", out_dir=rds, key_type="rsa")
     out = run(capsys, layout, "renew", "server", "--path", str(rds))
     assert "RSA 3072 bit" in out
-    assert "copy server.pem and server.key into ssl/ of the RDS" in out
+    assert "copy server.pem and server.key into ssl/ of the RDS and send its stpd SIGHUP" in out
     new = load(rds / "server.pem")
     assert isinstance(new.public_key(), rsa.RSAPublicKey)
     assert new.subject == old.cert.subject and san(new) == san(old.cert)

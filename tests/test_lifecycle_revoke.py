@@ -68,7 +68,11 @@ def test_revoke_by_serial_marks_it_and_writes_a_signed_crl(
     out = run(capsys, layout, "revoke", serial, "--reason", "keyCompromise")
     assert f"revoked serial {serial} (client CN=bob, {bob.cert_path}): keyCompromise" in out
     assert f"wrote CRL {layout.crl}: number 1, 1 revoked certificate, next update " in out
-    assert "copy crl.pem into ca/ of every STPD" in out
+    # stpd reads a changed CRL at the next connection (see test_lifecycle_stpd).
+    assert (
+        "copy crl.pem into ca/ of every STPD (the backup server and each RDS), where it "
+        "takes effect at the next connection;" in out
+    )
 
     entry = Inventory.read(layout).find(bob.serial)
     assert entry is not None
