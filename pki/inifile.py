@@ -70,22 +70,36 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
         return {}
     except OSError as exc:  # not "missing": its settings would be dropped unseen
         raise ConfigError(unreadable(path, "configuration file", exc)) from None
-    parser = configparser.ConfigParser(
-        inline_comment_prefixes=("#", ";"), interpolation=None, strict=False
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are upper case
+    our_sections = {k.section for k in keys}
+    # Files edited on Windows: Notepad may write a byte-order mark, and
+    # comments may be in a legacy code page (a German "für"). Keys are
+    # ASCII, so such bytes must not make the file unreadable; in a value
+    # (a path) they pass through as the bytes they are.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
     try:
-        # Files edited on Windows: Notepad may write a byte-order mark, and
-        # comments may be in a legacy code page (a German "für"). Keys are
-        # ASCII, so such bytes must not make the file unreadable; in a value
-        # (a path) they pass through as the bytes they are.
-        text = data.decode("utf-8-sig", errors="surrogateescape")
-        parser.read_string(text, source=str(path))
+        try:
+            parser = _parse(text, path, strict=True)
+        except configparser.DuplicateOptionError as exc:
+            if exc.section in our_sections:  # which of the two was meant?
+                raise ConfigError(
+                    f"{path}: {exc.option} is set twice in [{exc.section}] (again on line "
+                    f"{exc.lineno}): keep one"
+                ) from None
+            parser = _parse(text, path, strict=False)  # another program's section
+        except configparser.DuplicateSectionError:
+            parser = _parse(text, path, strict=False)
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"{path}: cannot be read as an INI file ({first})") from None
+    by_upper = {section.upper(): section for section in our_sections}
+    for section in parser.sections():
+        ours = by_upper.get(section.upper())
+        if ours is not None and section != ours:  # read as another program's, unseen
+            raise ConfigError(
+                f"{path}: section [{section}] is not read: write it as [{ours}] (section "
+                "names are case-sensitive)"
+            )
     by_name = {(k.section, k.name.upper()): k for k in keys}
-    our_sections = {k.section for k in keys}
     values: dict[str, Any] = {}
     for section in our_sections:
         if not parser.has_section(section):
@@ -105,6 +119,15 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                     f"{path}: [{section}] {key.name}={raw!r} is not valid; allowed: {key.allowed}"
                 ) from None
     return values
+
+
+def _parse(text: str, path: Path, *, strict: bool) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        inline_comment_prefixes=("#", ";"), interpolation=None, strict=strict
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are upper case
+    parser.read_string(text, source=str(path))
+    return parser
 
 
 def load_settings(defaults: T, path: Path, keys: Iterable[Key], overrides: dict[str, Any]) -> T:

@@ -148,6 +148,44 @@ def test_other_sections_of_a_sesam_file_are_left_alone(tmp_path: Path) -> None:
     assert config.server == ("127.0.0.1", stpd.config.STPD_HTTPS_PORT)
 
 
+def test_other_programs_may_repeat_keys_and_sections_ours_may_not(tmp_path: Path) -> None:
+    """A repeated key in our section is a choice made for the administrator
+    (configparser keeps the last); one in another program's section is
+    that program's business."""
+    theirs = "[SM_DB]\nX=1\nX=2\n[SM_DB]\nY=3\n"
+    layout = ini_dir_with(tmp_path, "sm.ini", theirs + "[SBC]\nSBC_SERVER=127.0.0.1\n")
+    assert sbc.config.load_config(layout).server == ("127.0.0.1", stpd.config.STPD_HTTPS_PORT)
+
+    (layout.ini_dir / "stpd.ini").write_text(
+        "[STPD_Server]\nSTPD_HTTPS_LISTEN=127.0.0.1:1\nSTPD_HTTPS_LISTEN=0.0.0.0:2\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        stpd.config.load_config(layout)
+    assert str(refused.value) == (
+        f"{layout.stpd_ini}: STPD_HTTPS_LISTEN is set twice in [STPD_Server] (again on line 3): "
+        "keep one"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "written", "meant"),
+    [("stpd.ini", "stpd_server", "STPD_Server"), ("sm.ini", "sbc", "SBC")],
+)
+def test_our_section_in_another_case_is_not_skipped_unseen(
+    tmp_path: Path, name: str, written: str, meant: str
+) -> None:
+    """[stpd_server] was read as another program's section: stpd then
+    started with every default, listening on all addresses."""
+    layout = ini_dir_with(tmp_path, name, f"[{written}]\nSTPD_HTTPS_LISTEN=127.0.0.1:1\n")
+    module = stpd.config if name == "stpd.ini" else sbc.config
+    with pytest.raises(ConfigError) as refused:
+        module.load_config(layout)
+    assert str(refused.value) == (
+        f"{layout.ini_dir / name}: section [{written}] is not read: write it as [{meant}] "
+        "(section names are case-sensitive)"
+    )
+
+
 def notepad(text: str) -> bytes:
     """``text`` as Windows Notepad may save it: a byte-order mark, CRLF line
     ends, and a comment in the legacy code page (cp1252)."""
