@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,18 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
         port = int(port_text)
     else:
         host, port = text, default_port
-    if not host or not 0 <= port <= 65535:
+    if not host or not 0 <= port <= 65535 or not _could_be_host(host):
         raise ValueError(text)
     return host, port
+
+
+def _could_be_host(host: str) -> bool:
+    """A name or an address: not a URL ("https://h:1" read as an IPv6
+    host), nor "h,1" or "h/", which the resolver would only fail on later."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return not any(c in host for c in "/@,?#[] \t")

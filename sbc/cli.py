@@ -31,21 +31,35 @@ def _server(text: str) -> tuple[str, int]:
     try:
         return stpd_address(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HOST[:PORT], got {text!r}") from None
+        url = ", not a URL" if "://" in text else ""
+        raise argparse.ArgumentTypeError(f"expected HOST[:PORT]{url}, got {text!r}") from None
+
+
+def _add_common_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options every command takes, before the command or after it
+    (`sbc --json status` and `sbc status --json` alike). Given after it,
+    each is parsed by the command's parser, whose default is SUPPRESS so
+    that one given before it stands."""
+    parser.add_argument("--ini-dir", type=path_argument, default=default, help=INI_DIR_HELP)
+    parser.add_argument(
+        "--server",
+        type=_server,
+        default=default,
+        help="HOST[:PORT] of the STPD (default: SBC_SERVER in sm.ini)",
+    )
+    flag = {} if default is None else {"default": default}
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON", **flag)
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output", **flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--server", type=_server, help="HOST[:PORT] of the STPD (default: SBC_SERVER in sm.ini)"
-    )
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _add_common_options(common, argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="sbc", description="SEP sesam backup client over mutual TLS"
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--ini-dir", type=path_argument, help=INI_DIR_HELP)
+    _add_common_options(parser, None)
     commands = parser.add_subparsers(dest="command", required=True)
     backup = commands.add_parser(
         "backup", parents=[common], help="back up a file or directory tree"

@@ -26,6 +26,7 @@ from pki.authority import CertificateAuthority
 from pki.inifile import ConfigError, Key
 from pki.layout import Layout
 from pki.tls import ClientCertPolicy
+from sbc.cli import main as sbc_main
 from tests.conftest import Pki, run_sbc, running_stpd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -457,3 +458,43 @@ def test_each_program_says_its_version_which_is_the_installed_one() -> None:
             f"{program} {installed}\n",
             "",
         ), program
+
+
+def test_sbc_takes_its_common_options_before_or_after_the_command(pki: Pki, tmp_path: Path) -> None:
+    """`sbc status --ini-dir DIR` was "unrecognized arguments", and `sbc
+    --server H:P status` an "invalid choice": each option now goes on
+    either side of the command, the same way (over TLS, to a real stpd)."""
+    client = pki.client_ini("anywhere")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini, server = ["--ini-dir", str(client.ini_dir)], ["--server", stpd.address]
+        for argv in (
+            [*ini, *server, "--json", "status"],
+            ["status", *ini, *server, "--json"],
+            [*ini, "status", "--json", *server],
+            ["--json", "status", *server, *ini],
+        ):
+            code, out, err = run_sbc(*argv)
+            assert code == 0, (argv, err)
+            assert json.loads(out)["level"] == 2, argv
+
+
+@pytest.mark.parametrize(
+    "given", ["https://127.0.0.1:11443", "127.0.0.1,11443", "backup/host", "a b"]
+)
+def test_a_server_that_is_not_host_port_is_a_usage_error(
+    tmp_path: Path, given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A URL was taken for a host name ("https://h:1" has two colons, like
+    an IPv6 address) and failed only at the connection, with the default
+    port appended to it."""
+    with pytest.raises(SystemExit) as exited:
+        sbc_main(["--ini-dir", str(tmp_path), "status", "--server", given])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    url = ", not a URL" if "://" in given else ""
+    assert err.endswith(
+        f"sbc status: error: argument --server: expected HOST[:PORT]{url}, got {given!r}\n"
+    )
+    layout = ini_dir_with(tmp_path, "sm.ini", f"[SBC]\nSBC_SERVER={given}\n")
+    with pytest.raises(ConfigError, match=r"\[SBC\] SBC_SERVER=.* is not valid; allowed: "):
+        sbc.config.load_config(layout)
