@@ -401,10 +401,13 @@ def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namespace) -
 
 
 def main(
-    argv: list[str] | None = None, *, adjust: Callable[[SbcConfig], SbcConfig] | None = None
+    argv: list[str] | None = None,
+    *,
+    adjust: Callable[[SbcConfig], SbcConfig] | None = None,
+    prog: str = "sbc",
 ) -> int:
     """``adjust`` lets another program (``stpd status``) change the loaded
-    configuration before use."""
+    configuration before use, and ``prog`` is the name its errors go by."""
     args = build_parser().parse_args(argv)
     layout = Layout(resolve_ini_dir(args.ini_dir))
     try:
@@ -421,16 +424,16 @@ def main(
         with signals_end_waits():
             result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
-        print(f"sbc: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return reader_gone()
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"sbc: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sbc: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     if args.json and result is not None:
         try:
@@ -438,7 +441,7 @@ def main(
         except BrokenPipeError:
             return reader_gone()
         except OSError as exc:  # a full disk: the work itself was done
-            print(f"sbc: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
+            print(f"{prog}: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
             return 1
     if isinstance(result, dict) and any(
         result.get(key) for key in ("unreadable", "unrestorable", "not_found")

@@ -203,7 +203,7 @@ class Session:
         except OSError as exc:
             raise SbcError(
                 f"cannot connect to stpd at {self.where}: {exc.strerror or exc}; is stpd running "
-                "there? (the server comes from --server or SBC_SERVER in sm.ini)"
+                f"there? (the address comes from {self.config.server_from})"
             ) from None
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heads go out at once
         tcp.setblocking(False)  # OpenSSL returns "want read/write"; we wait with poll()

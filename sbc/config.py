@@ -34,9 +34,11 @@ class SbcConfig:
     connect_timeout: float = 10 * SECONDS  # TCP connect and TLS handshake
     io_timeout: float = 60 * SECONDS  # no progress while sending or receiving
     server_fingerprint: str | None = None  # SHA-256 pin of the server certificate
-    # Not an ini key: the name to find in the server certificate instead of
-    # the host we connect to (stpd status reaches 127.0.0.1, pinned).
+    # Not ini keys, for `stpd status`, which reaches its own daemon on
+    # 127.0.0.1: the name to find in the server certificate instead of the
+    # host we connect to (it is pinned), and where that address comes from.
     expected_name: str | None = None
+    server_from: str = "--server or SBC_SERVER in sm.ini"
 
 
 KEYS = [

@@ -175,7 +175,7 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
     from cryptography import x509
 
     from pki.names import certificate_names
-    from pki.tls import fingerprint_sha256
+    from pki.tls import ClientCertPolicy, fingerprint_sha256
     from sbc.cli import main as sbc_main
 
     host, port = config.listen
@@ -186,15 +186,21 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
         raise PkiError(f"cannot read {layout.server_cert}: {exc}") from None
     names = certificate_names(ours)
 
+    # Below level 2 the daemon serves a client without a certificate: on a
+    # server that has none in x.509/ (the usual), present none.
+    present = config.client_cert_policy == ClientCertPolicy.REQUIRE or layout.client_cert.exists()
+
     def pin_our_certificate(sbc_config: Any) -> Any:
         return dataclasses.replace(
             sbc_config,
             server_fingerprint=fingerprint_sha256(ours),
             expected_name=names[0] if names else None,
+            client_ssl_auth=sbc_config.client_ssl_auth and present,
+            server_from=f"STPD_HTTPS_LISTEN in {layout.stpd_ini}, or --listen",
         )
 
     argv = ["--ini-dir", str(layout.ini_dir), "status", "--server", f"{host}:{port}"]
-    return sbc_main(argv + (["--json"] if as_json else []), adjust=pin_our_certificate)
+    return sbc_main(argv + (["--json"] if as_json else []), adjust=pin_our_certificate, prog="stpd")
 
 
 def _open_store(config: StpdConfig) -> SavesetStore:

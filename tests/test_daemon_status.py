@@ -105,9 +105,49 @@ def test_stpd_status_without_a_running_daemon_is_one_clear_line(tmp_path: Path) 
     result = run("stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", "127.0.0.1:9", "status")
     assert result.returncode != 0
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sbc: error: "), result.stderr
-    assert "127.0.0.1:9" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("stpd: error: "), result.stderr
+    assert (
+        "cannot connect to stpd at 127.0.0.1:9: Connection refused; is stpd running there? "
+        in lines[0]
+    )
+    assert (
+        f"(the address comes from STPD_HTTPS_LISTEN in {pki.layout.stpd_ini}, or --listen)"
+        in lines[0]
+    )
     assert "Traceback" not in result.stderr
+
+
+def test_stpd_status_of_a_server_without_a_client_certificate(tmp_path: Path) -> None:
+    """Below level 2 stpd serves a client without a certificate, and a
+    server seldom has one in x.509/: `stpd status` then presents none
+    (it said "certificate .../x.509/client.pem not found"). At level 2 it
+    needs one, and says so."""
+    pki = make_pki(tmp_path)
+    for level in (0, 1):
+        (pki.layout.ini_dir / "stpd.ini").write_text(
+            f"[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT={level}\n"
+        )
+        server = StpdProcess(pki.layout.ini_dir, tmp_path / "data")
+        try:
+            where = f"127.0.0.1:{server.port}"
+            result = run(
+                "stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", where, "status", "--json"
+            )
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["level"] == level
+        finally:
+            server.stop()
+    write_stpd_ini(pki.layout.ini_dir)
+    server = StpdProcess(pki.layout.ini_dir, tmp_path / "data")
+    try:
+        where = f"127.0.0.1:{server.port}"
+        result = run("stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", where, "status")
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            f"stpd: error: certificate {pki.layout.client_cert} not found: "
+        ), result.stderr
+    finally:
+        server.stop()
 
 
 def test_short_lived_server_certificate_warned_at_startup(tmp_path: Path) -> None:

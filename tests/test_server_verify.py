@@ -132,7 +132,7 @@ def test_a_port_where_nothing_listens(pki: Pki) -> None:
     assert code == 1 and out == ""
     assert one_line(err) == (
         f"sbc: error: cannot connect to stpd at 127.0.0.1:{port}: Connection refused; is stpd "
-        "running there? (the server comes from --server or SBC_SERVER in sm.ini)"
+        "running there? (the address comes from --server or SBC_SERVER in sm.ini)"
     )
 
 
