@@ -57,6 +57,10 @@ _VERIFY_REASONS = {
     23: "certificate has been revoked",
     # 26 (invalid purpose) depends on the side: see PeerVerdict.record.
 }
+# The identity of a peer without a valid certificate (levels 0 and 1): the
+# owner of what it stores, shared by every such client.
+ANONYMOUS = "anonymous"
+
 X509_V_ERR_CERT_NOT_YET_VALID = 9
 X509_V_ERR_CERT_HAS_EXPIRED = 10
 X509_V_ERR_INVALID_PURPOSE = 26

@@ -17,6 +17,7 @@ from pki.console import reader_gone
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from pki.tls import ANONYMOUS
 from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
 from sbc.config import SbcConfig, load_config
@@ -158,6 +159,7 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "sha256": meta["sha256"],
         "source": meta["source"],
         "created": meta["created"],
+        "owner": meta["owner"],
         "server": session.where,
         "files": stats.files,
         "directories": stats.directories,
@@ -184,6 +186,15 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             )
         for path, what in stats.unreadable:
             print(f"sbc: warning: could not read {path}: {what}", file=sys.stderr)
+        if meta["owner"] == ANONYMOUS and session.config.client_ssl_auth:
+            # Level 1 serves a client whose certificate it refuses, as anyone.
+            print(
+                f"sbc: warning: stpd at {session.where} did not accept our client certificate "
+                "and stored this saveset as anonymous: every client without a valid "
+                "certificate can list and restore it (the stpd log says why it refused the "
+                "certificate)",
+                file=sys.stderr,
+            )
         if source.is_symlink():  # backed up as a link, which a user seldom means
             hint = (
                 f"give {source}/ to back up the directory it points to"

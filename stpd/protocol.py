@@ -27,12 +27,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from cryptography import x509
 
 from pki.authority import SUBJECT_KEYS
-from pki.tls import NO_HANDSHAKE_REASON, NOT_TLS_REASONS, ClientCertPolicy
+from pki.tls import ANONYMOUS, NO_HANDSHAKE_REASON, NOT_TLS_REASONS, ClientCertPolicy
 from stpd.config import MAX_REQUEST_TARGET
 from stpd.store import SAVESET_ID
 
 KEY_BY_OID = {oid: key for key, oid in SUBJECT_KEYS.items()}
-ANONYMOUS = "anonymous"  # owner of savesets uploaded without a valid certificate
 MAX_SOURCE_CHARS = 4096  # a path longer than PATH_MAX is not a path
 MAX_ENTRIES = 1000  # ?entry= parameters of one selective restore
 NO_CERTIFICATE = "no client certificate presented"

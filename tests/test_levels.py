@@ -131,6 +131,7 @@ def test_sbc_matrix(
         assert err == ""
         backup = json.loads(out)
         saveset = backup["saveset"]
+        assert backup["owner"] == expected_owner(level, kind, name)
         meta = stpd.daemon.store.find(expected_owner(level, kind, name), saveset)
         assert meta is not None, f"{saveset} not stored for {expected_owner(level, kind, name)}"
         assert meta.source == str(source)
@@ -143,6 +144,31 @@ def test_sbc_matrix(
         assert [item["saveset"] for item in json.loads(out)] == [saveset]
         # One judgement per connection: backup and list each logged one line.
         stpd.log.wait_for_count(expected_log(level, kind, name), 2)
+
+
+@pytest.mark.parametrize("kind", ["other-ca", "valid", "none"])
+def test_sbc_says_when_level_1_stored_its_backup_as_anonymous(
+    pki: Pki, tmp_path: Path, kind: str
+) -> None:
+    """At level 1 a client whose certificate stpd refuses is served as
+    anonymous, whose savesets every such client may list and restore:
+    only the server log said so. A client that presented no certificate
+    (SBC_CLIENT_SSL_AUTH=0) chose that, and hears nothing."""
+    client = client_for(pki, kind, f"anon-{kind}")
+    source = tmp_path / "payload.txt"
+    source.write_text("level 1\n")
+    with running_stpd(pki.layout, level=1) as stpd:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", stpd.address
+        )
+    assert code == 0, err
+    assert out.startswith("saveset SS-")
+    warning = (
+        f"sbc: warning: stpd at {stpd.address} did not accept our client certificate and "
+        "stored this saveset as anonymous: every client without a valid certificate can list "
+        "and restore it (the stpd log says why it refused the certificate)\n"
+    )
+    assert err == (warning if kind == "other-ca" else "")
 
 
 @pytest.mark.parametrize("level", [1, 2])
