@@ -351,6 +351,8 @@ def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
 def _verify(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     verdict = session.verify(args.saveset)
     if not verdict["intact"]:
+        if args.json:  # a script reads the verdict as the API gives it, beside the error
+            print(json.dumps(verdict, indent=1), flush=True)
         raise SbcError(
             f"saveset {args.saveset} is damaged: its stored data is {verdict['bytes']} bytes "
             f"with sha256 {verdict['sha256']}, but was {verdict['recorded_bytes']} bytes with "

@@ -1105,6 +1105,16 @@ def test_verify_tells_an_intact_saveset_from_a_damaged_one(
         assert (code, out) == (1, "")
         assert err.count("\n") == 1, err
         assert err.startswith(f"sbc: error: saveset {saveset} is damaged: its stored data is "), err
+        code, out, err = run_sbc(*ini, "verify", saveset, "--server", stpd.address, "--json")
+        assert code == 1 and err.startswith(f"sbc: error: saveset {saveset} is damaged: ")
+        assert json.loads(out) == {
+            "saveset": saveset,
+            "intact": False,
+            "bytes": size,
+            "sha256": hashlib.sha256(damaged).hexdigest(),
+            "recorded_bytes": size,
+            "recorded_sha256": sha,
+        }
         stpd.log.wait_for(rf"ERROR saveset {saveset} is damaged: {size} bytes with sha256 ")
         url = f"{stpd.url}/savesets/{saveset}/verify"
         answer = subprocess.run(
