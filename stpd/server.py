@@ -1027,6 +1027,11 @@ class HttpSession:
                     "restore of %s to %s stalled (client not reading); closed", saveset, self.peer
                 )
                 raise trio.BrokenResourceError("send timeout") from None
+            except trio.BrokenResourceError as exc:  # the client went away mid-restore
+                log.warning(
+                    "restore of %s to %s (%s) cut off: %s", saveset, self.peer, self.owner, exc
+                )
+                raise
             except (OSError, tarfile.TarError) as exc:
                 raise self._unreadable_mid_answer(saveset, exc) from None
             finally:

@@ -114,7 +114,7 @@ def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, SSL.SysCallError):
         return "connection closed by peer"
     if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
-        parts = [str(item[2]) for item in exc.args[0] if len(item) >= 3]
+        parts = [str(item[2]) for item in exc.args[0] if len(item) >= 3 and item[2]]
         if parts:
             return "; ".join(parts)
         # OpenSSL queued no reason: the socket failed under it (a reset).

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import time
 from pathlib import Path
 
@@ -234,3 +235,36 @@ def test_client_that_stops_reading_during_restore(hpki: Pki, tmp_path: Path) -> 
         assert received < big.stat().st_size
         assert_serves(stpd, client, tmp_path)
         assert_no_partial(stpd.daemon.store.root)
+
+
+def test_a_restore_the_client_abandons_is_logged_with_its_saveset(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A client that goes away mid-restore (a reset after 64 KiB of 32 MiB)
+    was logged as "connection with PEER ended: connection lost: " with no
+    reason and no saveset: now as the upload's cut-offs are, and the
+    daemon serves on."""
+    client = hpki.client_ini("leaver")
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(32 << 20))  # more than the socket buffers hold
+    with running_stpd(hpki.layout, level=2) as stpd:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", stpd.address,
+            "--json", "--quiet",
+        )  # fmt: skip
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        sock = tls_connect(stpd, tls_context(hpki, client))
+        sock.sendall(f"GET /savesets/{saveset} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = 0
+        while received < 65536:
+            received += len(sock.recv(65536))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, as when the client machine goes down
+        line = stpd.log.wait_for(
+            rf"^WARNING restore of {saveset} to {PEER} \(CN=leaver\) cut off: connection "
+            r"lost: \S"
+        )
+        assert not line.endswith(": "), line
+        assert_serves(stpd, client, tmp_path)
