@@ -103,6 +103,32 @@ def test_member_headers_equal_tarfiles_for_every_shape() -> None:
         assert header == (ustar if len(path) > 100 and ustar else pax)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="abcé-", min_size=1, max_size=70), min_size=1, max_size=60))
+def test_the_ustar_split_is_tarfiles(parts: list[str]) -> None:
+    """Where a long name is split into ustar's prefix and name fields: the
+    first "/" that leaves both short enough, as tarfile finds it (a scan of
+    the slashes now; joining the parts anew for each split point made a
+    tree 1,000 directories deep take 6.6 s instead of 0.2)."""
+    assert_split_as_tarfile("/".join(parts))
+
+
+def test_the_ustar_split_is_tarfiles_at_the_field_sizes() -> None:
+    for prefix in range(150, 160):
+        for name in range(95, 106):
+            assert_split_as_tarfile("a" * prefix + "/" + "b" * name)
+            assert_split_as_tarfile("c/" + "a" * (prefix - 2) + "/" + "b" * name)
+
+
+def assert_split_as_tarfile(path: str) -> None:
+    try:
+        prefix, name = tarfile.TarInfo()._posix_split_name(path, "utf-8", "strict")  # type: ignore[attr-defined]
+        expected = (prefix.encode(), name.encode())
+    except ValueError:  # no split fits: a PAX header takes the name
+        expected = (b"", path.encode())
+    assert archive._ustar_split(path.encode()) == expected
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     name=st.text(st.sampled_from("ab/é."), max_size=3) | st.sampled_from(["x" * 100, "y" * 101]),
