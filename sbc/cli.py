@@ -118,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, but ENTRY arguments of restore may follow its
+    options too (`restore ID DIR --overwrite etc/hosts`): argparse takes a
+    command's positionals only before them and leaves the rest over."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "restore" and not any(e.startswith("-") for e in extra):
+        try:
+            args.entries += [saveset_entry(raw) for raw in extra]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument ENTRY: {exc}")
+        extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def saveset_entry(raw: str) -> str:
     """An ENTRY of ``sbc restore`` as stored: "/etc/hosts/" and "./etc/hosts"
     mean etc/hosts (members have relative names)."""
@@ -421,7 +437,7 @@ def main(
 ) -> int:
     """``adjust`` lets another program (``stpd status``) change the loaded
     configuration before use, and ``prog`` is the name its errors go by."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     layout = Layout(resolve_ini_dir(args.ini_dir))
     try:
         config = load_config(layout)
