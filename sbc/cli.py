@@ -175,7 +175,7 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "sha256": meta["sha256"],
         "source": meta["source"],
         "created": meta["created"],
-        "owner": meta["owner"],
+        "owner": meta.get("owner"),
         "server": session.where,
         "files": stats.files,
         "directories": stats.directories,
@@ -202,7 +202,11 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             )
         for path, what in stats.unreadable:
             print(f"sbc: warning: could not read {path}: {what}", file=sys.stderr)
-        if meta["owner"] == ANONYMOUS and session.config.client_ssl_auth:
+        if (
+            meta.get("owner") == ANONYMOUS
+            and session.config.client_ssl_auth
+            and session.certificate_asked
+        ):
             # Level 1 serves a client whose certificate it refuses, as anyone.
             print(
                 f"sbc: warning: stpd at {session.where} did not accept our client certificate "

@@ -271,6 +271,12 @@ class Session:
             "it probably refused this client; see the stpd log (e.g. a revoked certificate)",
         )
 
+    @property
+    def certificate_asked(self) -> bool:
+        """Whether stpd asked for a client certificate (levels 1 and 2 name
+        our root CA in the request; level 0 asks for none)."""
+        return self.tls is not None and bool(self.tls.conn.get_client_ca_list())
+
     def _was_accepted(self) -> bool:
         """stpd read our request: it answered 100 Continue, or took more
         data than the socket buffers on the way can hold. It refuses a

@@ -146,18 +146,21 @@ def test_sbc_matrix(
         stpd.log.wait_for_count(expected_log(level, kind, name), 2)
 
 
-@pytest.mark.parametrize("kind", ["other-ca", "valid", "none"])
+@pytest.mark.parametrize(
+    ("kind", "level"), [("other-ca", 1), ("valid", 1), ("none", 1), ("other-ca", 0)]
+)
 def test_sbc_says_when_level_1_stored_its_backup_as_anonymous(
-    pki: Pki, tmp_path: Path, kind: str
+    pki: Pki, tmp_path: Path, kind: str, level: int
 ) -> None:
     """At level 1 a client whose certificate stpd refuses is served as
     anonymous, whose savesets every such client may list and restore:
     only the server log said so. A client that presented no certificate
-    (SBC_CLIENT_SSL_AUTH=0) chose that, and hears nothing."""
+    (SBC_CLIENT_SSL_AUTH=0) chose that, and at level 0 stpd asks for none:
+    both hear nothing."""
     client = client_for(pki, kind, f"anon-{kind}")
     source = tmp_path / "payload.txt"
     source.write_text("level 1\n")
-    with running_stpd(pki.layout, level=1) as stpd:
+    with running_stpd(pki.layout, level=level) as stpd:
         code, out, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", stpd.address
         )
@@ -168,7 +171,7 @@ def test_sbc_says_when_level_1_stored_its_backup_as_anonymous(
         "stored this saveset as anonymous: every client without a valid certificate can list "
         "and restore it (the stpd log says why it refused the certificate)\n"
     )
-    assert err == (warning if kind == "other-ca" else "")
+    assert err == (warning if (kind, level) == ("other-ca", 1) else "")
 
 
 @pytest.mark.parametrize("level", [1, 2])
