@@ -337,18 +337,30 @@ class _Extraction(tarfile.TarFile):
         self._runs = safe.only is None and not safe.overwrite
         destination = str(self.target.path)
         directories: list[tarfile.TarInfo] = []
-        while True:
-            if self._run is not None:
-                made_in_run(self._make_run())
-            if (member := self.next()) is None:
-                break
-            self.members.clear()  # type: ignore[attr-defined]
-            tarinfo = members(member, destination)
-            if tarinfo is None:
-                continue
-            if tarinfo.isdir():
-                directories.append(tarinfo)
-            self._extract(tarinfo)
+        try:
+            while True:
+                if self._run is not None:
+                    made_in_run(self._make_run())
+                if (member := self.next()) is None:
+                    break
+                self.members.clear()  # type: ignore[attr-defined]
+                tarinfo = members(member, destination)
+                if tarinfo is None:
+                    continue
+                if tarinfo.isdir():
+                    directories.append(tarinfo)
+                self._extract(tarinfo)
+        except BaseException:
+            # A restore that stopped part-way (a lost connection, Ctrl-C, a
+            # full disk) still gives the directories it made their modes,
+            # owners and times: tarfile makes each 0700 until then.
+            with contextlib.suppress(OSError):
+                self._finish_directories(directories)
+            raise
+        self._finish_directories(directories)
+
+    def _finish_directories(self, directories: list[tarfile.TarInfo]) -> None:
+        """Directories' attributes, deepest first, once their contents are in."""
         directories.sort(key=lambda directory: directory.name, reverse=True)
         for tarinfo in directories:
             self.chown(tarinfo, "", numeric_owner=True)  # and mode and times: see there

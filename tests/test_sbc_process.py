@@ -20,6 +20,7 @@ import queue
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tarfile
@@ -230,12 +231,17 @@ def test_backup_to_a_server_that_never_answers_100_continue(pki: Pki, tmp_path: 
 
 
 def _restore_cut_off(
-    pki: Pki, target: Path, members: list[tuple[str, bytes]], cut_into: bytes, fraction: float
+    pki: Pki,
+    target: Path,
+    members: list[tuple[str, bytes]] | bytes,
+    cut_into: bytes,
+    fraction: float,
 ) -> tuple[int, str, str]:
     """``sbc restore`` from a server (Python's ssl module) that announces a
-    whole saveset of ``members``, sends it up to ``fraction`` of the member
-    whose contents are ``cut_into``, and closes the connection."""
-    stream = tar_bytes(members)
+    whole saveset of ``members`` (or this tar stream), sends it up to
+    ``fraction`` of the member whose contents are ``cut_into``, and closes
+    the connection."""
+    stream = members if isinstance(members, bytes) else tar_bytes(members)
     cut = stream.index(cut_into) + int(len(cut_into) * fraction)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
@@ -284,6 +290,29 @@ def test_a_restore_cut_off_mid_file_removes_the_incomplete_file(pki: Pki, tmp_pa
     assert err.rstrip().endswith("; the incomplete tree/second.bin was removed"), err
     assert (target / "tree" / "first.txt").read_bytes() == first
     assert not (target / "tree" / "second.bin").exists()
+
+
+def test_directories_of_a_restore_cut_off_get_their_modes(pki: Pki, tmp_path: Path) -> None:
+    """tarfile makes each directory 0700 and gives it its mode, owner and
+    time once the restore is done: a restore that broke off left them at
+    0700 until it was run again."""
+    big = bytes(range(256)) * 12288
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mode in (("tree", 0o755), ("tree/shared", 0o775)):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, 1_500_000_000
+            tar.addfile(info)
+        info = tarfile.TarInfo("tree/shared/big.bin")
+        info.size = len(big)
+        tar.addfile(info, io.BytesIO(big))
+    target = tmp_path / "back"
+    code, _, err = _restore_cut_off(pki, target, buffer.getvalue(), big, 0.5)
+    assert code == 1 and "lost mid-restore" in err, err
+    for name, mode in (("tree", 0o755), ("tree/shared", 0o775)):
+        st = (target / name).stat()
+        assert (stat.S_IMODE(st.st_mode), int(st.st_mtime)) == (mode, 1_500_000_000), name
+    assert not (target / "tree" / "shared" / "big.bin").exists()
 
 
 def test_files_received_whole_before_a_break_are_restored(pki: Pki, tmp_path: Path) -> None:
