@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Pki, running_stpd
+from pki.layout import Layout
+from tests.conftest import Pki, RunningStpd, running_stpd
 from tests.test_hostile_common import (
     DEADLINE,
     assert_no_partial,
@@ -209,17 +210,22 @@ def test_idle_keep_alive_connection_is_closed(hpki: Pki, tmp_path: Path) -> None
 # -- a restore that is not read ----------------------------------------------------
 
 
+def backed_up(stpd: RunningStpd, client: Layout, source: Path) -> str:
+    """The saveset of a real ``sbc backup`` of ``source``."""
+    code, out, err = run_sbc(
+        "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", stpd.address,
+        "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    return str(json.loads(out)["saveset"])
+
+
 def test_client_that_stops_reading_during_restore(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
     client = hpki.client_ini("good")
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(24 * 1024 * 1024))  # more than every socket buffer on the way
     with running_stpd(hpki.layout, 2, io_timeout=0.5) as stpd:
-        code, out, err = run_sbc(
-            "--ini-dir", str(client.ini_dir), "backup", str(big), "--server", stpd.address,
-            "--json", "--quiet",
-        )  # fmt: skip
-        assert code == 0, err
-        saveset = json.loads(out)["saveset"]
+        saveset = backed_up(stpd, client, big)
         raw = socket.socket()
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         raw.settimeout(DEADLINE)
@@ -249,12 +255,7 @@ def test_a_restore_the_client_abandons_is_logged_with_its_saveset(
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(32 << 20))  # more than the socket buffers hold
     with running_stpd(hpki.layout, level=2) as stpd:
-        code, out, err = run_sbc(
-            "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", stpd.address,
-            "--json", "--quiet",
-        )  # fmt: skip
-        assert code == 0, err
-        saveset = json.loads(out)["saveset"]
+        saveset = backed_up(stpd, client, source)
         sock = tls_connect(stpd, tls_context(hpki, client))
         sock.sendall(f"GET /savesets/{saveset} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         received = 0
