@@ -459,6 +459,12 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
         f"{written.next_update:%Y-%m-%d %H:%M} UTC",
         file=out,
     )
+    if written.carried:
+        print(
+            f"{PROG}: warning: {written.carried} of them only the previous CRL listed, not the "
+            f"inventory {layout.inventory} (it was begun anew?): they stay revoked",
+            file=sys.stderr,
+        )
     print(
         f"next: copy {written.path.name} into ca/ of every STPD (the backup server and each "
         f"RDS), where it takes effect at the next connection; write it again before {written.next_update:%Y-%m-%d} with "

@@ -15,6 +15,7 @@ when the next update is near or past.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,6 +64,7 @@ class CrlWritten:
     number: int
     revoked: int  # certificates on it
     next_update: datetime
+    carried: int = 0  # of them, taken over from the previous CRL: not in the inventory
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ def build_crl(
     number: int,
     now: datetime,
     days: int,
+    carried: Sequence[x509.RevokedCertificate] = (),
 ) -> x509.CertificateRevocationList:
     try:
         ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -142,6 +145,8 @@ def build_crl(
         if reason is not None and reason != x509.ReasonFlags.unspecified:
             item = item.add_extension(x509.CRLReason(reason), critical=False)
         builder = builder.add_revoked_certificate(item.build())
+    for revoked_certificate in carried:
+        builder = builder.add_revoked_certificate(revoked_certificate)
     return ca.sign_crl(builder)
 
 
@@ -170,13 +175,9 @@ def read_crl(layout: Layout) -> CrlState | None:
             f"CRL {layout.crl} is unreadable ({exc}): write it again with "
             f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl`"
         ) from None
-    try:
-        number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        number = None
     return CrlState(
         layout.crl,
-        number,
+        _crl_number(crl),
         crl.last_update_utc,
         crl.next_update_utc,
         frozenset(item.serial_number for item in crl),
@@ -186,14 +187,49 @@ def read_crl(layout: Layout) -> CrlState | None:
 def _write(
     ca: CertificateAuthority, inventory: Inventory, *, days: int, now: datetime
 ) -> CrlWritten:
-    inventory.crl_number += 1
-    inventory.changed = True
     revoked = inventory.revoked()
-    crl = build_crl(ca, revoked, number=inventory.crl_number, now=now, days=days)
+    # What the CRL this one replaces says counts too: an inventory moved
+    # aside (damaged) and begun anew must not bring revoked certificates
+    # back to life, nor CRL numbers back to 1 (stpd refuses a lower one).
+    previous = _previous_crl(ca)
+    listed = {entry.serial_number for entry in revoked}
+    carried = [item for item in previous or () if item.serial_number not in listed]
+    previous_number = _crl_number(previous) if previous is not None else None
+    inventory.crl_number = max(inventory.crl_number, previous_number or 0) + 1
+    inventory.changed = True
+    crl = build_crl(ca, revoked, number=inventory.crl_number, now=now, days=days, carried=carried)
     write_public(ca.layout.crl, crl.public_bytes(serialization.Encoding.PEM))
     inventory.save()
     assert crl.next_update_utc is not None
-    return CrlWritten(ca.layout.crl, inventory.crl_number, len(revoked), crl.next_update_utc)
+    return CrlWritten(
+        ca.layout.crl,
+        inventory.crl_number,
+        len(revoked) + len(carried),
+        crl.next_update_utc,
+        len(carried),
+    )
+
+
+def _previous_crl(ca: CertificateAuthority) -> x509.CertificateRevocationList | None:
+    """The CRL in ca/crl.pem if this CA signed it (one of an earlier CA,
+    which ``ca --force`` moves aside anyway, says nothing about ours)."""
+    try:
+        crl = x509.load_pem_x509_crl(ca.layout.crl.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PkiError(
+            f"CRL {ca.layout.crl} cannot be read ({exc}), so the revocations on it would be "
+            "lost: restore it, or move it aside to write a new one from the inventory alone"
+        ) from None
+    return crl if crl.is_signature_valid(ca.cert.public_key()) else None  # type: ignore[arg-type]
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _find_target(ca: CertificateAuthority, inventory: Inventory, target: str) -> Entry:

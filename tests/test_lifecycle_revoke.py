@@ -285,3 +285,38 @@ def test_the_crl_pem_is_a_single_pem_block(ca: CertificateAuthority, layout: Lay
     crl = x509.load_pem_x509_crl(data)
     assert crl.public_bytes(serialization.Encoding.PEM) == data
     assert written.path == layout.crl and written.number == 1 and written.revoked == 0
+
+
+@needs_openssl
+def test_an_inventory_begun_anew_does_not_bring_revoked_certificates_back(
+    capsys: pytest.CaptureFixture[str],
+    layout: Layout,
+    clients: tuple[IssuedCert, IssuedCert],
+) -> None:
+    """A damaged inventory is to be moved aside (its error says so), and
+    sm_ssl_cert begins a new one: the next CRL was written from that alone,
+    empty and numbered 1, so a certificate revoked for keyCompromise
+    passed again (openssl verify -crl_check said OK), and stpd took the
+    lower number. What the previous CRL revoked stays revoked, and the
+    numbers go on rising."""
+    alice, bob = clients
+    run(capsys, layout, "revoke", format_serial(bob.serial), "--reason", "keyCompromise")
+    run(capsys, layout, "crl")  # number 2
+    layout.inventory.rename(layout.inventory.with_name("inventory.json.damaged"))
+
+    code = main(["--ini-dir", str(layout.ini_dir), "crl"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "wrote CRL " in out and ": number 3, 1 revoked certificate, " in out
+    assert err == (
+        "sm_ssl_cert: warning: 1 of them only the previous CRL listed, not the inventory "
+        f"{layout.inventory} (it was begun anew?): they stay revoked\n"
+    )
+    crl = load_crl(layout)
+    revoked = crl.get_revoked_certificate_by_serial_number(bob.serial)
+    assert revoked is not None
+    reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason == x509.ReasonFlags.key_compromise
+    check = ["verify", "-crl_check", "-CRLfile", layout.crl, "-CAfile", layout.ca_cert]
+    assert openssl(*check, bob.cert_path).returncode != 0
+    assert openssl(*check, alice.cert_path).returncode == 0
