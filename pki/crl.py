@@ -177,7 +177,7 @@ def read_crl(layout: Layout) -> CrlState | None:
         ) from None
     return CrlState(
         layout.crl,
-        _crl_number(crl),
+        crl_number(crl),
         crl.last_update_utc,
         crl.next_update_utc,
         frozenset(item.serial_number for item in crl),
@@ -194,7 +194,7 @@ def _write(
     previous = _previous_crl(ca)
     listed = {entry.serial_number for entry in revoked}
     carried = [item for item in previous or () if item.serial_number not in listed]
-    previous_number = _crl_number(previous) if previous is not None else None
+    previous_number = crl_number(previous) if previous is not None else None
     inventory.crl_number = max(inventory.crl_number, previous_number or 0) + 1
     inventory.changed = True
     crl = build_crl(ca, revoked, number=inventory.crl_number, now=now, days=days, carried=carried)
@@ -225,7 +225,8 @@ def _previous_crl(ca: CertificateAuthority) -> x509.CertificateRevocationList | 
     return crl if crl.is_signature_valid(ca.cert.public_key()) else None  # type: ignore[arg-type]
 
 
-def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    """Its cRLNumber (RFC 5280), which rises with each CRL of a CA."""
     try:
         return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
     except x509.ExtensionNotFound:

@@ -28,7 +28,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from pki.authority import EXPIRY_WARNING_DAYS, days_left
-from pki.crl import CRL_WARNING_DAYS
+from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.inifile import ConfigError
@@ -142,6 +142,7 @@ class Stpd:
         self.store = SavesetStore(config.saveset_dir)
         self.ssl_context, self.server_cert, self.ca_cert = self._tls_material(config)
         self._crl_stamp = self._stamp(config.layout.crl)
+        self._crl_in_force = self._crl_file()
         in_file = load_config(config.layout)
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
@@ -362,6 +363,9 @@ class Stpd:
                 in_file, listen=self.config.listen, data_dir=self.config.data_dir
             )
             material = self._tls_material(config)
+            crl = self._crl_file(config, material[2])
+            if config.client_cert_policy != ClientCertPolicy.IGNORE:
+                self._refuse_an_older_crl(crl)
         except (ConfigError, PkiError, OSError, ValueError) as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
             return
@@ -376,6 +380,7 @@ class Stpd:
         self.config = config
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
+        self._crl_in_force = crl
         self.transfer_threads.total_tokens = config.max_connections
         self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
         log.info(
@@ -395,12 +400,36 @@ class Stpd:
             return
         self._crl_stamp = stamp
         try:
+            crl = self._crl_file()
+            self._refuse_an_older_crl(crl)
             self.ssl_context = server_context(self.config.layout, self.config.client_cert_policy)
         except PkiError as exc:
             log.error("new CRL refused, the previous one stays in force: %s", exc)
             return
+        self._crl_in_force = crl
         log.info("CRL %s changed: reloaded", self.config.layout.crl)
         self._check_crl()  # a copy of an old one, for example
+
+    def _refuse_an_older_crl(self, crl: x509.CertificateRevocationList | None) -> None:
+        """PkiError for a CRL that would let certificates revoked since pass
+        again: none where one is in force, or one with a lower number (an
+        older copy). A restart takes what is there."""
+        in_force, path = self._crl_in_force, self.config.layout.crl
+        if in_force is None:
+            return
+        if crl is None:
+            raise PkiError(
+                f"{path} is gone, and without it the certificates it revokes would be served: "
+                "copy crl.pem back from the CA machine (stpd restarted without it checks no "
+                "revocations)"
+            )
+        new, old = crl_number(crl), crl_number(in_force)
+        if new is not None and old is not None and new < old:
+            raise PkiError(
+                f"{path} has CRL number {new}, lower than the {old} in force: an older copy, "
+                "which would let certificates revoked since pass again; copy the current "
+                "crl.pem from the CA machine"
+            )
 
     def _check_expiry(self) -> None:
         self._check_crl()
@@ -450,13 +479,22 @@ class Stpd:
     def _crl_next_update(self) -> datetime.datetime | None:
         """When ca/crl.pem must be replaced; None without one, or at level 0,
         where none is checked."""
-        if self.config.client_cert_policy == ClientCertPolicy.IGNORE or self.ca_cert is None:
-            return None
         try:
-            crl = load_crl(self.config.layout, self.ca_cert)
+            crl = self._crl_file()
         except PkiError:
             return None  # refused where the context is built, with the reason
         return crl.next_update_utc if crl is not None else None
+
+    def _crl_file(
+        self, config: StpdConfig | None = None, ca_cert: x509.Certificate | None = None
+    ) -> x509.CertificateRevocationList | None:
+        """ca/crl.pem as it is now, for ``config`` and its CA (default: those
+        in force); None without one, or at level 0, where none is checked."""
+        if config is None:
+            config, ca_cert = self.config, self.ca_cert
+        if config.client_cert_policy == ClientCertPolicy.IGNORE or ca_cert is None:
+            return None
+        return load_crl(config.layout, ca_cert)
 
     async def _remove_expired_savesets(self) -> None:
         """STPD_RETENTION_DAYS: at start, then every hour (a SIGHUP's new

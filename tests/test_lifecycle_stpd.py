@@ -385,3 +385,43 @@ def test_renewed_server_certificate_is_served_by_a_new_stpd(
         repinned = pinned_client(pki, "repinned", new_pin)
         code, _out, err = backup(repinned, stpd, source)
         assert code == 0, err
+
+
+def test_an_older_crl_or_none_does_not_let_a_revoked_client_back_in(
+    pki: Pki, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A changed ca/crl.pem is read at the next connection. An older copy
+    (a lower CRL number) put back by mistake, or the file removed, used to
+    be taken as it was: a client revoked since was served again."""
+    first, second = pki.client_ini("first-lost"), pki.client_ini("second-lost")
+    revoke(pki, first, capsys)
+    older = pki.layout.crl.read_bytes()  # number 1: first only
+    with running_stpd(pki.layout, level=2) as stpd:
+        revoke(pki, second, capsys)  # number 2: both
+        assert backup(second, stpd, source)[0] == 1
+
+        pki.layout.crl.write_bytes(older)
+        assert backup(second, stpd, source)[0] == 1
+        stpd.log.wait_for(
+            rf"^ERROR new CRL refused, the previous one stays in force: "
+            rf"{re.escape(str(pki.layout.crl))} has CRL number 1, lower than the 2 in force: "
+            r"an older copy, "
+        )
+
+        pki.layout.crl.unlink()
+        assert backup(second, stpd, source)[0] == 1
+        stpd.log.wait_for(
+            rf"^ERROR new CRL refused, the previous one stays in force: "
+            rf"{re.escape(str(pki.layout.crl))} is gone, and without it the certificates it "
+            r"revokes would be served: copy crl\.pem back"
+        )
+        stpd.log.wait_for_count(rf"^ERROR refused {PEER} \(CN=second-lost\): {REVOKED}", 3)
+
+        # SIGHUP's reload reads the CRL too (called here directly: the daemon is idle).
+        pki.layout.crl.write_bytes(older)
+        stpd.daemon.reload()
+        stpd.log.wait_for(
+            r"^ERROR reload refused, the running configuration stays in force: .* has CRL "
+            r"number 1, lower than the 2 in force"
+        )
+        assert backup(second, stpd, source)[0] == 1
