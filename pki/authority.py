@@ -41,6 +41,7 @@ from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
 from pki.inventory import lock as inventory_lock
 from pki.layout import Layout
 from pki.names import (
+    SUBJECT_KEYS,
     certificate_names,
     check_server_names,
     is_ca_certificate,
@@ -75,24 +76,6 @@ _PROFILE_USAGE = {
     "client": ExtendedKeyUsageOID.CLIENT_AUTH,
 }
 
-# ``--oid`` keys (SPEC.md) and the X.509 attributes they stand for.
-NAME_OID = ObjectIdentifier("2.5.4.41")  # id-at-name; cryptography has no constant
-SUBJECT_KEYS: dict[str, ObjectIdentifier] = {
-    "C": NameOID.COUNTRY_NAME,
-    "CN": NameOID.COMMON_NAME,
-    "DQ": NameOID.DN_QUALIFIER,
-    "GN": NameOID.GIVEN_NAME,
-    "GQ": NameOID.GENERATION_QUALIFIER,
-    "I": NameOID.INITIALS,
-    "L": NameOID.LOCALITY_NAME,
-    "N": NAME_OID,
-    "O": NameOID.ORGANIZATION_NAME,
-    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
-    "P": NameOID.PSEUDONYM,
-    "PC": NameOID.POSTAL_CODE,
-    "S": NameOID.SURNAME,
-    "T": NameOID.TITLE,
-}
 # A subject may hold several organisational units; any other key twice is a typo.
 _REPEATABLE_KEYS = frozenset({"OU"})
 _KEY_BY_OID = {oid: key for key, oid in SUBJECT_KEYS.items()}

@@ -29,6 +29,26 @@ from cryptography.x509.oid import NameOID
 
 from pki.errors import PkiError
 
+# ``--oid`` keys (SPEC.md) and the X.509 subject attributes they stand for:
+# what sm_ssl_cert client takes, and what STPD_ALLOWED_CLIENTS matches.
+NAME_OID = x509.ObjectIdentifier("2.5.4.41")  # id-at-name; cryptography has no constant
+SUBJECT_KEYS: dict[str, x509.ObjectIdentifier] = {
+    "C": NameOID.COUNTRY_NAME,
+    "CN": NameOID.COMMON_NAME,
+    "DQ": NameOID.DN_QUALIFIER,
+    "GN": NameOID.GIVEN_NAME,
+    "GQ": NameOID.GENERATION_QUALIFIER,
+    "I": NameOID.INITIALS,
+    "L": NameOID.LOCALITY_NAME,
+    "N": NAME_OID,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "P": NameOID.PSEUDONYM,
+    "PC": NameOID.POSTAL_CODE,
+    "S": NameOID.SURNAME,
+    "T": NameOID.TITLE,
+}
+
 # RFC 1123: letters, digits and inner hyphens, 1 to 63 characters.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)
 _MAX_NAME_LENGTH = 253  # RFC 1035, without the trailing dot

@@ -20,6 +20,7 @@ from pki.inifile import (
     positive_number,
 )
 from pki.layout import Layout
+from pki.names import SUBJECT_KEYS
 from pki.tls import ClientCertPolicy
 
 SECONDS = 1.0
@@ -47,9 +48,16 @@ def _whole_days(text: str) -> int:
 
 
 def _allowed_clients(text: str) -> tuple[str, ...]:
+    """FIELD:PATTERN items; empty, none (every valid client). A field that
+    is not an --oid key, or an empty pattern, would match no certificate
+    and so lock every client out without a word."""
+    if not text:
+        return ()
     items = tuple(item.strip() for item in text.split(","))
-    if not all(item and ":" in item for item in items):
-        raise ValueError(text)
+    for item in items:
+        field, colon, pattern = item.partition(":")
+        if not colon or field.strip().upper() not in SUBJECT_KEYS or not pattern.strip():
+            raise ValueError(text)
     return items
 
 
@@ -74,11 +82,16 @@ class StpdConfig:
         return self.data_dir or self.layout.default_data_dir
 
     def describe_level(self) -> str:
-        return {
+        """The level in words, and the allow-list when there is one (the
+        start and reload lines say what is in force)."""
+        level = {
             0: "0 (client certificates not requested)",
             1: "1 (validated, invalid ones served with a warning)",
             2: "2 (validated, invalid ones refused)",
         }[int(self.client_cert_policy)]
+        if self.allowed_clients and self.client_cert_policy != ClientCertPolicy.IGNORE:
+            level += f", only clients of STPD_ALLOWED_CLIENTS={','.join(self.allowed_clients)}"
+        return level
 
 
 KEYS = [
@@ -110,7 +123,9 @@ KEYS = [
         "STPD_ALLOWED_CLIENTS",
         "allowed_clients",
         _allowed_clients,
-        "comma-separated FIELD:PATTERN items, e.g. CN:host1,CN:*.example.test",
+        "empty, or comma-separated FIELD:PATTERN items, FIELD one of "
+        + ", ".join(SUBJECT_KEYS)
+        + " (e.g. CN:host1,CN:*.example.test)",
     ),
 ]
 

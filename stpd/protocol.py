@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from cryptography import x509
 
-from pki.authority import SUBJECT_KEYS
+from pki.names import SUBJECT_KEYS
 from pki.tls import ANONYMOUS, NO_HANDSHAKE_REASON, NOT_TLS_REASONS, ClientCertPolicy
 from stpd.config import MAX_REQUEST_TARGET
 from stpd.store import SAVESET_ID

@@ -47,6 +47,11 @@ def test_unlisted_client_gets_one_clear_line(
     source.write_text("x")
     bob = pki.client_ini("bob")
     with running_stpd(pki.layout, level=2, allowed_clients=("CN:alice",)) as stpd:
+        # The start line says that a list is in force, and which.
+        stpd.log.wait_for(
+            r"listening on .*, client certificate level 2 \(validated, invalid ones refused\), "
+            r"only clients of STPD_ALLOWED_CLIENTS=CN:alice, data in "
+        )
         for attempt in range(5):  # the refusal races the request: it must read the same each time
             code = sbc(
                 ["--ini-dir", str(bob.ini_dir), "backup", str(source), "--server", stpd.address]

@@ -265,6 +265,10 @@ BAD_VALUES = [
     ("stpd.ini", "STPD_Server", "STPD_MAX_CONNECTIONS", "1.5", "a whole number > 0"),
     ("stpd.ini", "STPD_Server", "STPD_MAX_HEADER_BYTES", "16k", "a whole number > 0"),
     ("stpd.ini", "STPD_Server", "STPD_ALLOWED_CLIENTS", "host1", "FIELD:PATTERN"),
+    # A typo would match no certificate: every client locked out without a word.
+    ("stpd.ini", "STPD_Server", "STPD_ALLOWED_CLIENTS", "X:foo", "FIELD one of C, CN, DQ"),
+    ("stpd.ini", "STPD_Server", "STPD_ALLOWED_CLIENTS", "CN:host1,CN:", "FIELD one of C, CN"),
+    ("stpd.ini", "STPD_Server", "STPD_ALLOWED_CLIENTS", "CN:a,,O:b", "FIELD:PATTERN"),
     ("sm.ini", "SBC_SSL", "SBC_CLIENT_SSL_AUTH", "2", "0 or 1"),
     ("sm.ini", "SBC_SSL", "SBC_SSL_SERVER_VERIFY", "yes", "0 or 1"),
     ("sm.ini", "SBC_SSL", "SBC_SERVER_FINGERPRINT", "abcd", "64 hex digits"),
@@ -498,3 +502,14 @@ def test_a_server_that_is_not_host_port_is_a_usage_error(
     layout = ini_dir_with(tmp_path, "sm.ini", f"[SBC]\nSBC_SERVER={given}\n")
     with pytest.raises(ConfigError, match=r"\[SBC\] SBC_SERVER=.* is not valid; allowed: "):
         sbc.config.load_config(layout)
+
+
+def test_an_empty_allow_list_allows_every_valid_client(tmp_path: Path) -> None:
+    """`STPD_ALLOWED_CLIENTS=` is the documented default (empty: every valid
+    client), written out; it was refused as not FIELD:PATTERN."""
+    layout = ini_dir_with(tmp_path, "stpd.ini", "[STPD_Server]\nSTPD_ALLOWED_CLIENTS=\n")
+    assert stpd.config.load_config(layout).allowed_clients == ()
+    layout = ini_dir_with(
+        tmp_path, "stpd.ini", "[STPD_Server]\nSTPD_ALLOWED_CLIENTS=cn:host1, O:Ex*\n"
+    )
+    assert stpd.config.load_config(layout).allowed_clients == ("cn:host1", "O:Ex*")
