@@ -483,6 +483,12 @@ class CertificateAuthority:
                 raise PkiError(
                     "--keep-key keeps the current key and its type: leave out --key-type"
                 )
+            entry = Inventory.read(self.layout).find(old.serial_number)
+            if entry is not None and entry.revocation_reason in ("keyCompromise", "cACompromise"):
+                raise PkiError(
+                    f"{cert_path} was revoked for {entry.revocation_reason}: its key must not be "
+                    "certified again; renew without --keep-key (a new key)"
+                )
             key = _read_matching_key(key_path, old)
         elif key_type is None:
             key_type = "rsa" if isinstance(old.public_key(), rsa.RSAPublicKey) else "ec"

@@ -46,7 +46,7 @@ from pki.crl import (
 )
 from pki.errors import PkiError
 from pki.files import read_passphrase
-from pki.inventory import Entry, Inventory, timestamp
+from pki.inventory import Entry, Inventory, parse_serial, timestamp
 from pki.layout import INI_DIR_ENV, INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd import __version__  # of the whole distribution (pyproject reads it there)
 
@@ -426,8 +426,13 @@ def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         key_type=args.key_type,
     )
     profile = args.profile
+    old = (
+        Inventory.read(layout).find(parse_serial(issued.superseded)) if issued.superseded else None
+    )
+    revoked = old is not None and old.status == "revoked"
     if issued.superseded:
-        print(f"renewed {profile} certificate: serial {issued.superseded} is superseded", file=out)
+        was = f"was revoked ({old.revocation_reason})" if old and revoked else "is superseded"
+        print(f"renewed {profile} certificate: serial {issued.superseded} {was}", file=out)
     _print_issued(out, profile, issued, args.days)
     if issued.names:
         print(f"  names:       {', '.join(issued.names)}", file=out)
@@ -444,10 +449,15 @@ def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
             file=out,
         )
     else:
+        old_one = (
+            "the old certificate stays revoked"
+            if revoked
+            else "the old certificate stays valid until it expires (revoke it with "
+            f"`sm_ssl_cert revoke {issued.superseded}` if it must stop working now)"
+        )
         print(
             f"next: copy {issued.cert_path.name} and {issued.key_path.name} into x.509/ of the "
-            "client; the old certificate stays valid until it expires (revoke it with "
-            f"`sm_ssl_cert revoke {issued.superseded}` if it must stop working now)",
+            f"client; {old_one}",
             file=out,
         )
 

@@ -141,7 +141,16 @@ def test_a_revoked_certificate_stays_revoked_when_renewed(
 ) -> None:
     old = ca.issue_client("CN:host1")
     run(capsys, layout, "revoke", str(layout.client_cert), "--reason", "keyCompromise")
-    run(capsys, layout, "renew", "client")
+    # Its key is compromised: certifying it again would undo the revocation.
+    err = fails(capsys, layout, "renew", "client", "--keep-key")
+    assert err == (
+        f"sm_ssl_cert: error: {layout.client_cert} was revoked for keyCompromise: its key must "
+        "not be certified again; renew without --keep-key (a new key)\n"
+    )
+    out = run(capsys, layout, "renew", "client")
+    # Not "superseded", and not "stays valid until it expires".
+    assert f"serial {format_serial(old.serial)} was revoked (keyCompromise)" in out
+    assert "the old certificate stays revoked" in out and "stays valid" not in out
     entry = Inventory.read(layout).find(old.serial)
     assert entry is not None and entry.status == "revoked"
     assert entry.superseded_by == format_serial(load(layout.client_cert).serial_number)
