@@ -309,8 +309,8 @@ class Session:
         if pin is not None and (cert is None or fingerprint_sha256(cert) != pin):
             actual = fingerprint_sha256(cert) if cert is not None else "none"
             raise SbcError(
-                f"stpd at {self.where} presented certificate {actual}, not the pinned "
-                f"SBC_SERVER_FINGERPRINT {pin}: update the pin only if the server certificate was renewed"
+                f"stpd at {self.where} presented certificate {actual}, not {self.config.pinned} "
+                f"{pin}: {self.config.pin_mismatch}"
             )
 
     # -- HTTP ------------------------------------------------------------------

@@ -39,6 +39,9 @@ class SbcConfig:
     # host we connect to (it is pinned), and where that address comes from.
     expected_name: str | None = None
     server_from: str = "--server or SBC_SERVER in sm.ini"
+    # What the pin is and what a mismatch means (stpd status pins ssl/server.pem).
+    pinned: str = "the pinned SBC_SERVER_FINGERPRINT"
+    pin_mismatch: str = "update the pin only if the server certificate was renewed"
 
 
 KEYS = [

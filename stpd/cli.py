@@ -197,6 +197,9 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
             expected_name=names[0] if names else None,
             client_ssl_auth=sbc_config.client_ssl_auth and present,
             server_from=f"STPD_HTTPS_LISTEN in {layout.stpd_ini}, or --listen",
+            pinned=f"that of {layout.server_cert}",
+            pin_mismatch="the running stpd presents another certificate than the one here "
+            "(renewed, and not yet reloaded?): send it SIGHUP (systemctl reload stpd)",
         )
 
     argv = ["--ini-dir", str(layout.ini_dir), "status", "--server", f"{host}:{port}"]

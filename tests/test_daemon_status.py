@@ -263,3 +263,27 @@ def test_a_crl_near_its_next_update_is_warned_about_and_shown_in_status(
         assert code == 0, err
         daemon.log.wait_for(r"^INFO CRL .* changed: reloaded$")
         assert json.loads(out)["crl"]["days_left"] == 29
+
+
+def test_stpd_status_after_a_renewal_not_yet_reloaded(daemon: tuple[Pki, StpdProcess]) -> None:
+    """stpd status pins the running daemon to the local ssl/server.pem.
+    Renewed but not yet reloaded, they differ: it blamed a pin, "the
+    pinned SBC_SERVER_FINGERPRINT", that the administrator never set."""
+    pki, server = daemon
+    on_server = ["--ini-dir", str(pki.layout.ini_dir), "--listen", f"127.0.0.1:{server.port}"]
+    assert (
+        run("sm_ssl_cert", "--ini-dir", str(pki.layout.ini_dir), "renew", "server").returncode == 0
+    )
+    result = run("stpd", *on_server, "status")
+    assert result.returncode == 1
+    assert re.fullmatch(
+        rf"stpd: error: stpd at 127\.0\.0\.1:{server.port} presented certificate [0-9a-f]{{64}}, "
+        rf"not that of {re.escape(str(pki.layout.server_cert))} [0-9a-f]{{64}}: the running stpd "
+        r"presents another certificate than the one here \(renewed, and not yet reloaded\?\): "
+        r"send it SIGHUP \(systemctl reload stpd\)\n",
+        result.stderr,
+    ), result.stderr
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"INFO stpd: reloaded ", after=mark)
+    assert run("stpd", *on_server, "status").returncode == 0
