@@ -15,3 +15,16 @@ def reader_gone() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 128 + signal.SIGPIPE
+
+
+def share_of(part: int, whole: int) -> str:
+    """``part`` of ``whole`` bytes in the unit that suits ``whole``: "1.8 of
+    20.0 MB" (a small data file system read "0.0 of 0.0 GB")."""
+    scale, unit = next(
+        ((scale, unit) for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
+         if whole >= scale),
+        (1, "bytes"),
+    )  # fmt: skip
+    if unit == "bytes":
+        return f"{part} of {whole} bytes"
+    return f"{part / scale:.1f} of {whole / scale:.1f} {unit}"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pki.console import reader_gone
+from pki.console import reader_gone, share_of
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -392,8 +392,7 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         cert = status.get("server_certificate", {})
         storage = status.get("storage") or {}
         free = (
-            f", {storage['free_bytes'] / 1e9:.1f} of {storage['total_bytes'] / 1e9:.1f} GB free "
-            "for savesets"
+            f", {share_of(storage['free_bytes'], storage['total_bytes'])} free for savesets"
             if {"free_bytes", "total_bytes"} <= storage.keys()
             else ""
         )

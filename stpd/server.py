@@ -28,6 +28,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from pki.authority import EXPIRY_WARNING_DAYS, days_left
+from pki.console import share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
 from pki.files import open_to_others
@@ -322,11 +323,10 @@ class Stpd:
         if not self._low_space_warning.ready():
             return
         log.warning(
-            "data directory %s: %.1f of %.1f GB free (%.0f %%); uploads are refused once it is "
-            "full: free space there, or set STPD_RETENTION_DAYS",
+            "data directory %s: %s free (%.0f %%); uploads are refused once it is full: free "
+            "space there (stpd list, stpd delete), or set STPD_RETENTION_DAYS",
             self.store.root,
-            space["free_bytes"] / 1e9,
-            space["total_bytes"] / 1e9,
+            share_of(space["free_bytes"], space["total_bytes"]),
             100 * space["free_bytes"] / max(space["total_bytes"], 1),
         )
 
