@@ -378,7 +378,12 @@ class CertificateAuthority:
         if key is None:
             key = _generate_key(key_type)
         builder = _builder(
-            subject, self._cert.subject, key.public_key(), days=days, not_before=not_before
+            subject,
+            self._cert.subject,
+            key.public_key(),
+            days=days,
+            not_before=not_before,
+            ends_by=self._cert.not_valid_after_utc,  # it dies with the CA anyway
         )
         builder = (
             builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -722,8 +727,10 @@ def _builder(
     *,
     days: int,
     not_before: datetime | None,
+    ends_by: datetime | None = None,
 ) -> x509.CertificateBuilder:
-    """The fields every certificate shares: names, key, serial, validity, SKI."""
+    """The fields every certificate shares: names, key, serial, validity
+    (``days``, but not past ``ends_by``), SKI."""
     if not_before is None:
         start = datetime.now(UTC)
         valid_from = start - CLOCK_SKEW
@@ -738,7 +745,7 @@ def _builder(
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(valid_from)
-        .not_valid_after(start + timedelta(days=days))
+        .not_valid_after(min(start + timedelta(days=days), ends_by or start + timedelta(days=days)))
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
 

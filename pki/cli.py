@@ -45,7 +45,7 @@ from pki.crl import (
     write_crl,
 )
 from pki.errors import PkiError
-from pki.files import read_passphrase
+from pki.files import open_to_others, read_passphrase
 from pki.inventory import Entry, Inventory, parse_serial, timestamp
 from pki.layout import INI_DIR_ENV, INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd import __version__  # of the whole distribution (pyproject reads it there)
@@ -198,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoking.add_argument(
         "target",
+        type=_revoke_target,
         metavar="SERIAL|CERT_FILE",
         help="the serial in hex (as `list` prints it) or the certificate file",
     )
@@ -283,6 +284,17 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
     return None if path is None else read_passphrase(path)
 
 
+def _signing_ca(layout: Layout, args: argparse.Namespace) -> CertificateAuthority:
+    """The CA, to sign with. Its key open to other users of this machine is
+    said first: whoever reads it can issue certificates every stpd trusts
+    (stpd and sbc say the same of their own keys)."""
+    ca = CertificateAuthority.load(layout, _passphrase(args))
+    loose = open_to_others(layout.ca_key, "root CA key")
+    if loose is not None:
+        print(f"{PROG}: warning: {loose}", file=sys.stderr)
+    return ca
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -318,7 +330,7 @@ def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_server(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout, _passphrase(args))
+    ca = _signing_ca(layout, args)
     issued = ca.issue_server(
         args.common_name, out_dir=args.path, days=args.days, key_type=args.key_type
     )
@@ -340,7 +352,7 @@ def _run_server(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_client(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout, _passphrase(args))
+    ca = _signing_ca(layout, args)
     issued = ca.issue_client(args.oid, out_dir=args.path, days=args.days, key_type=args.key_type)
     _print_issued(out, "client", issued, args.days)
     print(
@@ -396,7 +408,7 @@ def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_revoke(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout, _passphrase(args))
+    ca = _signing_ca(layout, args)
     result = revoke(ca, args.target, args.reason)
     entry = result.entry
     what = f"serial {entry.serial} ({entry.profile} {entry.subject}, {entry.path})"
@@ -412,12 +424,12 @@ def _run_revoke(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _run_crl(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout, _passphrase(args))
+    ca = _signing_ca(layout, args)
     _print_crl(out, layout, write_crl(ca, days=args.days))
 
 
 def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
-    ca = CertificateAuthority.load(layout, _passphrase(args))
+    ca = _signing_ca(layout, args)
     issued = ca.renew(
         args.profile,
         out_dir=args.path,
@@ -460,6 +472,14 @@ def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
             f"client; {old_one}",
             file=out,
         )
+
+
+def _revoke_target(raw: str) -> str:
+    """An empty SERIAL|CERT_FILE is a script's unset variable: a usage error
+    (it read as the current directory, ".")."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("empty: give a serial (as `list` prints it) or a file")
+    return raw
 
 
 def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
@@ -634,7 +654,9 @@ def _describe(out: TextIO, cert: x509.Certificate, days: int) -> None:
     print(f"  issuer:      {format_name(cert.issuer)}", file=out)
     print(f"  serial:      {format_serial(cert.serial_number)}", file=out)
     print(f"  key:         {key_description(cert)}", file=out)
-    print(
-        f"  valid until: {expires:%Y-%m-%d %H:%M} UTC ({days} days; --days changes it)",
-        file=out,
-    )
+    asked = f"{days} days; --days changes it"
+    if expires < datetime.now(UTC) + timedelta(days=days - 1):  # cut at the CA's end
+        asked = (
+            f"not the {days} days asked for: the root CA ends then, and every certificate with it"
+        )
+    print(f"  valid until: {expires:%Y-%m-%d %H:%M} UTC ({asked})", file=out)

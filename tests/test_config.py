@@ -443,6 +443,17 @@ def test_an_empty_path_argument_is_refused(
     ), result.stderr
 
 
+def test_an_empty_revoke_target_is_a_usage_error(layout: Layout, ca: CertificateAuthority) -> None:
+    """`sm_ssl_cert revoke "$CERT"` with CERT unset read "" as the current
+    directory: ". is a directory: pass a certificate file or a serial"."""
+    result = run_program([script("sm_ssl_cert"), "--ini-dir", str(layout.ini_dir), "revoke", ""])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        "sm_ssl_cert revoke: error: argument SERIAL|CERT_FILE: empty: give a serial (as `list` "
+        "prints it) or a file"
+    ), result.stderr
+
+
 def test_each_program_says_its_version_which_is_the_installed_one() -> None:
     """``--version`` of the three programs, from the one place pyproject.toml
     reads it too (stpd.__version__): what pip installed is what they say."""

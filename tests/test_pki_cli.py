@@ -208,6 +208,44 @@ def test_client_defaults_and_options(
     assert not with_ca.client_dir.exists()
 
 
+def test_signing_with_a_ca_key_open_to_others_warns(
+    with_ca: Layout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stpd and sbc warn of their own keys at a loose mode; sm_ssl_cert
+    signed with a rootCA.key anyone on the machine could read, silently."""
+    with_ca.ca_key.chmod(0o644)
+    assert main(["--ini-dir", str(with_ca.ini_dir), "client", "--oid", "CN:x"]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"sm_ssl_cert: warning: root CA key {with_ca.ca_key} is open to other users (mode "
+        f"0644): chmod 600 {with_ca.ca_key}\n"
+    )
+    with_ca.ca_key.chmod(0o600)
+    assert main(["--ini-dir", str(with_ca.ini_dir), "crl"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_certificate_does_not_outlive_its_ca(
+    ini: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`client --days 99999` under a CA with 30 days left printed a validity
+    centuries past the CA's end (every certificate dies with it, as the
+    README says): it ends with the CA now, and the output says why."""
+    assert main(["--ini-dir", str(ini), "ca", "--days", "30"]) == 0
+    capsys.readouterr()
+    assert main(["--ini-dir", str(ini), "client", "--oid", "CN:long", "--days", "99999"]) == 0
+    out = capsys.readouterr().out
+    layout = Layout(ini)
+    cert, ca = load(layout.client_cert), load(layout.ca_cert)
+    assert cert.not_valid_after_utc == ca.not_valid_after_utc
+    assert (
+        f"  valid until: {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (not the 99999 days asked "
+        "for: the root CA ends then, and every certificate with it)\n"
+    ) in out
+    assert main(["--ini-dir", str(ini), "client", "--oid", "CN:short", "--days", "10"]) == 0
+    assert "(10 days; --days changes it)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("oid", "message"),
     [
