@@ -264,6 +264,20 @@ class CertificateAuthority:
             return False
         return True
 
+    def whose(self, cert: x509.Certificate) -> str:
+        """Why ``cert``, which this CA did not issue, is another CA's: in
+        words that do not contradict themselves when both CAs have the same
+        name, as every CA sm_ssl_cert makes does by default."""
+        ours = format_name(self._cert.subject)
+        if cert.issuer == self._cert.subject:
+            return (
+                f"its issuer is named {ours} as this CA is, but another key signed it: a CA "
+                f"made anew (ca --force) or on another machine, not the one in {self.layout.ca_cert}"
+            )
+        return (
+            f"its issuer is {format_name(cert.issuer)}; this CA is {ours} in {self.layout.ca_cert}"
+        )
+
     def sign_crl(
         self, builder: x509.CertificateRevocationListBuilder
     ) -> x509.CertificateRevocationList:
@@ -474,8 +488,8 @@ class CertificateAuthority:
             )
         if not self.issued(old):
             raise PkiError(
-                f"{cert_path} was not issued by this CA ({format_name(old.issuer)}, not "
-                f"{format_name(self._cert.subject)}): issue a new one with `sm_ssl_cert {profile}`"
+                f"{cert_path} was not issued by this CA ({self.whose(old)}): issue a new one "
+                f"with `sm_ssl_cert {profile}`"
             )
         if _PROFILE_USAGE[profile] not in _extended_key_usages(old):
             raise PkiError(

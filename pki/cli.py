@@ -9,6 +9,7 @@ import math
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TextIO
 
 from cryptography import x509
@@ -284,6 +285,16 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
     return None if path is None else read_passphrase(path)
 
 
+def _encrypted_key(path: Path) -> bool:
+    """Whether the PEM key file ``path`` is encrypted (PKCS#8 or the
+    traditional form); False when there is none."""
+    try:
+        head = path.read_bytes()[:200]
+    except OSError:
+        return False
+    return b"ENCRYPTED" in head
+
+
 def _signing_ca(layout: Layout, args: argparse.Namespace) -> CertificateAuthority:
     """The CA, to sign with. Its key open to other users of this machine is
     said first: whoever reads it can issue certificates every stpd trusts
@@ -309,6 +320,7 @@ def _positive_int(text: str) -> int:
 
 
 def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
+    was_encrypted = _encrypted_key(layout.ca_key)
     ca = CertificateAuthority.create(
         layout,
         days=args.days,
@@ -320,6 +332,13 @@ def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         print(f"moved aside: {path}", file=out)
     encrypted = ", encrypted with the passphrase" if args.passphrase_file else ""
     print(f"wrote root CA key:         {layout.ca_key} (mode 0600{encrypted})", file=out)
+    if was_encrypted and not args.passphrase_file:
+        print(
+            f"{PROG}: warning: the new {layout.ca_key} is NOT encrypted, unlike the one moved "
+            "aside: to encrypt it, run `ca --force --passphrase-file FILE` again, or "
+            "`openssl pkey -aes256` (README, encrypted rootCA.key)",
+            file=sys.stderr,
+        )
     print(f"wrote root CA certificate: {layout.ca_cert}", file=out)
     _describe(out, ca.cert, args.days)
     print(

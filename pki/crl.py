@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from pki.authority import (
     CLOCK_SKEW,
     CertificateAuthority,
-    format_name,
     inventory_entry,
     load_certificate_file,
     profile_of,
@@ -269,9 +268,8 @@ def _entry_for_file(ca: CertificateAuthority, inventory: Inventory, path: Path) 
         )
     if not ca.issued(cert):
         raise PkiError(
-            f"{path} was not issued by this CA (its issuer is {format_name(cert.issuer)}; "
-            f"this CA is {format_name(ca.cert.subject)} in {ca.layout.ca_cert}): "
-            "revoke it with the CA that issued it"
+            f"{path} was not issued by this CA ({ca.whose(cert)}): revoke it with the CA "
+            "that issued it"
         )
     # Known, or issued before the inventory existed: record it now.
     entry = inventory.add(inventory_entry(cert, profile_of(cert), path))

@@ -187,6 +187,13 @@ def test_revoke_and_crl_need_the_ca_key(
         ("{tmp}/notes.txt", "{tmp}/notes.txt is not a certificate (neither PEM nor DER)"),
         ("{tmp}/other/x.509/client.pem", "was not issued by this CA (its issuer is CN=Other CA;"),
         ("{ini}/ca/rootCA.pem", "is the root CA itself: a CA cannot revoke itself"),
+        # Of the same name (the default) but another key: said so, not "CN=X; this CA is CN=X".
+        (
+            "{tmp}/twin/x.509/client.pem",
+            "was not issued by this CA (its issuer is named CN=SEP sesam root CA as this CA is, "
+            "but another key signed it: a CA made anew (ca --force) or on another machine, not "
+            "the one in {ini}/ca/rootCA.pem)",
+        ),
     ],
 )
 def test_revoke_errors_are_one_line_and_change_nothing(
@@ -201,6 +208,7 @@ def test_revoke_errors_are_one_line_and_change_nothing(
     (tmp_path / "notes.txt").write_text("not a certificate\n")
     other = CertificateAuthority.create(Layout(tmp_path / "other"), common_name="Other CA")
     other.issue_client("CN:alice")
+    CertificateAuthority.create(Layout(tmp_path / "twin")).issue_client("CN:alice")
     crl_module.write_crl(ca)
     values = {"tmp": str(tmp_path), "ini": str(layout.ini_dir)}
     err = fails(capsys, layout, "revoke", target.format(**values))

@@ -355,6 +355,15 @@ def test_root_ca_key_encrypted_with_a_passphrase(
     )  # fmt: skip
     assert verified.returncode == 0, verified.stderr
 
+    # A CA made anew over it without the file: its key is not encrypted, and said so.
+    assert main(["--ini-dir", str(ini), "ca", "--force"]) == 0
+    assert capsys.readouterr().err == (
+        f"sm_ssl_cert: warning: the new {layout.ca_key} is NOT encrypted, unlike the one moved "
+        "aside: to encrypt it, run `ca --force --passphrase-file FILE` again, or "
+        "`openssl pkey -aes256` (README, encrypted rootCA.key)\n"
+    )
+    assert layout.ca_key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
 
 def test_a_key_encrypted_with_openssl_is_read_with_its_passphrase(
     with_ca: Layout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
