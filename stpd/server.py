@@ -144,6 +144,7 @@ class Stpd:
         self.ssl_context, self.server_cert, self.ca_cert = self._tls_material(config)
         self._crl_stamp = self._stamp(config.layout.crl)
         self._crl_in_force = self._crl_file()
+        self._retention_due: trio.Event | None = None  # set: look for old savesets now
         in_file = load_config(config.layout)
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
@@ -381,6 +382,8 @@ class Stpd:
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
         self._crl_in_force = crl
+        if self._retention_due is not None:
+            self._retention_due.set()
         self.transfer_threads.total_tokens = config.max_connections
         self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
         log.info(
@@ -497,8 +500,8 @@ class Stpd:
         return load_crl(config.layout, ca_cert)
 
     async def _remove_expired_savesets(self) -> None:
-        """STPD_RETENTION_DAYS: at start, then every hour (a SIGHUP's new
-        value counts from the next look)."""
+        """STPD_RETENTION_DAYS: at start, at each SIGHUP (a new value acts at
+        once), and every hour."""
         while True:
             days = self.config.retention_days
             if days:
@@ -518,7 +521,9 @@ class Stpd:
                         meta.finished,
                         days,
                     )
-            await trio.sleep(RETENTION_CHECK_INTERVAL)
+            self._retention_due = trio.Event()
+            with trio.move_on_after(RETENTION_CHECK_INTERVAL):
+                await self._retention_due.wait()
 
     async def _warn_about_expiry(self) -> None:
         while True:

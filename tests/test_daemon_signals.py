@@ -22,6 +22,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import h11
@@ -353,6 +354,41 @@ def test_a_ca_key_on_the_server_is_pointed_out_at_start_and_reload(
     os.replace(offline / "rootCA.key", key)  # copied back by mistake
     reload()
     assert len(server.matching(warning)) == 2
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+
+
+def test_a_retention_set_at_sighup_acts_at_once(
+    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
+) -> None:
+    """STPD_RETENTION_DAYS set and SIGHUP sent: the old savesets went only
+    at the next hourly look (or a restart), and the reload line said
+    nothing of it. A reload now looks at once."""
+    pki, client, data = setup
+    write_stpd_ini(pki.layout.ini_dir)
+    server = start()
+    body = make_tar()
+    savesets = []
+    for _ in range(2):
+        uploader = RawClient(client, server.port)
+        uploader.start_upload(body[:1000])
+        status, answer = uploader.finish_upload(body[1000:])
+        assert status == 201, answer
+        savesets.append(json.loads(answer)["saveset"])
+        uploader.close()
+    old, new = savesets
+    meta_path = data / f"{old}.json"
+    long_ago = datetime.now(UTC) - timedelta(days=31)
+    meta = {**json.loads(meta_path.read_text()), "finished": f"{long_ago:%Y-%m-%dT%H:%M:%SZ}"}
+    meta_path.write_text(json.dumps(meta))
+
+    write_stpd_ini(pki.layout.ini_dir, "STPD_RETENTION_DAYS=30")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(
+        rf"INFO stpd: removed saveset {old} of .*older than STPD_RETENTION_DAYS=30$", after=mark
+    )
+    assert sorted(p.name for p in data.glob("SS-*")) == [f"{new}.json", f"{new}.tar"]
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
 
