@@ -156,7 +156,8 @@ class TargetDir:
 class SafeMembers:
     """The extraction filter: nothing is written outside the target, nothing
     already in it is replaced unasked, and every member comes back as it was
-    stored (permission bits exactly but never set-id bits, owners when run as
+    stored (permission bits exactly, a directory's setgid and sticky bits,
+    but never a file's set-id bits, owners when run as
     root, symbolic links wherever they point, as GNU tar does).
 
     tarfile's ``data`` filter is not used for that (only for hard links): it
@@ -276,7 +277,11 @@ class SafeMembers:
         if member.issym():
             self.symlinks.add(name)
         else:
-            member.mode = stat.S_IMODE(member.mode) & 0o777  # never set-id bits
+            # Never set-user-id, nor set-group-id on a file: no privilege comes
+            # from a saveset. A directory's setgid (its files' group) and
+            # sticky bit (/tmp: only owners delete) are no privilege, and
+            # without them a shared directory would be open to all.
+            member.mode = stat.S_IMODE(member.mode) & (0o3777 if member.isdir() else 0o777)
         # Owners by name where this machine knows the name, else by number, as
         # tar does (tarfile chowns only as root). Looked up here once per name,
         # so that extraction can take the numbers: it would look up every file.

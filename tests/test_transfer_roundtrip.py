@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import threading
@@ -1269,3 +1270,34 @@ def test_names_that_are_not_utf_8_back_up_list_and_restore_one_by_one(
     restored = tmp_path / "out" / os.fsdecode(b"caf\xe9") / "sub" / latin
     assert restored.read_text() == "latin-1 name\n"
     assert not (tmp_path / "out" / os.fsdecode(b"caf\xe9") / "plain.txt").exists()
+
+
+def test_a_directorys_sticky_and_setgid_bits_come_back_a_files_set_id_bits_do_not(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Every mode was cut to 0o777, so a restored /tmp lost its sticky bit
+    and anyone could delete anyone's files there; a team directory lost
+    the setgid that gives its files the group. Neither is a privilege. A
+    file's set-user-id and set-group-id bits still never come back: no
+    privilege comes from a saveset."""
+    tree = tmp_path / "modes"
+    modes = {"drop": 0o1777, "team": 0o2775, "both": 0o3770}
+    for name, mode in modes.items():
+        (tree / name).mkdir(parents=True)
+        (tree / name).chmod(mode)
+    for name, mode in (("suid", 0o4755), ("sgid", 0o2755)):
+        (tree / name).write_text("#!/bin/sh\n")
+        (tree / name).chmod(mode)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        sbc_json(
+            *ini, "restore", backup["saveset"], str(tmp_path / "back"),  # type: ignore[index]
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+    back = tmp_path / "back" / "modes"
+    for name, mode in modes.items():
+        assert stat.S_IMODE((back / name).stat().st_mode) == mode, name
+    for name in ("suid", "sgid"):
+        assert stat.S_IMODE((back / name).stat().st_mode) == 0o755, name
