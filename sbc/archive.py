@@ -17,6 +17,7 @@ import errno
 import fnmatch
 import functools
 import grp
+import math
 import os
 import pwd
 import re
@@ -447,7 +448,7 @@ class TreeWriter:
             st.st_uid,
             st.st_gid,
             size,
-            int(st.st_mtime),
+            math.floor(st.st_mtime),  # whole seconds down: 1969-12-31 23:59:59.5 is 59
             linkname,
             _known_name(pwd.getpwuid, st.st_uid),
             _known_name(grp.getgrgid, st.st_gid),
@@ -473,7 +474,7 @@ class TreeWriter:
                 else None
             )
         template = self._templates[key]
-        mtime = int(st.st_mtime)
+        mtime = math.floor(st.st_mtime)
         if template is None or not (0 <= mtime < 8**11 and st.st_size < 8**11):
             return None
         try:

@@ -981,3 +981,23 @@ def test_restore_works_without_tarfiles_extraction_filters(tmp_path: Path) -> No
         "stopped there, nothing was written outside the target directory",
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_mtimes_are_stored_in_whole_seconds_rounded_down(tmp_path: Path) -> None:
+    """int() rounds toward zero: a time before 1970 with a fraction came
+    back a second later (1969-12-31 23:59:59.5 as 1970-01-01 00:00:00, in
+    another year). Whole seconds are the floor, as tar's are."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    times = {
+        "before-1970": -500_000_000,  # -0.5 s
+        "in-1950": -618_062_399_876_543_211,
+        "after-1970": 1_500_000_000_700_000_000,
+    }
+    for name, ns in times.items():
+        (tree / name).write_text(name)
+        os.utime(tree / name, ns=(ns, ns))
+    with tarfile.open(fileobj=io.BytesIO(tar_stream(tree, TreeStats()))) as tar:
+        stored = {m.name: m.mtime for m in tar.getmembers()}
+    for name, ns in times.items():
+        assert stored[f"tree/{name}"] == ns // 10**9, name
