@@ -50,9 +50,11 @@ class TreeStats:
 
 
 def archive_root_name(source: Path) -> str:
-    """Members are stored under the last component of the backed-up path."""
+    """Members are stored under the last component of the backed-up path;
+    those of / under "." (as `tar -C / -cf - .` stores them), so that a
+    restore into / puts etc/ back at /etc, and ENTRY etc/hosts is /etc/hosts."""
     name = source.name
-    return name if name not in ("", ".", "..") else "root"
+    return name if name not in ("", ".", "..") else "."
 
 
 @functools.cache

@@ -148,7 +148,9 @@ def backup_source(raw: str) -> Path:
     means the directory it points to, as for tar and every POSIX tool (Path
     drops the slash, so it is looked at here)."""
     path = path_argument(raw).absolute()
-    if raw.endswith("/") and path.is_symlink():
+    if (raw.endswith("/") and path.is_symlink()) or ".." in path.parts:
+        # "dir/.." is the directory the kernel finds there (through links),
+        # and its name is what members are stored under, not "..".
         return Path(os.path.realpath(path))
     return path
 

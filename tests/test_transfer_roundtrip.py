@@ -1301,3 +1301,25 @@ def test_a_directorys_sticky_and_setgid_bits_come_back_a_files_set_id_bits_do_no
         assert stat.S_IMODE((back / name).stat().st_mode) == mode, name
     for name in ("suid", "sgid"):
         assert stat.S_IMODE((back / name).stat().st_mode) == 0o755, name
+
+
+def test_a_backup_of_slash_or_dot_dot_is_named_as_tar_names_it(pki: Pki, tmp_path: Path) -> None:
+    """`sbc backup /` stored every member under "root/", so a restore of a
+    whole system into / wrote /root/etc; `sbc backup ..` stored "root/"
+    too, with ".." in its source. / is stored as "." (as `tar -C / -cf -
+    .`), and "dir/.." as the directory it names."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "file.txt").write_text("x\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        server = ["--server", stpd.address]
+        up = sbc_json(*ini, "backup", str(tree / "sub" / ".."), *server, "--json")
+        assert up["source"] == str(tree)  # type: ignore[index]
+        names = [e["name"] for e in sbc_json(*ini, "list", up["saveset"], *server, "--json")]  # type: ignore[index, union-attr]
+        assert sorted(names) == ["tree", "tree/file.txt", "tree/sub"]
+        # All of / but its top-level entries: the root itself alone.
+        whole = sbc_json(*ini, "backup", "/", "--exclude", "/*", *server, "--json")
+        [root] = sbc_json(*ini, "list", whole["saveset"], *server, "--json")  # type: ignore[index, misc]
+        assert (root["name"], root["type"]) == (".", "directory")  # type: ignore[index]
