@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tarfile
@@ -1323,3 +1324,24 @@ def test_a_backup_of_slash_or_dot_dot_is_named_as_tar_names_it(pki: Pki, tmp_pat
         whole = sbc_json(*ini, "backup", "/", "--exclude", "/*", *server, "--json")
         [root] = sbc_json(*ini, "list", whole["saveset"], *server, "--json")  # type: ignore[index, misc]
         assert (root["name"], root["type"]) == (".", "directory")  # type: ignore[index]
+
+
+def test_a_socket_alone_is_nothing_to_back_up(pki: Pki, tmp_path: Path) -> None:
+    """A socket cannot be archived: as PATH it gave a warning, an empty
+    saveset and exit status 0. It is refused as a PATH on proc is."""
+    path = tmp_path / "daemon.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    client = pki.client_ini("client1")
+    try:
+        with running_stpd(pki.layout, level=2) as stpd:
+            code, out, err = run_sbc(
+                "--ini-dir", str(client.ini_dir), "backup", str(path), "--server", stpd.address
+            )
+            assert (code, out) == (1, "")
+            assert err == (
+                f"sbc: error: nothing to back up: {path} is a socket, which cannot be archived\n"
+            )
+            assert stpd.daemon.store.all() == []
+    finally:
+        listener.close()
