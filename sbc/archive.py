@@ -401,7 +401,7 @@ class TreeWriter:
                 self.out.write(
                     header or self._header(arcname, kind, st, st.st_size, records=records)
                 )
-                self._copy_contents(fd, path, [(0, st.st_size)])
+                self._copy_contents(fd, path, [(0, st.st_size)], st.st_size)
         finally:
             os.close(fd)
         self.stats.files += 1
@@ -544,14 +544,17 @@ class TreeWriter:
         header = self._header(stand_in, tarfile.REGTYPE, st, 0, records=records)
         self.out.write(_with_size(header, stored))
         self.out.write(listed)
-        self._copy_contents(fd, path, regions)
+        self._copy_contents(fd, path, regions, st.st_size)
 
-    def _copy_contents(self, fd: int, path: str, regions: list[tuple[int, int]]) -> None:
-        """The (offset, length) ``regions`` of the file, one after another,
-        exactly as long as the header announced, whatever the file does
-        meanwhile: a file that shrank is padded with zeros and reported, one
-        that grew is cut at the size its header announced (as GNU tar does);
-        so is one that fails to read part-way (reported as unreadable)."""
+    def _copy_contents(
+        self, fd: int, path: str, regions: list[tuple[int, int]], file_size: int
+    ) -> None:
+        """The (offset, length) ``regions`` of the file (``file_size`` bytes
+        when its header was made), one after another, exactly as long as the
+        header announced, whatever the file does meanwhile: a file that
+        shrank is padded with zeros, one that grew is cut at the size its
+        header announced (as GNU tar does), and both are reported; so is one
+        that fails to read part-way (as unreadable)."""
         size = sum(length for _, length in regions)
         start = self.out.tell()
         remaining = 0
@@ -569,7 +572,7 @@ class TreeWriter:
             self.unreadable(path, reason, "the rest is stored as zeros")
             self.out.write(bytes(remaining))
         else:
-            if remaining:
+            if remaining or os.fstat(fd).st_size != file_size:
                 self.stats.changed.append(path)
         padding = -size % tarfile.BLOCKSIZE
         if padding:

@@ -338,8 +338,12 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
             break; /* PAX records for them, or the sparse format: Python */
         }
         int whole = read_exactly(fd, data, size);
+        /* One byte more than it had means it grew while read: Python stores
+         * it then, and says so if it is still changing (as GNU tar does). */
+        char more;
+        int grew = whole && read(fd, &more, 1) > 0;
         close(fd);
-        if (!whole)
+        if (!whole || grew)
             break;
         memset(data + size, 0, (size_t)(padded - size));
         /* As _file_header: name, the template's middle, size and time, checksum, tail. */

@@ -238,6 +238,29 @@ def test_a_file_that_shrinks_while_read_is_padded_and_reported(tmp_path: Path, m
     assert stats.changed == [str(victim)]
 
 
+def test_a_file_that_grows_while_read_is_cut_and_reported(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Cut at the size its header announced, as GNU tar does, and named
+    like one that shrank: it was cut without a word (a log being written
+    to; GNU tar says "file changed as we read it")."""
+    victim = tmp_path / "grows"
+    victim.write_bytes(b"a" * 5000)
+    real_lstat = os.lstat
+
+    def lstat_then_append(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        st = real_lstat(path, *args, **kwargs)
+        with victim.open("ab") as log:
+            log.write(b"b" * 100)  # grows after its size was taken
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_append)
+    stats = TreeStats()
+    data = tar_stream(victim, stats)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getmember("grows").size == 5000
+        assert tar.extractfile("grows").read() == b"a" * 5000  # type: ignore[union-attr]
+    assert stats.changed == [str(victim)]
+
+
 def test_restore_from_batches_in_two_reused_buffers(tmp_path: Path) -> None:
     """The restore side gets views into two buffers that take turns, as
     BodyReader(buffers=2) gives them: each get() overwrites the batch before

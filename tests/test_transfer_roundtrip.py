@@ -370,9 +370,9 @@ def test_a_file_that_changes_during_the_backup_is_reported(
         # The walk sizes the file, then it shrinks before it is read.
         real_copy = archive.TreeWriter._copy_contents
 
-        def shrink_then_copy(self, fd: int, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
+        def shrink_then_copy(self, fd: int, path: str, size: int, file_size: int) -> None:  # type: ignore[no-untyped-def]
             victim.write_bytes(b"a" * 100)  # truncates the open file too
-            real_copy(self, fd, path, size)
+            real_copy(self, fd, path, size, file_size)
 
         monkeypatch.setattr(archive.TreeWriter, "_copy_contents", shrink_then_copy)
         code, out, err = run_sbc(
@@ -411,7 +411,7 @@ def test_paths_that_cannot_be_read_are_left_out_and_the_rest_is_stored(
             os.rmdir(path)
         real_add(self, found)
 
-    def copy(self, fd: int, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
+    def copy(self, fd: int, path: str, size: int, file_size: int) -> None:  # type: ignore[no-untyped-def]
         if path.endswith("failing.bin"):
             real_fill = self.out.fill_from
 
@@ -421,7 +421,7 @@ def test_paths_that_cannot_be_read_are_left_out_and_the_rest_is_stored(
 
             self.out.fill_from = fill_then_fail
         try:
-            real_copy(self, fd, path, size)
+            real_copy(self, fd, path, size, file_size)
         finally:
             self.out.__dict__.pop("fill_from", None)
 
