@@ -646,17 +646,23 @@ class WalkOptions:
     one_file_system: bool = False  # directories of other file systems: stored empty
     # Shell patterns (as tar --exclude): one without "/" is matched against
     # the name of every entry, at any depth ("*.tmp", ".cache"); one with
-    # "/" against the whole path ("/home/*/Downloads"). "*" also matches "/".
+    # "/" against the whole path ("/home/*/Downloads"), or, if it does not
+    # begin with "/", against its end after any "/" ("keep/sub" leaves out
+    # /src/m/keep/sub, as tar's unanchored patterns do). "*" also matches "/".
     exclude: tuple[str, ...] = ()
 
     @functools.cached_property
     def _patterns(self) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
-        def joined(patterns: list[str]) -> re.Pattern[str] | None:
-            return re.compile("|".join(map(fnmatch.translate, patterns))) if patterns else None
+        def joined(regexes: list[str]) -> re.Pattern[str] | None:
+            return re.compile("|".join(regexes)) if regexes else None
+
+        def path_regex(pattern: str) -> str:
+            anchor = "" if pattern.startswith("/") else "(?s:.*/)?"
+            return anchor + fnmatch.translate(pattern.rstrip("/"))
 
         return (
-            joined([p for p in self.exclude if "/" not in p]),
-            joined([p.rstrip("/") for p in self.exclude if "/" in p]),
+            joined([fnmatch.translate(p) for p in self.exclude if "/" not in p]),
+            joined([path_regex(p) for p in self.exclude if "/" in p]),
         )
 
     def excludes(self, path: str, name: str) -> bool:

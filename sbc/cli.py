@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="leave out entries matching this shell pattern, and what is under them: "
         "without '/' it is matched against names ('*.tmp', '.cache'), with '/' against "
-        "whole paths ('/home/*/Downloads'); may be repeated",
+        "whole paths ('/home/*/Downloads'), or their ends if it does not begin with '/' "
+        "('work/old'); may be repeated",
     )
     restore = commands.add_parser(
         "restore", parents=[common], help="restore a saveset into a directory"

@@ -1185,11 +1185,14 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
 
 def test_exclude_patterns_leave_out_names_and_paths(pki: Pki, tmp_path: Path) -> None:
     """``--exclude`` as tar's: a pattern without "/" against every entry's
-    name, one with "/" against the whole path; an excluded directory is
-    left out with everything under it."""
+    name, one with "/" against the whole path, or its end when it does not
+    begin with "/" ("work/old" left out nothing: it was matched against the
+    absolute path alone); an excluded directory is left out with
+    everything under it."""
     home = tmp_path / "home"
     for path in ("alice/.cache/big", "alice/notes.txt", "alice/a.tmp", "bob/Downloads/x.iso",
-                 "bob/work/report.txt", "bob/work/.cache/c"):  # fmt: skip
+                 "bob/work/report.txt", "bob/work/.cache/c", "bob/work/old/o.txt",
+                 "bob/awork/old/kept.txt"):  # fmt: skip
         (home / path).parent.mkdir(parents=True, exist_ok=True)
         (home / path).write_text(path)
     client = pki.client_ini("client1")
@@ -1198,6 +1201,7 @@ def test_exclude_patterns_leave_out_names_and_paths(pki: Pki, tmp_path: Path) ->
         backup = sbc_json(
             *ini, "backup", str(home), "--server", stpd.address, "--json",
             "--exclude", ".cache", "--exclude", "*.tmp", "--exclude", f"{home}/*/Downloads",
+            "--exclude", "work/old",
         )  # fmt: skip
         stored = stpd.daemon.store.root / f"{backup['saveset']}.tar"  # type: ignore[index]
         with tarfile.open(stored) as tar:
@@ -1207,10 +1211,13 @@ def test_exclude_patterns_leave_out_names_and_paths(pki: Pki, tmp_path: Path) ->
         "home/alice",
         "home/alice/notes.txt",
         "home/bob",
+        "home/bob/awork",
+        "home/bob/awork/old",
+        "home/bob/awork/old/kept.txt",
         "home/bob/work",
         "home/bob/work/report.txt",
     ]
-    assert backup["files"] == 2  # type: ignore[index]
+    assert backup["files"] == 3  # type: ignore[index]
 
 
 def test_savesets_past_the_retention_are_removed_at_start(pki: Pki, tmp_path: Path) -> None:
