@@ -352,6 +352,12 @@ _TYPE_LETTERS = {"file": "-", "directory": "d", "symlink": "l", "hardlink": "h",
 _LINK_WORDS = {"symlink": " -> ", "hardlink": " link to "}
 
 
+def _shown(name: str) -> str:
+    """A name on one line, as tar -tv escapes it: a newline in a name would
+    make two entries of one."""
+    return name.translate({ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
 def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
     """Each entry as it arrives (a saveset may hold millions): a line as
     ``tar -tv`` prints it, or, with ``as_json``, an element of one array."""
@@ -361,11 +367,16 @@ def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
             print(separator + json.dumps(entry), end="")
             separator = ",\n"
             continue
-        mode = _TYPE_LETTERS.get(entry["type"], "?") + stat.filemode(int(entry["mode"], 8))[1:]
+        device = entry.get("device")
+        letter = _TYPE_LETTERS.get(entry["type"], "?")
+        size = entry["size"]
+        if device:  # as tar -tv: its kind, and major,minor where the size would be
+            letter, size = device["kind"][0], f"{device['major']},{device['minor']}"
+        mode = letter + stat.filemode(int(entry["mode"], 8))[1:]
         link = _LINK_WORDS.get(entry["type"], "")
-        target = f"{link}{entry.get('link', '')}" if link else ""
+        target = f"{link}{_shown(entry.get('link', ''))}" if link else ""
         print(
-            f"{mode} {entry['owner']} {entry['size']:>12} {entry['mtime']} {entry['name']}{target}"
+            f"{mode} {entry['owner']} {size:>12} {entry['mtime']} {_shown(entry['name'])}{target}"
         )
     if as_json:
         print("[]" if separator == "[\n" else "\n]")

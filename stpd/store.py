@@ -457,4 +457,7 @@ def saveset_entries(path: Path) -> Generator[dict[str, Any], None, None]:
         }
         if member.issym() or member.islnk():
             entry["link"] = member.linkname
+        if member.ischr() or member.isblk():  # tar -tv shows c or b and major,minor
+            kind = "char" if member.ischr() else "block"
+            entry["device"] = {"kind": kind, "major": member.devmajor, "minor": member.devminor}
         yield entry

@@ -1133,7 +1133,10 @@ def test_verify_tells_an_intact_saveset_from_a_damaged_one(
 def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path) -> None:
     """``sbc list SAVESET`` names what ``tar -tvf`` of the stored saveset
     names, with the same types, sizes and links; as JSON too. Another
-    client's saveset is refused as if it did not exist."""
+    client's saveset is refused as if it did not exist. A device shows c
+    or b and major,minor, and a name with a newline or a backslash is
+    escaped as tar escapes it (they showed "?" and no numbers, and a name
+    across two lines)."""
     tree = tmp_path / "etc"
     (tree / "ssh").mkdir(parents=True)
     (tree / "ssh" / "sshd_config").write_text("PermitRootLogin no\n")
@@ -1141,6 +1144,8 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
     os.link(tree / "hosts", tree / "hosts.hard")
     (tree / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
     os.mkfifo(tree / "fifo")
+    os.mknod(tree / "null", 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    (tree / "new\nline\\x").write_text("odd\n")
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
     with running_stpd(pki.layout, level=2) as stpd:
@@ -1154,7 +1159,7 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
             ["tar", "-tvf", str(stored)], capture_output=True, text=True, check=True
         )
         ours, theirs = out.splitlines(), gnu.stdout.splitlines()
-        assert len(ours) == len(theirs) == 7
+        assert len(ours) == len(theirs) == 9
         for line, tar_line in zip(ours, theirs, strict=True):
             mode, owner, size, _, name = line.split()[:5]
             tar_mode, tar_owner, tar_size, _, _, tar_name = tar_line.split()[:6]
@@ -1172,9 +1177,13 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
             ("etc/hosts", "file"),
             ("etc/hosts.hard", "hardlink"),
             ("etc/localtime", "symlink"),
+            ("etc/new\nline\\x", "file"),
+            ("etc/null", "device"),
             ("etc/ssh", "directory"),
             ("etc/ssh/sshd_config", "file"),
         ]
+        [null] = [e for e in as_json if e["name"] == "etc/null"]  # type: ignore[union-attr, index]
+        assert null["device"] == {"kind": "char", "major": 1, "minor": 3}  # type: ignore[index]
         other = pki.client_ini("client2")
         code, out, err = run_sbc(
             "--ini-dir", str(other.ini_dir), "list", saveset, "--server", stpd.address
