@@ -220,44 +220,34 @@ def test_members_come_in_the_order_of_gnu_tar_which_then_restores_directory_time
         assert int(back.stat().st_mtime) == int(directory.stat().st_mtime), back
 
 
-def test_a_file_that_shrinks_while_read_is_padded_and_reported(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    victim = tmp_path / "shrinks"
+@pytest.mark.parametrize("change", ["shrinks", "grows"])
+def test_a_file_that_changes_size_while_read_is_stored_at_its_size_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """Stored at the size its header announced, as GNU tar does: padded
+    with zeros, or cut; and named. One that grew was cut without a word (a
+    log being written to; GNU tar says "file changed as we read it")."""
+    victim = tmp_path / change
     victim.write_bytes(b"a" * 5000)
     real_lstat = os.lstat
 
-    def lstat_then_truncate(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def lstat_then_change(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         st = real_lstat(path, *args, **kwargs)
-        victim.write_bytes(b"a" * 100)  # shrinks after its size was taken
+        with victim.open("r+b") as file:  # after its size was taken
+            if change == "shrinks":
+                file.truncate(100)
+            else:
+                file.seek(0, os.SEEK_END)
+                file.write(b"b" * 100)
         return st
 
-    monkeypatch.setattr(os, "lstat", lstat_then_truncate)
+    monkeypatch.setattr(os, "lstat", lstat_then_change)
     stats = TreeStats()
     data = tar_stream(victim, stats)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        assert tar.getmember("shrinks").size == 5000
-    assert stats.changed == [str(victim)]
-
-
-def test_a_file_that_grows_while_read_is_cut_and_reported(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Cut at the size its header announced, as GNU tar does, and named
-    like one that shrank: it was cut without a word (a log being written
-    to; GNU tar says "file changed as we read it")."""
-    victim = tmp_path / "grows"
-    victim.write_bytes(b"a" * 5000)
-    real_lstat = os.lstat
-
-    def lstat_then_append(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        st = real_lstat(path, *args, **kwargs)
-        with victim.open("ab") as log:
-            log.write(b"b" * 100)  # grows after its size was taken
-        return st
-
-    monkeypatch.setattr(os, "lstat", lstat_then_append)
-    stats = TreeStats()
-    data = tar_stream(victim, stats)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        assert tar.getmember("grows").size == 5000
-        assert tar.extractfile("grows").read() == b"a" * 5000  # type: ignore[union-attr]
+        assert tar.getmember(change).size == 5000
+        stored = tar.extractfile(change).read()  # type: ignore[union-attr]
+    assert stored == (b"a" * 100 + bytes(4900) if change == "shrinks" else b"a" * 5000)
     assert stats.changed == [str(victim)]
 
 

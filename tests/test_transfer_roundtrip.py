@@ -30,6 +30,7 @@ from stpd.tarcheck import STILL_LOOKING
 from tests.conftest import (
     WAIT_SECONDS,
     Pki,
+    RunningStpd,
     mounted,
     plain_files_the_python_way,
     run_sbc,
@@ -85,6 +86,11 @@ def snapshot(root: Path) -> dict[str, tuple]:
         else:
             result[rel] = ("file", st.st_mode & 0o7777, int(st.st_mtime), path.read_bytes())
     return result
+
+
+def backed_up(stpd: RunningStpd, ini: list[str], source: Path) -> str:
+    """The saveset of ``sbc backup source`` (``ini``: its --ini-dir option)."""
+    return str(sbc_json(*ini, "backup", str(source), "--server", stpd.address, "--json")["saveset"])  # type: ignore[index]
 
 
 def sbc_json(*argv: str) -> object:
@@ -1149,8 +1155,7 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
     with running_stpd(pki.layout, level=2) as stpd:
-        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
-        saveset = backup["saveset"]  # type: ignore[index]
+        saveset = backed_up(stpd, ini, tree)
         listing = [*ini, "list", saveset, "--server", stpd.address]
         code, out, err = run_sbc(*listing)
         assert code == 0, err
@@ -1274,8 +1279,7 @@ def test_names_that_are_not_utf_8_back_up_list_and_restore_one_by_one(
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
     with running_stpd(pki.layout, level=2) as stpd:
-        backup = sbc_json(*ini, "backup", str(source), "--server", stpd.address, "--json")
-        saveset = backup["saveset"]  # type: ignore[index]
+        saveset = backed_up(stpd, ini, source)
         [listed] = sbc_json(*ini, "list", "--server", stpd.address, "--json")  # type: ignore[misc]
         assert listed["source"] == f"{tmp_path}/caf\\xe9"
         entry = os.fsdecode(b"caf\xe9/sub/") + latin
