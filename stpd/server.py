@@ -365,7 +365,9 @@ class Stpd:
             )
             material = self._tls_material(config)
             crl = self._crl_file(config, material[2])
-            if config.client_cert_policy != ClientCertPolicy.IGNORE:
+            # A new CA (ca --force, its certificates re-issued) starts its
+            # CRLs anew: only the same CA's may not go back.
+            if config.client_cert_policy != ClientCertPolicy.IGNORE and material[2] == self.ca_cert:
                 self._refuse_an_older_crl(crl)
         except (ConfigError, PkiError, OSError, ValueError) as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)

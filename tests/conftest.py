@@ -351,10 +351,15 @@ class RunningStpd:
     port: int
     log: LogWatch
     host: str = LOOPBACK
+    token: Any = None  # of its trio loop
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def reload(self) -> None:
+        """What SIGHUP does, in the daemon's own trio thread."""
+        trio.from_thread.run_sync(self.daemon.reload, trio_token=self.token)
 
     @property
     def url(self) -> str:
@@ -402,7 +407,7 @@ def running_stpd(
     if "error" in state:
         raise state["error"]
     try:
-        yield RunningStpd(daemon, state["port"], watch, host)
+        yield RunningStpd(daemon, state["port"], watch, host, state["token"])
     finally:
         trio.from_thread.run_sync(state["cancel"], trio_token=state["token"])
         thread.join(WAIT_SECONDS)

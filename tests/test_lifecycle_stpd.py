@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pki import crl as crl_module
+from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
 from tests.conftest import Pki, RunningStpd, needs_openssl, openssl, run_sbc, running_stpd
@@ -417,11 +418,23 @@ def test_an_older_crl_or_none_does_not_let_a_revoked_client_back_in(
         )
         stpd.log.wait_for_count(rf"^ERROR refused {PEER} \(CN=second-lost\): {REVOKED}", 3)
 
-        # SIGHUP's reload reads the CRL too (called here directly: the daemon is idle).
+        # SIGHUP's reload reads the CRL too.
         pki.layout.crl.write_bytes(older)
-        stpd.daemon.reload()
+        stpd.reload()
         stpd.log.wait_for(
             r"^ERROR reload refused, the running configuration stays in force: .* has CRL "
             r"number 1, lower than the 2 in force"
         )
         assert backup(second, stpd, source)[0] == 1
+
+        # A new CA (ca --force, everything re-issued) starts its CRLs at 1: that
+        # reload is no older copy of the same CA's.
+        fresh = CertificateAuthority.create(pki.layout, force=True)
+        fresh.issue_server("localhost,127.0.0.1")
+        crl_module.write_crl(fresh)
+        mark = len(stpd.log.lines)
+        stpd.reload()
+        stpd.log.wait_for(r"^INFO reloaded .*stpd\.ini and certificates")
+        assert not [line for line in stpd.log.lines[mark:] if "reload refused" in line]
+        assert stpd.daemon._crl_in_force is not None
+        assert crl_module.crl_number(stpd.daemon._crl_in_force) == 1
