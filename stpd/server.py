@@ -143,7 +143,7 @@ class Stpd:
         self.store = SavesetStore(config.saveset_dir)
         self.ssl_context, self.server_cert, self.ca_cert = self._tls_material(config)
         self._crl_stamp = self._stamp(config.layout.crl)
-        self._crl_in_force = self._crl_file()
+        self._crl_in_force = self._crl_file(config, self.ca_cert)
         self._retention_due: trio.Event | None = None  # set: look for old savesets now
         in_file = load_config(config.layout)
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
@@ -405,7 +405,7 @@ class Stpd:
             return
         self._crl_stamp = stamp
         try:
-            crl = self._crl_file()
+            crl = self._crl_file(self.config, self.ca_cert)
             self._refuse_an_older_crl(crl)
             self.ssl_context = server_context(self.config.layout, self.config.client_cert_policy)
         except PkiError as exc:
@@ -482,21 +482,16 @@ class Stpd:
             )
 
     def _crl_next_update(self) -> datetime.datetime | None:
-        """When ca/crl.pem must be replaced; None without one, or at level 0,
-        where none is checked."""
-        try:
-            crl = self._crl_file()
-        except PkiError:
-            return None  # refused where the context is built, with the reason
-        return crl.next_update_utc if crl is not None else None
+        """When the CRL in force must be replaced; None without one, or at
+        level 0, where none is checked."""
+        return self._crl_in_force.next_update_utc if self._crl_in_force is not None else None
 
+    @staticmethod
     def _crl_file(
-        self, config: StpdConfig | None = None, ca_cert: x509.Certificate | None = None
+        config: StpdConfig, ca_cert: x509.Certificate | None
     ) -> x509.CertificateRevocationList | None:
-        """ca/crl.pem as it is now, for ``config`` and its CA (default: those
-        in force); None without one, or at level 0, where none is checked."""
-        if config is None:
-            config, ca_cert = self.config, self.ca_cert
+        """ca/crl.pem as it is now, checked against ``ca_cert``; None without
+        one, or at level 0, where none is checked."""
         if config.client_cert_policy == ClientCertPolicy.IGNORE or ca_cert is None:
             return None
         return load_crl(config.layout, ca_cert)
