@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
@@ -47,6 +46,7 @@ from pki.names import (
     is_ca_certificate,
     parse_server_names,
     san_entries,
+    signed_by,
 )
 
 # Every certificate dies with the root CA (SPEC.md asks for at least 10 years).
@@ -256,13 +256,7 @@ class CertificateAuthority:
 
     def issued(self, cert: x509.Certificate) -> bool:
         """True when ``cert`` is a certificate this CA signed (the CA's own included)."""
-        if cert.issuer != self._cert.subject:
-            return False
-        try:
-            cert.verify_directly_issued_by(self._cert)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return True
+        return signed_by(cert, self._cert)
 
     def whose(self, cert: x509.Certificate) -> str:
         """Why ``cert``, which this CA did not issue, is another CA's: in

@@ -24,14 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from pki.errors import PkiError
 from pki.files import unreadable
 from pki.layout import Layout
-from pki.names import certificate_names, host_matches, ip_or_none, is_ca_certificate
+from pki.names import (
+    certificate_names,
+    host_matches,
+    ip_or_none,
+    is_ca_certificate,
+    signed_by,
+)
 
 # TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only.
 # TLS 1.3 suites are all strong and keep OpenSSL's default order.
@@ -334,15 +339,6 @@ def client_certificate_problem(
     if not signed_by(cert, ca):
         return "unknown-ca", f"{path} is not signed by {layout.ca_cert}"
     return None
-
-
-def signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    """Whether ``ca`` issued ``cert`` (names and signature)."""
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def check_server_names(cert: x509.Certificate, host: str) -> None:

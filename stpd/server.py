@@ -34,7 +34,8 @@ from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.inifile import ConfigError
 from pki.inventory import timestamp
-from pki.tls import ClientCertPolicy, load_crl, server_context, signed_by
+from pki.names import signed_by
+from pki.tls import ClientCertPolicy, load_crl, server_context
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
