@@ -741,6 +741,8 @@ def walk(
         raise ArchiveError(
             f"nothing to back up: {source} is on a {kind} file system, the kernel's state, not data"
         )
+    if stat.S_ISSOCK(st.st_mode):  # skipped inside a tree; alone it would store nothing
+        raise ArchiveError(f"nothing to back up: {source} is a socket, which cannot be archived")
     yield Found(str(source), root_name, st, str(source), None)
     if not stat.S_ISDIR(st.st_mode):
         return

@@ -467,8 +467,6 @@ def main(
             )
         if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
             raise SbcError(f"nothing to back up: {args.path} does not exist")
-        if args.command == "backup" and args.path.is_socket():  # it would store nothing
-            raise SbcError(f"nothing to back up: {args.path} is a socket, which cannot be archived")
         with signals_end_waits():
             result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
