@@ -94,8 +94,10 @@ class IssuedCert:
     cert: x509.Certificate
     profile: Profile
     moved_aside: tuple[Path, ...] = field(default=())
-    # Serial of the certificate this one replaced at cert_path (now superseded).
+    # Serial of the certificate this one replaced at cert_path (now superseded),
+    # and its revocation reason if it had been revoked (it stays so).
     superseded: str | None = None
+    superseded_revoked: str | None = None
     key_written: bool = True  # False: renew --keep-key left the key file as it was
 
     @property
@@ -421,7 +423,7 @@ class CertificateAuthority:
         files = [(cert_path, cert.public_bytes(serialization.Encoding.PEM), False)]
         if write_key:
             files.insert(0, (key_path, _key_pem(key), True))
-        superseded: list[str] = []
+        superseded: list[Entry] = []
         with self.inventory() as inventory:
             previous = read_certificate(cert_path)
 
@@ -435,7 +437,7 @@ class CertificateAuthority:
                     if old.status == "valid":
                         old.status = "superseded"
                     inventory.changed = True
-                    superseded.append(old.serial)
+                    superseded.append(old)
                 inventory.save()  # inside _install: a failure here undoes the files
 
             moved = _install(files, record)
@@ -445,7 +447,12 @@ class CertificateAuthority:
             cert,
             profile,
             moved,
-            superseded=superseded[0] if superseded else None,
+            superseded=superseded[0].serial if superseded else None,
+            superseded_revoked=(
+                superseded[0].revocation_reason or "unspecified"
+                if superseded and superseded[0].status == "revoked"
+                else None
+            ),
             key_written=write_key,
         )
 
@@ -746,6 +753,9 @@ def _builder(
         if not_before.tzinfo is None:
             raise ValueError("not_before must be an aware datetime (UTC)")
         start = valid_from = not_before
+    ends = start + timedelta(days=days)
+    if ends_by is not None:
+        ends = min(ends, ends_by)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -753,7 +763,7 @@ def _builder(
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(valid_from)
-        .not_valid_after(min(start + timedelta(days=days), ends_by or start + timedelta(days=days)))
+        .not_valid_after(ends)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
 

@@ -47,7 +47,7 @@ from pki.crl import (
 )
 from pki.errors import PkiError
 from pki.files import open_to_others, read_passphrase
-from pki.inventory import Entry, Inventory, parse_serial, timestamp
+from pki.inventory import Entry, Inventory, timestamp
 from pki.layout import INI_DIR_ENV, INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd import __version__  # of the whole distribution (pyproject reads it there)
 
@@ -457,12 +457,9 @@ def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         key_type=args.key_type,
     )
     profile = args.profile
-    old = (
-        Inventory.read(layout).find(parse_serial(issued.superseded)) if issued.superseded else None
-    )
-    revoked = old is not None and old.status == "revoked"
+    revoked = issued.superseded_revoked
     if issued.superseded:
-        was = f"was revoked ({old.revocation_reason})" if old and revoked else "is superseded"
+        was = f"was revoked ({revoked})" if revoked else "is superseded"
         print(f"renewed {profile} certificate: serial {issued.superseded} {was}", file=out)
     _print_issued(out, profile, issued, args.days)
     if issued.names:
