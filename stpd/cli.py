@@ -223,23 +223,20 @@ def _open_store(config: StpdConfig) -> SavesetStore:
 
 def list_savesets(config: StpdConfig, as_json: bool) -> int:
     store = _open_store(config)
-    savesets = store.all()
+    savesets, unreadable = store.scan()
     # What stpd neither lists nor serves, but what takes room: said on stderr.
-    listed = {meta.saveset for meta in savesets}
-    for path in sorted(store.root.glob("SS-*.json")):
-        if path.stem not in listed:
-            print(
-                f"stpd: warning: {path} cannot be read as saveset metadata, so that saveset is "
-                "neither listed nor served: repair the file, or remove it and its .tar",
-                file=sys.stderr,
-            )
-    for path in sorted(store.root.glob("SS-*.tar")):
-        if not path.with_suffix(".json").exists():
-            print(
-                f"stpd: warning: {path} has no metadata (an upload cut short by a crash?): "
-                "stpd removes it when it next starts",
-                file=sys.stderr,
-            )
+    for path in unreadable:
+        print(
+            f"stpd: warning: {path} cannot be read as saveset metadata, so that saveset is "
+            "neither listed nor served: repair the file, or remove it and its .tar",
+            file=sys.stderr,
+        )
+    for path in store.orphans():
+        print(
+            f"stpd: warning: {path} has no metadata (an upload cut short by a crash?): "
+            "stpd removes it when it next starts",
+            file=sys.stderr,
+        )
     if as_json:
         print(json.dumps([meta.to_json() for meta in savesets], indent=2))
         return 0

@@ -228,10 +228,9 @@ class SavesetStore:
             for leftover in self.incoming.iterdir():
                 leftover.unlink()
                 removed.append(leftover)
-            for tar in self.root.glob("SS-*.tar"):
-                if not tar.with_suffix(".json").exists():
-                    tar.unlink()
-                    removed.append(tar)
+            for tar in self.orphans():
+                tar.unlink()
+                removed.append(tar)
         except OSError as exc:
             self.close()
             raise StoreError(
@@ -292,8 +291,24 @@ class SavesetStore:
         return self.root / f"{saveset}.tar"
 
     def all(self) -> list[SavesetMeta]:
-        metas = (_read_meta(path) for path in sorted(self.root.glob("SS-*.json")))
-        return [meta for meta in metas if meta is not None]
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[SavesetMeta], list[Path]]:
+        """Every saveset's metadata, and the metadata files that cannot be
+        read (their savesets are neither listed nor served)."""
+        metas, unreadable = [], []
+        for path in sorted(self.root.glob("SS-*.json")):
+            meta = _read_meta(path)
+            if meta is None:
+                unreadable.append(path)
+            else:
+                metas.append(meta)
+        return metas, unreadable
+
+    def orphans(self) -> list[Path]:
+        """Saveset tars without metadata: left by a crash between the two
+        removals of ``remove`` (or a publish cut short); never served."""
+        return sorted(t for t in self.root.glob("SS-*.tar") if not t.with_suffix(".json").exists())
 
     def owned_by(self, owner: str) -> list[SavesetMeta]:
         self.check_in_place()
