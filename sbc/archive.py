@@ -44,7 +44,7 @@ class TreeStats:
     directories: int = 0
     links: int = 0
     skipped: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)  # size changed while being read
+    changed: list[str] = field(default_factory=list)  # changed while being read
     # (path, what happened): removed meanwhile, no permission, a read error
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
@@ -134,6 +134,18 @@ def may_have_holes(st: os.stat_result) -> bool:
     """Fewer blocks than its size: a file with holes, or one that its file
     system compresses. Holes are looked for only in such a file."""
     return st.st_blocks * 512 < st.st_size
+
+
+def changed_since(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file changed between two stats: its size, or its
+    modification or change time (as GNU tar's "file changed as we read
+    it"; a rewrite in place keeps the size). _plaintar.pack_files checks
+    the same in C."""
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )
 
 
 def data_regions(fd: int, st: os.stat_result) -> list[tuple[int, int]] | None:
@@ -401,7 +413,7 @@ class TreeWriter:
                 self.out.write(
                     header or self._header(arcname, kind, st, st.st_size, records=records)
                 )
-                self._copy_contents(fd, path, [(0, st.st_size)], st.st_size)
+                self._copy_contents(fd, path, [(0, st.st_size)], st)
         finally:
             os.close(fd)
         self.stats.files += 1
@@ -544,17 +556,19 @@ class TreeWriter:
         header = self._header(stand_in, tarfile.REGTYPE, st, 0, records=records)
         self.out.write(_with_size(header, stored))
         self.out.write(listed)
-        self._copy_contents(fd, path, regions, st.st_size)
+        self._copy_contents(fd, path, regions, st)
 
     def _copy_contents(
-        self, fd: int, path: str, regions: list[tuple[int, int]], file_size: int
+        self, fd: int, path: str, regions: list[tuple[int, int]], st: os.stat_result
     ) -> None:
-        """The (offset, length) ``regions`` of the file (``file_size`` bytes
-        when its header was made), one after another, exactly as long as the
-        header announced, whatever the file does meanwhile: a file that
-        shrank is padded with zeros, one that grew is cut at the size its
-        header announced (as GNU tar does), and both are reported; so is one
-        that fails to read part-way (as unreadable)."""
+        """The (offset, length) ``regions`` of the file (as ``st`` when its
+        header was made), one after another, exactly as long as the header
+        announced, whatever the file does meanwhile: a file that shrank is
+        padded with zeros, one that grew is cut at the size its header
+        announced (as GNU tar does), and both are reported, as is one
+        rewritten in place (its change time moved, as GNU tar checks: its
+        copy may mix old and new bytes); so is one that fails to read
+        part-way (as unreadable)."""
         size = sum(length for _, length in regions)
         start = self.out.tell()
         remaining = 0
@@ -572,7 +586,7 @@ class TreeWriter:
             self.unreadable(path, reason, "the rest is stored as zeros")
             self.out.write(bytes(remaining))
         else:
-            if remaining or os.fstat(fd).st_size != file_size:
+            if remaining or changed_since(st, os.fstat(fd)):
                 self.stats.changed.append(path)
         padding = -size % tarfile.BLOCKSIZE
         if padding:

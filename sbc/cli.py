@@ -199,8 +199,9 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             )
         for path in stats.changed:
             print(
-                f"sbc: warning: {path} changed size while it was read: stored at the size it "
-                "had when the backup reached it (cut, or padded with zeros); back it up again",
+                f"sbc: warning: {path} changed while it was read: stored at the size it had "
+                "when the backup reached it (cut, or padded with zeros), and its copy may mix "
+                "old and new contents; back it up again",
                 file=sys.stderr,
             )
         for path, what in stats.unreadable:

@@ -338,12 +338,17 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
             break; /* PAX records for them, or the sparse format: Python */
         }
         int whole = read_exactly(fd, data, size);
-        /* One byte more than it had means it grew while read: Python stores
-         * it then, and says so if it is still changing (as GNU tar does). */
-        char more;
-        int grew = whole && read(fd, &more, 1) > 0;
+        /* A file whose size or times moved while it was read (it grew, or
+         * was rewritten in place) is left to Python, which stores it anew
+         * and says so if it is still changing: archive.changed_since. */
+        struct stat after;
+        int changed = !whole || fstat(fd, &after) != 0 || after.st_size != st.st_size ||
+                      after.st_mtim.tv_sec != st.st_mtim.tv_sec ||
+                      after.st_mtim.tv_nsec != st.st_mtim.tv_nsec ||
+                      after.st_ctim.tv_sec != st.st_ctim.tv_sec ||
+                      after.st_ctim.tv_nsec != st.st_ctim.tv_nsec;
         close(fd);
-        if (!whole || grew)
+        if (changed)
             break;
         memset(data + size, 0, (size_t)(padded - size));
         /* As _file_header: name, the template's middle, size and time, checksum, tail. */

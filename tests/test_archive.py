@@ -220,13 +220,15 @@ def test_members_come_in_the_order_of_gnu_tar_which_then_restores_directory_time
         assert int(back.stat().st_mtime) == int(directory.stat().st_mtime), back
 
 
-@pytest.mark.parametrize("change", ["shrinks", "grows"])
-def test_a_file_that_changes_size_while_read_is_stored_at_its_size_and_reported(
+@pytest.mark.parametrize("change", ["shrinks", "grows", "rewritten"])
+def test_a_file_that_changes_while_read_is_stored_at_its_size_and_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
 ) -> None:
     """Stored at the size its header announced, as GNU tar does: padded
     with zeros, or cut; and named. One that grew was cut without a word (a
-    log being written to; GNU tar says "file changed as we read it")."""
+    log being written to; GNU tar says "file changed as we read it"), and
+    one rewritten in place at the same size (a database's pages) was not
+    named at all: its modification time moved."""
     victim = tmp_path / change
     victim.write_bytes(b"a" * 5000)
     real_lstat = os.lstat
@@ -236,9 +238,13 @@ def test_a_file_that_changes_size_while_read_is_stored_at_its_size_and_reported(
         with victim.open("r+b") as file:  # after its size was taken
             if change == "shrinks":
                 file.truncate(100)
-            else:
+            elif change == "grows":
                 file.seek(0, os.SEEK_END)
                 file.write(b"b" * 100)
+            else:
+                file.write(b"c" * 5000)
+        if change == "rewritten":  # a later second than the stat's (timestamps are coarse)
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
         return st
 
     monkeypatch.setattr(os, "lstat", lstat_then_change)
@@ -247,7 +253,14 @@ def test_a_file_that_changes_size_while_read_is_stored_at_its_size_and_reported(
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.getmember(change).size == 5000
         stored = tar.extractfile(change).read()  # type: ignore[union-attr]
-    assert stored == (b"a" * 100 + bytes(4900) if change == "shrinks" else b"a" * 5000)
+    assert (
+        stored
+        == {
+            "shrinks": b"a" * 100 + bytes(4900),
+            "grows": b"a" * 5000,
+            "rewritten": b"c" * 5000,
+        }[change]
+    )
     assert stats.changed == [str(victim)]
 
 

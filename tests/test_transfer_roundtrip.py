@@ -386,8 +386,9 @@ def test_a_file_that_changes_during_the_backup_is_reported(
         )
     assert code == 0, err
     assert err == (
-        f"sbc: warning: {victim} changed size while it was read: stored at the size it had "
-        "when the backup reached it (cut, or padded with zeros); back it up again\n"
+        f"sbc: warning: {victim} changed while it was read: stored at the size it had "
+        "when the backup reached it (cut, or padded with zeros), and its copy may mix "
+        "old and new contents; back it up again\n"
     )
     assert "saveset SS-" in out
 
