@@ -274,6 +274,15 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             print(f"sbc: warning: could not restore {name}: {reason}", file=sys.stderr)
         if restored.kept:
             print(f"sbc: warning: {_kept_summary(restored.kept)}", file=sys.stderr)
+        if restored.unprivileged:
+            count = len(restored.unprivileged)
+            print(
+                f"sbc: warning: restored {count} file{'' if count == 1 else 's'} without "
+                "set-user-id or set-group-id bits or file capabilities, as no privilege comes "
+                f"from a saveset: {_some(restored.unprivileged)} (give them back by hand where "
+                "you trust the saveset: chmod u+s or g+s, setcap)",
+                file=sys.stderr,
+            )
         entries = f"{restored.members} entries"
         if args.entries:
             entries = f"{restored.extracted} of {entries}"
@@ -299,6 +308,8 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     }
     if restored.not_found:
         result["not_found"] = restored.not_found
+    if restored.unprivileged:
+        result["unprivileged"] = restored.unprivileged
     if restored.unrestorable:
         result["unrestorable"] = [
             {"path": name, "error": reason} for name, reason in restored.unrestorable
@@ -325,13 +336,16 @@ def _remove_if_empty(directories: list[Path]) -> None:
             return
 
 
-def _kept_summary(kept: list[str], shown: int = 5) -> str:
-    names = ", ".join(kept[:shown]) + (
-        f" and {len(kept) - shown} more" if len(kept) > shown else ""
-    )
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first names of a long list, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _kept_summary(kept: list[str]) -> str:
     return (
         f"kept {len(kept)} existing path{'' if len(kept) == 1 else 's'} instead of restoring "
-        f"over {'it' if len(kept) == 1 else 'them'}: {names} (--overwrite replaces them)"
+        f"over {'it' if len(kept) == 1 else 'them'}: {_some(kept)} (--overwrite replaces them)"
     )
 
 

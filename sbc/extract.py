@@ -157,7 +157,7 @@ class SafeMembers:
     """The extraction filter: nothing is written outside the target, nothing
     already in it is replaced unasked, and every member comes back as it was
     stored (permission bits exactly, a directory's setgid and sticky bits,
-    but never a file's set-id bits, owners when run as
+    but never a file's set-id bits: see restored_mode; owners when run as
     root, symbolic links wherever they point, as GNU tar does).
 
     tarfile's ``data`` filter is not used for that (only for hard links): it
@@ -276,12 +276,6 @@ class SafeMembers:
             return None
         if member.issym():
             self.symlinks.add(name)
-        else:
-            # Never set-user-id, nor set-group-id on a file: no privilege comes
-            # from a saveset. A directory's setgid (its files' group) and
-            # sticky bit (/tmp: only owners delete) are no privilege, and
-            # without them a shared directory would be open to all.
-            member.mode = stat.S_IMODE(member.mode) & (0o3777 if member.isdir() else 0o777)
         # Owners by name where this machine knows the name, else by number, as
         # tar does (tarfile chowns only as root). Looked up here once per name,
         # so that extraction can take the numbers: it would look up every file.
@@ -333,6 +327,7 @@ class _Extraction(tarfile.TarFile):
         not see, are counted through ``made_in_run``."""
         self.target, self.kept, self.refused = safe.target, safe.kept, safe.refused
         self.unrestorable = unrestorable
+        self.unprivileged: list[str] = []  # see restored_mode
         self._not_ours: set[str] = set()  # see _taken
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
@@ -610,17 +605,19 @@ class _Extraction(tarfile.TarFile):
         finally:
             os.close(fd)
 
-    def _set_xattrs(self, target: int | str, tarinfo: tarfile.TarInfo) -> None:
+    def _set_xattrs(self, target: int | str, tarinfo: tarfile.TarInfo) -> bool:
         """The extended attributes stored with ``tarinfo`` (see
         sbc.archive.read_xattrs), set on ``target``: a descriptor, or a
-        link's path (not followed); but security ones (NOT_RESTORED_XATTRS).
-        One that cannot be set (not as root, or on a file system without
-        them) is reported, and the restore goes on."""
+        link's path (not followed); but security ones (NOT_RESTORED_XATTRS):
+        whether there were any. One that cannot be set (not as root, or on a
+        file system without them) is reported, and the restore goes on."""
+        left_out = False
         for record, text in tarinfo.pax_headers.items():
             if not record.startswith(XATTR_RECORD):
                 continue
             name = record[len(XATTR_RECORD) :]
             if name.startswith(NOT_RESTORED_XATTRS):
+                left_out = True
                 continue
             value = text.encode("utf-8", "surrogateescape")  # as tarfile decoded it
             try:
@@ -631,6 +628,7 @@ class _Extraction(tarfile.TarFile):
                 where = "/".join(path_parts(tarinfo.name))
                 why = f"its extended attribute {name} was not restored: {exc.strerror}"
                 self.unrestorable.append((where, why))
+        return left_out
 
     def chmod(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         """Done in ``chown``."""
@@ -649,15 +647,28 @@ class _Extraction(tarfile.TarFile):
             except OSError:
                 pass
         # Before the mode, which an ACL (system.posix_acl_access) would change.
-        self._set_xattrs(fd, tarinfo)
+        left_out = self._set_xattrs(fd, tarinfo)
+        mode = restored_mode(tarinfo)
+        if tarinfo.isreg() and (left_out or mode != stat.S_IMODE(tarinfo.mode)):
+            self.unprivileged.append("/".join(path_parts(tarinfo.name)))
         try:
-            os.fchmod(fd, tarinfo.mode)
+            os.fchmod(fd, mode)
         except OSError:
             pass
         try:
             os.utime(fd, (tarinfo.mtime, tarinfo.mtime))
         except OSError:
             pass
+
+
+def restored_mode(tarinfo: tarfile.TarInfo) -> int:
+    """The permission bits a member is restored with: never set-user-id, nor
+    set-group-id on a file, for no privilege comes from a saveset (savesets
+    of clients without a certificate are shared); a restore names the files
+    it left without them (RestoreResult.unprivileged). A directory's setgid
+    (its files' group) and sticky bit (/tmp: only owners delete) are no
+    privilege, and without them a shared directory would be open to all."""
+    return stat.S_IMODE(tarinfo.mode) & (0o3777 if tarinfo.isdir() else 0o777)
 
 
 @functools.cache
@@ -682,6 +693,8 @@ class RestoreResult:
     # (name, reason): links, FIFOs and names the target's file system cannot hold
     unrestorable: list[tuple[str, str]] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)  # entries asked for, not in the saveset
+    # files restored without their set-id bits or security.* attributes (restored_mode)
+    unprivileged: list[str] = field(default_factory=list)
     removed: str | None = None  # the incomplete file of a restore that stopped part-way
 
 
@@ -760,6 +773,7 @@ def _extract_all(
             archive.extract_into(safe_members, counted, result.unrestorable, made_in_run)
             result.extracted -= archive.not_made
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
+            result.unprivileged = archive.unprivileged
             result.not_found = [name for name in only if name not in safe_members.found]
     except BaseException as exc:
         result.removed = archive.removed if archive is not None else None

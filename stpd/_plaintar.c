@@ -18,6 +18,7 @@
  *     stpd.tarcheck._plain_fields takes), whole in the piece with its data;
  *   - its name is the directory's (given) and one component more: no '/',
  *     not "." or "..";
+ *   - its mode has no set-id bits (Python names the files it leaves without);
  *   - as root, the same owner fields as the file Python made (whose owner
  *     SafeMembers looked up: uid and gid are its answer).
  * Each is made as _Extraction._make_file makes it: created with
@@ -225,7 +226,9 @@ static PyObject *make_files(PyObject *self, PyObject *args)
     struct plain_file file;
     while (piece.len - at >= BLOCK) {
         const unsigned char *h = bytes + at;
-        if (!plain_file(h, prefix, (size_t)prefix_length, &file))
+        /* Set-id bits: Python restores it without them and names it
+         * (sbc.extract.restored_mode). */
+        if (!plain_file(h, prefix, (size_t)prefix_length, &file) || (file.mode & 06000) != 0)
             break;
         if (owner_length && (memcmp(h + 108, owner, 16) != 0 || memcmp(h + 265, owner + 16, 64) != 0))
             break;

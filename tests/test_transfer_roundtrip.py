@@ -28,6 +28,7 @@ from pki.layout import Layout
 from sbc.cli import main as sbc
 from stpd.tarcheck import STILL_LOOKING
 from tests.conftest import (
+    CAPABILITY,
     WAIT_SECONDS,
     Pki,
     RunningStpd,
@@ -842,13 +843,23 @@ def test_extended_attributes_and_acls_come_back_but_no_capability(
         monkeypatch.setattr(os, "setxattr", like_fat)
         code, out, err = run_sbc(*ini, "restore", saveset, str(tmp_path / "again"), *server)
     assert code == 3, err
-    assert sorted(err.splitlines()) == sorted(
-        f"sbc: warning: could not restore xattrs/{path}: its extended attribute {name} "
-        "was not restored: Operation not supported"
-        for path, names in xattrs_of(tree, restored=True).items()
-        for name in names
+    unprivileged = (
+        "sbc: warning: restored 1 file without set-user-id or set-group-id bits or file "
+        "capabilities, as no privilege comes from a saveset: xattrs/dir/ping (give them back "
+        "by hand where you trust the saveset: chmod u+s or g+s, setcap)"
     )
-    assert len(err.splitlines()) == 6
+    assert sorted(err.splitlines()) == sorted(
+        [
+            *(
+                f"sbc: warning: could not restore xattrs/{path}: its extended attribute {name} "
+                "was not restored: Operation not supported"
+                for path, names in xattrs_of(tree, restored=True).items()
+                for name in names
+            ),
+            unprivileged,
+        ]
+    )
+    assert len(err.splitlines()) == 7
     assert "restored saveset" in out
     assert (tmp_path / "again" / "xattrs" / "dir" / "ping").read_bytes() == b"\x7fELF"
 
@@ -1300,29 +1311,49 @@ def test_a_directorys_sticky_and_setgid_bits_come_back_a_files_set_id_bits_do_no
     """Every mode was cut to 0o777, so a restored /tmp lost its sticky bit
     and anyone could delete anyone's files there; a team directory lost
     the setgid that gives its files the group. Neither is a privilege. A
-    file's set-user-id and set-group-id bits still never come back: no
-    privilege comes from a saveset."""
+    file's set-user-id and set-group-id bits and its capabilities still
+    never come back: no privilege comes from a saveset. They were dropped
+    without a word, so a restored /usr/bin had a sudo that no longer worked
+    and nothing said why: those files are named."""
     tree = tmp_path / "modes"
     modes = {"drop": 0o1777, "team": 0o2775, "both": 0o3770}
     for name, mode in modes.items():
         (tree / name).mkdir(parents=True)
         (tree / name).chmod(mode)
-    for name, mode in (("suid", 0o4755), ("sgid", 0o2755)):
+    # Among plain files that the restore makes in C, as the set-id ones.
+    for n in range(6):
+        (tree / "team" / f"plain{n}").write_text("x\n")
+    for name, mode in (("suid", 0o4755), ("sgid", 0o2755), ("team/plain3", 0o6755)):
         (tree / name).write_text("#!/bin/sh\n")
         (tree / name).chmod(mode)
+    (tree / "ping").write_bytes(b"\x7fELF")
+    os.setxattr(tree / "ping", "security.capability", CAPABILITY)
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
     with running_stpd(pki.layout, level=2) as stpd:
         backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
-        sbc_json(
-            *ini, "restore", backup["saveset"], str(tmp_path / "back"),  # type: ignore[index]
-            "--server", stpd.address, "--json",
-        )  # fmt: skip
+        saveset = backup["saveset"]  # type: ignore[index]
+        restored = sbc_json(
+            *ini, "restore", saveset, str(tmp_path / "back"), "--server", stpd.address, "--json"
+        )
+        code, out, err = run_sbc(
+            *ini, "restore", saveset, str(tmp_path / "again"), "--server", stpd.address
+        )
     back = tmp_path / "back" / "modes"
     for name, mode in modes.items():
         assert stat.S_IMODE((back / name).stat().st_mode) == mode, name
-    for name in ("suid", "sgid"):
+    for name in ("suid", "sgid", "team/plain3"):
         assert stat.S_IMODE((back / name).stat().st_mode) == 0o755, name
+    assert "security.capability" not in os.listxattr(back / "ping")
+    unprivileged = ["modes/ping", "modes/sgid", "modes/suid", "modes/team/plain3"]
+    assert sorted(restored["unprivileged"]) == unprivileged  # type: ignore[index]
+    assert code == 0, err
+    assert err == (
+        "sbc: warning: restored 4 files without set-user-id or set-group-id bits or file "
+        f"capabilities, as no privilege comes from a saveset: {', '.join(restored['unprivileged'])} "  # type: ignore[index]
+        "(give them back by hand where you trust the saveset: chmod u+s or g+s, setcap)\n"
+    )
+    assert "restored saveset" in out
 
 
 def test_a_backup_of_slash_or_dot_dot_is_named_as_tar_names_it(pki: Pki, tmp_path: Path) -> None:
