@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import DIRECTORY_NOFOLLOW, NO_XATTRS, XATTR_RECORD, ArchiveError, in_directory
+from sbc.archive import DIRECTORY_NOFOLLOW, NO_XATTRS, XATTR_RECORD, ArchiveError
 from stpd import _plaintar
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
@@ -116,23 +116,35 @@ class TargetDir:
         self._parent_parts: tuple[str, ...] = ()
         self._parent = self.fd
 
-    def parent(self, parts: list[str]) -> int:
+    def parent(self, parts: list[str], *, make: bool = False) -> int:
         """The directory that holds the member ``parts``; open until
-        another is asked for. OSError if a component is missing, or is not
-        a directory (a file, or a link, which is not followed)."""
+        another is asked for. OSError if a component is missing (unless
+        ``make``: see open_dir), or is not a directory (a file, or a link,
+        which is not followed)."""
         wanted = tuple(parts[:-1])
         if wanted != self._parent_parts:
             self._release()
-            self._parent = self.open_dir(wanted)
+            self._parent = self.open_dir(wanted, make=make)
             self._parent_parts = wanted
         return self._parent
 
-    def open_dir(self, parts: tuple[str, ...] | list[str]) -> int:
-        """The directory ``parts`` opened; the caller closes it (``close_dir``)."""
+    def open_dir(self, parts: tuple[str, ...] | list[str], *, make: bool = False) -> int:
+        """The directory ``parts`` opened; the caller closes it (``close_dir``).
+        With ``make``, missing directories on the way are made (as tarfile
+        and GNU tar make those an archive does not hold: 0777 less the
+        umask), each relative to its parent's descriptor: tarfile's
+        ``os.makedirs`` of a path followed a link put in place meanwhile."""
         fd = self.fd
         for end, part in enumerate(parts, 1):
             try:
-                child = os.open(part, DIRECTORY_NOFOLLOW, dir_fd=fd)
+                try:
+                    child = os.open(part, DIRECTORY_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if not make:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    child = os.open(part, DIRECTORY_NOFOLLOW, dir_fd=fd)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, "/".join(parts[:end])) from None
             finally:
@@ -366,28 +378,28 @@ class _Extraction(tarfile.TarFile):
             self.chown(tarinfo, "", numeric_owner=True)  # and mode and times: see there
 
     def _extract(self, tarinfo: tarfile.TarInfo) -> None:
-        # A file whose directory is there (members come in directory order:
-        # it is the one TargetDir holds open) is made at once. tarfile's way
-        # builds paths, looks for the directory by path, and calls chown,
-        # chmod and utime, which _make_file does on the new file anyway.
+        """As tarfile's _extract_member, but for the directories an archive
+        does not hold, which are made through TargetDir (see open_dir),
+        and a regular file, made at once (_make_file: tarfile builds
+        paths, and calls chown, chmod and utime, which _make_file does on
+        the new file anyway)."""
+        parts = path_parts(tarinfo.name)
+        parent = self.target.parent(parts, make=True)  # (members come in directory order)
         if tarinfo.isreg() and tarinfo.sparse is None:  # type: ignore[attr-defined]
-            parts = path_parts(tarinfo.name)
-            try:
-                parent = self.target.parent(parts)
-            except OSError:
-                pass  # absent: tarfile creates the directories, then calls makefile
-            else:
-                made = self._make_file(tarinfo, parts, parent)
-                if made and self._runs and not self.pax_headers:  # type: ignore[attr-defined]
-                    self._run = self._run_after(tarinfo, parent)
-                return
-        # Owners by number: SafeMembers looked the names up.
-        self._extract_member(  # type: ignore[attr-defined]
-            tarinfo,
-            os.path.join(self.target.path, tarinfo.name),
-            set_attrs=not tarinfo.isdir(),  # a directory's: last, see extract_into
-            numeric_owner=True,
-        )
+            made = self._make_file(tarinfo, parts, parent)
+            if made and self._runs and not self.pax_headers:  # type: ignore[attr-defined]
+                self._run = self._run_after(tarinfo, parent)
+            return
+        if tarinfo.isdir():
+            self.makedir(tarinfo, "")
+            return  # its owner, mode and time: last, see extract_into
+        if tarinfo.isfifo():
+            self.makefifo(tarinfo, "")
+        elif tarinfo.issym() or tarinfo.islnk():
+            self.makelink(tarinfo, "")
+        else:  # sparse, and types tarfile does not know (made as files, as there)
+            self.makefile(tarinfo, "")
+        self.chown(tarinfo, "", numeric_owner=True)  # and mode and time: see there
 
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)
@@ -577,38 +589,51 @@ class _Extraction(tarfile.TarFile):
         parts = path_parts(tarinfo.name)
         if "/".join(parts) in self._not_ours:
             return
+        # Each is opened first, and its attributes are set on what was opened
+        # if that is still what the restore made: by name, someone who may
+        # write to the directory could have put a hard link to a file of
+        # someone else in its place meanwhile, and a root restore would have
+        # given that file the member's owner and mode.
         try:
-            if tarinfo.issym():
-                parent = self.target.parent(parts)
-                if self._as_root:
-                    os.chown(
-                        parts[-1], tarinfo.uid, tarinfo.gid, dir_fd=parent, follow_symlinks=False
-                    )
-                self._set_xattrs(in_directory(parent, parts[-1]), tarinfo)
-                with contextlib.suppress(OSError):  # a file system without link times
-                    # The link's own time, as GNU tar sets it (tarfile leaves it at now).
-                    times = (tarinfo.mtime, tarinfo.mtime)
-                    os.utime(parts[-1], times, dir_fd=parent, follow_symlinks=False)
-                return
             if tarinfo.isdir():
                 fd = self.target.open_dir(parts)
-            else:
-                flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            else:  # the link itself (O_PATH), or the FIFO without waiting for a writer
+                flags = os.O_PATH if tarinfo.issym() else os.O_RDONLY | os.O_NONBLOCK
+                flags |= os.O_NOFOLLOW | os.O_CLOEXEC
                 fd = os.open(parts[-1], flags, dir_fd=self.target.parent(parts))
         except OSError:
             return  # gone or replaced meanwhile: nothing of ours to set
         try:
             st = os.fstat(fd)
-            ours = self._directories.get("/".join(parts)) == (st.st_dev, st.st_ino)
-            if ours or not tarinfo.isdir():
+            if tarinfo.issym():
+                if stat.S_ISLNK(st.st_mode):
+                    self._set_link_attributes(fd, tarinfo)
+            elif tarinfo.isdir():
+                if self._directories.get("/".join(parts)) == (st.st_dev, st.st_ino):
+                    self._set_attributes(fd, tarinfo)
+            elif stat.S_ISFIFO(st.st_mode) and st.st_nlink == 1:  # not one linked there
                 self._set_attributes(fd, tarinfo)
         finally:
             os.close(fd)
 
+    def _set_link_attributes(self, fd: int, tarinfo: tarfile.TarInfo) -> None:
+        """Owner (as root), extended attributes and time of the symbolic link
+        ``fd`` (opened O_PATH) is. Python has no calls that take such a
+        descriptor; its /proc/self/fd name leads to the link itself (not
+        followed further). Without /proc they are left as they are."""
+        link = f"/proc/self/fd/{fd}"
+        if self._as_root:
+            with contextlib.suppress(OSError):
+                os.chown(link, tarinfo.uid, tarinfo.gid)
+        self._set_xattrs(link, tarinfo)
+        with contextlib.suppress(OSError):  # a file system without link times
+            # The link's own time, as GNU tar sets it (tarfile leaves it at now).
+            os.utime(link, (tarinfo.mtime, tarinfo.mtime))
+
     def _set_xattrs(self, target: int | str, tarinfo: tarfile.TarInfo) -> bool:
         """The extended attributes stored with ``tarinfo`` (see
         sbc.archive.read_xattrs), set on ``target``: a descriptor, or a
-        link's path (not followed); but security ones (NOT_RESTORED_XATTRS):
+        link's /proc/self/fd name; but security ones (NOT_RESTORED_XATTRS):
         whether there were any. One that cannot be set (not as root, or on a
         file system without them) is reported, and the restore goes on."""
         left_out = False
@@ -621,7 +646,7 @@ class _Extraction(tarfile.TarFile):
                 continue
             value = text.encode("utf-8", "surrogateescape")  # as tarfile decoded it
             try:
-                os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
+                os.setxattr(target, name, value)
             except OSError as exc:
                 if name == NFS_ACL and exc.errno in NO_XATTRS:
                     continue  # restored off NFS

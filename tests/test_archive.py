@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sbc.archive as archive
+import sbc.extract as extract
 from sbc.archive import ArchiveError, TreeStats, member_header
 from sbc.extract import RestoreResult, extract_stream
 from stpd.tarcheck import TarStreamCheck
@@ -553,6 +554,85 @@ def test_what_goes_under_a_parent_replaced_by_a_link_is_kept_out(
     assert list((outside / "b").iterdir()) == []
     assert stat.S_IMODE((outside / "b").stat().st_mode) == 0o755
     assert (out / "moved" / "a" / "f").read_text() == "in a\n"
+
+
+def test_directories_an_archive_does_not_hold_are_made_without_following_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members whose directories the archive does not hold (a tar made by
+    hand): tarfile made those with os.makedirs of a path, which followed a
+    link put in place after SafeMembers looked, so a root restore made
+    directories wherever the link pointed. They are made through the
+    target's descriptors: the link stops the restore, and nothing appears
+    where it points."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive_out:
+        info = tarfile.TarInfo("a/s1/f")
+        info.size = 2
+        archive_out.addfile(info, io.BytesIO(b"ab"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "out"
+    swapped_during_restore(monkeypatch, {"a/s1/f": lambda: (target / "a").symlink_to(outside)})
+    with pytest.raises(ArchiveError, match=r"cannot restore into .*\(a/s1/f\)"):
+        restore_bytes(out.getvalue(), target)
+    assert list(outside.iterdir()) == []
+    # Without a link in the way, they are made (0777 less the umask, as tar).
+    monkeypatch.undo()
+    restore_bytes(out.getvalue(), tmp_path / "plain")
+    assert (tmp_path / "plain" / "a" / "s1" / "f").read_bytes() == b"ab"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_file_linked_where_a_fifo_or_link_was_made_gets_none_of_its_attributes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Someone who may write to the target puts a hard link to a file of
+    someone else where the restore has just made a FIFO or a symbolic
+    link, before their owner, mode and time are set. Set by name, they
+    went to that file: a root restore gave it the member's owner and mode
+    (0777 here). They are set on what was opened, if it is what was made."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    member = tree / "p"
+    if kind == "fifo":
+        os.mkfifo(member)
+        member.chmod(0o777)
+    else:
+        member.symlink_to("elsewhere")
+    os.lchown(member, 1234, 1234)
+    os.utime(member, (1_000_000_000, 1_000_000_000), follow_symlinks=False)
+    stream = tar_stream(tree, TreeStats())
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's\n")
+    victim.chmod(0o600)
+    before = victim.stat()
+    made = tmp_path / "out" / "tree" / "p"
+    maker = "makefifo" if kind == "fifo" else "makelink"
+    real = getattr(extract._Extraction, maker)
+
+    def make_then_swap(self, tarinfo: tarfile.TarInfo, targetpath: str) -> None:  # type: ignore[no-untyped-def]
+        real(self, tarinfo, targetpath)
+        if tarinfo.name == "tree/p":
+            made.unlink()
+            os.link(victim, made)
+
+    monkeypatch.setattr(extract._Extraction, maker, make_then_swap)
+    restore_bytes(stream, tmp_path / "out")
+    after = victim.stat()
+    assert (after.st_mode, after.st_uid, after.st_gid, after.st_mtime) == (
+        before.st_mode,
+        before.st_uid,
+        before.st_gid,
+        before.st_mtime,
+    )
+    # Unhindered, they are set.
+    monkeypatch.setattr(extract._Extraction, maker, real)
+    restore_bytes(stream, tmp_path / "plain")
+    back = (tmp_path / "plain" / "tree" / "p").lstat()
+    assert (back.st_uid, back.st_mtime) == (1234, 1_000_000_000)
+    if kind == "fifo":
+        assert stat.S_IMODE(back.st_mode) == 0o777
 
 
 def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> None:
