@@ -6,10 +6,12 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import stat
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -461,6 +463,46 @@ def _run(config: SbcConfig, server: tuple[str, int], args: argparse.Namespace) -
         return COMMANDS[args.command](session, args)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's time limit, a closed terminal),
+    taken as Ctrl-C is: a restore then removes the file it was writing.
+    Their default ended sbc at once and left that file, cut short, under
+    its name, where the same restore run again kept it as restored."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Stopped here, unless ignored (``nohup``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (sbc's main() run in a thread, by tests)
+        return
+    signals = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_DFL]
+    for number in signals:
+        signal.signal(number, _stop)
+    try:
+        yield
+    finally:
+        for number in signals:
+            signal.signal(number, signal.SIG_DFL)
+
+
+# What an interrupted command leaves, said after "interrupted".
+_AFTER_INTERRUPT = {
+    "backup": ": stpd keeps nothing of a backup it did not receive whole (`sbc list` shows "
+    "what was stored)",
+    "restore": ": the file it was writing was removed, what came before it stays; the same "
+    "restore run again finishes it",
+}
+
+
 def main(
     argv: list[str] | None = None,
     *,
@@ -482,7 +524,7 @@ def main(
             )
         if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
             raise SbcError(f"nothing to back up: {args.path} does not exist")
-        with signals_end_waits():
+        with signals_end_waits(), _stop_signals_interrupt():
             result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -493,9 +535,15 @@ def main(
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        number = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        what = (
+            "interrupted"
+            if number == signal.SIGINT
+            else f"stopped by {signal.Signals(number).name}"
+        )
+        print(f"{prog}: {what}{_AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
+        return 128 + number
     if args.json and result is not None:
         try:
             print(json.dumps(result, indent=1), flush=True)

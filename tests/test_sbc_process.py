@@ -392,3 +392,63 @@ def test_a_tree_deeper_than_the_soft_open_files_limit_is_backed_up_whole(
         with tarfile.open(stored) as tar:
             bottom = tar.extractfile("deep/" + "a/" * 300 + "bottom.txt")
             assert bottom is not None and bottom.read() == b"bottom\n"
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_mid_restore_removes_the_incomplete_file(
+    pki: Pki, tmp_path: Path, number: signal.Signals
+) -> None:
+    """A scheduler's time limit (SIGTERM) or a closed ssh session (SIGHUP)
+    ended sbc at once: the file it was writing stayed, cut short, under its
+    name, and the same restore run again kept it and said "sha256
+    verified". They now end it as Ctrl-C does."""
+    first, second = b"complete\n", bytes(range(256)) * 12288  # 3 MiB
+    stream = tar_bytes([("tree/first.txt", first), ("tree/second.bin", second)])
+    cut = stream.index(second) + len(second) // 2
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:  # sends half of the second file, then holds the connection open
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(65536)
+            tls.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: %d\r\n"
+                b"X-Sha256: %s\r\n\r\n" % (len(stream), hashlib.sha256(stream).hexdigest().encode())
+            )
+            tls.sendall(stream[:cut])
+            done.wait(WAIT_SECONDS)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = pki.client_ini("stopped")
+    target = tmp_path / "back"
+    sbc = subprocess.Popen(
+        [SBC, "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
+         str(target), "--server", f"127.0.0.1:{listener.getsockname()[1]}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        incomplete = target / "tree" / "second.bin"
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (incomplete.exists() and incomplete.stat().st_size > 0):
+            assert time.monotonic() < deadline and sbc.poll() is None, "sbc did not begin the file"
+        sbc.send_signal(number)
+        _, err = sbc.communicate(timeout=WAIT_SECONDS)
+    finally:
+        done.set()
+        sbc.kill()
+        sbc.wait()
+        server.join(WAIT_SECONDS)
+        listener.close()
+    assert sbc.returncode == 128 + number, err
+    assert err == (
+        f"sbc: stopped by {number.name}: the file it was writing was removed, what came before "
+        "it stays; the same restore run again finishes it\n"
+    )
+    assert (target / "tree" / "first.txt").read_bytes() == first
+    assert not incomplete.exists()
