@@ -276,6 +276,14 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             print(f"sbc: warning: could not restore {name}: {reason}", file=sys.stderr)
         if restored.kept:
             print(f"sbc: warning: {_kept_summary(restored.kept)}", file=sys.stderr)
+        if restored.kept_different:
+            count = len(restored.kept_different)
+            print(
+                f"sbc: warning: {count} of the files kept differ from the saveset's in size or "
+                f"modification time: {_some(restored.kept_different)} (changed since the "
+                "backup, or cut short by a restore that was killed; --overwrite replaces them)",
+                file=sys.stderr,
+            )
         if restored.unprivileged:
             count = len(restored.unprivileged)
             print(
@@ -306,6 +314,7 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "sha256": restored.sha256 if restored.checked else None,
         "skipped": restored.skipped,
         "kept": restored.kept,
+        "kept_different": restored.kept_different,
         "seconds": round(seconds, 3),
     }
     if restored.not_found:

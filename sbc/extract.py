@@ -340,6 +340,7 @@ class _Extraction(tarfile.TarFile):
         self.target, self.kept, self.refused = safe.target, safe.kept, safe.refused
         self.unrestorable = unrestorable
         self.unprivileged: list[str] = []  # see restored_mode
+        self.kept_different: list[str] = []  # see _note_if_different
         self._not_ours: set[str] = set()  # see _taken
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
@@ -449,6 +450,7 @@ class _Extraction(tarfile.TarFile):
             fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
         except FileExistsError:
             self._taken(parts)
+            self._note_if_different(tarinfo, parts, parent)
             return False
         except OSError as exc:
             self._refused(parts, exc)
@@ -551,6 +553,21 @@ class _Extraction(tarfile.TarFile):
         self.kept.append(name)
         self._not_ours.add(name)
         self.not_made += 1
+
+    def _note_if_different(self, tarinfo: tarfile.TarInfo, parts: list[str], parent: int) -> None:
+        """A file kept that is not the member's regular file of its size and
+        modification time is named in ``kept_different``: a file cut short
+        by a restore that was killed (SIGKILL, a power cut) stays under its
+        name, and the same restore run again would keep it silently."""
+        try:
+            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        except OSError:
+            return  # gone meanwhile: nothing to compare
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, int(st.st_mtime)) != (
+            tarinfo.size,
+            int(tarinfo.mtime),
+        ):
+            self.kept_different.append("/".join(parts))
 
     # What file systems answer to what they cannot hold: one such member must
     # not cost the rest of the restore. A name: FAT and exFAT refuse ':',
@@ -715,6 +732,8 @@ class RestoreResult:
     checked: bool = False  # sha256 is the saveset's (all of it was received)
     skipped: list[str] = field(default_factory=list)  # device nodes, not restored
     kept: list[str] = field(default_factory=list)  # existed already, not overwritten
+    # of the files among them, those of another size or time than the member's
+    kept_different: list[str] = field(default_factory=list)
     # (name, reason): links, FIFOs and names the target's file system cannot hold
     unrestorable: list[tuple[str, str]] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)  # entries asked for, not in the saveset
@@ -799,6 +818,7 @@ def _extract_all(
             result.extracted -= archive.not_made
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
             result.unprivileged = archive.unprivileged
+            result.kept_different = archive.kept_different
             result.not_found = [name for name in only if name not in safe_members.found]
     except BaseException as exc:
         result.removed = archive.removed if archive is not None else None

@@ -180,7 +180,11 @@ def test_restore_keeps_existing_files_unless_told_to_overwrite(
         assert again["sha256"] == backup["sha256"]  # type: ignore[index]  # still all checked
         assert (target / "tree" / "private").read_text() == "newer than the backup\n"
         assert snapshot(target / "tree")["nested/data.bin"] == snapshot(tree)["nested/data.bin"]
+        assert again["kept_different"] == ["tree/private"]  # type: ignore[index]  # the rest as restored
 
+        # As a restore killed part-way (SIGKILL) leaves a file: cut short,
+        # with its time of now. Kept again, but not silently.
+        os.truncate(target / "tree" / "nested" / "data.bin", 1000)
         code, out, err = run_sbc(*restore)
         assert code == 0, err
         assert (
@@ -188,6 +192,11 @@ def test_restore_keeps_existing_files_unless_told_to_overwrite(
             in err
         )
         assert f" and {len(files) - 5} more (--overwrite replaces them)" in err
+        assert (
+            "sbc: warning: 2 of the files kept differ from the saveset's in size or modification "
+            "time: tree/nested/data.bin, tree/private (changed since the backup, or cut short by "
+            "a restore that was killed; --overwrite replaces them)\n"
+        ) in err
         assert "sha256 verified" in out
 
         replaced = sbc_json(*restore, "--overwrite", "--json")
