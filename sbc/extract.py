@@ -248,7 +248,8 @@ class SafeMembers:
             return True  # a directory member where a file or a link is
         if stat.S_ISDIR(existing.st_mode):  # it may hold anything: not removed
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), "/".join(parts))
-        os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
+        if not member.isreg():  # (a file replaces it once whole: _Extraction._make_file)
+            os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
         return False
 
     def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
@@ -338,6 +339,7 @@ class _Extraction(tarfile.TarFile):
         files would take gigabytes). Files made in C, which ``members`` does
         not see, are counted through ``made_in_run``."""
         self.target, self.kept, self.refused = safe.target, safe.kept, safe.refused
+        self._overwrite = safe.overwrite
         self.unrestorable = unrestorable
         self.unprivileged: list[str] = []  # see restored_mode
         self.kept_different: list[str] = []  # see _note_if_different
@@ -445,9 +447,20 @@ class _Extraction(tarfile.TarFile):
         return (parent, directory, owner, tarinfo.uid, tarinfo.gid)
 
     def _make_file(self, tarinfo: tarfile.TarInfo, parts: list[str], parent: int) -> bool:
-        """Whether it was made (not kept, nor refused by the file system)."""
+        """Whether it was made (not kept, nor refused by the file system).
+        With --overwrite, a file (or link) that stands there is replaced
+        once the new one is whole: written under a name of its own and
+        renamed over it, so that a restore that stops part-way leaves the
+        old one, not neither."""
+        name = parts[-1]
         try:
-            fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=parent)
+            try:
+                fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+            except FileExistsError:
+                if not self._overwrite:
+                    raise
+                name = f".sbc-restore-{os.urandom(6).hex()}"
+                fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         except FileExistsError:
             self._taken(parts)
             self._note_if_different(tarinfo, parts, parent)
@@ -474,12 +487,15 @@ class _Extraction(tarfile.TarFile):
                 self._set_attributes(fd, tarinfo)
             finally:
                 os.close(fd)
+            if name != parts[-1]:
+                os.rename(name, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
         except BaseException:
             # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
             # file written in part would pass for the whole one: it goes.
             try:
-                os.unlink(parts[-1], dir_fd=parent)
-                self.removed = tarinfo.name
+                os.unlink(name, dir_fd=parent)
+                if name == parts[-1]:
+                    self.removed = tarinfo.name
             except OSError:
                 pass  # the error that stopped the restore is what to report
             raise

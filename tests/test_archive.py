@@ -658,6 +658,43 @@ def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> Non
     assert not (tmp_path / "out" / "tree" / "b").exists()
 
 
+def test_an_interrupted_overwrite_leaves_the_old_file(tmp_path: Path) -> None:
+    """--overwrite removed what stood there first: a restore stopped part-way
+    through that file (Ctrl-C, a full disk) left neither the old one nor the
+    new. The new one replaces the old once whole; until then it has a name
+    of its own, which goes when the restore stops."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("whole\n")
+    (tree / "b").write_bytes(os.urandom(200_000))
+    stream = tar_stream(tree, TreeStats())
+    out = tmp_path / "out" / "tree"
+    out.mkdir(parents=True)
+    (out / "a").write_text("old a\n")
+    (out / "b").write_text("old b\n")
+    pieces = [memoryview(stream[:150_000])]
+
+    def get() -> list[memoryview]:
+        if pieces:
+            return [pieces.pop()]
+        raise KeyboardInterrupt
+
+    result = RestoreResult()
+    with pytest.raises(KeyboardInterrupt):
+        extract_stream(get, tmp_path / "out", result, overwrite=True)
+    assert result.removed is None  # (the file under its name is the old one)
+    assert (out / "a").read_text() == "whole\n"
+    assert (out / "b").read_text() == "old b\n"
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    # Whole, it replaces the old one (a link is replaced, not written through).
+    (out / "b").unlink()
+    (out / "b").symlink_to(tmp_path / "victim")
+    restore_bytes(stream, tmp_path / "out", overwrite=True)
+    assert (out / "b").read_bytes() == (tree / "b").read_bytes()
+    assert not (out / "b").is_symlink() and not (tmp_path / "victim").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+
+
 def test_owners_come_back_by_name_where_known_else_by_number(tmp_path: Path) -> None:
     """As tar does when run as root (as the suite is)."""
     nobody = pwd.getpwnam("nobody")
