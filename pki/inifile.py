@@ -157,6 +157,11 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
+def format_host_port(host: str, port: int) -> str:
+    """HOST:PORT as parse_host_port reads it back: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _could_be_host(host: str) -> bool:
     """A name or an address: not a URL ("https://h:1" read as an IPv6
     host), nor "h,1" or "h/", which the resolver would only fail on later."""

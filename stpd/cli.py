@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from pki.errors import PkiError
-from pki.inifile import ConfigError
+from pki.inifile import ConfigError, format_host_port
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd import __version__
 from stpd.aio import single_error
@@ -202,7 +202,7 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
             "(renewed, and not yet reloaded?): send it SIGHUP (systemctl reload stpd)",
         )
 
-    argv = ["--ini-dir", str(layout.ini_dir), "status", "--server", f"{host}:{port}"]
+    argv = ["--ini-dir", str(layout.ini_dir), "status", "--server", format_host_port(host, port)]
     return sbc_main(argv + (["--json"] if as_json else []), adjust=pin_our_certificate, prog="stpd")
 
 

@@ -32,7 +32,7 @@ from pki.console import share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
 from pki.files import open_to_others
-from pki.inifile import ConfigError
+from pki.inifile import ConfigError, format_host_port
 from pki.inventory import timestamp
 from pki.names import signed_by
 from pki.tls import ClientCertPolicy, load_crl, server_context
@@ -100,7 +100,7 @@ def format_peer(stream: trio.SocketStream) -> str:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
         return "unknown peer"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_host_port(host, port)
 
 
 EXPIRY_CHECK_INTERVAL = 24 * 3600.0  # seconds between expiry checks: daily
@@ -248,17 +248,16 @@ class Stpd:
                 else f"is {host} an address of this machine?"
             )
             raise ConfigError(
-                f"cannot listen on {host}:{port}: {exc.strerror or exc}; {why} set "
+                f"cannot listen on {format_host_port(host, port)}: {exc.strerror or exc}; {why} set "
                 "STPD_HTTPS_LISTEN in stpd.ini (or --listen)"
             ) from None
         self.port = listeners[0].socket.getsockname()[1]
         if on_listening is not None:
             on_listening()
         log.info(
-            "stpd %s listening on %s:%d, client certificate level %s, data in %s",
+            "stpd %s listening on %s, client certificate level %s, data in %s",
             __version__,
-            host,
-            self.port,
+            format_host_port(host, self.port),
             self.config.describe_level(),
             self.store.root,
         )

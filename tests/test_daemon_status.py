@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import stpd.config
 import stpd.server
 from pki import crl as crl_module
 from pki.authority import CertificateAuthority
@@ -115,6 +116,29 @@ def test_stpd_status_without_a_running_daemon_is_one_clear_line(tmp_path: Path) 
         in lines[0]
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("listen", "asked"),
+    [("[::1]:11443", "[::1]:11443"), ("[::]:9", "[::1]:9"), ("0.0.0.0:9", "127.0.0.1:9")],
+)
+def test_stpd_status_asks_an_ipv6_listen_address_in_brackets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listen: str, asked: str
+) -> None:
+    """`stpd status` of a daemon listening on an IPv6 address passed
+    "::1:11443" to sbc, which took it for a usage error (exit 2). The
+    address is written as sbc reads it (no connection made here: the tests
+    use 127.x only)."""
+    import sbc.cli
+    from stpd.cli import status
+    from stpd.config import load_config
+
+    pki = make_pki(tmp_path)
+    config = load_config(pki.layout, listen=stpd.config.stpd_address(listen))
+    seen: list[list[str]] = []
+    monkeypatch.setattr(sbc.cli, "main", lambda argv, **_: seen.append(argv) or 0)
+    assert status(pki.layout, config, as_json=False) == 0
+    assert seen[0][seen[0].index("--server") + 1] == asked
 
 
 def test_stpd_status_of_a_server_without_a_client_certificate(tmp_path: Path) -> None:
