@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        layout = Layout(resolve_ini_dir(getattr(args, "ini_dir", None), parser))
     except SystemExit as exc:  # usage errors and --help: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    layout = Layout(resolve_ini_dir(getattr(args, "ini_dir", None)))
     try:
         args.run(layout, args, sys.stdout)
         sys.stdout.flush()

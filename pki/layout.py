@@ -26,13 +26,16 @@ def path_argument(raw: str) -> Path:
     return Path(raw)
 
 
-def resolve_ini_dir(option: str | os.PathLike[str] | None) -> Path:
+def resolve_ini_dir(option: str | os.PathLike[str] | None, parser: argparse.ArgumentParser) -> Path:
+    """--ini-dir, else $SESAM_INI_DIR, else the product default. A variable
+    set but empty (``SESAM_INI_DIR=$DIR`` with DIR unset) is a usage error,
+    as an empty --ini-dir is (see path_argument), not the default."""
     if option:
         return Path(option)
     env = os.environ.get(INI_DIR_ENV)
-    if env:
-        return Path(env)
-    return DEFAULT_INI_DIR
+    if env == "":
+        parser.error(f"{INI_DIR_ENV} is set but empty (unset it for {DEFAULT_INI_DIR})")
+    return Path(env) if env else DEFAULT_INI_DIR
 
 
 @dataclass(frozen=True)

@@ -520,8 +520,9 @@ def main(
 ) -> int:
     """``adjust`` lets another program (``stpd status``) change the loaded
     configuration before use, and ``prog`` is the name its errors go by."""
-    args = parse_arguments(build_parser(), argv)
-    layout = Layout(resolve_ini_dir(args.ini_dir))
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
+    layout = Layout(resolve_ini_dir(args.ini_dir, parser))
     try:
         config = load_config(layout)
         if adjust is not None:

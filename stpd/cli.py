@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.savesets and args.command != "delete":
         parser.error(f"unexpected arguments for {args.command}: {' '.join(args.savesets)}")
-    layout = Layout(resolve_ini_dir(args.ini_dir))
+    layout = Layout(resolve_ini_dir(args.ini_dir, parser))
     try:
         try:
             config = load_config(layout, listen=args.listen, data_dir=args.data_dir)

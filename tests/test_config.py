@@ -443,6 +443,24 @@ def test_an_empty_path_argument_is_refused(
     ), result.stderr
 
 
+@pytest.mark.parametrize(
+    "argv", [["sm_ssl_cert", "list"], ["stpd", "list"], ["sbc", "status"]], ids=lambda a: a[0]
+)
+def test_an_empty_sesam_ini_dir_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """`SESAM_INI_DIR=$DIR sm_ssl_cert ca` with DIR unset worked on the
+    product default, /var/opt/sesam/var/ini, as if the variable were not
+    set; an empty --ini-dir was refused already. (Commands that read, so
+    that a failing check touches nothing there.)"""
+    monkeypatch.setenv("SESAM_INI_DIR", "")
+    result = run_program([script(argv[0]), *argv[1:]])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"{argv[0]}: error: SESAM_INI_DIR is set but empty (unset it for /var/opt/sesam/var/ini)"
+    ), result.stderr
+
+
 def test_an_empty_revoke_target_is_a_usage_error(layout: Layout, ca: CertificateAuthority) -> None:
     """`sm_ssl_cert revoke "$CERT"` with CERT unset read "" as the current
     directory: ". is a directory: pass a certificate file or a serial"."""
