@@ -59,6 +59,13 @@ LEAF_VALIDITY_DAYS = 825
 CLOCK_SKEW = timedelta(minutes=5)
 # stpd (its certificate and the CA) and `sm_ssl_cert list` warn this long before an expiry.
 EXPIRY_WARNING_DAYS = 30
+# What to do about a root CA that ends: no certificate outlives it (see
+# _builder), so renewing the server certificate does not help.
+CA_RENEWAL = (
+    "a root CA is not renewed: before then, create a new one on the CA machine "
+    "(`sm_ssl_cert ca --force`), re-issue every server and client certificate from it, "
+    "and copy its rootCA.pem to every server and client"
+)
 
 KeyType = Literal["ec", "rsa"]
 KEY_TYPES: tuple[KeyType, ...] = ("ec", "rsa")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 from cryptography import x509
 
 from pki.authority import (
+    CA_RENEWAL,
     CA_VALIDITY_DAYS,
     DEFAULT_KEY_TYPE,
     EXPIRY_WARNING_DAYS,
@@ -411,7 +413,7 @@ def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         warnings.append(str(exc))
     warnings += _crl_warnings(layout, entries, crl, now)
     rows = [_list_row(entry, now) for entry in entries]
-    warnings += _expiry_warnings(rows)
+    warnings += _expiry_warnings(rows, layout)
     if args.json:
         document = {
             "inventory": str(layout.inventory),
@@ -523,7 +525,7 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
 # -- list --------------------------------------------------------------------------
 
 
-def _expiry_warnings(rows: list[dict[str, Any]]) -> list[str]:
+def _expiry_warnings(rows: list[dict[str, Any]], layout: Layout) -> list[str]:
     """Certificates in use (not revoked or superseded) that expired or expire soon."""
     warnings = []
     for row in rows:
@@ -532,16 +534,16 @@ def _expiry_warnings(rows: list[dict[str, Any]]) -> list[str]:
         what = (
             f"{row['profile']} certificate {row['subject']} (serial {row['serial']}, {row['path']})"
         )
+        if row["profile"] == "ca":
+            renew = CA_RENEWAL
+        else:  # where it was issued (--path DIR), or renew would renew the local one
+            where = Path(row["path"]).parent
+            usual = layout.server_dir if row["profile"] == "server" else layout.client_dir
+            path = "" if where == usual else f" --path {shlex.quote(str(where))}"
+            renew = f"renew it with `sm_ssl_cert renew {row['profile']}{path}`"
         if row["expired"]:
-            warnings.append(
-                f"{what} has expired: renew it with `sm_ssl_cert renew {row['profile']}`"
-            )
+            warnings.append(f"{what} has expired: {renew}")
         elif row["days_left"] < EXPIRY_WARNING_DAYS:
-            renew = (
-                "create a new CA"
-                if row["profile"] == "ca"
-                else f"renew it with `sm_ssl_cert renew {row['profile']}`"
-            )
             warnings.append(f"{what} expires in {row['days_left']} days: {renew}")
     return warnings
 

@@ -27,7 +27,7 @@ import trio
 from cryptography import x509
 from OpenSSL import SSL
 
-from pki.authority import EXPIRY_WARNING_DAYS, days_left
+from pki.authority import CA_RENEWAL, EXPIRY_WARNING_DAYS, days_left
 from pki.console import share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
@@ -444,12 +444,14 @@ class Stpd:
             left = days_left(cert.not_valid_after_utc)
             if left < EXPIRY_WARNING_DAYS:
                 log.warning(
-                    "%s %s expires in %d days (%s): renew it with `sm_ssl_cert renew server` "
-                    "and send stpd SIGHUP",
+                    "%s %s expires in %d days (%s): %s",
                     what,
                     cert.subject.rfc4514_string(),
                     int(left),
                     cert.not_valid_after_utc.date(),
+                    CA_RENEWAL
+                    if cert is self.ca_cert
+                    else "renew it with `sm_ssl_cert renew server` and send stpd SIGHUP",
                 )
 
     def _check_crl(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pki.authority import CertificateAuthority
+from pki.authority import CA_RENEWAL, CertificateAuthority
 from pki.cli import main
 from pki.layout import Layout
 
@@ -38,7 +38,29 @@ def test_list_warns_about_expiry(tmp_path: Path, capsys: pytest.CaptureFixture[s
         and "sm_ssl_cert renew server" in w
         for w in warnings
     ), warnings
-    assert any("client certificate CN=gone" in w and "has expired" in w for w in warnings), warnings
+    # Renewed where it was issued: `renew client` alone renews x.509/.
+    gone = tmp_path / "gone"
+    assert any(
+        "client certificate CN=gone" in w
+        and w.endswith(f"has expired: renew it with `sm_ssl_cert renew client --path {gone}`")
+        for w in warnings
+    ), warnings
     assert not any("CN=fine" in w for w in warnings)
     assert not any("CN=old" in w for w in warnings), warnings
     assert err.count("sm_ssl_cert: warning: ") == len(warnings)
+
+
+def test_list_says_a_root_ca_near_its_end_is_replaced_not_renewed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = Layout(tmp_path / "ini")
+    ca = CertificateAuthority.create(layout, days=20)
+    ca.issue_server("backup.example.test")
+    capsys.readouterr()
+    assert main(["--ini-dir", str(layout.ini_dir), "list", "--json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert any(
+        w.startswith("ca certificate CN=SEP sesam root CA")
+        and w.endswith(f"expires in 19 days: {CA_RENEWAL}")
+        for w in warnings
+    ), warnings
