@@ -143,6 +143,9 @@ class Stpd:
         self.config = config
         self.store = SavesetStore(config.saveset_dir)
         self.ssl_context, self.server_cert, self.ca_cert = self._tls_material(config)
+        other_ca = self._other_ca(config, self.server_cert, self.ca_cert)
+        if other_ca is not None:  # started all the same: at a reload, the old pair stays
+            log.error("%s", other_ca)
         self._crl_stamp = self._stamp(config.layout.crl)
         self._crl_in_force = self._crl_file(config, self.ca_cert)
         self._retention_due: trio.Event | None = None  # set: look for old savesets now
@@ -187,28 +190,35 @@ class Stpd:
         server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
         ca = config.layout.ca_cert
         ca_cert = x509.load_pem_x509_certificate(ca.read_bytes()) if ca.is_file() else None
-        if (
-            config.client_cert_policy != ClientCertPolicy.IGNORE
-            and ca_cert is not None
-            and not signed_by(server_cert, ca_cert)
-        ):
-            # One of the two comes from another CA (the wrong rootCA.pem
-            # copied to an RDS, a CA made anew without re-issuing): clients
-            # are then refused, or refuse us, with reasons that point at them.
-            issuer, ours = server_cert.issuer.rfc4514_string(), ca_cert.subject.rfc4514_string()
-            log.error(
-                "%s is not signed by %s (%s): this stpd and its clients do not share one CA, so "
-                'clients are refused as "not signed by our root CA" or refuse this server; '
-                "copy the backup server's ca/rootCA.pem here, or re-issue the server "
-                "certificate with `sm_ssl_cert server` from the CA that signs the clients' "
-                "certificates",
-                config.layout.server_cert,
-                ca,
-                f"{ours}, a CA of that name made anew?"
-                if issuer == ours
-                else f"{ours}; the server certificate's issuer is {issuer}",
-            )
         return ctx, server_cert, ca_cert
+
+    @staticmethod
+    def _other_ca(
+        config: StpdConfig, server_cert: x509.Certificate, ca_cert: x509.Certificate | None
+    ) -> str | None:
+        """What is wrong when the root CA did not sign the server certificate:
+        one of the two comes from another CA (the wrong rootCA.pem copied to
+        an RDS, a CA made anew without re-issuing). Clients are then
+        refused, or refuse us, with reasons that point at them."""
+        if (
+            config.client_cert_policy == ClientCertPolicy.IGNORE
+            or ca_cert is None
+            or signed_by(server_cert, ca_cert)
+        ):
+            return None
+        issuer, ours = server_cert.issuer.rfc4514_string(), ca_cert.subject.rfc4514_string()
+        why = (
+            f"{ours}, a CA of that name made anew?"
+            if issuer == ours
+            else f"{ours}; the server certificate's issuer is {issuer}"
+        )
+        return (
+            f"{config.layout.server_cert} is not signed by {config.layout.ca_cert} ({why}): this "
+            'stpd and its clients do not share one CA, so clients are refused as "not signed by '
+            "our root CA\" or refuse this server; copy the backup server's ca/rootCA.pem here, or "
+            "re-issue the server certificate with `sm_ssl_cert server` from the CA that signs "
+            "the clients' certificates"
+        )
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int] | None:
@@ -364,6 +374,9 @@ class Stpd:
                 in_file, listen=self.config.listen, data_dir=self.config.data_dir
             )
             material = self._tls_material(config)
+            other_ca = self._other_ca(config, material[1], material[2])
+            if other_ca is not None:
+                raise PkiError(other_ca)
             crl = self._crl_file(config, material[2])
             # A new CA (ca --force, its certificates re-issued) starts its
             # CRLs anew: only the same CA's may not go back.
@@ -375,9 +388,9 @@ class Stpd:
         if (in_file.listen, in_file.data_dir) != self._restart_only:
             log.warning(
                 "STPD_HTTPS_LISTEN or STPD_DATA_DIR changed in %s: that takes effect at the "
-                "next restart; still listening on %s:%s with data in %s",
+                "next restart; still listening on %s with data in %s",
                 config.layout.stpd_ini,
-                *self.config.listen,
+                format_host_port(*self.config.listen),
                 self.store.root,
             )
         self.config = config

@@ -365,6 +365,24 @@ def test_a_root_ca_that_did_not_sign_the_server_certificate_is_an_error_at_start
     with running_stpd(ours.layout, level=2) as stpd:
         stpd.log.wait_for(r"listening on")
         assert not stpd.log.matching(error)
+    # At SIGHUP the pair in force stays: the other CA's server certificate
+    # (copied in for the wrong server) was put in force after the ERROR.
+    with running_stpd(ours.layout, level=2) as stpd:
+        stpd.log.wait_for(r"listening on")
+        kept = (ours.layout.server_cert.read_bytes(), ours.layout.server_key.read_bytes())
+        shutil.copy(theirs.layout.server_cert, ours.layout.server_cert)
+        shutil.copy(theirs.layout.server_key, ours.layout.server_key)
+        stpd.reload()
+        stpd.log.wait_for(
+            r"^ERROR reload refused, the running configuration stays in force: "
+            rf"{re.escape(str(ours.layout.server_cert))} is not signed by "
+        )
+        assert not stpd.log.matching(r"^INFO reloaded ")
+        client = ours.client_ini("client1")
+        code, _, err = run_sbc("--ini-dir", str(client.ini_dir), "status", "--server", stpd.address)
+        assert code == 0, err
+    ours.layout.server_cert.write_bytes(kept[0])
+    ours.layout.server_key.write_bytes(kept[1])
     shutil.copy(theirs.layout.ca_cert, ours.layout.ca_cert)
     with running_stpd(ours.layout, level=2) as stpd:
         stpd.log.wait_for(error)
