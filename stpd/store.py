@@ -28,6 +28,7 @@ import secrets
 import tarfile
 import time
 from collections.abc import Generator, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -269,10 +270,13 @@ class SavesetStore:
         return Upload(self, owner, source, peer)
 
     def publish(self, part: Path, meta: SavesetMeta) -> None:
+        """Rename ``part`` into place, then write the metadata, which makes
+        the saveset visible. On any failure both or neither are left (see
+        _unpublish), and a StoreError says why."""
         tar = self.tar_path(meta.saveset)
-        os.replace(part, tar)
         tmp = self.incoming / f"{meta.saveset}.json.part"
         try:
+            os.replace(part, tar)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with open(fd, "w", encoding="utf-8") as f:
                 json.dump(asdict(meta), f, indent=1)
@@ -281,9 +285,21 @@ class SavesetStore:
             os.replace(tmp, tar.with_suffix(".json"))
             _fsync_dir(self.root)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            tar.unlink(missing_ok=True)
-            raise _storage_error(exc, "record the saveset metadata") from None
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._unpublish(meta.saveset)
+            self.check_in_place()  # a directory gone says so, not the errno of a file in it
+            raise _storage_error(exc, "store the saveset") from None
+
+    def _unpublish(self, saveset: str) -> None:
+        """Undo a publish cut short. The metadata goes first: while it is
+        there the saveset is listed, so its tar stays until it is gone."""
+        try:
+            (self.root / f"{saveset}.json").unlink(missing_ok=True)
+        except OSError:
+            return  # still listed, and whole
+        with suppress(OSError):  # a tar without metadata is never served
+            self.tar_path(saveset).unlink(missing_ok=True)
 
     def tar_path(self, saveset: str) -> Path:
         if not SAVESET_ID.match(saveset):

@@ -4,10 +4,12 @@ restore target, a full disk, and stpd killed in the middle of an upload."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+import stpd.store
 from pki.layout import Layout
 from tests.conftest import Pki, RunningStpd, StpdProcess, running_stpd
 from tests.test_hostile_common import (
@@ -542,6 +545,61 @@ def test_a_data_directory_unmounted_under_stpd_is_not_made_again(
         assert stpd.daemon.status()["storage"] is None  # not the space beneath
         code, _, err = run_sbc(*ini, "status", *server)
         assert code == 0, err  # and stpd still serves
+
+
+@pytest.mark.parametrize("failure", ["tar rename", "directory fsync", "data directory removed"])
+def test_a_saveset_that_cannot_be_put_in_place_is_one_error_and_not_listed(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """The last steps of storing an upload fail (a disk's EIO, or the data
+    directory removed under stpd): the client is told why in one line, stpd
+    logs one ERROR and no traceback, and nothing of the saveset is listed."""
+    client = hpki.client_ini("unlucky")
+    source = tmp_path / "f.txt"
+    source.write_text("data\n")
+    data = tmp_path / "data"
+    eio = OSError(errno.EIO, os.strerror(errno.EIO))
+    real_replace = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).parent == data and str(dst).endswith(".tar"):
+            if failure == "tar rename":
+                raise eio
+            if failure == "data directory removed":
+                shutil.rmtree(data)
+        real_replace(src, dst)
+
+    def fsync_dir(path: Path) -> None:
+        raise eio
+
+    monkeypatch.setattr(os, "replace", replace)
+    if failure == "directory fsync":
+        monkeypatch.setattr(stpd.store, "_fsync_dir", fsync_dir)
+    why = (
+        "the data directory is gone (its file system unmounted?); stpd makes it again only "
+        "when it starts"
+        if failure == "data directory removed"
+        else "cannot store the saveset: Input/output error"
+    )
+    with running_stpd(hpki.layout, 2, data_dir=data) as stpd_:
+        server = ["--ini-dir", str(client.ini_dir), "--server", stpd_.address]
+        code, out, err = run_sbc(*server, "backup", str(source), "--quiet")
+        assert (code, out) == (1, ""), err
+        assert err == f"sbc: error: backup of {source} failed on stpd at {stpd_.address}: {why}\n"
+        errors = stpd_.log.matching("^ERROR")
+        assert len(errors) == 1, errors
+        assert re.fullmatch(
+            rf"ERROR upload from {PEER} \(CN=unlucky\) failed: {re.escape(why)} "
+            rf"\(data directory {re.escape(str(data))}\)",
+            errors[0],
+        ), errors
+        if failure != "data directory removed":
+            code, out, err = run_sbc(*server, "list", "--json")
+            assert (code, json.loads(out)) == (0, []), err
+            assert_no_partial(data)
 
 
 def test_a_data_directory_running_out_of_space_is_warned_about_once_an_hour(

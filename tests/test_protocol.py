@@ -5,6 +5,7 @@ saveset store on disk."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+import stpd.store
 from pki.tls import NO_HANDSHAKE_REASON, ClientCertPolicy
 from stpd.protocol import (
     ANONYMOUS,
@@ -468,6 +470,67 @@ def test_commit_publishes_tar_and_metadata(store: SavesetStore) -> None:
     assert meta.to_json()["created"] == meta.finished
     with tarfile.open(tar) as archive:
         assert archive.getnames() == ["a.txt", "b/c.bin"]
+
+
+def failing_replace(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """os.replace fails with EIO where it would make a ``suffix`` file in
+    the data directory (a failing disk); every other rename goes on."""
+    real = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if str(dst).endswith(suffix) and Path(dst).parent.name == "data":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def failing_directory_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fsync_dir(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(stpd.store, "_fsync_dir", fsync_dir)
+
+
+@pytest.mark.parametrize("failing", ["tar rename", "metadata rename", "directory fsync"])
+def test_a_publish_that_fails_leaves_neither_file(
+    store: SavesetStore, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A saveset is listed by its metadata: left without its tar, a client
+    would see it in `sbc list` and fail to restore it."""
+    if failing == "directory fsync":
+        failing_directory_fsync(monkeypatch)  # after both renames
+    else:
+        failing_replace(monkeypatch, ".tar" if failing == "tar rename" else ".json")
+    up = upload(store, tar_bytes({"a.txt": b"hello\n"}))
+    with pytest.raises(StoreError) as error:
+        up.commit()
+    assert error.value.status == 500
+    assert str(error.value) == "cannot store the saveset: Input/output error"
+    assert files_in(store) == [INCOMING]
+    assert store.all() == []
+
+
+def test_metadata_that_cannot_be_removed_keeps_its_tar(
+    store: SavesetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Undoing a failed publish, the metadata is removed first; when even
+    that fails the saveset stays listed, so its tar stays too: both or neither."""
+    failing_directory_fsync(monkeypatch)
+    real = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    up = upload(store, tar_bytes({"a.txt": b"hello\n"}))
+    with pytest.raises(StoreError, match="cannot store the saveset: Input/output error"):
+        up.commit()
+    [meta] = store.all()
+    assert files_in(store) == [INCOMING, f"{meta.saveset}.json", f"{meta.saveset}.tar"]
+    assert store.tar_path(meta.saveset).stat().st_size == meta.bytes
 
 
 def test_abort_leaves_nothing(store: SavesetStore) -> None:
