@@ -238,6 +238,11 @@ class Stpd:
     ) -> None:
         for path in removed:
             log.warning("removed leftover of an interrupted upload: %s", path)
+        # What `stpd list` warns about, said where an administrator looks:
+        # nothing of it is removed without being asked to.
+        scan = await trio.to_thread.run_sync(self.store.scan)
+        for warning in scan.warnings():
+            log.warning("%s", warning)
         host, port = self.config.listen
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)

@@ -726,7 +726,8 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         assert len(parts) == 1 and parts[0].name.endswith(".tar.part"), parts
     finally:
         first.stop()
-    # A crash between the rename and the metadata leaves a tar without metadata.
+    # A crash between the rename and the metadata leaves a tar without
+    # metadata: whole, so it is kept and reported, never removed by itself.
     orphan = data / "SS-20240101T000000Z-0badf00d.tar"
     orphan.write_bytes(small_tar())
     second = StpdProcess(hpki.layout.ini_dir, data)
@@ -734,9 +735,10 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         second.wait_for(
             rf"WARNING stpd: removed leftover of an interrupted upload: .*{parts[0].name}$"
         )
-        second.wait_for(
-            rf"WARNING stpd: removed leftover of an interrupted upload: .*{orphan.name}$"
-        )
+        second.wait_for(rf"WARNING stpd: {re.escape(str(orphan))} has no metadata ")
+        assert not second.matching(rf"removed leftover .*{orphan.name}")
+        assert orphan.read_bytes() == small_tar()
+        orphan.unlink()
         assert_no_partial(data)
         address = f"127.0.0.1:{second.port}"
         code, out, err = run_sbc(

@@ -598,10 +598,13 @@ def test_savesets_finished_before_a_moment_are_removed_and_the_rest_kept(
     assert store.tar_path(recent.saveset).exists()
 
 
-def test_prepare_removes_leftovers_and_keeps_savesets(store: SavesetStore) -> None:
+def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
+    store: SavesetStore,
+) -> None:
     kept = upload(store, tar_bytes({"a": b"1"})).commit()
-    # An interrupted upload, a half-written metadata file, and a tar whose
-    # metadata was never written: what a crash can leave behind.
+    # An interrupted upload and a half-written metadata file: what a crash
+    # leaves in .incoming. A tar without metadata was whole when renamed
+    # into place (a crash in the middle of a removal leaves one): kept.
     part = store.begin("CN=a", "/src", PEER)
     part.write([b"partial"])
     os.close(part._fd)  # type: ignore[arg-type]  # the process died here
@@ -613,9 +616,13 @@ def test_prepare_removes_leftovers_and_keeps_savesets(store: SavesetStore) -> No
 
     restarted = SavesetStore(store.root)
     removed = restarted.prepare()
-    assert sorted(removed) == sorted([part.part, store.incoming / f"{SS}.json.part", orphan])
-    assert files_in(store) == [INCOMING, f"{kept.saveset}.json", f"{kept.saveset}.tar"]
+    assert sorted(removed) == sorted([part.part, store.incoming / f"{SS}.json.part"])
+    assert files_in(store) == [
+        INCOMING, f"{SS}.tar", f"{kept.saveset}.json", f"{kept.saveset}.tar"
+    ]  # fmt: skip
+    assert orphan.read_bytes() == tar_bytes({"b": b"2"})
     assert [m.saveset for m in store.all()] == [kept.saveset]
+    assert restarted.scan().orphans == [orphan]
     restarted.close()
     assert SavesetStore(store.root).prepare() == []
 
