@@ -602,6 +602,56 @@ def test_a_saveset_that_cannot_be_put_in_place_is_one_error_and_not_listed(
             assert_no_partial(data)
 
 
+def test_a_saveset_cut_short_on_the_servers_disk_is_not_served_as_if_whole(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A stored tar shorter than recorded (a damaged disk, a copy cut short)
+    was sent as if whole: restores ended early, and selective ones said the
+    entries were not in the saveset. Restores and listings of it are refused
+    with the reason and the command that checks it; stpd logs an ERROR."""
+    client = hpki.client_ini("unlucky")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "first.bin").write_bytes(os.urandom(50_000))
+    (tree / "last.bin").write_bytes(os.urandom(50_000))
+    with running_stpd(hpki.layout, 2) as stpd_:
+        server = ["--ini-dir", str(client.ini_dir), "--server", stpd_.address]
+        code, out, err = run_sbc(*server, "backup", str(tree), "--json", "--quiet")
+        assert code == 0, err
+        saveset, recorded = json.loads(out)["saveset"], json.loads(out)["bytes"]
+        stored = stpd_.daemon.store.tar_path(saveset)
+        os.truncate(stored, recorded // 2)
+        damaged = (
+            f"the server's copy of saveset {saveset} is damaged: its stored data is "
+            f"{recorded // 2} bytes, but was {recorded} bytes when stored; `sbc verify "
+            f"{saveset}` checks it; restore from another saveset"
+        )
+        back = tmp_path / "back"
+        for argv, what in [
+            (["restore", saveset, str(back)], f"restore of {saveset}"),
+            (["restore", saveset, str(back), "tree/last.bin"], f"restore of {saveset}"),
+            (["list", saveset], f"listing of {saveset}"),
+        ]:
+            code, out, err = run_sbc(*server, *argv)
+            assert (code, out) == (1, ""), err
+            assert err == f"sbc: error: {what} failed on stpd at {stpd_.address}: {damaged}\n"
+        assert not back.exists()
+        errors = stpd_.log.matching("^ERROR")
+        assert len(errors) == 3, errors
+        for line, what in zip(
+            errors, ["restore", "selective restore", "listing of its entries"], strict=True
+        ):
+            assert re.fullmatch(
+                rf"ERROR saveset {saveset} is damaged: {recorded // 2} bytes, recorded "
+                rf"{recorded} bytes; {what} for {PEER} \(CN=unlucky\) refused",
+                line,
+            ), errors
+        assert not stpd_.log.matching(r"^INFO sent saveset")
+        code, _, err = run_sbc(*server, "verify", saveset)  # what the message points to
+        assert code == 1 and err.startswith(f"sbc: error: saveset {saveset} is damaged: "), err
+
+
 def test_a_data_directory_running_out_of_space_is_warned_about_once_an_hour(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,
