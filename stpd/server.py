@@ -57,6 +57,7 @@ from stpd.protocol import (
     route,
 )
 from stpd.store import (
+    Prepared,
     SavesetCheck,
     SavesetMeta,
     SavesetStore,
@@ -227,16 +228,24 @@ class Stpd:
         """Serve until shutdown() and the transfers' end. ``on_listening``
         runs once the port is ours, before the "listening on" line that
         says stpd is ready (the CLI writes its pid file there)."""
-        removed = await trio.to_thread.run_sync(self.store.prepare)
+        prepared = await trio.to_thread.run_sync(self.store.prepare)
         try:
-            await self._serve(removed, on_listening, task_status)
+            await self._serve(prepared, on_listening, task_status)
         finally:
             self.store.close()
 
     async def _serve(
-        self, removed: list[Path], on_listening: Callable[[], object] | None, task_status: Any
+        self, prepared: Prepared, on_listening: Callable[[], object] | None, task_status: Any
     ) -> None:
-        for path in removed:
+        if prepared.created:
+            # An unmounted file system would otherwise be replaced, silently, by
+            # an empty directory on the one beneath: clients would see no savesets.
+            log.warning(
+                "data directory %s did not exist: created it, empty; if savesets should be "
+                "there (its file system not mounted?), stop stpd, mount it and start stpd again",
+                self.store.root,
+            )
+        for path in prepared.removed:
             log.warning("removed leftover of an interrupted upload: %s", path)
         # What `stpd list` warns about, said where an administrator looks:
         # nothing of it is removed without being asked to.

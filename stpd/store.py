@@ -187,6 +187,14 @@ class Upload:
         self.part.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What ``SavesetStore.prepare`` did, for stpd to say."""
+
+    created: bool  # the data directory was not there (its file system not mounted?)
+    removed: list[Path]  # leftovers of interrupted uploads
+
+
 class SavesetStore:
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()  # as the log names it: stpd may be started anywhere
@@ -218,15 +226,19 @@ class SavesetStore:
             return None
         return {"free_bytes": fs.f_bavail * fs.f_frsize, "total_bytes": fs.f_blocks * fs.f_frsize}
 
-    def prepare(self) -> list[Path]:
+    def prepare(self) -> Prepared:
         """Lock the data directory for this stpd, create the directories and
-        remove the leftovers of interrupted uploads; returns them. A data
-        directory that cannot be used is a StoreError that says so."""
+        remove the leftovers of interrupted uploads. A data directory that
+        cannot be used is a StoreError that says so."""
         fix = "set STPD_DATA_DIR in stpd.ini (or --data-dir) to a writable directory"
         removed = []
         try:
-            # Backups are private: a data directory we create is ours alone.
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                # Backups are private: a data directory we create is ours alone.
+                self.root.mkdir(parents=True, mode=0o700)
+                created = True
+            except FileExistsError:
+                created = False
             self._take_lock()
             self.incoming.mkdir(exist_ok=True, mode=0o700)
             for leftover in self.incoming.iterdir():
@@ -241,7 +253,7 @@ class SavesetStore:
         if not os.access(self.root, os.W_OK | os.X_OK):
             self.close()
             raise StoreError(f"data directory {self.root} is not writable: {fix}")
-        return removed
+        return Prepared(created, removed)
 
     def _take_lock(self) -> None:
         # On the directory itself: no lock file to leave behind or delete.

@@ -652,6 +652,25 @@ def test_a_saveset_cut_short_on_the_servers_disk_is_not_served_as_if_whole(
         assert code == 1 and err.startswith(f"sbc: error: saveset {saveset} is damaged: "), err
 
 
+def test_a_data_directory_that_stpd_creates_is_warned_about(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A data directory missing at start may be an unmounted file system:
+    stpd makes it (on the file system beneath), and says so, since clients
+    would otherwise just see no savesets. One that is there is not."""
+    data = tmp_path / "mnt" / "data"
+    created = (
+        f"WARNING data directory {data} did not exist: created it, empty; if savesets should "
+        "be there (its file system not mounted?), stop stpd, mount it and start stpd again"
+    )
+    with running_stpd(hpki.layout, 2, data_dir=data) as stpd_:
+        assert stpd_.log.matching("^WARNING") == [created]
+    assert data.is_dir() and stat.S_IMODE(data.stat().st_mode) == 0o700
+    with running_stpd(hpki.layout, 2, data_dir=data) as stpd_:
+        assert stpd_.log.matching("^WARNING") == []
+
+
 def test_a_data_directory_running_out_of_space_is_warned_about_once_an_hour(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,

@@ -39,6 +39,7 @@ from stpd.store import (
     INCOMING,
     SAVESET_ID,
     InvalidArchive,
+    Prepared,
     SavesetMeta,
     SavesetStore,
     StoreError,
@@ -388,7 +389,7 @@ def without_end_blocks(data: bytes) -> bytes:
 @pytest.fixture
 def store(tmp_path: Path) -> SavesetStore:
     store = SavesetStore(tmp_path / "data")
-    assert store.prepare() == []
+    assert store.prepare() == Prepared(created=True, removed=[])
     return store
 
 
@@ -615,8 +616,9 @@ def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
     store.close()  # its lock went with the process
 
     restarted = SavesetStore(store.root)
-    removed = restarted.prepare()
-    assert sorted(removed) == sorted([part.part, store.incoming / f"{SS}.json.part"])
+    prepared = restarted.prepare()
+    assert not prepared.created
+    assert sorted(prepared.removed) == sorted([part.part, store.incoming / f"{SS}.json.part"])
     assert files_in(store) == [
         INCOMING, f"{SS}.tar", f"{kept.saveset}.json", f"{kept.saveset}.tar"
     ]  # fmt: skip
@@ -624,7 +626,7 @@ def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
     assert [m.saveset for m in store.all()] == [kept.saveset]
     assert restarted.scan().orphans == [orphan]
     restarted.close()
-    assert SavesetStore(store.root).prepare() == []
+    assert SavesetStore(store.root).prepare().removed == []
 
 
 def test_a_second_store_on_the_same_directory_is_refused_and_removes_nothing(
@@ -639,7 +641,7 @@ def test_a_second_store_on_the_same_directory_is_refused_and_removes_nothing(
     assert running.part.exists()
     running.abort()
     store.close()
-    assert SavesetStore(store.root).prepare() == []
+    assert SavesetStore(store.root).prepare().removed == []
 
 
 def test_prepare_refuses_a_read_only_data_directory(tmp_path: Path) -> None:
