@@ -213,6 +213,11 @@ def _open_store(config: StpdConfig) -> SavesetStore:
     store = SavesetStore(config.saveset_dir)
     try:
         os.scandir(store.root).close()  # an unreadable one would list as empty
+    except FileNotFoundError:
+        raise StoreError(
+            f"no data directory {store.root}: check STPD_DATA_DIR in {config.layout.stpd_ini} "
+            "(or --data-dir), and that its file system is mounted; stpd makes it when it starts"
+        ) from None
     except OSError as exc:
         raise StoreError(
             f"cannot read the data directory {store.root}: {exc.strerror or exc}; run this as "

@@ -143,12 +143,15 @@ def test_list_of_an_empty_or_missing_data_directory(pki: Pki, tmp_path: Path) ->
     assert (empty.returncode, empty.stdout) == (0, f"0 saveset(s), 0 bytes, in {data}\n")
     assert json.loads(stpd_command(pki, data, "list", "--json").stdout) == []
 
-    missing = stpd_command(pki, tmp_path / "nowhere", "list")
-    assert missing.returncode == 2
-    assert missing.stderr == (
-        f"stpd: error: cannot read the data directory {tmp_path / 'nowhere'}: No such file or "
-        "directory; run this as the user stpd runs as, with its --ini-dir (or --data-dir)\n"
-    )
+    for argv in (["list"], ["delete", "SS-20260101T000000Z-00000000"]):
+        missing = stpd_command(pki, tmp_path / "nowhere", *argv)
+        assert missing.returncode == 2
+        assert missing.stderr == (
+            f"stpd: error: no data directory {tmp_path / 'nowhere'}: check STPD_DATA_DIR in "
+            f"{pki.layout.stpd_ini} (or --data-dir), and that its file system is mounted; stpd "
+            "makes it when it starts\n"
+        )
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_broken_savesets_are_reported_kept_at_start_and_deleted_by_id(
