@@ -215,6 +215,10 @@ def demo(work: Path) -> None:
     offline.mkdir(mode=0o700)
     run(["mv", str(ini / "ca" / "rootCA.key"), str(offline)])
 
+    # The data directory is made beforehand (a file system mounted there, in
+    # life): stpd warns when it has to make it.
+    run(["mkdir", "-m", "700", str(data)])
+
     heading(2, "configuration: stpd.ini (level 2) and sm.ini")
     write_file(
         ini / "stpd.ini",

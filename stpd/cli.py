@@ -213,6 +213,11 @@ def _open_store(config: StpdConfig) -> SavesetStore:
     store = SavesetStore(config.saveset_dir)
     try:
         os.scandir(store.root).close()  # an unreadable one would list as empty
+    except FileNotFoundError:
+        raise StoreError(
+            f"no data directory {store.root}: check STPD_DATA_DIR in {config.layout.stpd_ini} "
+            "(or --data-dir), and that its file system is mounted; stpd makes it when it starts"
+        ) from None
     except OSError as exc:
         raise StoreError(
             f"cannot read the data directory {store.root}: {exc.strerror or exc}; run this as "
@@ -223,49 +228,48 @@ def _open_store(config: StpdConfig) -> SavesetStore:
 
 def list_savesets(config: StpdConfig, as_json: bool) -> int:
     store = _open_store(config)
-    savesets, unreadable = store.scan()
-    # What stpd neither lists nor serves, but what takes room: said on stderr.
-    for path in unreadable:
-        print(
-            f"stpd: warning: {path} cannot be read as saveset metadata, so that saveset is "
-            "neither listed nor served: repair the file, or remove it and its .tar",
-            file=sys.stderr,
-        )
-    for path in store.orphans():
-        print(
-            f"stpd: warning: {path} has no metadata (an upload cut short by a crash?): "
-            "stpd removes it when it next starts",
-            file=sys.stderr,
-        )
+    scan = store.scan()
+    # What stpd neither lists nor serves, or lists but cannot serve: on stderr.
+    for warning in scan.warnings():
+        print(f"stpd: warning: {warning}", file=sys.stderr)
     if as_json:
-        print(json.dumps([meta.to_json() for meta in savesets], indent=2))
+        print(json.dumps([meta.to_json() for meta in scan.savesets], indent=2))
         return 0
-    for meta in savesets:
+    for meta in scan.savesets:
         print(f"{meta.saveset}  {meta.created}  {meta.bytes:>14}  {meta.owner}  {meta.source}")
-    total = sum(meta.bytes for meta in savesets)
-    print(f"{len(savesets)} saveset(s), {total} bytes, in {store.root}")
+    # The bytes there are: a saveset without its data takes no room.
+    total = sum(meta.bytes for meta in scan.savesets if meta not in scan.without_data)
+    lost = f"; {len(scan.without_data)} of them without data" if scan.without_data else ""
+    print(f"{len(scan.savesets)} saveset(s), {total} bytes, in {store.root}{lost}")
     return 0
 
 
 def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
     """All or nothing: an id that is not there is an error before any is
-    removed (a typo must not cost the savesets named before it)."""
+    removed (a typo must not cost the savesets named before it). What is
+    left of a broken saveset (metadata that cannot be read, a tar without
+    metadata or metadata without its tar) is removed by its id too."""
     if not savesets:
         raise StoreError("delete: name the savesets to delete (`stpd list` shows them)")
     store = _open_store(config)
-    found = {saveset: store.get(saveset) for saveset in savesets}
-    missing = [saveset for saveset, meta in found.items() if meta is None]
+    found = {saveset: store.files_of(saveset) for saveset in savesets}
+    missing = [saveset for saveset, files in found.items() if not files]
     if missing:
         raise StoreError(
             f"no saveset {', '.join(missing)} in {store.root} (`stpd list` shows what is "
             "there); nothing was deleted"
         )
-    for saveset, meta in found.items():
-        assert meta is not None
+    for saveset, files in found.items():
+        meta = store.get(saveset)
         store.remove(saveset)
+        if meta is None:
+            names = " and ".join(path.name for path in files)
+            print(f"deleted saveset {saveset}, which had no readable metadata: {names}")
+            continue
+        lost = "" if store.tar_path(saveset) in files else " (its data was gone already)"
         print(
             f"deleted saveset {saveset} of {meta.owner}: {meta.bytes} bytes of {meta.source}, "
-            f"stored {meta.created}"
+            f"stored {meta.created}{lost}"
         )
     return 0
 

@@ -57,6 +57,7 @@ from stpd.protocol import (
     route,
 )
 from stpd.store import (
+    Prepared,
     SavesetCheck,
     SavesetMeta,
     SavesetStore,
@@ -237,17 +238,30 @@ class Stpd:
         """Serve until shutdown() and the transfers' end. ``on_listening``
         runs once the port is ours, before the "listening on" line that
         says stpd is ready (the CLI writes its pid file there)."""
-        removed = await trio.to_thread.run_sync(self.store.prepare)
+        prepared = await trio.to_thread.run_sync(self.store.prepare)
         try:
-            await self._serve(removed, on_listening, task_status)
+            await self._serve(prepared, on_listening, task_status)
         finally:
             self.store.close()
 
     async def _serve(
-        self, removed: list[Path], on_listening: Callable[[], object] | None, task_status: Any
+        self, prepared: Prepared, on_listening: Callable[[], object] | None, task_status: Any
     ) -> None:
-        for path in removed:
+        if prepared.created:
+            # An unmounted file system would otherwise be replaced, silently, by
+            # an empty directory on the one beneath: clients would see no savesets.
+            log.warning(
+                "data directory %s did not exist: created it, empty; if savesets should be "
+                "there (its file system not mounted?), stop stpd, mount it and start stpd again",
+                self.store.root,
+            )
+        for path in prepared.removed:
             log.warning("removed leftover of an interrupted upload: %s", path)
+        # What `stpd list` warns about, said where an administrator looks:
+        # nothing of it is removed without being asked to.
+        scan = await trio.to_thread.run_sync(self.store.scan)
+        for warning in scan.warnings():
+            log.warning("%s", warning)
         host, port = self.config.listen
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
@@ -934,6 +948,31 @@ class HttpSession:
         log.error("saveset %s cannot be read: %s", saveset, exc)
         await self._send_error(500, f"saveset {saveset} cannot be read on the server")
 
+    async def _as_recorded(self, meta: SavesetMeta, size: int, what: str) -> bool:
+        """Whether the stored saveset (``size`` bytes now) is as long as
+        recorded. A file cut short (or grown) on the server's disk would be
+        sent as if whole: a restore that ends early, entries "not in the
+        saveset". Else a 500 says that it is damaged, before the answer's
+        head, and ``sbc verify`` tells more."""
+        if size == meta.bytes:
+            return True
+        log.error(
+            "saveset %s is damaged: %d bytes, recorded %d bytes; %s for %s (%s) refused",
+            meta.saveset,
+            size,
+            meta.bytes,
+            what,
+            self.peer,
+            self.owner,
+        )
+        await self._send_error(
+            500,
+            f"the server's copy of saveset {meta.saveset} is damaged: its stored data is {size} "
+            f"bytes, but was {meta.bytes} bytes when stored; `sbc verify {meta.saveset}` checks "
+            "it; restore from another saveset",
+        )
+        return False
+
     def _unreadable_mid_answer(self, saveset: str, exc: Exception) -> trio.BrokenResourceError:
         """After the answer's head only closing the connection tells: logged,
         and the error to raise for that returned."""
@@ -944,9 +983,18 @@ class HttpSession:
         """The saveset's entries, one JSON object a line, sent as they are
         read (chunked): a listing of millions takes no more memory than one
         of ten."""
-        if await self._owned_saveset(saveset) is None:
+        meta = await self._owned_saveset(saveset)
+        if meta is None:
             return
-        entries = saveset_entries(self.daemon.store.tar_path(saveset))
+        path = self.daemon.store.tar_path(saveset)
+        try:
+            size = (await trio.to_thread.run_sync(path.stat)).st_size
+        except OSError as exc:
+            await self._unreadable_saveset(saveset, exc)
+            return
+        if not await self._as_recorded(meta, size, "listing of its entries"):
+            return
+        entries = saveset_entries(path)
 
         def next_lines() -> bytes:
             lines = (json.dumps(entry) + "\n" for entry in islice(entries, ENTRIES_PER_CHUNK))
@@ -1034,6 +1082,9 @@ class HttpSession:
             await self._unreadable_saveset(saveset, exc)
             return
         size = os.fstat(f.fileno()).st_size
+        if not await self._as_recorded(meta, size, "selective restore" if entries else "restore"):
+            f.close()
+            return
         if entries:
             framing = [("Transfer-Encoding", "chunked")]
         else:

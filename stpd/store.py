@@ -7,10 +7,13 @@ upload is checked to be a tar archive while it streams in
 to have ended properly, renamed into place, and only then is its metadata
 written (atomically). Listing looks at metadata files only, so a saveset
 becomes visible in one step and nothing partial is ever listed. Leftovers
-of a crash (``.incoming/*``, a tar without metadata) are removed at start,
-under a lock (flock on the directory) that one stpd holds while it runs: a
-second stpd given the same data directory would remove the first one's
-uploads in progress.
+of interrupted uploads (``.incoming/*``) are removed at start, under a lock
+(flock on the directory) that one stpd holds while it runs: a second stpd
+given the same data directory would remove the first one's uploads in
+progress. A tar in the data directory was whole when it was renamed there:
+one without metadata (a crash in the middle of a removal) is never removed
+by itself, only reported (``Scan.warnings``), like metadata that cannot be
+read or has lost its tar; ``stpd delete`` removes any of them by id.
 
 Everything here is blocking and runs in worker threads.
 """
@@ -28,6 +31,7 @@ import secrets
 import tarfile
 import time
 from collections.abc import Generator, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +187,14 @@ class Upload:
         self.part.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What ``SavesetStore.prepare`` did, for stpd to say."""
+
+    created: bool  # the data directory was not there (its file system not mounted?)
+    removed: list[Path]  # leftovers of interrupted uploads
+
+
 class SavesetStore:
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()  # as the log names it: stpd may be started anywhere
@@ -214,23 +226,24 @@ class SavesetStore:
             return None
         return {"free_bytes": fs.f_bavail * fs.f_frsize, "total_bytes": fs.f_blocks * fs.f_frsize}
 
-    def prepare(self) -> list[Path]:
+    def prepare(self) -> Prepared:
         """Lock the data directory for this stpd, create the directories and
-        remove a crash's leftovers; returns them. A data directory that
+        remove the leftovers of interrupted uploads. A data directory that
         cannot be used is a StoreError that says so."""
         fix = "set STPD_DATA_DIR in stpd.ini (or --data-dir) to a writable directory"
         removed = []
         try:
-            # Backups are private: a data directory we create is ours alone.
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                # Backups are private: a data directory we create is ours alone.
+                self.root.mkdir(parents=True, mode=0o700)
+                created = True
+            except FileExistsError:
+                created = False
             self._take_lock()
             self.incoming.mkdir(exist_ok=True, mode=0o700)
             for leftover in self.incoming.iterdir():
                 leftover.unlink()
                 removed.append(leftover)
-            for tar in self.orphans():
-                tar.unlink()
-                removed.append(tar)
         except OSError as exc:
             self.close()
             raise StoreError(
@@ -240,7 +253,7 @@ class SavesetStore:
         if not os.access(self.root, os.W_OK | os.X_OK):
             self.close()
             raise StoreError(f"data directory {self.root} is not writable: {fix}")
-        return removed
+        return Prepared(created, removed)
 
     def _take_lock(self) -> None:
         # On the directory itself: no lock file to leave behind or delete.
@@ -269,10 +282,13 @@ class SavesetStore:
         return Upload(self, owner, source, peer)
 
     def publish(self, part: Path, meta: SavesetMeta) -> None:
+        """Rename ``part`` into place, then write the metadata, which makes
+        the saveset visible. On any failure both or neither are left (see
+        _unpublish), and a StoreError says why."""
         tar = self.tar_path(meta.saveset)
-        os.replace(part, tar)
         tmp = self.incoming / f"{meta.saveset}.json.part"
         try:
+            os.replace(part, tar)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with open(fd, "w", encoding="utf-8") as f:
                 json.dump(asdict(meta), f, indent=1)
@@ -281,9 +297,21 @@ class SavesetStore:
             os.replace(tmp, tar.with_suffix(".json"))
             _fsync_dir(self.root)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            tar.unlink(missing_ok=True)
-            raise _storage_error(exc, "record the saveset metadata") from None
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._unpublish(meta.saveset)
+            self.check_in_place()  # a directory gone says so, not the errno of a file in it
+            raise _storage_error(exc, "store the saveset") from None
+
+    def _unpublish(self, saveset: str) -> None:
+        """Undo a publish cut short. The metadata goes first: while it is
+        there the saveset is listed, so its tar stays until it is gone."""
+        try:
+            (self.root / f"{saveset}.json").unlink(missing_ok=True)
+        except OSError:
+            return  # still listed, and whole
+        with suppress(OSError):  # a tar without metadata is never served
+            self.tar_path(saveset).unlink(missing_ok=True)
 
     def tar_path(self, saveset: str) -> Path:
         if not SAVESET_ID.match(saveset):
@@ -291,34 +319,42 @@ class SavesetStore:
         return self.root / f"{saveset}.tar"
 
     def all(self) -> list[SavesetMeta]:
-        return self.scan()[0]
+        return [meta for _, meta in self._metadata() if meta is not None]
 
-    def scan(self) -> tuple[list[SavesetMeta], list[Path]]:
-        """Every saveset's metadata, and the metadata files that cannot be
-        read (their savesets are neither listed nor served)."""
-        metas, unreadable = [], []
-        for path in sorted(self.root.glob("SS-*.json")):
-            meta = _read_meta(path)
-            if meta is None:
-                unreadable.append(path)
-            else:
-                metas.append(meta)
-        return metas, unreadable
+    def _metadata(self) -> list[tuple[Path, SavesetMeta | None]]:
+        """Every metadata file, read (None: it cannot be)."""
+        return [(path, _read_meta(path)) for path in sorted(self.root.glob("SS-*.json"))]
 
-    def orphans(self) -> list[Path]:
-        """Saveset tars without metadata: left by a crash between the two
-        removals of ``remove`` (or a publish cut short); never served."""
-        return sorted(t for t in self.root.glob("SS-*.tar") if not t.with_suffix(".json").exists())
+    def scan(self) -> Scan:
+        """Every saveset, and what is wrong in the data directory."""
+        found = self._metadata()
+        orphans = [t for t in self.root.glob("SS-*.tar") if not t.with_suffix(".json").exists()]
+        return Scan(
+            savesets=[meta for _, meta in found if meta is not None],
+            unreadable=[path for path, meta in found if meta is None],
+            orphans=sorted(orphans),
+            without_data=[
+                meta
+                for path, meta in found
+                if meta is not None and not path.with_suffix(".tar").exists()
+            ],
+        )
+
+    def files_of(self, saveset: str) -> list[Path]:
+        """The files of ``saveset`` that are there, whole or not (what
+        ``remove`` removes); none for a malformed id."""
+        if not SAVESET_ID.match(saveset):
+            return []
+        return [p for p in (self.root / f"{saveset}.json", self.tar_path(saveset)) if p.exists()]
 
     def owned_by(self, owner: str) -> list[SavesetMeta]:
         self.check_in_place()
         return [m for m in self.all() if m.owner == owner]
 
     def remove_finished_before(self, moment: dt.datetime) -> list[SavesetMeta]:
-        """Remove the savesets that finished before ``moment``; returns them.
-        The metadata goes first, so a saveset leaves every listing in one
-        step; a tar left by a crash in between is removed at the next start.
-        A saveset whose time cannot be read is kept."""
+        """Remove the savesets that finished before ``moment`` (see
+        ``remove``); returns them. A saveset whose time cannot be read is
+        kept."""
         removed = []
         for meta in self.all():
             try:
@@ -333,8 +369,8 @@ class SavesetStore:
 
     def remove(self, saveset: str) -> None:
         """Remove one saveset. The metadata goes first, so it leaves every
-        listing in one step; a tar left by a crash in between is removed at
-        the next start."""
+        listing in one step; a tar left by a crash in between is reported
+        (see Scan), and removed by removing the saveset again."""
         (self.root / f"{saveset}.json").unlink(missing_ok=True)
         self.tar_path(saveset).unlink(missing_ok=True)
 
@@ -351,6 +387,38 @@ class SavesetStore:
         are reported exactly like missing ones."""
         meta = self.get(saveset)
         return meta if meta is not None and meta.owner == owner else None
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The data directory as ``stpd list`` and stpd's start see it."""
+
+    savesets: list[SavesetMeta]  # every readable metadata: these are listed
+    unreadable: list[Path]  # metadata that cannot be read: neither listed nor served
+    orphans: list[Path]  # tars without metadata: never served
+    without_data: list[SavesetMeta]  # listed, but their tar is gone
+
+    def warnings(self) -> list[str]:
+        """What takes room or is listed but cannot be served, each with what
+        to do about it."""
+        found = [
+            f"{path} cannot be read as saveset metadata, so that saveset is neither listed "
+            f"nor served: repair the file, or `stpd delete {path.stem}` removes it and its .tar"
+            for path in self.unreadable
+        ]
+        found += [
+            f"{path} has no metadata (a removal or an upload cut short by a crash?), so it is "
+            "neither listed nor served: it is a whole tar archive (`tar -tvf` reads it); keep "
+            f"a copy elsewhere if it is needed, and `stpd delete {path.stem}` removes it"
+            for path in self.orphans
+        ]
+        found += [
+            f"saveset {meta.saveset} of {meta.owner} has lost its data ({meta.saveset}.tar is "
+            "not there): it is listed, but cannot be restored; put the .tar back from a copy, "
+            f"or `stpd delete {meta.saveset}` removes its metadata"
+            for meta in self.without_data
+        ]
+        return found
 
 
 def _read_meta(path: Path) -> SavesetMeta | None:

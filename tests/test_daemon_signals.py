@@ -442,6 +442,7 @@ def test_the_open_files_limit_is_raised_to_the_hard_one(
     when even that is short of what STPD_MAX_CONNECTIONS may need."""
     pki, _, data = setup
     os.replace(pki.layout.ca_key, data.parent / "rootCA.key")  # off the server: no warning
+    data.mkdir()  # there already: no warning either
     server = StpdProcess(pki.layout.ini_dir, data, launcher=with_open_files(256, 4096))
     try:
         server.wait_for(r"INFO stpd: open files limit raised from 256 to 4096$")

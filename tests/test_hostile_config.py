@@ -140,6 +140,7 @@ def test_stpd_refuses_a_read_only_data_directory(hpki: Pki, tmp_path: Path) -> N
 
 
 def test_stpd_refuses_a_port_in_use_naming_the_address(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    (tmp_path / "data").mkdir()  # made by stpd, it would be a warning line too
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         result = subprocess.run(

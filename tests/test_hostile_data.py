@@ -4,10 +4,12 @@ restore target, a full disk, and stpd killed in the middle of an upload."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+import stpd.store
 from pki.layout import Layout
 from tests.conftest import Pki, RunningStpd, StpdProcess, running_stpd
 from tests.test_hostile_common import (
@@ -544,6 +547,130 @@ def test_a_data_directory_unmounted_under_stpd_is_not_made_again(
         assert code == 0, err  # and stpd still serves
 
 
+@pytest.mark.parametrize("failure", ["tar rename", "directory fsync", "data directory removed"])
+def test_a_saveset_that_cannot_be_put_in_place_is_one_error_and_not_listed(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """The last steps of storing an upload fail (a disk's EIO, or the data
+    directory removed under stpd): the client is told why in one line, stpd
+    logs one ERROR and no traceback, and nothing of the saveset is listed."""
+    client = hpki.client_ini("unlucky")
+    source = tmp_path / "f.txt"
+    source.write_text("data\n")
+    data = tmp_path / "data"
+    eio = OSError(errno.EIO, os.strerror(errno.EIO))
+    real_replace = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).parent == data and str(dst).endswith(".tar"):
+            if failure == "tar rename":
+                raise eio
+            if failure == "data directory removed":
+                shutil.rmtree(data)
+        real_replace(src, dst)
+
+    def fsync_dir(path: Path) -> None:
+        raise eio
+
+    monkeypatch.setattr(os, "replace", replace)
+    if failure == "directory fsync":
+        monkeypatch.setattr(stpd.store, "_fsync_dir", fsync_dir)
+    why = (
+        "the data directory is gone (its file system unmounted?); stpd makes it again only "
+        "when it starts"
+        if failure == "data directory removed"
+        else "cannot store the saveset: Input/output error"
+    )
+    with running_stpd(hpki.layout, 2, data_dir=data) as stpd_:
+        server = ["--ini-dir", str(client.ini_dir), "--server", stpd_.address]
+        code, out, err = run_sbc(*server, "backup", str(source), "--quiet")
+        assert (code, out) == (1, ""), err
+        assert err == f"sbc: error: backup of {source} failed on stpd at {stpd_.address}: {why}\n"
+        errors = stpd_.log.matching("^ERROR")
+        assert len(errors) == 1, errors
+        assert re.fullmatch(
+            rf"ERROR upload from {PEER} \(CN=unlucky\) failed: {re.escape(why)} "
+            rf"\(data directory {re.escape(str(data))}\)",
+            errors[0],
+        ), errors
+        if failure != "data directory removed":
+            code, out, err = run_sbc(*server, "list", "--json")
+            assert (code, json.loads(out)) == (0, []), err
+            assert_no_partial(data)
+
+
+def test_a_saveset_cut_short_on_the_servers_disk_is_not_served_as_if_whole(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A stored tar shorter than recorded (a damaged disk, a copy cut short)
+    was sent as if whole: restores ended early, and selective ones said the
+    entries were not in the saveset. Restores and listings of it are refused
+    with the reason and the command that checks it; stpd logs an ERROR."""
+    client = hpki.client_ini("unlucky")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "first.bin").write_bytes(os.urandom(50_000))
+    (tree / "last.bin").write_bytes(os.urandom(50_000))
+    with running_stpd(hpki.layout, 2) as stpd_:
+        server = ["--ini-dir", str(client.ini_dir), "--server", stpd_.address]
+        code, out, err = run_sbc(*server, "backup", str(tree), "--json", "--quiet")
+        assert code == 0, err
+        saveset, recorded = json.loads(out)["saveset"], json.loads(out)["bytes"]
+        stored = stpd_.daemon.store.tar_path(saveset)
+        os.truncate(stored, recorded // 2)
+        damaged = (
+            f"the server's copy of saveset {saveset} is damaged: its stored data is "
+            f"{recorded // 2} bytes, but was {recorded} bytes when stored; `sbc verify "
+            f"{saveset}` checks it; restore from another saveset"
+        )
+        back = tmp_path / "back"
+        for argv, what in [
+            (["restore", saveset, str(back)], f"restore of {saveset}"),
+            (["restore", saveset, str(back), "tree/last.bin"], f"restore of {saveset}"),
+            (["list", saveset], f"listing of {saveset}"),
+        ]:
+            code, out, err = run_sbc(*server, *argv)
+            assert (code, out) == (1, ""), err
+            assert err == f"sbc: error: {what} failed on stpd at {stpd_.address}: {damaged}\n"
+        assert not back.exists()
+        errors = stpd_.log.matching("^ERROR")
+        assert len(errors) == 3, errors
+        for line, what in zip(
+            errors, ["restore", "selective restore", "listing of its entries"], strict=True
+        ):
+            assert re.fullmatch(
+                rf"ERROR saveset {saveset} is damaged: {recorded // 2} bytes, recorded "
+                rf"{recorded} bytes; {what} for {PEER} \(CN=unlucky\) refused",
+                line,
+            ), errors
+        assert not stpd_.log.matching(r"^INFO sent saveset")
+        code, _, err = run_sbc(*server, "verify", saveset)  # what the message points to
+        assert code == 1 and err.startswith(f"sbc: error: saveset {saveset} is damaged: "), err
+
+
+def test_a_data_directory_that_stpd_creates_is_warned_about(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A data directory missing at start may be an unmounted file system:
+    stpd makes it (on the file system beneath), and says so, since clients
+    would otherwise just see no savesets. One that is there is not."""
+    data = tmp_path / "mnt" / "data"
+    created = (
+        f"WARNING data directory {data} did not exist: created it, empty; if savesets should "
+        "be there (its file system not mounted?), stop stpd, mount it and start stpd again"
+    )
+    with running_stpd(hpki.layout, 2, data_dir=data) as stpd_:
+        assert stpd_.log.matching("^WARNING") == [created]
+    assert data.is_dir() and stat.S_IMODE(data.stat().st_mode) == 0o700
+    with running_stpd(hpki.layout, 2, data_dir=data) as stpd_:
+        assert stpd_.log.matching("^WARNING") == []
+
+
 def test_a_data_directory_running_out_of_space_is_warned_about_once_an_hour(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,
@@ -668,7 +795,8 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         assert len(parts) == 1 and parts[0].name.endswith(".tar.part"), parts
     finally:
         first.stop()
-    # A crash between the rename and the metadata leaves a tar without metadata.
+    # A crash between the rename and the metadata leaves a tar without
+    # metadata: whole, so it is kept and reported, never removed by itself.
     orphan = data / "SS-20240101T000000Z-0badf00d.tar"
     orphan.write_bytes(small_tar())
     second = StpdProcess(hpki.layout.ini_dir, data)
@@ -676,9 +804,10 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         second.wait_for(
             rf"WARNING stpd: removed leftover of an interrupted upload: .*{parts[0].name}$"
         )
-        second.wait_for(
-            rf"WARNING stpd: removed leftover of an interrupted upload: .*{orphan.name}$"
-        )
+        second.wait_for(rf"WARNING stpd: {re.escape(str(orphan))} has no metadata ")
+        assert not second.matching(rf"removed leftover .*{orphan.name}")
+        assert orphan.read_bytes() == small_tar()
+        orphan.unlink()
         assert_no_partial(data)
         address = f"127.0.0.1:{second.port}"
         code, out, err = run_sbc(

@@ -5,6 +5,7 @@ saveset store on disk."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+import stpd.store
 from pki.tls import NO_HANDSHAKE_REASON, ClientCertPolicy
 from stpd.protocol import (
     ANONYMOUS,
@@ -37,6 +39,7 @@ from stpd.store import (
     INCOMING,
     SAVESET_ID,
     InvalidArchive,
+    Prepared,
     SavesetMeta,
     SavesetStore,
     StoreError,
@@ -386,7 +389,7 @@ def without_end_blocks(data: bytes) -> bytes:
 @pytest.fixture
 def store(tmp_path: Path) -> SavesetStore:
     store = SavesetStore(tmp_path / "data")
-    assert store.prepare() == []
+    assert store.prepare() == Prepared(created=True, removed=[])
     return store
 
 
@@ -470,6 +473,67 @@ def test_commit_publishes_tar_and_metadata(store: SavesetStore) -> None:
         assert archive.getnames() == ["a.txt", "b/c.bin"]
 
 
+def failing_replace(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """os.replace fails with EIO where it would make a ``suffix`` file in
+    the data directory (a failing disk); every other rename goes on."""
+    real = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if str(dst).endswith(suffix) and Path(dst).parent.name == "data":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def failing_directory_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fsync_dir(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(stpd.store, "_fsync_dir", fsync_dir)
+
+
+@pytest.mark.parametrize("failing", ["tar rename", "metadata rename", "directory fsync"])
+def test_a_publish_that_fails_leaves_neither_file(
+    store: SavesetStore, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A saveset is listed by its metadata: left without its tar, a client
+    would see it in `sbc list` and fail to restore it."""
+    if failing == "directory fsync":
+        failing_directory_fsync(monkeypatch)  # after both renames
+    else:
+        failing_replace(monkeypatch, ".tar" if failing == "tar rename" else ".json")
+    up = upload(store, tar_bytes({"a.txt": b"hello\n"}))
+    with pytest.raises(StoreError) as error:
+        up.commit()
+    assert error.value.status == 500
+    assert str(error.value) == "cannot store the saveset: Input/output error"
+    assert files_in(store) == [INCOMING]
+    assert store.all() == []
+
+
+def test_metadata_that_cannot_be_removed_keeps_its_tar(
+    store: SavesetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Undoing a failed publish, the metadata is removed first; when even
+    that fails the saveset stays listed, so its tar stays too: both or neither."""
+    failing_directory_fsync(monkeypatch)
+    real = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    up = upload(store, tar_bytes({"a.txt": b"hello\n"}))
+    with pytest.raises(StoreError, match="cannot store the saveset: Input/output error"):
+        up.commit()
+    [meta] = store.all()
+    assert files_in(store) == [INCOMING, f"{meta.saveset}.json", f"{meta.saveset}.tar"]
+    assert store.tar_path(meta.saveset).stat().st_size == meta.bytes
+
+
 def test_abort_leaves_nothing(store: SavesetStore) -> None:
     up = upload(store, tar_bytes({"a.txt": b"x" * 10_000}))
     up.abort()
@@ -535,10 +599,13 @@ def test_savesets_finished_before_a_moment_are_removed_and_the_rest_kept(
     assert store.tar_path(recent.saveset).exists()
 
 
-def test_prepare_removes_leftovers_and_keeps_savesets(store: SavesetStore) -> None:
+def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
+    store: SavesetStore,
+) -> None:
     kept = upload(store, tar_bytes({"a": b"1"})).commit()
-    # An interrupted upload, a half-written metadata file, and a tar whose
-    # metadata was never written: what a crash can leave behind.
+    # An interrupted upload and a half-written metadata file: what a crash
+    # leaves in .incoming. A tar without metadata was whole when renamed
+    # into place (a crash in the middle of a removal leaves one): kept.
     part = store.begin("CN=a", "/src", PEER)
     part.write([b"partial"])
     os.close(part._fd)  # type: ignore[arg-type]  # the process died here
@@ -549,12 +616,17 @@ def test_prepare_removes_leftovers_and_keeps_savesets(store: SavesetStore) -> No
     store.close()  # its lock went with the process
 
     restarted = SavesetStore(store.root)
-    removed = restarted.prepare()
-    assert sorted(removed) == sorted([part.part, store.incoming / f"{SS}.json.part", orphan])
-    assert files_in(store) == [INCOMING, f"{kept.saveset}.json", f"{kept.saveset}.tar"]
+    prepared = restarted.prepare()
+    assert not prepared.created
+    assert sorted(prepared.removed) == sorted([part.part, store.incoming / f"{SS}.json.part"])
+    assert files_in(store) == [
+        INCOMING, f"{SS}.tar", f"{kept.saveset}.json", f"{kept.saveset}.tar"
+    ]  # fmt: skip
+    assert orphan.read_bytes() == tar_bytes({"b": b"2"})
     assert [m.saveset for m in store.all()] == [kept.saveset]
+    assert restarted.scan().orphans == [orphan]
     restarted.close()
-    assert SavesetStore(store.root).prepare() == []
+    assert SavesetStore(store.root).prepare().removed == []
 
 
 def test_a_second_store_on_the_same_directory_is_refused_and_removes_nothing(
@@ -569,7 +641,7 @@ def test_a_second_store_on_the_same_directory_is_refused_and_removes_nothing(
     assert running.part.exists()
     running.abort()
     store.close()
-    assert SavesetStore(store.root).prepare() == []
+    assert SavesetStore(store.root).prepare().removed == []
 
 
 def test_prepare_refuses_a_read_only_data_directory(tmp_path: Path) -> None:

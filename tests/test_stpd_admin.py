@@ -143,36 +143,75 @@ def test_list_of_an_empty_or_missing_data_directory(pki: Pki, tmp_path: Path) ->
     assert (empty.returncode, empty.stdout) == (0, f"0 saveset(s), 0 bytes, in {data}\n")
     assert json.loads(stpd_command(pki, data, "list", "--json").stdout) == []
 
-    missing = stpd_command(pki, tmp_path / "nowhere", "list")
-    assert missing.returncode == 2
-    assert missing.stderr == (
-        f"stpd: error: cannot read the data directory {tmp_path / 'nowhere'}: No such file or "
-        "directory; run this as the user stpd runs as, with its --ini-dir (or --data-dir)\n"
-    )
+    for argv in (["list"], ["delete", "SS-20260101T000000Z-00000000"]):
+        missing = stpd_command(pki, tmp_path / "nowhere", *argv)
+        assert missing.returncode == 2
+        assert missing.stderr == (
+            f"stpd: error: no data directory {tmp_path / 'nowhere'}: check STPD_DATA_DIR in "
+            f"{pki.layout.stpd_ini} (or --data-dir), and that its file system is mounted; stpd "
+            "makes it when it starts\n"
+        )
+    assert not (tmp_path / "nowhere").exists()
 
 
-def test_list_points_out_what_stpd_neither_lists_nor_serves(pki: Pki, tmp_path: Path) -> None:
-    """Metadata that cannot be read hides its saveset from every listing,
-    and a tar without metadata (a crash between the two) waits for the
-    next start: both take room, so the administrator's listing names them."""
+def test_broken_savesets_are_reported_kept_at_start_and_deleted_by_id(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Metadata that cannot be read hides its saveset, a tar without
+    metadata (a crash in the middle of a removal) is never served, and
+    metadata whose tar is gone is listed but cannot be restored: `stpd
+    list` and stpd's start both name each with what to do, stpd removes
+    none of them by itself, and `stpd delete ID` removes what is left."""
     data = tmp_path / "data"
     client = pki.client_ini("alice")
     source = tmp_path / "notes.txt"
     source.write_text("notes\n")
     server = StpdProcess(pki.layout.ini_dir, data)
     try:
-        good, broken, orphan = (backup(client, server, source) for _ in range(3))
+        good, broken, orphan, lost = (backup(client, server, source) for _ in range(4))
     finally:
         server.stop()
     (data / f"{broken}.json").write_text("{not json")
     (data / f"{orphan}.json").unlink()
+    (data / f"{lost}.tar").unlink()
+    files = sorted(p.name for p in data.iterdir())
+    warnings = [
+        f"{data / broken}.json cannot be read as saveset metadata, so that saveset is neither "
+        f"listed nor served: repair the file, or `stpd delete {broken}` removes it and its .tar",
+        f"{data / orphan}.tar has no metadata (a removal or an upload cut short by a crash?), "
+        "so it is neither listed nor served: it is a whole tar archive (`tar -tvf` reads it); "
+        f"keep a copy elsewhere if it is needed, and `stpd delete {orphan}` removes it",
+        f"saveset {lost} of CN=alice has lost its data ({lost}.tar is not there): it is listed, "
+        f"but cannot be restored; put the .tar back from a copy, or `stpd delete {lost}` "
+        "removes its metadata",
+    ]
 
     listing = stpd_command(pki, data, "list")
     assert listing.returncode == 0, listing.stderr
-    assert [line.split()[0] for line in listing.stdout.splitlines()[:-1]] == [good]
-    assert listing.stderr.splitlines() == [
-        f"stpd: warning: {data / broken}.json cannot be read as saveset metadata, so that "
-        "saveset is neither listed nor served: repair the file, or remove it and its .tar",
-        f"stpd: warning: {data / orphan}.tar has no metadata (an upload cut short by a "
-        "crash?): stpd removes it when it next starts",
+    lines = listing.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == sorted([good, lost])
+    assert lines[-1] == f"2 saveset(s), 10240 bytes, in {data}; 1 of them without data"
+    assert listing.stderr.splitlines() == [f"stpd: warning: {w}" for w in warnings]
+
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        for warning in warnings:
+            server.wait_for(f"^.* WARNING stpd: {re.escape(warning)}$")
+        assert sorted(p.name for p in data.iterdir()) == files  # nothing removed
+        assert sorted(listed_by(client, server)) == sorted([good, lost])
+    finally:
+        server.stop()
+
+    deleted = stpd_command(pki, data, "delete", broken, orphan, lost)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.splitlines() == [
+        f"deleted saveset {broken}, which had no readable metadata: {broken}.json and {broken}.tar",
+        f"deleted saveset {orphan}, which had no readable metadata: {orphan}.tar",
+        f"deleted saveset {lost} of CN=alice: 10240 bytes of {source}, stored "
+        f"{next(line for line in lines if line.startswith(lost)).split()[1]} (its data was gone "
+        "already)",
     ]
+    assert sorted(p.name for p in data.iterdir()) == [".incoming", f"{good}.json", f"{good}.tar"]
+    again = stpd_command(pki, data, "list")
+    assert (again.returncode, again.stderr) == (0, "")
+    assert again.stdout.splitlines()[-1] == f"1 saveset(s), 10240 bytes, in {data}"
