@@ -611,6 +611,13 @@ class Stpd:
         self.sessions += 1
         try:
             await session.run()
+        except trio.TooSlowError:  # a send (HttpSession._send) made no progress: not our fault
+            log.warning(
+                "client %s stopped reading the answer to %s; closed after %gs (STPD_IO_TIMEOUT)",
+                peer,
+                session.answering,
+                self.config.io_timeout,
+            )
         finally:
             self.sessions -= 1
 
@@ -637,6 +644,7 @@ class HttpSession:
         self.peer = peer
         self.owner = owner
         self.conn = self._new_http()
+        self.answering = ""  # the request line being answered, for the log
         # Set when a request body was read past h11 (see _upload): what
         # arrived after it, for the h11 connection of the next request.
         self.after_body: bytes | None = None
@@ -789,6 +797,7 @@ class HttpSession:
     async def _dispatch(self, request: h11.Request) -> None:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
+        self.answering = f"{method} {target[:200]}"
         action = route(method, target)
         if isinstance(action, Reject):
             log.info(
