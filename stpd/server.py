@@ -884,6 +884,9 @@ class HttpSession:
                         f"no data for {self.config.io_timeout:g}s (STPD_IO_TIMEOUT): the upload "
                         "was cut off and nothing was stored",
                     )
+                elif isinstance(exc, h11.RemoteProtocolError):  # framing; TLS still works
+                    await trio.to_thread.run_sync(upload.abort)
+                    await self._send_error(400, f"bad request: {exc}; nothing stored")
                 raise trio.BrokenResourceError(reason) from None
             finally:
                 # Shielded: when the grace period (or a second SIGTERM) cancels this
@@ -920,8 +923,12 @@ class HttpSession:
 
     async def _storage_failed(self, what: str, exc: StoreError) -> None:
         """The data directory failed a request: logged with where it is (the
-        client is not told that), and answered with the error's status."""
-        log.error("%s: %s (data directory %s)", what, exc, self.daemon.store.root)
+        client is not told that), and answered with the error's status. A
+        4xx one (a bad archive) is the client's doing: a warning."""
+        if exc.status < 500:
+            log.warning("%s: %s", what, exc)
+        else:
+            log.error("%s: %s (data directory %s)", what, exc, self.daemon.store.root)
         await self._send_error(exc.status, str(exc))
 
     async def _unreadable_saveset(self, saveset: str, exc: Exception) -> None:
