@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -28,3 +29,24 @@ def share_of(part: int, whole: int) -> str:
     if unit == "bytes":
         return f"{part} of {whole} bytes"
     return f"{part / scale:.1f} of {whole / scale:.1f} {unit}"
+
+
+# C0 controls, DEL and C1 controls (NEL among them), and the Unicode line and
+# paragraph separators that str.splitlines() and some viewers break lines at.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match[0]
+    return _SHORT.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters written as ``\\n``, ``\\xNN``
+    (``\\u2028``), so that a name from a peer (a certificate's subject, a
+    backup's source) can neither forge a line of a log or a listing nor send
+    the terminal an escape sequence. Backslashes stay as they are."""
+    return _CONTROLS.sub(_escaped, text)

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from pki.console import one_line
 from pki.errors import PkiError
 from pki.inifile import ConfigError, format_host_port
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -66,12 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OneLineFormatter(logging.Formatter):
+    """One log record, one line: messages quote what peers send (a
+    certificate's subject, an upload's source), which may hold a newline
+    and then a forged line of their own. The traceback that format() adds
+    after the message stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 # Open files per connection served: the sockets of the connections open at
@@ -236,7 +248,8 @@ def list_savesets(config: StpdConfig, as_json: bool) -> int:
         print(json.dumps([meta.to_json() for meta in scan.savesets], indent=2))
         return 0
     for meta in scan.savesets:
-        print(f"{meta.saveset}  {meta.created}  {meta.bytes:>14}  {meta.owner}  {meta.source}")
+        owner, source = one_line(meta.owner), one_line(meta.source)  # a peer chose them
+        print(f"{meta.saveset}  {meta.created}  {meta.bytes:>14}  {owner}  {source}")
     # The bytes there are: a saveset without its data takes no room.
     total = sum(meta.bytes for meta in scan.savesets if meta not in scan.without_data)
     lost = f"; {len(scan.without_data)} of them without data" if scan.without_data else ""
@@ -268,8 +281,8 @@ def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
             continue
         lost = "" if store.tar_path(saveset) in files else " (its data was gone already)"
         print(
-            f"deleted saveset {saveset} of {meta.owner}: {meta.bytes} bytes of {meta.source}, "
-            f"stored {meta.created}{lost}"
+            f"deleted saveset {saveset} of {one_line(meta.owner)}: {meta.bytes} bytes of "
+            f"{one_line(meta.source)}, stored {meta.created}{lost}"
         )
     return 0
 

@@ -639,6 +639,13 @@ class Stpd:
         self.sessions += 1
         try:
             await session.run()
+        except trio.TooSlowError:  # a send (HttpSession._send) made no progress: not our fault
+            log.warning(
+                "client %s stopped reading the answer to %s; closed after %gs (STPD_IO_TIMEOUT)",
+                peer,
+                session.answering,
+                self.config.io_timeout,
+            )
         finally:
             self.sessions -= 1
 
@@ -665,6 +672,7 @@ class HttpSession:
         self.peer = peer
         self.owner = owner
         self.conn = self._new_http()
+        self.answering = ""  # the request line being answered, for the log
         # Set when a request body was read past h11 (see _upload): what
         # arrived after it, for the h11 connection of the next request.
         self.after_body: bytes | None = None
@@ -817,6 +825,7 @@ class HttpSession:
     async def _dispatch(self, request: h11.Request) -> None:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
+        self.answering = f"{method} {target[:200]}"
         action = route(method, target)
         if isinstance(action, Reject):
             log.info(
@@ -903,6 +912,9 @@ class HttpSession:
                         f"no data for {self.config.io_timeout:g}s (STPD_IO_TIMEOUT): the upload "
                         "was cut off and nothing was stored",
                     )
+                elif isinstance(exc, h11.RemoteProtocolError):  # framing; TLS still works
+                    await trio.to_thread.run_sync(upload.abort)
+                    await self._send_error(400, f"bad request: {exc}; nothing stored")
                 raise trio.BrokenResourceError(reason) from None
             finally:
                 # Shielded: when the grace period (or a second SIGTERM) cancels this
@@ -939,8 +951,12 @@ class HttpSession:
 
     async def _storage_failed(self, what: str, exc: StoreError) -> None:
         """The data directory failed a request: logged with where it is (the
-        client is not told that), and answered with the error's status."""
-        log.error("%s: %s (data directory %s)", what, exc, self.daemon.store.root)
+        client is not told that), and answered with the error's status. A
+        4xx one (a bad archive) is the client's doing: a warning."""
+        if exc.status < 500:
+            log.warning("%s: %s", what, exc)
+        else:
+            log.error("%s: %s (data directory %s)", what, exc, self.daemon.store.root)
         await self._send_error(exc.status, str(exc))
 
     async def _unreadable_saveset(self, saveset: str, exc: Exception) -> None:

@@ -13,7 +13,10 @@ the disk writes, so a finished upload is already checked (re-reading a
 
 PAX extended headers may carry the real size of the next member (for files
 of 8 GiB and more); that one record is read from the extended header's
-data. GNU long-name headers are ordinary members for this purpose.
+data. The data of GNU long-name and long-link headers is skipped. Every
+such extension header (PAX, PAX global, GNU long name or link) is refused
+over MAX_EXTENSION_HEADER: tarfile reads each one whole into memory when
+stpd lists a saveset or restores entries of it.
 
 The archive is complete when an end-of-archive zero block has been seen at
 a header position and nothing but zeros follows.
@@ -30,13 +33,21 @@ import struct
 import tarfile
 import zlib
 from collections.abc import Iterable
+from tarfile import ReadError  # by name: fromtarfile's argument hides the module
 from typing import Self
 
 from stpd import _plaintar
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
-MAX_PAX_HEADER = 1024 * 1024  # extended headers we read to find "size"
+MAX_EXTENSION_HEADER = 1024 * 1024  # bytes of data of a header in _EXTENSIONS
+# Headers that describe the member after them, and what to call each.
+_EXTENSIONS = {
+    tarfile.XHDTYPE: "PAX header",
+    tarfile.XGLTYPE: "PAX global header",
+    tarfile.GNUTYPE_LONGNAME: "GNU long name header",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link header",
+}
 _PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
 
@@ -135,18 +146,19 @@ class TarStreamCheck:
             kind, size = info.type, info.size
         else:
             kind, size = fast
-        if self._size_override is not None and kind not in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+        if kind in _EXTENSIONS:
+            if size > MAX_EXTENSION_HEADER:
+                raise InvalidTar(f"{_EXTENSIONS[kind]} of {size} bytes at byte {at} is too large")
+        elif self._size_override is not None:  # as tarfile: the member after the extensions
             size, self._size_override = self._size_override, None
         data_blocks = -(-size // BLOCK) if kind not in _NO_DATA else 0
         self._next_header = at + BLOCK + data_blocks * BLOCK
         if kind == tarfile.XHDTYPE:
-            if size > MAX_PAX_HEADER:
-                raise InvalidTar(f"PAX header of {size} bytes at byte {at} is too large")
             self._pax = bytearray()
             self._pax_end = at + BLOCK + size
             if size == 0:
                 self._finish_pax()
-        elif kind not in (tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+        elif kind not in _EXTENSIONS:
             self.members += 1
 
     def _finish_pax(self) -> None:
@@ -234,10 +246,17 @@ class PlainTarInfo(tarfile.TarInfo):
         """The next member of ``tarfile``: a member of a plain type in one
         step, as TarInfo's _proc_builtin would take it (where the data
         starts and ends, no PAX records to apply). Others, and every member
-        while a global PAX header is in force, go through tarfile's steps."""
+        while a global PAX header is in force, go through tarfile's steps;
+        an extension header over MAX_EXTENSION_HEADER is a ReadError."""
         fileobj = tarfile.fileobj
         obj = cls.frombuf(fileobj.read(BLOCK), tarfile.encoding, tarfile.errors)  # type: ignore[attr-defined]
         obj.offset = fileobj.tell() - BLOCK
+        if obj.type in _EXTENSIONS and obj.size > MAX_EXTENSION_HEADER:
+            # tarfile would read it whole into memory: a saveset stored before
+            # uploads were checked for it, or a hostile stream to sbc.
+            raise ReadError(
+                f"{_EXTENSIONS[obj.type]} of {obj.size} bytes at byte {obj.offset} is too large"
+            )
         if obj.type not in _PLAIN_TYPES or tarfile.pax_headers:  # type: ignore[attr-defined]
             return obj._proc_member(tarfile)  # type: ignore[attr-defined, no-any-return]
         obj.offset_data = end = obj.offset + BLOCK

@@ -27,7 +27,9 @@ import pytest
 
 import stpd.store
 from pki.layout import Layout
-from tests.conftest import Pki, RunningStpd, StpdProcess, running_stpd
+from sbc.archive import ArchiveError
+from stpd.tarcheck import MAX_EXTENSION_HEADER
+from tests.conftest import Pki, RunningStpd, StpdProcess, restore_bytes, running_stpd
 from tests.test_hostile_common import (
     DEADLINE,
     assert_no_partial,
@@ -222,12 +224,71 @@ def test_upload_that_is_not_a_tar_stream_is_refused(hpki: Pki, tmp_path: Path, k
         status, answer = curl_put(stpd, client, body)
         assert status == 400, answer
         assert "not a valid tar stream" in answer["error"] and "nothing stored" in answer["error"]
-        stpd.log.wait_for(
-            rf"^ERROR upload from {PEER} \(CN=tarless\) failed: upload is not a valid tar stream"
+        # The client's doing: a warning, which blames no data directory.
+        line = stpd.log.wait_for(
+            rf"^WARNING upload from {PEER} \(CN=tarless\) failed: upload is not a valid tar stream"
         )
+        assert "data directory" not in line, line
         assert stpd.daemon.store.all() == []
         assert_no_partial(stpd.daemon.store.root)
         assert_serves(stpd, client, tmp_path)
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE])
+def test_an_oversized_extension_header_is_refused_at_upload(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    kind: bytes,
+) -> None:
+    """tarfile reads a GNU long name or a PAX global header whole when stpd
+    lists the saveset (a 400 MiB one took it to 1.26 GB): refused, as an
+    oversized PAX header is."""
+    client = hpki.client_ini("longname")
+    size = 2 * MAX_EXTENSION_HEADER
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = kind, size
+    body = tmp_path / "body"
+    body.write_bytes(header.tobuf(tarfile.GNU_FORMAT) + b"n" * size + small_tar())
+    what = "GNU long name header" if kind == tarfile.GNUTYPE_LONGNAME else "PAX global header"
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 400, answer
+        assert answer["error"] == (
+            f"upload is not a valid tar stream: {what} of {size} bytes at byte 0 is too large; "
+            "nothing stored"
+        )
+        stpd.log.wait_for(rf"upload from {PEER} \(CN=longname\) failed: .* too large")
+        assert stpd.daemon.store.all() == []
+        assert_no_partial(stpd.daemon.store.root)
+
+
+def test_a_stored_saveset_with_an_oversized_extension_header_is_not_read_whole(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """One stored before uploads were checked for them: listing it, or a
+    selective restore, says it cannot be read instead of taking its GNU
+    long name into memory; and sbc refuses such a stream the same way."""
+    client = hpki.client_ini("old")
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = tarfile.GNUTYPE_LONGNAME, 2 * MAX_EXTENSION_HEADER
+    hostile = small_tar()[:1024] + header.tobuf(tarfile.GNU_FORMAT) + bytes(header.size + 1024)
+    saveset = "SS-20240101T000000Z-0123abcd"
+    with running_stpd(hpki.layout, 2) as stpd:
+        root = stpd.daemon.store.root
+        (root / f"{saveset}.tar").write_bytes(hostile)
+        meta = dict(saveset=saveset, owner="CN=old", source="/old", bytes=len(hostile))
+        meta |= dict(sha256="0" * 64, started="", finished="", peer="")
+        (root / f"{saveset}.json").write_text(json.dumps(meta))
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            answer = request(sock, "GET", f"/savesets/{saveset}/entries")
+        assert answer is not None and answer.status == 500, answer
+        stpd.log.wait_for(
+            rf"^ERROR saveset {saveset} cannot be read: GNU long name header of "
+            rf"{header.size} bytes at byte 1024 is too large$"
+        )
+    with pytest.raises(ArchiveError, match=r"not a valid tar archive: GNU long name header of"):
+        restore_bytes(hostile, tmp_path / "restored")
 
 
 # -- names that try to leave the data directory ------------------------------------------

@@ -13,6 +13,7 @@ import re
 import socket
 import ssl
 import struct
+import tarfile
 import time
 from pathlib import Path
 
@@ -268,4 +269,52 @@ def test_a_restore_the_client_abandons_is_logged_with_its_saveset(
             r"lost: \S"
         )
         assert not line.endswith(": "), line
+        assert_serves(stpd, client, tmp_path)
+
+
+def many_entries(path: Path, count: int) -> None:
+    """A saveset tar of ``count`` empty files with long names: a listing of
+    tens of megabytes, more than every socket buffer on the way holds."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for n in range(count):
+            tar.addfile(tarfile.TarInfo(f"{'d' * 150}/{n:08}-{'f' * 80}"))
+
+
+@pytest.mark.parametrize("answer", ["entries", "pipelined-json"])
+def test_a_client_that_stops_reading_an_answer_is_a_warning(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    answer: str,
+) -> None:
+    """Not "internal error" with a TooSlowError traceback: a listing of
+    100,000 entries never read, or JSON answers to requests sent one after
+    another without reading any."""
+    client = hpki.client_ini("nonreader")
+    saveset = "SS-20240101T000000Z-0123abcd"
+    with running_stpd(hpki.layout, 2, io_timeout=0.5) as stpd:
+        if answer == "entries":
+            root = stpd.daemon.store.root
+            many_entries(root / f"{saveset}.tar", 100_000)
+            size = (root / f"{saveset}.tar").stat().st_size  # (another is refused as damaged)
+            meta = dict(saveset=saveset, owner="CN=nonreader", source="/many", bytes=size)
+            meta |= dict(sha256="0" * 64, started="", finished="", peer="")
+            (root / f"{saveset}.json").write_text(json.dumps(meta))
+            sent, target = f"GET /savesets/{saveset}/entries HTTP/1.1\r\nHost: x\r\n\r\n", "GET /s"
+        else:
+            sent, target = "GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 20_000, "GET /status"
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        raw.settimeout(DEADLINE)
+        raw.connect(("127.0.0.1", stpd.port))
+        with tls_context(hpki, client).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            try:
+                sock.sendall(sent.encode())  # while stpd answers, and stops reading in turn
+            except OSError:
+                pass  # stpd closed the connection first
+            stpd.log.wait_for(
+                rf"^WARNING client {PEER} stopped reading the answer to {re.escape(target)}\S*; "
+                r"closed after 0\.5s \(STPD_IO_TIMEOUT\)$"
+            )
+            wait_closed(sock)
+        assert not stpd.log.matching(r"internal error|TooSlowError")
         assert_serves(stpd, client, tmp_path)

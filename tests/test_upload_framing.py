@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import h11
 import pytest
@@ -17,6 +18,7 @@ from tests.test_hostile_common import (
     LOOPBACK,
     assert_no_partial,
     hpki,  # noqa: F401  (fixture)
+    read_answer,
     tar_bytes,
     tls_connect,
     tls_context,
@@ -78,4 +80,28 @@ def test_upload_then_pipelined_request_on_the_same_connection(hpki: Pki, framing
         saved = stpd.daemon.store.tar_path(meta["saveset"]).read_bytes()
         assert saved == body
         assert status_status == 200 and "version" in json.loads(status_body)
+        assert_no_partial(stpd.daemon.store.root)
+
+
+@pytest.mark.parametrize(
+    ("wire", "error"),
+    [
+        (b"1" + b"0" * 16 + b"\r\n", "bad chunk size b'10000000000000000'"),  # 17 hex digits
+        (b"5\r\nhelloXX", "chunk data not followed by CRLF"),
+    ],
+)
+def test_bad_chunked_framing_is_answered_400(hpki: Pki, wire: bytes, error: str) -> None:  # noqa: F811
+    """Not a closed connection without a word: the client reads why."""
+    client = hpki.client_ini("good")
+    head = f"PUT /savesets?source=/framing HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+    head += "Transfer-Encoding: chunked\r\n\r\n"
+    with running_stpd(hpki.layout, 2) as stpd:
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            sock.sendall(head.encode() + wire)
+            answer = read_answer(sock, "PUT")
+        assert answer is not None and answer.status == 400, answer
+        assert answer.headers["connection"] == "close"
+        assert answer.json() == {"error": f"bad request: {error}; nothing stored"}
+        stpd.log.wait_for(rf"^WARNING upload from .* \(CN=good\) cut off: {re.escape(error)}")
+        assert stpd.daemon.store.all() == []
         assert_no_partial(stpd.daemon.store.root)
