@@ -594,6 +594,11 @@ class Session:
         # The whole saveset comes with its checksum and length; selected
         # entries (found by stpd as it sends them) chunked, without either.
         expected = response.headers.get("x-sha256", "")
+        if not only and not expected:  # would be restored unverified, and said "selected entries"
+            raise SbcError(
+                f"stpd at {self.where} sent saveset {saveset} without its checksum (X-Sha256): "
+                "refused, as it could not be verified; nothing was restored"
+            )
         length_text = response.headers.get("content-length", "")
         body: LengthBody | ChunkedBody
         if length_text.isdigit():

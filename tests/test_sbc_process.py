@@ -452,3 +452,42 @@ def test_sigterm_or_sighup_mid_restore_removes_the_incomplete_file(
     )
     assert (target / "tree" / "first.txt").read_bytes() == first
     assert not incomplete.exists()
+
+
+def test_a_whole_saveset_sent_without_its_checksum_is_refused(pki: Pki, tmp_path: Path) -> None:
+    """A server that leaves X-Sha256 out of a whole restore: sbc restored it
+    unchecked, and said "selected entries only" although none were asked
+    for. Refused before anything is written."""
+    stream = tar_bytes([("tree/file.txt", b"unverified\n")])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(65536)
+            tls.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(stream), stream)
+            )
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = pki.client_ini("unchecked")
+    target = tmp_path / "back"
+    where = f"127.0.0.1:{listener.getsockname()[1]}"
+    code, out, err = run_sbc(
+        "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001", str(target),
+        "--server", where,
+    )  # fmt: skip
+    server.join(WAIT_SECONDS)
+    listener.close()
+    assert (code, out) == (1, "")
+    assert err == (
+        f"sbc: error: stpd at {where} sent saveset SS-20260101T000000Z-00000001 without its "
+        "checksum (X-Sha256): refused, as it could not be verified; nothing was restored\n"
+    )
+    assert not target.exists()
