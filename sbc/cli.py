@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pki.console import reader_gone, share_of
+from pki.console import one_line, reader_gone, share_of
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -369,7 +370,8 @@ def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | 
         if not savesets:
             print(f"no savesets for this client on {session.where}")
         for item in savesets:
-            print(f"{item['saveset']}  {item['created']}  {item['bytes']:>14}  {item['source']}")
+            source = one_line(item["source"])  # as its client sent it
+            print(f"{item['saveset']}  {item['created']}  {item['bytes']:>14}  {source}")
     return list(savesets)
 
 
@@ -378,10 +380,22 @@ _TYPE_LETTERS = {"file": "-", "directory": "d", "symlink": "l", "hardlink": "h",
 _LINK_WORDS = {"symlink": " -> ", "hardlink": " link to "}
 
 
+# What tar -tv escapes in a name, and how: a newline would make two entries
+# of one, and an escape sequence (ESC) would reach the terminal; a saveset's
+# names are whatever its client sent.
+_TAR_ESCAPED = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TAR_NAMED = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r"}
+_TAR_NAMED |= {"\t": "\\t", "\v": "\\v"}
+
+
+def _tar_escape(match: re.Match[str]) -> str:
+    char = match[0]
+    return _TAR_NAMED.get(char) or "".join(f"\\{byte:03o}" for byte in char.encode())
+
+
 def _shown(name: str) -> str:
-    """A name on one line, as tar -tv escapes it: a newline in a name would
-    make two entries of one."""
-    return name.translate({ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+    """A name on one line, as tar -tv escapes it (ESC as \\033)."""
+    return _TAR_ESCAPED.sub(_tar_escape, name)
 
 
 def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
@@ -402,7 +416,8 @@ def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
         link = _LINK_WORDS.get(entry["type"], "")
         target = f"{link}{_shown(entry.get('link', ''))}" if link else ""
         print(
-            f"{mode} {entry['owner']} {size:>12} {entry['mtime']} {_shown(entry['name'])}{target}"
+            f"{mode} {_shown(entry['owner'])} {size:>12} {entry['mtime']} {_shown(entry['name'])}"
+            f"{target}"
         )
     if as_json:
         print("[]" if separator == "[\n" else "\n]")

@@ -1157,13 +1157,30 @@ def test_verify_tells_an_intact_saveset_from_a_damaged_one(
     assert last["sha256"] == hashlib.sha256(damaged).hexdigest()
 
 
+def test_list_shows_a_source_with_control_characters_on_one_line(pki: Pki, tmp_path: Path) -> None:
+    """A saveset's source is what its client sent (at levels 0 and 1 every
+    client without a certificate shares one owner): a newline in it made
+    two lines of one in `sbc list`, and an ESC reached the terminal."""
+    tree = tmp_path / "two\nlines\x1b[2J"
+    tree.mkdir()
+    (tree / "f").write_text("x\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = backed_up(stpd, ini, tree)
+        code, out, err = run_sbc(*ini, "list", "--server", stpd.address)
+    assert code == 0, err
+    [line] = out.splitlines()
+    assert line.startswith(saveset) and line.endswith(f"{tmp_path}/two\\nlines\\x1b[2J")
+
+
 def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path) -> None:
     """``sbc list SAVESET`` names what ``tar -tvf`` of the stored saveset
     names, with the same types, sizes and links; as JSON too. Another
     client's saveset is refused as if it did not exist. A device shows c
     or b and major,minor, and a name with a newline or a backslash is
     escaped as tar escapes it (they showed "?" and no numbers, and a name
-    across two lines)."""
+    across two lines; an ESC went to the terminal as it was)."""
     tree = tmp_path / "etc"
     (tree / "ssh").mkdir(parents=True)
     (tree / "ssh" / "sshd_config").write_text("PermitRootLogin no\n")
@@ -1173,6 +1190,7 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
     os.mkfifo(tree / "fifo")
     os.mknod(tree / "null", 0o644 | stat.S_IFCHR, os.makedev(1, 3))
     (tree / "new\nline\\x").write_text("odd\n")
+    (tree / "esc\x1b[31mred\x7f").write_text("colours the terminal\n")
     client = pki.client_ini("client1")
     ini = ["--ini-dir", str(client.ini_dir)]
     with running_stpd(pki.layout, level=2) as stpd:
@@ -1185,7 +1203,8 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
             ["tar", "-tvf", str(stored)], capture_output=True, text=True, check=True
         )
         ours, theirs = out.splitlines(), gnu.stdout.splitlines()
-        assert len(ours) == len(theirs) == 9
+        assert len(ours) == len(theirs) == 10
+        assert "etc/esc\\033[31mred\\177" in out
         for line, tar_line in zip(ours, theirs, strict=True):
             mode, owner, size, _, name = line.split()[:5]
             tar_mode, tar_owner, tar_size, _, _, tar_name = tar_line.split()[:6]
@@ -1199,6 +1218,7 @@ def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path
         as_json = sbc_json(*listing, "--json")
         assert [(e["name"], e["type"]) for e in as_json] == [  # type: ignore[union-attr, index]
             ("etc", "directory"),
+            ("etc/esc\x1b[31mred\x7f", "file"),
             ("etc/fifo", "fifo"),
             ("etc/hosts", "file"),
             ("etc/hosts.hard", "hardlink"),
