@@ -198,7 +198,12 @@ def _load_cert_and_key(ctx: SSL.Context, cert: Path, key: Path, fix: str) -> Non
 
 
 def _load_ca(ctx: SSL.Context, layout: Layout) -> x509.Certificate:
-    fix = f"copy rootCA.pem from the backup server, or create it with `sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
+    # Not "create it": a CA made on an RDS or a client signed nothing the
+    # other side has (but on the backup server, before any certificate).
+    fix = (
+        "copy ca/rootCA.pem here from the backup server, where `sm_ssl_cert ca` created it "
+        "(a CA created here would not be the one that signed the other side's certificates)"
+    )
     _require_file(layout.ca_cert, "root CA certificate", fix)
     try:
         ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())

@@ -237,9 +237,9 @@ def break_client(pki: Pki, client: Layout, what: str) -> tuple[str, ...]:
     if what == "ca-not-a-ca":
         shutil.copy(client.client_cert, client.ca_cert)
         return (str(client.ca_cert), "not a CA certificate", fix)
-    if what == "ca-missing":
+    if what == "ca-missing":  # (not "create it": that CA would sign nothing stpd has)
         client.ca_cert.unlink()
-        return (str(client.ca_cert), "not found", fix)
+        return (str(client.ca_cert), "not found", "copy ca/rootCA.pem here from the backup server")
     if what in ("auth-7", "verify-text"):
         key = "SBC_CLIENT_SSL_AUTH" if what == "auth-7" else "SBC_SSL_SERVER_VERIFY"
         value = "7" if what == "auth-7" else "yes"
