@@ -295,7 +295,7 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
             )
         entries = f"{restored.members} entries"
-        if args.entries:
+        if args.entries or restored.extracted != restored.members:  # (some kept, or skipped)
             entries = f"{restored.extracted} of {entries}"
         checked = (
             "sha256 verified"

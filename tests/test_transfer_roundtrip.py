@@ -198,6 +198,10 @@ def test_restore_keeps_existing_files_unless_told_to_overwrite(
             "a restore that was killed; --overwrite replaces them)\n"
         ) in err
         assert "sha256 verified" in out
+        # Not "N entries", as if it had restored them all.
+        members = again["members"]  # type: ignore[index]
+        extracted = members - len(files)  # type: ignore[operator]
+        assert f" into {target}: {extracted} of {members} entries, " in out
 
         replaced = sbc_json(*restore, "--overwrite", "--json")
         assert replaced["kept"] == []  # type: ignore[index]
