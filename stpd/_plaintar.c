@@ -405,7 +405,7 @@ static PyObject *scan_members(PyObject *self, PyObject *args)
         /* Not passed: extensions, whose data changes what follows; the old
          * regular type (a directory if its name ends in '/'); fields that
          * are not octal (base-256 among them). */
-        if (strchr("xgLK", kind) != NULL || kind == 0)
+        if (strchr("xXgLK", kind) != NULL || kind == 0) /* X: Solaris's x */
             break;
         if (octal(h + 148, 8, &stored) < 0 || octal(h + 124, 12, &size) < 0)
             break;

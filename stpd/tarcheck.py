@@ -44,10 +44,13 @@ MAX_EXTENSION_HEADER = 1024 * 1024  # bytes of data of a header in _EXTENSIONS
 # Headers that describe the member after them, and what to call each.
 _EXTENSIONS = {
     tarfile.XHDTYPE: "PAX header",
+    tarfile.SOLARIS_XHDTYPE: "Solaris PAX header",  # read by tarfile as a PAX header
     tarfile.XGLTYPE: "PAX global header",
     tarfile.GNUTYPE_LONGNAME: "GNU long name header",
     tarfile.GNUTYPE_LONGLINK: "GNU long link header",
 }
+# Those whose records (a size among them) apply to the member after them.
+_PAX_HEADERS = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
 _PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
 
@@ -153,7 +156,7 @@ class TarStreamCheck:
             size, self._size_override = self._size_override, None
         data_blocks = -(-size // BLOCK) if kind not in _NO_DATA else 0
         self._next_header = at + BLOCK + data_blocks * BLOCK
-        if kind == tarfile.XHDTYPE:
+        if kind in _PAX_HEADERS:
             self._pax = bytearray()
             self._pax_end = at + BLOCK + size
             if size == 0:

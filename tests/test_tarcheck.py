@@ -122,6 +122,7 @@ def extension(kind: bytes, data: bytes, size: int | None = None) -> bytes:
     ("kind", "what"),
     [
         (tarfile.XHDTYPE, "PAX header"),
+        (tarfile.SOLARIS_XHDTYPE, "Solaris PAX header"),
         (tarfile.XGLTYPE, "PAX global header"),
         (tarfile.GNUTYPE_LONGNAME, "GNU long name header"),
         (tarfile.GNUTYPE_LONGLINK, "GNU long link header"),
@@ -141,6 +142,24 @@ def test_extension_headers_over_the_limit_are_refused_at_their_header(
         tarfile.USTAR_FORMAT, [("f", b"x")], extra=False
     )
     assert check(at_limit).members == 1
+
+
+def test_a_solaris_pax_header_sizes_the_member_after_it_as_tarfile_does() -> None:
+    """tarfile reads type X as a PAX header: its size record applies to the
+    member after it. The check counted X as a member of its own, and the
+    member by its header's size: two framings of one stream."""
+    payload = b"z" * 700
+    member = tarfile.TarInfo("big")  # its header says 0 bytes
+    data = (
+        extension(tarfile.SOLARIS_XHDTYPE, b"%d size=%d\n" % (len(b" size=700\n") + 2, 700))
+        + member.tobuf(tarfile.USTAR_FORMAT)
+        + payload
+        + bytes(-len(payload) % 512)
+        + bytes(1024)
+    )
+    assert check(data).members == 1
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert [(m.name, m.size) for m in tar.getmembers()] == [("big", 700)]
 
 
 def test_a_pax_size_record_sizes_the_member_after_a_gnu_long_name_as_tarfile_does() -> None:
