@@ -166,6 +166,9 @@ class Session:
         self.answers = 0  # responses received on this connection
         self.sent = 0  # body bytes the kernel took on this connection
         self.accepted = False  # stpd answered 100 Continue: it reads our request
+        # A backup's whole body is sent and its answer awaited: stpd may have
+        # stored it by now, so a break is not "nothing kept" (see _outcome_unknown).
+        self.sent_whole_backup = False
         self._early_answer: h11.Event | None = None  # read while sending a backup
 
     def __enter__(self) -> Session:
@@ -284,7 +287,16 @@ class Session:
         with an answer), so a break now is not a refusal."""
         return self.accepted or self.sent > READ_BY_SERVER_BYTES
 
+    def _outcome_unknown(self, what: str) -> SbcError:
+        return SbcError(
+            f"{what} after the whole backup ({self.sent / 1e6:.1f} MB) was sent: stpd may have "
+            "stored it (storing a large saveset on a slow disk takes time); `sbc list` shows "
+            "it if it was, else run the backup again"
+        )
+
     def _lost_mid_backup(self, reason: str) -> SbcError:
+        if self.sent_whole_backup:
+            return self._outcome_unknown(f"connection to stpd at {self.where} lost ({reason})")
         return SbcError(
             f"connection to stpd at {self.where} lost during the backup after "
             f"{self.sent / 1e6:.1f} MB ({reason}): stpd stopped or the network failed; stpd "
@@ -353,9 +365,12 @@ class Session:
             except TLSTimeout:
                 if timeout is not None:
                     raise _Silent from None
-                raise SbcError(
-                    f"stpd at {self.where} stopped answering ({self.config.io_timeout:g}s)"
-                ) from None
+                silent = f"stpd at {self.where} stopped answering ({self.config.io_timeout:g}s)"
+                if self.sent_whole_backup:
+                    raise self._outcome_unknown(
+                        f"{silent}; raise SBC_IO_TIMEOUT in sm.ini"
+                    ) from None
+                raise SbcError(silent) from None
             except TLSBroken as exc:
                 raise self._broken_off(exc) from None
             if not data and not self.answers:
@@ -550,6 +565,7 @@ class Session:
                 sent_all = send_tree()
             if sent_all:
                 self._send_raw(h11.EndOfMessage())
+                self.sent_whole_backup = True
         except TLSTimeout:
             raise SbcError(
                 f"stpd at {self.where} stopped reading our data ({self.config.io_timeout:g}s)"

@@ -491,3 +491,59 @@ def test_a_whole_saveset_sent_without_its_checksum_is_refused(pki: Pki, tmp_path
         "checksum (X-Sha256): refused, as it could not be verified; nothing was restored\n"
     )
     assert not target.exists()
+
+
+@pytest.mark.parametrize("server_does", ["closes", "stays-silent"])
+def test_a_backup_sent_whole_but_not_answered_is_not_called_lost(
+    pki: Pki, tmp_path: Path, server_does: str
+) -> None:
+    """stpd stores a saveset after the last byte arrives (fsync, rename): a
+    connection that breaks then, or an answer that takes longer than
+    SBC_IO_TIMEOUT, may follow a stored backup. sbc said "stpd keeps
+    nothing of an interrupted backup, run it again"; it now says that the
+    outcome is not known and where to look."""
+    source = tmp_path / "data.bin"
+    source.write_bytes(bytes(range(256)) * 8192)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:  # takes the whole body, then no answer
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            while not data.endswith(b"0\r\n\r\n"):  # the end of the chunked body
+                chunk = tls.recv(1 << 20)
+                assert chunk
+                data += chunk
+            if server_does == "stays-silent":
+                done.wait(WAIT_SECONDS)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = pki.client_ini("unanswered", extra_ini="[SBC]\nSBC_IO_TIMEOUT=1\n")
+    where = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", where
+        )
+    finally:
+        done.set()
+        server.join(WAIT_SECONDS)
+        listener.close()
+    assert (code, out) == (1, "")
+    cause = (
+        f"stpd at {where} stopped answering (1s); raise SBC_IO_TIMEOUT in sm.ini"
+        if server_does == "stays-silent"
+        else f"connection to stpd at {where} lost ("
+    )
+    assert err.startswith(f"sbc: error: {cause}"), err
+    assert err.endswith(
+        " after the whole backup (2.1 MB) was sent: stpd may have stored it (storing a large "
+        "saveset on a slow disk takes time); `sbc list` shows it if it was, else run the backup "
+        "again\n"
+    ), err
