@@ -652,7 +652,9 @@ class Session:
         if expected and result.sha256 != expected:
             raise SbcError(
                 f"restored data of {saveset} does not match its checksum "
-                f"(got {result.sha256}, expected {expected}): the saveset may be damaged"
+                f"(got {result.sha256}, expected {expected}): what was restored into {target} "
+                f"may be damaged, do not rely on it; `sbc verify {saveset}` says whether the "
+                "server's copy is; if it is intact, restore again"
             )
         result.checked = bool(expected)
         return result

@@ -547,3 +547,44 @@ def test_a_backup_sent_whole_but_not_answered_is_not_called_lost(
         "saveset on a slow disk takes time); `sbc list` shows it if it was, else run the backup "
         "again\n"
     ), err
+
+
+def test_a_restore_that_does_not_match_its_checksum_says_the_files_are_suspect(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """It said only "the saveset may be damaged", and exited after writing
+    the files: a reader took the files for good. It names the target."""
+    stream = tar_bytes([("tree/file.txt", b"changed on the way\n")])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(65536)
+            tls.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: %d\r\n"
+                b"X-Sha256: %s\r\n\r\n%s" % (len(stream), b"0" * 64, stream)
+            )
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = pki.client_ini("suspect")
+    target, saveset = tmp_path / "back", "SS-20260101T000000Z-00000001"
+    code, out, err = run_sbc(
+        "--ini-dir", str(client.ini_dir), "restore", saveset, str(target),
+        "--server", f"127.0.0.1:{listener.getsockname()[1]}",
+    )  # fmt: skip
+    server.join(WAIT_SECONDS)
+    listener.close()
+    assert (code, out) == (1, "")
+    assert err == (
+        f"sbc: error: restored data of {saveset} does not match its checksum (got "
+        f"{hashlib.sha256(stream).hexdigest()}, expected {'0' * 64}): what was restored into "
+        f"{target} may be damaged, do not rely on it; `sbc verify {saveset}` says whether the "
+        "server's copy is; if it is intact, restore again\n"
+    )
+    assert (target / "tree" / "file.txt").exists()  # left for the administrator to judge
