@@ -651,7 +651,7 @@ class _Extraction(tarfile.TarFile):
 
     def _set_link_attributes(self, fd: int, tarinfo: tarfile.TarInfo) -> None:
         """Owner (as root), extended attributes and time of the symbolic link
-        ``fd`` (opened O_PATH) is. Python has no calls that take such a
+        opened (O_PATH) as ``fd``. Python has no calls that take such a
         descriptor; its /proc/self/fd name leads to the link itself (not
         followed further). Without /proc they are left as they are."""
         link = f"/proc/self/fd/{fd}"
