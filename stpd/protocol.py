@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -267,6 +268,12 @@ class Reject:
 
 
 Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Verify | Reject
+# GET /savesets/ID/NAME
+_SAVESET_VIEWS: dict[str, Callable[[str], Action]] = {
+    "meta": Metadata,
+    "entries": Entries,
+    "verify": Verify,
+}
 
 
 def _query_pairs(query: str, most: int, errors: str = "strict") -> list[tuple[str, str]] | Reject:
@@ -280,6 +287,17 @@ def _query_pairs(query: str, most: int, errors: str = "strict") -> list[tuple[st
         )
     except (ValueError, UnicodeDecodeError):
         return Reject(400, "malformed query string")
+
+
+def _no_query(query: str) -> Reject | None:
+    """A route without parameters refuses any (README: 400 for an unknown
+    one), so that a client's typo is not served as if it had been heard."""
+    pairs = _query_pairs(query, 8)
+    if isinstance(pairs, Reject):
+        return pairs
+    if pairs:
+        return Reject(400, f"unknown query parameter {sorted(k for k, _ in pairs)[0]!r}")
+    return None
 
 
 def _entries_value(query: str) -> tuple[str, ...] | Reject:
@@ -327,10 +345,12 @@ def route(method: str, target: str) -> Action:
         return Reject(400, "invalid request target")
     segments = [s for s in path.split("/") if s]
     if segments == ["status"]:
-        return Status() if method == "GET" else Reject(405, "use GET /status")
+        if method != "GET":
+            return Reject(405, "use GET /status")
+        return _no_query(parts.query) or Status()
     if segments == ["savesets"]:
         if method == "GET":
-            return ListSavesets()
+            return _no_query(parts.query) or ListSavesets()
         if method in ("PUT", "POST"):
             source = _source_value(parts.query)
             return source if isinstance(source, Reject) else Upload(source)
@@ -344,10 +364,7 @@ def route(method: str, target: str) -> Action:
         if len(segments) == 2:
             entries = _entries_value(parts.query)
             return entries if isinstance(entries, Reject) else Download(saveset, entries)
-        if segments[2] == "meta":
-            return Metadata(saveset)
-        if segments[2] == "entries":
-            return Entries(saveset)
-        if segments[2] == "verify":
-            return Verify(saveset)
+        view = _SAVESET_VIEWS.get(segments[2])
+        if view is not None:
+            return _no_query(parts.query) or view(saveset)
     return Reject(404, f"no such resource {path!r}")
