@@ -23,8 +23,10 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import h11
 from cryptography import x509
 
 from pki.names import SUBJECT_KEYS
@@ -145,6 +147,24 @@ def unread_request_answer(status: bytes, content_type: bytes, body: bytes) -> by
     not read (h11 answers only one it has read)."""
     head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nConnection: close\r\n" % (status, content_type)
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def with_reason(event: h11.Event) -> h11.Event:
+    """``event`` with the standard reason phrase if it is a response without
+    one: h11 sends none unless told (``HTTP/1.1 201 ``), which reads as a
+    broken server in ``curl -v`` and in some clients' errors."""
+    if not isinstance(event, h11.Response | h11.InformationalResponse) or event.reason:
+        return event
+    try:
+        phrase = HTTPStatus(event.status_code).phrase
+    except ValueError:  # a code http does not name: nothing standard to say
+        return event
+    return type(event)(
+        status_code=event.status_code,
+        headers=event.headers,
+        http_version=event.http_version,
+        reason=phrase,
+    )
 
 
 PLAIN_HTTP_REASON = "http request"  # OpenSSL's words for "GET / HTTP/1.1" on a TLS port
