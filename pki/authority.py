@@ -73,7 +73,8 @@ DEFAULT_KEY_TYPE: KeyType = "ec"  # ECDSA P-256: small, fast, accepted everywher
 RSA_KEY_SIZE = 3072  # for old peers; 3072 bits matches the strength of P-256
 DEFAULT_CA_COMMON_NAME = "SEP sesam root CA"
 # An encrypted root CA key is as safe as its passphrase: PBKDF2 with 2,048
-# rounds (OpenSSL's default, which cryptography uses) slows guessing little.
+# rounds (OpenSSL's default, which cryptography uses and cannot raise for
+# PKCS#8; README says how to with openssl) slows guessing little.
 MIN_PASSPHRASE_LENGTH = 12
 
 Profile = Literal["server", "client"]

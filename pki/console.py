@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -29,6 +30,16 @@ def share_of(part: int, whole: int) -> str:
     if unit == "bytes":
         return f"{part} of {whole} bytes"
     return f"{part / scale:.1f} of {whole / scale:.1f} {unit}"
+
+
+def in_days(days: float) -> str:
+    """When a coming date (a CRL's next update) is, in whole days left, as
+    stpd's log and `sbc status` both say it: "in 2 days" for 2.9, and "in
+    less than a day" rather than "in 0 days" or "within 1 day"."""
+    whole = math.floor(days)
+    if whole < 1:
+        return "in less than a day"
+    return f"in {whole} day{'s' if whole > 1 else ''}"
 
 
 # C0 controls, DEL and C1 controls (NEL among them), and the Unicode line and

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pki.console import one_line, reader_gone, share_of
+from pki.console import in_days, one_line, reader_gone, share_of
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -452,7 +452,15 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             else ""
         )
         crl = status.get("crl") or {}
-        crl_text = f", CRL next update in {crl['days_left']} days" if "days_left" in crl else ""
+        crl_text = ""
+        if "days_left" in crl:
+            # days_left is cut toward zero: 0 is up to a day past too, which stpd calls out of date
+            next_update = str(crl.get("next_update", ""))
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            if crl["days_left"] < 0 or (next_update and next_update <= now):
+                crl_text = f", CRL out of date since {next_update}"
+            else:
+                crl_text = f", CRL next update {in_days(crl['days_left'])}"
         print(
             f"stpd {status.get('version')} at {session.where}: level {status.get('level')}, "
             f"up {status.get('uptime_seconds')}s, {status.get('active_transfers')} active transfers, "

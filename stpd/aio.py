@@ -9,6 +9,7 @@ from typing import TypeVar
 import h11
 import trio
 
+from stpd.protocol import with_reason
 from stpd.tlsstream import TLSStream
 from stpd.transfer import framed
 
@@ -54,10 +55,11 @@ async def run_transfer(
 async def send_events(
     stream: TLSStream, conn: h11.Connection, events: Iterable[h11.Event], timeout: float
 ) -> None:
-    """``events`` framed by h11 and sent in one go. Used by both sides for
-    every HTTP message but the bulk of a body (``send_batch``)."""
+    """``events`` framed by h11 and sent in one go, responses with their
+    reason phrase. STPD sends every HTTP message this way but the bulk of
+    a body (``send_batch``)."""
     with trio.fail_after(timeout):
-        await stream.send_many(framed(conn, events))
+        await stream.send_many(framed(conn, map(with_reason, events)))
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:

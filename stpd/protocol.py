@@ -21,9 +21,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import h11
 from cryptography import x509
 
 from pki.names import SUBJECT_KEYS
@@ -144,6 +147,24 @@ def unread_request_answer(status: bytes, content_type: bytes, body: bytes) -> by
     not read (h11 answers only one it has read)."""
     head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nConnection: close\r\n" % (status, content_type)
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def with_reason(event: h11.Event) -> h11.Event:
+    """``event`` with the standard reason phrase if it is a response without
+    one: h11 sends none unless told (``HTTP/1.1 201 ``), which reads as a
+    broken server in ``curl -v`` and in some clients' errors."""
+    if not isinstance(event, h11.Response | h11.InformationalResponse) or event.reason:
+        return event
+    try:
+        phrase = HTTPStatus(event.status_code).phrase
+    except ValueError:  # a code http does not name: nothing standard to say
+        return event
+    return type(event)(
+        status_code=event.status_code,
+        headers=event.headers,
+        http_version=event.http_version,
+        reason=phrase,
+    )
 
 
 PLAIN_HTTP_REASON = "http request"  # OpenSSL's words for "GET / HTTP/1.1" on a TLS port
@@ -267,6 +288,12 @@ class Reject:
 
 
 Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Verify | Reject
+# GET /savesets/ID/NAME
+_SAVESET_VIEWS: dict[str, Callable[[str], Action]] = {
+    "meta": Metadata,
+    "entries": Entries,
+    "verify": Verify,
+}
 
 
 def _query_pairs(query: str, most: int, errors: str = "strict") -> list[tuple[str, str]] | Reject:
@@ -280,6 +307,17 @@ def _query_pairs(query: str, most: int, errors: str = "strict") -> list[tuple[st
         )
     except (ValueError, UnicodeDecodeError):
         return Reject(400, "malformed query string")
+
+
+def _no_query(query: str) -> Reject | None:
+    """A route without parameters refuses any (README: 400 for an unknown
+    one), so that a client's typo is not served as if it had been heard."""
+    pairs = _query_pairs(query, 8)
+    if isinstance(pairs, Reject):
+        return pairs
+    if pairs:
+        return Reject(400, f"unknown query parameter {sorted(k for k, _ in pairs)[0]!r}")
+    return None
 
 
 def _entries_value(query: str) -> tuple[str, ...] | Reject:
@@ -327,10 +365,12 @@ def route(method: str, target: str) -> Action:
         return Reject(400, "invalid request target")
     segments = [s for s in path.split("/") if s]
     if segments == ["status"]:
-        return Status() if method == "GET" else Reject(405, "use GET /status")
+        if method != "GET":
+            return Reject(405, "use GET /status")
+        return _no_query(parts.query) or Status()
     if segments == ["savesets"]:
         if method == "GET":
-            return ListSavesets()
+            return _no_query(parts.query) or ListSavesets()
         if method in ("PUT", "POST"):
             source = _source_value(parts.query)
             return source if isinstance(source, Reject) else Upload(source)
@@ -344,10 +384,7 @@ def route(method: str, target: str) -> Action:
         if len(segments) == 2:
             entries = _entries_value(parts.query)
             return entries if isinstance(entries, Reject) else Download(saveset, entries)
-        if segments[2] == "meta":
-            return Metadata(saveset)
-        if segments[2] == "entries":
-            return Entries(saveset)
-        if segments[2] == "verify":
-            return Verify(saveset)
+        view = _SAVESET_VIEWS.get(segments[2])
+        if view is not None:
+            return _no_query(parts.query) or view(saveset)
     return Reject(404, f"no such resource {path!r}")

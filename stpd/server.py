@@ -12,7 +12,6 @@ import datetime
 import errno
 import json
 import logging
-import math
 import os
 import tarfile
 import time
@@ -28,7 +27,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from pki.authority import CA_RENEWAL, EXPIRY_WARNING_DAYS, days_left
-from pki.console import share_of
+from pki.console import in_days, share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
 from pki.files import open_to_others
@@ -502,11 +501,11 @@ class Stpd:
             )
         elif left < CRL_WARNING_DAYS:
             log.warning(
-                "CRL %s must be written again within %d day(s) (next update %s UTC), or every "
+                "CRL %s must be written again before its next update %s (%s UTC), or every "
                 "client certificate fails validation: run `sm_ssl_cert crl` where the CA key is "
                 "(e.g. weekly from cron) and copy it here",
                 crl,
-                math.ceil(left),
+                in_days(left),  # as `sbc status` counts them
                 f"{next_update:%Y-%m-%d %H:%M}",
             )
 

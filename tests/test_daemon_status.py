@@ -4,6 +4,8 @@ the root CA expires within 30 days."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import re
 import signal
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import sbc.cli
 import stpd.config
 import stpd.server
 from pki import crl as crl_module
 from pki.authority import CertificateAuthority
+from pki.console import in_days
 from pki.layout import Layout
 from stpd import __version__
 from tests.conftest import Pki, StpdProcess, make_pki, run_sbc, running_stpd, write_stpd_ini
@@ -256,20 +260,23 @@ def test_sbc_command_output_that_cannot_be_written_is_one_clear_line(pki: Pki) -
         check_status(json.loads(piped.stdout), active=0)
 
 
+@pytest.mark.parametrize(("days", "left"), [(3, "in 2 days"), (1, "in less than a day")])
 def test_a_crl_near_its_next_update_is_warned_about_and_shown_in_status(
-    pki: Pki, monkeypatch: pytest.MonkeyPatch
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, days: int, left: str
 ) -> None:
     """Past its next update the CRL fails every client certificate (see
     test_lifecycle_stpd): stpd warns within CRL_WARNING_DAYS, daily, and
-    status shows the date; a new CRL from `sm_ssl_cert crl` ends it."""
+    status shows the date; a new CRL from `sm_ssl_cert crl` ends it. The
+    log and `sbc status` count the days alike (with 24 h left they said
+    "within 1 day(s)" and "in 0 days")."""
     client = pki.client_ini("crl-watcher")
-    crl_module.write_crl(pki.ca, days=3)
+    crl_module.write_crl(pki.ca, days=days)
     monkeypatch.setattr(stpd.server, "EXPIRY_CHECK_INTERVAL", 0.05)
     warning = (
-        rf"^WARNING CRL {re.escape(str(pki.layout.crl))} must be written again within 3 day\(s\) "
-        r"\(next update \d{4}-\d\d-\d\d \d\d:\d\d UTC\), or every client certificate fails "
-        r"validation: run `sm_ssl_cert crl` where the CA key is \(e\.g\. weekly from cron\) and "
-        r"copy it here$"
+        rf"^WARNING CRL {re.escape(str(pki.layout.crl))} must be written again before its next "
+        rf"update {left} \(\d{{4}}-\d\d-\d\d \d\d:\d\d UTC\), or every client certificate "
+        r"fails validation: run `sm_ssl_cert crl` where the CA key is \(e\.g\. weekly from cron\) "
+        r"and copy it here$"
     )
     with running_stpd(pki.layout) as daemon:
         daemon.log.wait_for(warning)
@@ -281,12 +288,12 @@ def test_a_crl_near_its_next_update_is_warned_about_and_shown_in_status(
             "--ini-dir", str(client.ini_dir), "status", "--server", daemon.address
         )
         assert code == 0, err
-        assert ", CRL next update in 2 days, " in out, out  # 2.99 days, as for certificates
+        assert f", CRL next update {left}, " in out, out  # 2.99 days: 2, as for certificates
         code, out, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "status", "--server", daemon.address, "--json"
         )
         crl = json.loads(out)["crl"]
-        assert crl["days_left"] == 2
+        assert crl["days_left"] == days - 1
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", crl["next_update"])
 
         crl_module.write_crl(pki.ca)  # the fix: 30 days more
@@ -296,6 +303,42 @@ def test_a_crl_near_its_next_update_is_warned_about_and_shown_in_status(
         assert code == 0, err
         daemon.log.wait_for(r"^INFO CRL .* changed: reloaded$")
         assert json.loads(out)["crl"]["days_left"] == 29
+
+
+@pytest.mark.parametrize(
+    ("days", "said"), [(2.99, "in 2 days"), (1.0, "in 1 day"), (0.99, "in less than a day")]
+)
+def test_in_days(days: float, said: str) -> None:
+    assert in_days(days) == said
+
+
+@pytest.mark.parametrize(
+    ("days_left", "hours", "said"),
+    [
+        (0, 23, "CRL next update in less than a day"),
+        (1, 25, "CRL next update in 1 day"),
+        (0, -1, "CRL out of date since "),  # days_left is cut toward zero
+        (-2, -49, "CRL out of date since "),
+    ],
+)
+def test_sbc_status_counts_crl_days_as_stpd_logs_them(
+    capsys: pytest.CaptureFixture[str], days_left: int, hours: int, said: str
+) -> None:
+    when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=hours)
+    next_update = f"{when:%Y-%m-%dT%H:%M:%SZ}"
+
+    class Answering:
+        where = "127.0.0.1:11443"
+
+        def get_json(self, path: str) -> dict:
+            assert path == "/status"
+            return {"crl": {"next_update": next_update, "days_left": days_left}}
+
+    sbc.cli._status(Answering(), argparse.Namespace(json=False))  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert f", {said}" in out, out
+    if "since" in said:
+        assert f"since {next_update}" in out, out
 
 
 def test_stpd_status_after_a_renewal_not_yet_reloaded(daemon: tuple[Pki, StpdProcess]) -> None:

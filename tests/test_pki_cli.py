@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pki.authority import format_serial
@@ -378,6 +380,48 @@ def test_a_key_encrypted_with_openssl_is_read_with_its_passphrase(
     )  # fmt: skip
     encrypted.replace(with_ca.ca_key)
     argv = ["--ini-dir", str(with_ca.ini_dir), "client", "--passphrase-file", str(secret)]
+    assert main(argv) == 0, capsys.readouterr().err
+
+
+def kdf_iterations(key: Path) -> int:
+    """The PBKDF2 iteration count of an encrypted PKCS#8 key, as
+    ``openssl asn1parse`` shows it: the first INTEGER (after the salt)."""
+    parsed = subprocess.run(
+        ["openssl", "asn1parse", "-in", str(key)], capture_output=True, text=True, check=True
+    ).stdout
+    match = re.search(r"prim: INTEGER\s+:([0-9A-F]+)", parsed)
+    assert match, parsed
+    return int(match[1], 16)
+
+
+def test_the_kdf_iterations_raised_as_readme_says(
+    ini: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cryptography writes 2,048 PBKDF2 iterations and cannot be told more
+    for PKCS#8; README's openssl command raises them to 600,000, and
+    OpenSSL and every command that signs still read the key."""
+    secret = passphrase_file(tmp_path)
+    assert main(["--ini-dir", str(ini), "ca", "--passphrase-file", str(secret)]) == 0
+    layout = Layout(ini)
+    assert kdf_iterations(layout.ca_key) == 2048
+    with pytest.raises(ValueError, match="only supported with PrivateFormat.OpenSSH"):
+        serialization.PrivateFormat.PKCS8.encryption_builder()  # if this passes: use it
+    new = tmp_path / "rootCA.key.new"
+    with secret.open() as stdin:
+        subprocess.run(
+            ["openssl", "pkcs8", "-topk8", "-in", str(layout.ca_key), "-passin", f"file:{secret}",
+             "-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA256", "-iter", "600000",
+             "-passout", "stdin", "-out", str(new)],
+            stdin=stdin, check=True,
+        )  # fmt: skip
+    assert mode(new) == 0o600
+    new.replace(layout.ca_key)
+    assert kdf_iterations(layout.ca_key) == 600_000
+    read_key = ["openssl", "pkey", "-in", str(layout.ca_key), "-noout", "-passin"]
+    assert subprocess.run([*read_key, f"file:{secret}"], capture_output=True).returncode == 0
+    assert subprocess.run([*read_key, "pass:wrong"], capture_output=True).returncode != 0
+    capsys.readouterr()
+    argv = ["--ini-dir", str(ini), "client", "--passphrase-file", str(secret)]
     assert main(argv) == 0, capsys.readouterr().err
 
 

@@ -268,7 +268,8 @@ def reject(action: object) -> Reject:
         ("GET", "/status", Status()),
         ("GET", "/status/", Status()),
         ("GET", "/savesets", ListSavesets()),
-        ("GET", "/savesets?ignored", ListSavesets()),
+        ("GET", "/savesets?", ListSavesets()),  # an empty query is no parameter
+        ("GET", "/status?", Status()),
         ("PUT", "/savesets?source=/home/user", Upload("/home/user")),
         ("POST", "/savesets?source=/home/user", Upload("/home/user")),
         ("PUT", "/savesets?source=%2Fhome%2Fa%20b%2B%C3%BC", Upload("/home/a b+ü")),
@@ -313,6 +314,17 @@ def test_source_at_the_length_limit_is_accepted() -> None:
         ("GET", "/status/more", 404, "no such resource '/status/more'"),
         ("GET", f"/savesets/{SS}/data", 404, f"no such resource '/savesets/{SS}/data'"),
         ("GET", f"/savesets/{SS}?source=/x", 400, "unknown query parameter 'source'"),
+        # README: 400 for an unknown query parameter, on every route
+        ("GET", "/status?foo=1", 400, "unknown query parameter 'foo'"),
+        ("GET", "/status?foo", 400, "malformed query string"),
+        ("GET", "/savesets?foo=1", 400, "unknown query parameter 'foo'"),
+        ("GET", "/savesets?source=/x", 400, "unknown query parameter 'source'"),
+        ("GET", "/savesets?ignored", 400, "malformed query string"),
+        ("GET", f"/savesets/{SS}/meta?x=1", 400, "unknown query parameter 'x'"),
+        ("GET", f"/savesets/{SS}/entries?entry=a", 400, "unknown query parameter 'entry'"),
+        ("GET", f"/savesets/{SS}/verify?b=1&a=2", 400, "unknown query parameter 'a'"),
+        ("POST", "/status?foo=1", 405, "use GET /status"),  # the method is wrong first
+        ("GET", f"/savesets/{SS}/data?x=1", 404, f"no such resource '/savesets/{SS}/data'"),
         (
             "GET",
             f"/savesets/{SS}?entry=",

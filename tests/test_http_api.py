@@ -1,0 +1,94 @@
+"""The HTTP API as README.md documents it, seen by a client over TLS."""
+
+from __future__ import annotations
+
+import re
+import ssl
+
+import h11
+import pytest
+
+from stpd.protocol import with_reason
+from tests.conftest import LOOPBACK, Pki, running_stpd
+from tests.test_hostile_common import request, small_tar, tls_connect, tls_context
+
+
+def test_every_route_answers_400_to_an_unknown_query_parameter(pki: Pki) -> None:
+    client = pki.client_ini("query")
+    with running_stpd(pki.layout) as stpd:
+        with tls_connect(stpd, tls_context(pki, client)) as sock:
+            answer = request(sock, "PUT", "/savesets?source=/q", small_tar())
+        assert answer is not None and answer.status == 201, answer
+        saveset = answer.json()["saveset"]  # type: ignore[index]
+        for target in (
+            "/status?foo=1",
+            "/savesets?foo=1",
+            "/savesets?source=/x",
+            f"/savesets/{saveset}/meta?x=1",
+            f"/savesets/{saveset}/entries?x=1",
+            f"/savesets/{saveset}/verify?x=1",
+        ):
+            with tls_connect(stpd, tls_context(pki, client)) as sock:
+                answer = request(sock, "GET", target)
+            assert answer is not None and answer.status == 400, (target, answer)
+            name = target.rsplit("?", 1)[1].split("=")[0]
+            assert answer.json() == {"error": f"unknown query parameter {name!r}"}, target
+
+
+def status_lines(sock: ssl.SSLSocket, count: int) -> list[bytes]:
+    """The first ``count`` status lines that arrive (an interim 100 counts)."""
+    got, lines = b"", []
+    while len(lines) < count:
+        data = sock.recv(65536)
+        assert data, f"connection closed; got {got!r}"
+        got += data
+        lines = re.findall(rb"^(HTTP/1\.1 [^\r\n]*)\r\n", got, re.MULTILINE)
+    return lines[:count]
+
+
+def test_every_answer_has_its_standard_reason_phrase(pki: Pki) -> None:
+    """h11 sends no reason phrase unless told: "HTTP/1.1 201 " in curl -v."""
+    client = pki.client_ini("reason")
+    tar = small_tar()
+    upload = (
+        f"PUT /savesets?source=/r HTTP/1.1\r\nHost: {LOOPBACK}\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {len(tar)}\r\n\r\n"
+    ).encode()
+    with running_stpd(pki.layout) as stpd:
+        with tls_connect(stpd, tls_context(pki, client)) as sock:
+            sock.sendall(upload)
+            assert status_lines(sock, 1) == [b"HTTP/1.1 100 Continue"]
+            sock.sendall(tar)
+            assert status_lines(sock, 1) == [b"HTTP/1.1 201 Created"]
+        for method, target, line in (
+            ("GET", "/status", b"HTTP/1.1 200 OK"),
+            ("GET", "/status?x=1", b"HTTP/1.1 400 Bad Request"),
+            ("GET", "/nope", b"HTTP/1.1 404 Not Found"),
+            ("DELETE", "/status", b"HTTP/1.1 405 Method Not Allowed"),
+        ):
+            with tls_connect(stpd, tls_context(pki, client)) as sock:
+                sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode())
+                assert status_lines(sock, 1) == [line], target
+
+
+@pytest.mark.parametrize(
+    ("event", "line"),
+    [
+        (h11.Response(status_code=200, headers=[]), b"HTTP/1.1 200 OK\r\n"),
+        (h11.Response(status_code=507, headers=[]), b"HTTP/1.1 507 Insufficient Storage\r\n"),
+        (h11.InformationalResponse(status_code=100, headers=[]), b"HTTP/1.1 100 Continue\r\n"),
+        (h11.Response(status_code=200, headers=[], reason=b"Fine"), b"HTTP/1.1 200 Fine\r\n"),
+        (h11.Response(status_code=599, headers=[]), b"HTTP/1.1 599 \r\n"),  # no standard one
+    ],
+)
+def test_with_reason(event: h11.Event, line: bytes) -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    sent = conn.send(with_reason(event))
+    assert sent is not None and sent.startswith(line), sent
+
+
+def test_with_reason_leaves_other_events_alone() -> None:
+    data = h11.Data(data=b"x")
+    assert with_reason(data) is data
