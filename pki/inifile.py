@@ -102,6 +102,7 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
             )
     by_name = {(k.section, k.name.upper()): k for k in keys}
     values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # field -> the key's name as written
     for section in our_sections:
         if not parser.has_section(section):
             continue
@@ -112,6 +113,12 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                 raise ConfigError(
                     f"{path}: unknown key {name} in [{section}] (known keys: {known})"
                 )
+            if key.field in spelled:  # the same key in another case: configparser keeps both
+                raise ConfigError(
+                    f"{path}: {key.name} is set twice in [{section}] (as {spelled[key.field]} "
+                    f"and as {name}): keep one"
+                )
+            spelled[key.field] = name
             raw = raw.strip()
             try:
                 values[key.field] = key.parse(raw)

@@ -166,6 +166,17 @@ def test_other_programs_may_repeat_keys_and_sections_ours_may_not(tmp_path: Path
         f"{layout.stpd_ini}: STPD_HTTPS_LISTEN is set twice in [STPD_Server] (again on line 3): "
         "keep one"
     )
+    # Key names may be written in any case: in two cases, still one key set twice
+    # (the later line won without a word).
+    (layout.ini_dir / "stpd.ini").write_text(
+        "[STPD_Server]\nstpd_https_use_client_cert=1\nSTPD_HTTPS_USE_CLIENT_CERT=2\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        stpd.config.load_config(layout)
+    assert str(refused.value) == (
+        f"{layout.stpd_ini}: STPD_HTTPS_USE_CLIENT_CERT is set twice in [STPD_Server] (as "
+        "stpd_https_use_client_cert and as STPD_HTTPS_USE_CLIENT_CERT): keep one"
+    )
 
 
 @pytest.mark.parametrize(
