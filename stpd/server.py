@@ -90,10 +90,22 @@ LINGER_BYTES = 64 * 1024 * 1024  # client sees our answer instead of a connectio
 # KiB each in a handshake, and 320 KiB once past it.
 OPEN_PER_SERVED = 2
 FULL_WARNING_EVERY = 60.0  # seconds between warnings that the limit holds connections back
+# Of those open slots, connections from one address that are still in their
+# TLS handshake (no certificate shown yet: anyone can open them) may hold at
+# most this share; further ones from it are closed at once, so that one host
+# cannot take every slot and lock out the others.
+HANDSHAKE_SHARE_PER_ADDRESS = 0.5
 # accept() failing for want of resources: wait and try again (as trio's
 # serve_listeners does), instead of giving up listening.
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_RETRY_SECONDS = 0.1
+
+
+def peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "unknown peer"
 
 
 def format_peer(stream: trio.SocketStream) -> str:
@@ -129,6 +141,42 @@ class Throttle:
         return True
 
 
+class HandshakesByAddress:
+    """Connections still in their TLS handshake, counted by source address
+    and held to ``cap`` an address: one that completes (or fails) its
+    handshake no longer counts."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.pending: dict[str, int] = {}  # only addresses with a handshake under way
+        self._warned: dict[str, float] = {}  # time.monotonic() of the last WARNING of each
+
+    def admit(self, host: str) -> bool:
+        if self.pending.get(host, 0) >= self.cap:
+            return False
+        self.pending[host] = self.pending.get(host, 0) + 1
+        return True
+
+    def done(self, host: str) -> None:
+        self.pending[host] -= 1
+        if not self.pending[host]:
+            del self.pending[host]
+
+    def warn_now(self, host: str) -> bool:
+        """Whether a warning about ``host`` at its cap is due: once a
+        minute an address (those of the last minute are kept, no more)."""
+        now = time.monotonic()
+        self._warned = {h: t for h, t in self._warned.items() if now - t < FULL_WARNING_EVERY}
+        if host in self._warned:
+            return False
+        self._warned[host] = now
+        return True
+
+
+def handshake_cap(max_connections: int) -> int:
+    return max(1, int(HANDSHAKE_SHARE_PER_ADDRESS * OPEN_PER_SERVED * max_connections))
+
+
 class Stpd:
     """The daemon: listeners, the TLS material in force, and its life-cycle.
 
@@ -154,10 +202,11 @@ class Stpd:
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
         self.connections = 0  # every open connection, handshakes included
-        # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits. A
-        # handshake in progress does not count (STPD_HANDSHAKE_TIMEOUT bounds it),
-        # or silent TCP connections could lock every client out; all that are
-        # open are bounded by open_slots (see OPEN_PER_SERVED).
+        # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits
+        # (answered 503 beyond it). Handshakes in progress take open_slots too
+        # (see OPEN_PER_SERVED), each for at most STPD_HANDSHAKE_TIMEOUT; those
+        # of one address are held to a share of them (see HandshakesByAddress),
+        # so that silent connections from one host cannot lock out the others.
         self.sessions = 0
         self.active_transfers = 0
         # A transfer holds a worker thread from start to end (run_transfer):
@@ -166,6 +215,7 @@ class Stpd:
         # them (the short jobs, like opening a saveset, need it too).
         self.transfer_threads = trio.CapacityLimiter(config.max_connections)
         self.open_slots = trio.CapacityLimiter(OPEN_PER_SERVED * config.max_connections)
+        self.handshakes = HandshakesByAddress(handshake_cap(config.max_connections))
         self._full_warning = Throttle(FULL_WARNING_EVERY)
         self._low_space_warning = Throttle(LOW_SPACE_WARNING_EVERY)
         self.port: int | None = None
@@ -325,13 +375,40 @@ class Stpd:
                     )
                     await trio.sleep(ACCEPT_RETRY_SECONDS)
                     continue
-                handlers.start_soon(self._hold_slot, transport, slot)
+                host = peer_host(transport)
+                if not self.handshakes.admit(host):
+                    self._warn_handshakes(host)
+                    self.open_slots.release_on_behalf_of(slot)
+                    await transport.aclose()
+                    continue
+                handlers.start_soon(self._hold_slot, transport, slot, host)
 
-    async def _hold_slot(self, transport: trio.SocketStream, slot: object) -> None:
+    async def _hold_slot(self, transport: trio.SocketStream, slot: object, host: str) -> None:
+        counted = True
+
+        def handshake_over() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.handshakes.done(host)
+
         try:
-            await self.handle_connection(transport)
+            await self.handle_connection(transport, handshake_over)
         finally:
+            handshake_over()  # (a connection that ended before its handshake did)
             self.open_slots.release_on_behalf_of(slot)
+
+    def _warn_handshakes(self, host: str) -> None:
+        if self.handshakes.warn_now(host):
+            log.warning(
+                "%d connections from %s are in their TLS handshake, half of the %d that may be "
+                "open (2 x STPD_MAX_CONNECTIONS): further ones from it are closed at once until "
+                "those finish or time out (STPD_HANDSHAKE_TIMEOUT=%gs); said once a minute",
+                self.handshakes.cap,
+                host,
+                self.open_slots.total_tokens,
+                self.config.handshake_timeout,
+            )
 
     def _warn_full(self) -> None:
         if self._full_warning.ready():
@@ -415,6 +492,7 @@ class Stpd:
             self._retention_due.set()
         self.transfer_threads.total_tokens = config.max_connections
         self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
+        self.handshakes.cap = handshake_cap(config.max_connections)
         log.info(
             "reloaded %s and certificates: level %s, server certificate %s (%d days left)",
             config.layout.stpd_ini,
@@ -591,13 +669,16 @@ class Stpd:
             return None
         return {"next_update": timestamp(next_update), "days_left": int(days_left(next_update))}
 
-    async def handle_connection(self, transport: trio.SocketStream) -> None:
+    async def handle_connection(
+        self, transport: trio.SocketStream, handshake_over: Callable[[], None] = lambda: None
+    ) -> None:
+        """``handshake_over`` is called once the TLS handshake is done or failed."""
         peer = format_peer(transport)
         self._refresh_crl()
         tls = TLSStream(transport, self.ssl_context)
         self.connections += 1
         try:
-            await self._serve_peer(tls, peer)
+            await self._serve_peer(tls, peer, handshake_over)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("connection with %s ended: %s", peer, exc)
         except Exception:  # a bug must not take the daemon down
@@ -606,11 +687,16 @@ class Stpd:
             self.connections -= 1
             await tls.aclose()
 
-    async def _serve_peer(self, tls: TLSStream, peer: str) -> None:
+    async def _serve_peer(
+        self, tls: TLSStream, peer: str, handshake_over: Callable[[], None]
+    ) -> None:
         policy = self.config.client_cert_policy
         try:
-            with trio.fail_after(self.config.handshake_timeout):
-                await tls.do_handshake()
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    await tls.do_handshake()
+            finally:
+                handshake_over()
         except trio.TooSlowError:
             log.warning(
                 "TLS handshake with %s timed out after %gs", peer, self.config.handshake_timeout
