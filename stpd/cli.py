@@ -22,7 +22,7 @@ from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd import __version__
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
-from stpd.server import OPEN_PER_SERVED, Stpd
+from stpd.server import OPEN_PER_SERVED, Stpd, transfers_named
 from stpd.store import SavesetStore, StoreError
 
 log = logging.getLogger("stpd")
@@ -165,8 +165,13 @@ async def _handle_signals(
             log.info("received SIGHUP: reloading")
             daemon.reload()
         elif daemon.draining:
-            log.warning("received %s again: stopping at once", name)
-            stop.cancel()
+            running = list(daemon.transfers.values())
+            log.warning(
+                "received %s again: stopping at once, cutting off %s",
+                name,
+                transfers_named(running, " (nothing partial is kept)" if running else ""),
+            )
+            stop.cancel()  # then serve() says "stpd stopped"
         else:
             log.info("received %s", name)
             daemon.shutdown()

@@ -101,6 +101,13 @@ ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUF
 ACCEPT_RETRY_SECONDS = 0.1
 
 
+def transfers_named(what: list[str], after: str = "") -> str:
+    """``what`` counted, then named: "1 transfer{after}: upload of /etc from
+    10.0.0.5:40000 (CN=host1)", or "0 transfers{after}"."""
+    text = f"{len(what)} transfer{'' if len(what) == 1 else 's'}{after}"
+    return f"{text}: {'; '.join(what)}" if what else text
+
+
 def peer_host(stream: trio.SocketStream) -> str:
     try:
         return str(stream.socket.getpeername()[0])
@@ -208,7 +215,10 @@ class Stpd:
         # of one address are held to a share of them (see HandshakesByAddress),
         # so that silent connections from one host cannot lock out the others.
         self.sessions = 0
-        self.active_transfers = 0
+        # Backups, restores and verifications running, each as the log names it
+        # (for status and for the lines of a shutdown, which says what it cuts off).
+        self.transfers: dict[object, str] = {}
+        self.cut_off: list[str] = []  # those the end of the grace period stopped
         # A transfer holds a worker thread from start to end (run_transfer):
         # its own pool, as large as the connection limit, so that trio's
         # default pool of 40 neither caps the transfers nor is used up by
@@ -293,6 +303,8 @@ class Stpd:
             await self._serve(prepared, on_listening, task_status)
         finally:
             self.store.close()
+            if self.port is not None:  # it did listen: the end of it, however it came
+                log.info("stpd stopped")
 
     async def _serve(
         self, prepared: Prepared, on_listening: Callable[[], object] | None, task_status: Any
@@ -348,10 +360,13 @@ class Stpd:
             handlers.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
         if handlers.cancel_scope.cancelled_caught:
             log.warning(
-                "grace period of %gs over: stopped the transfers still running",
+                "grace period of %gs over: %s",
                 self.config.shutdown_grace,
+                "cut off "
+                + transfers_named(self.cut_off, " still running (nothing partial is kept)")
+                if self.cut_off
+                else "closed the connections still open (no transfer was running)",
             )
-        log.info("stpd stopped")
 
     async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         """Accept connections while fewer than the limit are open (see
@@ -432,15 +447,25 @@ class Stpd:
             100 * space["free_bytes"] / max(space["total_bytes"], 1),
         )
 
+    @property
+    def active_transfers(self) -> int:
+        return len(self.transfers)
+
     @contextmanager
-    def transfer_running(self) -> Iterator[None]:
-        """A backup, restore or verification under way: counted for status,
-        for shutdown's message, and for an upload's write-behind rule."""
-        self.active_transfers += 1
+    def transfer_running(self, what: str) -> Iterator[None]:
+        """A backup, restore or verification under way (``what``, as the log
+        names it): counted for status and for an upload's write-behind rule,
+        and named by shutdown's lines."""
+        key = object()
+        self.transfers[key] = what
         try:
             yield
+        except trio.Cancelled:
+            if self.draining:  # the grace period is over (or a second signal came)
+                self.cut_off.append(what)
+            raise
         finally:
-            self.active_transfers -= 1
+            del self.transfers[key]
 
     def shutdown(self) -> None:
         """Stop accepting; finish running transfers (SIGTERM)."""
@@ -448,9 +473,10 @@ class Stpd:
             return
         self.draining = True
         log.info(
-            "stopping: no new connections; %d transfers may finish within %gs",
-            self.active_transfers,
-            self.config.shutdown_grace,
+            "stopping: no new connections; %s",
+            transfers_named(
+                list(self.transfers.values()), f" may finish within {self.config.shutdown_grace:g}s"
+            ),
         )
         self._stop_accepting.cancel()
         for scope in list(self._idle):
@@ -955,7 +981,7 @@ class HttpSession:
             await self._storage_failed(f"upload from {self.peer} refused", exc)
             return
         started = time.monotonic()
-        with self.daemon.transfer_running():
+        with self.daemon.transfer_running(f"upload of {source} from {self.peer} ({self.owner})"):
             try:
                 # h11 parsed the head; the body bypasses it (see BodyReader), and
                 # run() starts a new h11 connection after it.
@@ -1134,7 +1160,9 @@ class HttpSession:
             return
         # It reads and hashes a whole saveset, as a restore does: counted,
         # and run in the transfer threads.
-        with self.daemon.transfer_running():
+        with self.daemon.transfer_running(
+            f"verification of {saveset} for {self.peer} ({self.owner})"
+        ):
             try:
                 await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
                 while not check.done:
@@ -1216,7 +1244,10 @@ class HttpSession:
             return out.tell()
 
         started = time.monotonic()
-        with self.daemon.transfer_running():
+        selected = f" (entries asked for: {len(entries)})" if entries else ""
+        with self.daemon.transfer_running(
+            f"restore of {saveset}{selected} to {self.peer} ({self.owner})"
+        ):
             try:
                 await self._send(
                     h11.Response(
@@ -1248,7 +1279,7 @@ class HttpSession:
         log.info(
             "sent saveset %s%s to %s (%s): %d bytes in %.2fs (%.1f MB/s)",
             saveset,
-            f" (entries asked for: {len(entries)})" if entries else "",
+            selected,
             self.peer,
             self.owner,
             sent,
