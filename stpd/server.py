@@ -686,6 +686,8 @@ class Stpd:
                 "days_left": int(days_left(self.server_cert.not_valid_after_utc)),
             },
             "storage": self.store.space(),
+            # Explicit, for monitoring: storage is null for other reasons too.
+            "data_directory": "ok" if self.store.in_place() else "missing",
             "crl": self._crl_status(),
         }
 

@@ -225,6 +225,15 @@ class SavesetStore:
         if (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
             raise StoreError(DATA_DIRECTORY_GONE)
 
+    def in_place(self) -> bool:
+        """Whether the data directory is still the one locked at start (see
+        check_in_place): for status, which answers either way."""
+        try:
+            self.check_in_place()
+        except StoreError:
+            return False
+        return True
+
     def space(self) -> dict[str, int] | None:
         """Bytes free for savesets (for stpd's user, as ``df`` counts them)
         and in all, in the data directory's file system; None if it cannot
