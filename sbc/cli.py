@@ -443,14 +443,16 @@ def _verify(session: Session, args: argparse.Namespace) -> dict[str, Any]:
 
 def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     status = session.get_json("/status")
+    missing = status.get("data_directory") == "missing"  # (an older stpd does not say)
+    if args.json and missing:  # a script reads the status as the API gives it, beside the error
+        print(json.dumps(status, indent=1), flush=True)
     if not args.json:
         cert = status.get("server_certificate", {})
         storage = status.get("storage") or {}
-        free = (
-            f", {share_of(storage['free_bytes'], storage['total_bytes'])} free for savesets"
-            if {"free_bytes", "total_bytes"} <= storage.keys()
-            else ""
-        )
+        if {"free_bytes", "total_bytes"} <= storage.keys():
+            free = f", {share_of(storage['free_bytes'], storage['total_bytes'])} free for savesets"
+        else:
+            free = ", data directory missing" if missing else ""
         crl = status.get("crl") or {}
         crl_text = ""
         if "days_left" in crl:
@@ -465,7 +467,13 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             f"stpd {status.get('version')} at {session.where}: level {status.get('level')}, "
             f"up {status.get('uptime_seconds')}s, {status.get('active_transfers')} active transfers, "
             f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days{crl_text}"
-            f"{free}"
+            f"{free}",
+            flush=True,
+        )
+    if missing:  # exit status 1, for monitoring: stpd runs, but can store nothing
+        raise SbcError(
+            f"stpd at {session.where} has lost its data directory (its file system unmounted?): "
+            "backups, listings and restores fail until it is there again and stpd restarted"
         )
     return dict(status)
 

@@ -22,8 +22,8 @@ from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from stpd import __version__
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
-from stpd.server import OPEN_PER_SERVED, Stpd
-from stpd.store import SavesetStore, StoreError
+from stpd.server import OPEN_PER_SERVED, Stpd, transfers_named
+from stpd.store import NAMED_LIKE_A_SAVESET, SavesetStore, StoreError, in_the_way
 
 log = logging.getLogger("stpd")
 
@@ -165,8 +165,13 @@ async def _handle_signals(
             log.info("received SIGHUP: reloading")
             daemon.reload()
         elif daemon.draining:
-            log.warning("received %s again: stopping at once", name)
-            stop.cancel()
+            running = list(daemon.transfers.values())
+            log.warning(
+                "received %s again: stopping at once, cutting off %s",
+                name,
+                transfers_named(running, " (nothing partial is kept)" if running else ""),
+            )
+            stop.cancel()  # then serve() says "stpd stopped"
         else:
             log.info("received %s", name)
             daemon.shutdown()
@@ -272,6 +277,9 @@ def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
             f"no saveset {', '.join(missing)} in {store.root} (`stpd list` shows what is "
             "there); nothing was deleted"
         )
+    for path in [path for files in found.values() for path in files if not path.is_file()]:
+        # Not stpd's to remove, whatever it holds.
+        raise StoreError(f"{in_the_way(path, NAMED_LIKE_A_SAVESET)}; nothing was deleted")
     for saveset, files in found.items():
         meta = store.get(saveset)
         store.remove(saveset)

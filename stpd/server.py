@@ -89,10 +89,29 @@ LINGER_BYTES = 64 * 1024 * 1024  # client sees our answer instead of a connectio
 # KiB each in a handshake, and 320 KiB once past it.
 OPEN_PER_SERVED = 2
 FULL_WARNING_EVERY = 60.0  # seconds between warnings that the limit holds connections back
+# Of those open slots, connections from one address that are still in their
+# TLS handshake (no certificate shown yet: anyone can open them) may hold at
+# most this share; further ones from it are closed at once, so that one host
+# cannot take every slot and lock out the others.
+HANDSHAKE_SHARE_PER_ADDRESS = 0.5
 # accept() failing for want of resources: wait and try again (as trio's
 # serve_listeners does), instead of giving up listening.
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_RETRY_SECONDS = 0.1
+
+
+def transfers_named(what: list[str], after: str = "") -> str:
+    """``what`` counted, then named: "1 transfer{after}: upload of /etc from
+    10.0.0.5:40000 (CN=host1)", or "0 transfers{after}"."""
+    text = f"{len(what)} transfer{'' if len(what) == 1 else 's'}{after}"
+    return f"{text}: {'; '.join(what)}" if what else text
+
+
+def peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "unknown peer"
 
 
 def format_peer(stream: trio.SocketStream) -> str:
@@ -128,6 +147,42 @@ class Throttle:
         return True
 
 
+class HandshakesByAddress:
+    """Connections still in their TLS handshake, counted by source address
+    and held to ``cap`` an address: one that completes (or fails) its
+    handshake no longer counts."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.pending: dict[str, int] = {}  # only addresses with a handshake under way
+        self._warned: dict[str, float] = {}  # time.monotonic() of the last WARNING of each
+
+    def admit(self, host: str) -> bool:
+        if self.pending.get(host, 0) >= self.cap:
+            return False
+        self.pending[host] = self.pending.get(host, 0) + 1
+        return True
+
+    def done(self, host: str) -> None:
+        self.pending[host] -= 1
+        if not self.pending[host]:
+            del self.pending[host]
+
+    def warn_now(self, host: str) -> bool:
+        """Whether a warning about ``host`` at its cap is due: once a
+        minute an address (those of the last minute are kept, no more)."""
+        now = time.monotonic()
+        self._warned = {h: t for h, t in self._warned.items() if now - t < FULL_WARNING_EVERY}
+        if host in self._warned:
+            return False
+        self._warned[host] = now
+        return True
+
+
+def handshake_cap(max_connections: int) -> int:
+    return max(1, int(HANDSHAKE_SHARE_PER_ADDRESS * OPEN_PER_SERVED * max_connections))
+
+
 class Stpd:
     """The daemon: listeners, the TLS material in force, and its life-cycle.
 
@@ -153,18 +208,23 @@ class Stpd:
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
         self.connections = 0  # every open connection, handshakes included
-        # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits. A
-        # handshake in progress does not count (STPD_HANDSHAKE_TIMEOUT bounds it),
-        # or silent TCP connections could lock every client out; all that are
-        # open are bounded by open_slots (see OPEN_PER_SERVED).
+        # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits
+        # (answered 503 beyond it). Handshakes in progress take open_slots too
+        # (see OPEN_PER_SERVED), each for at most STPD_HANDSHAKE_TIMEOUT; those
+        # of one address are held to a share of them (see HandshakesByAddress),
+        # so that silent connections from one host cannot lock out the others.
         self.sessions = 0
-        self.active_transfers = 0
+        # Backups, restores and verifications running, each as the log names it
+        # (for status and for the lines of a shutdown, which says what it cuts off).
+        self.transfers: dict[object, str] = {}
+        self.cut_off: list[str] = []  # those the end of the grace period stopped
         # A transfer holds a worker thread from start to end (run_transfer):
         # its own pool, as large as the connection limit, so that trio's
         # default pool of 40 neither caps the transfers nor is used up by
         # them (the short jobs, like opening a saveset, need it too).
         self.transfer_threads = trio.CapacityLimiter(config.max_connections)
         self.open_slots = trio.CapacityLimiter(OPEN_PER_SERVED * config.max_connections)
+        self.handshakes = HandshakesByAddress(handshake_cap(config.max_connections))
         self._full_warning = Throttle(FULL_WARNING_EVERY)
         self._low_space_warning = Throttle(LOW_SPACE_WARNING_EVERY)
         self.port: int | None = None
@@ -242,6 +302,8 @@ class Stpd:
             await self._serve(prepared, on_listening, task_status)
         finally:
             self.store.close()
+            if self.port is not None:  # it did listen: the end of it, however it came
+                log.info("stpd stopped")
 
     async def _serve(
         self, prepared: Prepared, on_listening: Callable[[], object] | None, task_status: Any
@@ -297,10 +359,13 @@ class Stpd:
             handlers.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
         if handlers.cancel_scope.cancelled_caught:
             log.warning(
-                "grace period of %gs over: stopped the transfers still running",
+                "grace period of %gs over: %s",
                 self.config.shutdown_grace,
+                "cut off "
+                + transfers_named(self.cut_off, " still running (nothing partial is kept)")
+                if self.cut_off
+                else "closed the connections still open (no transfer was running)",
             )
-        log.info("stpd stopped")
 
     async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         """Accept connections while fewer than the limit are open (see
@@ -324,13 +389,40 @@ class Stpd:
                     )
                     await trio.sleep(ACCEPT_RETRY_SECONDS)
                     continue
-                handlers.start_soon(self._hold_slot, transport, slot)
+                host = peer_host(transport)
+                if not self.handshakes.admit(host):
+                    self._warn_handshakes(host)
+                    self.open_slots.release_on_behalf_of(slot)
+                    await transport.aclose()
+                    continue
+                handlers.start_soon(self._hold_slot, transport, slot, host)
 
-    async def _hold_slot(self, transport: trio.SocketStream, slot: object) -> None:
+    async def _hold_slot(self, transport: trio.SocketStream, slot: object, host: str) -> None:
+        counted = True
+
+        def handshake_over() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.handshakes.done(host)
+
         try:
-            await self.handle_connection(transport)
+            await self.handle_connection(transport, handshake_over)
         finally:
+            handshake_over()  # (a connection that ended before its handshake did)
             self.open_slots.release_on_behalf_of(slot)
+
+    def _warn_handshakes(self, host: str) -> None:
+        if self.handshakes.warn_now(host):
+            log.warning(
+                "%d connections from %s are in their TLS handshake, half of the %d that may be "
+                "open (2 x STPD_MAX_CONNECTIONS): further ones from it are closed at once until "
+                "those finish or time out (STPD_HANDSHAKE_TIMEOUT=%gs); said once a minute",
+                self.handshakes.cap,
+                host,
+                self.open_slots.total_tokens,
+                self.config.handshake_timeout,
+            )
 
     def _warn_full(self) -> None:
         if self._full_warning.ready():
@@ -354,15 +446,25 @@ class Stpd:
             100 * space["free_bytes"] / max(space["total_bytes"], 1),
         )
 
+    @property
+    def active_transfers(self) -> int:
+        return len(self.transfers)
+
     @contextmanager
-    def transfer_running(self) -> Iterator[None]:
-        """A backup, restore or verification under way: counted for status,
-        for shutdown's message, and for an upload's write-behind rule."""
-        self.active_transfers += 1
+    def transfer_running(self, what: str) -> Iterator[None]:
+        """A backup, restore or verification under way (``what``, as the log
+        names it): counted for status and for an upload's write-behind rule,
+        and named by shutdown's lines."""
+        key = object()
+        self.transfers[key] = what
         try:
             yield
+        except trio.Cancelled:
+            if self.draining:  # the grace period is over (or a second signal came)
+                self.cut_off.append(what)
+            raise
         finally:
-            self.active_transfers -= 1
+            del self.transfers[key]
 
     def shutdown(self) -> None:
         """Stop accepting; finish running transfers (SIGTERM)."""
@@ -370,9 +472,10 @@ class Stpd:
             return
         self.draining = True
         log.info(
-            "stopping: no new connections; %d transfers may finish within %gs",
-            self.active_transfers,
-            self.config.shutdown_grace,
+            "stopping: no new connections; %s",
+            transfers_named(
+                list(self.transfers.values()), f" may finish within {self.config.shutdown_grace:g}s"
+            ),
         )
         self._stop_accepting.cancel()
         for scope in list(self._idle):
@@ -414,6 +517,7 @@ class Stpd:
             self._retention_due.set()
         self.transfer_threads.total_tokens = config.max_connections
         self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
+        self.handshakes.cap = handshake_cap(config.max_connections)
         log.info(
             "reloaded %s and certificates: level %s, server certificate %s (%d days left)",
             config.layout.stpd_ini,
@@ -581,6 +685,8 @@ class Stpd:
                 "days_left": int(days_left(self.server_cert.not_valid_after_utc)),
             },
             "storage": self.store.space(),
+            # Explicit, for monitoring: storage is null for other reasons too.
+            "data_directory": "ok" if self.store.in_place() else "missing",
             "crl": self._crl_status(),
         }
 
@@ -590,13 +696,16 @@ class Stpd:
             return None
         return {"next_update": timestamp(next_update), "days_left": int(days_left(next_update))}
 
-    async def handle_connection(self, transport: trio.SocketStream) -> None:
+    async def handle_connection(
+        self, transport: trio.SocketStream, handshake_over: Callable[[], None] = lambda: None
+    ) -> None:
+        """``handshake_over`` is called once the TLS handshake is done or failed."""
         peer = format_peer(transport)
         self._refresh_crl()
         tls = TLSStream(transport, self.ssl_context)
         self.connections += 1
         try:
-            await self._serve_peer(tls, peer)
+            await self._serve_peer(tls, peer, handshake_over)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("connection with %s ended: %s", peer, exc)
         except Exception:  # a bug must not take the daemon down
@@ -605,11 +714,16 @@ class Stpd:
             self.connections -= 1
             await tls.aclose()
 
-    async def _serve_peer(self, tls: TLSStream, peer: str) -> None:
+    async def _serve_peer(
+        self, tls: TLSStream, peer: str, handshake_over: Callable[[], None]
+    ) -> None:
         policy = self.config.client_cert_policy
         try:
-            with trio.fail_after(self.config.handshake_timeout):
-                await tls.do_handshake()
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    await tls.do_handshake()
+            finally:
+                handshake_over()
         except trio.TooSlowError:
             log.warning(
                 "TLS handshake with %s timed out after %gs", peer, self.config.handshake_timeout
@@ -868,7 +982,7 @@ class HttpSession:
             await self._storage_failed(f"upload from {self.peer} refused", exc)
             return
         started = time.monotonic()
-        with self.daemon.transfer_running():
+        with self.daemon.transfer_running(f"upload of {source} from {self.peer} ({self.owner})"):
             try:
                 # h11 parsed the head; the body bypasses it (see BodyReader), and
                 # run() starts a new h11 connection after it.
@@ -1047,7 +1161,9 @@ class HttpSession:
             return
         # It reads and hashes a whole saveset, as a restore does: counted,
         # and run in the transfer threads.
-        with self.daemon.transfer_running():
+        with self.daemon.transfer_running(
+            f"verification of {saveset} for {self.peer} ({self.owner})"
+        ):
             try:
                 await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
                 while not check.done:
@@ -1129,7 +1245,10 @@ class HttpSession:
             return out.tell()
 
         started = time.monotonic()
-        with self.daemon.transfer_running():
+        selected = f" (entries asked for: {len(entries)})" if entries else ""
+        with self.daemon.transfer_running(
+            f"restore of {saveset}{selected} to {self.peer} ({self.owner})"
+        ):
             try:
                 await self._send(
                     h11.Response(
@@ -1161,7 +1280,7 @@ class HttpSession:
         log.info(
             "sent saveset %s%s to %s (%s): %d bytes in %.2fs (%.1f MB/s)",
             saveset,
-            f" (entries asked for: {len(entries)})" if entries else "",
+            selected,
             self.peer,
             self.owner,
             sent,

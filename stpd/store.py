@@ -100,6 +100,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def in_the_way(path: Path, where: str) -> str:
+    """Says that ``path``, something stpd did not make (a directory in
+    ``.incoming``, say), is in the way of ``where``, and what to do."""
+    kind = "a directory" if path.is_dir() else "a file" if path.is_file() else "a special file"
+    return f"{path} is in the way: {kind}, {where}; remove it or move it elsewhere"
+
+
+NAMED_LIKE_A_SAVESET = "named like a file of a saveset, which stpd neither lists nor serves"
+
+
 def _storage_error(exc: OSError, what: str) -> StoreError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull("storage full on the server: free space in the data directory")
@@ -215,6 +225,15 @@ class SavesetStore:
         if (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
             raise StoreError(DATA_DIRECTORY_GONE)
 
+    def in_place(self) -> bool:
+        """Whether the data directory is still the one locked at start (see
+        check_in_place): for status, which answers either way."""
+        try:
+            self.check_in_place()
+        except StoreError:
+            return False
+        return True
+
     def space(self) -> dict[str, int] | None:
         """Bytes free for savesets (for stpd's user, as ``df`` counts them)
         and in all, in the data directory's file system; None if it cannot
@@ -240,10 +259,28 @@ class SavesetStore:
             except FileExistsError:
                 created = False
             self._take_lock()
-            self.incoming.mkdir(exist_ok=True, mode=0o700)
+            try:
+                self.incoming.mkdir(exist_ok=True, mode=0o700)
+            except FileExistsError:  # a file, not the directory
+                raise StoreError(
+                    in_the_way(
+                        self.incoming, "where stpd keeps its uploads in progress, in a directory"
+                    )
+                ) from None
             for leftover in self.incoming.iterdir():
+                if leftover.is_dir() and not leftover.is_symlink():  # not stpd's: not removed
+                    raise StoreError(
+                        in_the_way(
+                            leftover,
+                            f"where stpd keeps only its uploads in progress ({self.incoming}), "
+                            "and removes what is left of them at start",
+                        )
+                    )
                 leftover.unlink()
                 removed.append(leftover)
+        except StoreError:
+            self.close()
+            raise
         except OSError as exc:
             self.close()
             raise StoreError(
@@ -328,11 +365,18 @@ class SavesetStore:
     def scan(self) -> Scan:
         """Every saveset, and what is wrong in the data directory."""
         found = self._metadata()
-        orphans = [t for t in self.root.glob("SS-*.tar") if not t.with_suffix(".json").exists()]
+        named = sorted([*self.root.glob("SS-*.json"), *self.root.glob("SS-*.tar")])
+        strays = [path for path in named if not path.is_file()]
+        orphans = [
+            t
+            for t in self.root.glob("SS-*.tar")
+            if not t.with_suffix(".json").exists() and t not in strays
+        ]
         return Scan(
             savesets=[meta for _, meta in found if meta is not None],
-            unreadable=[path for path, meta in found if meta is None],
+            unreadable=[path for path, meta in found if meta is None and path not in strays],
             orphans=sorted(orphans),
+            strays=strays,
             without_data=[
                 meta
                 for path, meta in found
@@ -397,6 +441,7 @@ class Scan:
     unreadable: list[Path]  # metadata that cannot be read: neither listed nor served
     orphans: list[Path]  # tars without metadata: never served
     without_data: list[SavesetMeta]  # listed, but their tar is gone
+    strays: list[Path]  # directories (or the like) named like a saveset's files
 
     def warnings(self) -> list[str]:
         """What takes room or is listed but cannot be served, each with what
@@ -418,12 +463,15 @@ class Scan:
             f"or `stpd delete {meta.saveset}` removes its metadata"
             for meta in self.without_data
         ]
+        found += [in_the_way(path, NAMED_LIKE_A_SAVESET) for path in self.strays]
         return found
 
 
 def _read_meta(path: Path) -> SavesetMeta | None:
     """A saveset's metadata; None when it cannot be read (then the saveset
     is neither listed nor served)."""
+    if not path.is_file():  # a directory in the way; a FIFO would block the reading
+        return None
     try:
         return SavesetMeta(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):

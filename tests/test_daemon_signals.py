@@ -227,7 +227,10 @@ def test_sigterm_lets_a_running_upload_finish(setup: tuple[Pki, Layout, Path], s
     wait_active_transfers(server.port, client, 1)
 
     server.signal(signal.SIGTERM)
-    server.wait_for(r"INFO stpd: stopping: no new connections; 1 transfers may finish within 15s")
+    server.wait_for(
+        r"INFO stpd: stopping: no new connections; 1 transfer may finish within 15s: upload of "
+        r"/raw/client from 127\.0\.0\.1:\d+ \(CN=signal-client\)$"
+    )
     with pytest.raises(OSError):  # no new connections while draining
         RawClient(client, server.port)
     assert server.process.poll() is None  # still waiting for the upload
@@ -259,8 +262,11 @@ def test_sigterm_cuts_an_upload_that_outlasts_the_grace(
 
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
-    server.wait_for(r"WARNING stpd: grace period of 1s over: stopped the transfers still running")
-    server.wait_for(r"INFO stpd: stpd stopped")
+    server.wait_for(
+        r"WARNING stpd: grace period of 1s over: cut off 1 transfer still running \(nothing "
+        r"partial is kept\): upload of /raw/client from 127\.0\.0\.1:\d+ \(CN=signal-client\)$"
+    )
+    assert server.log.tail(1).endswith("INFO stpd: stpd stopped")
     with pytest.raises((ConnectionError, OSError)):
         uploader.finish_upload(b"\0" * 1024)
     uploader.close()
@@ -269,19 +275,39 @@ def test_sigterm_cuts_an_upload_that_outlasts_the_grace(
 
 
 def test_second_sigterm_stops_at_once(setup: tuple[Pki, Layout, Path], start) -> None:
+    """It names what it cuts off (a restore whose client reads nothing, an
+    upload that stalls), then says that stpd stopped."""
     pki, client, data = setup
     write_stpd_ini(pki.layout.ini_dir, "STPD_SHUTDOWN_GRACE=300")
     server = start()
+    stored = RawClient(client, server.port)
+    stored.start_upload(b"")
+    status, answer = stored.finish_upload(make_tar(32 * 1024 * 1024))  # beyond socket buffers
+    assert status == 201, answer
+    saveset = json.loads(answer)["saveset"]
+    restorer = stored  # asks for it, and reads none of it
+    restorer.send(
+        h11.Request(method="GET", target=f"/savesets/{saveset}", headers=[("Host", HOST)]),
+        h11.EndOfMessage(),
+    )
+    wait_active_transfers(server.port, client, 1)
     uploader = RawClient(client, server.port)
     uploader.start_upload(make_tar()[:100_000])
-    wait_active_transfers(server.port, client, 1)
+    wait_active_transfers(server.port, client, 2)
     server.signal(signal.SIGTERM)
-    server.wait_for(r"INFO stpd: stopping: no new connections; 1 transfers may finish within 300s")
+    server.wait_for(r"INFO stpd: stopping: no new connections; 2 transfers may finish within 300s")
     assert server.process.poll() is None
     server.signal(signal.SIGTERM)
     assert server.wait_exit(timeout=10) == 0  # far less than the 300 s grace
-    server.wait_for(r"WARNING stpd: received SIGTERM again: stopping at once")
+    peer = r"127\.0\.0\.1:\d+ \(CN=signal-client\)"
+    server.wait_for(
+        r"WARNING stpd: received SIGTERM again: stopping at once, cutting off 2 transfers "
+        rf"\(nothing partial is kept\): restore of {saveset} to {peer}; upload of /raw/client "
+        rf"from {peer}$"
+    )
+    assert server.log.tail(1).endswith("INFO stpd: stpd stopped")
     uploader.close()
+    restorer.close()
     assert_no_partial(data, require_incoming=True)
 
 

@@ -65,6 +65,7 @@ def check_status(status: dict, active: int) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cert["not_after"])  # as everywhere
     storage = status["storage"]
     assert 0 < storage["free_bytes"] <= storage["total_bytes"]
+    assert status["data_directory"] == "ok"
     assert status["crl"] is None  # none written
 
 

@@ -66,12 +66,18 @@ def tls_context(pki: Pki, client: Layout | None = None) -> ssl.SSLContext:
     return ctx
 
 
-def tcp_connect(stpd: RunningStpd, timeout: float = DEADLINE) -> socket.socket:
-    return socket.create_connection((LOOPBACK, stpd.port), timeout=timeout)
+def tcp_connect(
+    stpd: RunningStpd, timeout: float = DEADLINE, source: str = LOOPBACK
+) -> socket.socket:
+    """A TCP connection to ``stpd`` from the loopback address ``source``
+    (127.x.y.z: all of them are this machine's), as from another host."""
+    return socket.create_connection((LOOPBACK, stpd.port), timeout, source_address=(source, 0))
 
 
-def tls_connect(stpd: RunningStpd, ctx: ssl.SSLContext, timeout: float = DEADLINE) -> ssl.SSLSocket:
-    raw = tcp_connect(stpd, timeout)
+def tls_connect(
+    stpd: RunningStpd, ctx: ssl.SSLContext, timeout: float = DEADLINE, source: str = LOOPBACK
+) -> ssl.SSLSocket:
+    raw = tcp_connect(stpd, timeout, source)
     try:
         return ctx.wrap_socket(raw, server_hostname=LOOPBACK)
     except BaseException:

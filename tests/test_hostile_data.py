@@ -20,14 +20,16 @@ import sys
 import tarfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
 
 import pytest
 
+import stpd.cli
 import stpd.store
 from pki.layout import Layout
 from sbc.archive import ArchiveError
+from stpd import __version__
 from stpd.tarcheck import MAX_EXTENSION_HEADER
 from tests.conftest import Pki, RunningStpd, StpdProcess, restore_bytes, running_stpd
 from tests.test_hostile_common import (
@@ -562,6 +564,14 @@ def test_disk_full_answers_storage_full_and_keeps_nothing(hpki: Pki, tmp_path: P
         assert_no_partial(data)
 
 
+def run_stpd(*argv: str) -> tuple[int, str, str]:
+    """``stpd`` in this process (its status command); (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = stpd.cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
 def test_a_data_directory_unmounted_under_stpd_is_not_made_again(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,
@@ -603,9 +613,25 @@ def test_a_data_directory_unmounted_under_stpd_is_not_made_again(
         )
         assert list(data.iterdir()) == []  # the mount point beneath
         assert not (tmp_path / "back").exists()
-        assert stpd.daemon.status()["storage"] is None  # not the space beneath
-        code, _, err = run_sbc(*ini, "status", *server)
-        assert code == 0, err  # and stpd still serves
+        status = stpd.daemon.status()
+        assert status["storage"] is None  # not the space beneath
+        assert status["data_directory"] == "missing"
+        # stpd still serves, and its status says what is wrong, with exit status 1
+        # (what a monitoring check looks at), from a client and on the server.
+        lost = (
+            f"stpd at {stpd.address} has lost its data directory (its file system unmounted?): "
+            "backups, listings and restores fail until it is there again and stpd restarted\n"
+        )
+        code, out, err = run_sbc(*ini, "status", *server)
+        assert (code, err) == (1, f"sbc: error: {lost}")
+        assert out.startswith(f"stpd {__version__} at {stpd.address}: level 2, ")
+        assert out.endswith(" days, data directory missing\n"), out
+        hpki.ca.issue_client("CN:backup-server-admin")  # for `stpd status` on the server
+        code, out, err = run_stpd(
+            "--ini-dir", str(hpki.layout.ini_dir), "--listen", stpd.address, "status", "--json"
+        )
+        assert (code, err) == (1, f"stpd: error: {lost}")
+        assert json.loads(out)["data_directory"] == "missing"
 
 
 @pytest.mark.parametrize("failure", ["tar rename", "directory fsync", "data directory removed"])

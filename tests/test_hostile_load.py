@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import ssl
 import threading
 from collections import Counter
@@ -31,6 +30,7 @@ from tests.test_hostile_common import (
     tls_connect,
     tls_context,
     until,
+    wait_closed,
     wait_count,
 )
 
@@ -112,10 +112,11 @@ def test_connections_past_twice_the_limit_wait_in_the_backlog(
     """Silent connections need no certificate, so they cannot be allowed
     to take all memory: at most 2 x STPD_MAX_CONNECTIONS are open at once.
     The next one waits in the kernel's backlog, and is served as soon as
-    one closes."""
+    one closes. (The silent ones come from two addresses: one alone may
+    hold only half of the slots in handshakes.)"""
     ctx = tls_context(hpki, hpki.client_ini("good"))
     with running_stpd(hpki.layout, 2, max_connections=2, handshake_timeout=60) as stpd:
-        silent = [tcp_connect(stpd) for _ in range(4)]
+        silent = [tcp_connect(stpd, source=f"127.0.0.{2 + n % 2}") for n in range(4)]
         late = tcp_connect(stpd)  # the kernel completes TCP's handshake for it
         try:
             until(lambda: stpd.daemon.connections == 4, "4 connections accepted")
@@ -132,12 +133,66 @@ def test_connections_past_twice_the_limit_wait_in_the_backlog(
                 sock.close()
 
 
+def test_silent_connections_from_one_host_do_not_lock_out_others(
+    hpki: Pki,  # noqa: F811
+) -> None:
+    """40 silent connections from one host, at STPD_MAX_CONNECTIONS=8 (16
+    open slots): 8 of them may sit in their TLS handshake, the others are
+    closed at once, with one WARNING naming the host. Clients from other
+    addresses are served meanwhile; the one host is not, until its
+    handshakes end. A connection past its handshake no longer counts."""
+    client = hpki.client_ini("good")
+    ctx = tls_context(hpki, client)
+    flood = "127.0.0.2"
+    with running_stpd(hpki.layout, 2, max_connections=8, handshake_timeout=60) as stpd:
+        silent = [tcp_connect(stpd, source=flood) for _ in range(40)]
+        try:
+            until(lambda: listen_queue(stpd.port) == 0, "every connection accepted")
+            until(lambda: stpd.daemon.connections == 8, "8 of them kept in their handshake")
+            stpd.log.wait_for(
+                r"^WARNING 8 connections from 127\.0\.0\.2 are in their TLS handshake, half "
+                r"of the 16 that may be open \(2 x STPD_MAX_CONNECTIONS\): further ones from it "
+                r"are closed at once until those finish or time out \(STPD_HANDSHAKE_TIMEOUT=60s\)"
+            )
+            # Those beyond 8 were closed without a byte; one more is too.
+            assert [wait_closed(sock) for sock in silent[8:]] == [b""] * 32
+            with tcp_connect(stpd, source=flood) as again:
+                assert wait_closed(again) == b""
+            # sbc from 127.0.0.1, and a TLS client from 127.0.0.3, are served.
+            code, out, err = run_sbc(
+                "--ini-dir", str(client.ini_dir), "status", "--server", stpd.address, "--json"
+            )
+            assert code == 0, err
+            assert json.loads(out)["connections"] == 9  # the 8 silent ones and this one
+            with tls_connect(stpd, ctx, source="127.0.0.3") as sock:
+                answer = request(sock, "GET", "/status")
+                assert answer is not None and answer.status == 200, answer
+            # The host itself waits until its handshakes end.
+            for sock in silent[:8]:
+                sock.close()
+            until(lambda: stpd.daemon.connections == 0, "the silent ones gone")
+            # Past their handshake, its connections no longer count: a ninth one
+            # completes its handshake too (and is answered 503, being the ninth).
+            with contextlib.ExitStack() as held:
+                for _ in range(8):
+                    sock = held.enter_context(tls_connect(stpd, ctx, source=flood))
+                    answer = request(sock, "GET", "/status")
+                    assert answer is not None and answer.status == 200, answer
+                with tls_connect(stpd, ctx, source=flood) as sock:
+                    answer = request(sock, "GET", "/status")
+                    assert answer is not None and answer.status == 503, answer
+            assert len(stpd.log.matching(r"^WARNING \d+ connections from")) == 1  # throttled
+        finally:
+            for sock in silent:
+                sock.close()
+
+
 def test_silent_connections_hold_little_memory(hpki: Pki) -> None:  # noqa: F811
     """A connection that never starts TLS costs the daemon its socket and
     OpenSSL's state, not a receive buffer (a quarter MiB each before)."""
     with running_stpd(hpki.layout, 2, max_connections=200, handshake_timeout=60) as stpd:
         before = rss_bytes()
-        silent = [tcp_connect(stpd) for _ in range(400)]
+        silent = [tcp_connect(stpd, source=f"127.0.0.{2 + n % 2}") for n in range(400)]
         try:
             until(lambda: stpd.daemon.connections == 400, "400 connections accepted")
             grown = rss_bytes() - before
@@ -188,11 +243,11 @@ def test_many_half_open_handshakes_do_not_block_valid_clients(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """Connections that never start TLS hold no one up; they are dropped
-    after the handshake timeout."""
+    """Connections that never start TLS (from two other hosts) hold no one
+    up; they are dropped after the handshake timeout."""
     client = hpki.client_ini("good")
     with running_stpd(hpki.layout, 2, handshake_timeout=1.0) as stpd:
-        silent = [socket.create_connection(("127.0.0.1", stpd.port)) for _ in range(100)]
+        silent = [tcp_connect(stpd, source=f"127.0.0.{2 + n % 2}") for n in range(100)]
         try:
             assert_serves(stpd, client, tmp_path)  # while 100 connections sit silent
             wait_count(stpd, r"TLS handshake with .* timed out after 1s", 100)

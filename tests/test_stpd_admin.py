@@ -5,6 +5,7 @@ back up to and restore from over TLS."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -215,3 +216,75 @@ def test_broken_savesets_are_reported_kept_at_start_and_deleted_by_id(
     again = stpd_command(pki, data, "list")
     assert (again.returncode, again.stderr) == (0, "")
     assert again.stdout.splitlines()[-1] == f"1 saveset(s), 10240 bytes, in {data}"
+
+
+@pytest.mark.parametrize("what", ["a directory in .incoming", ".incoming a file"])
+def test_what_is_in_the_way_of_the_start_is_named_with_the_fix(
+    pki: Pki, tmp_path: Path, what: str
+) -> None:
+    """stpd removes the leftovers of its uploads from .incoming at start; a
+    directory there (or a file where .incoming should be) is not its own, so
+    it is left alone, and the error says what is in the way and what to do,
+    instead of advice to choose another data directory."""
+    data = tmp_path / "data"
+    if what == ".incoming a file":
+        data.mkdir()
+        junk, kind = data / ".incoming", "a file"
+        junk.write_text("notes\n")
+        where = "where stpd keeps its uploads in progress, in a directory"
+    else:
+        junk, kind = data / ".incoming" / "junkdir", "a directory"
+        junk.mkdir(parents=True)
+        (junk.parent / "SS-20260101T000000Z-00000000.tar.part").write_bytes(b"left over")
+        where = (
+            f"where stpd keeps only its uploads in progress ({data / '.incoming'}), and removes "
+            "what is left of them at start"
+        )
+    result = stpd_command(pki, data, "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"stpd: error: {junk} is in the way: {kind}, {where}; remove it or move it elsewhere"
+    )
+    assert junk.exists()
+
+
+def test_directories_named_like_saveset_files_are_named_and_not_deleted(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A directory called SS-....tar (or .json) is no saveset: `stpd list`
+    and stpd's start name it as in the way instead of calling it a whole tar
+    archive or metadata to repair, and `stpd delete` does not remove it. A
+    FIFO so named is not read (which would wait for ever)."""
+    data = tmp_path / "data"
+    tar_dir = data / "SS-20260101T000000Z-0000000a.tar"
+    json_dir = data / "SS-20260101T000000Z-0000000b.json"
+    fifo = data / "SS-20260101T000000Z-0000000c.json"
+    for path in (tar_dir, json_dir):
+        (path / "inside").mkdir(parents=True)
+    os.mkfifo(fifo)
+    warnings = [
+        f"{path} is in the way: {kind}, named like a file of a saveset, which stpd neither "
+        "lists nor serves; remove it or move it elsewhere"
+        for path, kind in (
+            (tar_dir, "a directory"),
+            (json_dir, "a directory"),
+            (fifo, "a special file"),
+        )
+    ]
+    listing = stpd_command(pki, data, "list")
+    assert (listing.returncode, listing.stdout) == (0, f"0 saveset(s), 0 bytes, in {data}\n")
+    assert listing.stderr.splitlines() == [f"stpd: warning: {w}" for w in warnings]
+
+    deleted = stpd_command(pki, data, "delete", "SS-20260101T000000Z-0000000a")
+    assert (deleted.returncode, deleted.stdout) == (2, "")
+    assert deleted.stderr == f"stpd: error: {warnings[0]}; nothing was deleted\n"
+    assert (tar_dir / "inside").is_dir()
+
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        for warning in warnings:
+            server.wait_for(f"^.* WARNING stpd: {re.escape(warning)}$")
+    finally:
+        server.stop()
+    assert (tar_dir / "inside").is_dir() and (json_dir / "inside").is_dir()
