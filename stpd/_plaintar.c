@@ -38,8 +38,8 @@
  * header template it is given), no extended attributes to store and no
  * holes, a name in ASCII that fits the header with its directory's, a size
  * and time that fit, and room for it all in the batch. A file that changed
- * (shorter than its stat said) is left to Python too, which reads and
- * reports it as it does. It holds the GIL: it reads the names from their
+ * while read (shorter than its stat said, or its size or times moved) is
+ * left to Python too, which reads and reports it as it does. It holds the GIL: it reads the names from their
  * list.
  *
  * scan_members (see stpd/tarcheck.py, TarStreamCheck.feed). stpd checks the
@@ -48,8 +48,8 @@
  * receives the upload, which a backup of small files then waited for.
  * scan_members passes the headers of a
  * piece that _type_and_size would take (checksum right, octal fields), of
- * members that are not extensions (PAX, GNU long names) nor the old-style
- * regular type, and stops at any other, at the end-of-archive block, and
+ * members that are not extensions (PAX, GNU long names), old GNU sparse
+ * files nor the old-style regular type, and stops at any other, at the end-of-archive block, and
  * at the end of the piece.
  */
 #define PY_SSIZE_T_CLEAN
@@ -405,7 +405,8 @@ static PyObject *scan_members(PyObject *self, PyObject *args)
         /* Not passed: extensions, whose data changes what follows; the old
          * regular type (a directory if its name ends in '/'); fields that
          * are not octal (base-256 among them). */
-        if (strchr("xXgLK", kind) != NULL || kind == 0) /* X: Solaris's x */
+        /* X: Solaris's x; S: old GNU sparse, whose map may go on in blocks of its own */
+        if (strchr("xXgLKS", kind) != NULL || kind == 0)
             break;
         if (octal(h + 148, 8, &stored) < 0 || octal(h + 124, 12, &size) < 0)
             break;

@@ -91,6 +91,9 @@ class TarStreamCheck:
         self._pax: bytearray | None = None  # collecting a PAX header's data
         self._pax_end = 0
         self._size_override: int | None = None
+        # The data size of an old GNU sparse member whose extension blocks
+        # (more of its map) come next, before its data (see _parse_header).
+        self._sparse_data: int | None = None
         self._ended = False  # an end-of-archive block was seen
 
     def feed(self, piece: bytes | bytearray | memoryview) -> None:
@@ -114,7 +117,7 @@ class TarStreamCheck:
             if absolute < self._next_header:  # member data: skip it
                 pos += min(len(view) - pos, self._next_header - absolute)
                 continue
-            if not self._header and self._size_override is None:
+            if not self._header and self._size_override is None and self._sparse_data is None:
                 # Plain headers whole in the piece, in C: where the next one
                 # starts, maybe in a later piece (stpd/_plaintar.c).
                 end, members = _plaintar.scan_members(view, pos)
@@ -137,6 +140,13 @@ class TarStreamCheck:
                     return
 
     def _parse_header(self, block: bytes, at: int) -> None:
+        if self._sparse_data is not None:  # an extension block: its last byte but 7 says if more
+            if not block[504]:
+                self._next_header = at + BLOCK + -(-self._sparse_data // BLOCK) * BLOCK
+                self._sparse_data = None
+            else:
+                self._next_header = at + BLOCK
+            return
         if block.count(0) == BLOCK:
             self._ended = True
             return
@@ -154,6 +164,11 @@ class TarStreamCheck:
                 raise InvalidTar(f"{_EXTENSIONS[kind]} of {size} bytes at byte {at} is too large")
         elif self._size_override is not None:  # as tarfile: the member after the extensions
             size, self._size_override = self._size_override, None
+        if kind == tarfile.GNUTYPE_SPARSE and block[482]:  # GNU tar -S, --format=gnu
+            # More than 4 data regions: extension blocks follow, as tarfile reads them.
+            self._sparse_data, self._next_header = size, at + BLOCK
+            self.members += 1
+            return
         data_blocks = -(-size // BLOCK) if kind not in _NO_DATA else 0
         self._next_header = at + BLOCK + data_blocks * BLOCK
         if kind in _PAX_HEADERS:
