@@ -94,6 +94,7 @@ class TarStreamCheck:
         # The data size of an old GNU sparse member whose extension blocks
         # (more of its map) come next, before its data (see _parse_header).
         self._sparse_data: int | None = None
+        self._sparse_blocks = 0  # of that member's extension blocks so far
         self._ended = False  # an end-of-archive block was seen
 
     def feed(self, piece: bytes | bytearray | memoryview) -> None:
@@ -141,6 +142,9 @@ class TarStreamCheck:
 
     def _parse_header(self, block: bytes, at: int) -> None:
         if self._sparse_data is not None:  # an extension block: its last byte but 7 says if more
+            self._sparse_blocks += 1
+            if self._sparse_blocks * BLOCK > MAX_EXTENSION_HEADER:  # tarfile lists the whole map
+                raise InvalidTar(f"old GNU sparse map at byte {at} is too large")
             if not block[504]:
                 self._next_header = at + BLOCK + -(-self._sparse_data // BLOCK) * BLOCK
                 self._sparse_data = None
@@ -166,7 +170,7 @@ class TarStreamCheck:
             size, self._size_override = self._size_override, None
         if kind == tarfile.GNUTYPE_SPARSE and block[482]:  # GNU tar -S, --format=gnu
             # More than 4 data regions: extension blocks follow, as tarfile reads them.
-            self._sparse_data, self._next_header = size, at + BLOCK
+            self._sparse_data, self._next_header, self._sparse_blocks = size, at + BLOCK, 0
             self.members += 1
             return
         data_blocks = -(-size // BLOCK) if kind not in _NO_DATA else 0
