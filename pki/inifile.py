@@ -87,7 +87,12 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                     f"{exc.lineno}): keep one"
                 ) from None
             parser = _parse(text, path, strict=False)  # another program's section
-        except configparser.DuplicateSectionError:
+        except configparser.DuplicateSectionError as exc:
+            if exc.section in our_sections:  # merged, its later keys won without a word
+                raise ConfigError(
+                    f"{path}: section [{exc.section}] appears twice (again on line "
+                    f"{exc.lineno}): keep one, with every key in it"
+                ) from None
             parser = _parse(text, path, strict=False)
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
