@@ -212,7 +212,7 @@ class Stpd:
         # (answered 503 beyond it). Handshakes in progress take open_slots too
         # (see OPEN_PER_SERVED), each for at most STPD_HANDSHAKE_TIMEOUT; those
         # of one address are held to a share of them (see HandshakesByAddress),
-        # so that silent connections from one host cannot lock out the others.
+        # so that silent connections from one host alone cannot lock out the others.
         self.sessions = 0
         # Backups, restores and verifications running, each as the log names it
         # (for status and for the lines of a shutdown, which says what it cuts off).
@@ -636,12 +636,19 @@ class Stpd:
             if days:
                 cutoff = utc_now() - datetime.timedelta(days=days)
                 try:
-                    removed = await trio.to_thread.run_sync(
+                    removed, failed = await trio.to_thread.run_sync(
                         self.store.remove_finished_before, cutoff
                     )
-                except OSError as exc:
+                except OSError as exc:  # the data directory cannot be listed
                     log.error("cannot remove savesets past STPD_RETENTION_DAYS=%d: %s", days, exc)
-                    removed = []
+                    removed, failed = [], []
+                for meta, why in failed:
+                    log.error(
+                        "cannot remove saveset %s, older than STPD_RETENTION_DAYS=%d: %s",
+                        meta.saveset,
+                        days,
+                        why,
+                    )
                 for meta in removed:
                     log.info(
                         "removed saveset %s of %s (finished %s): older than STPD_RETENTION_DAYS=%d",

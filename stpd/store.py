@@ -395,11 +395,15 @@ class SavesetStore:
         self.check_in_place()
         return [m for m in self.all() if m.owner == owner]
 
-    def remove_finished_before(self, moment: dt.datetime) -> list[SavesetMeta]:
+    def remove_finished_before(
+        self, moment: dt.datetime
+    ) -> tuple[list[SavesetMeta], list[tuple[SavesetMeta, str]]]:
         """Remove the savesets that finished before ``moment`` (see
-        ``remove``); returns them. A saveset whose time cannot be read is
-        kept."""
-        removed = []
+        ``remove``): those removed, and those that could not be, with why
+        (one must not keep the rest, nor unsay those removed before it). A
+        saveset whose time cannot be read is kept, and so is one whose tar
+        is not a file (in the way: Scan reports it)."""
+        removed, failed = [], []
         for meta in self.all():
             try:
                 finished = dt.datetime.fromisoformat(meta.finished)
@@ -407,9 +411,17 @@ class SavesetStore:
                 continue
             if finished.tzinfo is None or finished >= moment:
                 continue
-            self.remove(meta.saveset)
+            tar = self.tar_path(meta.saveset)
+            if tar.is_dir() or (tar.exists() and not tar.is_file()):
+                failed.append((meta, in_the_way(tar, NAMED_LIKE_A_SAVESET)))
+                continue
+            try:
+                self.remove(meta.saveset)
+            except OSError as exc:
+                failed.append((meta, exc.strerror or str(exc)))
+                continue
             removed.append(meta)
-        return removed
+        return removed, failed
 
     def remove(self, saveset: str) -> None:
         """Remove one saveset. The metadata goes first, so it leaves every

@@ -599,13 +599,23 @@ def backdated(store: SavesetStore, meta: SavesetMeta, finished: str) -> None:
 def test_savesets_finished_before_a_moment_are_removed_and_the_rest_kept(
     store: SavesetStore,
 ) -> None:
-    old, unreadable_time, recent = (upload(store, tar_bytes({"a": b"1"})).commit() for _ in "123")
-    backdated(store, old, "2026-01-01T00:00:00Z")
+    old, unreadable_time, recent, in_the_way, older = (
+        upload(store, tar_bytes({"a": b"1"})).commit() for _ in "12345"
+    )
+    for meta in (old, in_the_way, older):
+        backdated(store, meta, "2026-01-01T00:00:00Z")
     backdated(store, unreadable_time, "yesterday")
-    removed = store.remove_finished_before(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
-    assert [m.saveset for m in removed] == [old.saveset]
+    # A directory where one's tar goes: its metadata went, the unlink of the
+    # tar failed, and the pass stopped there, its removals never logged.
+    store.tar_path(in_the_way.saveset).unlink()
+    store.tar_path(in_the_way.saveset).mkdir()
+    removed, failed = store.remove_finished_before(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+    assert sorted(m.saveset for m in removed) == sorted([old.saveset, older.saveset])
+    assert [(m.saveset, why.split(":")[0]) for m, why in failed] == [
+        (in_the_way.saveset, f"{store.tar_path(in_the_way.saveset)} is in the way")
+    ]
     assert sorted(m.saveset for m in store.all()) == sorted(
-        [unreadable_time.saveset, recent.saveset]
+        [unreadable_time.saveset, recent.saveset, in_the_way.saveset]
     )
     assert not store.tar_path(old.saveset).exists()
     assert store.tar_path(recent.saveset).exists()
