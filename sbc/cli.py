@@ -196,31 +196,26 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         result["unreadable"] = [{"path": path, "error": what} for path, what in stats.unreadable]
     if not args.json:
         for path in stats.skipped:
-            print(
-                f"sbc: warning: skipped {path} (sockets and similar cannot be archived)",
-                file=sys.stderr,
-            )
+            _warn(f"skipped {path} (sockets and similar cannot be archived)")
         for path in stats.changed:
-            print(
-                f"sbc: warning: {path} changed while it was read: stored at the size it had "
+            _warn(
+                f"{path} changed while it was read: stored at the size it had "
                 "when the backup reached it (cut, or padded with zeros), and its copy may mix "
-                "old and new contents; back it up again",
-                file=sys.stderr,
+                "old and new contents; back it up again"
             )
         for path, what in stats.unreadable:
-            print(f"sbc: warning: could not read {path}: {what}", file=sys.stderr)
+            _warn(f"could not read {path}: {what}")
         if (
             meta.get("owner") == ANONYMOUS
             and session.config.client_ssl_auth
             and session.certificate_asked
         ):
             # Level 1 serves a client whose certificate it refuses, as anyone.
-            print(
-                f"sbc: warning: stpd at {session.where} did not accept our client certificate "
+            _warn(
+                f"stpd at {session.where} did not accept our client certificate "
                 "and stored this saveset as anonymous: every client without a valid "
                 "certificate can list and restore it (the stpd log says why it refused the "
-                "certificate)",
-                file=sys.stderr,
+                "certificate)"
             )
         if source.is_symlink():  # backed up as a link, which a user seldom means
             hint = (
@@ -228,10 +223,9 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
                 if source.is_dir()
                 else "give the path it points to, to back that up"
             )
-            print(
-                f"sbc: warning: {source} is a symbolic link (to {os.readlink(source)}): only the "
-                f"link is stored; {hint}",
-                file=sys.stderr,
+            _warn(
+                f"{source} is a symbolic link (to {os.readlink(source)}): only the "
+                f"link is stored; {hint}"
             )
         print(
             f"saveset {meta['saveset']} stored on {session.where}: {meta['bytes']} bytes, "
@@ -270,29 +264,27 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.monotonic() - started
     if not args.json:
         for name in restored.skipped:
-            print(f"sbc: warning: not restored: device node {name}", file=sys.stderr)
+            _warn(f"not restored: device node {name}")
         for name in restored.not_found:
-            print(f"sbc: warning: not in saveset {args.saveset}: {name}", file=sys.stderr)
+            _warn(f"not in saveset {args.saveset}: {name}")
         for name, reason in restored.unrestorable:
-            print(f"sbc: warning: could not restore {name}: {reason}", file=sys.stderr)
+            _warn(f"could not restore {name}: {reason}")
         if restored.kept:
-            print(f"sbc: warning: {_kept_summary(restored.kept)}", file=sys.stderr)
+            _warn(_kept_summary(restored.kept))
         if restored.kept_different:
             count = len(restored.kept_different)
-            print(
-                f"sbc: warning: {count} of the files kept differ from the saveset's in size or "
+            _warn(
+                f"{count} of the files kept differ from the saveset's in size or "
                 f"modification time: {_some(restored.kept_different)} (changed since the "
-                "backup, or cut short by a restore that was killed; --overwrite replaces them)",
-                file=sys.stderr,
+                "backup, or cut short by a restore that was killed; --overwrite replaces them)"
             )
         if restored.unprivileged:
             count = len(restored.unprivileged)
-            print(
-                f"sbc: warning: restored {count} file{'' if count == 1 else 's'} without "
+            _warn(
+                f"restored {count} file{'' if count == 1 else 's'} without "
                 "set-user-id or set-group-id bits or file capabilities, as no privilege comes "
                 f"from a saveset: {_some(restored.unprivileged)} (give them back by hand where "
-                "you trust the saveset: chmod u+s or g+s, setcap)",
-                file=sys.stderr,
+                "you trust the saveset: chmod u+s or g+s, setcap)"
             )
         entries = f"{restored.members} entries"
         if args.entries or restored.extracted != restored.members:  # (some kept, or skipped)
@@ -346,6 +338,13 @@ def _remove_if_empty(directories: list[Path]) -> None:
             directory.rmdir()
         except OSError:
             return
+
+
+def _warn(text: str) -> None:
+    """A warning line on stderr. Names in it may come from a saveset, which
+    at levels 0 and 1 any client could have made: written on one line, and
+    no escape sequence reaches the terminal (pki.console.one_line)."""
+    print(f"sbc: warning: {one_line(text)}", file=sys.stderr)
 
 
 def _some(names: list[str], shown: int = 5) -> str:
@@ -538,8 +537,8 @@ def _stop_signals_interrupt() -> Iterator[None]:
 _AFTER_INTERRUPT = {
     "backup": ": stpd keeps nothing of a backup it did not receive whole (`sbc list` shows "
     "what was stored)",
-    "restore": ": the file it was writing was removed, what came before it stays; the same "
-    "restore run again finishes it",
+    "restore": ": a file it was writing part-way was removed, what came before it stays; the "
+    "same restore run again finishes it",
 }
 
 

@@ -248,7 +248,7 @@ def list_savesets(config: StpdConfig, as_json: bool) -> int:
     scan = store.scan()
     # What stpd neither lists nor serves, or lists but cannot serve: on stderr.
     for warning in scan.warnings():
-        print(f"stpd: warning: {warning}", file=sys.stderr)
+        print(f"stpd: warning: {one_line(warning)}", file=sys.stderr)  # an owner in it: a peer's
     if as_json:
         print(json.dumps([meta.to_json() for meta in scan.savesets], indent=2))
         return 0

@@ -447,8 +447,8 @@ def test_sigterm_or_sighup_mid_restore_removes_the_incomplete_file(
         listener.close()
     assert sbc.returncode == 128 + number, err
     assert err == (
-        f"sbc: stopped by {number.name}: the file it was writing was removed, what came before "
-        "it stays; the same restore run again finishes it\n"
+        f"sbc: stopped by {number.name}: a file it was writing part-way was removed, what came "
+        "before it stays; the same restore run again finishes it\n"
     )
     assert (target / "tree" / "first.txt").read_bytes() == first
     assert not incomplete.exists()

@@ -1215,6 +1215,29 @@ def test_list_shows_a_source_with_control_characters_on_one_line(pki: Pki, tmp_p
     assert line.startswith(saveset) and line.endswith(f"{tmp_path}/two\\nlines\\x1b[2J")
 
 
+def test_restore_warnings_show_names_with_control_characters_on_one_line(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The names in a restore's warnings come from the saveset: an ESC in
+    one reached the terminal as it was (the kept and set-id warnings here)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    odd = tree / "a\x1b[2J\x1b[31mRED"
+    odd.write_text("#!/bin/sh\n")
+    odd.chmod(0o4755)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = backed_up(stpd, ini, tree)
+        restore = [*ini, "restore", saveset, str(tmp_path / "back"), "--server", stpd.address]
+        first = run_sbc(*restore)
+        again = run_sbc(*restore)
+    for code, _, err in (first, again):
+        assert code == 0, err
+        assert "\x1b" not in err and "tree/a\\x1b[2J\\x1b[31mRED" in err, err
+    assert "without set-user-id" in first[2] and "kept 1 existing path" in again[2]
+
+
 def test_list_of_a_savesets_entries_agrees_with_gnu_tar(pki: Pki, tmp_path: Path) -> None:
     """``sbc list SAVESET`` names what ``tar -tvf`` of the stored saveset
     names, with the same types, sizes and links; as JSON too. Another
