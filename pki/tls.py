@@ -249,7 +249,11 @@ def server_context(
     cert = cert or layout.server_cert
     key = key or layout.server_key
     ctx = _hardened_context(SSL.TLS_SERVER_METHOD)
-    fix = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} server --common-name=<names>`"
+    # Issued where the CA is: in place there, else with --path and copied here.
+    fix = (
+        "issue it with `sm_ssl_cert server --common-name=<names>` where the CA is (for "
+        f"another machine with --path DIR, then copy server.pem and server.key into {cert.parent})"
+    )
     _load_cert_and_key(ctx, cert, key, fix)
     ctx.client_cert_policy = policy  # type: ignore[attr-defined]  # read by _verify_callback
     if policy == ClientCertPolicy.IGNORE:
@@ -277,7 +281,10 @@ def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -
     server's chain (names are checked after the handshake)."""
     ctx = _hardened_context(SSL.TLS_CLIENT_METHOD)
     if present_cert:
-        fix = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} client` on the backup server and copy it here"
+        fix = (
+            "issue one for this client with `sm_ssl_cert client --oid CN:<its name> --path DIR` "
+            f"where the CA is, and copy client.pem and client.key into {layout.client_dir}"
+        )
         _load_cert_and_key(ctx, layout.client_cert, layout.client_key, fix)
     if verify_server:
         _load_ca(ctx, layout)

@@ -208,8 +208,9 @@ def test_sbc_missing_client_certificate_is_one_line(
     assert code == 1 and out == ""
     assert_one_line_error(
         err,
-        rf"certificate {re.escape(str(client.client_cert))} not found: create it with "
-        r"`sm_ssl_cert --ini-dir .* client`",
+        rf"certificate {re.escape(str(client.client_cert))} not found: issue one for this "
+        r"client with `sm_ssl_cert client --oid CN:<its name> --path DIR` where the CA is, and "
+        rf"copy client.pem and client.key into {re.escape(str(client.client_dir))}$",
     )
 
 
