@@ -68,6 +68,9 @@ ANONYMOUS = "anonymous"
 
 X509_V_ERR_CERT_NOT_YET_VALID = 9
 X509_V_ERR_CERT_HAS_EXPIRED = 10
+X509_V_ERR_CRL_NOT_YET_VALID = 11
+X509_V_ERR_CRL_HAS_EXPIRED = 12
+X509_V_ERR_CERT_REVOKED = 23
 X509_V_ERR_INVALID_PURPOSE = 26
 
 
@@ -236,6 +239,16 @@ def load_crl(layout: Layout, ca: x509.Certificate) -> x509.CertificateRevocation
     return crl
 
 
+def _check_revocations(ctx: SSL.Context, layout: Layout, ca: x509.Certificate) -> None:
+    """The peer's certificate is checked against ca/crl.pem, where there is one."""
+    crl = load_crl(layout, ca)
+    if crl is not None:
+        store = ctx.get_cert_store()
+        assert store is not None
+        store.add_crl(crl)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+
+
 def server_context(
     layout: Layout,
     policy: ClientCertPolicy,
@@ -259,13 +272,7 @@ def server_context(
     if policy == ClientCertPolicy.IGNORE:
         ctx.set_verify(SSL.VERIFY_NONE)
         return ctx
-    ca = _load_ca(ctx, layout)
-    crl = load_crl(layout, ca)
-    if crl is not None:
-        store = ctx.get_cert_store()
-        assert store is not None
-        store.add_crl(crl)
-        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    _check_revocations(ctx, layout, _load_ca(ctx, layout))
     # Tell clients which CA we trust so that they pick the right certificate.
     ctx.load_client_ca(str(layout.ca_cert).encode())
     mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
@@ -278,7 +285,8 @@ def server_context(
 def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -> SSL.Context:
     """The SBC context: ``SBC_CLIENT_SSL_AUTH`` decides whether we present
     ``x.509/client.pem``; ``SBC_SSL_SERVER_VERIFY`` whether we verify the
-    server's chain (names are checked after the handshake)."""
+    server's chain (names are checked after the handshake), against
+    ``ca/crl.pem`` too where there is one."""
     ctx = _hardened_context(SSL.TLS_CLIENT_METHOD)
     if present_cert:
         fix = (
@@ -287,7 +295,9 @@ def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -
         )
         _load_cert_and_key(ctx, layout.client_cert, layout.client_key, fix)
     if verify_server:
-        _load_ca(ctx, layout)
+        # A revoked server certificate (an RDS's stolen key) is refused only
+        # where the CRL has been copied beside rootCA.pem.
+        _check_revocations(ctx, layout, _load_ca(ctx, layout))
         # The callback records why a chain failed, for SBC's one-line error.
         ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
     else:

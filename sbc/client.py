@@ -23,6 +23,9 @@ from pki.tls import (
     NOT_TLS_REASONS,
     X509_V_ERR_CERT_HAS_EXPIRED,
     X509_V_ERR_CERT_NOT_YET_VALID,
+    X509_V_ERR_CERT_REVOKED,
+    X509_V_ERR_CRL_HAS_EXPIRED,
+    X509_V_ERR_CRL_NOT_YET_VALID,
     X509_V_ERR_INVALID_PURPOSE,
     check_server_names,
     client_certificate_problem,
@@ -236,6 +239,17 @@ class Session:
         )
         if X509_V_ERR_INVALID_PURPOSE in errors:
             return f"stpd presents a certificate without serverAuth usage: {reissue}"
+        crl = self.config.layout.crl
+        if X509_V_ERR_CERT_REVOKED in errors:
+            return (
+                f"{crl} here revokes it: if that server is to be trusted again, {reissue}; "
+                "else back up elsewhere"
+            )
+        if errors & {X509_V_ERR_CRL_HAS_EXPIRED, X509_V_ERR_CRL_NOT_YET_VALID}:
+            return (
+                f"{crl} here is out of date (past its next update), so no certificate passes "
+                "the check against it: copy the current ca/crl.pem from the backup server"
+            )
         if errors & {X509_V_ERR_CERT_HAS_EXPIRED, X509_V_ERR_CERT_NOT_YET_VALID}:
             return f"the server certificate is out of its validity period: {reissue}"
         return (

@@ -19,7 +19,15 @@ from pki import crl as crl_module
 from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
-from tests.conftest import Pki, RunningStpd, needs_openssl, openssl, run_sbc, running_stpd
+from tests.conftest import (
+    OPENSSL,
+    Pki,
+    RunningStpd,
+    needs_openssl,
+    openssl,
+    run_sbc,
+    running_stpd,
+)
 
 PEER = r"client 127\.0\.0\.1:\d+"
 REVOKED = "certificate has been revoked"
@@ -197,6 +205,46 @@ def test_an_out_of_date_crl_refuses_every_client_at_level_2(
     with running_stpd(pki.layout, level=2) as stpd:
         code, _out, err = backup(client, stpd, source)
         assert code == 0, err
+
+
+@needs_openssl
+def test_a_client_with_the_crl_refuses_a_revoked_server_certificate(pki: Pki) -> None:
+    """An RDS's key stolen: revoking its certificate changed nothing, for sbc
+    never read a CRL. Where ca/crl.pem is copied beside rootCA.pem, sbc
+    refuses it as openssl s_client -crl_check does; elsewhere it still
+    passes (README says so). An out-of-date copy refuses every server."""
+    client = pki.client_ini("host1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        status = ["--ini-dir", str(client.ini_dir), "status", "--server", stpd.address]
+        crl_module.revoke(pki.ca, str(pki.layout.server_cert), "keyCompromise")
+        code, _, err = run_sbc(*status)
+        assert code == 0, err  # no CRL beside this client's rootCA.pem
+        shutil.copy(pki.layout.crl, client.crl)
+        code, out, err = run_sbc(*status)
+        assert (code, out) == (1, "")
+        assert err == (
+            f"sbc: error: server certificate of stpd at {stpd.address} failed verification: "
+            f"certificate has been revoked; {client.crl} here revokes it: if that server is to "
+            "be trusted again, re-issue it on the backup server with `sm_ssl_cert server "
+            "--common-name=<names>` (with --path=DIR for an RDS) and restart stpd; else back up "
+            "elsewhere (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)\n"
+        )
+        assert OPENSSL is not None
+        peer = subprocess.run(
+            [OPENSSL, "s_client", "-connect", stpd.address, "-CAfile", str(client.ca_cert),
+             "-CRL", str(client.crl), "-crl_check", "-verify_return_error",
+             "-cert", str(client.client_cert), "-key", str(client.client_key)],
+            input="", capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False,
+        )  # fmt: skip
+        assert peer.returncode != 0 and "certificate revoked" in peer.stdout + peer.stderr
+
+        # A copy past its next update: no certificate passes the check.
+        stale = CertificateAuthority.load(pki.layout)
+        crl_module.write_crl(stale, days=1, now=datetime.now(UTC) - timedelta(days=2))
+        shutil.copy(pki.layout.crl, client.crl)
+        code, _, err = run_sbc(*status)
+        assert code == 1
+        assert f"{client.crl} here is out of date (past its next update)" in err, err
 
 
 # -- the same with curl ---------------------------------------------------------------
