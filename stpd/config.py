@@ -89,8 +89,11 @@ class StpdConfig:
             1: "1 (validated, invalid ones served with a warning)",
             2: "2 (validated, invalid ones refused)",
         }[int(self.client_cert_policy)]
+        listed = ",".join(self.allowed_clients)
         if self.allowed_clients and self.client_cert_policy != ClientCertPolicy.IGNORE:
-            level += f", only clients of STPD_ALLOWED_CLIENTS={','.join(self.allowed_clients)}"
+            level += f", only clients of STPD_ALLOWED_CLIENTS={listed}"
+        elif self.allowed_clients:  # set, and it looks in force: it cannot be without certificates
+            level += f", STPD_ALLOWED_CLIENTS={listed} not applied (it needs level 1 or 2)"
         return level
 
 

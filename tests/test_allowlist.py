@@ -66,6 +66,18 @@ def test_unlisted_client_gets_one_clear_line(
         assert not list(stpd.daemon.store.root.glob("SS-*"))
 
 
+def test_a_list_at_level_0_is_said_not_to_apply(pki: Pki) -> None:
+    """At level 0 no certificate is asked for, so the list cannot apply: the
+    start line named none, and an administrator who set one took it for
+    in force."""
+    with running_stpd(pki.layout, level=0, allowed_clients=("CN:alice",)) as stpd:
+        stpd.log.wait_for(
+            r"listening on .*, client certificate level 0 \(client certificates not "
+            r"requested\), STPD_ALLOWED_CLIENTS=CN:alice not applied \(it needs level 1 or "
+            r"2\), data in "
+        )
+
+
 @pytest.mark.parametrize("sent", [b"", b"NOT HTTP AT ALL\r\n\r\n"])
 def test_unlisted_client_is_answered_without_reading_its_request(pki: Pki, sent: bytes) -> None:
     """The 403 comes with nothing sent, and is the same for bytes that are
