@@ -240,12 +240,15 @@ class Stpd:
         loose = open_to_others(config.layout.server_key, "private key")
         if loose is not None:
             log.warning("%s", loose)
-        if config.layout.ca_key.exists():  # SPEC: needed only to issue, never by a daemon
+        # SPEC: needed only to issue, never by a daemon; an old CA's key that
+        # `ca --force` moved aside (rootCA.key.old-...) no less.
+        ca_key = config.layout.ca_key
+        for key in sorted(ca_key.parent.glob(f"{ca_key.name}*")):
             log.warning(
                 "%s is on this server: stpd does not need it, and whoever reads it can issue "
-                "certificates that this stpd accepts; once certificates are issued, move it "
+                "certificates in its CA's name; once certificates are issued, move it "
                 "to the machine (or medium) you issue them from",
-                config.layout.ca_key,
+                key,
             )
         server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
         ca = config.layout.ca_cert
@@ -701,7 +704,13 @@ class Stpd:
         next_update = self._crl_next_update()
         if next_update is None:
             return None
-        return {"next_update": timestamp(next_update), "days_left": int(days_left(next_update))}
+        # The number tells which CRL a server has in force (has the last one reached it?).
+        number = crl_number(self._crl_in_force) if self._crl_in_force is not None else None
+        return {
+            "next_update": timestamp(next_update),
+            "days_left": int(days_left(next_update)),
+            "number": number,
+        }
 
     async def handle_connection(
         self, transport: trio.SocketStream, handshake_over: Callable[[], None] = lambda: None

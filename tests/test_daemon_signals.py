@@ -380,6 +380,13 @@ def test_a_ca_key_on_the_server_is_pointed_out_at_start_and_reload(
     os.replace(offline / "rootCA.key", key)  # copied back by mistake
     reload()
     assert len(server.matching(warning)) == 2
+    # An old CA's key that `ca --force` moved aside stays just as readable.
+    os.replace(key, key.with_name("rootCA.key.old-20261128T120000Z"))
+    reload()
+    assert len(server.matching(warning)) == 2
+    assert server.matching(
+        rf"WARNING stpd: {re.escape(str(key))}\.old-20261128T120000Z is on this server"
+    )
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
 

@@ -304,6 +304,8 @@ def test_a_crl_near_its_next_update_is_warned_about_and_shown_in_status(
         assert code == 0, err
         daemon.log.wait_for(r"^INFO CRL .* changed: reloaded$")
         assert json.loads(out)["crl"]["days_left"] == 29
+        # Which CRL is in force: a fleet's servers can be compared.
+        assert json.loads(out)["crl"]["number"] == crl["number"] + 1 >= 2
 
 
 @pytest.mark.parametrize(
