@@ -51,6 +51,7 @@ from pki.errors import PkiError
 from pki.files import open_to_others, read_passphrase
 from pki.inventory import Entry, Inventory, timestamp
 from pki.layout import INI_DIR_ENV, INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from pki.names import certificate_names
 from stpd import __version__  # of the whole distribution (pyproject reads it there)
 
 PROG = "sm_ssl_cert"
@@ -352,10 +353,21 @@ def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
 
 def _run_server(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     ca = _signing_ca(layout, args)
+    # Without --path it replaces this machine's own: an RDS's certificate
+    # issued so (--path forgotten) took the backup server's place unsaid.
+    replaced = read_certificate(layout.server_cert) if args.path is None else None
     issued = ca.issue_server(
         args.common_name, out_dir=args.path, days=args.days, key_type=args.key_type
     )
     _print_issued(out, "server", issued, args.days)
+    if replaced is not None and set(certificate_names(replaced)) != set(issued.names):
+        print(
+            f"{PROG}: warning: this replaced the certificate of this machine's stpd "
+            f"({', '.join(certificate_names(replaced))}) in {layout.server_dir}, moved aside "
+            "as shown: for another server (an RDS), issue with --path DIR and move the old "
+            "files back; else send this stpd SIGHUP",
+            file=sys.stderr,
+        )
     print(f"  names:       {', '.join(issued.names)}", file=out)
     wildcards = [name for name in issued.names if name.endswith(".*")]
     if wildcards:
@@ -378,7 +390,7 @@ def _run_client(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     _print_issued(out, "client", issued, args.days)
     print(
         f"next: copy {issued.cert_path.name}, {issued.key_path.name} (into x.509/) and "
-        "rootCA.pem (into ca/) to each client",
+        "rootCA.pem (into ca/) to the client it is for (each client has its own)",
         file=out,
     )
 

@@ -155,8 +155,18 @@ def test_reissuing_a_server_moves_the_old_pair_aside(
     argv = ["--ini-dir", str(with_ca.ini_dir), "server", "--common-name=a"]
     assert main(argv) == 0
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("moved aside: ") == 2
+    out, err = capsys.readouterr()
+    assert out.count("moved aside: ") == 2
+    assert err == ""  # the same names: a renewal of this machine's own
     assert len(list(with_ca.server_dir.iterdir())) == 4
+    # Other names without --path: an RDS's certificate issued into this
+    # machine's ssl/ replaced the backup server's own without a word.
+    assert main([*argv[:-1], "--common-name=rds3.example,10.0.0.3"]) == 0
+    assert capsys.readouterr().err == (
+        "sm_ssl_cert: warning: this replaced the certificate of this machine's stpd (a) in "
+        f"{with_ca.server_dir}, moved aside as shown: for another server (an RDS), issue with "
+        "--path DIR and move the old files back; else send this stpd SIGHUP\n"
+    )
 
 
 @pytest.mark.parametrize(
