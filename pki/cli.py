@@ -344,6 +344,16 @@ def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         )
     print(f"wrote root CA certificate: {layout.ca_cert}", file=out)
     _describe(out, ca.cert, args.days)
+    if ca.moved_aside:  # a CA replaced: nothing the old one issued is trusted any more
+        print(
+            "next: every certificate of the old CA is now refused, so re-issue them all: this "
+            "server's (`sm_ssl_cert server --common-name=...`), each RDS's (with --path) and "
+            "each client's (`sm_ssl_cert client --oid ... --path ...`); copy the new "
+            "ca/rootCA.pem to every server and client and remove the old CA's ca/crl.pem there; "
+            "then move rootCA.key and its old copy (.old-...) off this server",
+            file=out,
+        )
+        return
     print(
         "next: issue certificates with `sm_ssl_cert server --common-name=...` and "
         "`sm_ssl_cert client`; then keep rootCA.key off the server (only issuing needs it)",

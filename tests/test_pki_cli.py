@@ -93,6 +93,10 @@ def test_ca_force_rsa_days(with_ca: Layout, capsys: pytest.CaptureFixture[str]) 
     assert out.count("moved aside: ") == 2
     assert "RSA 3072 bit" in out
     assert "(4000 days; --days changes it)" in out
+    # What a replaced CA means for the fleet (it said "issue certificates", as for a new one).
+    assert out.splitlines()[-1].startswith(
+        "next: every certificate of the old CA is now refused, so re-issue them all: "
+    )
     assert isinstance(load(with_ca.ca_cert).public_key(), rsa.RSAPublicKey)
     aside = [p for p in with_ca.ca_dir.iterdir() if p.name.startswith("rootCA.pem.old-")]
     assert [p.read_bytes() for p in aside] == [old]
