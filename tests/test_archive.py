@@ -635,9 +635,9 @@ def test_a_file_linked_where_a_fifo_or_link_was_made_gets_none_of_its_attributes
         assert stat.S_IMODE(back.st_mode) == 0o777
 
 
-def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> None:
-    """Ctrl-C (or anything else) part-way through a file: the files before
-    it stay, the one in progress goes, and the interruption goes on up."""
+def _interrupted_in_b(tmp_path: Path, *, overwrite: bool = False) -> tuple[bytes, RestoreResult]:
+    """tree/ of a whole file "a" and a larger "b", restored into out/ until
+    Ctrl-C comes part-way through b: its stream, and the result."""
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "a").write_text("whole\n")
@@ -652,7 +652,14 @@ def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> Non
 
     result = RestoreResult()
     with pytest.raises(KeyboardInterrupt):
-        extract_stream(get, tmp_path / "out", result)
+        extract_stream(get, tmp_path / "out", result, overwrite=overwrite)
+    return stream, result
+
+
+def test_an_interrupted_restore_leaves_no_incomplete_file(tmp_path: Path) -> None:
+    """Ctrl-C (or anything else) part-way through a file: the files before
+    it stay, the one in progress goes, and the interruption goes on up."""
+    _, result = _interrupted_in_b(tmp_path)
     assert result.removed == "tree/b"
     assert (tmp_path / "out" / "tree" / "a").read_text() == "whole\n"
     assert not (tmp_path / "out" / "tree" / "b").exists()
@@ -663,25 +670,11 @@ def test_an_interrupted_overwrite_leaves_the_old_file(tmp_path: Path) -> None:
     through that file (Ctrl-C, a full disk) left neither the old one nor the
     new. The new one replaces the old once whole; until then it has a name
     of its own, which goes when the restore stops."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "a").write_text("whole\n")
-    (tree / "b").write_bytes(os.urandom(200_000))
-    stream = tar_stream(tree, TreeStats())
     out = tmp_path / "out" / "tree"
     out.mkdir(parents=True)
     (out / "a").write_text("old a\n")
     (out / "b").write_text("old b\n")
-    pieces = [memoryview(stream[:150_000])]
-
-    def get() -> list[memoryview]:
-        if pieces:
-            return [pieces.pop()]
-        raise KeyboardInterrupt
-
-    result = RestoreResult()
-    with pytest.raises(KeyboardInterrupt):
-        extract_stream(get, tmp_path / "out", result, overwrite=True)
+    stream, result = _interrupted_in_b(tmp_path, overwrite=True)
     assert result.removed is None  # (the file under its name is the old one)
     assert (out / "a").read_text() == "whole\n"
     assert (out / "b").read_text() == "old b\n"
@@ -690,7 +683,7 @@ def test_an_interrupted_overwrite_leaves_the_old_file(tmp_path: Path) -> None:
     (out / "b").unlink()
     (out / "b").symlink_to(tmp_path / "victim")
     restore_bytes(stream, tmp_path / "out", overwrite=True)
-    assert (out / "b").read_bytes() == (tree / "b").read_bytes()
+    assert (out / "b").read_bytes() == (tmp_path / "tree" / "b").read_bytes()
     assert not (out / "b").is_symlink() and not (tmp_path / "victim").exists()
     assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
 

@@ -157,34 +157,31 @@ def test_other_programs_may_repeat_keys_and_sections_ours_may_not(tmp_path: Path
     layout = ini_dir_with(tmp_path, "sm.ini", theirs + "[SBC]\nSBC_SERVER=127.0.0.1\n")
     assert sbc.config.load_config(layout).server == ("127.0.0.1", stpd.config.STPD_HTTPS_PORT)
 
-    (layout.ini_dir / "stpd.ini").write_text(
+    def refused(stpd_ini: str) -> str:
+        (layout.ini_dir / "stpd.ini").write_text(stpd_ini)
+        with pytest.raises(ConfigError) as error:
+            stpd.config.load_config(layout)
+        return str(error.value)
+
+    assert refused(
         "[STPD_Server]\nSTPD_HTTPS_LISTEN=127.0.0.1:1\nSTPD_HTTPS_LISTEN=0.0.0.0:2\n"
-    )
-    with pytest.raises(ConfigError) as refused:
-        stpd.config.load_config(layout)
-    assert str(refused.value) == (
+    ) == (
         f"{layout.stpd_ini}: STPD_HTTPS_LISTEN is set twice in [STPD_Server] (again on line 3): "
         "keep one"
     )
     # Our section twice: merged, its later key won (a level 2 read as 0).
-    (layout.ini_dir / "stpd.ini").write_text(
+    assert refused(
         "[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=2\n[Other]\nX=1\n"
         "[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=0\n"
-    )
-    with pytest.raises(ConfigError) as refused:
-        stpd.config.load_config(layout)
-    assert str(refused.value) == (
+    ) == (
         f"{layout.stpd_ini}: section [STPD_Server] appears twice (again on line 5): keep one, "
         "with every key in it"
     )
     # Key names may be written in any case: in two cases, still one key set twice
     # (the later line won without a word).
-    (layout.ini_dir / "stpd.ini").write_text(
+    assert refused(
         "[STPD_Server]\nstpd_https_use_client_cert=1\nSTPD_HTTPS_USE_CLIENT_CERT=2\n"
-    )
-    with pytest.raises(ConfigError) as refused:
-        stpd.config.load_config(layout)
-    assert str(refused.value) == (
+    ) == (
         f"{layout.stpd_ini}: STPD_HTTPS_USE_CLIENT_CERT is set twice in [STPD_Server] (as "
         "stpd_https_use_client_cert and as STPD_HTTPS_USE_CLIENT_CERT): keep one"
     )

@@ -26,7 +26,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -230,6 +230,46 @@ def test_backup_to_a_server_that_never_answers_100_continue(pki: Pki, tmp_path: 
     assert elapsed >= CONTINUE_WAIT  # it waited for the 100 Continue that never came
 
 
+@contextmanager
+def _one_connection_server(pki: Pki, serve: Callable[[ssl.SSLSocket], None]) -> Iterator[str]:
+    """A server (Python's ssl module, with stpd's certificate) that takes one
+    connection and hands it to ``serve``: its address, HOST:PORT. ``serve``
+    may leave the connection open (a server that stops sending)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        serve(context.wrap_socket(conn, server_side=True))
+
+    server = threading.Thread(target=accept, daemon=True)
+    server.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.join(WAIT_SECONDS)
+        listener.close()
+
+
+def _request_head(tls: ssl.SSLSocket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls.recv(65536)
+    return head
+
+
+def _saveset_head(stream: bytes, checksum: bytes | None = None) -> bytes:
+    """The head of stpd's answer to a whole restore of ``stream`` (with its
+    X-Sha256, or ``checksum``; b"" for none)."""
+    checksum = hashlib.sha256(stream).hexdigest().encode() if checksum is None else checksum
+    sha = b"X-Sha256: %s\r\n" % checksum if checksum else b""
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: %d\r\n%s\r\n" % (
+        len(stream),
+        sha,
+    )
+
+
 def _restore_cut_off(
     pki: Pki,
     target: Path,
@@ -243,34 +283,18 @@ def _restore_cut_off(
     the connection."""
     stream = members if isinstance(members, bytes) else tar_bytes(members)
     cut = stream.index(cut_into) + int(len(cut_into) * fraction)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        tls = context.wrap_socket(conn, server_side=True)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += tls.recv(65536)
-        tls.sendall(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: %d\r\n"
-            b"X-Sha256: %s\r\n\r\n" % (len(stream), hashlib.sha256(stream).hexdigest().encode())
-        )
-        tls.sendall(stream[:cut])
+    def serve(tls: ssl.SSLSocket) -> None:
+        _request_head(tls)
+        tls.sendall(_saveset_head(stream) + stream[:cut])
         tls.close()  # no close_notify: the connection breaks off
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
     client = pki.client_ini("cut-off")
-    try:
+    with _one_connection_server(pki, serve) as where:
         return run_sbc(
             "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
-            str(target), "--server", f"127.0.0.1:{listener.getsockname()[1]}",
+            str(target), "--server", where,
         )  # fmt: skip
-    finally:
-        server.join(WAIT_SECONDS)
-        listener.close()
 
 
 def test_a_restore_cut_off_mid_file_removes_the_incomplete_file(pki: Pki, tmp_path: Path) -> None:
@@ -405,46 +429,33 @@ def test_sigterm_or_sighup_mid_restore_removes_the_incomplete_file(
     first, second = b"complete\n", bytes(range(256)) * 12288  # 3 MiB
     stream = tar_bytes([("tree/first.txt", first), ("tree/second.bin", second)])
     cut = stream.index(second) + len(second) // 2
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
-    listener = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
 
-    def serve() -> None:  # sends half of the second file, then holds the connection open
-        conn, _ = listener.accept()
-        with context.wrap_socket(conn, server_side=True) as tls:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(65536)
-            tls.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: %d\r\n"
-                b"X-Sha256: %s\r\n\r\n" % (len(stream), hashlib.sha256(stream).hexdigest().encode())
-            )
-            tls.sendall(stream[:cut])
+    def serve(tls: ssl.SSLSocket) -> None:  # half of the second file, then the connection held
+        with tls:
+            _request_head(tls)
+            tls.sendall(_saveset_head(stream) + stream[:cut])
             done.wait(WAIT_SECONDS)
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
     client = pki.client_ini("stopped")
     target = tmp_path / "back"
-    sbc = subprocess.Popen(
-        [SBC, "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
-         str(target), "--server", f"127.0.0.1:{listener.getsockname()[1]}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        incomplete = target / "tree" / "second.bin"
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not (incomplete.exists() and incomplete.stat().st_size > 0):
-            assert time.monotonic() < deadline and sbc.poll() is None, "sbc did not begin the file"
-        sbc.send_signal(number)
-        _, err = sbc.communicate(timeout=WAIT_SECONDS)
-    finally:
-        done.set()
-        sbc.kill()
-        sbc.wait()
-        server.join(WAIT_SECONDS)
-        listener.close()
+    incomplete = target / "tree" / "second.bin"
+    with _one_connection_server(pki, serve) as where:
+        sbc = subprocess.Popen(
+            [SBC, "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
+             str(target), "--server", where],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + WAIT_SECONDS
+            while not (incomplete.exists() and incomplete.stat().st_size > 0):
+                assert time.monotonic() < deadline and sbc.poll() is None, "sbc did not begin it"
+            sbc.send_signal(number)
+            _, err = sbc.communicate(timeout=WAIT_SECONDS)
+        finally:
+            done.set()
+            sbc.kill()
+            sbc.wait()
     assert sbc.returncode == 128 + number, err
     assert err == (
         f"sbc: stopped by {number.name}: a file it was writing part-way was removed, what came "
@@ -459,32 +470,19 @@ def test_a_whole_saveset_sent_without_its_checksum_is_refused(pki: Pki, tmp_path
     unchecked, and said "selected entries only" although none were asked
     for. Refused before anything is written."""
     stream = tar_bytes([("tree/file.txt", b"unverified\n")])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with context.wrap_socket(conn, server_side=True) as tls:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(65536)
-            tls.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(stream), stream)
-            )
+    def serve(tls: ssl.SSLSocket) -> None:
+        with tls:
+            _request_head(tls)
+            tls.sendall(_saveset_head(stream, checksum=b"") + stream)
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
     client = pki.client_ini("unchecked")
     target = tmp_path / "back"
-    where = f"127.0.0.1:{listener.getsockname()[1]}"
-    code, out, err = run_sbc(
-        "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001", str(target),
-        "--server", where,
-    )  # fmt: skip
-    server.join(WAIT_SECONDS)
-    listener.close()
+    with _one_connection_server(pki, serve) as where:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", "SS-20260101T000000Z-00000001",
+            str(target), "--server", where,
+        )  # fmt: skip
     assert (code, out) == (1, "")
     assert err == (
         f"sbc: error: stpd at {where} sent saveset SS-20260101T000000Z-00000001 without its "
@@ -504,17 +502,11 @@ def test_a_backup_sent_whole_but_not_answered_is_not_called_lost(
     outcome is not known and where to look."""
     source = tmp_path / "data.bin"
     source.write_bytes(bytes(range(256)) * 8192)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
-    listener = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
 
-    def serve() -> None:  # takes the whole body, then no answer
-        conn, _ = listener.accept()
-        with context.wrap_socket(conn, server_side=True) as tls:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += tls.recv(65536)
+    def serve(tls: ssl.SSLSocket) -> None:  # takes the whole body, then no answer
+        with tls:
+            data = _request_head(tls)
             tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             while not data.endswith(b"0\r\n\r\n"):  # the end of the chunked body
                 chunk = tls.recv(1 << 20)
@@ -523,18 +515,14 @@ def test_a_backup_sent_whole_but_not_answered_is_not_called_lost(
             if server_does == "stays-silent":
                 done.wait(WAIT_SECONDS)
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
     client = pki.client_ini("unanswered", extra_ini="[SBC]\nSBC_IO_TIMEOUT=1\n")
-    where = f"127.0.0.1:{listener.getsockname()[1]}"
-    try:
-        code, out, err = run_sbc(
-            "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", where
-        )
-    finally:
-        done.set()
-        server.join(WAIT_SECONDS)
-        listener.close()
+    with _one_connection_server(pki, serve) as where:
+        try:
+            code, out, err = run_sbc(
+                "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", where
+            )
+        finally:
+            done.set()
     assert (code, out) == (1, "")
     cause = (
         f"stpd at {where} stopped answering (1s); raise SBC_IO_TIMEOUT in sm.ini"
@@ -555,31 +543,18 @@ def test_a_restore_that_does_not_match_its_checksum_says_the_files_are_suspect(
     """It said only "the saveset may be damaged", and exited after writing
     the files: a reader took the files for good. It names the target."""
     stream = tar_bytes([("tree/file.txt", b"changed on the way\n")])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.layout.server_cert, pki.layout.server_key)
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with context.wrap_socket(conn, server_side=True) as tls:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(65536)
-            tls.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: %d\r\n"
-                b"X-Sha256: %s\r\n\r\n%s" % (len(stream), b"0" * 64, stream)
-            )
+    def serve(tls: ssl.SSLSocket) -> None:
+        with tls:
+            _request_head(tls)
+            tls.sendall(_saveset_head(stream, checksum=b"0" * 64) + stream)
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
     client = pki.client_ini("suspect")
     target, saveset = tmp_path / "back", "SS-20260101T000000Z-00000001"
-    code, out, err = run_sbc(
-        "--ini-dir", str(client.ini_dir), "restore", saveset, str(target),
-        "--server", f"127.0.0.1:{listener.getsockname()[1]}",
-    )  # fmt: skip
-    server.join(WAIT_SECONDS)
-    listener.close()
+    with _one_connection_server(pki, serve) as where:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", saveset, str(target), "--server", where
+        )
     assert (code, out) == (1, "")
     assert err == (
         f"sbc: error: restored data of {saveset} does not match its checksum (got "

@@ -189,19 +189,21 @@ def test_extension_headers_over_the_limit_are_refused_at_their_header(
     assert check(at_limit).members == 1
 
 
+SIZE_700 = b"%d size=700\n" % (len(b" size=700\n") + 2)  # a PAX size record
+
+
+def _sized_700_by_a_record(extensions: bytes, name: str) -> bytes:
+    """``extensions`` (one with SIZE_700), then a member whose header says 0
+    bytes with 700 bytes of data, and the end."""
+    member = tarfile.TarInfo(name)
+    return extensions + member.tobuf(tarfile.USTAR_FORMAT) + b"z" * 700 + bytes(324 + 1024)
+
+
 def test_a_solaris_pax_header_sizes_the_member_after_it_as_tarfile_does() -> None:
     """tarfile reads type X as a PAX header: its size record applies to the
     member after it. The check counted X as a member of its own, and the
     member by its header's size: two framings of one stream."""
-    payload = b"z" * 700
-    member = tarfile.TarInfo("big")  # its header says 0 bytes
-    data = (
-        extension(tarfile.SOLARIS_XHDTYPE, b"%d size=%d\n" % (len(b" size=700\n") + 2, 700))
-        + member.tobuf(tarfile.USTAR_FORMAT)
-        + payload
-        + bytes(-len(payload) % 512)
-        + bytes(1024)
-    )
+    data = _sized_700_by_a_record(extension(tarfile.SOLARIS_XHDTYPE, SIZE_700), "big")
     assert check(data).members == 1
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert [(m.name, m.size) for m in tar.getmembers()] == [("big", 700)]
@@ -210,16 +212,11 @@ def test_a_solaris_pax_header_sizes_the_member_after_it_as_tarfile_does() -> Non
 def test_a_pax_size_record_sizes_the_member_after_a_gnu_long_name_as_tarfile_does() -> None:
     """Not the long name's header: else its data could hide another
     framing from the check (and a long name of any size from the limit)."""
-    payload = b"z" * 700
     long_name = "d/" + "n" * 200
-    member = tarfile.TarInfo("short")  # its header says 0 bytes
-    data = (
-        extension(tarfile.XHDTYPE, b"%d size=%d\n" % (len(b" size=700\n") + 2, len(payload)))
-        + extension(tarfile.GNUTYPE_LONGNAME, long_name.encode() + b"\0")
-        + member.tobuf(tarfile.USTAR_FORMAT)
-        + payload
-        + bytes(-len(payload) % 512)
-        + bytes(1024)
+    data = _sized_700_by_a_record(
+        extension(tarfile.XHDTYPE, SIZE_700)
+        + extension(tarfile.GNUTYPE_LONGNAME, long_name.encode() + b"\0"),
+        "short",
     )
     assert check(data).members == 1
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
