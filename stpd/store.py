@@ -210,6 +210,8 @@ class SavesetStore:
         self.root = root.absolute()  # as the log names it: stpd may be started anywhere
         self.incoming = self.root / INCOMING
         self._lock: int | None = None
+        # Metadata read before, by file name: (inode, size, mtime), and what it said.
+        self._read_before: dict[str, tuple[tuple[int, int, int], SavesetMeta | None]] = {}
 
     def check_in_place(self) -> None:
         """StoreError unless the data directory is still the one locked at
@@ -358,29 +360,61 @@ class SavesetStore:
     def all(self) -> list[SavesetMeta]:
         return [meta for _, meta in self._metadata() if meta is not None]
 
-    def _metadata(self) -> list[tuple[Path, SavesetMeta | None]]:
-        """Every metadata file, read (None: it cannot be)."""
-        return [(path, _read_meta(path)) for path in sorted(self.root.glob("SS-*.json"))]
+    def _metadata(self) -> list[tuple[str, SavesetMeta | None]]:
+        """Every metadata file by name, read (None: it cannot be). Every
+        listing reads the directory anew (what `stpd delete` removed is gone
+        at once), but a file unchanged since it was last read (same inode,
+        size and modification time) is not parsed again: with 30,000
+        savesets each `sbc list` parsed them all (1.4 s, and 20 at once ran
+        past SBC_IO_TIMEOUT). Threads may call this at once: the cache is
+        replaced whole, and what it holds is frozen."""
+        with os.scandir(self.root) as listing:  # DirEntry: no Path to make, sort or stat
+            entries = sorted(
+                (e for e in listing if _META_NAME.fullmatch(e.name)), key=lambda e: e.name
+            )
+        read_before, now_read = self._read_before, {}
+        found: list[tuple[str, SavesetMeta | None]] = []
+        for entry in entries:
+            try:
+                st = entry.stat()
+            except OSError:  # gone meanwhile
+                found.append((entry.name, None))
+                continue
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            before = read_before.get(entry.name)
+            if before is not None and before[0] == key:
+                meta = before[1]
+            else:
+                meta = _read_meta(Path(entry.path))
+            now_read[entry.name] = (key, meta)
+            found.append((entry.name, meta))
+        self._read_before = now_read
+        return found
 
     def scan(self) -> Scan:
         """Every saveset, and what is wrong in the data directory."""
         found = self._metadata()
-        named = sorted([*self.root.glob("SS-*.json"), *self.root.glob("SS-*.tar")])
-        strays = [path for path in named if not path.is_file()]
-        orphans = [
-            t
-            for t in self.root.glob("SS-*.tar")
-            if not t.with_suffix(".json").exists() and t not in strays
-        ]
+        with os.scandir(self.root) as listing:
+            entries = sorted(
+                (e for e in listing if _SAVESET_FILE.fullmatch(e.name)), key=lambda e: e.name
+            )
+        there = {e.name for e in entries}
+        in_the_way = {e.name for e in entries if not e.is_file()}  # (follows links, as is_file)
         return Scan(
             savesets=[meta for _, meta in found if meta is not None],
-            unreadable=[path for path, meta in found if meta is None and path not in strays],
-            orphans=sorted(orphans),
-            strays=strays,
+            unreadable=[
+                self.root / name for name, meta in found if meta is None and name not in in_the_way
+            ],
+            orphans=[
+                Path(e.path)
+                for e in entries
+                if e.name.endswith(".tar")
+                and e.name[:-4] + ".json" not in there
+                and e.name not in in_the_way
+            ],
+            strays=[Path(e.path) for e in entries if e.name in in_the_way],
             without_data=[
-                meta
-                for path, meta in found
-                if meta is not None and not path.with_suffix(".tar").exists()
+                meta for name, meta in found if meta is not None and name[:-5] + ".tar" not in there
             ],
         )
 
@@ -477,6 +511,10 @@ class Scan:
         ]
         found += [in_the_way(path, NAMED_LIKE_A_SAVESET) for path in self.strays]
         return found
+
+
+_META_NAME = re.compile(r"SS-.*\.json")  # as glob("SS-*.json") matches
+_SAVESET_FILE = re.compile(r"SS-.*\.(json|tar)")
 
 
 def _read_meta(path: Path) -> SavesetMeta | None:

@@ -596,6 +596,31 @@ def backdated(store: SavesetStore, meta: SavesetMeta, finished: str) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "finished": finished}))
 
 
+def test_a_listing_reads_the_directory_anew_and_parses_only_what_changed(
+    store: SavesetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each `sbc list` parsed every saveset's metadata, every owner's: with
+    30,000 of them 1.4 s each. An unchanged file is parsed once; one
+    rewritten (same size) or removed is seen at the next listing."""
+    first, second = (upload(store, tar_bytes({"a": b"1"})).commit() for _ in "12")
+    parsed: list[str] = []
+    real = stpd.store._read_meta
+
+    def counted(path: Path) -> SavesetMeta | None:
+        parsed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(stpd.store, "_read_meta", counted)
+    assert sorted(m.saveset for m in store.all()) == sorted([first.saveset, second.saveset])
+    assert len(parsed) == 2
+    assert len(store.all()) == 2 and len(parsed) == 2  # nothing parsed again
+    backdated(store, first, "2026-01-01T00:00:00Z")  # the same length as the time it replaces
+    assert {m.saveset: m.finished for m in store.all()}[first.saveset] == "2026-01-01T00:00:00Z"
+    assert parsed[2:] == [f"{first.saveset}.json"]
+    store.remove(second.saveset)
+    assert [m.saveset for m in store.all()] == [first.saveset]
+
+
 def test_savesets_finished_before_a_moment_are_removed_and_the_rest_kept(
     store: SavesetStore,
 ) -> None:
