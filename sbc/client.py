@@ -285,7 +285,8 @@ class Session:
             reason,
             local,
             unnamed=f"stpd at {self.where} closed the connection before answering ({reason}): "
-            "it probably refused this client; see the stpd log (e.g. a revoked certificate)",
+            "it refused this client (a revoked certificate, say), or had too many connections "
+            "from this address in their TLS handshake to take one more; the stpd log says which",
         )
 
     @property

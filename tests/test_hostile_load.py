@@ -256,6 +256,27 @@ def test_many_half_open_handshakes_do_not_block_valid_clients(
                 sock.close()
 
 
+def test_a_client_over_its_addresss_handshake_share_is_told_it_may_be_load(
+    hpki: Pki,  # noqa: F811
+) -> None:
+    """Closed at once by the per-address cap, sbc blamed a refusal only
+    ("e.g. a revoked certificate"), sending its administrator to the CA for
+    what was load."""
+    client = hpki.client_ini("good")
+    with running_stpd(hpki.layout, 2, max_connections=1) as stpd:  # a share of 1 an address
+        with tcp_connect(stpd):  # silent, in its handshake, from 127.0.0.1
+            code, out, err = run_sbc(
+                "--ini-dir", str(client.ini_dir), "status", "--server", stpd.address
+            )
+        wait_count(stpd, r"WARNING .*connections from 127\.0\.0\.1 are in their TLS handshake", 1)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"sbc: error: stpd at {stpd.address} closed the connection before "), err
+    assert err.endswith(
+        "it refused this client (a revoked certificate, say), or had too many connections from "
+        "this address in their TLS handshake to take one more; the stpd log says which\n"
+    ), err
+
+
 def test_more_transfers_than_trios_default_thread_pool_run_at_once(
     hpki: Pki,  # noqa: F811
 ) -> None:
