@@ -343,11 +343,12 @@ class Stpd:
         if on_listening is not None:
             on_listening()
         log.info(
-            "stpd %s listening on %s, client certificate level %s, data in %s",
+            "stpd %s listening on %s, client certificate level %s, data in %s%s",
             __version__,
             format_host_port(host, self.port),
             self.config.describe_level(),
             self.store.root,
+            self._revocations(),
         )
         self.warn_if_space_is_low()
         async with trio.open_nursery() as handlers:
@@ -522,13 +523,24 @@ class Stpd:
         self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
         self.handshakes.cap = handshake_cap(config.max_connections)
         log.info(
-            "reloaded %s and certificates: level %s, server certificate %s (%d days left)",
+            "reloaded %s and certificates: level %s, server certificate %s (%d days left)%s",
             config.layout.stpd_ini,
             config.describe_level(),
             self.server_cert.subject.rfc4514_string(),
             int(days_left(self.server_cert.not_valid_after_utc)),
+            self._revocations(),
         )
         self._check_expiry()
+
+    def _revocations(self) -> str:
+        """For the start and reload lines: which CRL is in force. A server
+        restarted without its crl.pem (or an RDS never sent one) served
+        revoked clients again, and nothing in its log said so."""
+        if self.config.client_cert_policy == ClientCertPolicy.IGNORE:
+            return ""
+        if self._crl_in_force is None:
+            return f"; no CRL ({self.config.layout.crl}): no certificate is checked for revocation"
+        return f"; CRL number {crl_number(self._crl_in_force)} in force"
 
     def _refresh_crl(self) -> None:
         """A revocation takes effect without a restart: rebuild the context

@@ -207,6 +207,22 @@ def test_an_out_of_date_crl_refuses_every_client_at_level_2(
         assert code == 0, err
 
 
+def test_the_start_and_reload_lines_say_which_crl_is_in_force(pki: Pki) -> None:
+    """A server restarted without its crl.pem (or an RDS never sent one)
+    served revoked clients again, and its log said nothing of it."""
+    with running_stpd(pki.layout, level=2) as stpd:
+        stpd.log.wait_for(
+            rf"listening on .*; no CRL \({re.escape(str(pki.layout.crl))}\): no certificate is "
+            r"checked for revocation$"
+        )
+        crl_module.write_crl(pki.ca)
+        crl_module.write_crl(pki.ca)
+        stpd.reload()
+        stpd.log.wait_for(r"^INFO reloaded .* \(\d+ days left\); CRL number 2 in force$")
+    with running_stpd(pki.layout, level=0) as stpd:  # nothing is checked at level 0
+        assert stpd.log.wait_for(r"listening on ").endswith(f"data in {stpd.daemon.store.root}")
+
+
 @needs_openssl
 def test_a_client_with_the_crl_refuses_a_revoked_server_certificate(pki: Pki) -> None:
     """An RDS's key stolen: revoking its certificate changed nothing, for sbc
