@@ -139,11 +139,14 @@ class Throttle:
         self.every = every
         self.last: float | None = None  # time.monotonic() of the last one let through
 
+    def held(self) -> bool:
+        """Whether one now would be held back."""
+        return self.last is not None and time.monotonic() - self.last < self.every
+
     def ready(self) -> bool:
-        now = time.monotonic()
-        if self.last is not None and now - self.last < self.every:
+        if self.held():
             return False
-        self.last = now
+        self.last = time.monotonic()
         return True
 
 
@@ -155,7 +158,7 @@ class HandshakesByAddress:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.pending: dict[str, int] = {}  # only addresses with a handshake under way
-        self._warned: dict[str, float] = {}  # time.monotonic() of the last WARNING of each
+        self._warned: dict[str, Throttle] = {}  # of the WARNING about each
 
     def admit(self, host: str) -> bool:
         if self.pending.get(host, 0) >= self.cap:
@@ -171,12 +174,8 @@ class HandshakesByAddress:
     def warn_now(self, host: str) -> bool:
         """Whether a warning about ``host`` at its cap is due: once a
         minute an address (those of the last minute are kept, no more)."""
-        now = time.monotonic()
-        self._warned = {h: t for h, t in self._warned.items() if now - t < FULL_WARNING_EVERY}
-        if host in self._warned:
-            return False
-        self._warned[host] = now
-        return True
+        self._warned = {h: throttle for h, throttle in self._warned.items() if throttle.held()}
+        return self._warned.setdefault(host, Throttle(FULL_WARNING_EVERY)).ready()
 
 
 def handshake_cap(max_connections: int) -> int:
