@@ -23,7 +23,7 @@ from stpd import __version__
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
 from stpd.server import OPEN_PER_SERVED, Stpd, transfers_named
-from stpd.store import NAMED_LIKE_A_SAVESET, SavesetStore, StoreError, in_the_way
+from stpd.store import SavesetStore, StoreError
 
 log = logging.getLogger("stpd")
 
@@ -277,9 +277,10 @@ def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
             f"no saveset {', '.join(missing)} in {store.root} (`stpd list` shows what is "
             "there); nothing was deleted"
         )
-    for path in [path for files in found.values() for path in files if not path.is_file()]:
-        # Not stpd's to remove, whatever it holds.
-        raise StoreError(f"{in_the_way(path, NAMED_LIKE_A_SAVESET)}; nothing was deleted")
+    for saveset in found:
+        obstacle = store.obstacle(saveset)  # not stpd's to remove, whatever it holds
+        if obstacle is not None:
+            raise StoreError(f"{obstacle}; nothing was deleted")
     for saveset, files in found.items():
         meta = store.get(saveset)
         store.remove(saveset)

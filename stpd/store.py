@@ -425,6 +425,15 @@ class SavesetStore:
             return []
         return [p for p in (self.root / f"{saveset}.json", self.tar_path(saveset)) if p.exists()]
 
+    def obstacle(self, saveset: str) -> str | None:
+        """What stands where a file of ``saveset`` goes and is not stpd's to
+        remove (a directory, say): said, for `stpd delete` and retention to
+        leave the saveset alone; None when nothing does."""
+        for path in self.files_of(saveset):
+            if not path.is_file():
+                return in_the_way(path, NAMED_LIKE_A_SAVESET)
+        return None
+
     def owned_by(self, owner: str) -> list[SavesetMeta]:
         self.check_in_place()
         return [m for m in self.all() if m.owner == owner]
@@ -445,9 +454,9 @@ class SavesetStore:
                 continue
             if finished.tzinfo is None or finished >= moment:
                 continue
-            tar = self.tar_path(meta.saveset)
-            if tar.is_dir() or (tar.exists() and not tar.is_file()):
-                failed.append((meta, in_the_way(tar, NAMED_LIKE_A_SAVESET)))
+            obstacle = self.obstacle(meta.saveset)
+            if obstacle is not None:
+                failed.append((meta, obstacle))
                 continue
             try:
                 self.remove(meta.saveset)
