@@ -44,8 +44,13 @@ def in_days(days: float) -> str:
 
 # C0 controls, DEL and C1 controls (NEL among them), and the Unicode line and
 # paragraph separators that str.splitlines() and some viewers break lines at.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_RANGES = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+_CONTROLS = re.compile(f"[{_CONTROL_RANGES}]")
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# tar -tv escapes the backslash too, names a few controls, and writes the
+# bytes of the others in octal (ESC as \033).
+_TAR_ESCAPED = re.compile(f"[\\\\{_CONTROL_RANGES}]")
+_TAR_SHORT = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\v": "\\v", **_SHORT}
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -61,3 +66,14 @@ def one_line(text: str) -> str:
     backup's source) can neither forge a line of a log or a listing nor send
     the terminal an escape sequence. Backslashes stay as they are."""
     return _CONTROLS.sub(_escaped, text)
+
+
+def _tar_escaped(match: re.Match[str]) -> str:
+    char = match[0]
+    return _TAR_SHORT.get(char) or "".join(f"\\{byte:03o}" for byte in char.encode())
+
+
+def as_tar_lists(name: str) -> str:
+    """A name from a saveset on one line, escaped as ``tar -tv`` escapes it,
+    so that `sbc list ID` shows what GNU tar does (see one_line for why)."""
+    return _TAR_ESCAPED.sub(_tar_escaped, name)

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import stat
 import sys
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pki.console import in_days, one_line, reader_gone, share_of
+from pki.console import as_tar_lists, in_days, one_line, reader_gone, share_of
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -379,24 +378,6 @@ _TYPE_LETTERS = {"file": "-", "directory": "d", "symlink": "l", "hardlink": "h",
 _LINK_WORDS = {"symlink": " -> ", "hardlink": " link to "}
 
 
-# What tar -tv escapes in a name, and how: a newline would make two entries
-# of one, and an escape sequence (ESC) would reach the terminal; a saveset's
-# names are whatever its client sent.
-_TAR_ESCAPED = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_TAR_NAMED = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r"}
-_TAR_NAMED |= {"\t": "\\t", "\v": "\\v"}
-
-
-def _tar_escape(match: re.Match[str]) -> str:
-    char = match[0]
-    return _TAR_NAMED.get(char) or "".join(f"\\{byte:03o}" for byte in char.encode())
-
-
-def _shown(name: str) -> str:
-    """A name on one line, as tar -tv escapes it (ESC as \\033)."""
-    return _TAR_ESCAPED.sub(_tar_escape, name)
-
-
 def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
     """Each entry as it arrives (a saveset may hold millions): a line as
     ``tar -tv`` prints it, or, with ``as_json``, an element of one array."""
@@ -413,9 +394,9 @@ def _list_entries(session: Session, saveset: str, as_json: bool) -> None:
             letter, size = device["kind"][0], f"{device['major']},{device['minor']}"
         mode = letter + stat.filemode(int(entry["mode"], 8))[1:]
         link = _LINK_WORDS.get(entry["type"], "")
-        target = f"{link}{_shown(entry.get('link', ''))}" if link else ""
+        target = f"{link}{as_tar_lists(entry.get('link', ''))}" if link else ""
         print(
-            f"{mode} {_shown(entry['owner'])} {size:>12} {entry['mtime']} {_shown(entry['name'])}"
+            f"{mode} {as_tar_lists(entry['owner'])} {size:>12} {entry['mtime']} {as_tar_lists(entry['name'])}"
             f"{target}"
         )
     if as_json:
