@@ -490,6 +490,11 @@ def test_what_appears_where_a_member_goes_after_the_check_is_kept_and_not_writte
     assert (out / "z").read_text() == "last\n"
 
 
+def _mode_owner_time(st: os.stat_result) -> tuple[int, int, int, float]:
+    """What a restore must not have set on something not its own."""
+    return st.st_mode, st.st_uid, st.st_gid, st.st_mtime
+
+
 def test_a_directory_replaced_by_a_link_during_the_restore_is_not_followed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -517,13 +522,7 @@ def test_a_directory_replaced_by_a_link_during_the_restore_is_not_followed(
     swapped_during_restore(monkeypatch, {"tree/sub/f": swap})
     restore_bytes(stream, out)
     assert list(outside.iterdir()) == []
-    after = outside.stat()
-    assert (after.st_mode, after.st_mtime, after.st_uid, after.st_gid) == (
-        before.st_mode,
-        before.st_mtime,
-        before.st_uid,
-        before.st_gid,
-    )
+    assert _mode_owner_time(outside.stat()) == _mode_owner_time(before)
     assert (out / "tree" / "moved" / "f").read_text() == "in sub\n"
 
 
@@ -619,13 +618,7 @@ def test_a_file_linked_where_a_fifo_or_link_was_made_gets_none_of_its_attributes
 
     monkeypatch.setattr(extract._Extraction, maker, make_then_swap)
     restore_bytes(stream, tmp_path / "out")
-    after = victim.stat()
-    assert (after.st_mode, after.st_uid, after.st_gid, after.st_mtime) == (
-        before.st_mode,
-        before.st_uid,
-        before.st_gid,
-        before.st_mtime,
-    )
+    assert _mode_owner_time(victim.stat()) == _mode_owner_time(before)
     # Unhindered, they are set.
     monkeypatch.setattr(extract._Extraction, maker, real)
     restore_bytes(stream, tmp_path / "plain")
