@@ -92,6 +92,16 @@ class SavesetMeta:
         return {**asdict(self), "created": self.created}
 
 
+def _finished_at(meta: SavesetMeta) -> dt.datetime | None:
+    """When ``meta``'s saveset finished; None when its time is unreadable
+    or has no zone (such a saveset is never removed by age)."""
+    try:
+        finished = dt.datetime.fromisoformat(meta.finished)
+    except ValueError:
+        return None
+    return finished if finished.tzinfo is not None else None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -445,14 +455,23 @@ class SavesetStore:
         ``remove``): those removed, and those that could not be, with why
         (one must not keep the rest, nor unsay those removed before it). A
         saveset whose time cannot be read is kept, and so is one whose tar
-        is not a file (in the way: Scan reports it)."""
+        is not a file (in the way: Scan reports it). So is the newest
+        saveset of each owner and source, however old: a clock that jumps
+        ahead, or backups refused for weeks (an expired CRL), must not
+        leave a client with no backup at all."""
         removed, failed = [], []
-        for meta in self.all():
-            try:
-                finished = dt.datetime.fromisoformat(meta.finished)
-            except ValueError:
+        timed = [(meta, _finished_at(meta)) for meta in self.all()]
+        newest: dict[tuple[str, str], tuple[dt.datetime, str]] = {}
+        for meta, finished in timed:
+            if finished is not None:
+                key = (meta.owner, meta.source)
+                newest[key] = max(
+                    newest.get(key, (finished, meta.saveset)), (finished, meta.saveset)
+                )
+        for meta, finished in timed:
+            if finished is None or finished >= moment:
                 continue
-            if finished.tzinfo is None or finished >= moment:
+            if newest[(meta.owner, meta.source)][1] == meta.saveset:
                 continue
             obstacle = self.obstacle(meta.saveset)
             if obstacle is not None:

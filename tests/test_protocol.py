@@ -646,6 +646,29 @@ def test_savesets_finished_before_a_moment_are_removed_and_the_rest_kept(
     assert store.tar_path(recent.saveset).exists()
 
 
+def test_retention_keeps_the_newest_saveset_of_each_owner_and_source(
+    store: SavesetStore,
+) -> None:
+    """A clock that jumped ahead, or backups refused for weeks, put every
+    saveset past the cutoff: each client lost all its backups."""
+    older, newer = (upload(store, tar_bytes({"a": b"1"})).commit() for _ in "12")
+    other_source = upload(store, tar_bytes({"a": b"1"}), source="/etc").commit()
+    other_owner = upload(store, tar_bytes({"a": b"1"}), owner="CN=b").commit()
+    backdated(store, older, "2026-01-01T00:00:00Z")
+    for meta in (newer, other_source, other_owner):
+        backdated(store, meta, "2026-01-02T00:00:00Z")
+    removed, failed = store.remove_finished_before(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+    assert [m.saveset for m in removed] == [older.saveset] and failed == []
+    assert sorted(m.saveset for m in store.all()) == sorted(
+        [newer.saveset, other_source.saveset, other_owner.saveset]
+    )
+    # Of two that finished in the same second, one is kept (the greater id).
+    same = upload(store, tar_bytes({"a": b"1"}), source="/etc").commit()
+    backdated(store, same, "2026-01-02T00:00:00Z")
+    removed, _ = store.remove_finished_before(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+    assert [m.saveset for m in removed] == [min(other_source.saveset, same.saveset)]
+
+
 def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
     store: SavesetStore,
 ) -> None:
