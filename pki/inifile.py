@@ -47,9 +47,14 @@ def choice(*values: int) -> Callable[[str], int]:
     return parse
 
 
-def positive_number(text: str) -> float:
+MAX_SECONDS = 86400.0  # a day: beyond it a wait overflows poll()'s milliseconds and socket timeouts
+TIMEOUT_HINT = "seconds > 0, at most 86400 (a day)"
+
+
+def timeout_seconds(text: str) -> float:
+    """A timeout (``TIMEOUT_HINT``)."""
     value = float(text)
-    if not value > 0:
+    if not 0 < value <= MAX_SECONDS:  # also refuses nan and inf
         raise ValueError(text)
     return value
 

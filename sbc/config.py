@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pki.inifile import Key, choice, load_settings, positive_number
+from pki.inifile import TIMEOUT_HINT, Key, choice, load_settings, timeout_seconds
 from pki.layout import Layout
 from stpd.config import stpd_address
 
@@ -60,8 +60,8 @@ KEYS = [
         "0 or 1",
     ),
     Key(SECTION, "SBC_SERVER", "server", stpd_address, "HOST or HOST:PORT of the STPD"),
-    Key(SECTION, "SBC_CONNECT_TIMEOUT", "connect_timeout", positive_number, "seconds > 0"),
-    Key(SECTION, "SBC_IO_TIMEOUT", "io_timeout", positive_number, "seconds > 0"),
+    Key(SECTION, "SBC_CONNECT_TIMEOUT", "connect_timeout", timeout_seconds, TIMEOUT_HINT),
+    Key(SECTION, "SBC_IO_TIMEOUT", "io_timeout", timeout_seconds, TIMEOUT_HINT),
     Key(
         SSL_SECTION,
         "SBC_SERVER_FINGERPRINT",

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from pki.inifile import (
+    TIMEOUT_HINT,
     Key,
     choice,
     load_settings,
     parse_host_port,
     positive_int,
-    positive_number,
+    timeout_seconds,
 )
 from pki.layout import Layout
 from pki.names import SUBJECT_KEYS
@@ -40,9 +41,12 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+MAX_RETENTION_DAYS = 36500  # a century; more is "for ever" (0), and past the calendar's end
+
+
 def _whole_days(text: str) -> int:
     days = int(text)
-    if days < 0:
+    if not 0 <= days <= MAX_RETENTION_DAYS:
         raise ValueError(text)
     return days
 
@@ -107,11 +111,11 @@ KEYS = [
     ),
     Key(SECTION, "STPD_HTTPS_LISTEN", "listen", stpd_address, "HOST:PORT, e.g. 0.0.0.0:11443"),
     Key(SECTION, "STPD_DATA_DIR", "data_dir", _path, "a directory path"),
-    Key(SECTION, "STPD_HANDSHAKE_TIMEOUT", "handshake_timeout", positive_number, "seconds > 0"),
-    Key(SECTION, "STPD_HEADER_TIMEOUT", "header_timeout", positive_number, "seconds > 0"),
-    Key(SECTION, "STPD_IDLE_TIMEOUT", "idle_timeout", positive_number, "seconds > 0"),
-    Key(SECTION, "STPD_IO_TIMEOUT", "io_timeout", positive_number, "seconds > 0"),
-    Key(SECTION, "STPD_SHUTDOWN_GRACE", "shutdown_grace", positive_number, "seconds > 0"),
+    Key(SECTION, "STPD_HANDSHAKE_TIMEOUT", "handshake_timeout", timeout_seconds, TIMEOUT_HINT),
+    Key(SECTION, "STPD_HEADER_TIMEOUT", "header_timeout", timeout_seconds, TIMEOUT_HINT),
+    Key(SECTION, "STPD_IDLE_TIMEOUT", "idle_timeout", timeout_seconds, TIMEOUT_HINT),
+    Key(SECTION, "STPD_IO_TIMEOUT", "io_timeout", timeout_seconds, TIMEOUT_HINT),
+    Key(SECTION, "STPD_SHUTDOWN_GRACE", "shutdown_grace", timeout_seconds, TIMEOUT_HINT),
     Key(SECTION, "STPD_MAX_CONNECTIONS", "max_connections", positive_int, "a whole number > 0"),
     Key(SECTION, "STPD_MAX_HEADER_BYTES", "max_header_bytes", positive_int, "a whole number > 0"),
     Key(
@@ -119,7 +123,7 @@ KEYS = [
         "STPD_RETENTION_DAYS",
         "retention_days",
         _whole_days,
-        "a whole number of days >= 0 (0: keep for ever)",
+        f"a whole number of days from 0 to {MAX_RETENTION_DAYS} (0: keep for ever)",
     ),
     Key(
         SECTION,

@@ -281,6 +281,12 @@ BAD_VALUES = [
     ("stpd.ini", "STPD_Server", "STPD_HANDSHAKE_TIMEOUT", "ten", "seconds > 0"),
     ("stpd.ini", "STPD_Server", "STPD_IO_TIMEOUT", "0", "seconds > 0"),
     ("stpd.ini", "STPD_Server", "STPD_IDLE_TIMEOUT", "-5", "seconds > 0"),
+    # Past a day, a wait overflowed poll()'s milliseconds: a traceback mid-transfer.
+    ("stpd.ini", "STPD_Server", "STPD_IO_TIMEOUT", "3e6", "at most 86400"),
+    ("stpd.ini", "STPD_Server", "STPD_SHUTDOWN_GRACE", "inf", "at most 86400"),
+    # Past the calendar's start, the cutoff killed stpd (and a reload to it, a running one).
+    ("stpd.ini", "STPD_Server", "STPD_RETENTION_DAYS", "1000000", "from 0 to 36500"),
+    ("stpd.ini", "STPD_Server", "STPD_RETENTION_DAYS", "-1", "from 0 to 36500"),
     ("stpd.ini", "STPD_Server", "STPD_MAX_CONNECTIONS", "1.5", "a whole number > 0"),
     ("stpd.ini", "STPD_Server", "STPD_MAX_HEADER_BYTES", "16k", "a whole number > 0"),
     ("stpd.ini", "STPD_Server", "STPD_ALLOWED_CLIENTS", "host1", "FIELD:PATTERN"),
@@ -294,6 +300,8 @@ BAD_VALUES = [
     ("sm.ini", "SBC", "SBC_SERVER", "backup:port", "HOST or HOST:PORT"),
     ("sm.ini", "SBC", "SBC_CONNECT_TIMEOUT", "soon", "seconds > 0"),
     ("sm.ini", "SBC", "SBC_IO_TIMEOUT", "nan", "seconds > 0"),
+    # Past the platform's time_t: a traceback from the socket's timeout.
+    ("sm.ini", "SBC", "SBC_CONNECT_TIMEOUT", "1e300", "at most 86400"),
 ]
 
 
