@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     crl.add_argument(
         "--days",
-        type=_positive_int,
+        type=_days,
         default=CRL_VALIDITY_DAYS,
         metavar="N",
         help=f"days until the next update (default: {CRL_VALIDITY_DAYS})",
@@ -251,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     renew.add_argument(
         "--days",
-        type=_positive_int,
+        type=_days,
         default=LEAF_VALIDITY_DAYS,
         metavar="N",
         help=f"validity in days (default: {LEAF_VALIDITY_DAYS})",
@@ -269,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_key_options(parser: argparse.ArgumentParser, default_days: int) -> None:
     parser.add_argument(
         "--days",
-        type=_positive_int,
+        type=_days,
         default=default_days,
         metavar="N",
         help=f"validity in days (default: {default_days})",
@@ -309,13 +309,18 @@ def _signing_ca(layout: Layout, args: argparse.Namespace) -> CertificateAuthorit
     return ca
 
 
-def _positive_int(text: str) -> int:
+MAX_DAYS = 36500  # a century: far more ran past the calendar's end, a traceback
+
+
+def _days(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} days: give at least 1")
+    if value > MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"{text} days: give at most {MAX_DAYS} (a century)")
     return value
 
 

@@ -244,18 +244,18 @@ def test_signing_with_a_ca_key_open_to_others_warns(
 def test_a_certificate_does_not_outlive_its_ca(
     ini: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`client --days 99999` under a CA with 30 days left printed a validity
+    """`client --days 36500` under a CA with 30 days left printed a validity
     centuries past the CA's end (every certificate dies with it, as the
     README says): it ends with the CA now, and the output says why."""
     assert main(["--ini-dir", str(ini), "ca", "--days", "30"]) == 0
     capsys.readouterr()
-    assert main(["--ini-dir", str(ini), "client", "--oid", "CN:long", "--days", "99999"]) == 0
+    assert main(["--ini-dir", str(ini), "client", "--oid", "CN:long", "--days", "36500"]) == 0
     out = capsys.readouterr().out
     layout = Layout(ini)
     cert, ca = load(layout.client_cert), load(layout.ca_cert)
     assert cert.not_valid_after_utc == ca.not_valid_after_utc
     assert (
-        f"  valid until: {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (not the 99999 days asked "
+        f"  valid until: {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (not the 36500 days asked "
         "for: the root CA ends then, and every certificate with it)\n"
     ) in out
     assert main(["--ini-dir", str(ini), "client", "--oid", "CN:short", "--days", "10"]) == 0
@@ -494,6 +494,8 @@ def test_clean_ssl(with_ca: Layout, capsys: pytest.CaptureFixture[str]) -> None:
         ([], "the following arguments are required: COMMAND"),
         (["server"], "the following arguments are required: --common-name"),
         (["ca", "--days", "0"], "argument --days: 0 days: give at least 1"),
+        (["ca", "--days", "3000000"], "argument --days: 3000000 days: give at most 36500"),
+        (["crl", "--days", "3000000"], "argument --days: 3000000 days: give at most 36500"),
         (["ca", "--days", "ten"], "argument --days: 'ten' is not a whole number of days"),
         (["client", "--key-type", "dsa"], "argument --key-type: invalid choice: 'dsa'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
