@@ -9,13 +9,14 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from pki.console import one_line
+from pki.console import one_line, reader_gone
 from pki.errors import PkiError
 from pki.inifile import ConfigError, format_host_port
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -72,6 +73,12 @@ class OneLineFormatter(logging.Formatter):
     certificate's subject, an upload's source), which may hold a newline
     and then a forged line of their own. The traceback that format() adds
     after the message stays as it is."""
+
+    # Times in UTC, said so, as every other time stpd and sbc print: a
+    # local time without its zone is ambiguous across an RDS fleet.
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return one_line(super().formatMessage(record))
@@ -305,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             config = load_config(layout, listen=args.listen, data_dir=args.data_dir)
-            if args.command == "status":
-                return status(layout, config, args.json)
-            if args.command == "list":
-                return list_savesets(config, args.json)
-            if args.command == "delete":
-                return delete_savesets(config, args.savesets)
+            if args.command in ("status", "list", "delete"):
+                code = {
+                    "status": lambda: status(layout, config, args.json),
+                    "list": lambda: list_savesets(config, args.json),
+                    "delete": lambda: delete_savesets(config, args.savesets),
+                }[args.command]()
+                sys.stdout.flush()
+                return code
             configure_logging()
             raise_open_files_limit(config.max_connections)
             daemon = Stpd(config)
@@ -320,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PkiError, StoreError) as exc:
         print(f"stpd: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `stpd list | head`
+        return reader_gone()
     except OSError as exc:
-        where = exc.filename or "listen address"
-        print(f"stpd: error: {exc.strerror or exc} ({where})", file=sys.stderr)
+        where = exc.filename or ("listen address" if args.command == "run" else "")
+        print(
+            f"stpd: error: {exc.strerror or exc}{f' ({where})' if where else ''}", file=sys.stderr
+        )
         return 2
     return 0

@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,8 +26,8 @@ from stpd.cli import LOG_FORMAT, OneLineFormatter
 from tests.conftest import LOOPBACK, Pki, StpdProcess, write_stpd_ini
 from tests.test_hostile_common import hpki, read_answer, small_tar, tls_context  # noqa: F401
 
-# As stpd logs a line (RFC 4514 would escape the comma of ",000")
-FORGED = "2026-11-28 12:00:00.000 INFO stpd: client 192.0.2.1:1 authenticated as CN=admin"
+# As stpd logs a line
+FORGED = "2026-11-28T12:00:00.000Z INFO stpd: client 192.0.2.1:1 authenticated as CN=admin"
 SHOWN = re.escape(FORGED)
 
 
@@ -84,7 +85,7 @@ def test_a_certificate_subject_cannot_forge_a_log_line(
         what = "refused client" if level == 2 else "WARNING stpd: client"
         line = server.wait_for(r"not signed by our root CA|self-signed")
         assert re.search(rf"{what} 127\.0\.0\.1:\d+ \(O=x\\n{SHOWN}\): ", line), line
-        assert not server.matching(r"^2026-11-28 12:00:00.000 "), server.log.tail()
+        assert not server.matching(r"^2026-11-28T12:00:00.000Z "), server.log.tail()
     finally:
         server.stop()
 
@@ -113,7 +114,7 @@ def test_an_upload_source_cannot_forge_a_line_of_the_log_or_of_stpd_list(
         assert answer.json()["source"] == source  # type: ignore[index]  # stored as it was given
         line = server.wait_for(r"INFO stpd: stored saveset ")
         assert re.search(rf"\(CN=sourcer\): .*, source {shown}$", line), line
-        assert not server.matching(r"^2026-11-28 12:00:00.000 "), server.log.tail()
+        assert not server.matching(r"^2026-11-28T12:00:00.000Z "), server.log.tail()
     finally:
         server.stop()
     stpd = [str(Path(sys.executable).parent / "stpd"), "--ini-dir", str(hpki.layout.ini_dir)]
@@ -131,7 +132,9 @@ def test_an_upload_source_cannot_forge_a_line_of_the_log_or_of_stpd_list(
     assert re.fullmatch(rf"deleted saveset .* bytes of {shown}, stored \S+\n", deleted.stdout)
 
 
-def test_the_log_format_keeps_a_record_on_one_line_and_its_traceback_as_it_is() -> None:
+def test_the_log_format_keeps_a_record_on_one_line_and_its_traceback_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     formatter = OneLineFormatter(LOG_FORMAT)
     try:
         raise ValueError("inside\nthe traceback")
@@ -139,9 +142,16 @@ def test_the_log_format_keeps_a_record_on_one_line_and_its_traceback_as_it_is() 
         record = logging.LogRecord(
             "stpd", logging.ERROR, __file__, 1, "bad %s", (f"x\n{FORGED}",), sys.exc_info()
         )
-    text = formatter.format(record)
+    record.created, record.msecs = 1764331200.25, 250  # 12:00:00.25 UTC
+    monkeypatch.setenv("TZ", "Europe/Berlin")  # where the local time is 13:00
+    time.tzset()
+    try:
+        text = formatter.format(record)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     first, *traceback = text.split("\n")
-    assert first.endswith(f"ERROR stpd: bad x\\n{FORGED}"), first
+    assert first == f"2025-11-28T12:00:00.250Z ERROR stpd: bad x\\n{FORGED}", first
     assert traceback[0] == "Traceback (most recent call last):"
     assert traceback[-2:] == ["ValueError: inside", "the traceback"]
 

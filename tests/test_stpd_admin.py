@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,37 @@ def test_list_of_an_empty_or_missing_data_directory(pki: Pki, tmp_path: Path) ->
             "makes it when it starts\n"
         )
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("argv", [["list"], ["list", "--json"]])
+def test_a_listing_into_a_closed_pipe_ends_quietly(
+    pki: Pki, tmp_path: Path, argv: list[str]
+) -> None:
+    """``stpd list | head -1`` said "error: Broken pipe (listen address)"
+    and exited 2; it ends as a process ended by SIGPIPE, silently."""
+    data = tmp_path / "data"
+    data.mkdir()
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first line
+    try:
+        listing = subprocess.run(
+            [
+                str(BIN / "stpd"),
+                "--ini-dir",
+                str(pki.layout.ini_dir),
+                "--data-dir",
+                str(data),
+                *argv,
+            ],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(writer)
+    assert (listing.returncode, listing.stderr) == (128 + signal.SIGPIPE, "")
 
 
 def test_broken_savesets_are_reported_kept_at_start_and_deleted_by_id(
