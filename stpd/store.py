@@ -410,21 +410,37 @@ class SavesetStore:
             )
         there = {e.name for e in entries}
         in_the_way = {e.name for e in entries if not e.is_file()}  # (follows links, as is_file)
+        # The two listings are not one moment: a saveset removed (metadata
+        # first) or published (tar first) by the running stpd meanwhile
+        # looked damaged. So each finding is looked at again, and dropped
+        # when it has gone or is a publish under way.
         return Scan(
             savesets=[meta for _, meta in found if meta is not None],
             unreadable=[
-                self.root / name for name, meta in found if meta is None and name not in in_the_way
+                path
+                for path in (self.root / n for n, m in found if m is None and n not in in_the_way)
+                if path.exists() and _read_meta(path) is None
             ],
             orphans=[
-                Path(e.path)
-                for e in entries
-                if e.name.endswith(".tar")
-                and e.name[:-4] + ".json" not in there
-                and e.name not in in_the_way
+                path
+                for path in (
+                    Path(e.path)
+                    for e in entries
+                    if e.name.endswith(".tar")
+                    and e.name[:-4] + ".json" not in there
+                    and e.name not in in_the_way
+                )
+                if path.exists()
+                and not path.with_suffix(".json").exists()
+                and not (self.incoming / f"{path.stem}.json.part").exists()
             ],
             strays=[Path(e.path) for e in entries if e.name in in_the_way],
             without_data=[
-                meta for name, meta in found if meta is not None and name[:-5] + ".tar" not in there
+                meta
+                for name, meta in found
+                if meta is not None
+                and name[:-5] + ".tar" not in there
+                and (self.root / name).exists()
             ],
         )
 
@@ -599,6 +615,13 @@ def _stored_members(path: Path) -> Generator[tuple[tarfile.TarInfo, int], None, 
             # none is needed again here.
             tar.members.clear()  # type: ignore[attr-defined]
             yield member, tar.offset
+        # tarfile ends at a header it cannot read as it does at the end of
+        # the archive: a damaged saveset listed as whole, and cut short.
+        assert tar.fileobj is not None
+        tar.fileobj.seek(tar.offset)
+        block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if block.strip(b"\0"):
+        raise tarfile.ReadError(f"damaged: no valid tar header at byte {tar.offset}")
 
 
 SCAN_STEP = 1000  # members (about 13 ms of reading headers)

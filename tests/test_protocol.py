@@ -669,6 +669,36 @@ def test_retention_keeps_the_newest_saveset_of_each_owner_and_source(
     assert [m.saveset for m in removed] == [min(other_source.saveset, same.saveset)]
 
 
+def test_a_scan_while_savesets_are_removed_and_published_reports_nothing_wrong(
+    store: SavesetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stpd list` beside a running stpd: between its listing of the
+    metadata and that of the tars, a removal (metadata first) and a
+    publish (tar first) happened, and it said that savesets had lost
+    their data, and that a tar had no metadata ("cut short by a crash?")."""
+    removed, read_but_removed, kept = (
+        upload(store, tar_bytes({"a": b"1"})).commit() for _ in "123"
+    )
+    publishing = upload(store, tar_bytes({"a": b"1"}))
+    real = store._metadata
+
+    def while_stpd_works() -> list[tuple[str, SavesetMeta | None]]:
+        (store.root / f"{removed.saveset}.json").unlink()  # listed, then gone before its stat
+        found = real()
+        store.remove(read_but_removed.saveset)
+        store.remove(removed.saveset)
+        os.replace(publishing.part, store.tar_path(SS))  # a publish's first step
+        (store.incoming / f"{SS}.json.part").write_text("{")
+        return [(f"{removed.saveset}.json", None), *found]
+
+    monkeypatch.setattr(store, "_metadata", while_stpd_works)
+    scan = store.scan()
+    assert sorted(m.saveset for m in scan.savesets) == sorted(
+        [read_but_removed.saveset, kept.saveset]
+    )  # as they were when listed
+    assert scan.warnings() == []
+
+
 def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
     store: SavesetStore,
 ) -> None:
