@@ -1125,6 +1125,39 @@ def test_a_long_search_for_the_entries_keeps_sbc_waiting(
     assert (listing.stdout, listing.stderr) == ("tree/f29\n", "")
 
 
+def test_a_saveset_with_a_damaged_header_midway_is_not_listed_as_whole(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A header overwritten on the server's disk (its length kept): tarfile
+    ends there as at the end of the archive, so `sbc list ID` showed half
+    the entries with exit 0, and a restore of an entry after it said the
+    operator's name was not in the saveset. Both fail now, and say why."""
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for i in range(200):
+        (tree / f"file_{i:03}").write_bytes(b"x" * 100)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")["saveset"]  # type: ignore[index]
+        stored = stpd.daemon.store.tar_path(saveset)
+        data = bytearray(stored.read_bytes())
+        header = data.index(b"many/file_100")  # its header block: name first
+        data[header : header + 100] = b"\xff" * 100
+        stored.write_bytes(data)
+        code, out, err = run_sbc(*ini, "list", saveset, "--server", stpd.address)
+        assert code == 1, (code, err)
+        assert out.count("\n") <= 101 and "file_150" not in out
+        assert err.endswith(f"saveset {saveset} cannot be read on the server\n"), err
+        code, _, err = run_sbc(
+            *ini, "restore", saveset, str(tmp_path / "back"), "many/file_150",
+            "--server", stpd.address,
+        )  # fmt: skip
+        assert code == 1 and "lost mid-restore" in err, err  # stpd's log says why
+        line = stpd.log.wait_for(rf"saveset {saveset} cannot be read: damaged: no valid tar header")
+        assert line.startswith("ERROR ")
+
+
 def test_verify_tells_an_intact_saveset_from_a_damaged_one(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
