@@ -49,6 +49,8 @@ NO_HANDSHAKE_REASON = "connection closed before a TLS handshake began"
 # HTTP, SSH, SMTP banners): another service, not a refusal.
 NOT_TLS_REASONS = ("wrong version number", "packet length too long")
 
+REVOKED = "certificate has been revoked"
+NOT_OUR_CA = "not signed by our root CA"
 # OpenSSL X509_V_ERR_* codes we explain in words; others use OpenSSL's text.
 _VERIFY_REASONS = {
     2: "issuer certificate not found",
@@ -57,9 +59,9 @@ _VERIFY_REASONS = {
     10: "certificate has expired",
     18: "self-signed certificate not from our CA",
     19: "self-signed certificate in chain not from our CA",
-    20: "not signed by our root CA",
-    21: "not signed by our root CA",
-    23: "certificate has been revoked",
+    20: NOT_OUR_CA,
+    21: NOT_OUR_CA,
+    23: REVOKED,
     # 26 (invalid purpose) depends on the side: see PeerVerdict.record.
 }
 # The identity of a peer without a valid certificate (levels 0 and 1): the

@@ -76,7 +76,7 @@ class OneLineFormatter(logging.Formatter):
 
     # Times in UTC, said so, as every other time stpd and sbc print: a
     # local time without its zone is ambiguous across an RDS fleet.
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # (typeshed: the overload without seconds)
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
 

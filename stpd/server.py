@@ -34,7 +34,7 @@ from pki.files import open_to_others
 from pki.inifile import ConfigError, format_host_port
 from pki.inventory import timestamp
 from pki.names import signed_by
-from pki.tls import ClientCertPolicy, load_crl, server_context
+from pki.tls import NOT_OUR_CA, REVOKED, ClientCertPolicy, load_crl, server_context
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
@@ -202,6 +202,9 @@ class Stpd:
             log.error("%s", other_ca)
         self._crl_stamp = self._stamp(config.layout.crl)
         self._crl_in_force = self._crl_file(config, self.ca_cert)
+        # Counts reloads and new CRLs: a connection judged before the last
+        # one has its client judged again at its next request.
+        self.trust_generation = 0
         self._retention_due: trio.Event | None = None  # set: look for old savesets now
         in_file = load_config(config.layout)
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
@@ -516,6 +519,7 @@ class Stpd:
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
         self._crl_in_force = crl
+        self.trust_generation += 1
         if self._retention_due is not None:
             self._retention_due.set()
         self.transfer_threads.total_tokens = config.max_connections
@@ -556,8 +560,22 @@ class Stpd:
             log.error("new CRL refused, the previous one stays in force: %s", exc)
             return
         self._crl_in_force = crl
+        self.trust_generation += 1
         log.info("CRL %s changed: reloaded", self.config.layout.crl)
         self._check_crl()  # a copy of an old one, for example
+
+    def problems_now(self, cert: x509.Certificate | None, problems: list[str]) -> list[str]:
+        """What is wrong with a client's ``cert`` (the ``problems`` its
+        handshake found) under the CA and CRL in force now."""
+        if cert is None:
+            return problems
+        now = list(problems)
+        crl = self._crl_in_force
+        if crl is not None and crl.get_revoked_certificate_by_serial_number(cert.serial_number):
+            now.append(REVOKED)
+        if self.ca_cert is not None and not signed_by(cert, self.ca_cert):
+            now.append(NOT_OUR_CA)  # a reload to another CA
+        return list(dict.fromkeys(now))
 
     def _refuse_an_older_crl(self, crl: x509.CertificateRevocationList | None) -> None:
         """PkiError for a CRL that would let certificates revoked since pass
@@ -776,6 +794,7 @@ class Stpd:
             await self._answer_refusal(tls, decision.refusal)
             return
         session = HttpSession(self, tls, peer, decision.owner)
+        session.judged = (tls.peer_certificate, tls.verdict.problems, self.trust_generation)
         self.sessions += 1
         try:
             await session.run()
@@ -816,6 +835,9 @@ class HttpSession:
         # Set when a request body was read past h11 (see _upload): what
         # arrived after it, for the h11 connection of the next request.
         self.after_body: bytes | None = None
+        # The client's certificate, what its handshake found wrong with it,
+        # and the daemon's trust_generation then (see _still_trusted).
+        self.judged: tuple[x509.Certificate | None, list[str], int] = (None, [], 0)
 
     def _new_http(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
@@ -843,6 +865,8 @@ class HttpSession:
                     self.config.max_header_bytes,
                 )
                 await self._send_error(431, "request line and headers too large")
+                return
+            if not await self._still_trusted():
                 return
             if self.daemon.sessions > self.config.max_connections:
                 log.warning(
@@ -875,6 +899,36 @@ class HttpSession:
                 self.conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+
+    async def _still_trusted(self) -> bool:
+        """Judge the client again when a reload or a new CRL came since it
+        was judged: a certificate revoked (a stolen key) or taken off
+        STPD_ALLOWED_CLIENTS kept every connection it held open, for as
+        long as it sent a request within STPD_IDLE_TIMEOUT. A transfer
+        under way finishes; its next request is refused as a new
+        connection would be, or served under its new identity (level 1)."""
+        daemon = self.daemon
+        daemon._refresh_crl()
+        cert, problems, generation = self.judged
+        if generation == daemon.trust_generation:
+            return True
+        self.judged = (cert, problems, daemon.trust_generation)
+        self.config = daemon.config
+        decision = judge_peer(
+            self.peer,
+            self.config.client_cert_policy,
+            cert,
+            daemon.problems_now(cert, problems),
+            self.config.allowed_clients,
+        )
+        if decision.serve and decision.owner == self.owner:
+            return True
+        log.log(decision.log_level, "%s (judged again: reload or new CRL)", decision.message)
+        if decision.serve:
+            self.owner = decision.owner
+            return True
+        await self._send_error(403, decision.refusal)
+        return False
 
     # -- reading -------------------------------------------------------------
 

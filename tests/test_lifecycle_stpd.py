@@ -5,6 +5,7 @@ renewed server certificate, with sbc and with curl."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -27,7 +28,9 @@ from tests.conftest import (
     openssl,
     run_sbc,
     running_stpd,
+    write_stpd_ini,
 )
+from tests.test_hostile_common import tls_context
 
 PEER = r"client 127\.0\.0\.1:\d+"
 REVOKED = "certificate has been revoked"
@@ -124,6 +127,56 @@ def test_a_revocation_takes_effect_without_a_restart(
         stpd.log.wait_for(r"^ERROR new CRL refused, the previous one stays in force: ")
         code, _, err = backup(lost, stpd, source)
         assert code == 1 and "revoked" in err
+
+
+def keep_alive(pki: Pki, client: Layout, stpd: RunningStpd) -> http.client.HTTPSConnection:
+    """One TLS connection that stays open between requests, as curl's or a
+    script's keep-alive."""
+    conn = http.client.HTTPSConnection(
+        stpd.host, stpd.port, context=tls_context(pki, client), timeout=PROCESS_TIMEOUT
+    )
+    conn.request("GET", "/savesets")
+    answer = conn.getresponse()
+    assert answer.status == 200 and answer.getheader("Connection") != "close"
+    answer.read()
+    return conn
+
+
+def on_the_same_connection(conn: http.client.HTTPSConnection) -> tuple[int, str]:
+    sock = conn.sock
+    assert sock is not None  # (http.client would open a new one)
+    conn.request("GET", "/savesets")
+    assert conn.sock is sock or conn.sock is None
+    answer = conn.getresponse()
+    return answer.status, answer.read().decode()
+
+
+def test_a_connection_held_open_is_judged_again_after_a_revocation_or_a_reload(
+    pki: Pki, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A revoked client (a stolen key) kept every connection it held open:
+    its next requests were served, backups and restores, for as long as it
+    sent one within STPD_IDLE_TIMEOUT. So did a client taken off
+    STPD_ALLOWED_CLIENTS. Its next request is refused as a new connection
+    would be; others go on being served on theirs."""
+    lost, other, dropped = (pki.client_ini(n) for n in ("lost-laptop", "desktop", "old-host"))
+    with running_stpd(pki.layout, level=2) as stpd:
+        held, kept, listed = (keep_alive(pki, c, stpd) for c in (lost, other, dropped))
+        revoke(pki, lost, capsys)
+        status, body = on_the_same_connection(held)
+        assert status == 403 and f"{REVOKED} (STPD_HTTPS_USE_CLIENT_CERT=2)" in body, body
+        line = stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=lost-laptop\): {REVOKED} ")
+        assert line.endswith("(judged again: reload or new CRL)"), line
+        assert on_the_same_connection(kept)[0] == 200
+        assert on_the_same_connection(listed)[0] == 200  # judged again: still allowed
+
+        write_stpd_ini(pki.layout.ini_dir, "STPD_ALLOWED_CLIENTS=CN:desktop")
+        stpd.reload()
+        status, body = on_the_same_connection(listed)
+        assert status == 403 and "CN=old-host is not in STPD_ALLOWED_CLIENTS" in body, body
+        assert on_the_same_connection(kept)[0] == 200
+        for conn in (held, kept, listed):
+            conn.close()
 
 
 def test_revoked_client_is_served_as_anonymous_with_a_warning_at_level_1(
