@@ -12,11 +12,11 @@ the disk writes, so a finished upload is already checked (re-reading a
 20,000-member archive with ``tarfile`` took over a second).
 
 PAX extended headers may carry the real size of the next member (for files
-of 8 GiB and more); that one record is read from the extended header's
-data. The data of GNU long-name and long-link headers is skipped. Every
-such extension header (PAX, PAX global, GNU long name or link) is refused
-over MAX_EXTENSION_HEADER: tarfile reads each one whole into memory when
-stpd lists a saveset or restores entries of it.
+of 8 GiB and more); for that one, their records are read one by one, by
+their length, as tarfile reads them. The data of GNU long-name and long-link
+headers is skipped. Every such extension header (PAX, PAX global, GNU long
+name or link) is refused over MAX_EXTENSION_HEADER: tarfile reads each one
+whole into memory when stpd lists a saveset or restores entries of it.
 
 The archive is complete when an end-of-archive zero block has been seen at
 a header position and nothing but zeros follows.
@@ -28,7 +28,6 @@ a header position and nothing but zeros follows.
 from __future__ import annotations
 
 import io
-import re
 import struct
 import tarfile
 import zlib
@@ -51,7 +50,6 @@ _EXTENSIONS = {
 }
 # Those whose records (a size among them) apply to the member after them.
 _PAX_HEADERS = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
-_PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
 
 def _still_looking() -> bytes:
@@ -90,6 +88,7 @@ class TarStreamCheck:
         self._header = bytearray()  # a header block split across pieces
         self._pax: bytearray | None = None  # collecting a PAX header's data
         self._pax_end = 0
+        self._pax_at = 0  # its header's offset
         self._size_override: int | None = None
         # The data size of an old GNU sparse member whose extension blocks
         # (more of its map) come next, before its data (see _parse_header).
@@ -177,7 +176,7 @@ class TarStreamCheck:
         self._next_header = at + BLOCK + data_blocks * BLOCK
         if kind in _PAX_HEADERS:
             self._pax = bytearray()
-            self._pax_end = at + BLOCK + size
+            self._pax_end, self._pax_at = at + BLOCK + size, at
             if size == 0:
                 self._finish_pax()
         elif kind not in _EXTENSIONS:
@@ -185,8 +184,7 @@ class TarStreamCheck:
 
     def _finish_pax(self) -> None:
         assert self._pax is not None
-        match = _PAX_SIZE.search(bytes(self._pax))
-        self._size_override = int(match.group(1)) if match else None
+        self._size_override = _pax_size(bytes(self._pax), self._pax_at)
         self._pax = None
 
     def finish(self) -> None:
@@ -197,6 +195,33 @@ class TarStreamCheck:
             if self.offset < self._next_header or self._header:
                 raise InvalidTar(f"the archive is cut off (at byte {self.offset}, inside a member)")
             raise InvalidTar(f"the archive has no end-of-archive marker (at byte {self.offset})")
+
+
+def _pax_size(data: bytes, at: int) -> int | None:
+    """The value of the size record in ``data``, a PAX header's (the header
+    at byte ``at``); None without one. Each record is "LENGTH KEYWORD=VALUE\n",
+    LENGTH counting the whole record: they are taken one after another by
+    it, as tarfile takes them, since a value (a file name, an extended
+    attribute) may hold anything, "\n14 size=100000\n" too. A record that
+    does not frame so is refused: tarfile reads it one way or another by
+    version (since 3.11.10 and 3.12.6, as the end of the archive)."""
+    size = None
+    pos = 0
+    while pos < len(data) and data[pos]:  # NULs after the last record: tarfile stops there too
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        end = pos + int(digits) if digits.isdigit() else -1
+        record = data[space + 1 : end - 1] if space < end <= len(data) else b""
+        keyword, equals, value = record.partition(b"=")
+        if not keyword or not equals or data[end - 1] != ord("\n"):
+            raise InvalidTar(f"PAX header at byte {at}: not a PAX record at its byte {pos}")
+        if keyword == b"size":  # the last one, as tarfile reads them into a dict
+            # 21 digits are no file's size (and int() refuses 4301).
+            if not value.isdigit() or len(value) > 20:
+                raise InvalidTar(f"PAX header at byte {at}: its size record is not a number")
+            size = int(value)
+        pos = end
+    return size
 
 
 def _type_and_size(block: bytes) -> tuple[bytes, int] | None:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sbc.archive import _pax_record
 from stpd.tarcheck import (
     _PLAIN_TYPES,
     MAX_EXTENSION_HEADER,
@@ -183,9 +184,11 @@ def test_extension_headers_over_the_limit_are_refused_at_their_header(
         InvalidTar, match=rf"^{what} of {MAX_EXTENSION_HEADER + 1} bytes at byte 0 is too large$"
     ):
         TarStreamCheck().feed(extension(kind, b"", MAX_EXTENSION_HEADER + 1)[:512])
-    at_limit = extension(kind, b"a" * MAX_EXTENSION_HEADER) + archive(
-        tarfile.USTAR_FORMAT, [("f", b"x")], extra=False
-    )
+    comment = _pax_record(
+        b"comment", b"a" * (MAX_EXTENSION_HEADER - 17)
+    )  # 17: "1048576 comment=\n"
+    assert len(comment) == MAX_EXTENSION_HEADER  # a record, which a PAX header's data must be
+    at_limit = extension(kind, comment) + archive(tarfile.USTAR_FORMAT, [("f", b"x")], extra=False)
     assert check(at_limit).members == 1
 
 
@@ -221,6 +224,107 @@ def test_a_pax_size_record_sizes_the_member_after_a_gnu_long_name_as_tarfile_doe
     assert check(data).members == 1
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert [(m.name, m.size) for m in tar.getmembers()] == [(long_name, 700)]
+
+
+FAKE_SIZE = "\n14 size=100000\n"  # a size record, as it may sit inside a record's value
+
+
+def _pax_member(records: list[tuple[str, str]], data: bytes) -> bytes:
+    """A PAX header of ``records``, as sbc writes them, then a member "m"
+    holding ``data`` whose header says its size unless a record does (then
+    0), then a plain member "after" and the end."""
+    extended = b"".join(_pax_record(key.encode(), value.encode()) for key, value in records)
+    member = tarfile.TarInfo("m")
+    member.size = 0 if "size" in dict(records) else len(data)
+    after = tarfile.TarInfo("after")
+    after.size = 1
+    return (
+        extension(tarfile.XHDTYPE, extended)
+        + member.tobuf(tarfile.USTAR_FORMAT)
+        + data
+        + bytes(-len(data) % 512)
+        + after.tobuf(tarfile.USTAR_FORMAT)
+        + b"y".ljust(512 + 1024, b"\0")
+    )
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [("path", "\u00e9" + FAKE_SIZE)],  # no size record: the header's size
+        [("SCHILY.xattr.user.note", "x" + FAKE_SIZE)],
+        [("path", "\u00e9" + FAKE_SIZE), ("size", "700")],  # the fake one first
+        [("SCHILY.xattr.user.note", "x" + FAKE_SIZE), ("size", "700")],
+        [("size", "700"), ("SCHILY.xattr.user.note", FAKE_SIZE)],
+        [("path", FAKE_SIZE + "14 size=100000\n"), ("comment", "\n\n= size=9\n")],
+    ],
+)
+def test_a_size_record_inside_a_pax_value_is_part_of_the_value(
+    records: list[tuple[str, str]],
+) -> None:
+    """A file name or extended attribute is a record's value and may hold
+    anything. The check searched the whole header for "\n<n> size=" and
+    took one inside a value for the member's size: the archive was cut off
+    for it, and stpd stored nothing of a backup with such a file (which any
+    user can make). Records are read by their length, as tarfile does."""
+    data = _pax_member(records, b"z" * 700)
+    assert check(data).members == 2
+    assert check(data, [1] * len(data)).members == 2
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    assert [(m.size, m.pax_headers) for m in members] == [(700, dict(records)), (1, {})]
+
+
+@pytest.mark.parametrize(
+    "extended",
+    [
+        b"5 size=700\n",  # its length is not the record's
+        b"13 size=700\n",
+        b"12 size=700 ",  # not ended by a newline
+        b"x size=700\n",
+        b" size=700\n",
+        b"9 size700\n",  # no "="
+        b"6 =700\n",  # no keyword
+        b"100 size=700\n",  # longer than the header's data
+        b"12 size=7a0\n",  # a size that is not a number
+        b"12 size=-70\n",
+        b"11 size=700\nrest",  # something after the last record
+        b"1" * 30 + b" size=700\n",
+    ],
+)
+def test_pax_records_that_do_not_frame_are_refused(extended: bytes) -> None:
+    """tarfile would stop at such a record and list nothing after it."""
+    with pytest.raises(InvalidTar, match=r"^PAX header at byte 0: "):
+        check(
+            extension(tarfile.XHDTYPE, extended)
+            + archive(tarfile.USTAR_FORMAT, [("f", b"x")], extra=False)
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["path", "comment", "SCHILY.xattr.user.note", "size"]),
+            st.text(alphabet="0123456789 =\nsize\u00e9", max_size=40),
+        ),
+        max_size=5,
+    )
+)
+def test_the_check_reads_pax_records_as_tarfile_does(records: list[tuple[str, str]]) -> None:
+    """Any values, a size record or not: the check frames the member by the
+    size tarfile reads, or refuses a size that is not a number."""
+    sizes = [value for key, value in records if key == "size"]
+    if sizes and not sizes[-1].isdigit():
+        with pytest.raises(InvalidTar, match="is not a number"):
+            check(_pax_member(records, b""))
+        return
+    size = int(sizes[-1]) % 2000 if sizes else 700
+    records = [(key, str(size) if key == "size" else value) for key, value in records]
+    data = _pax_member(records, b"z" * size)
+    assert check(data).members == 2
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert [m.size for m in tar.getmembers()] == [size, 1]
 
 
 def _without_end_marker(data: bytes) -> bytes:
