@@ -184,7 +184,14 @@ class TarStreamCheck:
 
     def _finish_pax(self) -> None:
         assert self._pax is not None
-        self._size_override = _pax_size(bytes(self._pax), self._pax_at)
+        size = _pax_size(bytes(self._pax), self._pax_at)
+        if self._size_override is not None:
+            # tarfile takes the first one's size, GNU tar the last one's records.
+            raise InvalidTar(
+                f"PAX header at byte {self._pax_at}: one before it for the same member gave "
+                "it a size: tar readers frame the member differently"
+            )
+        self._size_override = size
         self._pax = None
 
     def finish(self) -> None:

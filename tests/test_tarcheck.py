@@ -327,6 +327,45 @@ def test_the_check_reads_pax_records_as_tarfile_does(records: list[tuple[str, st
         assert [m.size for m in tar.getmembers()] == [size, 1]
 
 
+def _sizes_read(data: bytes) -> tuple[list[int], list[int]]:
+    """The member sizes tarfile and GNU tar read in ``data``."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        by_tarfile = [member.size for member in tar.getmembers()]
+    listing = subprocess.run(["tar", "-tvf", "-"], input=data, capture_output=True).stdout
+    return by_tarfile, [int(line.split()[2]) for line in listing.decode().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "accepted"),
+    [
+        (b"", SIZE_700, True),
+        (SIZE_700, b"", False),  # tarfile: 700; GNU tar: the member header's 0
+        (SIZE_700, b"12 size=100\n", False),  # tarfile: 700; GNU tar: 100
+    ],
+)
+def test_a_size_record_in_a_pax_header_that_is_not_the_last_for_its_member_is_refused(
+    first: bytes, second: bytes, accepted: bool
+) -> None:
+    """tarfile applies the first PAX header's size to the member, GNU tar
+    only the last header's records: two framings of one stream, where the
+    check took GNU tar's. Where the last one holds the only size record,
+    both read it alike."""
+    comment = b"10 a=note\n"
+    data = _sized_700_by_a_record(
+        extension(tarfile.XHDTYPE, comment + first) + extension(tarfile.XHDTYPE, comment + second),
+        "big",
+    )
+    by_tarfile, by_gnu_tar = _sizes_read(data)
+    assert (by_tarfile == by_gnu_tar) == accepted
+    if accepted:
+        assert check(data).members == 1
+    else:
+        with pytest.raises(
+            InvalidTar, match=r"^PAX header at byte 1024: one before it for the same member "
+        ):
+            check(data)
+
+
 def _without_end_marker(data: bytes) -> bytes:
     body = data.rstrip(b"\0")  # the zeros of the end marker and of the last header
     return body + bytes(-len(body) % 512)  # give the last header its zeros back
