@@ -19,6 +19,7 @@ from sbc.archive import _pax_record
 from stpd.tarcheck import (
     _PLAIN_TYPES,
     MAX_EXTENSION_HEADER,
+    STILL_LOOKING,
     InvalidTar,
     PlainTarInfo,
     Selection,
@@ -364,6 +365,41 @@ def test_a_size_record_in_a_pax_header_that_is_not_the_last_for_its_member_is_re
             InvalidTar, match=r"^PAX header at byte 1024: one before it for the same member "
         ):
             check(data)
+
+
+@pytest.mark.parametrize("own", [b"", b"10 a=note\n"])
+def test_a_size_record_in_a_pax_global_header_is_refused(own: bytes) -> None:
+    """GNU tar frames the members after it by it, tarfile those with a PAX
+    header of their own (and gives the others its size, not framed by it).
+    The check skipped a global header's data: it took the 1024 bytes of
+    "big" for two members of their own, a framing neither reader has."""
+    empty = [tarfile.TarInfo(name).tobuf(tarfile.USTAR_FORMAT) for name in ("big", "in", "side")]
+    data = (
+        extension(tarfile.XGLTYPE, b"13 size=1024\n")
+        + (extension(tarfile.XHDTYPE, own) if own else b"")
+        + b"".join(empty)
+        + bytes(1024)
+    )
+    by_tarfile, by_gnu_tar = _sizes_read(data)
+    assert by_gnu_tar == [1024]
+    assert by_tarfile == ([1024] if own else [1024] * 3)
+    with pytest.raises(InvalidTar, match=r"^PAX global header at byte 0: a size record, "):
+        check(data)
+
+
+def test_a_pax_global_header_without_a_size_is_taken_in() -> None:
+    """Records of other kinds, as stpd's STILL_LOOKING has; one for the
+    member after it keeps its size record."""
+    data = _sized_700_by_a_record(
+        extension(tarfile.XHDTYPE, SIZE_700) + STILL_LOOKING,
+        "big",
+    )
+    assert check(data).members == 1
+    assert _sizes_read(data) == ([700], [700])
+    with pytest.raises(InvalidTar, match=r"^PAX global header at byte 0: not a PAX record at "):
+        check(
+            extension(tarfile.XGLTYPE, b"note\n") + archive(tarfile.USTAR_FORMAT, [], extra=False)
+        )
 
 
 def _without_end_marker(data: bytes) -> bytes:
