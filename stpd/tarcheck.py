@@ -12,11 +12,13 @@ the disk writes, so a finished upload is already checked (re-reading a
 20,000-member archive with ``tarfile`` took over a second).
 
 PAX extended headers may carry the real size of the next member (for files
-of 8 GiB and more); that one record is read from the extended header's
-data. The data of GNU long-name and long-link headers is skipped. Every
-such extension header (PAX, PAX global, GNU long name or link) is refused
-over MAX_EXTENSION_HEADER: tarfile reads each one whole into memory when
-stpd lists a saveset or restores entries of it.
+of 8 GiB and more); for that one, their records are read one by one, by
+their length, as tarfile reads them. A size record in a PAX global header is
+refused: GNU tar frames every member after it by it, tarfile only those with
+a PAX header of their own. The data of GNU long-name and long-link
+headers is skipped. Every such extension header (PAX, PAX global, GNU long
+name or link) is refused over MAX_EXTENSION_HEADER: tarfile reads each one
+whole into memory when stpd lists a saveset or restores entries of it.
 
 The archive is complete when an end-of-archive zero block has been seen at
 a header position and nothing but zeros follows.
@@ -28,7 +30,6 @@ a header position and nothing but zeros follows.
 from __future__ import annotations
 
 import io
-import re
 import struct
 import tarfile
 import zlib
@@ -49,9 +50,9 @@ _EXTENSIONS = {
     tarfile.GNUTYPE_LONGNAME: "GNU long name header",
     tarfile.GNUTYPE_LONGLINK: "GNU long link header",
 }
-# Those whose records (a size among them) apply to the member after them.
+# Those whose records (a size among them) apply to the member after them; the
+# records of a PAX global header are read too, to refuse a size among them.
 _PAX_HEADERS = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
-_PAX_SIZE = re.compile(rb"(?:^|\n)\d+ size=(\d+)\n")
 
 
 def _still_looking() -> bytes:
@@ -90,6 +91,8 @@ class TarStreamCheck:
         self._header = bytearray()  # a header block split across pieces
         self._pax: bytearray | None = None  # collecting a PAX header's data
         self._pax_end = 0
+        self._pax_at = 0  # its header's offset
+        self._pax_kind = tarfile.XHDTYPE  # or another of _PAX_HEADERS, or XGLTYPE
         self._size_override: int | None = None
         # The data size of an old GNU sparse member whose extension blocks
         # (more of its map) come next, before its data (see _parse_header).
@@ -175,9 +178,9 @@ class TarStreamCheck:
             return
         data_blocks = -(-size // BLOCK) if kind not in _NO_DATA else 0
         self._next_header = at + BLOCK + data_blocks * BLOCK
-        if kind in _PAX_HEADERS:
+        if kind in _PAX_HEADERS or kind == tarfile.XGLTYPE:
             self._pax = bytearray()
-            self._pax_end = at + BLOCK + size
+            self._pax_end, self._pax_at, self._pax_kind = at + BLOCK + size, at, kind
             if size == 0:
                 self._finish_pax()
         elif kind not in _EXTENSIONS:
@@ -185,9 +188,20 @@ class TarStreamCheck:
 
     def _finish_pax(self) -> None:
         assert self._pax is not None
-        match = _PAX_SIZE.search(bytes(self._pax))
-        self._size_override = int(match.group(1)) if match else None
+        where = f"{_EXTENSIONS[self._pax_kind]} at byte {self._pax_at}"
+        size = _pax_size(bytes(self._pax), where)
         self._pax = None
+        if self._pax_kind == tarfile.XGLTYPE:
+            if size is not None:  # tarfile frames by it the members with a PAX header only
+                raise InvalidTar(f"{where}: a size record, which tar readers apply differently")
+            return
+        if self._size_override is not None:
+            # tarfile takes the first one's size, GNU tar the last one's records.
+            raise InvalidTar(
+                f"{where}: one before it for the same member gave it a size: tar readers "
+                "frame the member differently"
+            )
+        self._size_override = size
 
     def finish(self) -> None:
         """Raise :class:`InvalidTar` unless the archive ended properly."""
@@ -197,6 +211,33 @@ class TarStreamCheck:
             if self.offset < self._next_header or self._header:
                 raise InvalidTar(f"the archive is cut off (at byte {self.offset}, inside a member)")
             raise InvalidTar(f"the archive has no end-of-archive marker (at byte {self.offset})")
+
+
+def _pax_size(data: bytes, where: str) -> int | None:
+    """The value of the size record in ``data``, the PAX header's ``where``
+    says (for messages); None without one. Each record is "LENGTH KEYWORD=VALUE\n",
+    LENGTH counting the whole record: they are taken one after another by
+    it, as tarfile takes them, since a value (a file name, an extended
+    attribute) may hold anything, "\n14 size=100000\n" too. A record that
+    does not frame so is refused: tarfile reads it one way or another by
+    version (since 3.11.10 and 3.12.6, as the end of the archive)."""
+    size = None
+    pos = 0
+    while pos < len(data) and data[pos]:  # NULs after the last record: tarfile stops there too
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        end = pos + int(digits) if digits.isdigit() else -1
+        record = data[space + 1 : end - 1] if space < end <= len(data) else b""
+        keyword, equals, value = record.partition(b"=")
+        if not keyword or not equals or data[end - 1] != ord("\n"):
+            raise InvalidTar(f"{where}: not a PAX record at its byte {pos}")
+        if keyword == b"size":  # the last one, as tarfile reads them into a dict
+            # 21 digits are no file's size (and int() refuses 4301).
+            if not value.isdigit() or len(value) > 20:
+                raise InvalidTar(f"{where}: its size record is not a number")
+            size = int(value)
+        pos = end
+    return size
 
 
 def _type_and_size(block: bytes) -> tuple[bytes, int] | None:

@@ -15,9 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sbc.archive import _pax_record
 from stpd.tarcheck import (
     _PLAIN_TYPES,
     MAX_EXTENSION_HEADER,
+    STILL_LOOKING,
     InvalidTar,
     PlainTarInfo,
     Selection,
@@ -183,9 +185,11 @@ def test_extension_headers_over_the_limit_are_refused_at_their_header(
         InvalidTar, match=rf"^{what} of {MAX_EXTENSION_HEADER + 1} bytes at byte 0 is too large$"
     ):
         TarStreamCheck().feed(extension(kind, b"", MAX_EXTENSION_HEADER + 1)[:512])
-    at_limit = extension(kind, b"a" * MAX_EXTENSION_HEADER) + archive(
-        tarfile.USTAR_FORMAT, [("f", b"x")], extra=False
-    )
+    comment = _pax_record(
+        b"comment", b"a" * (MAX_EXTENSION_HEADER - 17)
+    )  # 17: "1048576 comment=\n"
+    assert len(comment) == MAX_EXTENSION_HEADER  # a record, which a PAX header's data must be
+    at_limit = extension(kind, comment) + archive(tarfile.USTAR_FORMAT, [("f", b"x")], extra=False)
     assert check(at_limit).members == 1
 
 
@@ -221,6 +225,181 @@ def test_a_pax_size_record_sizes_the_member_after_a_gnu_long_name_as_tarfile_doe
     assert check(data).members == 1
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert [(m.name, m.size) for m in tar.getmembers()] == [(long_name, 700)]
+
+
+FAKE_SIZE = "\n14 size=100000\n"  # a size record, as it may sit inside a record's value
+
+
+def _pax_member(records: list[tuple[str, str]], data: bytes) -> bytes:
+    """A PAX header of ``records``, as sbc writes them, then a member "m"
+    holding ``data`` whose header says its size unless a record does (then
+    0), then a plain member "after" and the end."""
+    extended = b"".join(_pax_record(key.encode(), value.encode()) for key, value in records)
+    member = tarfile.TarInfo("m")
+    member.size = 0 if "size" in dict(records) else len(data)
+    after = tarfile.TarInfo("after")
+    after.size = 1
+    return (
+        extension(tarfile.XHDTYPE, extended)
+        + member.tobuf(tarfile.USTAR_FORMAT)
+        + data
+        + bytes(-len(data) % 512)
+        + after.tobuf(tarfile.USTAR_FORMAT)
+        + b"y".ljust(512 + 1024, b"\0")
+    )
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [("path", "\u00e9" + FAKE_SIZE)],  # no size record: the header's size
+        [("SCHILY.xattr.user.note", "x" + FAKE_SIZE)],
+        [("path", "\u00e9" + FAKE_SIZE), ("size", "700")],  # the fake one first
+        [("SCHILY.xattr.user.note", "x" + FAKE_SIZE), ("size", "700")],
+        [("size", "700"), ("SCHILY.xattr.user.note", FAKE_SIZE)],
+        [("path", FAKE_SIZE + "14 size=100000\n"), ("comment", "\n\n= size=9\n")],
+    ],
+)
+def test_a_size_record_inside_a_pax_value_is_part_of_the_value(
+    records: list[tuple[str, str]],
+) -> None:
+    """A file name or extended attribute is a record's value and may hold
+    anything. The check searched the whole header for "\n<n> size=" and
+    took one inside a value for the member's size: the archive was cut off
+    for it, and stpd stored nothing of a backup with such a file (which any
+    user can make). Records are read by their length, as tarfile does."""
+    data = _pax_member(records, b"z" * 700)
+    assert check(data).members == 2
+    assert check(data, [1] * len(data)).members == 2
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    assert [(m.size, m.pax_headers) for m in members] == [(700, dict(records)), (1, {})]
+
+
+@pytest.mark.parametrize(
+    "extended",
+    [
+        b"5 size=700\n",  # its length is not the record's
+        b"13 size=700\n",
+        b"12 size=700 ",  # not ended by a newline
+        b"x size=700\n",
+        b" size=700\n",
+        b"9 size700\n",  # no "="
+        b"6 =700\n",  # no keyword
+        b"100 size=700\n",  # longer than the header's data
+        b"12 size=7a0\n",  # a size that is not a number
+        b"12 size=-70\n",
+        b"11 size=700\nrest",  # something after the last record
+        b"1" * 30 + b" size=700\n",
+    ],
+)
+def test_pax_records_that_do_not_frame_are_refused(extended: bytes) -> None:
+    """tarfile would stop at such a record and list nothing after it."""
+    with pytest.raises(InvalidTar, match=r"^PAX header at byte 0: "):
+        check(
+            extension(tarfile.XHDTYPE, extended)
+            + archive(tarfile.USTAR_FORMAT, [("f", b"x")], extra=False)
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["path", "comment", "SCHILY.xattr.user.note", "size"]),
+            st.text(alphabet="0123456789 =\nsize\u00e9", max_size=40),
+        ),
+        max_size=5,
+    )
+)
+def test_the_check_reads_pax_records_as_tarfile_does(records: list[tuple[str, str]]) -> None:
+    """Any values, a size record or not: the check frames the member by the
+    size tarfile reads, or refuses a size that is not a number."""
+    sizes = [value for key, value in records if key == "size"]
+    if sizes and not sizes[-1].isdigit():
+        with pytest.raises(InvalidTar, match="is not a number"):
+            check(_pax_member(records, b""))
+        return
+    size = int(sizes[-1]) % 2000 if sizes else 700
+    records = [(key, str(size) if key == "size" else value) for key, value in records]
+    data = _pax_member(records, b"z" * size)
+    assert check(data).members == 2
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert [m.size for m in tar.getmembers()] == [size, 1]
+
+
+def _sizes_read(data: bytes) -> tuple[list[int], list[int]]:
+    """The member sizes tarfile and GNU tar read in ``data``."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        by_tarfile = [member.size for member in tar.getmembers()]
+    listing = subprocess.run(["tar", "-tvf", "-"], input=data, capture_output=True).stdout
+    return by_tarfile, [int(line.split()[2]) for line in listing.decode().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "accepted"),
+    [
+        (b"", SIZE_700, True),
+        (SIZE_700, b"", False),  # tarfile: 700; GNU tar: the member header's 0
+        (SIZE_700, b"12 size=100\n", False),  # tarfile: 700; GNU tar: 100
+    ],
+)
+def test_a_size_record_in_a_pax_header_that_is_not_the_last_for_its_member_is_refused(
+    first: bytes, second: bytes, accepted: bool
+) -> None:
+    """tarfile applies the first PAX header's size to the member, GNU tar
+    only the last header's records: two framings of one stream, where the
+    check took GNU tar's. Where the last one holds the only size record,
+    both read it alike."""
+    comment = b"10 a=note\n"
+    data = _sized_700_by_a_record(
+        extension(tarfile.XHDTYPE, comment + first) + extension(tarfile.XHDTYPE, comment + second),
+        "big",
+    )
+    by_tarfile, by_gnu_tar = _sizes_read(data)
+    assert (by_tarfile == by_gnu_tar) == accepted
+    if accepted:
+        assert check(data).members == 1
+    else:
+        with pytest.raises(
+            InvalidTar, match=r"^PAX header at byte 1024: one before it for the same member "
+        ):
+            check(data)
+
+
+@pytest.mark.parametrize("own", [b"", b"10 a=note\n"])
+def test_a_size_record_in_a_pax_global_header_is_refused(own: bytes) -> None:
+    """GNU tar frames the members after it by it, tarfile those with a PAX
+    header of their own (and gives the others its size, not framed by it).
+    The check skipped a global header's data: it took the 1024 bytes of
+    "big" for two members of their own, a framing neither reader has."""
+    empty = [tarfile.TarInfo(name).tobuf(tarfile.USTAR_FORMAT) for name in ("big", "in", "side")]
+    data = (
+        extension(tarfile.XGLTYPE, b"13 size=1024\n")
+        + (extension(tarfile.XHDTYPE, own) if own else b"")
+        + b"".join(empty)
+        + bytes(1024)
+    )
+    by_tarfile, by_gnu_tar = _sizes_read(data)
+    assert by_gnu_tar == [1024]
+    assert by_tarfile == ([1024] if own else [1024] * 3)
+    with pytest.raises(InvalidTar, match=r"^PAX global header at byte 0: a size record, "):
+        check(data)
+
+
+def test_a_pax_global_header_without_a_size_is_taken_in() -> None:
+    """Records of other kinds, as stpd's STILL_LOOKING has; one for the
+    member after it keeps its size record."""
+    data = _sized_700_by_a_record(
+        extension(tarfile.XHDTYPE, SIZE_700) + STILL_LOOKING,
+        "big",
+    )
+    assert check(data).members == 1
+    assert _sizes_read(data) == ([700], [700])
+    with pytest.raises(InvalidTar, match=r"^PAX global header at byte 0: not a PAX record at "):
+        check(
+            extension(tarfile.XGLTYPE, b"note\n") + archive(tarfile.USTAR_FORMAT, [], extra=False)
+        )
 
 
 def _without_end_marker(data: bytes) -> bytes:

@@ -914,6 +914,43 @@ def test_extended_attributes_and_acls_come_back_but_no_capability(
     assert (tmp_path / "again" / "xattrs" / "dir" / "ping").read_bytes() == b"\x7fELF"
 
 
+@pytest.mark.parametrize("where", ["name", "xattr"])
+def test_a_size_record_in_a_name_or_extended_attribute_is_backed_up_as_it_is(
+    pki: Pki, tmp_path: Path, where: str
+) -> None:
+    """A file name or user extended attribute holding what reads as a PAX
+    size record ("\n14 size=100000\n"), which any user can give their own
+    files: stpd took it for the member's size, refused the upload as cut
+    off, and stored nothing of the whole backup (of /home, every night)."""
+    fake = "\n14 size=100000\n"
+    home = tmp_path / "home"
+    (home / "u").mkdir(parents=True)
+    (home / "u" / "real").write_text("data\n")
+    odd = "u/" + ("\u00e9" + fake if where == "name" else "real")
+    if where == "name":
+        (home / odd).write_text("x")
+    else:
+        try:
+            os.setxattr(home / odd, "user.note", b"x" + fake.encode())
+        except OSError as exc:
+            pytest.skip(f"{tmp_path} takes no user extended attributes: {exc.strerror}")
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini, server = ["--ini-dir", str(client.ini_dir)], ["--server", stpd.address]
+        saveset = backed_up(stpd, ini, home)
+        listing = subprocess.run(
+            ["tar", "--quoting-style=literal", "-tf", str(stpd.daemon.store.tar_path(saveset))],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+        sbc_json(*ini, "restore", saveset, str(tmp_path / "back"), *server, "--json")
+    names = sorted({"home/", "home/u/", "home/u/real", f"home/{odd}"})  # sbc stores them so
+    assert listing == "".join(f"{name}\n" for name in names)
+    assert snapshot(tmp_path / "back" / "home") == snapshot(home)
+    assert xattrs_of(tmp_path / "back" / "home") == xattrs_of(home)
+
+
 @pytest.mark.parametrize("sizes", ["octal", "base-256"])
 def test_files_with_holes_move_and_come_back_without_them(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: str
