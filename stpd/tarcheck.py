@@ -83,6 +83,21 @@ class InvalidTar(ValueError):
     """Not a tar archive, or a damaged one; ``str()`` says where."""
 
 
+# How compressed archives begin: an upload of one is told so in words,
+# rather than as a header that is not one, or an archive cut off.
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+               (b"\x28\xb5\x2f\xfd", "zstd"))  # fmt: skip
+
+
+def _compressed(start: bytes) -> InvalidTar | None:
+    """The refusal of an upload that begins with ``start``, when that is how
+    a compressed archive begins."""
+    for magic, name in _COMPRESSED:
+        if start.startswith(magic):
+            return InvalidTar(f"it is a {name}-compressed archive: send a plain (uncompressed) tar")
+    return None
+
+
 class TarStreamCheck:
     def __init__(self) -> None:
         self.offset = 0  # bytes seen so far
@@ -162,7 +177,8 @@ class TarStreamCheck:
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             except tarfile.HeaderError as exc:
-                raise InvalidTar(f"not a tar header at byte {at}: {exc}") from None
+                compressed = _compressed(block) if at == 0 else None
+                raise compressed or InvalidTar(f"not a tar header at byte {at}: {exc}") from None
             kind, size = info.type, info.size
         else:
             kind, size = fast
@@ -208,6 +224,8 @@ class TarStreamCheck:
         if self.offset == 0:
             raise InvalidTar("the upload is empty")
         if not self._ended:
+            if self.offset < BLOCK and (refusal := _compressed(bytes(self._header))):
+                raise refusal
             if self.offset < self._next_header or self._header:
                 raise InvalidTar(f"the archive is cut off (at byte {self.offset}, inside a member)")
             raise InvalidTar(f"the archive has no end-of-archive marker (at byte {self.offset})")

@@ -4,9 +4,12 @@ restore target, a full disk, and stpd killed in the middle of an upload."""
 
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
 import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
 
@@ -234,6 +237,34 @@ def test_upload_that_is_not_a_tar_stream_is_refused(hpki: Pki, tmp_path: Path, k
         assert stpd.daemon.store.all() == []
         assert_no_partial(stpd.daemon.store.root)
         assert_serves(stpd, client, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("compress", "name"),
+    [(gzip.compress, "gzip"), (bz2.compress, "bzip2"), (lzma.compress, "xz")],
+)
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_compressed_archive_is_refused_in_words(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    compress: Callable[[bytes], bytes],
+    name: str,
+    size: str,
+) -> None:
+    """`tar -czf - | curl -T -`: a small one was "cut off (at byte 138,
+    inside a member)", a large one "not a tar header at byte 0"."""
+    client = hpki.client_ini("zipper")
+    body = tmp_path / "body"
+    tar = small_tar() if size == "small" else small_tar() + os.urandom(100_000)
+    body.write_bytes(compress(tar))
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 400, answer
+        assert answer["error"].startswith(
+            f"upload is not a valid tar stream: it is a {name}-compressed archive: send a plain "
+            "(uncompressed) tar"
+        ), answer
+        assert stpd.daemon.store.all() == []
 
 
 @pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE])
