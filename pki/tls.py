@@ -68,6 +68,13 @@ _VERIFY_REASONS = {
 # owner of what it stores, shared by every such client.
 ANONYMOUS = "anonymous"
 
+X509_V_ERR_UNABLE_TO_GET_CRL = 3
+_NOT_OUR_CA_ERRORS = {
+    18,
+    19,
+    20,
+    21,
+}  # the codes _VERIFY_REASONS words as NOT_OUR_CA or self-signed
 X509_V_ERR_CERT_NOT_YET_VALID = 9
 X509_V_ERR_CERT_HAS_EXPIRED = 10
 X509_V_ERR_CRL_NOT_YET_VALID = 11
@@ -97,6 +104,8 @@ class PeerVerdict:
 
     def record(self, errnum: int, depth: int, subject: str) -> None:
         self.errors.add(errnum)
+        if errnum == X509_V_ERR_UNABLE_TO_GET_CRL and self.errors & _NOT_OUR_CA_ERRORS:
+            return  # of course no CRL of ours is for another CA's certificate
         if errnum == X509_V_ERR_INVALID_PURPOSE:
             role = self.peer_role
             reason = f"not a {role} certificate (no {role}Auth extended key usage)"

@@ -179,6 +179,22 @@ def test_a_connection_held_open_is_judged_again_after_a_revocation_or_a_reload(
             conn.close()
 
 
+def test_a_client_of_another_ca_is_judged_for_that_alone_where_a_crl_is(
+    pki: Pki, source: Path
+) -> None:
+    """With ca/crl.pem in place, a client certificate of another CA was
+    "not signed by our root CA; unable to get certificate CRL" at level 1
+    (where verification goes on past the first error): no CRL of ours
+    could be for it, so the second reason only misled."""
+    assert sm_ssl_cert(["--ini-dir", str(pki.layout.ini_dir), "crl"]) == 0
+    stranger = pki.client_ini("stranger", cert="other-ca")
+    with running_stpd(pki.layout, level=1) as stpd:
+        code, _, err = backup(stranger, stpd, source)
+        assert code == 0, err
+        line = stpd.log.wait_for(rf"^WARNING {PEER} \(CN=stranger\): invalid client certificate: ")
+        assert ": not signed by our root CA; served as anonymous " in line, line
+
+
 def test_revoked_client_is_served_as_anonymous_with_a_warning_at_level_1(
     pki: Pki, source: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
