@@ -545,7 +545,7 @@ class Stpd:
             return f"; no CRL ({self.config.layout.crl}): no certificate is checked for revocation"
         return f"; CRL number {crl_number(self._crl_in_force)} in force"
 
-    def _refresh_crl(self) -> None:
+    def refresh_crl(self) -> None:
         """A revocation takes effect without a restart: rebuild the context
         when ca/crl.pem changed since we read it."""
         stamp = self._stamp(self.config.layout.crl)
@@ -746,7 +746,7 @@ class Stpd:
     ) -> None:
         """``handshake_over`` is called once the TLS handshake is done or failed."""
         peer = format_peer(transport)
-        self._refresh_crl()
+        self.refresh_crl()
         tls = TLSStream(transport, self.ssl_context)
         self.connections += 1
         try:
@@ -908,7 +908,7 @@ class HttpSession:
         under way finishes; its next request is refused as a new
         connection would be, or served under its new identity (level 1)."""
         daemon = self.daemon
-        daemon._refresh_crl()
+        daemon.refresh_crl()
         cert, problems, generation = self.judged
         if generation == daemon.trust_generation:
             return True
