@@ -94,6 +94,8 @@ class UnsafeMember(tarfile.TarError):
 
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# A name opened as what it is, a symbolic link too (not followed), to fstat
+_NO_FOLLOW_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Where a ustar header holds the owner: uid and gid, then uname and gname.
 _IDS, _OWNER_NAMES = slice(108, 124), slice(265, 329)
 
@@ -343,7 +345,10 @@ class _Extraction(tarfile.TarFile):
         self.unrestorable = unrestorable
         self.unprivileged: list[str] = []  # see restored_mode
         self.kept_different: list[str] = []  # see _note_if_different
-        self._not_ours: set[str] = set()  # see _taken
+        # Names this restore did not make -> why: "kept, not restored" (see
+        # _taken) or "not restored" (_refused, makelink)
+        self._not_ours: dict[str, str] = {}
+        self._links, self._only = safe.symlinks, safe.only  # see _link_to_made
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
         # A run in C checks what SafeMembers would only where nothing is
@@ -529,28 +534,63 @@ class _Extraction(tarfile.TarFile):
                 self._runs = False
                 self._refused(parts, exc, link_or_fifo=True)
             return
+        try:
+            why = self._link_to_made(tarinfo, parts, parent)
+        except FileExistsError:
+            self._taken(parts)
+            return
+        except OSError as exc:
+            self._refused(parts, exc, link_or_fifo=True)
+            return
+        if why:
+            name = "/".join(parts)
+            self.unrestorable.append((name, f"a hard link to {tarinfo.linkname}, which was {why}"))
+            self._not_ours[name] = "not restored"
+            self.not_made += 1
+
+    def _link_to_made(self, tarinfo: tarfile.TarInfo, parts: list[str], parent: int) -> str:
+        """Make the hard link ``tarinfo`` if its first name is a file this
+        restore made: "" if so, else why not. A kept file (newer work, or
+        a symbolic link planted by whoever may write there) must not get
+        further names, in directories where that someone may not write."""
         source = path_parts(tarinfo.linkname)
+        first = "/".join(source)
+        if first in self._not_ours:
+            return self._not_ours[first]
+        if self._only is not None and not self._only.match(source):
+            return "not restored"  # not asked for: what stands there is not the saveset's
         try:
             source_dir = self.target.open_dir(source[:-1])
             try:
-                os.link(
-                    source[-1],
-                    parts[-1],
-                    src_dir_fd=source_dir,
-                    dst_dir_fd=parent,
-                    follow_symlinks=False,
-                )
+                fd = os.open(source[-1], _NO_FOLLOW_PATH, dir_fd=source_dir)
             finally:
                 self.target.close_dir(source_dir)
-        except FileExistsError:
-            self._taken(parts)
-        except FileNotFoundError:  # its first name was not restored (not asked for)
-            self.unrestorable.append(
-                ("/".join(parts), f"a hard link to {tarinfo.linkname}, which was not restored")
-            )
-            self.not_made += 1
-        except OSError as exc:
-            self._refused(parts, exc, link_or_fifo=True)
+        except FileNotFoundError:
+            return "not restored"
+        try:
+            if not self._made_here(os.fstat(fd), tarinfo):
+                return "replaced since this restore made it"
+            # That very file, as checked: its /proc name, followed once.
+            os.link(f"/proc/self/fd/{fd}", parts[-1], dst_dir_fd=parent)
+        finally:
+            os.close(fd)
+        return ""
+
+    def _made_here(self, st: os.stat_result, tarinfo: tarfile.TarInfo) -> bool:
+        """Whether ``st``, the first name of the hard link ``tarinfo`` (not
+        followed), is still what this restore made there: not a directory,
+        a symbolic link only where the archive has one, and owned as this
+        restore leaves what it makes (as root the member's owner, or root
+        where fchown failed; else this user). Someone else who may write to
+        its directory cannot give what they put there meanwhile that owner.
+        (Recording each file's inode would cost memory for every file, and
+        the runs in C make most of them, for the few that are linked.)"""
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        if stat.S_ISLNK(st.st_mode) and "/".join(path_parts(tarinfo.linkname)) not in self._links:
+            return False
+        owners = (tarinfo.uid, 0) if self._as_root else (os.geteuid(),)
+        return st.st_uid in owners
 
     def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)
@@ -567,7 +607,7 @@ class _Extraction(tarfile.TarFile):
         it is kept, and its owner, mode and time are left alone (``chown``)."""
         name = "/".join(parts)
         self.kept.append(name)
-        self._not_ours.add(name)
+        self._not_ours[name] = "kept, not restored"
         self.not_made += 1
 
     def _note_if_different(self, tarinfo: tarfile.TarInfo, parts: list[str], parent: int) -> None:
@@ -608,7 +648,7 @@ class _Extraction(tarfile.TarFile):
         under = "; nothing under it was restored" if directory else ""
         self.unrestorable.append((name, f"{exc.strerror or exc} ({why}){under}"))
         self.not_made += 1
-        self._not_ours.add(name)
+        self._not_ours[name] = "not restored"
         if directory:
             self.refused.add(name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -864,6 +865,78 @@ def test_links_and_fifos_a_file_system_cannot_hold_are_reported_and_the_rest_res
     ]
     assert sorted(p.name for p in (back / "tree").iterdir()) == ["a.txt", "z.txt"]
     assert (back / "tree" / "z.txt").read_text() == "last\n"
+
+
+def test_hard_links_are_made_only_to_a_file_this_restore_made(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The later names of a file are not given to what stands at its first
+    name when the restore kept that (the user's newer work, or a symbolic
+    link that whoever may write there planted), nor to what was put there
+    after the restore made it (a link, a file of someone else): each is
+    named, not made, and sbc exits 3."""
+    tree = tmp_path / "src"
+    (tree / "a").mkdir(parents=True)
+    (tree / "b").mkdir()
+    (tree / "a" / "h1").write_text("hello\n")
+    os.link(tree / "a" / "h1", tree / "b" / "h2")
+    os.link(tree / "a" / "h1", tree / "a" / "h3")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+
+    def kept_work(first: Path) -> None:
+        first.write_text("user's newer work\n")
+
+    def planted_link(first: Path) -> None:
+        first.symlink_to("/etc/passwd")
+
+    def someone_elses(first: Path) -> None:
+        first.write_text("someone else's\n")
+        os.chown(first, 12345, 12345)
+
+    def swapped(plant: Callable[[Path], None]) -> Callable[[Path], None]:
+        def replace(first: Path) -> None:
+            first.unlink()
+            plant(first)
+
+        return replace
+
+    cases = [
+        ("kept, not restored", kept_work, None),
+        ("kept, not restored", planted_link, None),
+        ("replaced since this restore made it", None, swapped(planted_link)),
+        ("replaced since this restore made it", None, swapped(someone_elses)),
+    ]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"], "--server", stpd.address, "--json"]  # type: ignore[index]
+        for n, (why, before, during) in enumerate(cases):
+            back = tmp_path / f"back{n}"
+            first = back / "src" / "a" / "h1"
+            if before is not None:
+                first.parent.mkdir(parents=True)
+                before(first)
+            with monkeypatch.context() as patch:
+                if during is not None:
+                    swapped_during_restore(patch, {"src/a/h3": functools.partial(during, first)})
+                code, out, err = run_sbc(*restore, str(back))
+            assert code == 3, (why, err)
+            assert json.loads(out)["unrestorable"] == [
+                {"path": name, "error": f"a hard link to src/a/h1, which was {why}"}
+                for name in ("src/a/h3", "src/b/h2")
+            ]
+            assert sorted(p.name for p in (back / "src").rglob("*")) == ["a", "b", "h1"]
+        # b/h2 alone: a/h1 is not asked for, so what stands there is not the saveset's.
+        code, out, err = run_sbc(*restore, str(tmp_path / "back0"), "src/b")
+        assert code == 3, err
+        assert json.loads(out)["unrestorable"] == [
+            {"path": "src/b/h2", "error": "a hard link to src/a/h1, which was not restored"}
+        ]
+        back = tmp_path / "whole"
+        sbc_json(*restore, str(back))
+    assert (back / "src" / "b" / "h2").read_text() == "hello\n"
+    assert (back / "src" / "b" / "h2").stat().st_ino == (back / "src" / "a" / "h1").stat().st_ino
+    assert (back / "src" / "a" / "h1").stat().st_nlink == 3
 
 
 def test_extended_attributes_and_acls_come_back_but_no_capability(
