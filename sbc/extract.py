@@ -84,6 +84,23 @@ def _first_prefix_in(names: set[str], parts: list[str], *, itself: bool) -> str 
     return None
 
 
+# Errors of the target as a whole: a full disk or quota, a read-only or
+# failing file system, no memory or descriptors left. Every later member
+# would meet them too, so they stop the restore; so does a target directory
+# that no longer takes writes. Any other refusal is the member's own (a name
+# the file system cannot hold, an immutable file, a directory in the way, a
+# directory without write permission): it is reported, the restore goes on.
+_STOPS_THE_RESTORE = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+
+
+def _stop_if_target_wide(exc: OSError, target: Path) -> None:
+    """Raise ``exc`` if it stops the restore (see _STOPS_THE_RESTORE)."""
+    if exc.errno in _STOPS_THE_RESTORE or not os.access(target, os.W_OK | os.X_OK):
+        raise exc
+
+
 class UnsafeMember(tarfile.TarError):
     """A member SafeMembers refuses. Our own checks, not tarfile's filters:
     those came in Python 3.11.4, and Debian 12's python3 is 3.11.2."""
@@ -207,6 +224,11 @@ class SafeMembers:
         # Directories the target's file system could not name (_Extraction):
         # what is under them is left out, reported with them.
         self.refused: set[str] = set()
+        # (name, why): members that could not be made (see _Extraction._refused)
+        self.unrestorable: list[tuple[str, str]] = []
+        # Names this restore did not make -> why: "kept, not restored" or "not
+        # restored" (see _Extraction._link_to_made)
+        self.not_ours: dict[str, str] = {}
 
     def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
         if path.startswith("/"):  # absolute (os.path.isabs, on POSIX)
@@ -225,34 +247,39 @@ class SafeMembers:
     def _through_link(self, parts: list[str], *, itself: bool) -> str | None:
         return _first_prefix_in(self.symlinks, parts, itself=itself)
 
-    def _blocked(self, member: tarfile.TarInfo, parts: list[str]) -> bool:
-        """Whether ``member`` must be kept out: a parent in the target is not
-        a directory, or something stands where it would go (a directory
-        member merges with a directory). With ``overwrite`` what stands
-        there is removed first instead, unless it is a directory."""
+    def _blocked(self, member: tarfile.TarInfo, parts: list[str]) -> str | None:
+        """Why ``member`` must be kept out, if it must: "kept" when a parent
+        in the target is not a directory, or something stands where it
+        would go (a directory member merges with a directory). With
+        ``overwrite`` what stands there is removed first instead; if it
+        cannot be (a directory, an immutable file), the reason."""
         try:
             parent = self.target.parent(parts)
         except FileNotFoundError:
-            return False  # a parent is absent: tarfile creates it as a directory
+            return None  # a parent is absent: tarfile creates it as a directory
         except OSError:
-            return True  # a file or a link (never followed) where a directory should be
+            return "kept"  # a file or a link (never followed) where a directory should be
         if not (self.overwrite or member.isdir()):
             # Creating it finds what stands there (O_EXCL, EEXIST), and
             # _Extraction keeps that: no stat of every new file.
-            return False
+            return None
         try:
             existing = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError:
-            return False
+            return None
         if member.isdir() and stat.S_ISDIR(existing.st_mode):
-            return False
+            return None
         if not self.overwrite:
-            return True  # a directory member where a file or a link is
+            return "kept"  # a directory member where a file or a link is
         if stat.S_ISDIR(existing.st_mode):  # it may hold anything: not removed
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), "/".join(parts))
+            return "a directory stands there, which --overwrite does not remove"
         if not member.isreg():  # (a file replaces it once whole: _Extraction._make_file)
-            os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
-        return False
+            try:
+                os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
+            except OSError as exc:
+                _stop_if_target_wide(exc, self.target.path)
+                return f"what stands there could not be removed: {exc.strerror}"
+        return None
 
     def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         parts = self._parts(member, member.name, "member")
@@ -286,8 +313,16 @@ class SafeMembers:
             # A backup client does not create device nodes; say so, go on.
             self.skipped.append(name)
             return None
-        if self._blocked(member, parts):
+        blocked = self._blocked(member, parts)
+        if blocked == "kept":
             self.kept.append(name)
+            self.not_ours[name] = "kept, not restored"
+            return None
+        if blocked is not None:
+            self.unrestorable.append((name, blocked))
+            self.not_ours[name] = "not restored"
+            if member.isdir():
+                self.refused.add(name)  # nothing of the saveset under what stands there
             return None
         if member.issym():
             self.symlinks.add(name)
@@ -319,7 +354,7 @@ class _Extraction(tarfile.TarFile):
     target: TargetDir
     kept: list[str]
     refused: set[str]
-    unrestorable: list[tuple[str, str]]  # see _refused
+    unrestorable: list[tuple[str, str]]  # see _refused (SafeMembers')
     removed: str | None = None  # the file being written when the restore stopped, removed
     not_made = 0  # members the filter let through that were kept or unrestorable here
     # The files that follow the one _make_file made are made in C while they
@@ -327,11 +362,7 @@ class _Extraction(tarfile.TarFile):
     _run: tuple[int, bytes, bytes, int, int] | None = None
 
     def extract_into(
-        self,
-        safe: SafeMembers,
-        members: Filter,
-        unrestorable: list[tuple[str, str]],
-        made_in_run: Callable[[int], None],
+        self, safe: SafeMembers, members: Filter, made_in_run: Callable[[int], None]
     ) -> None:
         """Extract ``members`` (``safe``, or a filter that calls it) as
         tarfile's extractall does: member after member, and the directories'
@@ -342,12 +373,10 @@ class _Extraction(tarfile.TarFile):
         not see, are counted through ``made_in_run``."""
         self.target, self.kept, self.refused = safe.target, safe.kept, safe.refused
         self._overwrite = safe.overwrite
-        self.unrestorable = unrestorable
+        self.unrestorable = safe.unrestorable
         self.unprivileged: list[str] = []  # see restored_mode
         self.kept_different: list[str] = []  # see _note_if_different
-        # Names this restore did not make -> why: "kept, not restored" (see
-        # _taken) or "not restored" (_refused, makelink)
-        self._not_ours: dict[str, str] = {}
+        self._not_ours = safe.not_ours  # see _taken, _refused, _link_to_made
         self._links, self._only = safe.symlinks, safe.only  # see _link_to_made
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
@@ -392,7 +421,12 @@ class _Extraction(tarfile.TarFile):
         paths, and calls chown, chmod and utime, which _make_file does on
         the new file anyway)."""
         parts = path_parts(tarinfo.name)
-        parent = self.target.parent(parts, make=True)  # (members come in directory order)
+        try:
+            parent = self.target.parent(parts, make=True)  # (members come in directory order)
+        except OSError as exc:  # a directory on the way is none, or could not be made: named
+            named = OSError(exc.errno, f"{exc.strerror}: {exc.filename}")
+            self._refused(parts, named, directory=tarinfo.isdir())
+            return
         if tarinfo.isreg() and tarinfo.sparse is None:  # type: ignore[attr-defined]
             made = self._make_file(tarinfo, parts, parent)
             if made and self._runs and not self.pax_headers:  # type: ignore[attr-defined]
@@ -493,7 +527,12 @@ class _Extraction(tarfile.TarFile):
             finally:
                 os.close(fd)
             if name != parts[-1]:
-                os.rename(name, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                try:
+                    os.rename(name, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                except OSError as exc:  # an immutable file, a directory in the way
+                    os.unlink(name, dir_fd=parent)
+                    self._refused(parts, exc)
+                    return False
         except BaseException:
             # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
             # file written in part would pass for the whole one: it goes.
@@ -635,18 +674,18 @@ class _Extraction(tarfile.TarFile):
     def _refused(
         self, parts: list[str], exc: OSError, *, link_or_fifo: bool = False, directory: bool = False
     ) -> None:
-        """A member the target's file system refused: reported, and the
-        restore goes on (a directory without what is under it). Any other
-        error stops it (a full disk...)."""
+        """A member the target refused: reported, and the restore goes on (a
+        directory without what is under it), unless the error is the
+        target's as a whole (see _STOPS_THE_RESTORE)."""
+        _stop_if_target_wide(exc, self.target.path)
+        why = ""
         if exc.errno in self._BAD_NAME:
-            why = "the target's file system cannot hold this name"
+            why = " (the target's file system cannot hold this name)"
         elif link_or_fifo and exc.errno in self._NO_LINKS:
-            why = "can the target's file system hold links and FIFOs?"
-        else:
-            raise exc
+            why = " (can the target's file system hold links and FIFOs?)"
         name = "/".join(parts)
         under = "; nothing under it was restored" if directory else ""
-        self.unrestorable.append((name, f"{exc.strerror or exc} ({why}){under}"))
+        self.unrestorable.append((name, f"{exc.strerror or exc}{why}{under}"))
         self.not_made += 1
         self._not_ours[name] = "not restored"
         if directory:
@@ -870,7 +909,8 @@ def _extract_all(
                 result.members += count
                 result.extracted += count
 
-            archive.extract_into(safe_members, counted, result.unrestorable, made_in_run)
+            result.unrestorable = safe_members.unrestorable  # (also when it stops part-way)
+            archive.extract_into(safe_members, counted, made_in_run)
             result.extracted -= archive.not_made
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
             result.unprivileged = archive.unprivileged

@@ -939,6 +939,65 @@ def test_hard_links_are_made_only_to_a_file_this_restore_made(
     assert (back / "src" / "a" / "h1").stat().st_nlink == 3
 
 
+def test_with_overwrite_what_cannot_be_replaced_is_named_and_the_rest_restored(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """``--overwrite`` over an immutable file, a directory where the saveset
+    has a FIFO, an immutable file where it has a symbolic link: each is
+    named, left as it is, the rest restored, and sbc exits 3, run after
+    run. A target directory that takes no writes at all stops the restore."""
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "a.txt").write_text("first\n")
+    os.mkfifo(tree / "fifo")
+    (tree / "immut").write_text("saveset's\n")
+    (tree / "link").symlink_to("a.txt")
+    (tree / "z.txt").write_text("last\n")
+    back, locked = tmp_path / "back", tmp_path / "locked"
+    (back / "src" / "fifo" / "inner").mkdir(parents=True)
+    for name in ("immut", "link"):
+        (back / "src" / name).write_text("immutable\n")
+    frozen = [back / "src" / "immut", back / "src" / "link", locked]
+    locked.mkdir()
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    subprocess.run(["chattr", "+i", *map(str, frozen)], check=True)
+    try:
+        with running_stpd(pki.layout, level=2) as stpd:
+            backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+            restore = [*ini, "restore", backup["saveset"], "--server", stpd.address]  # type: ignore[index]
+            runs = [run_sbc(*restore, str(back), "--overwrite", "--json") for _ in range(2)]
+            stopped = run_sbc(*restore, str(locked), "--overwrite")
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, frozen)], check=True)
+    for code, out, err in runs:
+        assert code == 3, err
+        result = json.loads(out)
+        assert result["unrestorable"] == [
+            {
+                "path": "src/fifo",
+                "error": "a directory stands there, which --overwrite does not remove",
+            },
+            {"path": "src/immut", "error": "Operation not permitted"},
+            {
+                "path": "src/link",
+                "error": "what stands there could not be removed: Operation not permitted",
+            },
+        ]
+        assert (result["members"], result["extracted"]) == (6, 3)
+    assert (back / "src" / "z.txt").read_text() == "last\n"
+    assert [(back / "src" / name).read_text() for name in ("immut", "link")] == ["immutable\n"] * 2
+    assert sorted(p.name for p in back.rglob("*")) == [
+        "a.txt", "fifo", "immut", "inner", "link", "src", "z.txt",
+    ]  # fmt: skip
+    assert stopped == (
+        1,
+        "",
+        f"sbc: error: cannot restore into {locked}: Operation not permitted (src); the restore "
+        "stopped there (what came before it in the saveset is restored)\n",
+    )
+
+
 def test_extended_attributes_and_acls_come_back_but_no_capability(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
