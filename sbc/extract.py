@@ -15,6 +15,7 @@ import errno
 import functools
 import grp
 import hashlib
+import math
 import os
 import pwd
 import stat
@@ -24,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import DIRECTORY_NOFOLLOW, NO_XATTRS, XATTR_RECORD, ArchiveError
+from sbc.archive import (
+    DIRECTORY_NOFOLLOW,
+    NO_XATTRS,
+    XATTR_RECORD,
+    ArchiveError,
+    whole_seconds,
+)
 from stpd import _plaintar
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
@@ -658,9 +665,9 @@ class _Extraction(tarfile.TarFile):
             st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError:
             return  # gone meanwhile: nothing to compare
-        if not stat.S_ISREG(st.st_mode) or (st.st_size, int(st.st_mtime)) != (
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, whole_seconds(st.st_mtime_ns)) != (
             tarinfo.size,
-            int(tarinfo.mtime),
+            math.floor(tarinfo.mtime),  # (a PAX mtime may have a fraction)
         ):
             self.kept_different.append("/".join(parts))
 

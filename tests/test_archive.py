@@ -144,7 +144,8 @@ def test_file_headers_from_templates_equal_member_headers(
 ) -> None:
     """The fast path for regular files gives member_header's bytes (and so
     tarfile's, above), or declines."""
-    stat_result = os.stat_result((0o100000 | mode, 1, 1, 1, uid, gid, size, 0, mtime, 0))
+    fields = (0o100000 | mode, 1, 1, 1, uid, gid, size, 0, mtime, 0)
+    stat_result = os.stat_result(fields, {"st_mtime_ns": mtime * 10**9})
     writer = archive.TreeWriter(BatchWriter(lambda batch: None), TreeStats(), "")
     header = writer._file_header(name, stat_result)
     owner, group = archive._known_name(pwd.getpwuid, uid), archive._known_name(grp.getgrgid, gid)

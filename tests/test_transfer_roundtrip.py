@@ -998,6 +998,41 @@ def test_with_overwrite_what_cannot_be_replaced_is_named_and_the_rest_restored(
     )
 
 
+def test_times_are_stored_as_their_whole_second_and_unchanged_files_kept_quietly(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A modification time is stored as the whole second it falls in, as
+    tar stores it: 00:00:00.999999999 as 00:00:00 (a float st_mtime rounds it
+    up to 00:00:01), 1969-12-31 23:59:59.5 as 23:59:59; by Python (the first
+    file of a directory) and in C (the next). Restored in place, over the
+    unchanged files, they are kept and not named as different."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    second = 1_577_836_800  # 2020-01-01 00:00:00 UTC
+    for name in ("a", "b"):
+        (tree / name).write_text(f"{name}\n")
+        os.utime(tree / name, ns=(0, second * 10**9 + 999_999_999))
+    (tree / "old").write_text("old\n")
+    os.utime(tree / "old", ns=(0, -500_000_000))
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"], "--server", stpd.address, "--json"]  # type: ignore[index]
+        sbc_json(*restore, str(tmp_path / "back"))
+        in_place = sbc_json(*restore, str(tmp_path))
+    back = tmp_path / "back" / "tree"
+    assert [(back / name).stat().st_mtime_ns for name in ("a", "b", "old")] == [
+        second * 10**9,
+        second * 10**9,
+        -(10**9),
+    ]
+    assert (in_place["kept"], in_place["kept_different"]) == (  # type: ignore[index]
+        ["tree/a", "tree/b", "tree/old"],
+        [],
+    )
+
+
 def test_extended_attributes_and_acls_come_back_but_no_capability(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
