@@ -193,6 +193,16 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         result["changed"] = stats.changed
     if stats.unreadable:
         result["unreadable"] = [{"path": path, "error": what} for path, what in stats.unreadable]
+    if source.is_symlink():  # backed up as a link, which a user seldom means
+        # Said with --json too: nothing in the JSON shows it (links: 1).
+        hint = (
+            f"give {source}/ to back up the directory it points to"
+            if source.is_dir()
+            else "give the path it points to, to back that up"
+        )
+        _warn(
+            f"{source} is a symbolic link (to {os.readlink(source)}): only the link is stored; {hint}"
+        )
     if not args.json:
         for path in stats.skipped:
             _warn(f"skipped {path} (sockets and similar cannot be archived)")
@@ -215,16 +225,6 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
                 "and stored this saveset as anonymous: every client without a valid "
                 "certificate can list and restore it (the stpd log says why it refused the "
                 "certificate)"
-            )
-        if source.is_symlink():  # backed up as a link, which a user seldom means
-            hint = (
-                f"give {source}/ to back up the directory it points to"
-                if source.is_dir()
-                else "give the path it points to, to back that up"
-            )
-            _warn(
-                f"{source} is a symbolic link (to {os.readlink(source)}): only the "
-                f"link is stored; {hint}"
             )
         print(
             f"saveset {meta['saveset']} stored on {session.where}: {meta['bytes']} bytes, "

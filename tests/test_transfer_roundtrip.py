@@ -681,6 +681,7 @@ def test_a_backed_up_path_that_cannot_be_read_stores_nothing(
 def test_a_link_given_as_path_is_stored_as_a_link_with_a_warning_unless_followed_by_a_slash(
     pki: Pki, tmp_path: Path
 ) -> None:
+    """The warning is on stderr with --json too: nothing in the JSON says so."""
     data = tmp_path / "real"
     data.mkdir()
     (data / "f.txt").write_text("contents\n")
@@ -696,6 +697,10 @@ def test_a_link_given_as_path_is_stored_as_a_link_with_a_warning_unless_followed
             f"give {link}/ to back up the directory it points to\n"
         )
         assert ", 0 files in " in out
+        # With --json too: the JSON alone on stdout, which shows only "links": 1.
+        code, out, json_err = run_sbc(*ini, "backup", str(link), "--server", stpd.address, "--json")
+        assert (code, json_err) == (0, err)
+        assert (json.loads(out)["files"], json.loads(out)["links"]) == (0, 1)
 
         followed = sbc_json(*ini, "backup", f"{link}/", "--server", stpd.address, "--json")
         assert followed["source"] == str(data)  # type: ignore[index]
