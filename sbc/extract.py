@@ -20,7 +20,7 @@ import os
 import pwd
 import stat
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,10 @@ NOT_RESTORED_XATTRS = ("security.",)
 # another form) is set where the target is on NFS too; elsewhere the file
 # system has no such thing, and saying so for every file would drown the rest.
 NFS_ACL = "system.nfs4_acl"
+# GNU tar --acls stores a POSIX ACL as text (SCHILY.acl.access, .default);
+# sbc stores it as the extended attribute it is (system.posix_acl_*). The
+# text is not turned into that here: such a member is named, for tar.
+GNU_TAR_ACL = "SCHILY.acl."
 
 # tarfile's copy size for a sparse member (its default: 16 KiB); other files
 # go out as the pieces lie in the received batches (_copy_out).
@@ -754,8 +758,16 @@ class _Extraction(tarfile.TarFile):
         sbc.archive.read_xattrs), set on ``target``: a descriptor, or a
         link's /proc/self/fd name; but security ones (NOT_RESTORED_XATTRS):
         whether there were any. One that cannot be set (not as root, or on a
-        file system without them) is reported, and the restore goes on."""
+        file system without them) is reported, and the restore goes on; so
+        is an ACL as GNU tar stores it (GNU_TAR_ACL)."""
         left_out = False
+        if acls := _gnu_tar_acls(tarinfo.pax_headers):
+            where = "/".join(path_parts(tarinfo.name))
+            why = (
+                f"its ACL ({', '.join(acls)}, as tar --acls stores it) was not restored: sbc "
+                "does not apply ACLs in that form; GNU tar --acls -xpf of the saveset does"
+            )
+            self.unrestorable.append((where, why))
         for record, text in tarinfo.pax_headers.items():
             if not record.startswith(XATTR_RECORD):
                 continue
@@ -803,6 +815,21 @@ class _Extraction(tarfile.TarFile):
             os.utime(fd, (tarinfo.mtime, tarinfo.mtime))
         except OSError:
             pass
+
+
+def _gnu_tar_acls(records: Mapping[str, str]) -> list[str]:
+    """The GNU tar ACL records among ``records`` that hold more than the
+    mode: tar stores a directory's access ACL with its default one even
+    where it is just user::, group:: and other::, which the mode restores."""
+    return [
+        record
+        for record, text in records.items()
+        if record.startswith(GNU_TAR_ACL)
+        and not all(
+            entry.startswith(("user::", "group::", "other::"))
+            for entry in text.replace(",", "\n").split()
+        )
+    ]
 
 
 def restored_mode(tarinfo: tarfile.TarInfo) -> int:

@@ -331,6 +331,56 @@ def test_a_gnu_tar_sparse_archive_uploaded_with_curl_restores_with_sbc(
     assert back.stat().st_blocks * 512 < 30 * 65536  # its holes came back as holes
 
 
+def test_acls_of_a_gnu_tar_archive_are_named_as_not_restored(pki: Pki, tmp_path: Path) -> None:
+    """``tar --acls -cpf`` stores ACLs as text (SCHILY.acl.access, .default),
+    which sbc does not apply: each entry with one that holds more than its
+    mode is named, the rest restored, and sbc exits 3. GNU tar restores
+    them from the saveset fetched with curl, as the warning says."""
+    source = tmp_path / "t"
+    (source / "inbox").mkdir(parents=True)
+    (source / "plain").write_text("plain\n")
+    (source / "shared").write_text("shared\n")
+    subprocess.run(["setfacl", "-m", "u:nobody:rw", str(source / "shared")], check=True)
+    subprocess.run(["setfacl", "-d", "-m", "u:nobody:rx", str(source / "inbox")], check=True)
+    archive = subprocess.run(
+        ["tar", "--acls", "-C", str(tmp_path), "-cpf", "-", "t"], capture_output=True, check=True
+    ).stdout
+    client = pki.client_ini("curlclient")
+    tls = curl_tls(client)
+    with running_stpd(pki.layout, level=2) as stpd:
+        put = subprocess.run(
+            ["curl", "-sS", "--fail-with-body", *tls, "-T", "-",
+             f"{stpd.url}/savesets?source={source}"],
+            input=archive, capture_output=True, check=True,
+        )  # fmt: skip
+        saveset = json.loads(put.stdout)["saveset"]
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", saveset, str(tmp_path / "back"),
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+        got = tmp_path / "got.tar"
+        url = f"{stpd.url}/savesets/{saveset}"
+        subprocess.run(["curl", "-sS", "--fail", *tls, "-o", str(got), url], check=True)
+    assert code == 3, err
+    why = (
+        "its ACL ({}, as tar --acls stores it) was not restored: sbc does not apply ACLs in "
+        "that form; GNU tar --acls -xpf of the saveset does"
+    )
+    assert json.loads(out)["unrestorable"] == [
+        {"path": "t/shared", "error": why.format("SCHILY.acl.access")},
+        {"path": "t/inbox", "error": why.format("SCHILY.acl.default")},  # directories: last
+    ]
+    assert (tmp_path / "back" / "t" / "shared").read_text() == "shared\n"
+    assert "system.posix_acl_access" not in os.listxattr(tmp_path / "back" / "t" / "shared")
+    (tmp_path / "by-tar").mkdir()
+    subprocess.run(["tar", "--acls", "-C", str(tmp_path / "by-tar"), "-xpf", str(got)], check=True)
+    for path, name in (
+        ("t/shared", "system.posix_acl_access"),
+        ("t/inbox", "system.posix_acl_default"),
+    ):
+        assert os.getxattr(tmp_path / "by-tar" / path, name) == os.getxattr(tmp_path / path, name)
+
+
 def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
     client = pki.client_ini("curlclient")
     archive = tmp_path / "upload.tar"
