@@ -353,10 +353,24 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 
 def _kept_summary(kept: list[str]) -> str:
+    """The kept paths, apart from the entries left out under one of them
+    (under a file or link where the saveset has a directory): those do not
+    exist in the target, and counting them as existing paths misled."""
+    names = set(kept)
+    existing = [name for name in kept if not _under_one_of(names, name)]
+    under = len(kept) - len(existing)
+    plural, them = ("", "it") if len(existing) == 1 else ("s", "them")
+    entries = "entry" if under == 1 else "entries"
+    left_out = f", and left out the {under} {entries} of the saveset under {them}" if under else ""
     return (
-        f"kept {len(kept)} existing path{'' if len(kept) == 1 else 's'} instead of restoring "
-        f"over {'it' if len(kept) == 1 else 'them'}: {_some(kept)} (--overwrite replaces them)"
+        f"kept {len(existing)} existing path{plural} instead of restoring over {them}: "
+        f"{_some(existing)}{left_out} (--overwrite replaces them)"
     )
+
+
+def _under_one_of(names: set[str], name: str) -> bool:
+    parts = name.split("/")
+    return any("/".join(parts[:end]) in names for end in range(1, len(parts)))
 
 
 def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | None:

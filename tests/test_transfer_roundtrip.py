@@ -209,6 +209,35 @@ def test_restore_keeps_existing_files_unless_told_to_overwrite(
     assert snapshot(target / "tree") == snapshot(tree)
 
 
+def test_entries_under_a_file_where_the_saveset_has_a_directory_are_not_called_existing(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A file stands where the saveset has the directory ``tree``: it is
+    the one existing path kept; the entries under it, which do not exist,
+    are counted apart (--json lists them all under ``kept``, as before)."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        (tree / name).write_text(f"{name}\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    back = tmp_path / "back"
+    back.mkdir()
+    (back / "tree").write_text("a file now\n")
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"], str(back), "--server", stpd.address]  # type: ignore[index]
+        code, out, err = run_sbc(*restore)
+        assert code == 0, err
+        assert err == (
+            "sbc: warning: kept 1 existing path instead of restoring over it: tree, and left out "
+            "the 4 entries of the saveset under it (--overwrite replaces them)\n"
+        )
+        assert sbc_json(*restore, "--json")["kept"] == [  # type: ignore[index]
+            "tree", "tree/a", "tree/b", "tree/sub", "tree/sub/c",
+        ]  # fmt: skip
+
+
 def test_restore_of_a_file_next_to_itself_and_into_a_file(
     pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
