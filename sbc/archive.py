@@ -17,7 +17,6 @@ import errno
 import fnmatch
 import functools
 import grp
-import math
 import os
 import pwd
 import re
@@ -128,6 +127,13 @@ def read_xattrs(target: int | str) -> dict[str, bytes]:
             if exc.errno != errno.ENODATA:  # removed since listed
                 raise
     return found
+
+
+def whole_seconds(ns: int) -> int:
+    """The whole second a time in nanoseconds (st_mtime_ns) falls in, as
+    tar stores it: 1969-12-31 23:59:59.5 is 59. A float st_mtime would not
+    do: 00:00:00.999999999 is 00:00:01.0 as a float."""
+    return ns // 10**9
 
 
 def may_have_holes(st: os.stat_result) -> bool:
@@ -462,7 +468,7 @@ class TreeWriter:
             st.st_uid,
             st.st_gid,
             size,
-            math.floor(st.st_mtime),  # whole seconds down: 1969-12-31 23:59:59.5 is 59
+            whole_seconds(st.st_mtime_ns),
             linkname,
             _known_name(pwd.getpwuid, st.st_uid),
             _known_name(grp.getgrgid, st.st_gid),
@@ -488,7 +494,7 @@ class TreeWriter:
                 else None
             )
         template = self._templates[key]
-        mtime = math.floor(st.st_mtime)
+        mtime = whole_seconds(st.st_mtime_ns)
         if template is None or not (0 <= mtime < 8**11 and st.st_size < 8**11):
             return None
         try:

@@ -193,6 +193,16 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         result["changed"] = stats.changed
     if stats.unreadable:
         result["unreadable"] = [{"path": path, "error": what} for path, what in stats.unreadable]
+    if source.is_symlink():  # backed up as a link, which a user seldom means
+        # Said with --json too: nothing in the JSON shows it (links: 1).
+        hint = (
+            f"give {source}/ to back up the directory it points to"
+            if source.is_dir()
+            else "give the path it points to, to back that up"
+        )
+        _warn(
+            f"{source} is a symbolic link (to {os.readlink(source)}): only the link is stored; {hint}"
+        )
     if not args.json:
         for path in stats.skipped:
             _warn(f"skipped {path} (sockets and similar cannot be archived)")
@@ -215,16 +225,6 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
                 "and stored this saveset as anonymous: every client without a valid "
                 "certificate can list and restore it (the stpd log says why it refused the "
                 "certificate)"
-            )
-        if source.is_symlink():  # backed up as a link, which a user seldom means
-            hint = (
-                f"give {source}/ to back up the directory it points to"
-                if source.is_dir()
-                else "give the path it points to, to back that up"
-            )
-            _warn(
-                f"{source} is a symbolic link (to {os.readlink(source)}): only the "
-                f"link is stored; {hint}"
             )
         print(
             f"saveset {meta['saveset']} stored on {session.where}: {meta['bytes']} bytes, "
@@ -353,10 +353,24 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 
 def _kept_summary(kept: list[str]) -> str:
+    """The kept paths, apart from the entries left out under one of them
+    (under a file or link where the saveset has a directory): those do not
+    exist in the target, and counting them as existing paths misled."""
+    names = set(kept)
+    existing = [name for name in kept if not _under_one_of(names, name)]
+    under = len(kept) - len(existing)
+    plural, them = ("", "it") if len(existing) == 1 else ("s", "them")
+    entries = "entry" if under == 1 else "entries"
+    left_out = f", and left out the {under} {entries} of the saveset under {them}" if under else ""
     return (
-        f"kept {len(kept)} existing path{'' if len(kept) == 1 else 's'} instead of restoring "
-        f"over {'it' if len(kept) == 1 else 'them'}: {_some(kept)} (--overwrite replaces them)"
+        f"kept {len(existing)} existing path{plural} instead of restoring over {them}: "
+        f"{_some(existing)}{left_out} (--overwrite replaces them)"
     )
+
+
+def _under_one_of(names: set[str], name: str) -> bool:
+    parts = name.split("/")
+    return any("/".join(parts[:end]) in names for end in range(1, len(parts)))
 
 
 def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | None:

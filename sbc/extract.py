@@ -15,16 +15,23 @@ import errno
 import functools
 import grp
 import hashlib
+import math
 import os
 import pwd
 import stat
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sbc.archive import DIRECTORY_NOFOLLOW, NO_XATTRS, XATTR_RECORD, ArchiveError
+from sbc.archive import (
+    DIRECTORY_NOFOLLOW,
+    NO_XATTRS,
+    XATTR_RECORD,
+    ArchiveError,
+    whole_seconds,
+)
 from stpd import _plaintar
 from stpd.tarcheck import PlainTarInfo, Selection, path_parts
 from stpd.transfer import Batch, BatchReader, Get, WriteBehind, write_all
@@ -41,6 +48,10 @@ NOT_RESTORED_XATTRS = ("security.",)
 # another form) is set where the target is on NFS too; elsewhere the file
 # system has no such thing, and saying so for every file would drown the rest.
 NFS_ACL = "system.nfs4_acl"
+# GNU tar --acls stores a POSIX ACL as text (SCHILY.acl.access, .default);
+# sbc stores it as the extended attribute it is (system.posix_acl_*). The
+# text is not turned into that here: such a member is named, for tar.
+GNU_TAR_ACL = "SCHILY.acl."
 
 # tarfile's copy size for a sparse member (its default: 16 KiB); other files
 # go out as the pieces lie in the received batches (_copy_out).
@@ -84,6 +95,23 @@ def _first_prefix_in(names: set[str], parts: list[str], *, itself: bool) -> str 
     return None
 
 
+# Errors of the target as a whole: a full disk or quota, a read-only or
+# failing file system, no memory or descriptors left. Every later member
+# would meet them too, so they stop the restore; so does a target directory
+# that no longer takes writes. Any other refusal is the member's own (a name
+# the file system cannot hold, an immutable file, a directory in the way, a
+# directory without write permission): it is reported, the restore goes on.
+_STOPS_THE_RESTORE = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+
+
+def _stop_if_target_wide(exc: OSError, target: Path) -> None:
+    """Raise ``exc`` if it stops the restore (see _STOPS_THE_RESTORE)."""
+    if exc.errno in _STOPS_THE_RESTORE or not os.access(target, os.W_OK | os.X_OK):
+        raise exc
+
+
 class UnsafeMember(tarfile.TarError):
     """A member SafeMembers refuses. Our own checks, not tarfile's filters:
     those came in Python 3.11.4, and Debian 12's python3 is 3.11.2."""
@@ -94,6 +122,8 @@ class UnsafeMember(tarfile.TarError):
 
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# A name opened as what it is, a symbolic link too (not followed), to fstat
+_NO_FOLLOW_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Where a ustar header holds the owner: uid and gid, then uname and gname.
 _IDS, _OWNER_NAMES = slice(108, 124), slice(265, 329)
 
@@ -205,6 +235,11 @@ class SafeMembers:
         # Directories the target's file system could not name (_Extraction):
         # what is under them is left out, reported with them.
         self.refused: set[str] = set()
+        # (name, why): members that could not be made (see _Extraction._refused)
+        self.unrestorable: list[tuple[str, str]] = []
+        # Names this restore did not make -> why: "kept, not restored" or "not
+        # restored" (see _Extraction._link_to_made)
+        self.not_ours: dict[str, str] = {}
 
     def _parts(self, member: tarfile.TarInfo, path: str, what: str) -> list[str]:
         if path.startswith("/"):  # absolute (os.path.isabs, on POSIX)
@@ -223,34 +258,39 @@ class SafeMembers:
     def _through_link(self, parts: list[str], *, itself: bool) -> str | None:
         return _first_prefix_in(self.symlinks, parts, itself=itself)
 
-    def _blocked(self, member: tarfile.TarInfo, parts: list[str]) -> bool:
-        """Whether ``member`` must be kept out: a parent in the target is not
-        a directory, or something stands where it would go (a directory
-        member merges with a directory). With ``overwrite`` what stands
-        there is removed first instead, unless it is a directory."""
+    def _blocked(self, member: tarfile.TarInfo, parts: list[str]) -> str | None:
+        """Why ``member`` must be kept out, if it must: "kept" when a parent
+        in the target is not a directory, or something stands where it
+        would go (a directory member merges with a directory). With
+        ``overwrite`` what stands there is removed first instead; if it
+        cannot be (a directory, an immutable file), the reason."""
         try:
             parent = self.target.parent(parts)
         except FileNotFoundError:
-            return False  # a parent is absent: tarfile creates it as a directory
+            return None  # a parent is absent: tarfile creates it as a directory
         except OSError:
-            return True  # a file or a link (never followed) where a directory should be
+            return "kept"  # a file or a link (never followed) where a directory should be
         if not (self.overwrite or member.isdir()):
             # Creating it finds what stands there (O_EXCL, EEXIST), and
             # _Extraction keeps that: no stat of every new file.
-            return False
+            return None
         try:
             existing = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError:
-            return False
+            return None
         if member.isdir() and stat.S_ISDIR(existing.st_mode):
-            return False
+            return None
         if not self.overwrite:
-            return True  # a directory member where a file or a link is
+            return "kept"  # a directory member where a file or a link is
         if stat.S_ISDIR(existing.st_mode):  # it may hold anything: not removed
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), "/".join(parts))
+            return "a directory stands there, which --overwrite does not remove"
         if not member.isreg():  # (a file replaces it once whole: _Extraction._make_file)
-            os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
-        return False
+            try:
+                os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
+            except OSError as exc:
+                _stop_if_target_wide(exc, self.target.path)
+                return f"what stands there could not be removed: {exc.strerror}"
+        return None
 
     def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         parts = self._parts(member, member.name, "member")
@@ -284,8 +324,16 @@ class SafeMembers:
             # A backup client does not create device nodes; say so, go on.
             self.skipped.append(name)
             return None
-        if self._blocked(member, parts):
+        blocked = self._blocked(member, parts)
+        if blocked == "kept":
             self.kept.append(name)
+            self.not_ours[name] = "kept, not restored"
+            return None
+        if blocked is not None:
+            self.unrestorable.append((name, blocked))
+            self.not_ours[name] = "not restored"
+            if member.isdir():
+                self.refused.add(name)  # nothing of the saveset under what stands there
             return None
         if member.issym():
             self.symlinks.add(name)
@@ -317,7 +365,7 @@ class _Extraction(tarfile.TarFile):
     target: TargetDir
     kept: list[str]
     refused: set[str]
-    unrestorable: list[tuple[str, str]]  # see _refused
+    unrestorable: list[tuple[str, str]]  # see _refused (SafeMembers')
     removed: str | None = None  # the file being written when the restore stopped, removed
     not_made = 0  # members the filter let through that were kept or unrestorable here
     # The files that follow the one _make_file made are made in C while they
@@ -325,11 +373,7 @@ class _Extraction(tarfile.TarFile):
     _run: tuple[int, bytes, bytes, int, int] | None = None
 
     def extract_into(
-        self,
-        safe: SafeMembers,
-        members: Filter,
-        unrestorable: list[tuple[str, str]],
-        made_in_run: Callable[[int], None],
+        self, safe: SafeMembers, members: Filter, made_in_run: Callable[[int], None]
     ) -> None:
         """Extract ``members`` (``safe``, or a filter that calls it) as
         tarfile's extractall does: member after member, and the directories'
@@ -340,10 +384,11 @@ class _Extraction(tarfile.TarFile):
         not see, are counted through ``made_in_run``."""
         self.target, self.kept, self.refused = safe.target, safe.kept, safe.refused
         self._overwrite = safe.overwrite
-        self.unrestorable = unrestorable
+        self.unrestorable = safe.unrestorable
         self.unprivileged: list[str] = []  # see restored_mode
         self.kept_different: list[str] = []  # see _note_if_different
-        self._not_ours: set[str] = set()  # see _taken
+        self._not_ours = safe.not_ours  # see _taken, _refused, _link_to_made
+        self._links, self._only = safe.symlinks, safe.only  # see _link_to_made
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
         # A run in C checks what SafeMembers would only where nothing is
@@ -387,7 +432,12 @@ class _Extraction(tarfile.TarFile):
         paths, and calls chown, chmod and utime, which _make_file does on
         the new file anyway)."""
         parts = path_parts(tarinfo.name)
-        parent = self.target.parent(parts, make=True)  # (members come in directory order)
+        try:
+            parent = self.target.parent(parts, make=True)  # (members come in directory order)
+        except OSError as exc:  # a directory on the way is none, or could not be made: named
+            named = OSError(exc.errno, f"{exc.strerror}: {exc.filename}")
+            self._refused(parts, named, directory=tarinfo.isdir())
+            return
         if tarinfo.isreg() and tarinfo.sparse is None:  # type: ignore[attr-defined]
             made = self._make_file(tarinfo, parts, parent)
             if made and self._runs and not self.pax_headers:  # type: ignore[attr-defined]
@@ -488,7 +538,12 @@ class _Extraction(tarfile.TarFile):
             finally:
                 os.close(fd)
             if name != parts[-1]:
-                os.rename(name, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                try:
+                    os.rename(name, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                except OSError as exc:  # an immutable file, a directory in the way
+                    os.unlink(name, dir_fd=parent)
+                    self._refused(parts, exc)
+                    return False
         except BaseException:
             # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
             # file written in part would pass for the whole one: it goes.
@@ -529,28 +584,63 @@ class _Extraction(tarfile.TarFile):
                 self._runs = False
                 self._refused(parts, exc, link_or_fifo=True)
             return
+        try:
+            why = self._link_to_made(tarinfo, parts, parent)
+        except FileExistsError:
+            self._taken(parts)
+            return
+        except OSError as exc:
+            self._refused(parts, exc, link_or_fifo=True)
+            return
+        if why:
+            name = "/".join(parts)
+            self.unrestorable.append((name, f"a hard link to {tarinfo.linkname}, which was {why}"))
+            self._not_ours[name] = "not restored"
+            self.not_made += 1
+
+    def _link_to_made(self, tarinfo: tarfile.TarInfo, parts: list[str], parent: int) -> str:
+        """Make the hard link ``tarinfo`` if its first name is a file this
+        restore made: "" if so, else why not. A kept file (newer work, or
+        a symbolic link planted by whoever may write there) must not get
+        further names, in directories where that someone may not write."""
         source = path_parts(tarinfo.linkname)
+        first = "/".join(source)
+        if first in self._not_ours:
+            return self._not_ours[first]
+        if self._only is not None and not self._only.match(source):
+            return "not restored"  # not asked for: what stands there is not the saveset's
         try:
             source_dir = self.target.open_dir(source[:-1])
             try:
-                os.link(
-                    source[-1],
-                    parts[-1],
-                    src_dir_fd=source_dir,
-                    dst_dir_fd=parent,
-                    follow_symlinks=False,
-                )
+                fd = os.open(source[-1], _NO_FOLLOW_PATH, dir_fd=source_dir)
             finally:
                 self.target.close_dir(source_dir)
-        except FileExistsError:
-            self._taken(parts)
-        except FileNotFoundError:  # its first name was not restored (not asked for)
-            self.unrestorable.append(
-                ("/".join(parts), f"a hard link to {tarinfo.linkname}, which was not restored")
-            )
-            self.not_made += 1
-        except OSError as exc:
-            self._refused(parts, exc, link_or_fifo=True)
+        except FileNotFoundError:
+            return "not restored"
+        try:
+            if not self._made_here(os.fstat(fd), tarinfo):
+                return "replaced since this restore made it"
+            # That very file, as checked: its /proc name, followed once.
+            os.link(f"/proc/self/fd/{fd}", parts[-1], dst_dir_fd=parent)
+        finally:
+            os.close(fd)
+        return ""
+
+    def _made_here(self, st: os.stat_result, tarinfo: tarfile.TarInfo) -> bool:
+        """Whether ``st``, the first name of the hard link ``tarinfo`` (not
+        followed), is still what this restore made there: not a directory,
+        a symbolic link only where the archive has one, and owned as this
+        restore leaves what it makes (as root the member's owner, or root
+        where fchown failed; else this user). Someone else who may write to
+        its directory cannot give what they put there meanwhile that owner.
+        (Recording each file's inode would cost memory for every file, and
+        the runs in C make most of them, for the few that are linked.)"""
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        if stat.S_ISLNK(st.st_mode) and "/".join(path_parts(tarinfo.linkname)) not in self._links:
+            return False
+        owners = (tarinfo.uid, 0) if self._as_root else (os.geteuid(),)
+        return st.st_uid in owners
 
     def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)
@@ -567,7 +657,7 @@ class _Extraction(tarfile.TarFile):
         it is kept, and its owner, mode and time are left alone (``chown``)."""
         name = "/".join(parts)
         self.kept.append(name)
-        self._not_ours.add(name)
+        self._not_ours[name] = "kept, not restored"
         self.not_made += 1
 
     def _note_if_different(self, tarinfo: tarfile.TarInfo, parts: list[str], parent: int) -> None:
@@ -579,9 +669,9 @@ class _Extraction(tarfile.TarFile):
             st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         except OSError:
             return  # gone meanwhile: nothing to compare
-        if not stat.S_ISREG(st.st_mode) or (st.st_size, int(st.st_mtime)) != (
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, whole_seconds(st.st_mtime_ns)) != (
             tarinfo.size,
-            int(tarinfo.mtime),
+            math.floor(tarinfo.mtime),  # (a PAX mtime may have a fraction)
         ):
             self.kept_different.append("/".join(parts))
 
@@ -595,20 +685,20 @@ class _Extraction(tarfile.TarFile):
     def _refused(
         self, parts: list[str], exc: OSError, *, link_or_fifo: bool = False, directory: bool = False
     ) -> None:
-        """A member the target's file system refused: reported, and the
-        restore goes on (a directory without what is under it). Any other
-        error stops it (a full disk...)."""
+        """A member the target refused: reported, and the restore goes on (a
+        directory without what is under it), unless the error is the
+        target's as a whole (see _STOPS_THE_RESTORE)."""
+        _stop_if_target_wide(exc, self.target.path)
+        why = ""
         if exc.errno in self._BAD_NAME:
-            why = "the target's file system cannot hold this name"
+            why = " (the target's file system cannot hold this name)"
         elif link_or_fifo and exc.errno in self._NO_LINKS:
-            why = "can the target's file system hold links and FIFOs?"
-        else:
-            raise exc
+            why = " (can the target's file system hold links and FIFOs?)"
         name = "/".join(parts)
         under = "; nothing under it was restored" if directory else ""
-        self.unrestorable.append((name, f"{exc.strerror or exc} ({why}){under}"))
+        self.unrestorable.append((name, f"{exc.strerror or exc}{why}{under}"))
         self.not_made += 1
-        self._not_ours.add(name)
+        self._not_ours[name] = "not restored"
         if directory:
             self.refused.add(name)
 
@@ -668,8 +758,16 @@ class _Extraction(tarfile.TarFile):
         sbc.archive.read_xattrs), set on ``target``: a descriptor, or a
         link's /proc/self/fd name; but security ones (NOT_RESTORED_XATTRS):
         whether there were any. One that cannot be set (not as root, or on a
-        file system without them) is reported, and the restore goes on."""
+        file system without them) is reported, and the restore goes on; so
+        is an ACL as GNU tar stores it (GNU_TAR_ACL)."""
         left_out = False
+        if acls := _gnu_tar_acls(tarinfo.pax_headers):
+            where = "/".join(path_parts(tarinfo.name))
+            why = (
+                f"its ACL ({', '.join(acls)}, as tar --acls stores it) was not restored: sbc "
+                "does not apply ACLs in that form; GNU tar --acls -xpf of the saveset does"
+            )
+            self.unrestorable.append((where, why))
         for record, text in tarinfo.pax_headers.items():
             if not record.startswith(XATTR_RECORD):
                 continue
@@ -717,6 +815,21 @@ class _Extraction(tarfile.TarFile):
             os.utime(fd, (tarinfo.mtime, tarinfo.mtime))
         except OSError:
             pass
+
+
+def _gnu_tar_acls(records: Mapping[str, str]) -> list[str]:
+    """The GNU tar ACL records among ``records`` that hold more than the
+    mode: tar stores a directory's access ACL with its default one even
+    where it is just user::, group:: and other::, which the mode restores."""
+    return [
+        record
+        for record, text in records.items()
+        if record.startswith(GNU_TAR_ACL)
+        and not all(
+            entry.startswith(("user::", "group::", "other::"))
+            for entry in text.replace(",", "\n").split()
+        )
+    ]
 
 
 def restored_mode(tarinfo: tarfile.TarInfo) -> int:
@@ -830,7 +943,8 @@ def _extract_all(
                 result.members += count
                 result.extracted += count
 
-            archive.extract_into(safe_members, counted, result.unrestorable, made_in_run)
+            result.unrestorable = safe_members.unrestorable  # (also when it stops part-way)
+            archive.extract_into(safe_members, counted, made_in_run)
             result.extracted -= archive.not_made
             result.skipped, result.kept = safe_members.skipped, safe_members.kept
             result.unprivileged = archive.unprivileged

@@ -320,13 +320,9 @@ static PyObject *pack_files(PyObject *self, PyObject *args)
             st.st_nlink != 1 || st.st_mode != mode || st.st_uid != uid || st.st_gid != gid ||
             st.st_size > LARGEST)
             break;
-        /* math.floor(st.st_mtime), as Python computes st_mtime: a time a few
-         * hundred ns before a whole second rounds up to it, and one before
-         * 1970 rounds down (a cast would round it toward zero). */
-        double seconds = (double)st.st_mtim.tv_sec + st.st_mtim.tv_nsec * 1e-9;
-        long long mtime = (long long)seconds;
-        if ((double)mtime > seconds)
-            mtime -= 1;
+        /* The whole second it falls in, as sbc.archive.whole_seconds (tv_nsec
+         * is never negative, so tv_sec is that second before 1970 too). */
+        long long mtime = (long long)st.st_mtim.tv_sec;
         if (mtime < 0 || mtime > LARGEST)
             break;
         long long size = st.st_size, padded = (size + BLOCK - 1) / BLOCK * BLOCK;

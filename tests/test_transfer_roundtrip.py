@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -208,6 +209,35 @@ def test_restore_keeps_existing_files_unless_told_to_overwrite(
     assert snapshot(target / "tree") == snapshot(tree)
 
 
+def test_entries_under_a_file_where_the_saveset_has_a_directory_are_not_called_existing(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A file stands where the saveset has the directory ``tree``: it is
+    the one existing path kept; the entries under it, which do not exist,
+    are counted apart (--json lists them all under ``kept``, as before)."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        (tree / name).write_text(f"{name}\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    back = tmp_path / "back"
+    back.mkdir()
+    (back / "tree").write_text("a file now\n")
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"], str(back), "--server", stpd.address]  # type: ignore[index]
+        code, out, err = run_sbc(*restore)
+        assert code == 0, err
+        assert err == (
+            "sbc: warning: kept 1 existing path instead of restoring over it: tree, and left out "
+            "the 4 entries of the saveset under it (--overwrite replaces them)\n"
+        )
+        assert sbc_json(*restore, "--json")["kept"] == [  # type: ignore[index]
+            "tree", "tree/a", "tree/b", "tree/sub", "tree/sub/c",
+        ]  # fmt: skip
+
+
 def test_restore_of_a_file_next_to_itself_and_into_a_file(
     pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -328,6 +358,56 @@ def test_a_gnu_tar_sparse_archive_uploaded_with_curl_restores_with_sbc(
     back = tmp_path / "back" / "t" / "disk.img"
     assert back.read_bytes() == image.read_bytes()
     assert back.stat().st_blocks * 512 < 30 * 65536  # its holes came back as holes
+
+
+def test_acls_of_a_gnu_tar_archive_are_named_as_not_restored(pki: Pki, tmp_path: Path) -> None:
+    """``tar --acls -cpf`` stores ACLs as text (SCHILY.acl.access, .default),
+    which sbc does not apply: each entry with one that holds more than its
+    mode is named, the rest restored, and sbc exits 3. GNU tar restores
+    them from the saveset fetched with curl, as the warning says."""
+    source = tmp_path / "t"
+    (source / "inbox").mkdir(parents=True)
+    (source / "plain").write_text("plain\n")
+    (source / "shared").write_text("shared\n")
+    subprocess.run(["setfacl", "-m", "u:nobody:rw", str(source / "shared")], check=True)
+    subprocess.run(["setfacl", "-d", "-m", "u:nobody:rx", str(source / "inbox")], check=True)
+    archive = subprocess.run(
+        ["tar", "--acls", "-C", str(tmp_path), "-cpf", "-", "t"], capture_output=True, check=True
+    ).stdout
+    client = pki.client_ini("curlclient")
+    tls = curl_tls(client)
+    with running_stpd(pki.layout, level=2) as stpd:
+        put = subprocess.run(
+            ["curl", "-sS", "--fail-with-body", *tls, "-T", "-",
+             f"{stpd.url}/savesets?source={source}"],
+            input=archive, capture_output=True, check=True,
+        )  # fmt: skip
+        saveset = json.loads(put.stdout)["saveset"]
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", saveset, str(tmp_path / "back"),
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+        got = tmp_path / "got.tar"
+        url = f"{stpd.url}/savesets/{saveset}"
+        subprocess.run(["curl", "-sS", "--fail", *tls, "-o", str(got), url], check=True)
+    assert code == 3, err
+    why = (
+        "its ACL ({}, as tar --acls stores it) was not restored: sbc does not apply ACLs in "
+        "that form; GNU tar --acls -xpf of the saveset does"
+    )
+    assert json.loads(out)["unrestorable"] == [
+        {"path": "t/shared", "error": why.format("SCHILY.acl.access")},
+        {"path": "t/inbox", "error": why.format("SCHILY.acl.default")},  # directories: last
+    ]
+    assert (tmp_path / "back" / "t" / "shared").read_text() == "shared\n"
+    assert "system.posix_acl_access" not in os.listxattr(tmp_path / "back" / "t" / "shared")
+    (tmp_path / "by-tar").mkdir()
+    subprocess.run(["tar", "--acls", "-C", str(tmp_path / "by-tar"), "-xpf", str(got)], check=True)
+    for path, name in (
+        ("t/shared", "system.posix_acl_access"),
+        ("t/inbox", "system.posix_acl_default"),
+    ):
+        assert os.getxattr(tmp_path / "by-tar" / path, name) == os.getxattr(tmp_path / path, name)
 
 
 def test_curl_uploads_lists_and_downloads(pki: Pki, tmp_path: Path) -> None:
@@ -680,6 +760,7 @@ def test_a_backed_up_path_that_cannot_be_read_stores_nothing(
 def test_a_link_given_as_path_is_stored_as_a_link_with_a_warning_unless_followed_by_a_slash(
     pki: Pki, tmp_path: Path
 ) -> None:
+    """The warning is on stderr with --json too: nothing in the JSON says so."""
     data = tmp_path / "real"
     data.mkdir()
     (data / "f.txt").write_text("contents\n")
@@ -695,6 +776,10 @@ def test_a_link_given_as_path_is_stored_as_a_link_with_a_warning_unless_followed
             f"give {link}/ to back up the directory it points to\n"
         )
         assert ", 0 files in " in out
+        # With --json too: the JSON alone on stdout, which shows only "links": 1.
+        code, out, json_err = run_sbc(*ini, "backup", str(link), "--server", stpd.address, "--json")
+        assert (code, json_err) == (0, err)
+        assert (json.loads(out)["files"], json.loads(out)["links"]) == (0, 1)
 
         followed = sbc_json(*ini, "backup", f"{link}/", "--server", stpd.address, "--json")
         assert followed["source"] == str(data)  # type: ignore[index]
@@ -864,6 +949,172 @@ def test_links_and_fifos_a_file_system_cannot_hold_are_reported_and_the_rest_res
     ]
     assert sorted(p.name for p in (back / "tree").iterdir()) == ["a.txt", "z.txt"]
     assert (back / "tree" / "z.txt").read_text() == "last\n"
+
+
+def test_hard_links_are_made_only_to_a_file_this_restore_made(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The later names of a file are not given to what stands at its first
+    name when the restore kept that (the user's newer work, or a symbolic
+    link that whoever may write there planted), nor to what was put there
+    after the restore made it (a link, a file of someone else): each is
+    named, not made, and sbc exits 3."""
+    tree = tmp_path / "src"
+    (tree / "a").mkdir(parents=True)
+    (tree / "b").mkdir()
+    (tree / "a" / "h1").write_text("hello\n")
+    os.link(tree / "a" / "h1", tree / "b" / "h2")
+    os.link(tree / "a" / "h1", tree / "a" / "h3")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+
+    def kept_work(first: Path) -> None:
+        first.write_text("user's newer work\n")
+
+    def planted_link(first: Path) -> None:
+        first.symlink_to("/etc/passwd")
+
+    def someone_elses(first: Path) -> None:
+        first.write_text("someone else's\n")
+        os.chown(first, 12345, 12345)
+
+    def swapped(plant: Callable[[Path], None]) -> Callable[[Path], None]:
+        def replace(first: Path) -> None:
+            first.unlink()
+            plant(first)
+
+        return replace
+
+    cases = [
+        ("kept, not restored", kept_work, None),
+        ("kept, not restored", planted_link, None),
+        ("replaced since this restore made it", None, swapped(planted_link)),
+        ("replaced since this restore made it", None, swapped(someone_elses)),
+    ]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"], "--server", stpd.address, "--json"]  # type: ignore[index]
+        for n, (why, before, during) in enumerate(cases):
+            back = tmp_path / f"back{n}"
+            first = back / "src" / "a" / "h1"
+            if before is not None:
+                first.parent.mkdir(parents=True)
+                before(first)
+            with monkeypatch.context() as patch:
+                if during is not None:
+                    swapped_during_restore(patch, {"src/a/h3": functools.partial(during, first)})
+                code, out, err = run_sbc(*restore, str(back))
+            assert code == 3, (why, err)
+            assert json.loads(out)["unrestorable"] == [
+                {"path": name, "error": f"a hard link to src/a/h1, which was {why}"}
+                for name in ("src/a/h3", "src/b/h2")
+            ]
+            assert sorted(p.name for p in (back / "src").rglob("*")) == ["a", "b", "h1"]
+        # b/h2 alone: a/h1 is not asked for, so what stands there is not the saveset's.
+        code, out, err = run_sbc(*restore, str(tmp_path / "back0"), "src/b")
+        assert code == 3, err
+        assert json.loads(out)["unrestorable"] == [
+            {"path": "src/b/h2", "error": "a hard link to src/a/h1, which was not restored"}
+        ]
+        back = tmp_path / "whole"
+        sbc_json(*restore, str(back))
+    assert (back / "src" / "b" / "h2").read_text() == "hello\n"
+    assert (back / "src" / "b" / "h2").stat().st_ino == (back / "src" / "a" / "h1").stat().st_ino
+    assert (back / "src" / "a" / "h1").stat().st_nlink == 3
+
+
+def test_with_overwrite_what_cannot_be_replaced_is_named_and_the_rest_restored(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """``--overwrite`` over an immutable file, a directory where the saveset
+    has a FIFO, an immutable file where it has a symbolic link: each is
+    named, left as it is, the rest restored, and sbc exits 3, run after
+    run. A target directory that takes no writes at all stops the restore."""
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "a.txt").write_text("first\n")
+    os.mkfifo(tree / "fifo")
+    (tree / "immut").write_text("saveset's\n")
+    (tree / "link").symlink_to("a.txt")
+    (tree / "z.txt").write_text("last\n")
+    back, locked = tmp_path / "back", tmp_path / "locked"
+    (back / "src" / "fifo" / "inner").mkdir(parents=True)
+    for name in ("immut", "link"):
+        (back / "src" / name).write_text("immutable\n")
+    frozen = [back / "src" / "immut", back / "src" / "link", locked]
+    locked.mkdir()
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    subprocess.run(["chattr", "+i", *map(str, frozen)], check=True)
+    try:
+        with running_stpd(pki.layout, level=2) as stpd:
+            backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+            restore = [*ini, "restore", backup["saveset"], "--server", stpd.address]  # type: ignore[index]
+            runs = [run_sbc(*restore, str(back), "--overwrite", "--json") for _ in range(2)]
+            stopped = run_sbc(*restore, str(locked), "--overwrite")
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, frozen)], check=True)
+    for code, out, err in runs:
+        assert code == 3, err
+        result = json.loads(out)
+        assert result["unrestorable"] == [
+            {
+                "path": "src/fifo",
+                "error": "a directory stands there, which --overwrite does not remove",
+            },
+            {"path": "src/immut", "error": "Operation not permitted"},
+            {
+                "path": "src/link",
+                "error": "what stands there could not be removed: Operation not permitted",
+            },
+        ]
+        assert (result["members"], result["extracted"]) == (6, 3)
+    assert (back / "src" / "z.txt").read_text() == "last\n"
+    assert [(back / "src" / name).read_text() for name in ("immut", "link")] == ["immutable\n"] * 2
+    assert sorted(p.name for p in back.rglob("*")) == [
+        "a.txt", "fifo", "immut", "inner", "link", "src", "z.txt",
+    ]  # fmt: skip
+    assert stopped == (
+        1,
+        "",
+        f"sbc: error: cannot restore into {locked}: Operation not permitted (src); the restore "
+        "stopped there (what came before it in the saveset is restored)\n",
+    )
+
+
+def test_times_are_stored_as_their_whole_second_and_unchanged_files_kept_quietly(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A modification time is stored as the whole second it falls in, as
+    tar stores it: 00:00:00.999999999 as 00:00:00 (a float st_mtime rounds it
+    up to 00:00:01), 1969-12-31 23:59:59.5 as 23:59:59; by Python (the first
+    file of a directory) and in C (the next). Restored in place, over the
+    unchanged files, they are kept and not named as different."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    second = 1_577_836_800  # 2020-01-01 00:00:00 UTC
+    for name in ("a", "b"):
+        (tree / name).write_text(f"{name}\n")
+        os.utime(tree / name, ns=(0, second * 10**9 + 999_999_999))
+    (tree / "old").write_text("old\n")
+    os.utime(tree / "old", ns=(0, -500_000_000))
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        restore = [*ini, "restore", backup["saveset"], "--server", stpd.address, "--json"]  # type: ignore[index]
+        sbc_json(*restore, str(tmp_path / "back"))
+        in_place = sbc_json(*restore, str(tmp_path))
+    back = tmp_path / "back" / "tree"
+    assert [(back / name).stat().st_mtime_ns for name in ("a", "b", "old")] == [
+        second * 10**9,
+        second * 10**9,
+        -(10**9),
+    ]
+    assert (in_place["kept"], in_place["kept_different"]) == (  # type: ignore[index]
+        ["tree/a", "tree/b", "tree/old"],
+        [],
+    )
 
 
 def test_extended_attributes_and_acls_come_back_but_no_capability(
