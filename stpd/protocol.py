@@ -14,6 +14,8 @@ PUT/POST /savesets?source=PATH       body: a tar stream; 201 + JSON metadata
 GET      /savesets/ID                the saveset's tar (header X-Sha256)
 GET      /savesets/ID/meta           JSON metadata of one saveset
 =======  ==========================  ===========================================
+
+HEAD on a GET route is answered with GET's status and headers, no body.
 """
 
 from __future__ import annotations
@@ -355,6 +357,9 @@ def _source_value(query: str) -> str | Reject:
     return source
 
 
+_READING = ("GET", "HEAD")  # HEAD: GET's answer without the body (monitoring probes)
+
+
 def route(method: str, target: str) -> Action:
     try:
         parts = urlsplit(target)
@@ -365,11 +370,11 @@ def route(method: str, target: str) -> Action:
         return Reject(400, "invalid request target")
     segments = [s for s in path.split("/") if s]
     if segments == ["status"]:
-        if method != "GET":
+        if method not in _READING:
             return Reject(405, "use GET /status")
         return _no_query(parts.query) or Status()
     if segments == ["savesets"]:
-        if method == "GET":
+        if method in _READING:
             return _no_query(parts.query) or ListSavesets()
         if method in ("PUT", "POST"):
             source = _source_value(parts.query)
@@ -379,7 +384,7 @@ def route(method: str, target: str) -> Action:
         saveset = unquote(segments[1])
         if not SAVESET_ID.match(saveset):
             return Reject(400, "invalid saveset name (expected SS-YYYYMMDDTHHMMSSZ-xxxxxxxx)")
-        if method != "GET":
+        if method not in _READING:
             return Reject(405, "use GET on a saveset")
         if len(segments) == 2:
             entries = _entries_value(parts.query)

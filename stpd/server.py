@@ -813,6 +813,7 @@ class HttpSession:
         self.owner = owner
         self.conn = self._new_http()
         self.answering = ""  # the request line being answered, for the log
+        self.head_only = False  # it is a HEAD: GET's answer without its body
         # Set when a request body was read past h11 (see _upload): what
         # arrived after it, for the h11 connection of the next request.
         self.after_body: bytes | None = None
@@ -822,6 +823,7 @@ class HttpSession:
 
     async def run(self) -> None:
         while True:
+            self.head_only = False
             try:
                 request = await self._read_request()
             except h11.RemoteProtocolError as exc:
@@ -831,6 +833,7 @@ class HttpSession:
                 return
             if request is None:
                 return
+            self.head_only = request.method == b"HEAD"
             # h11 limits only a head that arrives in pieces; one that came in a
             # single read is measured here, so that the limit means what it says.
             head = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
@@ -924,6 +927,8 @@ class HttpSession:
     # -- writing -------------------------------------------------------------
 
     async def _send(self, *events: h11.Event) -> None:
+        if self.head_only:  # h11 refuses a body after HEAD
+            events = tuple(e for e in events if not isinstance(e, h11.Data))
         await send_events(self.tls, self.conn, events, self.config.io_timeout)
 
     async def _send_json(self, status: int, body: Any, headers: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
@@ -1163,7 +1168,7 @@ class HttpSession:
             return
         await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
         try:
-            while chunk:
+            while chunk and not self.head_only:
                 await self._send(h11.Data(data=chunk))
                 chunk = await trio.to_thread.run_sync(next_lines)
         except (OSError, tarfile.TarError) as exc:
@@ -1186,13 +1191,18 @@ class HttpSession:
         except OSError as exc:
             await self._unreadable_saveset(saveset, exc)
             return
+        head = h11.Response(status_code=200, headers=JSON_LINES_HEAD)
+        if self.head_only:  # 200 whatever the verdict: nothing to hash
+            check.close()
+            await self._send(head, h11.EndOfMessage())
+            return
         # It reads and hashes a whole saveset, as a restore does: counted,
         # and run in the transfer threads.
         with self.daemon.transfer_running(
             f"verification of {saveset} for {self.peer} ({self.owner})"
         ):
             try:
-                await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
+                await self._send(head)
                 while not check.done:
                     await trio.to_thread.run_sync(
                         check.step, VERIFY_LINE_EVERY, limiter=self.daemon.transfer_threads
@@ -1247,6 +1257,14 @@ class HttpSession:
             framing = [("Transfer-Encoding", "chunked")]
         else:
             framing = [("Content-Length", str(size)), ("X-Sha256", meta.sha256)]
+        head = h11.Response(
+            status_code=200,
+            headers=[("Content-Type", "application/x-tar"), *framing, ("X-Saveset", saveset)],
+        )
+        if self.head_only:
+            f.close()
+            await self._send(head, h11.EndOfMessage())
+            return
 
         def send_saveset() -> int:
             last_sent = time.monotonic()
@@ -1277,16 +1295,7 @@ class HttpSession:
             f"restore of {saveset}{selected} to {self.peer} ({self.owner})"
         ):
             try:
-                await self._send(
-                    h11.Response(
-                        status_code=200,
-                        headers=[
-                            ("Content-Type", "application/x-tar"),
-                            *framing,
-                            ("X-Saveset", saveset),
-                        ],
-                    )
-                )
+                await self._send(head)
                 sent = await run_transfer(self.tls, send_saveset, self.daemon.transfer_threads)
                 await self._send(h11.EndOfMessage())
             except trio.TooSlowError:

@@ -35,6 +35,39 @@ def test_every_route_answers_400_to_an_unknown_query_parameter(pki: Pki) -> None
             assert answer.json() == {"error": f"unknown query parameter {name!r}"}, target
 
 
+def test_head_is_answered_with_the_status_and_headers_of_get(pki: Pki) -> None:
+    """Monitoring probes ask HEAD (curl -I). Each HEAD is followed by a GET
+    on the same connection, whose answer reads right only if no body
+    followed the HEAD's head."""
+    client = pki.client_ini("head")
+    with running_stpd(pki.layout) as stpd:
+        with tls_connect(stpd, tls_context(pki, client)) as sock:
+            answer = request(sock, "PUT", "/savesets?source=/h", small_tar())
+            assert answer is not None and answer.status == 201, answer
+            saveset = answer.json()["saveset"]  # type: ignore[index]
+            for target in (
+                "/status",
+                "/savesets",
+                f"/savesets/{saveset}",
+                f"/savesets/{saveset}?entry=hello.txt",
+                f"/savesets/{saveset}/meta",
+                f"/savesets/{saveset}/entries",
+                f"/savesets/{saveset}/verify",
+            ):
+                head = request(sock, "HEAD", target)
+                get = request(sock, "GET", target)
+                assert head is not None and get is not None, target
+                assert (head.status, head.body) == (200, b""), target
+                assert get.status == 200 and get.body, target
+                if target == "/status":  # its uptime may have grown a digit
+                    del head.headers["content-length"], get.headers["content-length"]
+                assert head.headers == get.headers, target
+            head = request(sock, "HEAD", "/nope")
+        assert head is not None and head.status == 404 and head.body == b"", head
+        assert head.headers["connection"] == "close"
+        assert head.headers["content-type"] == "application/json"
+
+
 def status_lines(sock: ssl.SSLSocket, count: int) -> list[bytes]:
     """The first ``count`` status lines that arrive (an interim 100 counts)."""
     got, lines = b"", []

@@ -285,6 +285,10 @@ def reject(action: object) -> Reject:
         ("GET", f"/savesets/{SS}/meta", Metadata(SS)),
         ("GET", f"/savesets/{SS}/entries", Entries(SS)),
         ("GET", f"/savesets/{SS}/verify", Verify(SS)),
+        ("HEAD", "/status", Status()),  # GET's answer without the body
+        ("HEAD", "/savesets", ListSavesets()),
+        ("HEAD", f"/savesets/{SS}", Download(SS)),
+        ("HEAD", f"/savesets/{SS}/verify", Verify(SS)),
         ("GET", "https://stpd.example.test:11443/status", Status()),  # absolute form
     ],
 )
@@ -302,8 +306,8 @@ def test_source_at_the_length_limit_is_accepted() -> None:
     [
         ("POST", "/status", 405, "use GET /status"),
         ("PUT", "/status", 405, "use GET /status"),
-        ("HEAD", "/status", 405, "use GET /status"),
         ("DELETE", "/savesets", 405, "use GET, PUT or POST on /savesets"),
+        ("HEAD", "/savesets?source=/x", 400, "unknown query parameter 'source'"),
         ("PUT", f"/savesets/{SS}", 405, "use GET on a saveset"),
         ("DELETE", f"/savesets/{SS}", 405, "use GET on a saveset"),
         ("POST", f"/savesets/{SS}/meta", 405, "use GET on a saveset"),
