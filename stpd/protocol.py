@@ -287,6 +287,7 @@ class Verify:
 class Reject:
     status: int
     message: str
+    allow: str = ""  # a 405's Allow header: the methods the resource takes
 
 
 Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Verify | Reject
@@ -358,6 +359,7 @@ def _source_value(query: str) -> str | Reject:
 
 
 _READING = ("GET", "HEAD")  # HEAD: GET's answer without the body (monitoring probes)
+_ALLOW_READING = ", ".join(_READING)
 
 
 def route(method: str, target: str) -> Action:
@@ -371,7 +373,7 @@ def route(method: str, target: str) -> Action:
     segments = [s for s in path.split("/") if s]
     if segments == ["status"]:
         if method not in _READING:
-            return Reject(405, "use GET /status")
+            return Reject(405, "use GET /status", _ALLOW_READING)
         return _no_query(parts.query) or Status()
     if segments == ["savesets"]:
         if method in _READING:
@@ -379,13 +381,13 @@ def route(method: str, target: str) -> Action:
         if method in ("PUT", "POST"):
             source = _source_value(parts.query)
             return source if isinstance(source, Reject) else Upload(source)
-        return Reject(405, "use GET, PUT or POST on /savesets")
+        return Reject(405, "use GET, PUT or POST on /savesets", f"{_ALLOW_READING}, PUT, POST")
     if len(segments) in (2, 3) and segments[0] == "savesets":
         saveset = unquote(segments[1])
         if not SAVESET_ID.match(saveset):
             return Reject(400, "invalid saveset name (expected SS-YYYYMMDDTHHMMSSZ-xxxxxxxx)")
         if method not in _READING:
-            return Reject(405, "use GET on a saveset")
+            return Reject(405, "use GET on a saveset", _ALLOW_READING)
         if len(segments) == 2:
             entries = _entries_value(parts.query)
             return entries if isinstance(entries, Reject) else Download(saveset, entries)

@@ -943,13 +943,15 @@ class HttpSession:
         )
         await self._send(response, h11.Data(data=data), h11.EndOfMessage())
 
-    async def _send_error(self, status: int, message: str) -> None:
+    async def _send_error(
+        self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         """Answer an error and close; the client may still be sending, so
         linger briefly to let it read the answer instead of a reset."""
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
-            await self._send_json(status, {"error": message}, [("Connection", "close")])
+            await self._send_json(status, {"error": message}, [("Connection", "close"), *headers])
         except (trio.BrokenResourceError, trio.TooSlowError, h11.LocalProtocolError):
             return
         # ERROR: a head we refused may still be arriving (an endless header line).
@@ -981,7 +983,8 @@ class HttpSession:
                 action.status,
                 action.message,
             )
-            await self._send_error(action.status, action.message)
+            allow = (("Allow", action.allow),) if action.allow else ()
+            await self._send_error(action.status, action.message, allow)
         elif isinstance(action, Status):
             await self._send_json(200, self.daemon.status())
         elif isinstance(action, ListSavesets):

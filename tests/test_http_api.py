@@ -68,6 +68,26 @@ def test_head_is_answered_with_the_status_and_headers_of_get(pki: Pki) -> None:
         assert head.headers["content-type"] == "application/json"
 
 
+@pytest.mark.parametrize(
+    ("method", "target", "allow"),
+    [
+        ("DELETE", "/status", "GET, HEAD"),
+        ("PUT", "/savesets", None),  # not refused: its missing source is
+        ("DELETE", "/savesets", "GET, HEAD, PUT, POST"),
+        ("POST", "/savesets/SS-20250101T120000Z-1a2b3c4d/meta", "GET, HEAD"),
+    ],
+)
+def test_a_405_says_which_methods_are_allowed(
+    pki: Pki, method: str, target: str, allow: str | None
+) -> None:
+    client = pki.client_ini("allow")
+    with running_stpd(pki.layout) as stpd, tls_connect(stpd, tls_context(pki, client)) as sock:
+        answer = request(sock, method, target)
+    assert answer is not None, target
+    assert (answer.status == 405) == (allow is not None), answer
+    assert answer.headers.get("allow") == allow
+
+
 def status_lines(sock: ssl.SSLSocket, count: int) -> list[bytes]:
     """The first ``count`` status lines that arrive (an interim 100 counts)."""
     got, lines = b"", []

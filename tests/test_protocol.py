@@ -365,6 +365,18 @@ def test_route_rejects(method: str, target: str, status: int, message: str) -> N
 
 
 @pytest.mark.parametrize(
+    "target", ["/status", "/savesets", f"/savesets/{SS}", f"/savesets/{SS}/meta"]
+)
+def test_a_405_allows_just_the_methods_the_resource_takes(target: str) -> None:
+    """RFC 9110: a 405 carries Allow."""
+    allow = reject(route("DELETE", target)).allow.split(", ")
+    for method in ("GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"):
+        action = route(method, target)
+        refused = isinstance(action, Reject) and action.status == 405
+        assert refused == (method not in allow), (method, target)
+
+
+@pytest.mark.parametrize(
     "name",
     [
         "..",
