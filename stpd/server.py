@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
+import itertools
 import json
 import logging
 import os
@@ -207,12 +208,14 @@ class Stpd:
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
         self.connections = 0  # every open connection, handshakes included
-        # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits
-        # (answered 503 beyond it). Handshakes in progress take open_slots too
-        # (see OPEN_PER_SERVED), each for at most STPD_HANDSHAKE_TIMEOUT; those
-        # of one address are held to a share of them (see HandshakesByAddress),
-        # so that silent connections from one host alone cannot lock out the others.
-        self.sessions = 0
+        # Connections past the TLS handshake, by serial (in the order they
+        # opened): what STPD_MAX_CONNECTIONS limits (see beyond_limit).
+        # Handshakes in progress take open_slots too (see OPEN_PER_SERVED), each
+        # for at most STPD_HANDSHAKE_TIMEOUT; those of one address are held to a
+        # share of them (see HandshakesByAddress), so that silent connections
+        # from one host alone cannot lock out the others.
+        self.sessions: set[int] = set()
+        self._serials = itertools.count()
         # Backups, restores and verifications running, each as the log names it
         # (for status and for the lines of a shutdown, which says what it cuts off).
         self.transfers: dict[object, str] = {}
@@ -723,6 +726,14 @@ class Stpd:
             "number": number,
         }
 
+    def beyond_limit(self, session: int) -> bool:
+        """Whether the requests of ``session`` are answered 503: as many
+        sessions as STPD_MAX_CONNECTIONS opened before it are still open.
+        Counting in order means that newer connections, idle ones too,
+        cannot turn away the older ones that were served."""
+        older = sum(1 for other in self.sessions if other < session)
+        return older >= self.config.max_connections
+
     async def handle_connection(
         self, transport: trio.SocketStream, handshake_over: Callable[[], None] = lambda: None
     ) -> None:
@@ -775,8 +786,8 @@ class Stpd:
         if not decision.serve:
             await self._answer_refusal(tls, decision.refusal)
             return
-        session = HttpSession(self, tls, peer, decision.owner)
-        self.sessions += 1
+        session = HttpSession(self, tls, peer, decision.owner, next(self._serials))
+        self.sessions.add(session.serial)
         try:
             await session.run()
         except trio.TooSlowError:  # a send (HttpSession._send) made no progress: not our fault
@@ -787,7 +798,7 @@ class Stpd:
                 self.config.io_timeout,
             )
         finally:
-            self.sessions -= 1
+            self.sessions.discard(session.serial)
 
     async def _answer_refusal(self, tls: TLSStream, refusal: str) -> None:
         """Tell a client refused after the handshake why, in a 403 sent
@@ -805,8 +816,9 @@ class Stpd:
 class HttpSession:
     """One TLS connection's sequence of HTTP/1.1 requests (keep-alive)."""
 
-    def __init__(self, daemon: Stpd, tls: TLSStream, peer: str, owner: str) -> None:
+    def __init__(self, daemon: Stpd, tls: TLSStream, peer: str, owner: str, serial: int) -> None:
         self.daemon = daemon
+        self.serial = serial  # its place in the order of sessions (Stpd.beyond_limit)
         self.config = daemon.config
         self.tls = tls
         self.peer = peer
@@ -847,7 +859,7 @@ class HttpSession:
                 )
                 await self._send_error(431, "request line and headers too large")
                 return
-            if self.daemon.sessions > self.config.max_connections:
+            if self.daemon.beyond_limit(self.serial):
                 log.warning(
                     "connection limit %d reached; answered 503 to %s",
                     self.config.max_connections,
