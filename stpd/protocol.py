@@ -340,7 +340,9 @@ def _entries_value(query: str) -> tuple[str, ...] | Reject:
 
 
 def _source_value(query: str) -> str | Reject:
-    pairs = _query_pairs(query, 8)
+    # Plain percent-encoding (README), not a form's: "+" is a plus, not a
+    # space (curl -T FILE "...?source=/a+b"; sbc sends %2B and %20).
+    pairs = _query_pairs(query.replace("+", "%2B"), 8)
     if isinstance(pairs, Reject):
         return pairs
     values = dict(pairs)

@@ -88,6 +88,17 @@ def test_a_405_says_which_methods_are_allowed(
     assert answer.headers.get("allow") == allow
 
 
+def test_a_plus_in_source_is_stored_as_a_plus(pki: Pki) -> None:
+    """README: source is percent-encoded UTF-8, so "+" is a plus (as curl
+    sends it in -T FILE "...?source=/a+b"), not a form's space."""
+    client = pki.client_ini("plus")
+    with running_stpd(pki.layout) as stpd, tls_connect(stpd, tls_context(pki, client)) as sock:
+        answer = request(sock, "PUT", "/savesets?source=/a+b%2Bc%20d", small_tar())
+    assert answer is not None and answer.status == 201, answer
+    assert answer.json()["source"] == "/a+b+c d"  # type: ignore[index]
+    assert [meta.source for meta in stpd.daemon.store.all()] == ["/a+b+c d"]
+
+
 def status_lines(sock: ssl.SSLSocket, count: int) -> list[bytes]:
     """The first ``count`` status lines that arrive (an interim 100 counts)."""
     got, lines = b"", []

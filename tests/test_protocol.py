@@ -273,7 +273,8 @@ def reject(action: object) -> Reject:
         ("PUT", "/savesets?source=/home/user", Upload("/home/user")),
         ("POST", "/savesets?source=/home/user", Upload("/home/user")),
         ("PUT", "/savesets?source=%2Fhome%2Fa%20b%2B%C3%BC", Upload("/home/a b+ü")),
-        ("PUT", "/savesets?source=/home/a+b", Upload("/home/a b")),  # form encoding
+        ("PUT", "/savesets?source=/home/a+b", Upload("/home/a+b")),  # not a form's space
+        ("PUT", "/savesets?source=/a%2Bb+c%20d", Upload("/a+b+c d")),
         # ".." is fine in a source: it is a label for what was backed up.
         ("PUT", "/savesets?source=/home/../etc", Upload("/home/../etc")),
         ("PUT", "/savesets?source=..", Upload("..")),
