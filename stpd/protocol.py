@@ -365,14 +365,18 @@ _ALLOW_READING = ", ".join(_READING)
 
 
 def route(method: str, target: str) -> Action:
+    if target.startswith("//"):  # a path with an empty segment, not "//host/..." (urlsplit)
+        target = "/" + target.lstrip("/")
     try:
         parts = urlsplit(target)
-    except ValueError:  # "//[x/status": an unclosed IPv6 bracket in what looks like a host
+    except ValueError:  # "http://[x/status": an unclosed IPv6 bracket in the host
         return Reject(400, "invalid request target")
     path = parts.path
     if "\x00" in unquote(path) or len(target) > MAX_REQUEST_TARGET:
         return Reject(400, "invalid request target")
-    segments = [s for s in path.split("/") if s]
+    # Each segment percent-decoded, all alike ("/%73tatus" is "/status"); an
+    # encoded "/" stays within its segment. Empty segments do not count.
+    segments = [unquote(s) for s in path.split("/") if s]
     if segments == ["status"]:
         if method not in _READING:
             return Reject(405, "use GET /status", _ALLOW_READING)
@@ -385,7 +389,7 @@ def route(method: str, target: str) -> Action:
             return source if isinstance(source, Reject) else Upload(source)
         return Reject(405, "use GET, PUT or POST on /savesets", f"{_ALLOW_READING}, PUT, POST")
     if len(segments) in (2, 3) and segments[0] == "savesets":
-        saveset = unquote(segments[1])
+        saveset = segments[1]
         if not SAVESET_ID.match(saveset):
             return Reject(400, "invalid saveset name (expected SS-YYYYMMDDTHHMMSSZ-xxxxxxxx)")
         if method not in _READING:

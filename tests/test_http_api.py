@@ -99,6 +99,17 @@ def test_a_plus_in_source_is_stored_as_a_plus(pki: Pki) -> None:
     assert [meta.source for meta in stpd.daemon.store.all()] == ["/a+b+c d"]
 
 
+def test_paths_are_percent_decoded_segment_by_segment(pki: Pki) -> None:
+    """/%73tatus was 404 while a saveset id was decoded, and //status was
+    404 "no such resource ''" (urlsplit took "status" for a host)."""
+    client = pki.client_ini("paths")
+    with running_stpd(pki.layout) as stpd, tls_connect(stpd, tls_context(pki, client)) as sock:
+        for target in ("/%73tatus", "//status", "/status/"):
+            answer = request(sock, "GET", target)
+            assert answer is not None and answer.status == 200, (target, answer)
+            assert "version" in answer.json(), target  # type: ignore[operator]
+
+
 def status_lines(sock: ssl.SSLSocket, count: int) -> list[bytes]:
     """The first ``count`` status lines that arrive (an interim 100 counts)."""
     got, lines = b"", []

@@ -291,6 +291,11 @@ def reject(action: object) -> Reject:
         ("HEAD", f"/savesets/{SS}", Download(SS)),
         ("HEAD", f"/savesets/{SS}/verify", Verify(SS)),
         ("GET", "https://stpd.example.test:11443/status", Status()),  # absolute form
+        # Every segment is percent-decoded alike; empty ones do not count.
+        ("GET", "/%73tatus", Status()),
+        ("GET", f"/%73avesets/{SS.replace('S', '%53')}/meta", Metadata(SS)),
+        ("GET", "//status", Status()),  # not a host named "status"
+        ("GET", "//savesets//?", ListSavesets()),
     ],
 )
 def test_route_actions(method: str, target: str, expected: object) -> None:
