@@ -377,7 +377,7 @@ def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | 
     if args.saveset:
         _list_entries(session, args.saveset, args.json)
         return None  # printed as it came
-    savesets = session.get_json("/savesets")
+    savesets = session.savesets()
     if not args.json:
         if not savesets:
             print(f"no savesets for this client on {session.where}")
@@ -436,12 +436,12 @@ def _verify(session: Session, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
-    status = session.get_json("/status")
+    status = session.status()
     missing = status.get("data_directory") == "missing"  # (an older stpd does not say)
     if args.json and missing:  # a script reads the status as the API gives it, beside the error
         print(json.dumps(status, indent=1), flush=True)
     if not args.json:
-        cert = status.get("server_certificate", {})
+        cert = status.get("server_certificate") or {}
         storage = status.get("storage") or {}
         if {"free_bytes", "total_bytes"} <= storage.keys():
             free = f", {share_of(storage['free_bytes'], storage['total_bytes'])} free for savesets"

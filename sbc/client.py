@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,76 @@ MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 READ_BY_SERVER_BYTES = 64 * 1024 * 1024
 # How long a backup waits for stpd's 100 Continue before it sends anyway (as curl does).
 CONTINUE_WAIT = 1.0
+
+# What sbc reads of stpd's answers (README, HTTP API), checked where they
+# arrive: another HTTPS server's answer is then one line saying so, not a
+# traceback where a field is used. NoneType: the field may be missing or null.
+NoneType = type(None)
+Fields = Mapping[str, type | tuple[type, ...]]
+SAVESET_FIELDS: Fields = {
+    "saveset": str,
+    "bytes": int,
+    "sha256": str,
+    "source": str,
+    "created": str,
+    "owner": (str, NoneType),
+}
+ENTRY_FIELDS: Fields = {
+    "name": str,
+    "type": str,
+    "size": int,
+    "mode": str,
+    "owner": str,
+    "mtime": str,
+    "link": (str, NoneType),
+    "device": (dict, NoneType),
+}
+DEVICE_FIELDS: Fields = {"kind": str, "major": int, "minor": int}
+VERDICT_FIELDS: Fields = {
+    "intact": bool,
+    "bytes": int,
+    "sha256": str,
+    "recorded_bytes": int,
+    "recorded_sha256": str,
+}
+# An older stpd leaves some out.
+STATUS_FIELDS: Fields = {
+    "version": str,
+    "server_certificate": (dict, NoneType),
+    "storage": (dict, NoneType),
+    "crl": (dict, NoneType),
+}
+STORAGE_FIELDS: Fields = {"free_bytes": int, "total_bytes": int}
+CRL_FIELDS: Fields = {"next_update": str, "days_left": int}
+OCTAL_MODE = re.compile(r"[0-7]{1,7}")
+
+
+def misfit(value: Any, fields: Fields) -> str | None:
+    """How the JSON ``value`` is not an object with ``fields`` (the first
+    one missing or of another type); None when it is."""
+    if not isinstance(value, dict):
+        return "is not a JSON object"
+    wrong = next(
+        (name for name, kind in fields.items() if not isinstance(value.get(name), kind)), None
+    )
+    return None if wrong is None else f"has no valid {wrong!r}"
+
+
+def entry_misfit(entry: Any) -> str | None:
+    wrong = misfit(entry, ENTRY_FIELDS)
+    if wrong is None and entry.get("device") is not None:
+        wrong = misfit(entry["device"], DEVICE_FIELDS)
+    if wrong is None and not OCTAL_MODE.fullmatch(entry["mode"]):
+        wrong = "has no valid 'mode'"
+    return wrong
+
+
+def status_misfit(status: Any) -> str | None:
+    wrong = misfit(status, STATUS_FIELDS)
+    for part, fields in (("storage", STORAGE_FIELDS), ("crl", CRL_FIELDS)):
+        if wrong is None and status.get(part) is not None:
+            wrong = misfit(status[part], fields)
+    return wrong
 
 
 class _AnsweredEarly(Exception):
@@ -437,7 +508,24 @@ class Session:
         try:
             return json.loads(b"".join(chunks))
         except ValueError:
-            raise SbcError(f"stpd at {self.where} sent an answer that is not JSON") from None
+            raise self._not_stpd("its answer is not JSON") from None
+
+    def _not_stpd(self, why: str) -> SbcError:
+        return SbcError(
+            f"what answers at {self.where} does not look like stpd: {why}; check the address "
+            "in --server or SBC_SERVER in sm.ini"
+        )
+
+    def _expect(self, wrong: str | None, answer_to: str) -> None:
+        """``wrong``: how an answer is not what stpd sends (see misfit)."""
+        if wrong is not None:
+            raise self._not_stpd(f"its answer to {answer_to} {wrong}")
+
+    def _next_cycle(self) -> None:
+        """Ready for another request, unless the answer closes the connection
+        (Connection: close, valid HTTP; stpd does not, other servers may)."""
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
 
     def _failure(self, response: Response, body: Any, what: str) -> SbcError:
         """stpd's error answer in one line: it refused the request (4xx), or
@@ -457,14 +545,30 @@ class Session:
         body = self._json_body()
         if response.status != 200:
             raise self._failure(response, body, f"GET {target}")
-        self.conn.start_next_cycle()
+        self._next_cycle()
         return body
+
+    def savesets(self) -> list[dict[str, Any]]:
+        """The metadata of our savesets on stpd."""
+        found = self.get_json("/savesets")
+        if not isinstance(found, list):
+            raise self._not_stpd("its answer to GET /savesets is not a JSON array")
+        for meta in found:
+            self._expect(misfit(meta, SAVESET_FIELDS), "GET /savesets")
+        return found
+
+    def status(self) -> dict[str, Any]:
+        status = self.get_json("/status")
+        self._expect(status_misfit(status), "GET /status")
+        return dict(status)
 
     def entries(self, saveset: str) -> Iterator[dict[str, Any]]:
         """The entries of ``saveset`` as stpd reads them from its tar: handed
         on as they come, none kept."""
         target = f"/savesets/{quote(saveset, safe='')}/entries"
-        return self._json_lines(target, f"listing of {saveset}")
+        for entry in self._json_lines(target, f"listing of {saveset}"):
+            self._expect(entry_misfit(entry), f"GET {target}")
+            yield entry
 
     def verify(self, saveset: str) -> dict[str, Any]:
         """stpd's verdict on ``saveset``: its stored data hashed anew against
@@ -475,6 +579,7 @@ class Session:
             verdict = line  # {"checked": N} while stpd hashes, then the verdict
         if "intact" not in verdict:
             raise SbcError(f"stpd at {self.where} ended the verification without a verdict")
+        self._expect(misfit(verdict, VERDICT_FIELDS), f"GET {target}")
         return verdict
 
     def _json_lines(self, target: str, what: str) -> Iterator[dict[str, Any]]:
@@ -498,11 +603,13 @@ class Session:
                 except ValueError:
                     entry = None
                 if not isinstance(entry, dict):
-                    raise SbcError(f"stpd at {self.where} sent a line that is not JSON")
+                    raise self._not_stpd(
+                        f"a line of its answer to GET {target} is not a JSON object"
+                    )
                 yield entry
         if pending.strip():
             raise SbcError(f"stpd at {self.where} ended the {what} mid-line")
-        self.conn.start_next_cycle()
+        self._next_cycle()
 
     def backup(
         self,
@@ -591,6 +698,7 @@ class Session:
         body = self._json_body()
         if response.status != 201:
             raise self._failure(response, body, f"backup of {source}")
+        self._expect(misfit(body, SAVESET_FIELDS), f"PUT {target}")
         if not sent_all:  # pragma: no cover - a 201 only follows the whole body
             raise SbcError(f"stpd at {self.where} answered before the backup was complete")
         return body, stats

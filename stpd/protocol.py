@@ -14,6 +14,8 @@ PUT/POST /savesets?source=PATH       body: a tar stream; 201 + JSON metadata
 GET      /savesets/ID                the saveset's tar (header X-Sha256)
 GET      /savesets/ID/meta           JSON metadata of one saveset
 =======  ==========================  ===========================================
+
+HEAD on a GET route is answered with GET's status and headers, no body.
 """
 
 from __future__ import annotations
@@ -285,6 +287,7 @@ class Verify:
 class Reject:
     status: int
     message: str
+    allow: str = ""  # a 405's Allow header: the methods the resource takes
 
 
 Action = Status | ListSavesets | Upload | Download | Metadata | Entries | Verify | Reject
@@ -337,7 +340,9 @@ def _entries_value(query: str) -> tuple[str, ...] | Reject:
 
 
 def _source_value(query: str) -> str | Reject:
-    pairs = _query_pairs(query, 8)
+    # Plain percent-encoding (README), not a form's: "+" is a plus, not a
+    # space (curl -T FILE "...?source=/a+b"; sbc sends %2B and %20).
+    pairs = _query_pairs(query.replace("+", "%2B"), 8)
     if isinstance(pairs, Reject):
         return pairs
     values = dict(pairs)
@@ -355,32 +360,40 @@ def _source_value(query: str) -> str | Reject:
     return source
 
 
+_READING = ("GET", "HEAD")  # HEAD: GET's answer without the body (monitoring probes)
+_ALLOW_READING = ", ".join(_READING)
+
+
 def route(method: str, target: str) -> Action:
+    if target.startswith("//"):  # a path with an empty segment, not "//host/..." (urlsplit)
+        target = "/" + target.lstrip("/")
     try:
         parts = urlsplit(target)
-    except ValueError:  # "//[x/status": an unclosed IPv6 bracket in what looks like a host
+    except ValueError:  # "http://[x/status": an unclosed IPv6 bracket in the host
         return Reject(400, "invalid request target")
     path = parts.path
     if "\x00" in unquote(path) or len(target) > MAX_REQUEST_TARGET:
         return Reject(400, "invalid request target")
-    segments = [s for s in path.split("/") if s]
+    # Each segment percent-decoded, all alike ("/%73tatus" is "/status"); an
+    # encoded "/" stays within its segment. Empty segments do not count.
+    segments = [unquote(s) for s in path.split("/") if s]
     if segments == ["status"]:
-        if method != "GET":
-            return Reject(405, "use GET /status")
+        if method not in _READING:
+            return Reject(405, "use GET /status", _ALLOW_READING)
         return _no_query(parts.query) or Status()
     if segments == ["savesets"]:
-        if method == "GET":
+        if method in _READING:
             return _no_query(parts.query) or ListSavesets()
         if method in ("PUT", "POST"):
             source = _source_value(parts.query)
             return source if isinstance(source, Reject) else Upload(source)
-        return Reject(405, "use GET, PUT or POST on /savesets")
+        return Reject(405, "use GET, PUT or POST on /savesets", f"{_ALLOW_READING}, PUT, POST")
     if len(segments) in (2, 3) and segments[0] == "savesets":
-        saveset = unquote(segments[1])
+        saveset = segments[1]
         if not SAVESET_ID.match(saveset):
             return Reject(400, "invalid saveset name (expected SS-YYYYMMDDTHHMMSSZ-xxxxxxxx)")
-        if method != "GET":
-            return Reject(405, "use GET on a saveset")
+        if method not in _READING:
+            return Reject(405, "use GET on a saveset", _ALLOW_READING)
         if len(segments) == 2:
             entries = _entries_value(parts.query)
             return entries if isinstance(entries, Reject) else Download(saveset, entries)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
+import itertools
 import json
 import logging
 import os
@@ -210,12 +211,14 @@ class Stpd:
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
         self.started = time.monotonic()
         self.connections = 0  # every open connection, handshakes included
-        # Connections past the TLS handshake: what STPD_MAX_CONNECTIONS limits
-        # (answered 503 beyond it). Handshakes in progress take open_slots too
-        # (see OPEN_PER_SERVED), each for at most STPD_HANDSHAKE_TIMEOUT; those
-        # of one address are held to a share of them (see HandshakesByAddress),
-        # so that silent connections from one host alone cannot lock out the others.
-        self.sessions = 0
+        # Connections past the TLS handshake, by serial (in the order they
+        # opened): what STPD_MAX_CONNECTIONS limits (see beyond_limit).
+        # Handshakes in progress take open_slots too (see OPEN_PER_SERVED), each
+        # for at most STPD_HANDSHAKE_TIMEOUT; those of one address are held to a
+        # share of them (see HandshakesByAddress), so that silent connections
+        # from one host alone cannot lock out the others.
+        self.sessions: set[int] = set()
+        self._serials = itertools.count()
         # Backups, restores and verifications running, each as the log names it
         # (for status and for the lines of a shutdown, which says what it cuts off).
         self.transfers: dict[object, str] = {}
@@ -741,6 +744,14 @@ class Stpd:
             "number": number,
         }
 
+    def beyond_limit(self, session: int) -> bool:
+        """Whether the requests of ``session`` are answered 503: as many
+        sessions as STPD_MAX_CONNECTIONS opened before it are still open.
+        Counting in order means that newer connections, idle ones too,
+        cannot turn away the older ones that were served."""
+        older = sum(1 for other in self.sessions if other < session)
+        return older >= self.config.max_connections
+
     async def handle_connection(
         self, transport: trio.SocketStream, handshake_over: Callable[[], None] = lambda: None
     ) -> None:
@@ -793,9 +804,9 @@ class Stpd:
         if not decision.serve:
             await self._answer_refusal(tls, decision.refusal)
             return
-        session = HttpSession(self, tls, peer, decision.owner)
+        session = HttpSession(self, tls, peer, decision.owner, next(self._serials))
         session.judged = (tls.peer_certificate, tls.verdict.problems, self.trust_generation)
-        self.sessions += 1
+        self.sessions.add(session.serial)
         try:
             await session.run()
         except trio.TooSlowError:  # a send (HttpSession._send) made no progress: not our fault
@@ -806,7 +817,7 @@ class Stpd:
                 self.config.io_timeout,
             )
         finally:
-            self.sessions -= 1
+            self.sessions.discard(session.serial)
 
     async def _answer_refusal(self, tls: TLSStream, refusal: str) -> None:
         """Tell a client refused after the handshake why, in a 403 sent
@@ -824,14 +835,16 @@ class Stpd:
 class HttpSession:
     """One TLS connection's sequence of HTTP/1.1 requests (keep-alive)."""
 
-    def __init__(self, daemon: Stpd, tls: TLSStream, peer: str, owner: str) -> None:
+    def __init__(self, daemon: Stpd, tls: TLSStream, peer: str, owner: str, serial: int) -> None:
         self.daemon = daemon
+        self.serial = serial  # its place in the order of sessions (Stpd.beyond_limit)
         self.config = daemon.config
         self.tls = tls
         self.peer = peer
         self.owner = owner
         self.conn = self._new_http()
         self.answering = ""  # the request line being answered, for the log
+        self.head_only = False  # it is a HEAD: GET's answer without its body
         # Set when a request body was read past h11 (see _upload): what
         # arrived after it, for the h11 connection of the next request.
         self.after_body: bytes | None = None
@@ -844,6 +857,7 @@ class HttpSession:
 
     async def run(self) -> None:
         while True:
+            self.head_only = False
             try:
                 request = await self._read_request()
             except h11.RemoteProtocolError as exc:
@@ -853,6 +867,7 @@ class HttpSession:
                 return
             if request is None:
                 return
+            self.head_only = request.method == b"HEAD"
             # h11 limits only a head that arrives in pieces; one that came in a
             # single read is measured here, so that the limit means what it says.
             head = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
@@ -868,7 +883,7 @@ class HttpSession:
                 return
             if not await self._still_trusted():
                 return
-            if self.daemon.sessions > self.config.max_connections:
+            if self.daemon.beyond_limit(self.serial):
                 log.warning(
                     "connection limit %d reached; answered 503 to %s",
                     self.config.max_connections,
@@ -978,6 +993,8 @@ class HttpSession:
     # -- writing -------------------------------------------------------------
 
     async def _send(self, *events: h11.Event) -> None:
+        if self.head_only:  # h11 refuses a body after HEAD
+            events = tuple(e for e in events if not isinstance(e, h11.Data))
         await send_events(self.tls, self.conn, events, self.config.io_timeout)
 
     async def _send_json(self, status: int, body: Any, headers: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
@@ -992,13 +1009,15 @@ class HttpSession:
         )
         await self._send(response, h11.Data(data=data), h11.EndOfMessage())
 
-    async def _send_error(self, status: int, message: str) -> None:
+    async def _send_error(
+        self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         """Answer an error and close; the client may still be sending, so
         linger briefly to let it read the answer instead of a reset."""
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
-            await self._send_json(status, {"error": message}, [("Connection", "close")])
+            await self._send_json(status, {"error": message}, [("Connection", "close"), *headers])
         except (trio.BrokenResourceError, trio.TooSlowError, h11.LocalProtocolError):
             return
         # ERROR: a head we refused may still be arriving (an endless header line).
@@ -1030,7 +1049,8 @@ class HttpSession:
                 action.status,
                 action.message,
             )
-            await self._send_error(action.status, action.message)
+            allow = (("Allow", action.allow),) if action.allow else ()
+            await self._send_error(action.status, action.message, allow)
         elif isinstance(action, Status):
             await self._send_json(200, self.daemon.status())
         elif isinstance(action, ListSavesets):
@@ -1217,7 +1237,7 @@ class HttpSession:
             return
         await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
         try:
-            while chunk:
+            while chunk and not self.head_only:
                 await self._send(h11.Data(data=chunk))
                 chunk = await trio.to_thread.run_sync(next_lines)
         except (OSError, tarfile.TarError) as exc:
@@ -1240,13 +1260,18 @@ class HttpSession:
         except OSError as exc:
             await self._unreadable_saveset(saveset, exc)
             return
+        head = h11.Response(status_code=200, headers=JSON_LINES_HEAD)
+        if self.head_only:  # 200 whatever the verdict: nothing to hash
+            check.close()
+            await self._send(head, h11.EndOfMessage())
+            return
         # It reads and hashes a whole saveset, as a restore does: counted,
         # and run in the transfer threads.
         with self.daemon.transfer_running(
             f"verification of {saveset} for {self.peer} ({self.owner})"
         ):
             try:
-                await self._send(h11.Response(status_code=200, headers=JSON_LINES_HEAD))
+                await self._send(head)
                 while not check.done:
                     await trio.to_thread.run_sync(
                         check.step, VERIFY_LINE_EVERY, limiter=self.daemon.transfer_threads
@@ -1301,6 +1326,14 @@ class HttpSession:
             framing = [("Transfer-Encoding", "chunked")]
         else:
             framing = [("Content-Length", str(size)), ("X-Sha256", meta.sha256)]
+        head = h11.Response(
+            status_code=200,
+            headers=[("Content-Type", "application/x-tar"), *framing, ("X-Saveset", saveset)],
+        )
+        if self.head_only:
+            f.close()
+            await self._send(head, h11.EndOfMessage())
+            return
 
         def send_saveset() -> int:
             last_sent = time.monotonic()
@@ -1331,16 +1364,7 @@ class HttpSession:
             f"restore of {saveset}{selected} to {self.peer} ({self.owner})"
         ):
             try:
-                await self._send(
-                    h11.Response(
-                        status_code=200,
-                        headers=[
-                            ("Content-Type", "application/x-tar"),
-                            *framing,
-                            ("X-Saveset", saveset),
-                        ],
-                    )
-                )
+                await self._send(head)
                 sent = await run_transfer(self.tls, send_saveset, self.daemon.transfer_threads)
                 await self._send(h11.EndOfMessage())
             except trio.TooSlowError:

@@ -45,6 +45,7 @@ BATCH_BYTES = 1024 * 1024  # a transfer's buffer (see BodyReader for uploads)
 HANDED_OVER_BATCH_BYTES = 4 * BATCH_BYTES
 LONG_BODY_BYTES = 128 * BATCH_BYTES
 AMONG_OTHERS_BATCH_BYTES = BATCH_BYTES // 4
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # the most buffers one writev takes
 
 Batch = list[memoryview]  # views into a buffer that is reused for the next batch
 Put = Callable[[Batch], None]  # hands a batch on (returns when done with it)
@@ -144,25 +145,24 @@ class BodyReader:
 
 
 def write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
-    """All of ``pieces`` written to the file ``fd``, in one ``writev`` unless
-    it writes short."""
+    """All of ``pieces`` written to the file ``fd``, in one ``writev`` per
+    ``IOV_MAX`` pieces unless it writes short."""
     if len(pieces) == 1:  # most often (a small file): no list of views
         view = memoryview(pieces[0])
         while view:
             view = view[os.write(fd, view) :]
         return
-    remaining = sum(len(p) for p in pieces)
     views = [memoryview(p) for p in pieces]
-    while remaining:
-        written = os.writev(fd, views)
-        remaining -= written
-        while written and views:  # short write: drop what was written
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
+    first = 0  # views before it are written
+    while first < len(views):
+        # More views than IOV_MAX fail with EINVAL (an upload in small chunks
+        # is one view per chunk).
+        written = os.writev(fd, views[first : first + IOV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:  # short write: the rest of this view next time
+            views[first] = views[first][written:]
 
 
 class WriteBehind:

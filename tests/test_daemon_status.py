@@ -333,8 +333,7 @@ def test_sbc_status_counts_crl_days_as_stpd_logs_them(
     class Answering:
         where = "127.0.0.1:11443"
 
-        def get_json(self, path: str) -> dict:
-            assert path == "/status"
+        def status(self) -> dict:
             return {"crl": {"next_update": next_update, "days_left": days_left}}
 
     sbc.cli._status(Answering(), argparse.Namespace(json=False))  # type: ignore[arg-type]

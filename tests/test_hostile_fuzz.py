@@ -104,7 +104,7 @@ def check_action(method: str, target: str) -> None:
         assert action.message
     elif isinstance(action, Download | Metadata | Entries | Verify):
         assert SAVESET_ID.match(action.saveset), action  # never a path of the caller's choice
-        assert method == "GET"
+        assert method in ("GET", "HEAD")
     elif isinstance(action, Upload):
         assert method in ("PUT", "POST")
         assert action.source and "\x00" not in action.source

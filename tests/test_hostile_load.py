@@ -187,6 +187,34 @@ def test_silent_connections_from_one_host_do_not_lock_out_others(
                 sock.close()
 
 
+def test_newer_idle_connections_do_not_turn_away_older_ones(hpki: Pki) -> None:  # noqa: F811
+    """README: requests on connections beyond STPD_MAX_CONNECTIONS are
+    answered 503, beyond in the order the connections were opened. Two
+    that send nothing (idle, or a client's spare keep-alive connections)
+    do not make the two served before them busy."""
+    ctx = tls_context(hpki, hpki.client_ini("good"))
+    with (
+        running_stpd(hpki.layout, 2, max_connections=2, idle_timeout=60) as stpd,
+        contextlib.ExitStack() as held,
+    ):
+        a, b = (held.enter_context(tls_connect(stpd, ctx)) for _ in range(2))
+        for sock in (a, b):
+            answer = request(sock, "GET", "/status")
+            assert answer is not None and answer.status == 200, answer
+        c, d = (held.enter_context(tls_connect(stpd, ctx)) for _ in range(2))
+        # Each session is counted as its authentication is logged.
+        wait_count(stpd, r"^INFO client .* authenticated as CN=good", 4)
+        for sock in (a, b):  # keep-alive: their next requests
+            answer = request(sock, "GET", "/status")
+            assert answer is not None and answer.status == 200, answer
+        answer = request(c, "GET", "/status")  # the third: beyond the limit
+        assert answer is not None and answer.status == 503, answer
+        a.close()
+        until(lambda: len(stpd.daemon.sessions) == 2, "a and c gone")
+        answer = request(d, "GET", "/status")  # now the second open
+        assert answer is not None and answer.status == 200, answer
+
+
 def test_silent_connections_hold_little_memory(hpki: Pki) -> None:  # noqa: F811
     """A connection that never starts TLS costs the daemon its socket and
     OpenSSL's state, not a receive buffer (a quarter MiB each before)."""

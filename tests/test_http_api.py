@@ -35,6 +35,81 @@ def test_every_route_answers_400_to_an_unknown_query_parameter(pki: Pki) -> None
             assert answer.json() == {"error": f"unknown query parameter {name!r}"}, target
 
 
+def test_head_is_answered_with_the_status_and_headers_of_get(pki: Pki) -> None:
+    """Monitoring probes ask HEAD (curl -I). Each HEAD is followed by a GET
+    on the same connection, whose answer reads right only if no body
+    followed the HEAD's head."""
+    client = pki.client_ini("head")
+    with running_stpd(pki.layout) as stpd:
+        with tls_connect(stpd, tls_context(pki, client)) as sock:
+            answer = request(sock, "PUT", "/savesets?source=/h", small_tar())
+            assert answer is not None and answer.status == 201, answer
+            saveset = answer.json()["saveset"]  # type: ignore[index]
+            for target in (
+                "/status",
+                "/savesets",
+                f"/savesets/{saveset}",
+                f"/savesets/{saveset}?entry=hello.txt",
+                f"/savesets/{saveset}/meta",
+                f"/savesets/{saveset}/entries",
+                f"/savesets/{saveset}/verify",
+            ):
+                head = request(sock, "HEAD", target)
+                get = request(sock, "GET", target)
+                assert head is not None and get is not None, target
+                assert (head.status, head.body) == (200, b""), target
+                assert get.status == 200 and get.body, target
+                if target == "/status":  # its uptime may have grown a digit
+                    del head.headers["content-length"], get.headers["content-length"]
+                assert head.headers == get.headers, target
+            head = request(sock, "HEAD", "/nope")
+        assert head is not None and head.status == 404 and head.body == b"", head
+        assert head.headers["connection"] == "close"
+        assert head.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "allow"),
+    [
+        ("DELETE", "/status", "GET, HEAD"),
+        ("PUT", "/savesets", None),  # not refused: its missing source is
+        ("DELETE", "/savesets", "GET, HEAD, PUT, POST"),
+        ("POST", "/savesets/SS-20250101T120000Z-1a2b3c4d/meta", "GET, HEAD"),
+    ],
+)
+def test_a_405_says_which_methods_are_allowed(
+    pki: Pki, method: str, target: str, allow: str | None
+) -> None:
+    client = pki.client_ini("allow")
+    with running_stpd(pki.layout) as stpd, tls_connect(stpd, tls_context(pki, client)) as sock:
+        answer = request(sock, method, target)
+    assert answer is not None, target
+    assert (answer.status == 405) == (allow is not None), answer
+    assert answer.headers.get("allow") == allow
+
+
+def test_a_plus_in_source_is_stored_as_a_plus(pki: Pki) -> None:
+    """README: source is percent-encoded UTF-8, so "+" is a plus (as curl
+    sends it in -T FILE "...?source=/a+b"), not a form's space."""
+    client = pki.client_ini("plus")
+    with running_stpd(pki.layout) as stpd, tls_connect(stpd, tls_context(pki, client)) as sock:
+        answer = request(sock, "PUT", "/savesets?source=/a+b%2Bc%20d", small_tar())
+    assert answer is not None and answer.status == 201, answer
+    assert answer.json()["source"] == "/a+b+c d"  # type: ignore[index]
+    assert [meta.source for meta in stpd.daemon.store.all()] == ["/a+b+c d"]
+
+
+def test_paths_are_percent_decoded_segment_by_segment(pki: Pki) -> None:
+    """/%73tatus was 404 while a saveset id was decoded, and //status was
+    404 "no such resource ''" (urlsplit took "status" for a host)."""
+    client = pki.client_ini("paths")
+    with running_stpd(pki.layout) as stpd, tls_connect(stpd, tls_context(pki, client)) as sock:
+        for target in ("/%73tatus", "//status", "/status/"):
+            answer = request(sock, "GET", target)
+            assert answer is not None and answer.status == 200, (target, answer)
+            assert "version" in answer.json(), target  # type: ignore[operator]
+
+
 def status_lines(sock: ssl.SSLSocket, count: int) -> list[bytes]:
     """The first ``count`` status lines that arrive (an interim 100 counts)."""
     got, lines = b"", []

@@ -273,7 +273,8 @@ def reject(action: object) -> Reject:
         ("PUT", "/savesets?source=/home/user", Upload("/home/user")),
         ("POST", "/savesets?source=/home/user", Upload("/home/user")),
         ("PUT", "/savesets?source=%2Fhome%2Fa%20b%2B%C3%BC", Upload("/home/a b+ü")),
-        ("PUT", "/savesets?source=/home/a+b", Upload("/home/a b")),  # form encoding
+        ("PUT", "/savesets?source=/home/a+b", Upload("/home/a+b")),  # not a form's space
+        ("PUT", "/savesets?source=/a%2Bb+c%20d", Upload("/a+b+c d")),
         # ".." is fine in a source: it is a label for what was backed up.
         ("PUT", "/savesets?source=/home/../etc", Upload("/home/../etc")),
         ("PUT", "/savesets?source=..", Upload("..")),
@@ -285,7 +286,16 @@ def reject(action: object) -> Reject:
         ("GET", f"/savesets/{SS}/meta", Metadata(SS)),
         ("GET", f"/savesets/{SS}/entries", Entries(SS)),
         ("GET", f"/savesets/{SS}/verify", Verify(SS)),
+        ("HEAD", "/status", Status()),  # GET's answer without the body
+        ("HEAD", "/savesets", ListSavesets()),
+        ("HEAD", f"/savesets/{SS}", Download(SS)),
+        ("HEAD", f"/savesets/{SS}/verify", Verify(SS)),
         ("GET", "https://stpd.example.test:11443/status", Status()),  # absolute form
+        # Every segment is percent-decoded alike; empty ones do not count.
+        ("GET", "/%73tatus", Status()),
+        ("GET", f"/%73avesets/{SS.replace('S', '%53')}/meta", Metadata(SS)),
+        ("GET", "//status", Status()),  # not a host named "status"
+        ("GET", "//savesets//?", ListSavesets()),
     ],
 )
 def test_route_actions(method: str, target: str, expected: object) -> None:
@@ -302,8 +312,8 @@ def test_source_at_the_length_limit_is_accepted() -> None:
     [
         ("POST", "/status", 405, "use GET /status"),
         ("PUT", "/status", 405, "use GET /status"),
-        ("HEAD", "/status", 405, "use GET /status"),
         ("DELETE", "/savesets", 405, "use GET, PUT or POST on /savesets"),
+        ("HEAD", "/savesets?source=/x", 400, "unknown query parameter 'source'"),
         ("PUT", f"/savesets/{SS}", 405, "use GET on a saveset"),
         ("DELETE", f"/savesets/{SS}", 405, "use GET on a saveset"),
         ("POST", f"/savesets/{SS}/meta", 405, "use GET on a saveset"),
@@ -358,6 +368,18 @@ def test_route_rejects(method: str, target: str, status: int, message: str) -> N
     rejected = reject(route(method, target))
     assert rejected.status == status
     assert message in rejected.message
+
+
+@pytest.mark.parametrize(
+    "target", ["/status", "/savesets", f"/savesets/{SS}", f"/savesets/{SS}/meta"]
+)
+def test_a_405_allows_just_the_methods_the_resource_takes(target: str) -> None:
+    """RFC 9110: a 405 carries Allow."""
+    allow = reject(route("DELETE", target)).allow.split(", ")
+    for method in ("GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"):
+        action = route(method, target)
+        refused = isinstance(action, Reject) and action.status == 405
+        assert refused == (method not in allow), (method, target)
 
 
 @pytest.mark.parametrize(

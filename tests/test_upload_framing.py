@@ -105,3 +105,26 @@ def test_bad_chunked_framing_is_answered_400(hpki: Pki, wire: bytes, error: str)
         stpd.log.wait_for(rf"^WARNING upload from .* \(CN=good\) cut off: {re.escape(error)}")
         assert stpd.daemon.store.all() == []
         assert_no_partial(stpd.daemon.store.root)
+
+
+def test_chunked_upload_in_small_chunks_is_stored(hpki: Pki) -> None:  # noqa: F811
+    """More chunks in one receive buffer than one writev takes (IOV_MAX,
+    1024 on Linux): http.client's encode_chunked sends its pieces as they
+    come, a few hundred bytes each."""
+    client = hpki.client_ini("good")
+    body = tar_bytes({"small-chunks.bin": os.urandom(600_000)})
+    wire = bytearray()
+    for start in range(0, len(body), 256):
+        chunk = body[start : start + 256]
+        wire += f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    head = f"PUT /savesets?source=/small-chunks HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+    head += "Transfer-Encoding: chunked\r\n\r\n"
+    with running_stpd(hpki.layout, 2) as stpd:
+        with tls_connect(stpd, tls_context(hpki, client)) as sock:
+            sock.sendall(head.encode() + wire + b"0\r\n\r\n")
+            answer = read_answer(sock, "PUT")
+        assert answer is not None and answer.status == 201, answer
+        meta = answer.json()
+        assert isinstance(meta, dict)
+        assert meta["sha256"] == hashlib.sha256(body).hexdigest()
+        assert stpd.daemon.store.tar_path(meta["saveset"]).read_bytes() == body
