@@ -42,6 +42,7 @@ from stpd.body import request_body
 from stpd.config import StpdConfig, load_config
 from stpd.protocol import (
     PLAIN_HTTP_ANSWER,
+    Action,
     Download,
     Entries,
     ListSavesets,
@@ -883,7 +884,13 @@ class HttpSession:
                 return
             if not await self._still_trusted():
                 return
-            if self.daemon.beyond_limit(self.serial):
+            method = request.method.decode("ascii", "replace")
+            target = request.target.decode("ascii", "replace")
+            self.answering = f"{method} {target[:200]}"
+            action = route(method, target)
+            # GET /status is cheap, and what a monitor (and `stpd status`)
+            # asks just when the server is busy: answered beyond the limit.
+            if not isinstance(action, Status) and self.daemon.beyond_limit(self.serial):
                 log.warning(
                     "connection limit %d reached; answered 503 to %s",
                     self.config.max_connections,
@@ -891,7 +898,7 @@ class HttpSession:
                 )
                 await self._send_error(503, "server busy: too many connections, try again later")
                 return
-            await self._dispatch(request)
+            await self._dispatch(request, action)
             if self.after_body is not None:
                 # h11 saw the head but not the body: a new h11 connection
                 # continues after it, unless this one must close.
@@ -1035,16 +1042,11 @@ class HttpSession:
 
     # -- actions -------------------------------------------------------------
 
-    async def _dispatch(self, request: h11.Request) -> None:
-        method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        self.answering = f"{method} {target[:200]}"
-        action = route(method, target)
+    async def _dispatch(self, request: h11.Request, action: Action) -> None:
         if isinstance(action, Reject):
             log.info(
-                "%s %s from %s: %d %s",
-                method,
-                target[:200],
+                "%s from %s: %d %s",
+                self.answering,
                 self.peer,
                 action.status,
                 action.message,

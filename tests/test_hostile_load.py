@@ -176,10 +176,10 @@ def test_silent_connections_from_one_host_do_not_lock_out_others(
             with contextlib.ExitStack() as held:
                 for _ in range(8):
                     sock = held.enter_context(tls_connect(stpd, ctx, source=flood))
-                    answer = request(sock, "GET", "/status")
+                    answer = request(sock, "GET", "/savesets")
                     assert answer is not None and answer.status == 200, answer
                 with tls_connect(stpd, ctx, source=flood) as sock:
-                    answer = request(sock, "GET", "/status")
+                    answer = request(sock, "GET", "/savesets")
                     assert answer is not None and answer.status == 503, answer
             assert len(stpd.log.matching(r"^WARNING \d+ connections from")) == 1  # throttled
         finally:
@@ -191,7 +191,8 @@ def test_newer_idle_connections_do_not_turn_away_older_ones(hpki: Pki) -> None: 
     """README: requests on connections beyond STPD_MAX_CONNECTIONS are
     answered 503, beyond in the order the connections were opened. Two
     that send nothing (idle, or a client's spare keep-alive connections)
-    do not make the two served before them busy."""
+    do not make the two served before them busy. GET /status is answered
+    beyond the limit: a monitor (or `stpd status`) asks just then."""
     ctx = tls_context(hpki, hpki.client_ini("good"))
     with (
         running_stpd(hpki.layout, 2, max_connections=2, idle_timeout=60) as stpd,
@@ -199,19 +200,22 @@ def test_newer_idle_connections_do_not_turn_away_older_ones(hpki: Pki) -> None: 
     ):
         a, b = (held.enter_context(tls_connect(stpd, ctx)) for _ in range(2))
         for sock in (a, b):
-            answer = request(sock, "GET", "/status")
+            answer = request(sock, "GET", "/savesets")
             assert answer is not None and answer.status == 200, answer
         c, d = (held.enter_context(tls_connect(stpd, ctx)) for _ in range(2))
         # Each session is counted as its authentication is logged.
         wait_count(stpd, r"^INFO client .* authenticated as CN=good", 4)
         for sock in (a, b):  # keep-alive: their next requests
-            answer = request(sock, "GET", "/status")
+            answer = request(sock, "GET", "/savesets")
             assert answer is not None and answer.status == 200, answer
-        answer = request(c, "GET", "/status")  # the third: beyond the limit
+        answer = request(c, "GET", "/status")  # the third: beyond the limit, but a status
+        assert answer is not None and answer.status == 200, answer
+        assert json.loads(answer.body)["connections"] == 4
+        answer = request(c, "GET", "/savesets")
         assert answer is not None and answer.status == 503, answer
         a.close()
         until(lambda: len(stpd.daemon.sessions) == 2, "a and c gone")
-        answer = request(d, "GET", "/status")  # now the second open
+        answer = request(d, "GET", "/savesets")  # now the second open
         assert answer is not None and answer.status == 200, answer
 
 
@@ -237,11 +241,11 @@ def test_connection_limit_answers_503_and_recovers(hpki: Pki, tmp_path: Path) ->
         holders = [tls_connect(stpd, ctx) for _ in range(4)]
         try:
             for sock in holders:  # each is served: the server knows them all
-                answer = request(sock, "GET", "/status")
+                answer = request(sock, "GET", "/savesets")
                 assert answer is not None and answer.status == 200
             # A fifth connection: a polite JSON 503, then closed.
             with tls_connect(stpd, ctx) as sock:
-                answer = request(sock, "GET", "/status")
+                answer = request(sock, "GET", "/savesets")
                 assert answer is not None and answer.status == 503, answer
                 assert answer.headers["content-type"] == "application/json"
                 assert answer.headers.get("connection") == "close"
