@@ -26,7 +26,13 @@ import trio
 from cryptography import x509
 from OpenSSL import SSL
 
-from pki.authority import CA_RENEWAL, EXPIRY_WARNING_DAYS, days_left
+from pki.authority import (
+    CA_RENEWAL,
+    CA_REPLACEMENT,
+    EXPIRY_WARNING_DAYS,
+    days_left,
+    validity_problem,
+)
 from pki.console import in_days, share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
@@ -496,6 +502,7 @@ class Stpd:
             other_ca = self._other_ca(config, material[1], material[2])
             if other_ca is not None:
                 raise PkiError(other_ca)
+            self._refuse_out_of_date(config, material[1], material[2])
             crl = self._crl_file(config, material[2])
             # A new CA (ca --force, its certificates re-issued) starts its
             # CRLs anew: only the same CA's may not go back.
@@ -530,6 +537,38 @@ class Stpd:
             self._revocations(),
         )
         self._check_expiry()
+
+    def _refuse_out_of_date(
+        self, config: StpdConfig, server_cert: x509.Certificate, ca_cert: x509.Certificate | None
+    ) -> None:
+        """PkiError for a new server certificate or root CA (one checks
+        clients' certificates at levels 1 and 2) that is expired or not yet
+        valid: put in force, it would replace a working one and have every
+        verifying peer refused. The one in force is left to _check_expiry."""
+        new: list[tuple[Path, x509.Certificate, x509.Certificate | None, str]] = [
+            (
+                config.layout.server_cert,
+                server_cert,
+                self.server_cert,
+                "clients that verify the server would refuse it",
+            )
+        ]
+        if config.client_cert_policy != ClientCertPolicy.IGNORE and ca_cert is not None:
+            new.append(
+                (
+                    config.layout.ca_cert,
+                    ca_cert,
+                    self.ca_cert,
+                    "every client certificate would fail validation",
+                )
+            )
+        for path, cert, in_force, outcome in new:
+            problem = validity_problem(cert)
+            if problem is not None and cert != in_force:
+                raise PkiError(
+                    f"{path} {problem}: {outcome}; put a valid one in its place and send SIGHUP "
+                    "again (a restart would take this one)"
+                )
 
     def _revocations(self) -> str:
         """For the start and reload lines: which CRL is in force. A server
@@ -585,8 +624,23 @@ class Stpd:
         for what, cert in (("server certificate", self.server_cert), ("root CA", self.ca_cert)):
             if cert is None:
                 continue
+            problem = validity_problem(cert)
             left = days_left(cert.not_valid_after_utc)
-            if left < EXPIRY_WARNING_DAYS:
+            if problem is not None:
+                # Served all the same: level-0 sites, whose clients may not
+                # verify the server, can still back up.
+                log.error(
+                    "%s %s %s: %s",
+                    what,
+                    cert.subject.rfc4514_string(),
+                    problem,
+                    "every certificate it signed fails validation, this server's and the "
+                    f"clients'; {CA_REPLACEMENT}"
+                    if cert is self.ca_cert
+                    else "clients that verify the server (SBC_SSL_SERVER_VERIFY=1) refuse it; "
+                    "renew it with `sm_ssl_cert renew server` and send stpd SIGHUP",
+                )
+            elif left < EXPIRY_WARNING_DAYS:
                 log.warning(
                     "%s %s expires in %d days (%s): %s",
                     what,

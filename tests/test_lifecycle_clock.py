@@ -1,0 +1,110 @@
+"""Certificates outside their validity period, and wrong clocks: what stpd,
+sbc and sm_ssl_cert say, and what they keep in force. The certificates are
+re-signed by the test CA with chosen dates (no faked clock)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from pki.layout import Layout
+from tests.conftest import Pki, run_sbc, running_stpd
+
+NOW = datetime.now(UTC)
+PAST = NOW - timedelta(days=10)
+FUTURE = NOW + timedelta(days=10)
+
+
+def redated(cert_path: Path, layout: Layout, not_before: datetime, not_after: datetime) -> None:
+    """``cert_path`` re-signed by the CA of ``layout`` with these dates, all
+    else kept (its key still matches): the CA itself, too."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), None)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    signed = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    cert_path.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
+
+
+def utc(moment: datetime) -> str:
+    return re.escape(f"{moment:%Y-%m-%d %H:%M} UTC")
+
+
+def sbc_status(client: Layout, address: str) -> tuple[int, str, str]:
+    return run_sbc("--ini-dir", str(client.ini_dir), "status", "--server", address)
+
+
+# -- stpd: its own certificates ----------------------------------------------------
+
+
+def test_a_reload_refuses_a_server_certificate_out_of_its_dates(pki: Pki) -> None:
+    """A reload replaced a working server certificate by an expired one (or
+    one not yet valid, said nothing at all), and every verifying client was
+    refused; the log said only "expires in -2 days"."""
+    client = pki.client_ini("client1")
+    cert = pki.layout.server_cert
+    in_force = cert.read_bytes()
+    with running_stpd(pki.layout, level=2) as stpd:
+        stpd.log.wait_for(r"listening on")
+        for not_before, not_after, problem in (
+            (PAST, NOW - timedelta(days=2), rf"expired on {utc(NOW - timedelta(days=2))}"),
+            (
+                FUTURE,
+                FUTURE + timedelta(days=90),
+                rf"not valid before {utc(FUTURE)} \(check this machine's clock and the clock "
+                r"where it was issued\)",
+            ),
+        ):
+            cert.write_bytes(in_force)
+            redated(cert, pki.layout, not_before, not_after)
+            mark = len(stpd.log.lines)
+            stpd.reload()
+            stpd.log.wait_for(
+                r"^ERROR reload refused, the running configuration stays in force: "
+                rf"{re.escape(str(cert))} {problem}: clients that verify the server would "
+                r"refuse it; put a valid one in its place and send SIGHUP again \(a restart "
+                r"would take this one\)$"
+            )
+            assert not [line for line in stpd.log.lines[mark:] if "reloaded" in line]
+            code, _, err = sbc_status(client, stpd.address)  # the pair in force serves
+            assert code == 0, err
+
+
+def test_stpd_starts_with_an_expired_server_certificate_and_says_so(pki: Pki) -> None:
+    """Level 0 clients may not verify the server: stpd serves them, with an
+    ERROR (it logged a WARNING that it "expires in -9 days")."""
+    redated(pki.layout.server_cert, pki.layout, PAST, NOW - timedelta(days=9))
+    client = pki.client_ini("client0", client_auth=0, server_verify=0)
+    with running_stpd(pki.layout, level=0) as stpd:
+        stpd.log.wait_for(
+            r"^ERROR server certificate CN=localhost expired on "
+            rf"{utc(NOW - timedelta(days=9))}: clients that verify the server "
+            r"\(SBC_SSL_SERVER_VERIFY=1\) refuse it; renew it with `sm_ssl_cert renew server` "
+            r"and send stpd SIGHUP$"
+        )
+        assert not stpd.log.matching(r"expires in")
+        code, _, err = sbc_status(client, stpd.address)
+        assert code == 0, err
+
+
+def test_a_root_ca_not_yet_valid_is_an_error_at_start(pki: Pki) -> None:
+    redated(pki.layout.ca_cert, pki.layout, FUTURE, FUTURE + timedelta(days=3650))
+    with running_stpd(pki.layout, level=1) as stpd:
+        stpd.log.wait_for(
+            rf"^ERROR root CA CN=SEP sesam root CA not valid before {utc(FUTURE)} \(check this "
+            r"machine's clock and the clock where it was issued\): every certificate it signed "
+            r"fails validation, this server's and the clients'; create a new one"
+        )
