@@ -208,6 +208,7 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             meta.get("owner") == ANONYMOUS
             and session.config.client_ssl_auth
             and session.certificate_asked
+            and session.served_as_anonymous is None  # (else the session warned of it)
         ):
             # Level 1 serves a client whose certificate it refuses, as anyone.
             _warn(

@@ -173,6 +173,10 @@ class Session:
         # stored it by now, so a break is not "nothing kept" (see _outcome_unknown).
         self.sent_whole_backup = False
         self._early_answer: h11.Event | None = None  # read while sending a backup
+        # What is wrong with our client certificate, as far as we can tell,
+        # when stpd asked for it and served us all the same: level 1 serves
+        # a certificate it refuses as anonymous (see _check_served_as).
+        self.served_as_anonymous: tuple[str, str] | None = None
 
     def __enter__(self) -> Session:
         try:
@@ -398,6 +402,8 @@ class Session:
             event = self._next_event()
             if isinstance(event, h11.Response):
                 self.answers += 1
+                if self.answers == 1:
+                    self._check_served_as()
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
                 return Response(event.status_code, headers)
             if isinstance(event, h11.InformationalResponse):
@@ -405,6 +411,25 @@ class Session:
                 continue
             if isinstance(event, h11.ConnectionClosed):  # not reached: _next_event raises first
                 raise self._broken_off(EOFError("closed by stpd"))
+
+    def _check_served_as(self) -> None:
+        """At stpd's first answer: it asked for our certificate and served
+        us, though the certificate is out of date (or otherwise one it
+        cannot accept): level 1 then takes us for anonymous, and every
+        command acts on the savesets of anonymous without a word."""
+        if not (self.config.client_ssl_auth and self.certificate_asked):
+            return
+        self.served_as_anonymous = client_certificate_problem(self.config.layout)
+        if self.served_as_anonymous is None:
+            return
+        kind, detail = self.served_as_anonymous
+        what, fix = _REFUSALS[kind]
+        self.warn(
+            f"stpd at {self.where} did not accept our client certificate: {what} ({detail}); "
+            "it serves this client as anonymous (STPD_HTTPS_USE_CLIENT_CERT=1): it lists and "
+            "restores the savesets of every client without a valid certificate instead of this "
+            f"client's, and stores its backups where each of them can restore them; {fix}"
+        )
 
     def _await_continue(self) -> bool:
         """After a request head with ``Expect: 100-continue``: True when
@@ -445,6 +470,11 @@ class Session:
         disk), which an operator fixes elsewhere than a refusal."""
         message = body.get("error") if isinstance(body, dict) else None
         message = message or f"HTTP {response.status}"
+        if response.status == 404 and self.served_as_anonymous is not None:
+            message += (
+                " (stpd did not accept our client certificate, so it took this client for "
+                "anonymous: see the warning above)"
+            )
         if response.status == 408 or response.status >= 500:
             return SbcError(f"{what} failed on stpd at {self.where}: {message}")
         return SbcError(f"{what} refused by stpd at {self.where}: {message}")

@@ -4,6 +4,7 @@ re-signed by the test CA with chosen dates (no faked clock)."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -108,3 +109,86 @@ def test_a_root_ca_not_yet_valid_is_an_error_at_start(pki: Pki) -> None:
             r"machine's clock and the clock where it was issued\): every certificate it signed "
             r"fails validation, this server's and the clients'; create a new one"
         )
+
+
+# -- sbc: a level-1 stpd serves an out-of-date client certificate as anonymous -----
+
+ANONYMOUS_WARNING = (
+    r"sbc: WARNING: stpd at \S+ did not accept our client certificate: our client "
+    r"certificate {what} \({detail}\); it serves this client as anonymous "
+    r"\(STPD_HTTPS_USE_CLIENT_CERT=1\): it lists and restores the savesets of every client "
+    r"without a valid certificate instead of this client's, and stores its backups where each "
+    r"of them can restore them; "
+)
+
+
+def test_every_command_warns_when_level_1_takes_us_for_anonymous(pki: Pki, tmp_path: Path) -> None:
+    """Only a backup warned: `sbc list` showed anonymous's savesets as ours,
+    exit 0, and `sbc restore` of our own saveset said only that there was
+    "no saveset ... for this client"."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "file").write_text("ours\n")
+    client = pki.client_ini("client1")
+    anonymous = pki.client_ini("nobody", cert="none", client_auth=0)
+    ini = str(client.ini_dir)
+    with running_stpd(pki.layout, level=1) as stpd:
+        code, out, err = run_sbc(
+            "--ini-dir", ini, "--server", stpd.address, "backup", "--json", str(tmp_path / "src")
+        )
+        assert code == 0, err
+        ours = json.loads(out)["saveset"]
+        code, _, err = run_sbc(
+            "--ini-dir",
+            str(anonymous.ini_dir),
+            "--server",
+            stpd.address,
+            "backup",
+            str(tmp_path / "src"),
+        )
+        assert code == 0, err
+        for not_before, not_after, what, detail in (
+            (
+                PAST,
+                NOW - timedelta(days=2),
+                "has expired",
+                f"expired on {utc(NOW - timedelta(days=2))}",
+            ),
+            (
+                FUTURE,
+                FUTURE + timedelta(days=90),
+                "is not yet valid",
+                f"is valid only from {utc(FUTURE)}",
+            ),
+        ):
+            redated(client.client_cert, pki.layout, not_before, not_after)
+            warning = ANONYMOUS_WARNING.format(
+                what=what, detail=rf"{re.escape(str(client.client_cert))} {detail}"
+            )
+            for command in ("list", "status"):
+                code, _, err = run_sbc("--ini-dir", ini, "--server", stpd.address, command)
+                assert code == 0, err
+                assert re.search(warning, err), err
+            code, _, err = run_sbc(
+                "--ini-dir", ini, "--server", stpd.address, "restore", ours, str(tmp_path / "to")
+            )
+            assert code == 1
+            assert re.search(warning, err), err
+            assert (
+                f"sbc: error: restore of {ours} refused by stpd at {stpd.address}: no saveset "
+                f"{ours} for this client (stpd did not accept our client certificate, so it took "
+                "this client for anonymous: see the warning above)"
+            ) in err, err
+        # A backup says it once, not twice.
+        code, _, err = run_sbc(
+            "--ini-dir", ini, "--server", stpd.address, "backup", str(tmp_path / "src")
+        )
+        assert code == 0, err
+        assert err.count("anonymous") == 1 and re.search(warning, err), err
+
+
+def test_level_2_refuses_without_the_anonymous_warning(pki: Pki) -> None:
+    client = pki.client_ini("client1", cert="expired")
+    with running_stpd(pki.layout, level=2) as stpd:
+        code, _, err = sbc_status(client, stpd.address)
+    assert code == 1
+    assert "our client certificate has expired" in err and "anonymous" not in err, err
