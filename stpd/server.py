@@ -657,19 +657,32 @@ class Stpd:
         so every client certificate is invalid: said here before it happens
         and when it has, with the fix (the refusals name only the symptom)."""
         next_update = self._crl_next_update()
-        if next_update is None:
+        if next_update is None or self._crl_in_force is None:
             return
         crl, left = self.config.layout.crl, days_left(next_update)
-        if left <= 0:
+        last_update = self._crl_in_force.last_update_utc
+        refused = (
+            "refused"
+            if self.config.client_cert_policy == ClientCertPolicy.REQUIRE
+            else "served as anonymous"
+        )
+        if last_update > utc_now():  # OpenSSL fails every check against it, as when out of date
+            log.error(
+                "CRL %s is not valid before %s UTC (%s): every client certificate fails "
+                "validation until then, so every client is %s",
+                crl,
+                f"{last_update:%Y-%m-%d %H:%M}",
+                "check this machine's clock and the clock where `sm_ssl_cert crl` wrote it",
+                refused,
+            )
+        elif left <= 0:
             log.error(
                 "CRL %s is out of date since %s UTC: every client certificate now fails "
                 "validation, so every client is %s; write a new one with `sm_ssl_cert crl` "
                 "where the CA key is and copy it here (stpd reads it at the next connection)",
                 crl,
                 f"{next_update:%Y-%m-%d %H:%M}",
-                "refused"
-                if self.config.client_cert_policy == ClientCertPolicy.REQUIRE
-                else "served as anonymous",
+                refused,
             )
         elif left < CRL_WARNING_DAYS:
             log.warning(

@@ -40,8 +40,12 @@ def redated(cert_path: Path, layout: Layout, not_before: datetime, not_after: da
     cert_path.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
 
 
+def stamp(moment: datetime) -> str:
+    return re.escape(f"{moment:%Y-%m-%d %H:%M}")
+
+
 def utc(moment: datetime) -> str:
-    return re.escape(f"{moment:%Y-%m-%d %H:%M} UTC")
+    return f"{stamp(moment)} UTC"
 
 
 def sbc_status(client: Layout, address: str) -> tuple[int, str, str]:
@@ -192,3 +196,86 @@ def test_level_2_refuses_without_the_anonymous_warning(pki: Pki) -> None:
         code, _, err = sbc_status(client, stpd.address)
     assert code == 1
     assert "our client certificate has expired" in err and "anonymous" not in err, err
+
+
+# -- sbc: a server chain or CRL out of its dates, most often a wrong clock ---------
+
+
+def future_crl(layout: Layout, crl_path: Path) -> None:
+    """A CRL of the CA of ``layout`` written (by its lastUpdate) in the future."""
+    ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), None)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(FUTURE)
+        .next_update(FUTURE + timedelta(days=30))
+        .add_extension(x509.CRLNumber(1), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+CLOCKS = (
+    r", and this machine's clock says \d{4}-\d\d-\d\d \d\d:\d\d UTC: check the clocks of this "
+    r"machine and of the server; if both are right, "
+)
+
+
+def test_sbc_says_the_server_certificate_dates_and_its_clock(pki: Pki) -> None:
+    """sbc told the administrator to re-issue a server certificate that was
+    fine when its own clock was wrong, and to restart stpd."""
+    redated(pki.layout.server_cert, pki.layout, PAST, NOW - timedelta(days=2))
+    client = pki.client_ini("client1", client_auth=0)
+    with running_stpd(pki.layout, level=0) as stpd:
+        code, _, err = sbc_status(client, stpd.address)
+    assert code == 1
+    assert re.search(
+        r"failed verification: certificate has expired; the server certificate CN=localhost is valid from "
+        rf"{stamp(PAST)} to {utc(NOW - timedelta(days=2))}{CLOCKS}re-issue it on the backup "
+        r"server with `sm_ssl_cert server --common-name=<names>` \(with --path=DIR for an "
+        r"RDS\), install it and send stpd SIGHUP \(SBC_SSL_SERVER_VERIFY=0",
+        err,
+    ), err
+
+
+def test_sbc_says_a_root_ca_is_not_yet_valid_rather_than_blame_the_server(pki: Pki) -> None:
+    client = pki.client_ini("client1", client_auth=0)
+    redated(client.ca_cert, pki.layout, FUTURE, FUTURE + timedelta(days=3650))
+    with running_stpd(pki.layout, level=0) as stpd:
+        code, _, err = sbc_status(client, stpd.address)
+    assert code == 1
+    assert re.search(
+        r"failed verification: certificate is not yet valid \(chain depth 1: SEP sesam root "
+        rf"CA\); the root CA CN=SEP sesam root CA is valid from {stamp(FUTURE)} to "
+        rf"{utc(FUTURE + timedelta(days=3650))}{CLOCKS}the root CA must be made anew",
+        err,
+    ), err
+    assert "re-issue it" not in err
+
+
+def test_a_crl_from_the_future_is_called_so(pki: Pki) -> None:
+    """sbc said such a CRL was "out of date (past its next update)", and
+    stpd put it in force with "CRL ... changed: reloaded" only."""
+    client = pki.client_ini("client1")
+    future_crl(pki.layout, client.crl)
+    with running_stpd(pki.layout, level=1) as stpd:
+        code, _, err = sbc_status(client, stpd.address)
+        assert code == 1
+        assert re.search(
+            rf"failed verification: CRL is not yet valid; {re.escape(str(client.crl))} here is "
+            rf"not yet valid: its last update is {utc(FUTURE)}, its next "
+            rf"{utc(FUTURE + timedelta(days=30))}, and this machine's clock says .* UTC: check "
+            r"the clocks of this machine and of the CA machine, where `sm_ssl_cert crl` wrote it",
+            err,
+        ), err
+        assert "out of date" not in err
+
+        future_crl(pki.layout, pki.layout.crl)  # read at the next connection
+        run_sbc("--ini-dir", str(client.ini_dir), "status", "--server", stpd.address)
+        stpd.log.wait_for(
+            rf"^ERROR CRL {re.escape(str(pki.layout.crl))} is not valid before {utc(FUTURE)} "
+            r"\(check this machine's clock and the clock where `sm_ssl_cert crl` wrote it\): "
+            r"every client certificate fails validation until then, so every client is served "
+            r"as anonymous$"
+        )
