@@ -18,6 +18,7 @@ from cryptography import x509
 from pki.authority import (
     CA_RENEWAL,
     CA_VALIDITY_DAYS,
+    CLOCK_HINT,
     DEFAULT_KEY_TYPE,
     EXPIRY_WARNING_DAYS,
     KEY_TYPES,
@@ -306,6 +307,15 @@ def _signing_ca(layout: Layout, args: argparse.Namespace) -> CertificateAuthorit
     loose = open_to_others(layout.ca_key, "root CA key")
     if loose is not None:
         print(f"{PROG}: warning: {loose}", file=sys.stderr)
+    now = datetime.now(UTC)
+    if ca.cert.not_valid_before_utc > now:  # (an expired one is refused where it issues)
+        print(
+            f"{PROG}: warning: the root CA {layout.ca_cert} is valid only from "
+            f"{ca.cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC, and this machine's clock says "
+            f"{now:%Y-%m-%d %H:%M} UTC ({CLOCK_HINT}): what it signs fails verification "
+            '("certificate is not yet valid") until then',
+            file=sys.stderr,
+        )
     return ca
 
 

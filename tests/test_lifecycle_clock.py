@@ -9,9 +9,12 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from pki.authority import CertificateAuthority
+from pki.cli import main as sm_ssl_cert
 from pki.layout import Layout
 from tests.conftest import Pki, run_sbc, running_stpd
 
@@ -279,3 +282,27 @@ def test_a_crl_from_the_future_is_called_so(pki: Pki) -> None:
             r"every client certificate fails validation until then, so every client is served "
             r"as anonymous$"
         )
+
+
+# -- sm_ssl_cert: issuing under a root CA not yet valid ------------------------------
+
+
+def test_issuing_under_a_root_ca_not_yet_valid_is_warned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA made while the clock ran ahead issued, without a word, what
+    every peer refuses as "not yet valid"."""
+    layout = Layout(tmp_path / "ini")
+    CertificateAuthority.create(layout)
+    redated(layout.ca_cert, layout, FUTURE, FUTURE + timedelta(days=3650))
+    capsys.readouterr()
+    argv = ["--ini-dir", str(layout.ini_dir), "client", "--oid", "CN:host1"]
+    assert sm_ssl_cert([*argv, "--path", str(tmp_path / "host1")]) == 0
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"sm_ssl_cert: warning: the root CA {re.escape(str(layout.ca_cert))} is valid only "
+        rf"from {utc(FUTURE)}, and this machine's clock says \d{{4}}-\d\d-\d\d \d\d:\d\d UTC "
+        r"\(check this machine's clock and the clock where it was issued\): what it signs "
+        r'fails verification \("certificate is not yet valid"\) until then\n',
+        err,
+    ), err
