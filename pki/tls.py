@@ -310,11 +310,13 @@ def server_context(
     return ctx
 
 
-def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -> SSL.Context:
+def client_context(
+    layout: Layout, *, present_cert: bool, verify_server: bool, check_crl: bool = True
+) -> SSL.Context:
     """The SBC context: ``SBC_CLIENT_SSL_AUTH`` decides whether we present
     ``x.509/client.pem``; ``SBC_SSL_SERVER_VERIFY`` whether we verify the
     server's chain (names are checked after the handshake), against
-    ``ca/crl.pem`` too where there is one."""
+    ``ca/crl.pem`` too where there is one, unless not ``check_crl``."""
     ctx = _hardened_context(SSL.TLS_CLIENT_METHOD)
     if present_cert:
         fix = (
@@ -325,7 +327,9 @@ def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -
     if verify_server:
         # A revoked server certificate (an RDS's stolen key) is refused only
         # where the CRL has been copied beside rootCA.pem.
-        _check_revocations(ctx, layout, _load_ca(ctx, layout))
+        ca = _load_ca(ctx, layout)
+        if check_crl:
+            _check_revocations(ctx, layout, ca)
         # The callback records why a chain failed, for SBC's one-line error.
         ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
     else:

@@ -200,6 +200,7 @@ class Session:
                 self.config.layout,
                 present_cert=self.config.client_ssl_auth,
                 verify_server=self.config.server_verify,
+                check_crl=self.config.check_server_crl,
             )
         except PkiError as exc:
             raise SbcError(str(exc)) from None

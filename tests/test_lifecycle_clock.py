@@ -15,8 +15,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
+from pki.crl import write_crl
 from pki.layout import Layout
-from tests.conftest import Pki, run_sbc, running_stpd
+from stpd.cli import status as stpd_status
+from stpd.config import load_config as load_stpd_config
+from tests.conftest import LOOPBACK, Pki, run_sbc, running_stpd
 
 NOW = datetime.now(UTC)
 PAST = NOW - timedelta(days=10)
@@ -306,3 +309,30 @@ def test_issuing_under_a_root_ca_not_yet_valid_is_warned(
         r'fails verification \("certificate is not yet valid"\) until then\n',
         err,
     ), err
+
+
+# -- stpd status: the server's own CRL out of date ------------------------------------
+
+
+def test_stpd_status_reports_its_own_crl_out_of_date(
+    pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stpd status` pins the daemon's certificate, yet checked it against
+    the same out-of-date CRL, and so failed with "server certificate ...
+    failed verification: CRL has expired; ... copy the current ca/crl.pem
+    from the backup server" (this is the backup server) instead of showing
+    what stpd reports."""
+    (pki.layout.ini_dir / "stpd.ini").write_text("[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=1\n")
+    written = write_crl(pki.ca, days=1, now=NOW - timedelta(days=2))
+    with running_stpd(pki.layout, level=1) as stpd:
+        config = load_stpd_config(pki.layout, listen=(LOOPBACK, stpd.port))
+        capsys.readouterr()
+        assert stpd_status(pki.layout, config, as_json=False) == 1
+        out, err = capsys.readouterr()
+    next_update = f"{written.next_update:%Y-%m-%dT%H:%M:%SZ}"
+    assert f", CRL out of date since {next_update}, " in out, out
+    assert err == (
+        f"stpd: error: stpd at {stpd.address} has a CRL out of date since {next_update}: every "
+        "client certificate fails validation there; write a new one with `sm_ssl_cert crl` "
+        "where the CA key is and copy it into its ca/\n"
+    )
