@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -15,7 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pki.console import as_tar_lists, in_days, one_line, reader_gone, share_of
+from pki.console import (
+    as_tar_lists,
+    expiry_in_words,
+    in_days,
+    one_line,
+    reader_gone,
+    share_of,
+)
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -445,7 +453,7 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"stpd {status.get('version')} at {session.where}: level {status.get('level')}, "
             f"up {status.get('uptime_seconds')}s, {status.get('active_transfers')} active transfers, "
-            f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days{crl_text}"
+            f"certificate {cert.get('subject')} {_expiry(cert)}{crl_text}"
             f"{free}",
             flush=True,
         )
@@ -461,6 +469,18 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             "`sm_ssl_cert crl` where the CA key is and copy it into its ca/"
         )
     return dict(status)
+
+
+def _expiry(cert: dict[str, Any]) -> str:
+    """When the server certificate of a status ends, as stpd's log says
+    it (its days_left is cut toward zero: 0 for 12 hours left or past)."""
+    try:
+        left = (
+            dt.datetime.fromisoformat(cert["not_after"]) - dt.datetime.now(dt.UTC)
+        ).total_seconds()
+        return expiry_in_words(left / 86400)
+    except (KeyError, TypeError, ValueError):  # (an older stpd, or a field missing)
+        return f"expires in {cert.get('days_left')} days"
 
 
 def _crl_out_of_date(crl: dict[str, Any]) -> bool:

@@ -33,7 +33,7 @@ from pki.authority import (
     days_left,
     validity_problem,
 )
-from pki.console import in_days, share_of
+from pki.console import expiry_in_words, in_days, share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
 from pki.files import open_to_others
@@ -529,11 +529,11 @@ class Stpd:
         self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
         self.handshakes.cap = handshake_cap(config.max_connections)
         log.info(
-            "reloaded %s and certificates: level %s, server certificate %s (%d days left)%s",
+            "reloaded %s and certificates: level %s, server certificate %s (%s)%s",
             config.layout.stpd_ini,
             config.describe_level(),
             self.server_cert.subject.rfc4514_string(),
-            int(days_left(self.server_cert.not_valid_after_utc)),
+            expiry_in_words(days_left(self.server_cert.not_valid_after_utc)),
             self._revocations(),
         )
         self._check_expiry()
@@ -642,10 +642,10 @@ class Stpd:
                 )
             elif left < EXPIRY_WARNING_DAYS:
                 log.warning(
-                    "%s %s expires in %d days (%s): %s",
+                    "%s %s %s (%s): %s",
                     what,
                     cert.subject.rfc4514_string(),
-                    int(left),
+                    expiry_in_words(left),
                     cert.not_valid_after_utc.date(),
                     CA_RENEWAL
                     if cert is self.ca_cert

@@ -336,3 +336,23 @@ def test_stpd_status_reports_its_own_crl_out_of_date(
         "client certificate fails validation there; write a new one with `sm_ssl_cert crl` "
         "where the CA key is and copy it into its ca/\n"
     )
+
+
+# -- days counted in words -------------------------------------------------------------
+
+
+def test_half_a_day_left_is_said_in_words_by_stpd_and_sbc(pki: Pki) -> None:
+    """Counted with %d: "expires in 0 days" at start and in `sbc status`,
+    "(0 days left)" at a reload."""
+    redated(pki.layout.server_cert, pki.layout, PAST, NOW + timedelta(hours=12))
+    client = pki.client_ini("client1")
+    with running_stpd(pki.layout, level=2) as stpd:
+        stpd.log.wait_for(r"^WARNING server certificate CN=localhost expires in less than a day \(")
+        stpd.reload()
+        stpd.log.wait_for(
+            r"^INFO reloaded .* server certificate CN=localhost \(expires in less than a day\)"
+        )
+        code, out, err = sbc_status(client, stpd.address)
+    assert code == 0, err
+    assert "certificate CN=localhost expires in less than a day, " in out, out
+    assert "0 days" not in out

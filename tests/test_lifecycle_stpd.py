@@ -218,7 +218,7 @@ def test_the_start_and_reload_lines_say_which_crl_is_in_force(pki: Pki) -> None:
         crl_module.write_crl(pki.ca)
         crl_module.write_crl(pki.ca)
         stpd.reload()
-        stpd.log.wait_for(r"^INFO reloaded .* \(\d+ days left\); CRL number 2 in force$")
+        stpd.log.wait_for(r"^INFO reloaded .* \(expires in \d+ days\); CRL number 2 in force$")
     with running_stpd(pki.layout, level=0) as stpd:  # nothing is checked at level 0
         assert stpd.log.wait_for(r"listening on ").endswith(f"data in {stpd.daemon.store.root}")
 
