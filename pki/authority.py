@@ -61,11 +61,14 @@ CLOCK_SKEW = timedelta(minutes=5)
 EXPIRY_WARNING_DAYS = 30
 # What to do about a root CA that ends: no certificate outlives it (see
 # _builder), so renewing the server certificate does not help.
-CA_RENEWAL = (
-    "a root CA is not renewed: before then, create a new one on the CA machine "
-    "(`sm_ssl_cert ca --force`), re-issue every server and client certificate from it, "
-    "and copy its rootCA.pem to every server and client"
+CA_REPLACEMENT = (
+    "create a new one on the CA machine (`sm_ssl_cert ca --force`), re-issue every server "
+    "and client certificate from it, and copy its rootCA.pem to every server and client"
 )
+CA_RENEWAL = f"a root CA is not renewed: before then, {CA_REPLACEMENT}"
+# A certificate not yet valid is most often a clock that is wrong, here or
+# where it was issued, rather than a certificate that is.
+CLOCK_HINT = "check this machine's clock and the clock where it was issued"
 
 KeyType = Literal["ec", "rsa"]
 KEY_TYPES: tuple[KeyType, ...] = ("ec", "rsa")
@@ -544,6 +547,18 @@ def days_left(moment: datetime, now: datetime | None = None) -> float:
     """Days from ``now`` until ``moment`` (an expiry, a CRL's next update);
     negative once it has passed."""
     return (moment - (now or datetime.now(UTC))).total_seconds() / 86400
+
+
+def validity_problem(cert: x509.Certificate, now: datetime | None = None) -> str | None:
+    """What is wrong with ``cert``'s validity period at ``now``, as OpenSSL
+    judges it: "expired on DATE UTC", "not valid before DATE UTC (CLOCK_HINT)";
+    None while it is valid."""
+    now = now or datetime.now(UTC)
+    if cert.not_valid_after_utc < now:
+        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if cert.not_valid_before_utc > now:
+        return f"not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC ({CLOCK_HINT})"
+    return None
 
 
 def parse_subject_options(text: str) -> x509.Name:

@@ -17,7 +17,9 @@ from cryptography import x509
 
 from pki.authority import (
     CA_RENEWAL,
+    CA_REPLACEMENT,
     CA_VALIDITY_DAYS,
+    CLOCK_HINT,
     DEFAULT_KEY_TYPE,
     EXPIRY_WARNING_DAYS,
     KEY_TYPES,
@@ -35,7 +37,7 @@ from pki.authority import (
     move_old_server_keys,
     read_certificate,
 )
-from pki.console import reader_gone
+from pki.console import expiry_in_words, reader_gone
 from pki.crl import (
     CRL_VALIDITY_DAYS,
     CRL_WARNING_DAYS,
@@ -306,6 +308,15 @@ def _signing_ca(layout: Layout, args: argparse.Namespace) -> CertificateAuthorit
     loose = open_to_others(layout.ca_key, "root CA key")
     if loose is not None:
         print(f"{PROG}: warning: {loose}", file=sys.stderr)
+    now = datetime.now(UTC)
+    if ca.cert.not_valid_before_utc > now:  # (an expired one is refused where it issues)
+        print(
+            f"{PROG}: warning: the root CA {layout.ca_cert} is valid only from "
+            f"{ca.cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC, and this machine's clock says "
+            f"{now:%Y-%m-%d %H:%M} UTC ({CLOCK_HINT}): what it signs fails verification "
+            '("certificate is not yet valid") until then',
+            file=sys.stderr,
+        )
     return ca
 
 
@@ -440,7 +451,7 @@ def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         warnings.append(str(exc))
     warnings += _crl_warnings(layout, entries, crl, now)
     rows = [_list_row(entry, now) for entry in entries]
-    warnings += _expiry_warnings(rows, layout)
+    warnings += _expiry_warnings(entries, layout, now)
     if args.json:
         document = {
             "inventory": str(layout.inventory),
@@ -552,26 +563,24 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
 # -- list --------------------------------------------------------------------------
 
 
-def _expiry_warnings(rows: list[dict[str, Any]], layout: Layout) -> list[str]:
+def _expiry_warnings(entries: list[Entry], layout: Layout, now: datetime) -> list[str]:
     """Certificates in use (not revoked or superseded) that expired or expire soon."""
     warnings = []
-    for row in rows:
-        if row["status"] != "valid":
+    for entry in entries:
+        left = days_left(entry.not_after_utc, now)
+        if entry.status != "valid" or left >= EXPIRY_WARNING_DAYS:
             continue
-        what = (
-            f"{row['profile']} certificate {row['subject']} (serial {row['serial']}, {row['path']})"
-        )
-        if row["profile"] == "ca":
-            renew = CA_RENEWAL
+        what = f"{entry.profile} certificate {entry.subject} (serial {entry.serial}, {entry.path})"
+        if entry.profile == "ca":
+            renew = CA_RENEWAL if left > 0 else f"a root CA is not renewed: {CA_REPLACEMENT}"
         else:  # where it was issued (--path DIR), or renew would renew the local one
-            where = Path(row["path"]).parent
-            usual = layout.server_dir if row["profile"] == "server" else layout.client_dir
+            where = Path(entry.path).parent
+            usual = layout.server_dir if entry.profile == "server" else layout.client_dir
             path = "" if where == usual else f" --path {shlex.quote(str(where))}"
-            renew = f"renew it with `sm_ssl_cert renew {row['profile']}{path}`"
-        if row["expired"]:
-            warnings.append(f"{what} has expired: {renew}")
-        elif row["days_left"] < EXPIRY_WARNING_DAYS:
-            warnings.append(f"{what} expires in {row['days_left']} days: {renew}")
+            # With --ini-dir: without it, renew acts on the default one.
+            ini_dir = shlex.quote(str(layout.ini_dir))
+            renew = f"renew it with `sm_ssl_cert --ini-dir {ini_dir} renew {entry.profile}{path}`"
+        warnings.append(f"{what} {expiry_in_words(left)}: {renew}")
     return warnings
 
 

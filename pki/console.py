@@ -42,6 +42,19 @@ def in_days(days: float) -> str:
     return f"in {whole} day{'s' if whole > 1 else ''}"
 
 
+def expiry_in_words(days: float) -> str:
+    """A certificate's end, ``days`` from now (negative: past), counted as
+    in_days counts: "expires in 2 days", "expires in less than a day",
+    "expired 3 days ago", "expired less than a day ago" (not "expires in 0
+    days" nor "in -2 days")."""
+    if days > 0:
+        return f"expires {in_days(days)}"
+    ago = math.floor(-days)
+    if ago < 1:
+        return "expired less than a day ago"
+    return f"expired {ago} day{'s' if ago > 1 else ''} ago"
+
+
 # C0 controls, DEL and C1 controls (NEL among them), and the Unicode line and
 # paragraph separators that str.splitlines() and some viewers break lines at.
 _CONTROL_RANGES = "\x00-\x1f\x7f-\x9f\u2028\u2029"

@@ -91,6 +91,18 @@ class ClientCertPolicy(enum.IntEnum):
     REQUIRE = 2  # required, validated, invalid ones refused with an ERROR
 
 
+@dataclass(frozen=True)
+class OutOfDate:
+    """A certificate of the peer's chain that failed for its dates: most
+    often a clock that is wrong, here or on the peer, so its dates are
+    said beside this machine's time."""
+
+    depth: int  # 0: the peer's own certificate; 1: the root CA
+    name: str  # its CN
+    not_before: datetime
+    not_after: datetime
+
+
 @dataclass
 class PeerVerdict:
     """What the verify callback saw of one peer's certificate chain.
@@ -101,6 +113,7 @@ class PeerVerdict:
     errors: set[int] = field(default_factory=set)  # OpenSSL X509_V_ERR_* codes seen
     peer_role: str = "client"
     subject: str | None = None  # the peer certificate's subject (RFC 4514), once seen
+    out_of_date: list[OutOfDate] = field(default_factory=list)  # expired or not yet valid
 
     def record(self, errnum: int, depth: int, subject: str) -> None:
         self.errors.add(errnum)
@@ -157,9 +170,24 @@ def _verify_callback(
         verdict.subject = _subject(cert)  # a refusal's log line names whom it refused
     if not ok and isinstance(verdict, PeerVerdict):
         verdict.record(errnum, depth, _common_name(cert))
+        if errnum in (X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED):
+            dates = _out_of_date(cert, depth)
+            if dates is not None and dates not in verdict.out_of_date:
+                verdict.out_of_date.append(dates)
     policy = getattr(conn.get_context(), "client_cert_policy", ClientCertPolicy.REQUIRE)
     # Level 1 accepts whatever it was shown; the verdict decides the warning.
     return True if policy == ClientCertPolicy.WARN else bool(ok)
+
+
+def _out_of_date(cert: crypto.X509, depth: int) -> OutOfDate | None:
+    """``cert``'s dates; never raises (see _common_name)."""
+    try:
+        parsed = cert.to_cryptography()
+        return OutOfDate(
+            depth, _common_name(cert), parsed.not_valid_before_utc, parsed.not_valid_after_utc
+        )
+    except Exception:  # pragma: no cover - a certificate cryptography cannot parse
+        return None
 
 
 def _hardened_context(method: int) -> SSL.Context:
@@ -293,11 +321,13 @@ def server_context(
     return ctx
 
 
-def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -> SSL.Context:
+def client_context(
+    layout: Layout, *, present_cert: bool, verify_server: bool, check_crl: bool = True
+) -> SSL.Context:
     """The SBC context: ``SBC_CLIENT_SSL_AUTH`` decides whether we present
     ``x.509/client.pem``; ``SBC_SSL_SERVER_VERIFY`` whether we verify the
     server's chain (names are checked after the handshake), against
-    ``ca/crl.pem`` too where there is one."""
+    ``ca/crl.pem`` too where there is one, unless not ``check_crl``."""
     ctx = _hardened_context(SSL.TLS_CLIENT_METHOD)
     if present_cert:
         fix = (
@@ -308,7 +338,9 @@ def client_context(layout: Layout, *, present_cert: bool, verify_server: bool) -
     if verify_server:
         # A revoked server certificate (an RDS's stolen key) is refused only
         # where the CRL has been copied beside rootCA.pem.
-        _check_revocations(ctx, layout, _load_ca(ctx, layout))
+        ca = _load_ca(ctx, layout)
+        if check_crl:
+            _check_revocations(ctx, layout, ca)
         # The callback records why a chain failed, for SBC's one-line error.
         ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -15,7 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pki.console import as_tar_lists, in_days, one_line, reader_gone, share_of
+from pki.console import (
+    as_tar_lists,
+    expiry_in_words,
+    in_days,
+    one_line,
+    reader_gone,
+    share_of,
+)
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -218,6 +226,7 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             meta.get("owner") == ANONYMOUS
             and session.config.client_ssl_auth
             and session.certificate_asked
+            and session.served_as_anonymous is None  # (else the session warned of it)
         ):
             # Level 1 serves a client whose certificate it refuses, as anyone.
             _warn(
@@ -438,7 +447,10 @@ def _verify(session: Session, args: argparse.Namespace) -> dict[str, Any]:
 def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     status = session.status()
     missing = status.get("data_directory") == "missing"  # (an older stpd does not say)
-    if args.json and missing:  # a script reads the status as the API gives it, beside the error
+    crl = status.get("crl") or {}
+    crl_out_of_date = _crl_out_of_date(crl)
+    # A script reads the status as the API gives it, beside the error.
+    if args.json and (missing or crl_out_of_date):
         print(json.dumps(status, indent=1), flush=True)
     if not args.json:
         cert = status.get("server_certificate") or {}
@@ -447,20 +459,15 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             free = f", {share_of(storage['free_bytes'], storage['total_bytes'])} free for savesets"
         else:
             free = ", data directory missing" if missing else ""
-        crl = status.get("crl") or {}
         crl_text = ""
-        if "days_left" in crl:
-            # days_left is cut toward zero: 0 is up to a day past too, which stpd calls out of date
-            next_update = str(crl.get("next_update", ""))
-            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            if crl["days_left"] < 0 or (next_update and next_update <= now):
-                crl_text = f", CRL out of date since {next_update}"
-            else:
-                crl_text = f", CRL next update {in_days(crl['days_left'])}"
+        if crl_out_of_date:
+            crl_text = f", CRL out of date since {crl.get('next_update', '')}"
+        elif "days_left" in crl:
+            crl_text = f", CRL next update {in_days(crl['days_left'])}"
         print(
             f"stpd {status.get('version')} at {session.where}: level {status.get('level')}, "
             f"up {status.get('uptime_seconds')}s, {status.get('active_transfers')} active transfers, "
-            f"certificate {cert.get('subject')} expires in {cert.get('days_left')} days{crl_text}"
+            f"certificate {cert.get('subject')} {_expiry(cert)}{crl_text}"
             f"{free}",
             flush=True,
         )
@@ -469,7 +476,36 @@ def _status(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             f"stpd at {session.where} has lost its data directory (its file system unmounted?): "
             "backups, listings and restores fail until it is there again and stpd restarted"
         )
+    if crl_out_of_date:  # exit status 1 too: every client certificate now fails there
+        raise SbcError(
+            f"stpd at {session.where} has a CRL out of date since {crl.get('next_update')}: "
+            "every client certificate fails validation there; write a new one with "
+            "`sm_ssl_cert crl` where the CA key is and copy it into its ca/"
+        )
     return dict(status)
+
+
+def _expiry(cert: dict[str, Any]) -> str:
+    """When the server certificate of a status ends, as stpd's log says
+    it (its days_left is cut toward zero: 0 for 12 hours left or past)."""
+    try:
+        left = (
+            dt.datetime.fromisoformat(cert["not_after"]) - dt.datetime.now(dt.UTC)
+        ).total_seconds()
+        return expiry_in_words(left / 86400)
+    except (KeyError, TypeError, ValueError):  # (an older stpd, or a field missing)
+        return f"expires in {cert.get('days_left')} days"
+
+
+def _crl_out_of_date(crl: dict[str, Any]) -> bool:
+    """Whether the CRL in force at stpd (its status's ``crl``) is past its
+    next update, as stpd calls it: days_left is cut toward zero, so 0 is up
+    to a day past too."""
+    if "days_left" not in crl:
+        return False
+    next_update = str(crl.get("next_update", ""))
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return bool(crl["days_left"] < 0 or (next_update and next_update <= now))
 
 
 def _warn_loudly(message: str) -> None:

@@ -12,11 +12,13 @@ import re
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import h11
+from cryptography import x509
 
 from pki.errors import PkiError
 from pki.files import open_to_others
@@ -28,6 +30,8 @@ from pki.tls import (
     X509_V_ERR_CRL_HAS_EXPIRED,
     X509_V_ERR_CRL_NOT_YET_VALID,
     X509_V_ERR_INVALID_PURPOSE,
+    OutOfDate,
+    PeerVerdict,
     check_server_names,
     client_certificate_problem,
     client_context,
@@ -244,6 +248,10 @@ class Session:
         # stored it by now, so a break is not "nothing kept" (see _outcome_unknown).
         self.sent_whole_backup = False
         self._early_answer: h11.Event | None = None  # read while sending a backup
+        # What is wrong with our client certificate, as far as we can tell,
+        # when stpd asked for it and served us all the same: level 1 serves
+        # a certificate it refuses as anonymous (see _check_served_as).
+        self.served_as_anonymous: tuple[str, str] | None = None
 
     def __enter__(self) -> Session:
         try:
@@ -263,6 +271,7 @@ class Session:
                 self.config.layout,
                 present_cert=self.config.client_ssl_auth,
                 verify_server=self.config.server_verify,
+                check_crl=self.config.check_server_crl,
             )
         except PkiError as exc:
             raise SbcError(str(exc)) from None
@@ -294,7 +303,7 @@ class Session:
             if verdict.problems:
                 raise SbcError(
                     f"server certificate of stpd at {self.where} failed verification: "
-                    f"{verdict.reason}; {self._server_fix(verdict.errors)} "
+                    f"{verdict.reason}; {self._server_fix(verdict)} "
                     "(SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)"
                 ) from None
             raise self._broken_off(exc) from None
@@ -302,11 +311,12 @@ class Session:
             raise self._broken_off(exc) from None
         self._check_server()
 
-    def _server_fix(self, errors: set[int]) -> str:
+    def _server_fix(self, verdict: PeerVerdict) -> str:
         """What to do about a server certificate that failed verification."""
+        errors = verdict.errors
         reissue = (
             "re-issue it on the backup server with `sm_ssl_cert server --common-name=<names>` "
-            "(with --path=DIR for an RDS) and restart stpd"
+            "(with --path=DIR for an RDS), install it and send stpd SIGHUP"
         )
         if X509_V_ERR_INVALID_PURPOSE in errors:
             return f"stpd presents a certificate without serverAuth usage: {reissue}"
@@ -316,16 +326,59 @@ class Session:
                 f"{crl} here revokes it: if that server is to be trusted again, {reissue}; "
                 "else back up elsewhere"
             )
-        if errors & {X509_V_ERR_CRL_HAS_EXPIRED, X509_V_ERR_CRL_NOT_YET_VALID}:
-            return (
-                f"{crl} here is out of date (past its next update), so no certificate passes "
-                "the check against it: copy the current ca/crl.pem from the backup server"
-            )
+        # Before the CRL: a clock that is wrong makes it fail too.
         if errors & {X509_V_ERR_CERT_HAS_EXPIRED, X509_V_ERR_CERT_NOT_YET_VALID}:
-            return f"the server certificate is out of its validity period: {reissue}"
+            return self._dates_fix(verdict.out_of_date, reissue)
+        if X509_V_ERR_CRL_NOT_YET_VALID in errors:
+            return (
+                f"{crl} here is not yet valid{self._crl_dates()}: check the clocks of this "
+                "machine and of the CA machine, where `sm_ssl_cert crl` wrote it"
+            )
+        if X509_V_ERR_CRL_HAS_EXPIRED in errors:
+            return (
+                f"{crl} here is out of date (past its next update{self._crl_dates()}), so no "
+                "certificate passes the check against it: copy the current ca/crl.pem from "
+                "the backup server"
+            )
         return (
             f"check that {self.config.layout.ca_cert} is the root CA that signed the "
             "server's certificate"
+        )
+
+    @staticmethod
+    def _dates_fix(out_of_date: list[OutOfDate], reissue: str) -> str:
+        """A certificate of the server's chain out of its dates: said with
+        them and this machine's time, since a wrong clock here or there is
+        the likelier cause (a certificate is issued for years)."""
+        said = [
+            f"{'the server certificate' if cert.depth == 0 else 'the root CA'} CN={cert.name} "
+            f"is valid from {cert.not_before:%Y-%m-%d %H:%M} to {cert.not_after:%Y-%m-%d %H:%M} UTC"
+            for cert in out_of_date
+        ]
+        dates = "; ".join(said) or "its dates could not be read"  # (cryptography cannot parse it)
+        fix = (
+            reissue
+            if not out_of_date or any(cert.depth == 0 for cert in out_of_date)
+            else "the root CA must be made anew with `sm_ssl_cert ca --force` on the CA "
+            "machine, and every certificate re-issued from it"
+        )
+        return (
+            f"{dates}, and this machine's clock says {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
+            f"check the clocks of this machine and of the server; if both are right, {fix}"
+        )
+
+    def _crl_dates(self) -> str:
+        """The local CRL's dates beside this machine's time, for a CRL that
+        failed for them ("" when it cannot be read)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.config.layout.crl.read_bytes())
+        except (OSError, ValueError):
+            return ""
+        next_update = crl.next_update_utc
+        until = f", its next {next_update:%Y-%m-%d %H:%M} UTC" if next_update is not None else ""
+        return (
+            f": its last update is {crl.last_update_utc:%Y-%m-%d %H:%M} UTC{until}, and this "
+            f"machine's clock says {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
         )
 
     def _broken_off(self, exc: BaseException) -> SbcError:
@@ -469,6 +522,8 @@ class Session:
             event = self._next_event()
             if isinstance(event, h11.Response):
                 self.answers += 1
+                if self.answers == 1:
+                    self._check_served_as()
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
                 return Response(event.status_code, headers)
             if isinstance(event, h11.InformationalResponse):
@@ -476,6 +531,25 @@ class Session:
                 continue
             if isinstance(event, h11.ConnectionClosed):  # not reached: _next_event raises first
                 raise self._broken_off(EOFError("closed by stpd"))
+
+    def _check_served_as(self) -> None:
+        """At stpd's first answer: it asked for our certificate and served
+        us, though the certificate is out of date (or otherwise one it
+        cannot accept): level 1 then takes us for anonymous, and every
+        command acts on the savesets of anonymous without a word."""
+        if not (self.config.client_ssl_auth and self.certificate_asked):
+            return
+        self.served_as_anonymous = client_certificate_problem(self.config.layout)
+        if self.served_as_anonymous is None:
+            return
+        kind, detail = self.served_as_anonymous
+        what, fix = _REFUSALS[kind]
+        self.warn(
+            f"stpd at {self.where} did not accept our client certificate: {what} ({detail}); "
+            "it serves this client as anonymous (STPD_HTTPS_USE_CLIENT_CERT=1): it lists and "
+            "restores the savesets of every client without a valid certificate instead of this "
+            f"client's, and stores its backups where each of them can restore them; {fix}"
+        )
 
     def _await_continue(self) -> bool:
         """After a request head with ``Expect: 100-continue``: True when
@@ -533,6 +607,11 @@ class Session:
         disk), which an operator fixes elsewhere than a refusal."""
         message = body.get("error") if isinstance(body, dict) else None
         message = message or f"HTTP {response.status}"
+        if response.status == 404 and self.served_as_anonymous is not None:
+            message += (
+                " (stpd did not accept our client certificate, so it took this client for "
+                "anonymous: see the warning above)"
+            )
         if response.status == 408 or response.status >= 500:
             return SbcError(f"{what} failed on stpd at {self.where}: {message}")
         return SbcError(f"{what} refused by stpd at {self.where}: {message}")

@@ -42,6 +42,9 @@ class SbcConfig:
     # What the pin is and what a mismatch means (stpd status pins ssl/server.pem).
     pinned: str = "the pinned SBC_SERVER_FINGERPRINT"
     pin_mismatch: str = "update the pin only if the server certificate was renewed"
+    # Check the server certificate against ca/crl.pem. `stpd status` pins its
+    # own, and its own CRL out of date would hide what stpd says of that.
+    check_server_crl: bool = True
 
 
 KEYS = [

@@ -27,8 +27,14 @@ import trio
 from cryptography import x509
 from OpenSSL import SSL
 
-from pki.authority import CA_RENEWAL, EXPIRY_WARNING_DAYS, days_left
-from pki.console import in_days, share_of
+from pki.authority import (
+    CA_RENEWAL,
+    CA_REPLACEMENT,
+    EXPIRY_WARNING_DAYS,
+    days_left,
+    validity_problem,
+)
+from pki.console import expiry_in_words, in_days, share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
 from pki.files import open_to_others
@@ -503,6 +509,7 @@ class Stpd:
             other_ca = self._other_ca(config, material[1], material[2])
             if other_ca is not None:
                 raise PkiError(other_ca)
+            self._refuse_out_of_date(config, material[1], material[2])
             crl = self._crl_file(config, material[2])
             # A new CA (ca --force, its certificates re-issued) starts its
             # CRLs anew: only the same CA's may not go back.
@@ -530,14 +537,46 @@ class Stpd:
         self.open_slots.total_tokens = OPEN_PER_SERVED * config.max_connections
         self.handshakes.cap = handshake_cap(config.max_connections)
         log.info(
-            "reloaded %s and certificates: level %s, server certificate %s (%d days left)%s",
+            "reloaded %s and certificates: level %s, server certificate %s (%s)%s",
             config.layout.stpd_ini,
             config.describe_level(),
             self.server_cert.subject.rfc4514_string(),
-            int(days_left(self.server_cert.not_valid_after_utc)),
+            expiry_in_words(days_left(self.server_cert.not_valid_after_utc)),
             self._revocations(),
         )
         self._check_expiry()
+
+    def _refuse_out_of_date(
+        self, config: StpdConfig, server_cert: x509.Certificate, ca_cert: x509.Certificate | None
+    ) -> None:
+        """PkiError for a new server certificate or root CA (one checks
+        clients' certificates at levels 1 and 2) that is expired or not yet
+        valid: put in force, it would replace a working one and have every
+        verifying peer refused. The one in force is left to _check_expiry."""
+        new: list[tuple[Path, x509.Certificate, x509.Certificate | None, str]] = [
+            (
+                config.layout.server_cert,
+                server_cert,
+                self.server_cert,
+                "clients that verify the server would refuse it",
+            )
+        ]
+        if config.client_cert_policy != ClientCertPolicy.IGNORE and ca_cert is not None:
+            new.append(
+                (
+                    config.layout.ca_cert,
+                    ca_cert,
+                    self.ca_cert,
+                    "every client certificate would fail validation",
+                )
+            )
+        for path, cert, in_force, outcome in new:
+            problem = validity_problem(cert)
+            if problem is not None and cert != in_force:
+                raise PkiError(
+                    f"{path} {problem}: {outcome}; put a valid one in its place and send SIGHUP "
+                    "again (a restart would take this one)"
+                )
 
     def _revocations(self) -> str:
         """For the start and reload lines: which CRL is in force. A server
@@ -607,13 +646,28 @@ class Stpd:
         for what, cert in (("server certificate", self.server_cert), ("root CA", self.ca_cert)):
             if cert is None:
                 continue
+            problem = validity_problem(cert)
             left = days_left(cert.not_valid_after_utc)
-            if left < EXPIRY_WARNING_DAYS:
-                log.warning(
-                    "%s %s expires in %d days (%s): %s",
+            if problem is not None:
+                # Served all the same: level-0 sites, whose clients may not
+                # verify the server, can still back up.
+                log.error(
+                    "%s %s %s: %s",
                     what,
                     cert.subject.rfc4514_string(),
-                    int(left),
+                    problem,
+                    "every certificate it signed fails validation, this server's and the "
+                    f"clients'; {CA_REPLACEMENT}"
+                    if cert is self.ca_cert
+                    else "clients that verify the server (SBC_SSL_SERVER_VERIFY=1) refuse it; "
+                    "renew it with `sm_ssl_cert renew server` and send stpd SIGHUP",
+                )
+            elif left < EXPIRY_WARNING_DAYS:
+                log.warning(
+                    "%s %s %s (%s): %s",
+                    what,
+                    cert.subject.rfc4514_string(),
+                    expiry_in_words(left),
                     cert.not_valid_after_utc.date(),
                     CA_RENEWAL
                     if cert is self.ca_cert
@@ -625,19 +679,32 @@ class Stpd:
         so every client certificate is invalid: said here before it happens
         and when it has, with the fix (the refusals name only the symptom)."""
         next_update = self._crl_next_update()
-        if next_update is None:
+        if next_update is None or self._crl_in_force is None:
             return
         crl, left = self.config.layout.crl, days_left(next_update)
-        if left <= 0:
+        last_update = self._crl_in_force.last_update_utc
+        refused = (
+            "refused"
+            if self.config.client_cert_policy == ClientCertPolicy.REQUIRE
+            else "served as anonymous"
+        )
+        if last_update > utc_now():  # OpenSSL fails every check against it, as when out of date
+            log.error(
+                "CRL %s is not valid before %s UTC (%s): every client certificate fails "
+                "validation until then, so every client is %s",
+                crl,
+                f"{last_update:%Y-%m-%d %H:%M}",
+                "check this machine's clock and the clock where `sm_ssl_cert crl` wrote it",
+                refused,
+            )
+        elif left <= 0:
             log.error(
                 "CRL %s is out of date since %s UTC: every client certificate now fails "
                 "validation, so every client is %s; write a new one with `sm_ssl_cert crl` "
                 "where the CA key is and copy it here (stpd reads it at the next connection)",
                 crl,
                 f"{next_update:%Y-%m-%d %H:%M}",
-                "refused"
-                if self.config.client_cert_policy == ClientCertPolicy.REQUIRE
-                else "served as anonymous",
+                refused,
             )
         elif left < CRL_WARNING_DAYS:
             log.warning(

@@ -334,7 +334,7 @@ def test_sighup_renewed_certificate_for_new_connections_only(
     server.signal(signal.SIGHUP)
     server.wait_for(r"INFO stpd: received SIGHUP: reloading", after=mark)
     reloaded = server.wait_for(r"INFO stpd: reloaded .*stpd\.ini and certificates", after=mark)
-    assert "server certificate CN=localhost (89 days left)" in reloaded
+    assert "server certificate CN=localhost (expires in 89 days)" in reloaded
 
     assert server_serial(server.port, client) == renewed.serial_number  # a NEW connection
     # The early connection is undisturbed: its upload completes, then it is

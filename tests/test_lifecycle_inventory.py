@@ -190,7 +190,9 @@ def test_list_shows_days_to_expiry_and_marks_expired_and_revoked(
 
     out, err = run(capsys, layout, "list")
     # The expired certificate is still in use (not revoked, not replaced): one warning.
-    assert err.count("\n") == 1 and "client certificate CN=old" in err and "has expired" in err
+    assert (
+        err.count("\n") == 1 and "client certificate CN=old" in err and "expired 9 days ago" in err
+    )
     lines = out.splitlines()
     assert lines[0] == (f"4 certificates in {layout.inventory} (1 revoked, 1 expired)")
     assert re.split(r"\s{2,}", lines[1]) == [

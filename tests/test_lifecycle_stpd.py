@@ -287,7 +287,7 @@ def test_the_start_and_reload_lines_say_which_crl_is_in_force(pki: Pki) -> None:
         crl_module.write_crl(pki.ca)
         crl_module.write_crl(pki.ca)
         stpd.reload()
-        stpd.log.wait_for(r"^INFO reloaded .* \(\d+ days left\); CRL number 2 in force$")
+        stpd.log.wait_for(r"^INFO reloaded .* \(expires in \d+ days\); CRL number 2 in force$")
     with running_stpd(pki.layout, level=0) as stpd:  # nothing is checked at level 0
         assert stpd.log.wait_for(r"listening on ").endswith(f"data in {stpd.daemon.store.root}")
 
@@ -311,8 +311,8 @@ def test_a_client_with_the_crl_refuses_a_revoked_server_certificate(pki: Pki) ->
             f"sbc: error: server certificate of stpd at {stpd.address} failed verification: "
             f"certificate has been revoked; {client.crl} here revokes it: if that server is to "
             "be trusted again, re-issue it on the backup server with `sm_ssl_cert server "
-            "--common-name=<names>` (with --path=DIR for an RDS) and restart stpd; else back up "
-            "elsewhere (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)\n"
+            "--common-name=<names>` (with --path=DIR for an RDS), install it and send stpd SIGHUP; "
+            "else back up elsewhere (SBC_SSL_SERVER_VERIFY=0 skips this check, unsafe)\n"
         )
         assert OPENSSL is not None
         peer = subprocess.run(
@@ -329,7 +329,9 @@ def test_a_client_with_the_crl_refuses_a_revoked_server_certificate(pki: Pki) ->
         shutil.copy(pki.layout.crl, client.crl)
         code, _, err = run_sbc(*status)
         assert code == 1
-        assert f"{client.crl} here is out of date (past its next update)" in err, err
+        assert (
+            f"{client.crl} here is out of date (past its next update: its last update is " in err
+        ), err
 
 
 # -- the same with curl ---------------------------------------------------------------
