@@ -172,7 +172,7 @@ class CertificateAuthority:
             raise PkiError(
                 f"a root CA already exists at {existing[0]}: replacing it invalidates every "
                 "certificate it issued; to replace it anyway (the old files are moved aside), "
-                f"run `sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
+                f"run {layout.command('ca --force')}"
             )
         _check_days(days)
         if passphrase is not None and len(passphrase) < MIN_PASSPHRASE_LENGTH:
@@ -223,7 +223,7 @@ class CertificateAuthority:
         """Load the CA of ``layout``; both the certificate and the key must be
         there, and ``passphrase`` must be given exactly when the key is
         encrypted."""
-        create_hint = f"create it with `sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
+        create_hint = f"create it with {layout.command('ca')}"
         if not present(layout.ca_cert, "root CA certificate"):
             raise PkiError(f"no root CA at {layout.ca_cert}: {create_hint}")
         if not present(layout.ca_key, "root CA key"):
@@ -237,7 +237,7 @@ class CertificateAuthority:
         except ValueError as exc:
             raise PkiError(
                 f"{layout.ca_cert} is not a PEM certificate ({exc}): restore it, or "
-                f"create a new CA with `sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
+                f"create a new CA with {layout.command('ca --force')}"
             ) from exc
         key = _load_ca_key(layout.ca_key, passphrase)
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
@@ -252,7 +252,7 @@ class CertificateAuthority:
         if not is_ca_certificate(cert):
             raise PkiError(
                 f"{layout.ca_cert} is not a CA certificate: create a CA with "
-                f"`sm_ssl_cert --ini-dir {layout.ini_dir} ca --force`"
+                + layout.command("ca --force")
             )
         return cls(layout, key, cert)
 
@@ -392,7 +392,7 @@ class CertificateAuthority:
             raise PkiError(
                 f"the root CA {self.layout.ca_cert} expired on "
                 f"{self._cert.not_valid_after_utc:%Y-%m-%d}: create a new one with "
-                f"`sm_ssl_cert --ini-dir {self.layout.ini_dir} ca --force` and re-issue "
+                f"{self.layout.command('ca --force')} and re-issue "
                 "every certificate"
             )
         write_key = key is None
@@ -490,7 +490,7 @@ class CertificateAuthority:
             make = "server --common-name=<names>" if profile == "server" else "client [--oid=...]"
             raise PkiError(
                 f"no {profile} certificate at {cert_path} to renew: issue one with "
-                f"`sm_ssl_cert --ini-dir {self.layout.ini_dir} {make}{where}`"
+                + self.layout.command(f"{make}{where}")
             )
         old = read_certificate(cert_path)
         if old is None:

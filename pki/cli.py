@@ -436,8 +436,7 @@ def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
     if ca_cert is None and not entries and not layout.inventory.exists():
         raise PkiError(
             f"nothing to list: no inventory at {layout.inventory} and no root CA at "
-            f"{layout.ca_cert}; check --ini-dir, or create the CA with "
-            f"`sm_ssl_cert --ini-dir {layout.ini_dir} ca`"
+            f"{layout.ca_cert}; check --ini-dir, or create the CA with " + layout.command("ca")
         )
     # The CA is recorded with the first certificate it issues; show it before that too.
     if ca_cert is not None and inventory.find(ca_cert.serial_number) is None:
@@ -554,7 +553,7 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
     print(
         f"next: copy {written.path.name} into ca/ of every STPD (the backup server and each "
         f"RDS), where it takes effect at the next connection; write it again before {written.next_update:%Y-%m-%d} with "
-        f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl` (an out-of-date CRL makes stpd refuse "
+        f"{layout.command('crl')} (an out-of-date CRL makes stpd refuse "
         "every client certificate)",
         file=out,
     )
@@ -577,9 +576,7 @@ def _expiry_warnings(entries: list[Entry], layout: Layout, now: datetime) -> lis
             where = Path(entry.path).parent
             usual = layout.server_dir if entry.profile == "server" else layout.client_dir
             path = "" if where == usual else f" --path {shlex.quote(str(where))}"
-            # With --ini-dir: without it, renew acts on the default one.
-            ini_dir = shlex.quote(str(layout.ini_dir))
-            renew = f"renew it with `sm_ssl_cert --ini-dir {ini_dir} renew {entry.profile}{path}`"
+            renew = f"renew it with {layout.command(f'renew {entry.profile}{path}')}"
         warnings.append(f"{what} {expiry_in_words(left)}: {renew}")
     return warnings
 
@@ -641,7 +638,7 @@ def _print_table(out: TextIO, layout: Layout, rows: list[dict[str, Any]]) -> Non
 def _crl_warnings(
     layout: Layout, entries: list[Entry], crl: CrlState | None, now: datetime
 ) -> list[str]:
-    command = f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl`"
+    command = layout.command("crl")
     fix = f"{command} and copy it to every STPD"
     revoked = [entry for entry in entries if entry.status == "revoked"]
     if crl is None:

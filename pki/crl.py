@@ -171,8 +171,7 @@ def read_crl(layout: Layout) -> CrlState | None:
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise PkiError(
-            f"CRL {layout.crl} is unreadable ({exc}): write it again with "
-            f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl`"
+            f"CRL {layout.crl} is unreadable ({exc}): write it again with " + layout.command("crl")
         ) from None
     return CrlState(
         layout.crl,
@@ -234,7 +233,7 @@ def crl_number(crl: x509.CertificateRevocationList) -> int | None:
 
 def _find_target(ca: CertificateAuthority, inventory: Inventory, target: str) -> Entry:
     """The inventory entry for a serial or a certificate file."""
-    list_hint = f"`sm_ssl_cert --ini-dir {ca.layout.ini_dir} list` shows the serials"
+    list_hint = f"{ca.layout.command('list')} shows the serials"
     path = Path(target)
     if os.sep in target or path.exists():
         return _entry_for_file(ca, inventory, path)
@@ -281,6 +280,6 @@ def _refuse_ca(ca: CertificateAuthority, entry: Entry) -> None:
     if entry.profile == "ca" or entry.serial_number == ca.cert.serial_number:
         raise PkiError(
             f"serial {entry.serial} is the root CA itself: a CA cannot revoke itself; to stop "
-            f"trusting it, create a new one with `sm_ssl_cert --ini-dir {ca.layout.ini_dir} "
-            "ca --force` and re-issue every certificate"
+            f"trusting it, create a new one with {ca.layout.command('ca --force')} and re-issue "
+            "every certificate"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,11 @@ class Layout:
     """The fixed file names of SPEC.md, relative to one ini directory."""
 
     ini_dir: Path
+
+    def command(self, args: str) -> str:
+        """``sm_ssl_cert ARGS`` on this ini directory, as a hint shows it: with
+        --ini-dir, since without it the command acts on the default one."""
+        return f"`sm_ssl_cert --ini-dir {shlex.quote(str(self.ini_dir))} {args}`"
 
     @property
     def ca_dir(self) -> Path:

@@ -660,7 +660,7 @@ class Stpd:
                     f"clients'; {CA_REPLACEMENT}"
                     if cert is self.ca_cert
                     else "clients that verify the server (SBC_SSL_SERVER_VERIFY=1) refuse it; "
-                    "renew it with `sm_ssl_cert renew server` and send stpd SIGHUP",
+                    + self._renewal(),
                 )
             elif left < EXPIRY_WARNING_DAYS:
                 log.warning(
@@ -669,10 +669,19 @@ class Stpd:
                     cert.subject.rfc4514_string(),
                     expiry_in_words(left),
                     cert.not_valid_after_utc.date(),
-                    CA_RENEWAL
-                    if cert is self.ca_cert
-                    else "renew it with `sm_ssl_cert renew server` and send stpd SIGHUP",
+                    CA_RENEWAL if cert is self.ca_cert else self._renewal(),
                 )
+
+    def _renewal(self) -> str:
+        """How to renew this server's certificate: here where the CA key is
+        (the backup server), else there, for an RDS."""
+        layout = self.config.layout
+        if layout.ca_key.exists():
+            return f"renew it with {layout.command('renew server')} and send stpd SIGHUP"
+        return (
+            "renew it where the CA key is (`sm_ssl_cert renew server --path DIR` there), copy "
+            f"server.pem and server.key into {layout.server_dir} and send stpd SIGHUP"
+        )
 
     def _check_crl(self) -> None:
         """Past its next update, OpenSSL fails every check against the CRL,

@@ -194,7 +194,8 @@ def test_short_lived_server_certificate_warned_at_startup(tmp_path: Path) -> Non
         warning = server.wait_for(r"WARNING stpd: server certificate ")
         assert re.search(
             r"WARNING stpd: server certificate CN=localhost expires in (9|10) days \(\d{4}-\d\d-\d\d\): "
-            r"renew it with `sm_ssl_cert renew server` and send stpd SIGHUP$",
+            rf"renew it with `sm_ssl_cert --ini-dir {re.escape(str(ini))} renew server` and send "
+            r"stpd SIGHUP$",
             warning,
         ), warning
         assert not server.matching(r"root CA .* expires in")  # the CA has years left
@@ -202,6 +203,22 @@ def test_short_lived_server_certificate_warned_at_startup(tmp_path: Path) -> Non
         assert server.wait_exit() == 0
     finally:
         server.kill()
+
+
+def test_an_rds_is_told_to_renew_its_certificate_where_the_ca_is(tmp_path: Path) -> None:
+    """An RDS has no CA key: `sm_ssl_cert renew server` there fails, so
+    its warning says where and how."""
+    layout = Layout(tmp_path / "ini")
+    ca = CertificateAuthority.create(layout, days=3650)
+    ca.issue_server("localhost,127.0.0.1", days=10)
+    layout.ca_key.unlink()  # kept off the RDS, as README says
+    with running_stpd(layout) as daemon:
+        daemon.log.wait_for(
+            r"^WARNING server certificate CN=localhost expires in (9|10) days \([-\d]+\): "
+            r"renew it where the CA key is \(`sm_ssl_cert renew server --path DIR` there\), "
+            rf"copy server\.pem and server\.key into {re.escape(str(layout.server_dir))} and "
+            r"send stpd SIGHUP$"
+        )
 
 
 def test_long_lived_certificates_give_no_warning(pki: Pki) -> None:
@@ -231,7 +248,8 @@ def test_ca_near_expiry_warned_and_checked_daily(
         )
         daemon.log.wait_for(
             r"^WARNING server certificate CN=localhost expires in (9|10) days \([-\d]+\): "
-            r"renew it with `sm_ssl_cert renew server` and send stpd SIGHUP$"
+            rf"renew it with `sm_ssl_cert --ini-dir {re.escape(str(layout.ini_dir))} renew server` "
+            r"and send stpd SIGHUP$"
         )
 
         def repeated() -> bool:

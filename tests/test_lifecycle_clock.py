@@ -103,8 +103,8 @@ def test_stpd_starts_with_an_expired_server_certificate_and_says_so(pki: Pki) ->
         stpd.log.wait_for(
             r"^ERROR server certificate CN=localhost expired on "
             rf"{utc(NOW - timedelta(days=9))}: clients that verify the server "
-            r"\(SBC_SSL_SERVER_VERIFY=1\) refuse it; renew it with `sm_ssl_cert renew server` "
-            r"and send stpd SIGHUP$"
+            r"\(SBC_SSL_SERVER_VERIFY=1\) refuse it; renew it with `sm_ssl_cert --ini-dir "
+            rf"{re.escape(str(pki.layout.ini_dir))} renew server` and send stpd SIGHUP$"
         )
         assert not stpd.log.matching(r"expires in")
         code, _, err = sbc_status(client, stpd.address)
