@@ -35,7 +35,7 @@ from pki.authority import (
     move_old_server_keys,
     read_certificate,
 )
-from pki.console import reader_gone
+from pki.console import reader_gone, standard_streams
 from pki.crl import (
     CRL_VALIDITY_DAYS,
     CRL_WARNING_DAYS,
@@ -60,6 +60,10 @@ _WARNING_WINDOW = timedelta(days=CRL_WARNING_DAYS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``sm_ssl_cert`` command; ``argv`` (not None) runs it within a
+    program, with that program's standard streams as they are."""
+    if argv is None:
+        standard_streams()
     parser = _parser()
     try:
         args = parser.parse_args(argv)

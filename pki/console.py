@@ -1,12 +1,24 @@
-"""What the commands (sm_ssl_cert, sbc) share about their standard streams."""
+"""What the commands (sm_ssl_cert, sbc, stpd) share about their standard streams."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 import signal
 import sys
+
+
+def standard_streams() -> None:
+    """Made ready at the start of a command run as a process: a character
+    that the locale cannot show (a subject's "Ł" under a latin-1 locale)
+    is written as ``\\u0141`` instead of ending the command with a
+    traceback half-way through its output (Python's own choice outside
+    the C locale is to fail)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 def reader_gone() -> int:
@@ -42,9 +54,12 @@ def in_days(days: float) -> str:
     return f"in {whole} day{'s' if whole > 1 else ''}"
 
 
-# C0 controls, DEL and C1 controls (NEL among them), and the Unicode line and
-# paragraph separators that str.splitlines() and some viewers break lines at.
-_CONTROL_RANGES = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+# C0 controls, DEL and C1 controls (NEL among them), the Unicode line and
+# paragraph separators that str.splitlines() and some viewers break lines at,
+# and surrogates: bytes of a name that are not UTF-8, as Python decodes
+# them (surrogateescape: U+DC80..U+DCFF for 0x80..0xFF), which a UTF-8
+# terminal cannot be sent (and 0x9B, raw, is a C1 control to some).
+_CONTROL_RANGES = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
 _CONTROLS = re.compile(f"[{_CONTROL_RANGES}]")
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # tar -tv escapes the backslash too, names a few controls, and writes the
@@ -53,27 +68,35 @@ _TAR_ESCAPED = re.compile(f"[\\\\{_CONTROL_RANGES}]")
 _TAR_SHORT = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\v": "\\v", **_SHORT}
 
 
+def _escaped_byte(char: str) -> int | None:
+    """The byte that surrogateescape decoded as ``char``, if it is one."""
+    return ord(char) - 0xDC00 if "\udc80" <= char <= "\udcff" else None
+
+
 def _escaped(match: re.Match[str]) -> str:
     char = match[0]
-    return _SHORT.get(char) or (
-        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
-    )
+    code = _escaped_byte(char) or ord(char)
+    return _SHORT.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def one_line(text: str) -> str:
     """``text`` with its control characters written as ``\\n``, ``\\xNN``
     (``\\u2028``), so that a name from a peer (a certificate's subject, a
     backup's source) can neither forge a line of a log or a listing nor send
-    the terminal an escape sequence. Backslashes stay as they are."""
+    the terminal an escape sequence; a byte that is not UTF-8 as ``\\xNN``
+    too. Backslashes stay as they are."""
     return _CONTROLS.sub(_escaped, text)
 
 
 def _tar_escaped(match: re.Match[str]) -> str:
     char = match[0]
-    return _TAR_SHORT.get(char) or "".join(f"\\{byte:03o}" for byte in char.encode())
+    code = _escaped_byte(char)
+    raw = char.encode("utf-8", "surrogatepass") if code is None else bytes([code])
+    return _TAR_SHORT.get(char) or "".join(f"\\{byte:03o}" for byte in raw)
 
 
 def as_tar_lists(name: str) -> str:
     """A name from a saveset on one line, escaped as ``tar -tv`` escapes it,
-    so that `sbc list ID` shows what GNU tar does (see one_line for why)."""
+    so that `sbc list ID` shows what GNU tar does (see one_line for why):
+    a byte that is not UTF-8 in octal too (``d\\351j\\340``)."""
     return _TAR_ESCAPED.sub(_tar_escaped, name)

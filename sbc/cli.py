@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pki.console import as_tar_lists, in_days, one_line, reader_gone, share_of
+from pki.console import (
+    as_tar_lists,
+    in_days,
+    one_line,
+    reader_gone,
+    share_of,
+    standard_streams,
+)
 from pki.errors import PkiError
 from pki.inifile import ConfigError
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -587,6 +594,7 @@ def run() -> NoReturn:
     connection is closed and every restored file written and closed. Only
     the standard streams are flushed here; if that fails (a closed pipe),
     Python's usual exit reports it."""
+    standard_streams()
     code = main()
     try:
         sys.stdout.flush()

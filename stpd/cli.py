@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from pki.console import one_line, reader_gone
+from pki.console import one_line, reader_gone, standard_streams
 from pki.errors import PkiError
 from pki.inifile import ConfigError, format_host_port
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
@@ -76,7 +76,7 @@ class OneLineFormatter(logging.Formatter):
 
     # Times in UTC, said so, as every other time stpd and sbc print: a
     # local time without its zone is ambiguous across an RDS fleet.
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
 
@@ -304,6 +304,10 @@ def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``stpd`` command; ``argv`` (not None) runs it within a program,
+    with that program's standard streams as they are."""
+    if argv is None:
+        standard_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.savesets and args.command != "delete":

@@ -578,3 +578,24 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert issuing.wait(60) == 128 + signal.SIGPIPE, err
     assert err == b""
     assert Layout(tmp_path / "ini").client_cert.exists()
+
+
+def test_list_writes_a_subject_the_locale_cannot_show_escaped(tmp_path: Path) -> None:
+    """`sm_ssl_cert list` under a latin-1 locale (its encoding, here as
+    PYTHONIOENCODING sets it) stopped at a subject CN=Łódź with a
+    UnicodeEncodeError traceback: what latin-1 lacks is written \\u0141."""
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini"), "PYTHONIOENCODING": "latin-1"}
+    subprocess.run([str(script), "ca"], env=env, capture_output=True, check=True, timeout=60)
+    subprocess.run(
+        [str(script), "client", "--oid", "CN:Łódź", "--path", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    listing = subprocess.run(
+        [str(script), "list"], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert (listing.returncode, listing.stderr) == (0, b"")
+    assert " CN=\\u0141ód\\u017a " in listing.stdout.decode("latin-1")

@@ -119,6 +119,30 @@ def test_list_and_delete_every_clients_savesets_beside_a_running_stpd(
         server.stop()
 
 
+def test_list_writes_an_owner_the_locale_cannot_show_escaped(pki: Pki, tmp_path: Path) -> None:
+    """`stpd list` under a latin-1 locale (its encoding, here as
+    PYTHONIOENCODING sets it) ended with a UnicodeEncodeError traceback at
+    a client CN=Łódź: what latin-1 lacks is written \\u0141."""
+    data = tmp_path / "data"
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        saveset = backup(pki.client_ini("Łódź"), server, source)
+    finally:
+        server.stop()
+    listing = subprocess.run(
+        [str(BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(data), "list"],
+        env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert (listing.returncode, listing.stderr) == (0, b"")
+    first = listing.stdout.decode("latin-1").splitlines()[0]
+    assert first.startswith(saveset) and " CN=\\u0141ód\\u017a " in first, first
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
