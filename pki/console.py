@@ -11,11 +11,27 @@ import sys
 
 
 def standard_streams() -> None:
-    """Made ready at the start of a command run as a process: a character
-    that the locale cannot show (a subject's "Ł" under a latin-1 locale)
-    is written as ``\\u0141`` instead of ending the command with a
-    traceback half-way through its output (Python's own choice outside
-    the C locale is to fail)."""
+    """Made ready at the start of a command run as a process.
+
+    A stream closed by the caller (``sbc backup src >&-`` from cron) is
+    /dev/null: the work is done and the exit status says so (0), its
+    output lost by the caller's choice. Python leaves sys.stdout None then
+    (sbc failed with a traceback after the backup was stored), and the next
+    file opened would get the free descriptor, and be written to as stdout
+    by whatever writes there. And a character that the locale cannot show (a subject's "Ł"
+    under a latin-1 locale) is written as ``\\u0141`` instead of ending the
+    command with a traceback half-way through its output (Python's own
+    choice outside the C locale is to fail)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: fd
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        if getattr(sys, name) is None:  # (for the whole run: no context manager)
+            setattr(sys, name, open(fd, mode, errors="backslashreplace", closefd=False))  # noqa: SIM115
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")

@@ -599,3 +599,43 @@ def test_list_writes_a_subject_the_locale_cannot_show_escaped(tmp_path: Path) ->
     )
     assert (listing.returncode, listing.stderr) == (0, b"")
     assert " CN=\\u0141ód\\u017a " in listing.stdout.decode("latin-1")
+
+
+def test_a_closed_stdout_is_no_failure(tmp_path: Path) -> None:
+    """`sm_ssl_cert client ... >&-` wrote the certificate, then ended with
+    an AttributeError traceback and exit status 2: a stream the caller
+    closed is /dev/null, the work is done, exit status 0."""
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini")}
+    subprocess.run([str(script), "ca"], env=env, capture_output=True, check=True, timeout=60)
+    issuing = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", str(script), "client", "--oid", "CN:x"]
+        + ["--path", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (issuing.returncode, issuing.stderr) == (0, b"")
+    assert (tmp_path / "out" / "client.pem").exists()
+
+
+def test_closed_standard_streams_are_dev_null_and_no_file_takes_their_place() -> None:
+    """With stdin and stdout closed, the next files opened got descriptors 0
+    and 1, and whatever wrote to stdout wrote into them."""
+    code = (
+        "import os, sys\n"
+        "from pki.console import standard_streams\n"
+        "standard_streams()\n"
+        "opened = os.open(sys.executable, os.O_RDONLY)\n"
+        "print(opened, *(os.readlink(f'/proc/self/fd/{fd}') for fd in (0, 1)), file=sys.stderr)\n"
+        "print('to stdout')\n"
+    )
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&- >&-', "sh", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    opened, stdin, stdout = done.stderr.split()
+    assert int(opened) > 2 and (stdin, stdout) == (os.devnull, os.devnull)

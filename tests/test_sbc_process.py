@@ -384,6 +384,36 @@ def test_a_listing_piped_into_head_ends_quietly(pki: Pki, tmp_path: Path) -> Non
     assert err_bytes == b""
 
 
+def closed(redirection: str, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """``argv`` run with a standard stream closed as a shell does it (">&-")."""
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirection}', "sh", *argv],
+        capture_output=True,
+        timeout=WAIT_SECONDS,
+    )
+
+
+def test_a_closed_stdout_or_stderr_is_no_failure(pki: Pki, tmp_path: Path) -> None:
+    """`sbc backup src >&-` (from cron) stored the saveset, then ended with
+    an AttributeError traceback and exit status 1, so that the job backed
+    up again; `sbc list 2>&-` the same. A stream the caller closed is
+    /dev/null: the work is done, exit status 0."""
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    ini = ["--ini-dir", str(pki.client_ini("cron").ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        server = ["--server", stpd.address]
+        backup = closed(">&-", [SBC, *ini, "backup", str(source), *server])
+        assert (backup.returncode, backup.stderr) == (0, b"")
+        code, out, err = run_sbc(*ini, "list", "--json", *server)
+        assert code == 0, err
+        [stored] = json.loads(out)
+        assert stored["source"] == str(source)
+        listing = closed("2>&-", [SBC, *ini, "list", *server])
+    assert listing.returncode == 0
+    assert listing.stdout.startswith(stored["saveset"].encode())
+
+
 def test_a_tree_deeper_than_the_soft_open_files_limit_is_backed_up_whole(
     pki: Pki, tmp_path: Path
 ) -> None:
