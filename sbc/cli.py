@@ -25,7 +25,7 @@ from pki.console import (
 )
 from pki.errors import PkiError
 from pki.inifile import ConfigError
-from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir, saveset_argument
 from pki.tls import ANONYMOUS
 from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser(
         "restore", parents=[common], help="restore a saveset into a directory"
     )
-    restore.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
+    restore.add_argument(
+        "saveset", type=saveset_argument, help="the saveset id, as `sbc list` shows it"
+    )
     restore.add_argument(
         "target_dir", type=path_argument, help="where to restore it (made if missing)"
     )
@@ -116,14 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
         "list", parents=[common], help="list this client's savesets, or one saveset's entries"
     )
     listing.add_argument(
-        "saveset", nargs="?", help="list the entries of this saveset (the names ENTRY takes)"
+        "saveset",
+        nargs="?",
+        type=saveset_argument,
+        help="list the entries of this saveset (the names ENTRY takes)",
     )
     verify = commands.add_parser(
         "verify",
         parents=[common],
         help="have stpd check a saveset's stored data against the checksum taken at backup",
     )
-    verify.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
+    verify.add_argument(
+        "saveset", type=saveset_argument, help="the saveset id, as `sbc list` shows it"
+    )
     commands.add_parser("status", parents=[common], help="show the STPD's status")
     return parser
 
@@ -367,7 +374,7 @@ def _kept_summary(kept: list[str]) -> str:
 
 
 def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | None:
-    if args.saveset:
+    if args.saveset is not None:
         _list_entries(session, args.saveset, args.json)
         return None  # printed as it came
     savesets = session.get_json("/savesets")

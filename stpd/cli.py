@@ -19,7 +19,7 @@ import trio
 from pki.console import one_line, reader_gone, standard_streams
 from pki.errors import PkiError
 from pki.inifile import ConfigError, format_host_port
-from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir, saveset_argument
 from stpd import __version__
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "of every client in the data directory; delete the savesets named",
     )
     parser.add_argument(
-        "savesets", nargs="*", metavar="SAVESET", help="delete: the saveset ids, as list shows them"
+        "savesets",
+        nargs="*",
+        type=saveset_argument,
+        metavar="SAVESET",
+        help="delete: the saveset ids, as list shows them",
     )
     parser.add_argument("--json", action="store_true", help="status, list: print JSON")
     return parser

@@ -431,6 +431,41 @@ def test_sbc_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None
 @pytest.mark.parametrize(
     "argv",
     [
+        ["sbc", "list", ""],
+        ["sbc", "list", "", "--json"],
+        ["sbc", "restore", "", "{cwd}/back"],
+        ["sbc", "verify", ""],
+        ["stpd", "delete", ""],
+        ["stpd", "delete", "SS-20260101T000000Z-00000000", ""],
+    ],
+)
+def test_an_empty_saveset_argument_is_refused(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """A SAVESET given as "$ID" with ID unset: `sbc list ""` listed every
+    saveset (with --json, the array of savesets where a script expected
+    entries), `sbc restore "" DIR` and `sbc verify ""` asked stpd for a
+    saveset without a name. A usage error, as an empty path is."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    client = pki.client_ini("scripted")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini = str((client if argv[0] == "sbc" else pki.layout).ini_dir)
+        given = [arg.replace("{cwd}", str(workdir)) for arg in argv[1:]]
+        server = ["--server", stpd.address] if argv[0] == "sbc" else []
+        result = run_program([script(argv[0]), "--ini-dir", ini, *given, *server])
+    assert result.returncode == 2 and result.stdout == ""
+    name = "saveset" if argv[0] == "sbc" else "SAVESET"
+    assert result.stderr.splitlines()[-1].endswith(
+        f"error: argument {name}: the saveset id is empty"
+    ), result.stderr
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
         ["sbc", "--ini-dir", "", "status"],
         ["stpd", "--ini-dir", ""],
         ["sm_ssl_cert", "--ini-dir", "", "ca"],
