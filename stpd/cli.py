@@ -313,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         standard_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Intermixed: the options may come between the command and its savesets
+    # (`stpd delete --data-dir D ID`); parse_args took the command and the
+    # savesets only as one run of positionals.
+    args = parser.parse_intermixed_args(argv)
     if args.savesets and args.command != "delete":
         parser.error(f"unexpected arguments for {args.command}: {' '.join(args.savesets)}")
     layout = Layout(resolve_ini_dir(args.ini_dir, parser))

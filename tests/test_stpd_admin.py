@@ -143,6 +143,31 @@ def test_list_writes_an_owner_the_locale_cannot_show_escaped(pki: Pki, tmp_path:
     assert first.startswith(saveset) and " CN=\\u0141ód\\u017a " in first, first
 
 
+def test_options_between_delete_and_its_savesets(pki: Pki, tmp_path: Path) -> None:
+    """`stpd delete --data-dir D ID` and `stpd delete --json ID` failed with
+    "unrecognized arguments: ID": the options may come anywhere."""
+    data = tmp_path / "data"
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    alice = pki.client_ini("alice")
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        first, second = backup(alice, server, source), backup(alice, server, source)
+    finally:
+        server.stop()
+    stpd = [str(BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir)]
+    for argv in (
+        ["delete", "--data-dir", str(data), first],
+        ["--data-dir", str(data), "delete", "--json", second],
+    ):
+        deleted = subprocess.run(
+            [*stpd, *argv], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout.startswith(f"deleted saveset {argv[-1]} of CN=alice: ")
+    assert sorted(path.name for path in data.glob("SS-*")) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
