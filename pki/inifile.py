@@ -162,16 +162,25 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     if not text:
         raise ValueError("empty address")
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else default_port
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or rest[:1] not in ("", ":"):  # "[::1", "[::1]2222": no port dropped
+            raise ValueError(text)
+        port = _port(rest[1:]) if rest else default_port
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        port = int(port_text)
+        port = _port(port_text)
     else:
         host, port = text, default_port
     if not host or not 0 <= port <= 65535 or not _could_be_host(host):
         raise ValueError(text)
     return host, port
+
+
+def _port(text: str) -> int:
+    """Digits only: int() also takes " 22", "+22", "2_2" and other scripts' digits."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
 
 
 def format_host_port(host: str, port: int) -> str:

@@ -574,7 +574,18 @@ def test_sbc_takes_its_common_options_before_or_after_the_command(pki: Pki, tmp_
 
 
 @pytest.mark.parametrize(
-    "given", ["https://127.0.0.1:11443", "127.0.0.1,11443", "backup/host", "a b"]
+    "given",
+    [
+        "https://127.0.0.1:11443",
+        "127.0.0.1,11443",
+        "backup/host",
+        "a b",
+        "[::1]2222",
+        "[::1]junk",
+        "[::1",
+        "[::1]:",
+        "127.0.0.1:+22",
+    ],
 )
 def test_a_server_that_is_not_host_port_is_a_usage_error(
     tmp_path: Path, given: str, capsys: pytest.CaptureFixture[str]
@@ -593,6 +604,39 @@ def test_a_server_that_is_not_host_port_is_a_usage_error(
     layout = ini_dir_with(tmp_path, "sm.ini", f"[SBC]\nSBC_SERVER={given}\n")
     with pytest.raises(ConfigError, match=r"\[SBC\] SBC_SERVER=.* is not valid; allowed: "):
         sbc.config.load_config(layout)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("backup.example.com", ("backup.example.com", 11443)),
+        ("backup.example.com:2222", ("backup.example.com", 2222)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("::1", ("::1", 11443)),
+        ("[::1]", ("::1", 11443)),
+        ("[fd00::5]:2222", ("fd00::5", 2222)),
+        # A bracket not closed, or followed by other than ":PORT", dropped
+        # the port: '[::1]2222' meant ::1 port 11443.
+        ("[::1]2222", None),
+        ("[::1]junk", None),
+        ("[::1", None),
+        ("[::1]:", None),
+        ("[::1]:x", None),
+        # int() took these as 22.
+        ("host:+22", None),
+        ("host: 22", None),
+        ("host:2_2", None),
+        ("host:\u0662\u0662", None),
+        ("host:65536", None),
+    ],
+)
+def test_host_port_forms(text: str, address: tuple[str, int] | None) -> None:
+    """What --server, SBC_SERVER, --listen and STPD_HTTPS_LISTEN take."""
+    if address is None:
+        with pytest.raises(ValueError):
+            stpd.config.stpd_address(text)
+    else:
+        assert stpd.config.stpd_address(text) == address
 
 
 def test_an_empty_allow_list_allows_every_valid_client(tmp_path: Path) -> None:
