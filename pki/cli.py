@@ -35,7 +35,7 @@ from pki.authority import (
     move_old_server_keys,
     read_certificate,
 )
-from pki.console import reader_gone, standard_streams
+from pki.console import one_line, reader_gone, standard_streams
 from pki.crl import (
     CRL_VALIDITY_DAYS,
     CRL_WARNING_DAYS,
@@ -87,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    one_line = " ".join(message.split())
-    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    text = " ".join(message.split())
+    print(f"{PROG}: error: {text}", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -622,8 +622,9 @@ def _print_table(out: TextIO, layout: Layout, rows: list[dict[str, Any]]) -> Non
             _status_text(row),
             row["not_after"][:10],
             str(row["days_left"]),
-            row["subject"] + (f" [{', '.join(row['names'])}]" if row["names"] else ""),
-            row["moved_to"] or row["path"],
+            # (a subject recorded before sm_ssl_cert refused control characters)
+            one_line(row["subject"] + (f" [{', '.join(row['names'])}]" if row["names"] else "")),
+            one_line(row["moved_to"] or row["path"]),
         )
         for row in rows
     ]

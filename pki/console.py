@@ -95,6 +95,14 @@ def _escaped(match: re.Match[str]) -> str:
     return _SHORT.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
+def control_character(text: str) -> str | None:
+    """The first character of ``text`` that one_line would escape, if any:
+    what a name an administrator gives (a certificate's subject) must not
+    hold."""
+    found = _CONTROLS.search(text)
+    return found[0] if found else None
+
+
 def one_line(text: str) -> str:
     """``text`` with its control characters written as ``\\n``, ``\\xNN``
     (``\\u2028``), so that a name from a peer (a certificate's subject, a

@@ -14,8 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
-from pki.authority import format_serial
+from pki.authority import CertificateAuthority, format_serial
 from pki.cli import main
 from pki.layout import INI_DIR_ENV, Layout
 from tests.conftest import read_only_directory, tree
@@ -184,6 +185,14 @@ def test_reissuing_a_server_moves_the_old_pair_aside(
         ("", "--common-name is empty"),
         ("*", "invalid name '*'"),
         ("*.com", "invalid name '*.com'"),
+        (
+            "a\nb",
+            "invalid name 'a\\nb' in --common-name: names must not contain control characters",
+        ),
+        (
+            "ab\n",
+            "invalid name 'ab\\n' in --common-name: names must not contain control characters",
+        ),
     ],
 )
 def test_server_rejects_bad_names(
@@ -279,6 +288,17 @@ def test_a_certificate_does_not_outlive_its_ca(
             "--oid C:Germany is not a country code: use two letters (ISO 3166), e.g. C:DE",
         ),
         ("CN:a,CN:b", "--oid key CN is given twice: keep one CN:<value>"),
+        # A control character in a value was taken, and went raw into the
+        # output and every `list` table.
+        (
+            "CN:nl\nx",
+            "--oid CN: value 'nl\\nx' holds the control character '\\n': a subject is "
+            "printable text on one line",
+        ),
+        ("CN:a,O:a\x1b[31m", "--oid O: value 'a\\x1b[31m' holds the control character '\\x1b'"),
+        ("CN:a\tb", "--oid CN: value 'a\\tb' holds the control character '\\t'"),
+        ("CN:a\x85b", "--oid CN: value 'a\\x85b' holds the control character '\\x85'"),
+        ("CN:a\u2028b", "--oid CN: value 'a\\u2028b' holds the control character '\\u2028'"),
     ],
 )
 def test_client_rejects_bad_oid(
@@ -639,3 +659,15 @@ def test_closed_standard_streams_are_dev_null_and_no_file_takes_their_place() ->
     assert done.returncode == 0, done.stderr
     opened, stdin, stdout = done.stderr.split()
     assert int(opened) > 2 and (stdin, stdout) == (os.devnull, os.devnull)
+
+
+def test_list_shows_a_subject_with_a_newline_on_one_line(
+    with_ca: Layout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A subject recorded with a newline (issued before sm_ssl_cert refused
+    one) split its row of the `list` table in two."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nl\nx")])
+    CertificateAuthority.load(with_ca).issue_client(subject)
+    assert main(["--ini-dir", str(with_ca.ini_dir), "list"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 2 and " CN=nl\\nx " in rows[1], rows
