@@ -100,8 +100,9 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                 ) from None
             parser = _parse(text, path, strict=False)
     except configparser.Error as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: cannot be read as an INI file ({first})") from None
+        raise ConfigError(
+            f"{path}: cannot be read as an INI file: {_bad_line(exc, text)}"
+        ) from None
     by_upper = {section.upper(): section for section in our_sections}
     for section in parser.sections():
         ours = by_upper.get(section.upper())
@@ -137,6 +138,21 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                     f"{path}: [{section}] {key.name}={raw!r} is not valid; allowed: {key.allowed}"
                 ) from None
     return values
+
+
+def _bad_line(exc: configparser.Error, text: str) -> str:
+    """Where and what the line is that configparser could not read: its
+    first line of message named only the file ("Source contains parsing
+    errors: 'stpd.ini'")."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):  # (a ParsingError too)
+        return f"line {exc.lineno} comes before any [SECTION] line: {exc.line.strip()!r}"
+    if isinstance(exc, configparser.ParsingError):
+        lineno = exc.errors[0][0]
+        line = text.split("\n")[lineno - 1]  # configparser counts lines as "\n" ends them
+        more = len(exc.errors) - 1
+        also = f" (and {more} more line{'s' if more > 1 else ''} like it)" if more else ""
+        return f"line {lineno} is neither [SECTION] nor KEY=VALUE: {line.strip()!r}{also}"
+    return str(exc).splitlines()[0]
 
 
 def _parse(text: str, path: Path, *, strict: bool) -> configparser.ConfigParser:

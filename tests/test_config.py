@@ -350,10 +350,30 @@ def test_unknown_key_names_file_key_and_the_known_keys(
         assert known in message
 
 
-def test_a_file_that_is_not_ini_is_a_config_error(tmp_path: Path) -> None:
-    layout = ini_dir_with(tmp_path, "stpd.ini", "STPD_HTTPS_USE_CLIENT_CERT=2\n")
-    with pytest.raises(ConfigError, match=re.escape(str(layout.stpd_ini))):
+@pytest.mark.parametrize(
+    ("text", "bad"),
+    [
+        (
+            "STPD_HTTPS_USE_CLIENT_CERT=2\n",
+            "line 1 comes before any [SECTION] line: 'STPD_HTTPS_USE_CLIENT_CERT=2'",
+        ),
+        (
+            "# stpd\n[STPD_Server]\r\nSTPD_DATA_DIR\r\n",
+            "line 3 is neither [SECTION] nor KEY=VALUE: 'STPD_DATA_DIR'",
+        ),
+        (
+            "[STPD_Server]\nSTPD_DATA_DIR\n[Other\nx = 1\n",
+            "line 2 is neither [SECTION] nor KEY=VALUE: 'STPD_DATA_DIR' (and 1 more line like it)",
+        ),
+    ],
+)
+def test_a_file_that_is_not_ini_is_a_config_error(tmp_path: Path, text: str, bad: str) -> None:
+    """Its message named the file only ("Source contains parsing errors:
+    'stpd.ini'"): it says the line, by number and text."""
+    layout = ini_dir_with(tmp_path, "stpd.ini", text)
+    with pytest.raises(ConfigError) as refused:
         stpd.config.load_config(layout)
+    assert str(refused.value) == f"{layout.stpd_ini}: cannot be read as an INI file: {bad}"
 
 
 # -- the programs ------------------------------------------------------------------
