@@ -131,6 +131,13 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                 )
             spelled[key.field] = name
             raw = raw.strip()
+            if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+                # An INI value is all that follows "=": STPD_DATA_DIR="/x" was
+                # the directory ./"/x"/ under stpd's working directory.
+                raise ConfigError(
+                    f"{path}: [{section}] {key.name}={raw} has quotes around its value, which "
+                    f"would be part of it: write it without quotes ({key.name}={raw[1:-1]})"
+                )
             try:
                 values[key.field] = key.parse(raw)
             except ValueError:

@@ -351,6 +351,31 @@ def test_unknown_key_names_file_key_and_the_known_keys(
 
 
 @pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("stpd.ini", 'STPD_DATA_DIR="/srv/savesets"'),
+        ("stpd.ini", "STPD_DATA_DIR='/srv/savesets'  # where savesets go"),
+        ("stpd.ini", 'STPD_HTTPS_LISTEN="0.0.0.0:11443"'),
+        ("sm.ini", 'SBC_SERVER="backup.example.com"'),
+    ],
+)
+def test_quotes_around_a_value_are_refused(tmp_path: Path, name: str, line: str) -> None:
+    """An INI value is all that follows "=": STPD_DATA_DIR="/tmp/x" made
+    stpd store its savesets in ./"/tmp/x"/ under its working directory."""
+    section, module = {"stpd.ini": ("STPD_Server", stpd.config), "sm.ini": ("SBC", sbc.config)}[
+        name
+    ]
+    layout = ini_dir_with(tmp_path, name, f"[{section}]\n{line}\n")
+    key, _, value = line.partition("  #")[0].partition("=")
+    with pytest.raises(ConfigError) as refused:
+        module.load_config(layout)
+    assert str(refused.value) == (
+        f"{layout.ini_dir / name}: [{section}] {key}={value} has quotes around its value, "
+        f"which would be part of it: write it without quotes ({key}={value[1:-1]})"
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "bad"),
     [
         (
