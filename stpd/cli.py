@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -189,9 +190,17 @@ async def _handle_signals(
 
 
 def write_pid_file(path: Path) -> None:
+    """Through a file beside it, renamed: a reader never sees it half
+    written. A failure names the pid file, not that file, and leaves
+    nothing behind ("--pid-file DIR" left .DIR.tmp)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write the pid file: {exc.strerror}", str(path)) from None
 
 
 def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
