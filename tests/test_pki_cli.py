@@ -459,6 +459,28 @@ def test_the_kdf_iterations_raised_as_readme_says(
     assert main(argv) == 0, capsys.readouterr().err
 
 
+def test_a_passphrase_file_with_crlf_needs_the_cr_removed_for_openssl_as_readme_says(
+    ini: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sm_ssl_cert drops the \\r of a FILE saved on Windows (keys written so
+    depend on it), OpenSSL keeps it in the passphrase: README's openssl
+    commands fail with such a FILE, and work with its `tr -d '\\r'` copy."""
+    secret = tmp_path / "crlf.pass"
+    secret.write_bytes(PASSPHRASE.encode() + b"\r\n")
+    secret.chmod(0o600)
+    assert main(["--ini-dir", str(ini), "ca", "--passphrase-file", str(secret)]) == 0
+    capsys.readouterr()
+    read_key = ["openssl", "pkey", "-in", str(Layout(ini).ca_key), "-noout", "-passin"]
+    assert subprocess.run([*read_key, f"file:{secret}"], capture_output=True).returncode != 0
+    copy = tmp_path / "FILE2"
+    subprocess.run(
+        ["sh", "-c", '(umask 077; tr -d \'\\r\' < "$0" > "$1")', str(secret), str(copy)],
+        check=True,
+    )
+    assert mode(copy) == 0o600
+    assert subprocess.run([*read_key, f"file:{copy}"], capture_output=True).returncode == 0
+
+
 @pytest.mark.parametrize(
     "case", ["wrong", "open to others", "missing", "empty", "key not encrypted", "too short"]
 )
