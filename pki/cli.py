@@ -35,7 +35,7 @@ from pki.authority import (
     move_old_server_keys,
     read_certificate,
 )
-from pki.console import one_line, reader_gone, standard_streams
+from pki.console import OutputError, one_line, output_failed, reader_gone, standard_streams
 from pki.crl import (
     CRL_VALIDITY_DAYS,
     CRL_WARNING_DAYS,
@@ -77,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except BrokenPipeError:
         return reader_gone()
+    except OutputError as exc:  # (not the ini directory's fault)
+        return _fail(output_failed(exc))
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         return _fail(

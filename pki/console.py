@@ -8,6 +8,26 @@ import os
 import re
 import signal
 import sys
+from typing import Any
+
+
+class OutputError(OSError):
+    """Writing stdout failed (``> /dev/full``, an I/O error): told apart
+    from an error of the files a command works on, whose advice ("check
+    --ini-dir") would send the operator to the wrong place."""
+
+
+class _Stdout(io.FileIO):
+    """Descriptor 1, whose write errors are OutputErrors (but a reader gone:
+    see reader_gone)."""
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from None
 
 
 def standard_streams() -> None:
@@ -16,12 +36,13 @@ def standard_streams() -> None:
     A stream closed by the caller (``sbc backup src >&-`` from cron) is
     /dev/null: the work is done and the exit status says so (0), its
     output lost by the caller's choice. Python leaves sys.stdout None then
-    (sbc failed with a traceback after the backup was stored), and the next
-    file opened would get the free descriptor, and be written to as stdout
-    by whatever writes there. And a character that the locale cannot show (a subject's "Ł"
-    under a latin-1 locale) is written as ``\\u0141`` instead of ending the
-    command with a traceback half-way through its output (Python's own
-    choice outside the C locale is to fail)."""
+    (sbc failed with a traceback after the backup was stored), and the
+    next file opened would get the free descriptor, and be written to as
+    stdout by whatever writes there. A character that the locale cannot
+    show (a subject's "Ł" under a latin-1 locale) is written as
+    ``\\u0141`` instead of ending the command with a traceback half-way
+    through its output (Python's own choice outside the C locale is to
+    fail). And an error writing stdout is an OutputError."""
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
@@ -32,19 +53,38 @@ def standard_streams() -> None:
                 os.close(devnull)
         if getattr(sys, name) is None:  # (for the whole run: no context manager)
             setattr(sys, name, open(fd, mode, errors="backslashreplace", closefd=False))  # noqa: SIM115
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
-            stream.reconfigure(errors="backslashreplace")
+    if isinstance(sys.stderr, io.TextIOWrapper) and sys.stderr.errors == "strict":
+        sys.stderr.reconfigure(errors="backslashreplace")
+    was = sys.stdout
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_Stdout(1, "w", closefd=False)),
+        encoding=was.encoding,
+        errors="backslashreplace" if was.errors == "strict" else was.errors,
+        line_buffering=bool(was.line_buffering),  # (a terminal's)
+    )
+
+
+def _stdout_to_devnull() -> None:
+    """What is still to be written to stdout goes nowhere, and Python's
+    flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def reader_gone() -> int:
     """stdout's reader went away (``sm_ssl_cert list | head``): end quietly,
-    with the status of a tool killed by SIGPIPE, and keep Python from
-    failing to flush at exit. The work itself is done by then."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    with the status of a tool killed by SIGPIPE. The work itself is done
+    by then."""
+    _stdout_to_devnull()
     return 128 + signal.SIGPIPE
+
+
+def output_failed(exc: OSError) -> str:
+    """What to say when stdout could not be written (an OutputError); the
+    rest of the output is dropped."""
+    _stdout_to_devnull()
+    return f"cannot write the output: {exc.strerror or exc}"
 
 
 def share_of(part: int, whole: int) -> str:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pki.console import (
+    OutputError,
     as_tar_lists,
     in_days,
     one_line,
+    output_failed,
     reader_gone,
     share_of,
     standard_streams,
@@ -566,6 +568,9 @@ def main(
         return 1
     except BrokenPipeError:
         return reader_gone()
+    except OutputError as exc:  # `sbc list ID > /dev/full`
+        print(f"{prog}: error: {output_failed(exc)}", file=sys.stderr)
+        return 1
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -585,7 +590,7 @@ def main(
         except BrokenPipeError:
             return reader_gone()
         except OSError as exc:  # a full disk: the work itself was done
-            print(f"{prog}: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
+            print(f"{prog}: error: {output_failed(exc)}", file=sys.stderr)
             return 1
     if isinstance(result, dict) and any(
         result.get(key) for key in ("unreadable", "unrestorable", "not_found")
@@ -599,12 +604,18 @@ def run() -> NoReturn:
     shutdown (collecting every module's objects) costs about 40 ms, a
     fifth of a short sbc run, and has nothing left to do by then: the
     connection is closed and every restored file written and closed. Only
-    the standard streams are flushed here; if that fails (a closed pipe),
-    Python's usual exit reports it."""
+    the standard streams are flushed here: the output that main() left in
+    stdout's buffer may fail to go out only now."""
     standard_streams()
     code = main()
     try:
         sys.stdout.flush()
+    except BrokenPipeError:
+        code = reader_gone()
+    except OSError as exc:  # `sbc status > /dev/full`
+        print(f"sbc: error: {output_failed(exc)}", file=sys.stderr)
+        code = code or 1
+    try:
         sys.stderr.flush()
     except OSError:
         sys.exit(code)

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from pki.console import one_line, reader_gone, standard_streams
+from pki.console import OutputError, one_line, output_failed, reader_gone, standard_streams
 from pki.errors import PkiError
 from pki.inifile import ConfigError, format_host_port
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir, saveset_argument
@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `stpd list | head`
         return reader_gone()
+    except OutputError as exc:  # `stpd list > /dev/full`
+        print(f"stpd: error: {output_failed(exc)}", file=sys.stderr)
+        return 2
     except OSError as exc:
         where = exc.filename or ("listen address" if args.command == "run" else "")
         print(

@@ -693,3 +693,19 @@ def test_list_shows_a_subject_with_a_newline_on_one_line(
     assert main(["--ini-dir", str(with_ca.ini_dir), "list"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     assert len(rows) == 2 and " CN=nl\\nx " in rows[1], rows
+
+
+def test_output_that_cannot_be_written_is_not_blamed_on_the_ini_directory(tmp_path: Path) -> None:
+    """`sm_ssl_cert list > /dev/full` said "No space left on device (check
+    --ini-dir / SESAM_INI_DIR and the permissions of that directory)"."""
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini")}
+    subprocess.run([str(script), "ca"], env=env, capture_output=True, check=True, timeout=60)
+    with open("/dev/full", "w") as full:
+        listing = subprocess.run(
+            [str(script), "list"], env=env, stdout=full, stderr=subprocess.PIPE, timeout=60
+        )
+    assert (listing.returncode, listing.stderr) == (
+        2,
+        b"sm_ssl_cert: error: cannot write the output: No space left on device\n",
+    )

@@ -236,6 +236,29 @@ def test_a_listing_into_a_closed_pipe_ends_quietly(
     assert (listing.returncode, listing.stderr) == (128 + signal.SIGPIPE, "")
 
 
+@pytest.mark.parametrize("argv", [["list"], ["list", "--json"]])
+def test_a_listing_that_cannot_be_written_says_so(
+    pki: Pki, tmp_path: Path, argv: list[str]
+) -> None:
+    """`stpd list > /dev/full` said only "error: No space left on device"."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with open("/dev/full", "w") as full:
+        listing = subprocess.run(
+            [str(BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(data)]
+            + argv,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    assert (listing.returncode, listing.stderr) == (
+        2,
+        "stpd: error: cannot write the output: No space left on device\n",
+    )
+
+
 def test_broken_savesets_are_reported_kept_at_start_and_deleted_by_id(
     pki: Pki, tmp_path: Path
 ) -> None:
