@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+from pki.console import control_character
 from pki.errors import PkiError
 from pki.files import move_aside, present, write_private, write_public
 from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
@@ -735,6 +736,14 @@ def _read_matching_key(key_path: Path, cert: x509.Certificate) -> PrivateKey:
 
 
 def _attribute(oid: ObjectIdentifier, value: str, what: str) -> x509.NameAttribute:
+    # A newline or an escape in a subject is a slip (of a script, of the
+    # shell's quoting), and would go raw into every listing and log line.
+    control = control_character(value)
+    if control is not None:
+        raise PkiError(
+            f"{what}: value {value!r} holds the control character {control!r}: "
+            "a subject is printable text on one line"
+        )
     # cryptography encodes dnQualifier as a PrintableString but only notices a
     # character outside that set when signing, with a parser error: say it here.
     if oid == NameOID.DN_QUALIFIER and not _PRINTABLE_STRING.fullmatch(value):

@@ -37,7 +37,14 @@ from pki.authority import (
     move_old_server_keys,
     read_certificate,
 )
-from pki.console import expiry_in_words, reader_gone
+from pki.console import (
+    OutputError,
+    expiry_in_words,
+    one_line,
+    output_failed,
+    reader_gone,
+    standard_streams,
+)
 from pki.crl import (
     CRL_VALIDITY_DAYS,
     CRL_WARNING_DAYS,
@@ -62,6 +69,10 @@ _WARNING_WINDOW = timedelta(days=CRL_WARNING_DAYS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``sm_ssl_cert`` command; ``argv`` (not None) runs it within a
+    program, with that program's standard streams as they are."""
+    if argv is None:
+        standard_streams()
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -75,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except BrokenPipeError:
         return reader_gone()
+    except OutputError as exc:  # (not the ini directory's fault)
+        return _fail(output_failed(exc))
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         return _fail(
@@ -85,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    one_line = " ".join(message.split())
-    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    text = " ".join(message.split())
+    print(f"{PROG}: error: {text}", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -624,8 +637,9 @@ def _print_table(out: TextIO, layout: Layout, rows: list[dict[str, Any]]) -> Non
             _status_text(row),
             row["not_after"][:10],
             str(row["days_left"]),
-            row["subject"] + (f" [{', '.join(row['names'])}]" if row["names"] else ""),
-            row["moved_to"] or row["path"],
+            # (a subject recorded before sm_ssl_cert refused control characters)
+            one_line(row["subject"] + (f" [{', '.join(row['names'])}]" if row["names"] else "")),
+            one_line(row["moved_to"] or row["path"]),
         )
         for row in rows
     ]

@@ -100,8 +100,9 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                 ) from None
             parser = _parse(text, path, strict=False)
     except configparser.Error as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: cannot be read as an INI file ({first})") from None
+        raise ConfigError(
+            f"{path}: cannot be read as an INI file: {_bad_line(exc, text)}"
+        ) from None
     by_upper = {section.upper(): section for section in our_sections}
     for section in parser.sections():
         ours = by_upper.get(section.upper())
@@ -130,6 +131,13 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                 )
             spelled[key.field] = name
             raw = raw.strip()
+            if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+                # An INI value is all that follows "=": STPD_DATA_DIR="/x" was
+                # the directory ./"/x"/ under stpd's working directory.
+                raise ConfigError(
+                    f"{path}: [{section}] {key.name}={raw} has quotes around its value, which "
+                    f"would be part of it: write it without quotes ({key.name}={raw[1:-1]})"
+                )
             try:
                 values[key.field] = key.parse(raw)
             except ValueError:
@@ -137,6 +145,21 @@ def read_ini(path: Path, keys: Iterable[Key]) -> dict[str, Any]:
                     f"{path}: [{section}] {key.name}={raw!r} is not valid; allowed: {key.allowed}"
                 ) from None
     return values
+
+
+def _bad_line(exc: configparser.Error, text: str) -> str:
+    """Where and what the line is that configparser could not read: its
+    first line of message named only the file ("Source contains parsing
+    errors: 'stpd.ini'")."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):  # (a ParsingError too)
+        return f"line {exc.lineno} comes before any [SECTION] line: {exc.line.strip()!r}"
+    if isinstance(exc, configparser.ParsingError):
+        lineno = exc.errors[0][0]
+        line = text.split("\n")[lineno - 1]  # configparser counts lines as "\n" ends them
+        more = len(exc.errors) - 1
+        also = f" (and {more} more line{'s' if more > 1 else ''} like it)" if more else ""
+        return f"line {lineno} is neither [SECTION] nor KEY=VALUE: {line.strip()!r}{also}"
+    return str(exc).splitlines()[0]
 
 
 def _parse(text: str, path: Path, *, strict: bool) -> configparser.ConfigParser:
@@ -162,16 +185,25 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     if not text:
         raise ValueError("empty address")
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else default_port
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or rest[:1] not in ("", ":"):  # "[::1", "[::1]2222": no port dropped
+            raise ValueError(text)
+        port = _port(rest[1:]) if rest else default_port
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        port = int(port_text)
+        port = _port(port_text)
     else:
         host, port = text, default_port
     if not host or not 0 <= port <= 65535 or not _could_be_host(host):
         raise ValueError(text)
     return host, port
+
+
+def _port(text: str) -> int:
+    """Digits only: int() also takes " 22", "+22", "2_2" and other scripts' digits."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
 
 
 def format_host_port(host: str, port: int) -> str:

@@ -27,6 +27,15 @@ def path_argument(raw: str) -> Path:
     return Path(raw)
 
 
+def saveset_argument(raw: str) -> str:
+    """The argparse type of a SAVESET argument (sbc, ``stpd delete``). An
+    empty one is a script's unset variable, refused: `sbc list ""` listed
+    every saveset instead of the entries asked for."""
+    if not raw:
+        raise argparse.ArgumentTypeError("the saveset id is empty")
+    return raw
+
+
 def resolve_ini_dir(option: str | os.PathLike[str] | None, parser: argparse.ArgumentParser) -> Path:
     """--ini-dir, else $SESAM_INI_DIR, else the product default. A variable
     set but empty (``SESAM_INI_DIR=$DIR`` with DIR unset) is a usage error,

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
+from pki.console import control_character
 from pki.errors import PkiError
 
 # ``--oid`` keys (SPEC.md) and the X.509 subject attributes they stand for:
@@ -206,6 +207,8 @@ def _classify(item: str) -> tuple[str | None, str]:
     """
     if not item:
         return None, "the name is empty"
+    if control_character(item) is not None:
+        return None, "names must not contain control characters"
     if any(character.isspace() for character in item):
         return None, "names must not contain spaces; separate names with commas only"
     if not item.isascii():

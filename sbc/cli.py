@@ -17,16 +17,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pki.console import (
+    OutputError,
     as_tar_lists,
     expiry_in_words,
     in_days,
     one_line,
+    output_failed,
     reader_gone,
     share_of,
+    standard_streams,
 )
 from pki.errors import PkiError
 from pki.inifile import ConfigError
-from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir, saveset_argument
 from pki.tls import ANONYMOUS
 from sbc.archive import ArchiveError, WalkOptions
 from sbc.client import SbcError, Session
@@ -95,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser(
         "restore", parents=[common], help="restore a saveset into a directory"
     )
-    restore.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
+    restore.add_argument(
+        "saveset", type=saveset_argument, help="the saveset id, as `sbc list` shows it"
+    )
     restore.add_argument(
         "target_dir", type=path_argument, help="where to restore it (made if missing)"
     )
@@ -117,14 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         "list", parents=[common], help="list this client's savesets, or one saveset's entries"
     )
     listing.add_argument(
-        "saveset", nargs="?", help="list the entries of this saveset (the names ENTRY takes)"
+        "saveset",
+        nargs="?",
+        type=saveset_argument,
+        help="list the entries of this saveset (the names ENTRY takes)",
     )
     verify = commands.add_parser(
         "verify",
         parents=[common],
         help="have stpd check a saveset's stored data against the checksum taken at backup",
     )
-    verify.add_argument("saveset", help="the saveset id, as `sbc list` shows it")
+    verify.add_argument(
+        "saveset", type=saveset_argument, help="the saveset id, as `sbc list` shows it"
+    )
     commands.add_parser("status", parents=[common], help="show the STPD's status")
     return parser
 
@@ -383,7 +393,7 @@ def _under_one_of(names: set[str], name: str) -> bool:
 
 
 def _list(session: Session, args: argparse.Namespace) -> list[dict[str, Any]] | None:
-    if args.saveset:
+    if args.saveset is not None:
         _list_entries(session, args.saveset, args.json)
         return None  # printed as it came
     savesets = session.savesets()
@@ -602,6 +612,9 @@ def main(
         return 1
     except BrokenPipeError:
         return reader_gone()
+    except OutputError as exc:  # `sbc list ID > /dev/full`
+        print(f"{prog}: error: {output_failed(exc)}", file=sys.stderr)
+        return 1
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -621,7 +634,7 @@ def main(
         except BrokenPipeError:
             return reader_gone()
         except OSError as exc:  # a full disk: the work itself was done
-            print(f"{prog}: error: cannot write the result: {exc.strerror or exc}", file=sys.stderr)
+            print(f"{prog}: error: {output_failed(exc)}", file=sys.stderr)
             return 1
     if isinstance(result, dict) and any(
         result.get(key) for key in ("unreadable", "unrestorable", "not_found")
@@ -635,11 +648,18 @@ def run() -> NoReturn:
     shutdown (collecting every module's objects) costs about 40 ms, a
     fifth of a short sbc run, and has nothing left to do by then: the
     connection is closed and every restored file written and closed. Only
-    the standard streams are flushed here; if that fails (a closed pipe),
-    Python's usual exit reports it."""
+    the standard streams are flushed here: the output that main() left in
+    stdout's buffer may fail to go out only now."""
+    standard_streams()
     code = main()
     try:
         sys.stdout.flush()
+    except BrokenPipeError:
+        code = reader_gone()
+    except OSError as exc:  # `sbc status > /dev/full`
+        print(f"sbc: error: {output_failed(exc)}", file=sys.stderr)
+        code = code or 1
+    try:
         sys.stderr.flush()
     except OSError:
         sys.exit(code)

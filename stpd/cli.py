@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,10 +17,10 @@ from typing import Any
 
 import trio
 
-from pki.console import one_line, reader_gone
+from pki.console import OutputError, one_line, output_failed, reader_gone, standard_streams
 from pki.errors import PkiError
 from pki.inifile import ConfigError, format_host_port
-from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
+from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir, saveset_argument
 from stpd import __version__
 from stpd.aio import single_error
 from stpd.config import StpdConfig, load_config, open_files_to_the_hard_limit, stpd_address
@@ -62,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "of every client in the data directory; delete the savesets named",
     )
     parser.add_argument(
-        "savesets", nargs="*", metavar="SAVESET", help="delete: the saveset ids, as list shows them"
+        "savesets",
+        nargs="*",
+        type=saveset_argument,
+        metavar="SAVESET",
+        help="delete: the saveset ids, as list shows them",
     )
     parser.add_argument("--json", action="store_true", help="status, list: print JSON")
     return parser
@@ -76,7 +81,7 @@ class OneLineFormatter(logging.Formatter):
 
     # Times in UTC, said so, as every other time stpd and sbc print: a
     # local time without its zone is ambiguous across an RDS fleet.
-    converter = time.gmtime  # type: ignore[assignment]  # (typeshed: the overload without seconds)
+    converter = staticmethod(time.gmtime)
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
 
@@ -185,9 +190,17 @@ async def _handle_signals(
 
 
 def write_pid_file(path: Path) -> None:
+    """Through a file beside it, renamed: a reader never sees it half
+    written. A failure names the pid file, not that file, and leaves
+    nothing behind ("--pid-file DIR" left .DIR.tmp)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write the pid file: {exc.strerror}", str(path)) from None
 
 
 def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
@@ -305,8 +318,15 @@ def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``stpd`` command; ``argv`` (not None) runs it within a program,
+    with that program's standard streams as they are."""
+    if argv is None:
+        standard_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Intermixed: the options may come between the command and its savesets
+    # (`stpd delete --data-dir D ID`); parse_args took the command and the
+    # savesets only as one run of positionals.
+    args = parser.parse_intermixed_args(argv)
     if args.savesets and args.command != "delete":
         parser.error(f"unexpected arguments for {args.command}: {' '.join(args.savesets)}")
     layout = Layout(resolve_ini_dir(args.ini_dir, parser))
@@ -332,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `stpd list | head`
         return reader_gone()
+    except OutputError as exc:  # `stpd list > /dev/full`
+        print(f"stpd: error: {output_failed(exc)}", file=sys.stderr)
+        return 2
     except OSError as exc:
         where = exc.filename or ("listen address" if args.command == "run" else "")
         print(

@@ -350,10 +350,55 @@ def test_unknown_key_names_file_key_and_the_known_keys(
         assert known in message
 
 
-def test_a_file_that_is_not_ini_is_a_config_error(tmp_path: Path) -> None:
-    layout = ini_dir_with(tmp_path, "stpd.ini", "STPD_HTTPS_USE_CLIENT_CERT=2\n")
-    with pytest.raises(ConfigError, match=re.escape(str(layout.stpd_ini))):
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("stpd.ini", 'STPD_DATA_DIR="/srv/savesets"'),
+        ("stpd.ini", "STPD_DATA_DIR='/srv/savesets'  # where savesets go"),
+        ("stpd.ini", 'STPD_HTTPS_LISTEN="0.0.0.0:11443"'),
+        ("sm.ini", 'SBC_SERVER="backup.example.com"'),
+    ],
+)
+def test_quotes_around_a_value_are_refused(tmp_path: Path, name: str, line: str) -> None:
+    """An INI value is all that follows "=": STPD_DATA_DIR="/tmp/x" made
+    stpd store its savesets in ./"/tmp/x"/ under its working directory."""
+    section, module = {"stpd.ini": ("STPD_Server", stpd.config), "sm.ini": ("SBC", sbc.config)}[
+        name
+    ]
+    layout = ini_dir_with(tmp_path, name, f"[{section}]\n{line}\n")
+    key, _, value = line.partition("  #")[0].partition("=")
+    with pytest.raises(ConfigError) as refused:
+        module.load_config(layout)
+    assert str(refused.value) == (
+        f"{layout.ini_dir / name}: [{section}] {key}={value} has quotes around its value, "
+        f"which would be part of it: write it without quotes ({key}={value[1:-1]})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "bad"),
+    [
+        (
+            "STPD_HTTPS_USE_CLIENT_CERT=2\n",
+            "line 1 comes before any [SECTION] line: 'STPD_HTTPS_USE_CLIENT_CERT=2'",
+        ),
+        (
+            "# stpd\n[STPD_Server]\r\nSTPD_DATA_DIR\r\n",
+            "line 3 is neither [SECTION] nor KEY=VALUE: 'STPD_DATA_DIR'",
+        ),
+        (
+            "[STPD_Server]\nSTPD_DATA_DIR\n[Other\nx = 1\n",
+            "line 2 is neither [SECTION] nor KEY=VALUE: 'STPD_DATA_DIR' (and 1 more line like it)",
+        ),
+    ],
+)
+def test_a_file_that_is_not_ini_is_a_config_error(tmp_path: Path, text: str, bad: str) -> None:
+    """Its message named the file only ("Source contains parsing errors:
+    'stpd.ini'"): it says the line, by number and text."""
+    layout = ini_dir_with(tmp_path, "stpd.ini", text)
+    with pytest.raises(ConfigError) as refused:
         stpd.config.load_config(layout)
+    assert str(refused.value) == f"{layout.stpd_ini}: cannot be read as an INI file: {bad}"
 
 
 # -- the programs ------------------------------------------------------------------
@@ -426,6 +471,41 @@ def test_sbc_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None
     assert result.stderr.splitlines()[-1].endswith(
         "(write . for the current directory)" if "empty" in message else "target_dir"
     ), result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sbc", "list", ""],
+        ["sbc", "list", "", "--json"],
+        ["sbc", "restore", "", "{cwd}/back"],
+        ["sbc", "verify", ""],
+        ["stpd", "delete", ""],
+        ["stpd", "delete", "SS-20260101T000000Z-00000000", ""],
+    ],
+)
+def test_an_empty_saveset_argument_is_refused(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """A SAVESET given as "$ID" with ID unset: `sbc list ""` listed every
+    saveset (with --json, the array of savesets where a script expected
+    entries), `sbc restore "" DIR` and `sbc verify ""` asked stpd for a
+    saveset without a name. A usage error, as an empty path is."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    client = pki.client_ini("scripted")
+    with running_stpd(pki.layout, level=2) as stpd:
+        ini = str((client if argv[0] == "sbc" else pki.layout).ini_dir)
+        given = [arg.replace("{cwd}", str(workdir)) for arg in argv[1:]]
+        server = ["--server", stpd.address] if argv[0] == "sbc" else []
+        result = run_program([script(argv[0]), "--ini-dir", ini, *given, *server])
+    assert result.returncode == 2 and result.stdout == ""
+    name = "saveset" if argv[0] == "sbc" else "SAVESET"
+    assert result.stderr.splitlines()[-1].endswith(
+        f"error: argument {name}: the saveset id is empty"
+    ), result.stderr
+    assert list(workdir.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -539,7 +619,18 @@ def test_sbc_takes_its_common_options_before_or_after_the_command(pki: Pki, tmp_
 
 
 @pytest.mark.parametrize(
-    "given", ["https://127.0.0.1:11443", "127.0.0.1,11443", "backup/host", "a b"]
+    "given",
+    [
+        "https://127.0.0.1:11443",
+        "127.0.0.1,11443",
+        "backup/host",
+        "a b",
+        "[::1]2222",
+        "[::1]junk",
+        "[::1",
+        "[::1]:",
+        "127.0.0.1:+22",
+    ],
 )
 def test_a_server_that_is_not_host_port_is_a_usage_error(
     tmp_path: Path, given: str, capsys: pytest.CaptureFixture[str]
@@ -558,6 +649,39 @@ def test_a_server_that_is_not_host_port_is_a_usage_error(
     layout = ini_dir_with(tmp_path, "sm.ini", f"[SBC]\nSBC_SERVER={given}\n")
     with pytest.raises(ConfigError, match=r"\[SBC\] SBC_SERVER=.* is not valid; allowed: "):
         sbc.config.load_config(layout)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("backup.example.com", ("backup.example.com", 11443)),
+        ("backup.example.com:2222", ("backup.example.com", 2222)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("::1", ("::1", 11443)),
+        ("[::1]", ("::1", 11443)),
+        ("[fd00::5]:2222", ("fd00::5", 2222)),
+        # A bracket not closed, or followed by other than ":PORT", dropped
+        # the port: '[::1]2222' meant ::1 port 11443.
+        ("[::1]2222", None),
+        ("[::1]junk", None),
+        ("[::1", None),
+        ("[::1]:", None),
+        ("[::1]:x", None),
+        # int() took these as 22.
+        ("host:+22", None),
+        ("host: 22", None),
+        ("host:2_2", None),
+        ("host:\u0662\u0662", None),
+        ("host:65536", None),
+    ],
+)
+def test_host_port_forms(text: str, address: tuple[str, int] | None) -> None:
+    """What --server, SBC_SERVER, --listen and STPD_HTTPS_LISTEN take."""
+    if address is None:
+        with pytest.raises(ValueError):
+            stpd.config.stpd_address(text)
+    else:
+        assert stpd.config.stpd_address(text) == address
 
 
 def test_an_empty_allow_list_allows_every_valid_client(tmp_path: Path) -> None:

@@ -217,6 +217,31 @@ def test_a_second_stpd_that_cannot_listen_leaves_the_pid_file_alone(
     assert not pid_file.exists()
 
 
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [("a-dir", "Is a directory"), ("missing/stpd.pid", "No such file or directory")],
+)
+def test_a_pid_file_that_cannot_be_written_is_named(
+    setup: tuple[Pki, Layout, Path], tmp_path: Path, given: str, error: str
+) -> None:
+    """The error named the temporary file beside it ("Is a directory
+    (.a-dir.tmp)"), and --pid-file DIR left that file behind."""
+    pki, _, _ = setup
+    write_stpd_ini(pki.layout.ini_dir)
+    run = tmp_path / "run"
+    (run / "a-dir").mkdir(parents=True)
+    refused = subprocess.run(
+        [STPD, "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(tmp_path / "data"),
+         "--listen", f"{HOST}:0", "--pid-file", str(run / given)],
+        capture_output=True, text=True, timeout=WAIT_SECONDS,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"stpd: error: cannot write the pid file: {error} ({run / given})"
+    )
+    assert sorted(path.name for path in run.rglob("*")) == ["a-dir"]
+
+
 def test_sigterm_lets_a_running_upload_finish(setup: tuple[Pki, Layout, Path], start) -> None:
     pki, client, data = setup
     write_stpd_ini(pki.layout.ini_dir, "STPD_SHUTDOWN_GRACE=15")

@@ -273,7 +273,7 @@ def test_sbc_command_output_that_cannot_be_written_is_one_clear_line(pki: Pki) -
                 argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
             )
         assert result.returncode == 1
-        assert result.stderr == "sbc: error: cannot write the result: No space left on device\n"
+        assert result.stderr == "sbc: error: cannot write the output: No space left on device\n"
         piped = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert piped.returncode == 0, piped.stderr
         check_status(json.loads(piped.stdout), active=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import socket
 import ssl
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki.console import one_line
+from pki.console import as_tar_lists, one_line
 from stpd.cli import LOG_FORMAT, OneLineFormatter
 from tests.conftest import LOOPBACK, Pki, StpdProcess, write_stpd_ini
 from tests.test_hostile_common import hpki, read_answer, small_tar, tls_context  # noqa: F401
@@ -130,6 +131,16 @@ def test_an_upload_source_cannot_forge_a_line_of_the_log_or_of_stpd_list(
     )
     assert deleted.returncode == 0, deleted.stderr
     assert re.fullmatch(rf"deleted saveset .* bytes of {shown}, stored \S+\n", deleted.stdout)
+
+
+def test_bytes_that_are_not_utf_8_are_escaped_too() -> None:
+    """A name's bytes that are not UTF-8 (as Python decodes them: lone
+    surrogates) went out raw under the C locale, where 0x9B is a C1
+    control to some terminals, and ended the output with a traceback
+    under any other."""
+    name = os.fsdecode(b"caf\xe9\x9b[31m")
+    assert one_line(name) == "caf\\xe9\\x9b[31m"
+    assert as_tar_lists(name) == "caf\\351\\233[31m"  # as tar -tv writes it
 
 
 def test_the_log_format_keeps_a_record_on_one_line_and_its_traceback_as_it_is(

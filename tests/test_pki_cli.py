@@ -14,8 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
-from pki.authority import format_serial
+from pki.authority import CertificateAuthority, format_serial
 from pki.cli import main
 from pki.layout import INI_DIR_ENV, Layout
 from tests.conftest import read_only_directory, tree
@@ -184,6 +185,14 @@ def test_reissuing_a_server_moves_the_old_pair_aside(
         ("", "--common-name is empty"),
         ("*", "invalid name '*'"),
         ("*.com", "invalid name '*.com'"),
+        (
+            "a\nb",
+            "invalid name 'a\\nb' in --common-name: names must not contain control characters",
+        ),
+        (
+            "ab\n",
+            "invalid name 'ab\\n' in --common-name: names must not contain control characters",
+        ),
     ],
 )
 def test_server_rejects_bad_names(
@@ -279,6 +288,17 @@ def test_a_certificate_does_not_outlive_its_ca(
             "--oid C:Germany is not a country code: use two letters (ISO 3166), e.g. C:DE",
         ),
         ("CN:a,CN:b", "--oid key CN is given twice: keep one CN:<value>"),
+        # A control character in a value was taken, and went raw into the
+        # output and every `list` table.
+        (
+            "CN:nl\nx",
+            "--oid CN: value 'nl\\nx' holds the control character '\\n': a subject is "
+            "printable text on one line",
+        ),
+        ("CN:a,O:a\x1b[31m", "--oid O: value 'a\\x1b[31m' holds the control character '\\x1b'"),
+        ("CN:a\tb", "--oid CN: value 'a\\tb' holds the control character '\\t'"),
+        ("CN:a\x85b", "--oid CN: value 'a\\x85b' holds the control character '\\x85'"),
+        ("CN:a\u2028b", "--oid CN: value 'a\\u2028b' holds the control character '\\u2028'"),
     ],
 )
 def test_client_rejects_bad_oid(
@@ -439,6 +459,28 @@ def test_the_kdf_iterations_raised_as_readme_says(
     assert main(argv) == 0, capsys.readouterr().err
 
 
+def test_a_passphrase_file_with_crlf_needs_the_cr_removed_for_openssl_as_readme_says(
+    ini: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sm_ssl_cert drops the \\r of a FILE saved on Windows (keys written so
+    depend on it), OpenSSL keeps it in the passphrase: README's openssl
+    commands fail with such a FILE, and work with its `tr -d '\\r'` copy."""
+    secret = tmp_path / "crlf.pass"
+    secret.write_bytes(PASSPHRASE.encode() + b"\r\n")
+    secret.chmod(0o600)
+    assert main(["--ini-dir", str(ini), "ca", "--passphrase-file", str(secret)]) == 0
+    capsys.readouterr()
+    read_key = ["openssl", "pkey", "-in", str(Layout(ini).ca_key), "-noout", "-passin"]
+    assert subprocess.run([*read_key, f"file:{secret}"], capture_output=True).returncode != 0
+    copy = tmp_path / "FILE2"
+    subprocess.run(
+        ["sh", "-c", '(umask 077; tr -d \'\\r\' < "$0" > "$1")', str(secret), str(copy)],
+        check=True,
+    )
+    assert mode(copy) == 0o600
+    assert subprocess.run([*read_key, f"file:{copy}"], capture_output=True).returncode == 0
+
+
 @pytest.mark.parametrize(
     "case", ["wrong", "open to others", "missing", "empty", "key not encrypted", "too short"]
 )
@@ -578,3 +620,92 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert issuing.wait(60) == 128 + signal.SIGPIPE, err
     assert err == b""
     assert Layout(tmp_path / "ini").client_cert.exists()
+
+
+def test_list_writes_a_subject_the_locale_cannot_show_escaped(tmp_path: Path) -> None:
+    """`sm_ssl_cert list` under a latin-1 locale (its encoding, here as
+    PYTHONIOENCODING sets it) stopped at a subject CN=Łódź with a
+    UnicodeEncodeError traceback: what latin-1 lacks is written \\u0141."""
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini"), "PYTHONIOENCODING": "latin-1"}
+    subprocess.run([str(script), "ca"], env=env, capture_output=True, check=True, timeout=60)
+    subprocess.run(
+        [str(script), "client", "--oid", "CN:Łódź", "--path", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    listing = subprocess.run(
+        [str(script), "list"], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert (listing.returncode, listing.stderr) == (0, b"")
+    assert " CN=\\u0141ód\\u017a " in listing.stdout.decode("latin-1")
+
+
+def test_a_closed_stdout_is_no_failure(tmp_path: Path) -> None:
+    """`sm_ssl_cert client ... >&-` wrote the certificate, then ended with
+    an AttributeError traceback and exit status 2: a stream the caller
+    closed is /dev/null, the work is done, exit status 0."""
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini")}
+    subprocess.run([str(script), "ca"], env=env, capture_output=True, check=True, timeout=60)
+    issuing = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", str(script), "client", "--oid", "CN:x"]
+        + ["--path", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (issuing.returncode, issuing.stderr) == (0, b"")
+    assert (tmp_path / "out" / "client.pem").exists()
+
+
+def test_closed_standard_streams_are_dev_null_and_no_file_takes_their_place() -> None:
+    """With stdin and stdout closed, the next files opened got descriptors 0
+    and 1, and whatever wrote to stdout wrote into them."""
+    code = (
+        "import os, sys\n"
+        "from pki.console import standard_streams\n"
+        "standard_streams()\n"
+        "opened = os.open(sys.executable, os.O_RDONLY)\n"
+        "print(opened, *(os.readlink(f'/proc/self/fd/{fd}') for fd in (0, 1)), file=sys.stderr)\n"
+        "print('to stdout')\n"
+    )
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&- >&-', "sh", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    opened, stdin, stdout = done.stderr.split()
+    assert int(opened) > 2 and (stdin, stdout) == (os.devnull, os.devnull)
+
+
+def test_list_shows_a_subject_with_a_newline_on_one_line(
+    with_ca: Layout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A subject recorded with a newline (issued before sm_ssl_cert refused
+    one) split its row of the `list` table in two."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nl\nx")])
+    CertificateAuthority.load(with_ca).issue_client(subject)
+    assert main(["--ini-dir", str(with_ca.ini_dir), "list"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 2 and " CN=nl\\nx " in rows[1], rows
+
+
+def test_output_that_cannot_be_written_is_not_blamed_on_the_ini_directory(tmp_path: Path) -> None:
+    """`sm_ssl_cert list > /dev/full` said "No space left on device (check
+    --ini-dir / SESAM_INI_DIR and the permissions of that directory)"."""
+    script = Path(sys.executable).parent / "sm_ssl_cert"
+    env = {**os.environ, INI_DIR_ENV: str(tmp_path / "ini")}
+    subprocess.run([str(script), "ca"], env=env, capture_output=True, check=True, timeout=60)
+    with open("/dev/full", "w") as full:
+        listing = subprocess.run(
+            [str(script), "list"], env=env, stdout=full, stderr=subprocess.PIPE, timeout=60
+        )
+    assert (listing.returncode, listing.stderr) == (
+        2,
+        b"sm_ssl_cert: error: cannot write the output: No space left on device\n",
+    )

@@ -384,6 +384,62 @@ def test_a_listing_piped_into_head_ends_quietly(pki: Pki, tmp_path: Path) -> Non
     assert err_bytes == b""
 
 
+def test_a_listing_that_cannot_be_written_says_so(pki: Pki, tmp_path: Path) -> None:
+    """`sbc list ID > /dev/full`, the listing larger than stdout's buffer,
+    so that a write fails while entries still come: one line that says
+    the output could not be written, exit status 1 (the status's JSON,
+    written at the end, is in test_daemon_status)."""
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for i in range(500):  # about 40 kB of listing
+        (tree / f"file-{i:04}").touch()
+    ini = ["--ini-dir", str(pki.client_ini("lister").ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", stpd.address, "--json")
+        assert code == 0, err
+        with open("/dev/full", "w") as full:
+            listing = subprocess.run(
+                [SBC, *ini, "list", json.loads(out)["saveset"], "--server", stpd.address],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                timeout=WAIT_SECONDS,
+            )
+    assert (listing.returncode, listing.stderr) == (
+        1,
+        b"sbc: error: cannot write the output: No space left on device\n",
+    )
+
+
+def closed(redirection: str, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """``argv`` run with a standard stream closed as a shell does it (">&-")."""
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirection}', "sh", *argv],
+        capture_output=True,
+        timeout=WAIT_SECONDS,
+    )
+
+
+def test_a_closed_stdout_or_stderr_is_no_failure(pki: Pki, tmp_path: Path) -> None:
+    """`sbc backup src >&-` (from cron) stored the saveset, then ended with
+    an AttributeError traceback and exit status 1, so that the job backed
+    up again; `sbc list 2>&-` the same. A stream the caller closed is
+    /dev/null: the work is done, exit status 0."""
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    ini = ["--ini-dir", str(pki.client_ini("cron").ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        server = ["--server", stpd.address]
+        backup = closed(">&-", [SBC, *ini, "backup", str(source), *server])
+        assert (backup.returncode, backup.stderr) == (0, b"")
+        code, out, err = run_sbc(*ini, "list", "--json", *server)
+        assert code == 0, err
+        [stored] = json.loads(out)
+        assert stored["source"] == str(source)
+        listing = closed("2>&-", [SBC, *ini, "list", *server])
+    assert listing.returncode == 0
+    assert listing.stdout.startswith(stored["saveset"].encode())
+
+
 def test_a_tree_deeper_than_the_soft_open_files_limit_is_backed_up_whole(
     pki: Pki, tmp_path: Path
 ) -> None:

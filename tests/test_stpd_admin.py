@@ -119,6 +119,55 @@ def test_list_and_delete_every_clients_savesets_beside_a_running_stpd(
         server.stop()
 
 
+def test_list_writes_an_owner_the_locale_cannot_show_escaped(pki: Pki, tmp_path: Path) -> None:
+    """`stpd list` under a latin-1 locale (its encoding, here as
+    PYTHONIOENCODING sets it) ended with a UnicodeEncodeError traceback at
+    a client CN=Łódź: what latin-1 lacks is written \\u0141."""
+    data = tmp_path / "data"
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        saveset = backup(pki.client_ini("Łódź"), server, source)
+    finally:
+        server.stop()
+    listing = subprocess.run(
+        [str(BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(data), "list"],
+        env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert (listing.returncode, listing.stderr) == (0, b"")
+    first = listing.stdout.decode("latin-1").splitlines()[0]
+    assert first.startswith(saveset) and " CN=\\u0141ód\\u017a " in first, first
+
+
+def test_options_between_delete_and_its_savesets(pki: Pki, tmp_path: Path) -> None:
+    """`stpd delete --data-dir D ID` and `stpd delete --json ID` failed with
+    "unrecognized arguments: ID": the options may come anywhere."""
+    data = tmp_path / "data"
+    source = tmp_path / "notes.txt"
+    source.write_text("notes\n")
+    alice = pki.client_ini("alice")
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        first, second = backup(alice, server, source), backup(alice, server, source)
+    finally:
+        server.stop()
+    stpd = [str(BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir)]
+    for argv in (
+        ["delete", "--data-dir", str(data), first],
+        ["--data-dir", str(data), "delete", "--json", second],
+    ):
+        deleted = subprocess.run(
+            [*stpd, *argv], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout.startswith(f"deleted saveset {argv[-1]} of CN=alice: ")
+    assert sorted(path.name for path in data.glob("SS-*")) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -185,6 +234,29 @@ def test_a_listing_into_a_closed_pipe_ends_quietly(
     finally:
         os.close(writer)
     assert (listing.returncode, listing.stderr) == (128 + signal.SIGPIPE, "")
+
+
+@pytest.mark.parametrize("argv", [["list"], ["list", "--json"]])
+def test_a_listing_that_cannot_be_written_says_so(
+    pki: Pki, tmp_path: Path, argv: list[str]
+) -> None:
+    """`stpd list > /dev/full` said only "error: No space left on device"."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with open("/dev/full", "w") as full:
+        listing = subprocess.run(
+            [str(BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(data)]
+            + argv,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    assert (listing.returncode, listing.stderr) == (
+        2,
+        "stpd: error: cannot write the output: No space left on device\n",
+    )
 
 
 def test_broken_savesets_are_reported_kept_at_start_and_deleted_by_id(

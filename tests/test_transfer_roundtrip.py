@@ -12,6 +12,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Callable
@@ -1717,6 +1718,41 @@ def test_names_that_are_not_utf_8_back_up_list_and_restore_one_by_one(
     restored = tmp_path / "out" / os.fsdecode(b"caf\xe9") / "sub" / latin
     assert restored.read_text() == "latin-1 name\n"
     assert not (tmp_path / "out" / os.fsdecode(b"caf\xe9") / "plain.txt").exists()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_listing_of_names_that_are_not_utf_8_is_whole_under_any_locale(
+    pki: Pki, tmp_path: Path, encoding: str
+) -> None:
+    """`sbc list ID` of a saveset with a latin-1 name stopped there with a
+    UnicodeEncodeError traceback and exit status 1 under every locale but
+    C (en_US.UTF-8, de_DE.ISO-8859-1: their encodings, here as
+    PYTHONIOENCODING sets them). The name's bytes are written in octal as
+    `tar -tv` writes them, and a character the locale lacks as \\uNNNN."""
+    tree = tmp_path / "old"
+    (tree / os.fsdecode(b"d\xe9j\xe0")).mkdir(parents=True)
+    (tree / "Łódź").write_text("polish\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = backed_up(stpd, ini, tree)
+        listing = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "sbc"),
+                *ini,
+                "list",
+                saveset,
+                "--server",
+                stpd.address,
+            ],
+            env={**os.environ, "PYTHONIOENCODING": encoding},
+            capture_output=True,
+            timeout=WAIT_SECONDS,
+        )
+    assert (listing.returncode, listing.stderr) == (0, b"")
+    names = {line.split()[-1] for line in listing.stdout.decode(encoding).splitlines()}
+    polish = "Łódź" if encoding == "utf-8" else "\\u0141ód\\u017a"
+    assert names == {"old", "old/d\\351j\\340", f"old/{polish}"}
 
 
 def test_a_directorys_sticky_and_setgid_bits_come_back_a_files_set_id_bits_do_not(
