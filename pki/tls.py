@@ -50,13 +50,14 @@ NO_HANDSHAKE_REASON = "connection closed before a TLS handshake began"
 NOT_TLS_REASONS = ("wrong version number", "packet length too long")
 
 REVOKED = "certificate has been revoked"
+EXPIRED = "certificate has expired"
 NOT_OUR_CA = "not signed by our root CA"
 # OpenSSL X509_V_ERR_* codes we explain in words; others use OpenSSL's text.
 _VERIFY_REASONS = {
     2: "issuer certificate not found",
     7: "certificate signature failure",
     9: "certificate is not yet valid",
-    10: "certificate has expired",
+    10: EXPIRED,
     18: "self-signed certificate not from our CA",
     19: "self-signed certificate in chain not from our CA",
     20: NOT_OUR_CA,

@@ -41,7 +41,7 @@ from pki.files import open_to_others
 from pki.inifile import ConfigError, format_host_port
 from pki.inventory import timestamp
 from pki.names import signed_by
-from pki.tls import NOT_OUR_CA, REVOKED, ClientCertPolicy, load_crl, server_context
+from pki.tls import EXPIRED, NOT_OUR_CA, REVOKED, ClientCertPolicy, load_crl, server_context
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
@@ -188,6 +188,14 @@ class HandshakesByAddress:
 
 def handshake_cap(max_connections: int) -> int:
     return max(1, int(HANDSHAKE_SHARE_PER_ADDRESS * OPEN_PER_SERVED * max_connections))
+
+
+def _certificate_in(path: Path) -> x509.Certificate | None:
+    """The certificate in ``path``; None when it cannot be read."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 class Stpd:
@@ -497,8 +505,9 @@ class Stpd:
         for scope in list(self._idle):
             scope.cancel()
 
-    def reload(self) -> None:
-        """Re-read stpd.ini and the certificates for new connections (SIGHUP)."""
+    def reload(self) -> bool:
+        """Re-read stpd.ini and the certificates for new connections (SIGHUP);
+        False when refused (the running configuration stays)."""
         try:
             in_file = load_config(self.config.layout)  # the file alone, read once
             # What only a restart changes stays as it runs.
@@ -517,7 +526,7 @@ class Stpd:
                 self._refuse_an_older_crl(crl)
         except (ConfigError, PkiError, OSError, ValueError) as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
-            return
+            return False
         if (in_file.listen, in_file.data_dir) != self._restart_only:
             log.warning(
                 "STPD_HTTPS_LISTEN or STPD_DATA_DIR changed in %s: that takes effect at the "
@@ -545,6 +554,7 @@ class Stpd:
             self._revocations(),
         )
         self._check_expiry()
+        return True
 
     def _refuse_out_of_date(
         self, config: StpdConfig, server_cert: x509.Certificate, ca_cert: x509.Certificate | None
@@ -595,10 +605,28 @@ class Stpd:
         if stamp == self._crl_stamp:
             return
         self._crl_stamp = stamp
+        layout = self.config.layout
+        if _certificate_in(layout.server_cert) != self.server_cert or (
+            self.ca_cert is not None and _certificate_in(layout.ca_cert) != self.ca_cert
+        ):
+            # A new context reads them too: copied in without SIGHUP, they
+            # would be put in force without a reload's checks.
+            log.warning(
+                "CRL %s changed, and %s or %s with it since they were loaded: reloading",
+                layout.crl,
+                layout.server_cert,
+                layout.ca_cert,
+            )
+            if not self.reload():
+                log.error(
+                    "the new CRL is not in force either (a revocation in it is not applied): "
+                    "mend what the reload refused, and send stpd SIGHUP"
+                )
+            return
         try:
             crl = self._crl_file(self.config, self.ca_cert)
             self._refuse_an_older_crl(crl)
-            self.ssl_context = server_context(self.config.layout, self.config.client_cert_policy)
+            self.ssl_context = server_context(layout, self.config.client_cert_policy)
         except PkiError as exc:
             log.error("new CRL refused, the previous one stays in force: %s", exc)
             return
@@ -616,6 +644,8 @@ class Stpd:
         crl = self._crl_in_force
         if crl is not None and crl.get_revoked_certificate_by_serial_number(cert.serial_number):
             now.append(REVOKED)
+        if cert.not_valid_after_utc <= utc_now():
+            now.append(EXPIRED)
         if self.ca_cert is not None and not signed_by(cert, self.ca_cert):
             now.append(NOT_OUR_CA)  # a reload to another CA
         return list(dict.fromkeys(now))
@@ -835,10 +865,13 @@ class Stpd:
         """``handshake_over`` is called once the TLS handshake is done or failed."""
         peer = format_peer(transport)
         self.refresh_crl()
+        # The trust the handshake is judged by: a reload or CRL during it
+        # has the client judged again at its first request (_still_trusted).
+        trusted_as = (self.trust_generation, self.config)
         tls = TLSStream(transport, self.ssl_context)
         self.connections += 1
         try:
-            await self._serve_peer(tls, peer, handshake_over)
+            await self._serve_peer(tls, peer, handshake_over, trusted_as)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("connection with %s ended: %s", peer, exc)
         except Exception:  # a bug must not take the daemon down
@@ -848,9 +881,14 @@ class Stpd:
             await tls.aclose()
 
     async def _serve_peer(
-        self, tls: TLSStream, peer: str, handshake_over: Callable[[], None]
+        self,
+        tls: TLSStream,
+        peer: str,
+        handshake_over: Callable[[], None],
+        trusted_as: tuple[int, StpdConfig],
     ) -> None:
-        policy = self.config.client_cert_policy
+        generation, config = trusted_as
+        policy = config.client_cert_policy
         try:
             try:
                 with trio.fail_after(self.config.handshake_timeout):
@@ -875,14 +913,14 @@ class Stpd:
             await tls.linger(LINGER_SECONDS)
             return
         decision = judge_peer(
-            peer, policy, tls.peer_certificate, tls.verdict.problems, self.config.allowed_clients
+            peer, policy, tls.peer_certificate, tls.verdict.problems, config.allowed_clients
         )
         log.log(decision.log_level, "%s", decision.message)
         if not decision.serve:
             await self._answer_refusal(tls, decision.refusal)
             return
         session = HttpSession(self, tls, peer, decision.owner, next(self._serials))
-        session.judged = (tls.peer_certificate, tls.verdict.problems, self.trust_generation)
+        session.judged = (tls.peer_certificate, tls.verdict.problems, generation)
         self.sessions.add(session.serial)
         try:
             await session.run()
@@ -1008,15 +1046,16 @@ class HttpSession:
         daemon = self.daemon
         daemon.refresh_crl()
         cert, problems, generation = self.judged
-        if generation == daemon.trust_generation:
+        expired = cert is not None and cert.not_valid_after_utc <= utc_now()
+        if generation == daemon.trust_generation and not (expired and EXPIRED not in problems):
             return True
-        self.judged = (cert, problems, daemon.trust_generation)
+        self.judged = (cert, daemon.problems_now(cert, problems), daemon.trust_generation)
         self.config = daemon.config
         decision = judge_peer(
             self.peer,
             self.config.client_cert_policy,
             cert,
-            daemon.problems_now(cert, problems),
+            self.judged[1],
             self.config.allowed_clients,
         )
         if decision.serve and decision.owner == self.owner:

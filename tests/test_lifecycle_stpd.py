@@ -9,6 +9,8 @@ import http.client
 import json
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import tarfile
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import stpd.server as stpd_server
 from pki import crl as crl_module
 from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
@@ -177,6 +180,97 @@ def test_a_connection_held_open_is_judged_again_after_a_revocation_or_a_reload(
         assert on_the_same_connection(kept)[0] == 200
         for conn in (held, kept, listed):
             conn.close()
+
+
+def test_a_certificate_that_expires_on_a_connection_held_open_ends_its_service(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked at the handshake only, an expiring certificate went on
+    being served on a keep-alive connection."""
+    client = pki.client_ini("ending")
+    with running_stpd(pki.layout, level=2) as stpd:
+        held = keep_alive(pki, client, stpd)
+        after_its_end = stpd_server.utc_now() + timedelta(days=900)  # it has 825
+        monkeypatch.setattr(stpd_server, "utc_now", lambda: after_its_end)
+        status, body = on_the_same_connection(held)
+        assert status == 403 and "certificate has expired" in body, body
+        held.close()
+
+
+def test_certificates_copied_in_without_sighup_are_not_put_in_force_by_a_new_crl(
+    pki: Pki, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new CRL rebuilt the TLS context from the files: a server
+    certificate copied into ssl/ without SIGHUP went in force unchecked
+    (one of another CA too) while stpd still reported the old one. Now it
+    is a reload, with its checks; refused, the new CRL is said not to be
+    in force either."""
+    first, second = pki.client_ini("first"), pki.client_ini("second")
+    with running_stpd(pki.layout, level=2) as stpd:
+        renewed = pki.ca.issue_server("localhost,127.0.0.1", out_dir=tmp_path / "renewed")
+        for name in ("server.pem", "server.key"):
+            shutil.copy(renewed.cert_path.parent / name, pki.layout.server_dir / name)
+        revoke(pki, first, capsys)
+        assert backup(first, stpd, source)[0] == 1
+        stpd.log.wait_for(
+            r"^WARNING CRL .* changed, and .* with it since they were loaded: reloading"
+        )
+        stpd.log.wait_for(r"^INFO reloaded ")
+        assert stpd.daemon.server_cert == renewed.cert
+
+        other = CertificateAuthority.create(Layout(tmp_path / "other-ca" / "ini"))
+        foreign = other.issue_server("localhost,127.0.0.1", out_dir=tmp_path / "foreign")
+        for name in ("server.pem", "server.key"):
+            shutil.copy(foreign.cert_path.parent / name, pki.layout.server_dir / name)
+        revoke(pki, second, capsys)
+        assert backup(pki.client_ini("third"), stpd, source)[0] == 0  # the pair in force
+        stpd.log.wait_for(r"^ERROR reload refused, the running configuration stays in force: ")
+        stpd.log.wait_for(r"^ERROR the new CRL is not in force either ")
+        assert stpd.daemon.server_cert == renewed.cert
+
+
+def test_a_handshake_under_way_across_a_revocation_is_judged_again(
+    pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The handshake is verified with the CRL in force when it began; a
+    revocation picked up meanwhile (by another connection) was stamped on
+    the new session as already applied, so the revoked client was served
+    for as long as it kept the connection: a stolen key holds handshakes
+    open to be in just that window."""
+    lost, other = pki.client_ini("lost-laptop"), pki.client_ini("desktop")
+    with running_stpd(pki.layout, level=2) as stpd:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = tls_context(pki, lost).wrap_bio(incoming, outgoing, server_hostname=stpd.host)
+        with socket.create_connection((stpd.host, stpd.port), timeout=PROCESS_TIMEOUT) as sock:
+
+            def pump() -> None:
+                data = sock.recv(65536)
+                assert data, "stpd closed the connection"
+                incoming.write(data)
+
+            while True:  # all of the handshake but the client's last flight
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    pump()
+            last_flight = outgoing.read()  # its certificate and Finished (TLS 1.3)
+            revoke(pki, lost, capsys)
+            before = stpd.daemon.trust_generation
+            on_the_same_connection(keep_alive(pki, other, stpd))  # stpd reads the new CRL
+            assert stpd.daemon.trust_generation == before + 1
+            sock.sendall(last_flight)
+            tls.write(b"GET /savesets HTTP/1.1\r\nHost: stpd\r\n\r\n")
+            sock.sendall(outgoing.read())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                try:
+                    answer += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    pump()
+        assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+        stpd.log.wait_for(rf"^ERROR refused {PEER} \(CN=lost-laptop\): {REVOKED} .*judged again")
 
 
 def test_a_client_of_another_ca_is_judged_for_that_alone_where_a_crl_is(
