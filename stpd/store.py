@@ -331,18 +331,21 @@ class SavesetStore:
         return Upload(self, owner, source, peer)
 
     def publish(self, part: Path, meta: SavesetMeta) -> None:
-        """Rename ``part`` into place, then write the metadata, which makes
-        the saveset visible. On any failure both or neither are left (see
-        _unpublish), and a StoreError says why."""
+        """Write the metadata aside, rename ``part`` into place, then the
+        metadata, which makes the saveset visible. On any failure both or
+        neither are left (see _unpublish), and a StoreError says why. The
+        metadata is whole in .incoming before the tar is in place, so that a
+        scan meanwhile sees a publish under way (see scan), not a tar
+        without metadata."""
         tar = self.tar_path(meta.saveset)
         tmp = self.incoming / f"{meta.saveset}.json.part"
         try:
-            os.replace(part, tar)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with open(fd, "w", encoding="utf-8") as f:
                 json.dump(asdict(meta), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
+            os.replace(part, tar)
             os.replace(tmp, tar.with_suffix(".json"))
             _fsync_dir(self.root)
         except OSError as exc:
@@ -430,9 +433,10 @@ class SavesetStore:
                     and e.name[:-4] + ".json" not in there
                     and e.name not in in_the_way
                 )
+                # (.part first: a publish renames it to .json in between)
                 if path.exists()
-                and not path.with_suffix(".json").exists()
                 and not (self.incoming / f"{path.stem}.json.part").exists()
+                and not path.with_suffix(".json").exists()
             ],
             strays=[Path(e.path) for e in entries if e.name in in_the_way],
             without_data=[

@@ -13,6 +13,7 @@ import logging
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -719,6 +720,26 @@ def test_a_scan_while_savesets_are_removed_and_published_reports_nothing_wrong(
         [read_but_removed.saveset, kept.saveset]
     )  # as they were when listed
     assert scan.warnings() == []
+
+
+def test_a_scan_at_each_step_of_a_publish_reports_nothing_wrong(
+    store: SavesetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tar went into place before its metadata was written: a scan in
+    between (an fsync long on a slow disk) said it had no metadata, "an
+    upload cut short by a crash?"."""
+    up = upload(store, tar_bytes({"a": b"1"}))
+    real_replace = os.replace
+    seen: list[list[str]] = []
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real_replace(src, dst, *args, **kwargs)
+        seen.append(store.scan().warnings())  # after each step
+
+    monkeypatch.setattr(stpd.store.os, "replace", replace)
+    meta = up.commit()
+    assert seen == [[], []], seen
+    assert [m.saveset for m in store.all()] == [meta.saveset]
 
 
 def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
