@@ -20,6 +20,7 @@ import os
 import pwd
 import stat
 import tarfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,9 @@ class UnsafeMember(tarfile.TarError):
         super().__init__(message)
 
 
+# A file system's timestamps come from a coarser clock than time_ns(): a
+# file made just after a restore began may look a little older.
+CTIME_MARGIN_NS = 1_000_000_000
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # A name opened as what it is, a symbolic link too (not followed), to fstat
 _NO_FOLLOW_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -391,6 +395,8 @@ class _Extraction(tarfile.TarFile):
         self._links, self._only = safe.symlinks, safe.only  # see _link_to_made
         self._directories: dict[str, tuple[int, int]] = {}  # name -> (st_dev, st_ino)
         self._as_root = os.geteuid() == 0
+        # What this restore makes changes its inode at this time or later.
+        self._started_ns = time.time_ns() - CTIME_MARGIN_NS
         # A run in C checks what SafeMembers would only where nothing is
         # selected or overwritten, and while every link of the archive could
         # be made (see makelink).
@@ -619,7 +625,7 @@ class _Extraction(tarfile.TarFile):
             return "not restored"
         try:
             if not self._made_here(os.fstat(fd), tarinfo):
-                return "replaced since this restore made it"
+                return "not made by this restore, or replaced since"
             # That very file, as checked: its /proc name, followed once.
             os.link(f"/proc/self/fd/{fd}", parts[-1], dst_dir_fd=parent)
         finally:
@@ -631,16 +637,19 @@ class _Extraction(tarfile.TarFile):
         followed), is still what this restore made there: not a directory,
         a symbolic link only where the archive has one, and owned as this
         restore leaves what it makes (as root the member's owner, or root
-        where fchown failed; else this user). Someone else who may write to
-        its directory cannot give what they put there meanwhile that owner.
-        (Recording each file's inode would cost memory for every file, and
-        the runs in C make most of them, for the few that are linked.)"""
+        where fchown failed; else this user), and changed since the restore
+        began (what it makes gets that ctime, which no user can set back).
+        Someone else who may write to its directory cannot give what they
+        put there meanwhile that owner, and a file that was there already
+        (a name the saveset does not hold, say) is older. (Recording each
+        file's inode would cost memory for every file, and the runs in C
+        make most of them, for the few that are linked.)"""
         if stat.S_ISDIR(st.st_mode):
             return False
         if stat.S_ISLNK(st.st_mode) and "/".join(path_parts(tarinfo.linkname)) not in self._links:
             return False
         owners = (tarinfo.uid, 0) if self._as_root else (os.geteuid(),)
-        return st.st_uid in owners
+        return st.st_uid in owners and st.st_ctime_ns >= self._started_ns
 
     def makefifo(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         parts = path_parts(tarinfo.name)

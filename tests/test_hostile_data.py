@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+import sbc.extract
 import stpd.cli
 import stpd.store
 from pki.layout import Layout
@@ -237,6 +238,44 @@ def test_upload_that_is_not_a_tar_stream_is_refused(hpki: Pki, tmp_path: Path, k
         assert stpd.daemon.store.all() == []
         assert_no_partial(stpd.daemon.store.root)
         assert_serves(stpd, client, tmp_path)
+
+
+def test_a_hard_link_to_a_name_the_saveset_does_not_hold_is_not_made(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A saveset (a hostile server, a tar uploaded with curl) whose hard link
+    names a file that is in the target already, not in the saveset: a root
+    restore gave that file (etc/shadow) another name where others may read
+    it. Only a file this restore made gets more names."""
+    client = hpki.client_ini("linker")
+    link = tarfile.TarInfo("tmp/x")
+    link.type, link.linkname = tarfile.LNKTYPE, "etc/shadow"
+    body = tmp_path / "body.tar"
+    with tarfile.open(body, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(link)
+    target = tmp_path / "target"
+    (target / "etc").mkdir(parents=True)
+    (target / "etc" / "shadow").write_text("root:secret\n")
+    (target / "etc" / "shadow").chmod(0o600)
+    # The file is older than the restore by less than the margin for the
+    # file system's clock: here, by its ctime alone, it was not made by it.
+    monkeypatch.setattr(sbc.extract, "CTIME_MARGIN_NS", 0)
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 201, answer
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+    assert code == 3, err
+    assert json.loads(out)["unrestorable"] == [
+        {"path": "tmp/x", "error": "a hard link to etc/shadow, which was not made by this "
+         "restore, or replaced since"}
+    ]  # fmt: skip
+    assert not (target / "tmp" / "x").exists()
+    assert (target / "etc" / "shadow").stat().st_nlink == 1
 
 
 @pytest.mark.parametrize(

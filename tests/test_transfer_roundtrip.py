@@ -989,8 +989,8 @@ def test_hard_links_are_made_only_to_a_file_this_restore_made(
     cases = [
         ("kept, not restored", kept_work, None),
         ("kept, not restored", planted_link, None),
-        ("replaced since this restore made it", None, swapped(planted_link)),
-        ("replaced since this restore made it", None, swapped(someone_elses)),
+        ("not made by this restore, or replaced since", None, swapped(planted_link)),
+        ("not made by this restore, or replaced since", None, swapped(someone_elses)),
     ]
     with running_stpd(pki.layout, level=2) as stpd:
         backup = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")
