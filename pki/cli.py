@@ -58,6 +58,7 @@ from pki.crl import (
 )
 from pki.errors import PkiError
 from pki.files import open_to_others, read_passphrase
+from pki.inifile import MAX_DAYS
 from pki.inventory import Entry, Inventory, timestamp
 from pki.layout import INI_DIR_ENV, INI_DIR_HELP, Layout, path_argument, resolve_ini_dir
 from pki.names import certificate_names
@@ -331,9 +332,6 @@ def _signing_ca(layout: Layout, args: argparse.Namespace) -> CertificateAuthorit
             file=sys.stderr,
         )
     return ca
-
-
-MAX_DAYS = 36500  # a century: far more ran past the calendar's end, a traceback
 
 
 def _days(text: str) -> int:

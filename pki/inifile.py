@@ -47,6 +47,7 @@ def choice(*values: int) -> Callable[[str], int]:
     return parse
 
 
+MAX_DAYS = 36500  # a century: days past it ran past the calendar's end, a traceback
 MAX_SECONDS = 86400.0  # a day: beyond it a wait overflows poll()'s milliseconds and socket timeouts
 TIMEOUT_HINT = "seconds > 0, at most 86400 (a day)"
 

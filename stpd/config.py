@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pki.inifile import (
+    MAX_DAYS,
     TIMEOUT_HINT,
     Key,
     choice,
@@ -41,12 +42,9 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
-MAX_RETENTION_DAYS = 36500  # a century; more is "for ever" (0), and past the calendar's end
-
-
 def _whole_days(text: str) -> int:
     days = int(text)
-    if not 0 <= days <= MAX_RETENTION_DAYS:
+    if not 0 <= days <= MAX_DAYS:
         raise ValueError(text)
     return days
 
@@ -123,7 +121,7 @@ KEYS = [
         "STPD_RETENTION_DAYS",
         "retention_days",
         _whole_days,
-        f"a whole number of days from 0 to {MAX_RETENTION_DAYS} (0: keep for ever)",
+        f"a whole number of days from 0 to {MAX_DAYS} (0: keep for ever)",
     ),
     Key(
         SECTION,
