@@ -355,17 +355,13 @@ class BatchReader:
     times. ``observe`` sees every piece once, in order (for hashing).
 
     The pieces may be views into buffers that are reused once the next
-    batch is asked for (see ``BodyReader``). A read of ``VIEW_READ`` bytes
-    or more (tarfile copying file contents, which it writes straight out)
-    returns a view without a new allocation: into the piece when it lies in
-    one, else into this reader's own gathering buffer, reused by the next
-    such read. (Allocating those, 256 KiB at a time, cost a page fault per
-    11 KiB: an eighth of sbc's restore time.) Smaller reads (headers, which
-    tarfile parses and keeps) return ``bytes``.
+    batch is asked for (see ``BodyReader``). ``read`` returns ``bytes``:
+    tarfile parses what it reads (a PAX header's records, a GNU long name:
+    a view there failed the restore of a member with a 64 KiB extended
+    attribute). File contents go out through ``read_view``, without a copy.
     """
 
-    VIEW_READ = 64 * 1024
-    GATHER_MAX = 1024 * 1024  # larger reads (no file copy) are joined anew
+    READ_CHUNK = 1024 * 1024  # a read larger than this is joined from parts
 
     def __init__(
         self,
@@ -378,7 +374,6 @@ class BatchReader:
         self._current = memoryview(b"")
         self._pos = 0  # in _current
         self._offset = 0  # in the whole stream
-        self._gathered = memoryview(bytearray())  # see read
         self.eof = False
 
     def _next_piece(self) -> bool:
@@ -395,23 +390,17 @@ class BatchReader:
             self._observe(self._current)
         return True
 
-    def read(self, size: int = -1) -> bytes | memoryview:
+    def read(self, size: int = -1) -> bytes:
         if size < 0:
             size = 1 << 62
         if size <= len(self._current) - self._pos:  # within the current piece: most reads
             view = self._current[self._pos : self._pos + size]
             self._pos += size
             self._offset += size
-            return view if size >= self.VIEW_READ else bytes(view)
-        if self.VIEW_READ <= size <= self.GATHER_MAX:
-            if len(self._gathered) < size:
-                self._gathered = memoryview(bytearray(size))
-            got = self._take_into(self._gathered[:size])
-            return self._gathered[:got]
-        # Small reads across pieces (a header), and huge ones: copied anew.
+            return bytes(view)
         parts: list[bytes] = []
         while size > 0:
-            part = bytearray(min(size, self.GATHER_MAX))
+            part = bytearray(min(size, self.READ_CHUNK))
             got = self._take_into(memoryview(part))
             parts.append(bytes(part[:got]))
             if got < len(part):

@@ -729,7 +729,8 @@ def test_batch_reader_reads_exactly_what_is_asked(pieces: list[bytes], sizes: li
     reader = BatchReader(get)
     position = 0
     for size in sizes:
-        got = bytes(reader.read(size))
+        got = reader.read(size)
+        assert type(got) is bytes  # tarfile parses what it reads: a view failed it
         expected = stream[position:] if size < 0 else stream[position : position + size]
         assert got == expected
         position += len(got)
