@@ -113,6 +113,12 @@ def _stop_if_target_wide(exc: OSError, target: Path) -> None:
         raise exc
 
 
+def _replacement_name() -> str:
+    """A new name beside what --overwrite replaces, for its replacement until
+    that is whole: then renamed over it, so that either stands, not neither."""
+    return f".sbc-restore-{os.urandom(6).hex()}"
+
+
 class UnsafeMember(tarfile.TarError):
     """A member SafeMembers refuses. Our own checks, not tarfile's filters:
     those came in Python 3.11.4, and Debian 12's python3 is 3.11.2."""
@@ -122,6 +128,7 @@ class UnsafeMember(tarfile.TarError):
         super().__init__(message)
 
 
+MAX_TIME = 2.0**62  # seconds, within time_t: past it os.utime raises OverflowError
 # A file system's timestamps come from a coarser clock than time_ns(): a
 # file made just after a restore began may look a little older.
 CTIME_MARGIN_NS = 1_000_000_000
@@ -288,7 +295,9 @@ class SafeMembers:
             return "kept"  # a directory member where a file or a link is
         if stat.S_ISDIR(existing.st_mode):  # it may hold anything: not removed
             return "a directory stands there, which --overwrite does not remove"
-        if not member.isreg():  # (a file replaces it once whole: _Extraction._make_file)
+        # A file replaces what stands there once whole, a hard link once it
+        # can be made (_Extraction._make_file, _link_to_made): kept till then.
+        if not (member.isreg() or member.islnk()):
             try:
                 os.unlink(parts[-1], dir_fd=parent)  # replaced, never written through
             except OSError as exc:
@@ -317,7 +326,7 @@ class SafeMembers:
             # disk since makelink reaches it through descriptors, following
             # no link.
             target = self._parts(member, member.linkname, "hard link target")
-            link = self._through_link(target, itself=True)
+            link = self._through_link(target, itself=False)  # to a link itself: not followed
             if link is not None:
                 raise UnsafeMember(
                     member,
@@ -346,6 +355,13 @@ class SafeMembers:
         # so that extraction can take the numbers: it would look up every file.
         member.uid = _known_id(pwd.getpwnam, member.uname, member.uid)
         member.gid = _known_id(grp.getgrnam, member.gname, member.gid)
+        if not (math.isfinite(member.mtime) and abs(member.mtime) < MAX_TIME):
+            # A PAX mtime of 1e20, inf or nan: utime ended the restore in a traceback.
+            self.unrestorable.append(
+                (name, f"its modification time ({member.mtime}) cannot be set, so it has the "
+                 "time of the restore")
+            )  # fmt: skip
+            member.mtime = time.time()
         return member
 
 
@@ -515,7 +531,7 @@ class _Extraction(tarfile.TarFile):
             except FileExistsError:
                 if not self._overwrite:
                     raise
-                name = f".sbc-restore-{os.urandom(6).hex()}"
+                name = _replacement_name()
                 fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         except FileExistsError:
             self._taken(parts)
@@ -627,9 +643,16 @@ class _Extraction(tarfile.TarFile):
             if not self._made_here(os.fstat(fd), tarinfo):
                 return "not made by this restore, or replaced since"
             # That very file, as checked: its /proc name, followed once.
-            os.link(f"/proc/self/fd/{fd}", parts[-1], dst_dir_fd=parent)
+            made = _replacement_name() if self._overwrite else parts[-1]
+            os.link(f"/proc/self/fd/{fd}", made, dst_dir_fd=parent)
         finally:
             os.close(fd)
+        if made != parts[-1]:  # --overwrite: what stands there goes only now
+            try:
+                os.rename(made, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+            except OSError:
+                os.unlink(made, dir_fd=parent)
+                raise
         return ""
 
     def _made_here(self, st: os.stat_result, tarinfo: tarfile.TarInfo) -> bool:

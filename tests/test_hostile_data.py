@@ -240,6 +240,93 @@ def test_upload_that_is_not_a_tar_stream_is_refused(hpki: Pki, tmp_path: Path, k
         assert_serves(stpd, client, tmp_path)
 
 
+def test_a_member_with_a_pax_header_of_more_than_64_kib_is_restored(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """sbc stores an extended attribute of up to 64 KiB (tmpfs, XFS) in a
+    PAX header of that size: tarfile was handed a view of it, and the
+    restore of the whole saveset ended in a traceback, nothing restored."""
+    client = hpki.client_ini("bigpax")
+    member = tarfile.TarInfo("big/f")
+    member.size = 3
+    member.pax_headers = {"comment": "v" * 100_000, "SCHILY.xattr.user.big": "w" * 65_000}
+    body = tmp_path / "body.tar"
+    with tarfile.open(body, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(b"hi\n"))
+    target = tmp_path / "target"
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 201, answer
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+    assert "Traceback" not in err and code in (0, 3), err
+    assert (target / "big" / "f").read_bytes() == b"hi\n"
+
+
+def test_a_hard_link_to_a_symbolic_link_is_restored(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """GNU tar stores hard-linked symbolic links (cp -al, rsnapshot trees) as
+    a hard link to the link: the restore stopped there as "points through
+    the symbolic link", and what followed was never restored. A hard link
+    to a link is made without following it; one through a link stays refused."""
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_text("x\n")
+    (tree / "s").symlink_to("f")
+    os.link(tree / "s", tree / "s2", follow_symlinks=False)
+    (tree / "z").write_text("after\n")
+    body = tmp_path / "body.tar"
+    subprocess.run(["tar", "-cf", str(body), "-C", str(tmp_path), "t"], check=True)
+    client = hpki.client_ini("linker")
+    target = tmp_path / "target"
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 201, answer
+        code, _, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
+            "--server", stpd.address,
+        )  # fmt: skip
+    assert code == 0, err
+    back = target / "t"
+    assert os.readlink(back / "s2") == "f"
+    assert (back / "s2").lstat().st_ino == (back / "s").lstat().st_ino
+    assert (back / "z").read_text() == "after\n"
+
+
+@pytest.mark.parametrize("mtime", ["1e20", "inf", "nan"])
+def test_a_modification_time_that_cannot_be_set_is_named_and_the_rest_restored(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+    mtime: str,
+) -> None:
+    """A PAX mtime of 1e20, inf or nan (stpd stores what tar can read):
+    os.utime ended the restore in a traceback, the file being written
+    removed and the rest not restored."""
+    client = hpki.client_ini("timer")
+    odd, after = tarfile.TarInfo("d/odd"), tarfile.TarInfo("d/after")
+    odd.size = after.size = 3
+    odd.pax_headers = {"mtime": mtime}
+    body = tmp_path / "body.tar"
+    with tarfile.open(body, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(odd, io.BytesIO(b"odd"))
+        tar.addfile(after, io.BytesIO(b"aft"))
+    target = tmp_path / "target"
+    with running_stpd(hpki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 201, answer
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
+            "--server", stpd.address, "--json",
+        )  # fmt: skip
+    assert code == 3 and "Traceback" not in err, err
+    [(path, why)] = [(u["path"], u["error"]) for u in json.loads(out)["unrestorable"]]
+    assert path == "d/odd" and why.endswith("cannot be set, so it has the time of the restore")
+    assert (target / "d" / "odd").read_bytes() == b"odd"
+    assert (target / "d" / "after").read_bytes() == b"aft"
+
+
 def test_a_hard_link_to_a_name_the_saveset_does_not_hold_is_not_made(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,

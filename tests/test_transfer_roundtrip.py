@@ -1024,6 +1024,38 @@ def test_hard_links_are_made_only_to_a_file_this_restore_made(
     assert (back / "src" / "a" / "h1").stat().st_nlink == 3
 
 
+def test_overwrite_replaces_a_file_by_a_hard_link_only_once_the_link_is_made(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """--overwrite removed what stood at a hard link's name, then found that
+    the link could not be made (its first name not asked for, or kept): the
+    user's file was gone and nothing stood in its place."""
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "a").write_text("saveset's\n")
+    os.link(tree / "a", tree / "b")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    back = tmp_path / "back"
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")["saveset"]  # type: ignore[index]
+        restore = [*ini, "restore", saveset, str(back), "--server", stpd.address, "--json"]
+        sbc_json(*restore)
+        (back / "src" / "b").unlink()
+        (back / "src" / "b").write_text("mine\n")
+        code, out, err = run_sbc(*restore, "src/b", "--overwrite")  # src/a not asked for
+        assert code == 3, err
+        assert json.loads(out)["unrestorable"] == [
+            {"path": "src/b", "error": "a hard link to src/a, which was not restored"}
+        ]
+        assert (back / "src" / "b").read_text() == "mine\n"
+        code, out, err = run_sbc(*restore, "--overwrite")  # both: b becomes a's other name
+        assert code == 0, err
+    assert (back / "src" / "b").stat().st_ino == (back / "src" / "a").stat().st_ino
+    assert (back / "src" / "b").read_text() == "saveset's\n"
+    assert not [p for p in (back / "src").iterdir() if p.name.startswith(".sbc-restore-")]
+
+
 def test_with_overwrite_what_cannot_be_replaced_is_named_and_the_rest_restored(
     pki: Pki, tmp_path: Path
 ) -> None:
