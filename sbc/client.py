@@ -77,6 +77,8 @@ ENTRY_FIELDS: Fields = {
     "device": (dict, NoneType),
 }
 DEVICE_FIELDS: Fields = {"kind": str, "major": int, "minor": int}
+DEVICES = ("char", "block")
+LINK_TYPES = ("symlink", "hardlink")  # entries whose "link" says where to
 VERDICT_FIELDS: Fields = {
     "intact": bool,
     "bytes": int,
@@ -96,14 +98,21 @@ CRL_FIELDS: Fields = {"next_update": str, "days_left": int}
 OCTAL_MODE = re.compile(r"[0-7]{1,7}")
 
 
+def _fits(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """Whether ``value`` is of ``kind``; a number (int) is a JSON integer as
+    stpd writes them, not true or false, nor one past 64 bits (the free
+    bytes of 1 followed by 400 zeros failed sbc status as a traceback)."""
+    if kind is int:
+        return type(value) is int and -(2**63) <= value < 2**63
+    return isinstance(value, kind)
+
+
 def misfit(value: Any, fields: Fields) -> str | None:
     """How the JSON ``value`` is not an object with ``fields`` (the first
     one missing or of another type); None when it is."""
     if not isinstance(value, dict):
         return "is not a JSON object"
-    wrong = next(
-        (name for name, kind in fields.items() if not isinstance(value.get(name), kind)), None
-    )
+    wrong = next((name for name, kind in fields.items() if not _fits(value.get(name), kind)), None)
     return None if wrong is None else f"has no valid {wrong!r}"
 
 
@@ -113,6 +122,10 @@ def entry_misfit(entry: Any) -> str | None:
         wrong = misfit(entry["device"], DEVICE_FIELDS)
     if wrong is None and not OCTAL_MODE.fullmatch(entry["mode"]):
         wrong = "has no valid 'mode'"
+    if wrong is None and entry["type"] in LINK_TYPES and not isinstance(entry.get("link"), str):
+        wrong = "has no valid 'link'"
+    if wrong is None and entry.get("device") is not None and entry["device"]["kind"] not in DEVICES:
+        wrong = "has no valid 'kind' of device"
     return wrong
 
 

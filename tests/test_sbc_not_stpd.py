@@ -117,6 +117,39 @@ def test_an_answer_with_connection_close_is_taken(pki: Pki) -> None:
         ),
         (
             ["list", SS],
+            {
+                f"/savesets/{SS}/entries": (
+                    200,
+                    "application/x-ndjson",
+                    as_json({**ENTRY, "type": "hardlink", "link": None}) + b"\n",
+                )
+            },
+            f"its answer to GET /savesets/{SS}/entries has no valid 'link'",
+        ),
+        (
+            ["list", SS],
+            {
+                f"/savesets/{SS}/entries": (
+                    200,
+                    "application/x-ndjson",
+                    as_json({**ENTRY, "device": {"kind": "", "major": 1, "minor": 2}}) + b"\n",
+                )
+            },
+            f"its answer to GET /savesets/{SS}/entries has no valid 'kind' of device",
+        ),
+        (
+            ["status"],
+            {
+                "/status": (
+                    200,
+                    "application/json",
+                    as_json({**STATUS, "storage": {"free_bytes": 10**400, "total_bytes": True}}),
+                )
+            },
+            "its answer to GET /status has no valid 'free_bytes'",
+        ),
+        (
+            ["list", SS],
             {f"/savesets/{SS}/entries": (200, "application/x-ndjson", b"[1]\n")},
             f"a line of its answer to GET /savesets/{SS}/entries is not a JSON object",
         ),
