@@ -406,6 +406,13 @@ static PyObject *scan_members(PyObject *self, PyObject *args)
             break;
         if (octal(h + 148, 8, &stored) < 0 || octal(h + 124, 12, &size) < 0)
             break;
+        /* The other number fields, which tarfile reads too (and refuses a
+         * header for): mode, uid, gid, mtime, devmajor, devminor. */
+        long long ignored;
+        if (octal(h + 100, 8, &ignored) < 0 || octal(h + 108, 8, &ignored) < 0 ||
+            octal(h + 116, 8, &ignored) < 0 || octal(h + 136, 12, &ignored) < 0 ||
+            octal(h + 329, 8, &ignored) < 0 || octal(h + 337, 8, &ignored) < 0)
+            break;
         if (stored != header_sum(h))
             break; /* (an empty field reads as 0: never a header's sum) */
         long long data = (kind >= '1' && kind <= '6') ? 0 : (size + BLOCK - 1) / BLOCK * BLOCK;

@@ -40,6 +40,8 @@ from typing import Self
 from stpd import _plaintar
 
 BLOCK = tarfile.BLOCKSIZE
+# A header frombuf refuses, but not the end of the archive (typeshed lacks it)
+_INVALID_HEADER: type[Exception] = tarfile.InvalidHeaderError  # type: ignore[attr-defined]
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 MAX_EXTENSION_HEADER = 1024 * 1024  # bytes of data of a header in _EXTENSIONS
 # Headers that describe the member after them, and what to call each.
@@ -270,11 +272,21 @@ def _type_and_size(block: bytes) -> tuple[bytes, int] | None:
         return None
     try:
         stored, size = _octal(block[148:156]), _octal(size_field)
+        for field in _OTHER_NUMBERS:  # frombuf reads them all: one it cannot, it refuses
+            _octal(block[field])
     except ValueError:
         return None
     if not _checksum_matches(block, stored):
         return None
     return kind, size
+
+
+# The number fields of a header besides size and checksum: mode, uid, gid,
+# mtime, devmajor, devminor.
+_OTHER_NUMBERS = (
+    slice(100, 108), slice(108, 116), slice(116, 124), slice(136, 148),
+    slice(329, 337), slice(337, 345),
+)  # fmt: skip
 
 
 def _octal(field: bytes) -> int:
@@ -330,7 +342,13 @@ class PlainTarInfo(tarfile.TarInfo):
         while a global PAX header is in force, go through tarfile's steps;
         an extension header over MAX_EXTENSION_HEADER is a ReadError."""
         fileobj = tarfile.fileobj
-        obj = cls.frombuf(fileobj.read(BLOCK), tarfile.encoding, tarfile.errors)  # type: ignore[attr-defined]
+        try:
+            obj = cls.frombuf(fileobj.read(BLOCK), tarfile.encoding, tarfile.errors)  # type: ignore[attr-defined]
+        except _INVALID_HEADER:
+            # tarfile ends there as at the end of the archive: a damaged
+            # saveset would list, and restore, as whole and cut short.
+            at = fileobj.tell() - BLOCK
+            raise ReadError(f"damaged: no valid tar header at byte {at}") from None
         obj.offset = fileobj.tell() - BLOCK
         if obj.type in _EXTENSIONS and obj.size > MAX_EXTENSION_HEADER:
             # tarfile would read it whole into memory: a saveset stored before

@@ -207,7 +207,7 @@ def test_a_run_writes_nothing_through_a_link_in_the_target(
     assert made == [1, 0]  # f1; then f2, after the Python way kept t/sub/y, starts none
 
 
-def test_a_damaged_header_ends_a_run_where_tarfile_ends(
+def test_a_damaged_header_stops_the_restore_both_ways_where_tarfile_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = io.BytesIO()
@@ -219,8 +219,17 @@ def test_a_damaged_header_ends_a_run_where_tarfile_ends(
     f3 = 512 * (1 + 2 * 3)  # t, then a header and a data block per file
     assert stream[f3 : f3 + 4] == b"t/f3"
     stream[f3 + 148 : f3 + 154] = b"000001"  # its checksum
-    _, made = restore_both_ways(bytes(stream), tmp_path, monkeypatch)
-    assert made == [2]  # f1 and f2
+    # tarfile ends at such a header as at the end of the archive: the
+    # restore said all was well with three files of six. Both ways stop
+    # there now, and say so, with the same files made.
+    for way in ("python", "c"):
+        with monkeypatch.context() as patch:
+            if way == "python":
+                plain_files_the_python_way(patch)
+            with pytest.raises(ArchiveError, match=f"damaged: no valid tar header at byte {f3}$"):
+                restore_bytes(bytes(stream), tmp_path / way)
+    assert state(tmp_path / "c") == state(tmp_path / "python")
+    assert sorted(p.name for p in (tmp_path / "c" / "t").iterdir()) == ["f0", "f1", "f2"]
 
 
 def test_a_stream_that_ends_in_the_padding_of_a_file_is_refused(

@@ -425,6 +425,28 @@ def test_rejects_damaged_archives(damage, message: str) -> None:  # type: ignore
         check(data)
 
 
+@pytest.mark.parametrize(
+    "field", [(100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345)]
+)
+def test_a_header_with_a_number_tarfile_cannot_read_is_refused(field: tuple[int, int]) -> None:
+    """mode, uid, gid, mtime, devmajor or devminor of letters, checksum
+    right: stored, such a saveset listed and restored as if it ended there
+    (exit 0, the rest of it lost). In C runs and in Python alike."""
+    data = bytearray(
+        archive(tarfile.USTAR_FORMAT, [("a", b"1"), ("b", b"2"), ("c", b"3")], extra=False)
+    )
+    at = 1024  # the header of "b"
+    start, end = field
+    data[at + start : at + end] = b"z" * (end - start - 1) + b"\0"
+    data[at + 148 : at + 156] = b" " * 8
+    data[at + 148 : at + 155] = b"%06o\0" % sum(data[at : at + 512])
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        assert tar.getnames() == ["a"]  # tarfile ends there, silently
+    for sizes in (None, [len(data)], [at, len(data)]):  # in C, and header by header
+        with pytest.raises(InvalidTar, match=f"not a tar header at byte {at}"):
+            check(bytes(data), list(sizes) if sizes else None)
+
+
 def test_random_bytes_are_not_a_tar() -> None:
     with pytest.raises(InvalidTar):
         check(os.urandom(10_240))

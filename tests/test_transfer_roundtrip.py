@@ -1475,6 +1475,13 @@ def test_a_saveset_with_a_damaged_header_midway_is_not_listed_as_whole(
             "--server", stpd.address,
         )  # fmt: skip
         assert code == 1 and "lost mid-restore" in err, err  # stpd's log says why
+        # A whole restore: sbc's own reading of the stream stops there, and says so
+        # (it restored the first half and said all was well).
+        code, _, err = run_sbc(
+            *ini, "restore", saveset, str(tmp_path / "whole"), "--server", stpd.address
+        )
+        assert code == 1, err
+        assert "damaged: no valid tar header at byte " in err, err
         line = stpd.log.wait_for(rf"saveset {saveset} cannot be read: damaged: no valid tar header")
         assert line.startswith("ERROR ")
 
