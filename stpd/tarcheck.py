@@ -44,6 +44,11 @@ BLOCK = tarfile.BLOCKSIZE
 _INVALID_HEADER: type[Exception] = tarfile.InvalidHeaderError  # type: ignore[attr-defined]
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 MAX_EXTENSION_HEADER = 1024 * 1024  # bytes of data of a header in _EXTENSIONS
+# Extension headers one after another: tarfile reads each in a call of its
+# own, and some 330 of them ran past Python's recursion limit (a traceback
+# for each listing, and every restore). Writers put at most a few before a
+# member (PAX, a GNU long name and long link, a global header).
+MAX_EXTENSIONS_IN_A_ROW = 32
 # Headers that describe the member after them, and what to call each.
 _EXTENSIONS = {
     tarfile.XHDTYPE: "PAX header",
@@ -115,6 +120,7 @@ class TarStreamCheck:
         # (more of its map) come next, before its data (see _parse_header).
         self._sparse_data: int | None = None
         self._sparse_blocks = 0  # of that member's extension blocks so far
+        self._extensions_in_a_row = 0  # headers in _EXTENSIONS since the last member
         self._ended = False  # an end-of-archive block was seen
 
     def feed(self, piece: bytes | bytearray | memoryview) -> None:
@@ -144,6 +150,7 @@ class TarStreamCheck:
                 end, members = _plaintar.scan_members(view, pos)
                 if members:
                     self.members += members
+                    self._extensions_in_a_row = 0
                     self._next_header = start + end
                     pos = min(end, len(view))
                     continue
@@ -184,9 +191,14 @@ class TarStreamCheck:
             kind, size = info.type, info.size
         else:
             kind, size = fast
+        self._extensions_in_a_row = self._extensions_in_a_row + 1 if kind in _EXTENSIONS else 0
         if kind in _EXTENSIONS:
             if size > MAX_EXTENSION_HEADER:
                 raise InvalidTar(f"{_EXTENSIONS[kind]} of {size} bytes at byte {at} is too large")
+            if self._extensions_in_a_row > MAX_EXTENSIONS_IN_A_ROW:
+                raise InvalidTar(
+                    f"more than {MAX_EXTENSIONS_IN_A_ROW} extension headers in a row at byte {at}"
+                )
         elif self._size_override is not None:  # as tarfile: the member after the extensions
             size, self._size_override = self._size_override, None
         if kind == tarfile.GNUTYPE_SPARSE and block[482]:  # GNU tar -S, --format=gnu
@@ -357,7 +369,12 @@ class PlainTarInfo(tarfile.TarInfo):
                 f"{_EXTENSIONS[obj.type]} of {obj.size} bytes at byte {obj.offset} is too large"
             )
         if obj.type not in _PLAIN_TYPES or tarfile.pax_headers:  # type: ignore[attr-defined]
-            return obj._proc_member(tarfile)  # type: ignore[attr-defined, no-any-return]
+            try:
+                return obj._proc_member(tarfile)  # type: ignore[attr-defined, no-any-return]
+            except RecursionError:  # (see MAX_EXTENSIONS_IN_A_ROW) stored before, or hostile
+                raise ReadError(
+                    f"damaged: too many extension headers in a row (at byte {obj.offset})"
+                ) from None
         obj.offset_data = end = obj.offset + BLOCK
         if obj.isreg():
             end += -(-obj.size // BLOCK) * BLOCK  # the data, padded to whole blocks

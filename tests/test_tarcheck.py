@@ -19,6 +19,7 @@ from sbc.archive import _pax_record
 from stpd.tarcheck import (
     _PLAIN_TYPES,
     MAX_EXTENSION_HEADER,
+    MAX_EXTENSIONS_IN_A_ROW,
     STILL_LOOKING,
     InvalidTar,
     PlainTarInfo,
@@ -445,6 +446,31 @@ def test_a_header_with_a_number_tarfile_cannot_read_is_refused(field: tuple[int,
     for sizes in (None, [len(data)], [at, len(data)]):  # in C, and header by header
         with pytest.raises(InvalidTar, match=f"not a tar header at byte {at}"):
             check(bytes(data), list(sizes) if sizes else None)
+
+
+def chained(count: int) -> bytes:
+    """``count`` GNU long-name headers in a row, then the member they name
+    (the last one counts), and the end."""
+    names = b"".join(extension(tarfile.GNUTYPE_LONGNAME, b"n%d\0" % n) for n in range(count))
+    return names + archive(tarfile.USTAR_FORMAT, [("m", b"1")], extra=False)
+
+
+def test_more_extension_headers_in_a_row_than_a_writer_puts_are_refused() -> None:
+    """Some 330 of them took tarfile past Python's recursion limit: stored,
+    the saveset's listing logged a 3,000-line traceback per request, and
+    its restore ended in one."""
+    assert check(chained(MAX_EXTENSIONS_IN_A_ROW)).members == 1
+    with tarfile.open(fileobj=io.BytesIO(chained(MAX_EXTENSIONS_IN_A_ROW))) as tar:
+        assert len(tar.getnames()) == 1  # one member, as the check counts
+    # Each member with a long name of its own: one in a row each (the plain
+    # headers between them pass in C, which must count as a member too).
+    long_names = archive(
+        tarfile.GNU_FORMAT, [("n" * 150 + str(n), b"1") for n in range(40)], extra=False
+    )
+    assert check(long_names, [len(long_names)]).members == 40
+    at = MAX_EXTENSIONS_IN_A_ROW * 1024
+    with pytest.raises(InvalidTar, match=f"^more than 32 extension headers in a row at byte {at}$"):
+        check(chained(MAX_EXTENSIONS_IN_A_ROW + 1))
 
 
 def test_random_bytes_are_not_a_tar() -> None:

@@ -43,6 +43,7 @@ from tests.conftest import (
     with_xattrs,
     xattrs_of,
 )
+from tests.test_tarcheck import chained
 
 
 def make_tree(root: Path) -> Path:
@@ -1484,6 +1485,37 @@ def test_a_saveset_with_a_damaged_header_midway_is_not_listed_as_whole(
         assert "damaged: no valid tar header at byte " in err, err
         line = stpd.log.wait_for(rf"saveset {saveset} cannot be read: damaged: no valid tar header")
         assert line.startswith("ERROR ")
+
+
+def test_a_saveset_with_hundreds_of_extension_headers_in_a_row_is_one_error_line(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Some 330 extension headers in a row (refused at upload now; stored
+    before, or sent by a hostile server) took tarfile past the recursion
+    limit: each listing logged a traceback of 3,000 lines, and sbc's
+    restore ended in one."""
+    source = tmp_path / "f.txt"
+    source.write_text("x\n")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = sbc_json(*ini, "backup", str(source), "--server", stpd.address, "--json")[
+            "saveset"
+        ]  # type: ignore[index]
+        stored = stpd.daemon.store.tar_path(saveset)
+        stored.write_bytes(chained(400))
+        meta = stpd.daemon.store.root / f"{saveset}.json"
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "bytes": len(chained(400))}))
+        code, _, err = run_sbc(*ini, "list", saveset, "--server", stpd.address)
+        assert code == 1 and err.endswith("cannot be read on the server\n"), err
+        line = stpd.log.wait_for(rf"saveset {saveset} cannot be read: ")
+        assert line.startswith("ERROR ") and "too many extension headers in a row" in line
+        assert not stpd.log.matching(r"Traceback|RecursionError|internal error")
+        code, _, err = run_sbc(
+            *ini, "restore", saveset, str(tmp_path / "back"), "--server", stpd.address
+        )
+    assert code == 1 and "too many extension headers in a row" in err, err
+    assert "Traceback" not in err
 
 
 def test_verify_tells_an_intact_saveset_from_a_damaged_one(
