@@ -810,8 +810,11 @@ class Session:
         in a request (else all of it, and they are picked out here)."""
         path = f"/savesets/{quote(saveset, safe='')}"
         # Names as stored: bytes that are not UTF-8 go as they are (%XX).
-        selection = urlencode(
-            [("entry", name) for name in only], encoding="utf-8", errors="surrogateescape"
+        selection = urlencode(  # %20 for a space: stpd reads "+" as a plus
+            [("entry", name) for name in only],
+            encoding="utf-8",
+            errors="surrogateescape",
+            quote_via=quote,
         )
         if selection and len(path) + len(selection) < MAX_REQUEST_TARGET:
             path += "?" + selection

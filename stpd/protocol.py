@@ -300,9 +300,12 @@ _SAVESET_VIEWS: dict[str, Callable[[str], Action]] = {
 
 
 def _query_pairs(query: str, most: int, errors: str = "strict") -> list[tuple[str, str]] | Reject:
+    """The parameters of ``query``, plainly percent-encoded (README), not a
+    form's: "+" is a plus, not a space (curl -T FILE "...?source=/a+b",
+    "?entry=a+b"; sbc sends %2B and %20)."""
     try:
         return parse_qsl(
-            query,
+            query.replace("+", "%2B"),
             keep_blank_values=True,
             strict_parsing=bool(query),
             errors=errors,
@@ -340,9 +343,7 @@ def _entries_value(query: str) -> tuple[str, ...] | Reject:
 
 
 def _source_value(query: str) -> str | Reject:
-    # Plain percent-encoding (README), not a form's: "+" is a plus, not a
-    # space (curl -T FILE "...?source=/a+b"; sbc sends %2B and %20).
-    pairs = _query_pairs(query.replace("+", "%2B"), 8)
+    pairs = _query_pairs(query, 8)
     if isinstance(pairs, Reject):
         return pairs
     values = dict(pairs)

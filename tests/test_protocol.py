@@ -284,6 +284,11 @@ def reject(action: object) -> Reject:
         ("GET", f"/savesets/{SS}/", Download(SS)),
         ("GET", f"/savesets/{SS}?entry=etc/hosts", Download(SS, ("etc/hosts",))),
         ("GET", f"/savesets/{SS}?entry=a%20b&entry=%C3%BC/", Download(SS, ("a b", "ü/"))),
+        (
+            "GET",
+            f"/savesets/{SS}?entry=a+b&entry=c%2Bd",
+            Download(SS, ("a+b", "c+d")),
+        ),  # as source=
         ("GET", f"/savesets/{SS}/meta", Metadata(SS)),
         ("GET", f"/savesets/{SS}/entries", Entries(SS)),
         ("GET", f"/savesets/{SS}/verify", Verify(SS)),

@@ -1416,6 +1416,34 @@ def test_a_selective_restore_fetches_only_the_entries(pki: Pki, tmp_path: Path) 
     assert content.stdout == big
 
 
+def test_entries_with_a_space_or_a_plus_are_asked_for_as_they_are_named(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """entry= read "+" as a space (a form's encoding) while source= did not:
+    curl's "?entry=tree/c+d" got an empty archive. Both read "+" as a plus,
+    and sbc sends a space as %20."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("a b", "c+d", "other"):
+        (tree / name).write_text(name)
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    got = tmp_path / "got.tar"
+    with running_stpd(pki.layout, level=2) as stpd:
+        saveset = sbc_json(*ini, "backup", str(tree), "--server", stpd.address, "--json")["saveset"]  # type: ignore[index]
+        back = tmp_path / "back"
+        restore = [*ini, "restore", saveset, "--server", stpd.address, "--json", str(back)]
+        result = sbc_json(*restore, "tree/a b", "tree/c+d")
+        assert "not_found" not in result and result["extracted"] == 2  # type: ignore[operator, index]
+        url = f"{stpd.url}/savesets/{saveset}?entry=tree/c+d"
+        subprocess.run(
+            ["curl", "-sS", "--fail", *curl_tls(client), "-o", str(got), url], check=True
+        )
+    assert sorted(p.name for p in (back / "tree").iterdir()) == ["a b", "c+d"]
+    with tarfile.open(got) as tar:
+        assert tar.getnames() == ["tree/c+d"]
+
+
 def test_a_long_search_for_the_entries_keeps_sbc_waiting(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
