@@ -1003,8 +1003,14 @@ class HttpSession:
             self.answering = f"{method} {target[:200]}"
             action = route(method, target)
             # GET /status is cheap, and what a monitor (and `stpd status`)
-            # asks just when the server is busy: answered beyond the limit.
-            if not isinstance(action, Status) and self.daemon.beyond_limit(self.serial):
+            # asks just when the server is busy: answered beyond the limit,
+            # and the connection closed after it, so that polling it does
+            # not hold one of the open slots.
+            beyond = self.daemon.beyond_limit(self.serial)
+            if isinstance(action, Status) and beyond:
+                await self._send_json(200, self.daemon.status(), [("Connection", "close")])
+                return
+            if beyond:
                 log.warning(
                     "connection limit %d reached; answered 503 to %s",
                     self.config.max_connections,

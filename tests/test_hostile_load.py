@@ -211,11 +211,15 @@ def test_newer_idle_connections_do_not_turn_away_older_ones(hpki: Pki) -> None: 
         answer = request(c, "GET", "/status")  # the third: beyond the limit, but a status
         assert answer is not None and answer.status == 200, answer
         assert json.loads(answer.body)["connections"] == 4
-        answer = request(c, "GET", "/savesets")
+        # and then closed: polling it must not hold an open slot.
+        assert answer.headers.get("connection") == "close"
+        assert wait_closed(c) == b""
+        answer = request(d, "GET", "/savesets")
         assert answer is not None and answer.status == 503, answer
         a.close()
-        until(lambda: len(stpd.daemon.sessions) == 2, "a and c gone")
-        answer = request(d, "GET", "/savesets")  # now the second open
+        until(lambda: len(stpd.daemon.sessions) == 1, "a, c and d gone")
+        e = held.enter_context(tls_connect(stpd, ctx))
+        answer = request(e, "GET", "/savesets")  # now the second open
         assert answer is not None and answer.status == 200, answer
 
 
