@@ -240,6 +240,20 @@ def test_upload_that_is_not_a_tar_stream_is_refused(hpki: Pki, tmp_path: Path, k
         assert_serves(stpd, client, tmp_path)
 
 
+def stored_then_restored(
+    pki: Pki, client: Layout, body: Path, target: Path, *options: str
+) -> tuple[int, str, str]:
+    """``body`` uploaded with curl (201) to a level-2 stpd, then restored
+    whole by sbc into ``target``: sbc's exit status, stdout and stderr."""
+    with running_stpd(pki.layout, 2) as stpd:
+        status, answer = curl_put(stpd, client, body)
+        assert status == 201, answer
+        return run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
+            "--server", stpd.address, *options,
+        )  # fmt: skip
+
+
 def test_a_member_with_a_pax_header_of_more_than_64_kib_is_restored(
     hpki: Pki,  # noqa: F811
     tmp_path: Path,
@@ -255,13 +269,7 @@ def test_a_member_with_a_pax_header_of_more_than_64_kib_is_restored(
     with tarfile.open(body, "w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(member, io.BytesIO(b"hi\n"))
     target = tmp_path / "target"
-    with running_stpd(hpki.layout, 2) as stpd:
-        status, answer = curl_put(stpd, client, body)
-        assert status == 201, answer
-        code, out, err = run_sbc(
-            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
-            "--server", stpd.address, "--json",
-        )  # fmt: skip
+    code, out, err = stored_then_restored(hpki, client, body, target, "--json")
     assert "Traceback" not in err and code in (0, 3), err
     assert (target / "big" / "f").read_bytes() == b"hi\n"
 
@@ -281,13 +289,7 @@ def test_a_hard_link_to_a_symbolic_link_is_restored(hpki: Pki, tmp_path: Path) -
     subprocess.run(["tar", "-cf", str(body), "-C", str(tmp_path), "t"], check=True)
     client = hpki.client_ini("linker")
     target = tmp_path / "target"
-    with running_stpd(hpki.layout, 2) as stpd:
-        status, answer = curl_put(stpd, client, body)
-        assert status == 201, answer
-        code, _, err = run_sbc(
-            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
-            "--server", stpd.address,
-        )  # fmt: skip
+    code, _, err = stored_then_restored(hpki, client, body, target)
     assert code == 0, err
     back = target / "t"
     assert os.readlink(back / "s2") == "f"
@@ -313,13 +315,7 @@ def test_a_modification_time_that_cannot_be_set_is_named_and_the_rest_restored(
         tar.addfile(odd, io.BytesIO(b"odd"))
         tar.addfile(after, io.BytesIO(b"aft"))
     target = tmp_path / "target"
-    with running_stpd(hpki.layout, 2) as stpd:
-        status, answer = curl_put(stpd, client, body)
-        assert status == 201, answer
-        code, out, err = run_sbc(
-            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
-            "--server", stpd.address, "--json",
-        )  # fmt: skip
+    code, out, err = stored_then_restored(hpki, client, body, target, "--json")
     assert code == 3 and "Traceback" not in err, err
     [(path, why)] = [(u["path"], u["error"]) for u in json.loads(out)["unrestorable"]]
     assert path == "d/odd" and why.endswith("cannot be set, so it has the time of the restore")
@@ -349,13 +345,7 @@ def test_a_hard_link_to_a_name_the_saveset_does_not_hold_is_not_made(
     # The file is older than the restore by less than the margin for the
     # file system's clock: here, by its ctime alone, it was not made by it.
     monkeypatch.setattr(sbc.extract, "CTIME_MARGIN_NS", 0)
-    with running_stpd(hpki.layout, 2) as stpd:
-        status, answer = curl_put(stpd, client, body)
-        assert status == 201, answer
-        code, out, err = run_sbc(
-            "--ini-dir", str(client.ini_dir), "restore", answer["saveset"], str(target),
-            "--server", stpd.address, "--json",
-        )  # fmt: skip
+    code, out, err = stored_then_restored(hpki, client, body, target, "--json")
     assert code == 3, err
     assert json.loads(out)["unrestorable"] == [
         {"path": "tmp/x", "error": "a hard link to etc/shadow, which was not made by this "
