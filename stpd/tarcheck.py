@@ -49,6 +49,10 @@ MAX_EXTENSION_HEADER = 1024 * 1024  # bytes of data of a header in _EXTENSIONS
 # for each listing, and every restore). Writers put at most a few before a
 # member (PAX, a GNU long name and long link, a global header).
 MAX_EXTENSIONS_IN_A_ROW = 32
+# Records in one PAX header: a megabyte of five-byte ones cost 0.1 s to
+# check and more to list, each time (sixty times plain data's cost); a
+# member's path, times, owners and extended attributes are a few dozen.
+MAX_PAX_RECORDS = 10_000
 # Headers that describe the member after them, and what to call each.
 _EXTENSIONS = {
     tarfile.XHDTYPE: "PAX header",
@@ -254,8 +258,11 @@ def _pax_size(data: bytes, where: str) -> int | None:
     does not frame so is refused: tarfile reads it one way or another by
     version (since 3.11.10 and 3.12.6, as the end of the archive)."""
     size = None
-    pos = 0
+    pos = records = 0
     while pos < len(data) and data[pos]:  # NULs after the last record: tarfile stops there too
+        records += 1
+        if records > MAX_PAX_RECORDS:
+            raise InvalidTar(f"{where}: more than {MAX_PAX_RECORDS} records")
         space = data.find(b" ", pos, pos + 21)
         digits = data[pos:space] if space > pos else b""
         end = pos + int(digits) if digits.isdigit() else -1
