@@ -1016,6 +1016,8 @@ class HttpSession:
                     self.config.max_connections,
                     self.peer,
                 )
+                # Refused, it no longer counts (it lingers about a second).
+                self.daemon.sessions.discard(self.serial)
                 await self._send_error(503, "server busy: too many connections, try again later")
                 return
             await self._dispatch(request, action)

@@ -216,6 +216,7 @@ def test_newer_idle_connections_do_not_turn_away_older_ones(hpki: Pki) -> None: 
         assert wait_closed(c) == b""
         answer = request(d, "GET", "/savesets")
         assert answer is not None and answer.status == 503, answer
+        assert len(stpd.daemon.sessions) == 2  # a and b: d, refused, lingers uncounted
         a.close()
         until(lambda: len(stpd.daemon.sessions) == 1, "a, c and d gone")
         e = held.enter_context(tls_connect(stpd, ctx))
