@@ -32,6 +32,7 @@ from pki.authority import (
     CA_REPLACEMENT,
     EXPIRY_WARNING_DAYS,
     days_left,
+    read_certificate,
     validity_problem,
 )
 from pki.console import expiry_in_words, in_days, share_of
@@ -188,14 +189,6 @@ class HandshakesByAddress:
 
 def handshake_cap(max_connections: int) -> int:
     return max(1, int(HANDSHAKE_SHARE_PER_ADDRESS * OPEN_PER_SERVED * max_connections))
-
-
-def _certificate_in(path: Path) -> x509.Certificate | None:
-    """The certificate in ``path``; None when it cannot be read."""
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
-        return None
 
 
 class Stpd:
@@ -606,8 +599,8 @@ class Stpd:
             return
         self._crl_stamp = stamp
         layout = self.config.layout
-        if _certificate_in(layout.server_cert) != self.server_cert or (
-            self.ca_cert is not None and _certificate_in(layout.ca_cert) != self.ca_cert
+        if read_certificate(layout.server_cert) != self.server_cert or (
+            self.ca_cert is not None and read_certificate(layout.ca_cert) != self.ca_cert
         ):
             # A new context reads them too: copied in without SIGHUP, they
             # would be put in force without a reload's checks.
@@ -919,8 +912,8 @@ class Stpd:
         if not decision.serve:
             await self._answer_refusal(tls, decision.refusal)
             return
-        session = HttpSession(self, tls, peer, decision.owner, next(self._serials))
-        session.judged = (tls.peer_certificate, tls.verdict.problems, generation)
+        judged = (tls.peer_certificate, tls.verdict.problems, generation)
+        session = HttpSession(self, tls, peer, decision.owner, next(self._serials), judged)
         self.sessions.add(session.serial)
         try:
             await session.run()
@@ -950,7 +943,15 @@ class Stpd:
 class HttpSession:
     """One TLS connection's sequence of HTTP/1.1 requests (keep-alive)."""
 
-    def __init__(self, daemon: Stpd, tls: TLSStream, peer: str, owner: str, serial: int) -> None:
+    def __init__(
+        self,
+        daemon: Stpd,
+        tls: TLSStream,
+        peer: str,
+        owner: str,
+        serial: int,
+        judged: tuple[x509.Certificate | None, list[str], int],
+    ) -> None:
         self.daemon = daemon
         self.serial = serial  # its place in the order of sessions (Stpd.beyond_limit)
         self.config = daemon.config
@@ -965,7 +966,7 @@ class HttpSession:
         self.after_body: bytes | None = None
         # The client's certificate, what its handshake found wrong with it,
         # and the daemon's trust_generation then (see _still_trusted).
-        self.judged: tuple[x509.Certificate | None, list[str], int] = (None, [], 0)
+        self.judged = judged
 
     def _new_http(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
