@@ -13,13 +13,18 @@ from tests.conftest import LOOPBACK, Pki, running_stpd
 from tests.test_hostile_common import request, small_tar, tls_connect, tls_context
 
 
+def stored_on(sock: ssl.SSLSocket, source: str) -> str:
+    """A small tar stored on the connection ``sock``: its saveset id."""
+    answer = request(sock, "PUT", f"/savesets?source={source}", small_tar())
+    assert answer is not None and answer.status == 201, answer
+    return str(answer.json()["saveset"])  # type: ignore[index]
+
+
 def test_every_route_answers_400_to_an_unknown_query_parameter(pki: Pki) -> None:
     client = pki.client_ini("query")
     with running_stpd(pki.layout) as stpd:
         with tls_connect(stpd, tls_context(pki, client)) as sock:
-            answer = request(sock, "PUT", "/savesets?source=/q", small_tar())
-        assert answer is not None and answer.status == 201, answer
-        saveset = answer.json()["saveset"]  # type: ignore[index]
+            saveset = stored_on(sock, "/q")
         for target in (
             "/status?foo=1",
             "/savesets?foo=1",
@@ -42,9 +47,7 @@ def test_head_is_answered_with_the_status_and_headers_of_get(pki: Pki) -> None:
     client = pki.client_ini("head")
     with running_stpd(pki.layout) as stpd:
         with tls_connect(stpd, tls_context(pki, client)) as sock:
-            answer = request(sock, "PUT", "/savesets?source=/h", small_tar())
-            assert answer is not None and answer.status == 201, answer
-            saveset = answer.json()["saveset"]  # type: ignore[index]
+            saveset = stored_on(sock, "/h")
             for target in (
                 "/status",
                 "/savesets",

@@ -58,6 +58,14 @@ def sbc_status(client: Layout, address: str) -> tuple[int, str, str]:
     return run_sbc("--ini-dir", str(client.ini_dir), "status", "--server", address)
 
 
+def status_refused(pki: Pki, client: Layout, level: int) -> str:
+    """`sbc status` of ``client`` against stpd at ``level``: it fails; what it said."""
+    with running_stpd(pki.layout, level=level) as stpd:
+        code, _, err = sbc_status(client, stpd.address)
+    assert code == 1, err
+    return err
+
+
 # -- stpd: its own certificates ----------------------------------------------------
 
 
@@ -232,10 +240,7 @@ def test_sbc_says_the_server_certificate_dates_and_its_clock(pki: Pki) -> None:
     """sbc told the administrator to re-issue a server certificate that was
     fine when its own clock was wrong, and to restart stpd."""
     redated(pki.layout.server_cert, pki.layout, PAST, NOW - timedelta(days=2))
-    client = pki.client_ini("client1", client_auth=0)
-    with running_stpd(pki.layout, level=0) as stpd:
-        code, _, err = sbc_status(client, stpd.address)
-    assert code == 1
+    err = status_refused(pki, pki.client_ini("client1", client_auth=0), level=0)
     assert re.search(
         r"failed verification: certificate has expired; the server certificate CN=localhost is valid from "
         rf"{stamp(PAST)} to {utc(NOW - timedelta(days=2))}{CLOCKS}re-issue it on the backup "
@@ -248,9 +253,7 @@ def test_sbc_says_the_server_certificate_dates_and_its_clock(pki: Pki) -> None:
 def test_sbc_says_a_root_ca_is_not_yet_valid_rather_than_blame_the_server(pki: Pki) -> None:
     client = pki.client_ini("client1", client_auth=0)
     redated(client.ca_cert, pki.layout, FUTURE, FUTURE + timedelta(days=3650))
-    with running_stpd(pki.layout, level=0) as stpd:
-        code, _, err = sbc_status(client, stpd.address)
-    assert code == 1
+    err = status_refused(pki, client, level=0)
     assert re.search(
         r"failed verification: certificate is not yet valid \(chain depth 1: SEP sesam root "
         rf"CA\); the root CA CN=SEP sesam root CA is valid from {stamp(FUTURE)} to "

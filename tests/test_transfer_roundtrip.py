@@ -325,6 +325,17 @@ def curl_tls(client: Layout) -> list[str]:
     ]
 
 
+def curl_stored(stpd: RunningStpd, client: Layout, archive: bytes, source: Path) -> str:
+    """``archive`` uploaded by curl from its standard input (as `tar -cf - |
+    curl -T -`): the saveset's id."""
+    put = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", *curl_tls(client), "-T", "-",
+         f"{stpd.url}/savesets?source={source}"],
+        input=archive, capture_output=True, check=True,
+    )  # fmt: skip
+    return str(json.loads(put.stdout)["saveset"])
+
+
 def test_a_gnu_tar_sparse_archive_uploaded_with_curl_restores_with_sbc(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -346,12 +357,7 @@ def test_a_gnu_tar_sparse_archive_uploaded_with_curl_restores_with_sbc(
     ).stdout
     client = pki.client_ini("curlclient")
     with running_stpd(pki.layout, level=2) as stpd:
-        put = subprocess.run(
-            ["curl", "-sS", "--fail-with-body", *curl_tls(client), "-T", "-",
-             f"{stpd.url}/savesets?source={source}"],
-            input=archive, capture_output=True, check=True,
-        )  # fmt: skip
-        saveset = json.loads(put.stdout)["saveset"]
+        saveset = curl_stored(stpd, client, archive, source)
         code, _, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "restore", saveset, str(tmp_path / "back"),
             "--server", stpd.address,
@@ -379,12 +385,7 @@ def test_acls_of_a_gnu_tar_archive_are_named_as_not_restored(pki: Pki, tmp_path:
     client = pki.client_ini("curlclient")
     tls = curl_tls(client)
     with running_stpd(pki.layout, level=2) as stpd:
-        put = subprocess.run(
-            ["curl", "-sS", "--fail-with-body", *tls, "-T", "-",
-             f"{stpd.url}/savesets?source={source}"],
-            input=archive, capture_output=True, check=True,
-        )  # fmt: skip
-        saveset = json.loads(put.stdout)["saveset"]
+        saveset = curl_stored(stpd, client, archive, source)
         code, out, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "restore", saveset, str(tmp_path / "back"),
             "--server", stpd.address, "--json",
