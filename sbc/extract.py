@@ -115,8 +115,20 @@ def _stop_if_target_wide(exc: OSError, target: Path) -> None:
 
 def _replacement_name() -> str:
     """A new name beside what --overwrite replaces, for its replacement until
-    that is whole: then renamed over it, so that either stands, not neither."""
+    that is whole: then renamed over it (_rename_over), so that either
+    stands, not neither."""
     return f".sbc-restore-{os.urandom(6).hex()}"
+
+
+def _rename_over(made: str, name: str, parent: int) -> None:
+    """Put ``made`` (a _replacement_name) in the place of ``name``, in the
+    directory ``parent``; if that fails (an immutable file, a directory in
+    the way), ``made`` goes and what stands there stays."""
+    try:
+        os.rename(made, name, src_dir_fd=parent, dst_dir_fd=parent)
+    except OSError:
+        os.unlink(made, dir_fd=parent)
+        raise
 
 
 class UnsafeMember(tarfile.TarError):
@@ -561,9 +573,8 @@ class _Extraction(tarfile.TarFile):
                 os.close(fd)
             if name != parts[-1]:
                 try:
-                    os.rename(name, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-                except OSError as exc:  # an immutable file, a directory in the way
-                    os.unlink(name, dir_fd=parent)
+                    _rename_over(name, parts[-1], parent)
+                except OSError as exc:
                     self._refused(parts, exc)
                     return False
         except BaseException:
@@ -648,11 +659,7 @@ class _Extraction(tarfile.TarFile):
         finally:
             os.close(fd)
         if made != parts[-1]:  # --overwrite: what stands there goes only now
-            try:
-                os.rename(made, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-            except OSError:
-                os.unlink(made, dir_fd=parent)
-                raise
+            _rename_over(made, parts[-1], parent)
         return ""
 
     def _made_here(self, st: os.stat_result, tarinfo: tarfile.TarInfo) -> bool:
