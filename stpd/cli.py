@@ -277,7 +277,8 @@ def list_savesets(config: StpdConfig, as_json: bool) -> int:
         owner, source = one_line(meta.owner), one_line(meta.source)  # a peer chose them
         print(f"{meta.saveset}  {meta.created}  {meta.bytes:>14}  {owner}  {source}")
     # The bytes there are: a saveset without its data takes no room.
-    total = sum(meta.bytes for meta in scan.savesets if meta not in scan.without_data)
+    lost_data = {meta.saveset for meta in scan.without_data}
+    total = sum(meta.bytes for meta in scan.savesets if meta.saveset not in lost_data)
     lost = f"; {len(scan.without_data)} of them without data" if scan.without_data else ""
     print(f"{len(scan.savesets)} saveset(s), {total} bytes, in {store.root}{lost}")
     return 0
