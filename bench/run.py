@@ -17,7 +17,10 @@ mutual TLS on 127.0.0.1, and store on /dev/shm. Cases (issue 4):
 
 Every case runs a warm-up of each side, then alternates ours and the peer run
 by run (the order flips every pair); the ratio is the median of the per-pair
-ratios ours/peer. Every transfer of ours is checked by sha256; see
+ratios ours/peer. A third side, "peer+sha256", runs the peer's command with
+``sha256sum`` of the same bytes beside it: the checksum the contract asks of
+ours, done by C tools (reported beside the peer, in ``peer_sha256``). Every
+transfer of ours is checked by sha256; see
 bench/README.md for what is checked on the peer's side. The benchmark exits 0
 when it ran, whatever the figures; 1 when it could not run or a check failed.
 """
@@ -113,6 +116,11 @@ class CaseResult:
     ratios: list[float] = field(default_factory=list)
     warmup_ours: list[float] = field(default_factory=list)
     warmup_peer: list[float] = field(default_factory=list)
+    # The peer with a SHA-256 of the same bytes computed beside it (see
+    # Bench.hashing): the work the contract asks of ours, done by C tools.
+    peer_sha256: list[float] = field(default_factory=list)
+    ratios_sha256: list[float] = field(default_factory=list)
+    warmup_peer_sha256: list[float] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float | None]:
@@ -121,6 +129,9 @@ class CaseResult:
             "peer": median(self.peer),
             "ratio": median(self.ratios, 3),
         }
+
+    def summary_sha256(self) -> dict[str, float | None]:
+        return {"peer": median(self.peer_sha256), "ratio": median(self.ratios_sha256, 3)}
 
 
 def median(values: Sequence[float], digits: int = 1) -> float | None:
@@ -330,20 +341,30 @@ class Bench:
     # -- the alternation ------------------------------------------------------------
 
     def alternate(
-        self, case: str, ours: Callable[[], float], peer: Callable[[], float] | None
+        self, case: str, ours: Callable[[], float], peer: Callable[[bool], float] | None
     ) -> CaseResult:
+        """``peer(hashed)``: the peer's command, with ``sha256sum`` of the same
+        bytes running beside it when ``hashed`` (a third side, "peer+sha256")."""
         result = CaseResult(UNITS[case])
         unit = result.unit
         sides: list[tuple[str, Callable[[], float], list[float], list[float]]] = [
             ("ours", ours, result.warmup_ours, result.ours)
         ]
         if peer is not None:
-            sides.append(("peer", peer, result.warmup_peer, result.peer))
+            sides.append(("peer", lambda: peer(False), result.warmup_peer, result.peer))
+            sides.append(
+                (
+                    "peer+sha256",
+                    lambda: peer(True),
+                    result.warmup_peer_sha256,
+                    result.peer_sha256,
+                )
+            )
         for index in range(self.o.warmup):
             for name, measure, warm, _ in sides:
                 value = measure()
                 warm.append(value)
-                say(f"  {case} {name:4} warm-up {index + 1}: {value:10.1f} {unit}")
+                say(f"  {case} {name:11} warm-up {index + 1}: {value:10.1f} {unit}")
         for index in range(self.o.runs):
             order = sides if index % 2 == 0 else sides[::-1]
             for name, measure, _, values in order:
@@ -354,20 +375,38 @@ class Bench:
                 values.append(value)
                 result.notes.setdefault(f"cpu_s_{name}", []).append([round(c, 2) for c in cpu])
                 say(
-                    f"  {case} {name:4} run {index + 1}/{self.o.runs}: {value:10.1f} {unit}"
+                    f"  {case} {name:11} run {index + 1}/{self.o.runs}: {value:10.1f} {unit}"
                     f"  (CPU s: clients {cpu[0]:.2f}, server {cpu[1]:.2f})"
                 )
             if peer is not None:
                 result.ratios.append(result.ours[-1] / result.peer[-1])
-                say(f"  {case} pair {index + 1} ratio ours/peer: {result.ratios[-1]:.3f}")
+                result.ratios_sha256.append(result.ours[-1] / result.peer_sha256[-1])
+                say(
+                    f"  {case} pair {index + 1} ratio ours/peer: {result.ratios[-1]:.3f}, "
+                    f"ours/peer+sha256: {result.ratios_sha256[-1]:.3f}"
+                )
         self.results[case] = result
         self.check_servers()
         return result
 
+    def hashing(self, paths: Sequence[Path]) -> list[Proc]:
+        """``sha256sum`` of each path, started now, beside a peer command: the
+        checksum the contract asks of ours (stpd hashes what it receives, sbc
+        what it restores), done by a C tool on the same bytes, on the same
+        two cores. Wait for them with ``hashed``."""
+        return [start(["sha256sum", str(path)]) for path in paths]
+
+    def hashed(self, procs: Sequence[Proc], expected: Sequence[str], timeout: float) -> None:
+        wait_all(procs, timeout)
+        for proc, sha in zip(procs, expected, strict=True):
+            words = proc.stdout.split()
+            if proc.returncode != 0 or not words or words[0] != sha:
+                raise BenchError(f"{proc.describe()}: printed {words[:1]}, expected {sha}")
+
     def server_pids(self, side: str) -> list[int]:
         """stpd, or nginx's master and workers."""
         if side == "ours":
-            return [self.stpd.pid]
+            return [self.stpd.pid]  # the peer's sides: "peer", "peer+sha256"
         assert self.nginx is not None
         return [self.nginx.pid, *children_of(self.nginx.pid)]
 
@@ -404,16 +443,18 @@ class Bench:
                 self.big_sha,
             )
 
-            def peer() -> float:
+            def peer(hashed: bool) -> float:
+                hashers = self.hashing([self.big] if hashed else [])
                 proc = run(
                     curl.upload(str(self.big), nginx.url("/upload")),
                     budget(self.size),
-                    measure_rss=True,
+                    measure_rss=not hashed,
                 )
                 self.check_curl(proc, 201, up=self.size)
+                self.hashed(hashers, [self.big_sha] * len(hashers), budget(self.size))
                 if proc.maxrss_kib is not None:
                     curl_rss.append(round(proc.maxrss_kib / 1024, 1))
-                return self.size / proc.seconds / MB
+                return self.size / span([proc, *hashers]) / MB
 
         result = self.alternate("single_file", ours, peer)
         result.notes["sbc_internal_mbps"] = internal
@@ -461,17 +502,18 @@ class Bench:
             )
             if made.returncode != 0:
                 raise BenchError(made.describe())
-            reference_sha = sha256_file(reference)
-            reference.unlink()
+            reference_sha = sha256_file(reference)  # kept: hashed beside peer+sha256
             self.tree_tar_size = self.verify_peer_upload(
                 lambda url: run_pipeline(tar_argv, curl.upload("-", url), budget(tree_bytes)),
                 reference_sha,
             )
 
-            def peer() -> float:
+            def peer(hashed: bool) -> float:
+                hashers = self.hashing([reference] if hashed else [])
                 procs = run_pipeline(
                     tar_argv, curl.upload("-", nginx.url("/upload")), budget(tree_bytes, files)
                 )
+                self.hashed(hashers, [reference_sha] * len(hashers), budget(tree_bytes))
                 if procs[0].returncode != 0:
                     raise BenchError(procs[0].describe())
                 self.check_curl(procs[1], 201)
@@ -480,9 +522,12 @@ class Bench:
                     raise BenchError(
                         f"curl uploaded {uploaded} bytes of a {self.tree_tar_size} byte tar"
                     )
-                return files / span(procs)
+                return files / span([*procs, *hashers])
 
-        self.alternate("small_files", ours, peer)
+        try:
+            self.alternate("small_files", ours, peer)
+        finally:
+            (self.work / "small.tar").unlink(missing_ok=True)
 
     # -- case 3: restore ----------------------------------------------------------------
 
@@ -517,16 +562,18 @@ class Bench:
             served.chmod(0o644)
             url = nginx.url(f"/files/{self.big.name}")
 
-            def peer() -> float:
+            def peer(hashed: bool) -> float:
                 target = self.restore_dir / f"peer-{next(counter)}.bin"
+                hashers = self.hashing([served] if hashed else [])
                 try:
                     proc = run(curl.download(url, target), budget(self.size))
                     self.check_curl(proc, 200, down=self.size)
+                    self.hashed(hashers, [self.big_sha] * len(hashers), budget(self.size))
                     if sha256_file(target) != self.big_sha:
                         raise BenchError(f"{target} differs from {self.big}")
                 finally:
                     target.unlink(missing_ok=True)
-                return self.size / proc.seconds / MB
+                return self.size / span([proc, *hashers]) / MB
 
         try:
             self.alternate("restore", ours, peer)
@@ -587,11 +634,13 @@ class Bench:
             )
             served.chmod(0o644)
             size = served.stat().st_size
+            served_sha = sha256_file(served)
             url = nginx.url(f"/files/{served.name}")
 
-            def peer() -> float:
+            def peer(hashed: bool) -> float:
                 target = self.restore_dir / f"peer-{next(counter)}"
                 target.mkdir()
+                hashers = self.hashing([served] if hashed else [])
                 try:
                     procs = run_pipeline(
                         curl.fetch(url),
@@ -601,10 +650,11 @@ class Bench:
                     if procs[1].returncode != 0:
                         raise BenchError(procs[1].describe())
                     self.check_curl(procs[0], 200, down=size, report=procs[0].stderr)
+                    self.hashed(hashers, [served_sha] * len(hashers), budget(tree_bytes))
                     self.check_tree(target)
                 finally:
                     shutil.rmtree(target, ignore_errors=True)
-                return files / span(procs)
+                return files / span([*procs, *hashers])
 
         try:
             self.alternate("small_restore", ours, peer)
@@ -648,13 +698,16 @@ class Bench:
                 self.client_digests[first],
             )
 
-            def peer() -> float:
+            def peer(hashed: bool) -> float:
                 url = nginx.url("/upload")
+                hashers = self.hashing(self.client_files if hashed else [])
                 procs = [start(curl.upload(str(path), url)) for path in self.client_files]
                 wait_all(procs, budget(total))
                 for proc in procs:
                     self.check_curl(proc, 201, up=size)
-                return total / span(procs) / MB
+                digests = [self.client_digests[path] for path in self.client_files]
+                self.hashed(hashers, digests[: len(hashers)], budget(total))
+                return total / span([*procs, *hashers]) / MB
 
         self.alternate("concurrent", ours, peer)
         detail = self.extra.setdefault("rss_detail", {})
@@ -686,6 +739,9 @@ class Bench:
                 else {"ours": None, "peer": None, "ratio": None}
             )
         out["rss_mib"] = {"stpd": self.rss.get("stpd"), "sbc": self.rss.get("sbc")}
+        # Not among issue 4's keys: the peer with a sha256sum of the same bytes
+        # beside it (what the contract asks of ours), and ours against that.
+        out["peer_sha256"] = {case: r.summary_sha256() for case, r in self.results.items()}
         out["runs"] = {
             case: {
                 "unit": r.unit,
@@ -694,6 +750,9 @@ class Bench:
                 "ratios": [round(v, 3) for v in r.ratios],
                 "warmup_ours": [round(v, 1) for v in r.warmup_ours],
                 "warmup_peer": [round(v, 1) for v in r.warmup_peer],
+                "peer_sha256": [round(v, 1) for v in r.peer_sha256],
+                "ratios_sha256": [round(v, 3) for v in r.ratios_sha256],
+                "warmup_peer_sha256": [round(v, 1) for v in r.warmup_peer_sha256],
                 **r.notes,
             }
             for case, r in self.results.items()
@@ -764,11 +823,24 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = [("case", "ours", "peer", "ratio", "unit")]
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    rows = [("case", "ours", "peer", "ratio", "peer+sha256", "ratio", "unit")]
     for case in CASES:
         entry = report[case]
-        ratio = "-" if entry["ratio"] is None else f"{entry['ratio']:.2f}x"
-        rows.append((case, fmt(entry["ours"]), fmt(entry["peer"]), ratio, UNITS[case]))
+        hashed = report.get("peer_sha256", {}).get(case) or {"peer": None, "ratio": None}
+        rows.append(
+            (
+                case,
+                fmt(entry["ours"]),
+                fmt(entry["peer"]),
+                ratio(entry["ratio"]),
+                fmt(hashed["peer"]),
+                ratio(hashed["ratio"]),
+                UNITS[case],
+            )
+        )
     detail = report.get("rss_detail", {})
     curl_runs = detail.get("curl_runs_mib") or []
     rows.append(
@@ -776,6 +848,8 @@ def table(report: dict[str, Any]) -> str:
             "rss stpd (nginx worker)",
             fmt(report["rss_mib"]["stpd"]),
             fmt(detail.get("nginx_worker_vmhwm_mib")),
+            "-",
+            "-",
             "-",
             "MiB",
         )
@@ -786,16 +860,18 @@ def table(report: dict[str, Any]) -> str:
             fmt(report["rss_mib"]["sbc"]),
             fmt(max(curl_runs) if curl_runs else None),
             "-",
+            "-",
+            "-",
             "MiB",
         )
     )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for number, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:4], widths[1:4], strict=True)
+            c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1], strict=True)
         ]
-        lines.append("  ".join([*cells, row[4]]))
+        lines.append("  ".join([*cells, row[-1]]))
         if number == 0:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)

@@ -61,7 +61,8 @@ def test_quick_run_of_ours_only_writes_the_results(tmp_path: Path) -> None:
     assert set(results["rss_mib"]) == {"stpd", "sbc"}
     assert results["rss_mib"]["stpd"] > 0 and results["rss_mib"]["sbc"] > 0
     assert results["parameters"]["runs"] == 1
-    assert re.search(r"^single_file\s+[\d,.]+\s+-\s+-\s+MB/s$", result.stdout, re.MULTILINE)
+    assert re.search(r"^single_file\s+[\d,.]+(\s+-){4}\s+MB/s$", result.stdout, re.MULTILINE)
+    assert results["peer_sha256"]["single_file"] == {"peer": None, "ratio": None}
     check_cleaned_up(result.stdout)
 
 
@@ -79,6 +80,12 @@ def test_quick_run_against_nginx_and_curl(tmp_path: Path) -> None:
         entry = results[case]
         assert entry["ours"] > 0 and entry["peer"] > 0, case
         assert entry["ratio"] == pytest.approx(entry["ours"] / entry["peer"], rel=0.01), case
+        # the peer again with sha256sum of the same bytes beside it
+        hashed = results["peer_sha256"][case]
+        assert hashed["peer"] > 0, case
+        assert hashed["ratio"] == pytest.approx(entry["ours"] / hashed["peer"], rel=0.01), case
+        assert len(results["runs"][case]["cpu_s_peer+sha256"]) == 1, case
+    assert re.search(r"^restore(\s+[\d,.]+x?){5}\s+MB/s$", result.stdout, re.MULTILINE)
     assert text.count("peer check: nginx stored") == 3  # single file, tar stream, one client
     check_cleaned_up(result.stdout)
 
