@@ -80,7 +80,7 @@ def test_quick_run_against_nginx_and_curl(tmp_path: Path) -> None:
         entry = results[case]
         assert entry["ours"] > 0 and entry["peer"] > 0, case
         assert entry["ratio"] == pytest.approx(entry["ours"] / entry["peer"], rel=0.01), case
-        # the peer again with sha256sum of the same bytes beside it
+        # the peer again with openssl dgst -sha256 of the same bytes beside it
         hashed = results["peer_sha256"][case]
         assert hashed["peer"] > 0, case
         assert hashed["ratio"] == pytest.approx(entry["ours"] / hashed["peer"], rel=0.01), case
