@@ -382,8 +382,9 @@ def _run_ca(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         )
         return
     print(
-        "next: issue certificates with `sm_ssl_cert server --common-name=...` and "
-        "`sm_ssl_cert client`; then keep rootCA.key off the server (only issuing needs it)",
+        f"next: issue certificates with {layout.command('server --common-name=...')} and "
+        f"{layout.command('client')}; then keep rootCA.key off the server (only issuing "
+        "needs it)",
         file=out,
     )
 
@@ -531,7 +532,8 @@ def _run_renew(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
             "the old certificate stays revoked"
             if revoked
             else "the old certificate stays valid until it expires (revoke it with "
-            f"`sm_ssl_cert revoke {issued.superseded}` if it must stop working now)"
+            f"{layout.command(f'revoke {shlex.quote(str(issued.superseded))}')} if it must "
+            "stop working now)"
         )
         print(
             f"next: copy {issued.cert_path.name} and {issued.key_path.name} into x.509/ of the "

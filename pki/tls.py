@@ -303,10 +303,14 @@ def server_context(
     key = key or layout.server_key
     ctx = _hardened_context(SSL.TLS_SERVER_METHOD)
     # Issued where the CA is: in place there, else with --path and copied here.
-    fix = (
-        "issue it with `sm_ssl_cert server --common-name=<names>` where the CA is (for "
-        f"another machine with --path DIR, then copy server.pem and server.key into {cert.parent})"
-    )
+    if layout.ca_key.exists():
+        fix = f"create it with {layout.command('server --common-name=<names>')}"
+    else:
+        fix = (
+            "issue it with `sm_ssl_cert server --common-name=<names>` where the CA is (for "
+            "another machine with --path DIR, then copy server.pem and server.key into "
+            f"{cert.parent})"
+        )
     _load_cert_and_key(ctx, cert, key, fix)
     ctx.client_cert_policy = policy  # type: ignore[attr-defined]  # read by _verify_callback
     if policy == ClientCertPolicy.IGNORE:
@@ -413,8 +417,9 @@ def check_server_names(cert: x509.Certificate, host: str) -> None:
     if not host_matches(host, names):
         raise PkiError(
             f"server certificate names {', '.join(names) or '(none)'} do not match host {host}: "
-            f"connect by one of those names, or re-issue the server certificate with "
-            f"`sm_ssl_cert server --common-name={host}`"
+            "connect by one of those names, or re-issue the server certificate with this "
+            f"name added, where the CA is: `sm_ssl_cert server --common-name="
+            f"{','.join([*names, host])}` (with --path=DIR for an RDS)"
         )
 
 

@@ -35,9 +35,10 @@ class SbcConfig:
     io_timeout: float = 60 * SECONDS  # no progress while sending or receiving
     server_fingerprint: str | None = None  # SHA-256 pin of the server certificate
     # Not ini keys, for `stpd status`, which reaches its own daemon on
-    # 127.0.0.1: the name to find in the server certificate instead of the
-    # host we connect to (it is pinned), and where that address comes from.
-    expected_name: str | None = None
+    # 127.0.0.1 and pins its certificate: the names in it are not the host
+    # we connect to (nor, for a wildcard, any host), so they are not checked;
+    # and where that address comes from.
+    check_names: bool = True
     server_from: str = "--server or SBC_SERVER in sm.ini"
     # What the pin is and what a mismatch means (stpd status pins ssl/server.pem).
     pinned: str = "the pinned SBC_SERVER_FINGERPRINT"

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -211,7 +212,6 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
 
     from cryptography import x509
 
-    from pki.names import certificate_names
     from pki.tls import ClientCertPolicy, fingerprint_sha256
     from sbc.cli import main as sbc_main
 
@@ -221,7 +221,6 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
         ours = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
     except (OSError, ValueError) as exc:
         raise PkiError(f"cannot read {layout.server_cert}: {exc}") from None
-    names = certificate_names(ours)
 
     # Below level 2 the daemon serves a client without a certificate: on a
     # server that has none in x.509/ (the usual), present none.
@@ -231,7 +230,7 @@ def status(layout: Layout, config: StpdConfig, as_json: bool) -> int:
         return dataclasses.replace(
             sbc_config,
             server_fingerprint=fingerprint_sha256(ours),
-            expected_name=names[0] if names else None,
+            check_names=False,  # pinned: the names are for the clients' hosts
             client_ssl_auth=sbc_config.client_ssl_auth and present,
             server_from=f"STPD_HTTPS_LISTEN in {layout.stpd_ini}, or --listen",
             pinned=f"that of {layout.server_cert}",
@@ -289,14 +288,16 @@ def delete_savesets(config: StpdConfig, savesets: list[str]) -> int:
     removed (a typo must not cost the savesets named before it). What is
     left of a broken saveset (metadata that cannot be read, a tar without
     metadata or metadata without its tar) is removed by its id too."""
+    ini_dir, data_dir = (shlex.quote(str(p)) for p in (config.layout.ini_dir, config.saveset_dir))
+    listing = f"`stpd --ini-dir {ini_dir} --data-dir {data_dir} list`"
     if not savesets:
-        raise StoreError("delete: name the savesets to delete (`stpd list` shows them)")
+        raise StoreError(f"delete: name the savesets to delete ({listing} shows them)")
     store = _open_store(config)
     found = {saveset: store.files_of(saveset) for saveset in savesets}
     missing = [saveset for saveset, files in found.items() if not files]
     if missing:
         raise StoreError(
-            f"no saveset {', '.join(missing)} in {store.root} (`stpd list` shows what is "
+            f"no saveset {', '.join(missing)} in {store.root} ({listing} shows what is "
             "there); nothing was deleted"
         )
     for saveset in found:

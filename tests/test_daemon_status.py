@@ -179,6 +179,25 @@ def test_stpd_status_of_a_server_without_a_client_certificate(tmp_path: Path) ->
         server.stop()
 
 
+def test_stpd_status_of_a_server_certificate_with_wildcard_names_only(tmp_path: Path) -> None:
+    """`stpd status` pins the certificate in ssl/: its names, for the
+    clients' hosts, are not checked against the loopback address it
+    connects to. It took the first name for a host name, and a wildcard
+    (`*.example.test`, `127.0.1.*`: the README's forms) never matched."""
+    pki = make_pki(tmp_path, server_names="*.example.test,127.0.1.*")
+    (pki.layout.ini_dir / "stpd.ini").write_text("[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=0\n")
+    server = StpdProcess(pki.layout.ini_dir, tmp_path / "data")
+    try:
+        where = f"127.0.0.1:{server.port}"
+        result = run(
+            "stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", where, "status", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["server_certificate"]["subject"] == "CN=*.example.test"
+    finally:
+        server.stop()
+
+
 def test_short_lived_server_certificate_warned_at_startup(tmp_path: Path) -> None:
     """Made the administrator's way: `sm_ssl_cert server --days 10`."""
     ini = tmp_path / "ini"

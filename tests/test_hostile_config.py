@@ -63,9 +63,9 @@ def break_server(pki: Pki, data: Path, what: str) -> tuple[str, ...]:
     """Break the server side; returns what the error line must contain."""
     layout = pki.layout
     fix = "sm_ssl_cert"
-    if what == "missing-cert":
+    if what == "missing-cert":  # the CA key is not here (hpki): issued where it is
         layout.server_cert.unlink()
-        return (str(layout.server_cert), "not found", fix)
+        return (str(layout.server_cert), "not found", "where the CA is", "--path DIR")
     if what == "missing-key":
         layout.server_key.unlink()
         return (str(layout.server_key), "not found", fix)
@@ -119,6 +119,19 @@ SERVER_CASES = [
     "level-text",
     "timeout-negative",
 ]
+
+
+def test_stpd_without_its_certificate_where_the_ca_is(tmp_path: Path) -> None:
+    """The README's example: on the CA's machine the fix is a command to
+    paste, with the ini directory stpd was given."""
+    pki = make_pki(tmp_path)
+    pki.layout.server_cert.unlink()
+    result = run_stpd(pki.layout.ini_dir, tmp_path / "data")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"stpd: error: certificate {pki.layout.server_cert} not found: create it with "
+        f"`sm_ssl_cert --ini-dir {pki.layout.ini_dir} server --common-name=<names>`\n"
+    )
 
 
 @pytest.mark.parametrize("what", SERVER_CASES)

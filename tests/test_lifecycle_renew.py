@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -101,7 +103,8 @@ def test_renew_client_keep_key_leaves_the_key_file_alone(
     out = run(capsys, layout, "renew", "client", "--keep-key", "--days", "30")
     assert f"kept client key:          {layout.client_key} (--keep-key)" in out
     assert "(30 days; --days changes it)" in out
-    assert f"sm_ssl_cert revoke {format_serial(old.serial)}" in out
+    hint = re.search(r"revoke it with `([^`]+)`", out)
+    assert hint, out
     new = load(layout.client_cert)
     assert new.subject == old.cert.subject
     assert format_name(new.subject) == "C=DE, CN=host1, O=Acme AG, OU=Backup, OU=Ops, T=Dr"
@@ -115,6 +118,13 @@ def test_renew_client_keep_key_leaves_the_key_file_alone(
     with pytest.raises(x509.ExtensionNotFound):
         san(new)
     assert Inventory.read(layout).find(old.serial).status == "superseded"  # type: ignore[union-attr]
+    # The hint, pasted as printed, revokes the old one in this ini directory.
+    command = shlex.split(hint.group(1))
+    assert command == [
+        "sm_ssl_cert", "--ini-dir", str(layout.ini_dir), "revoke", format_serial(old.serial)
+    ]  # fmt: skip
+    assert main(command[1:]) == 0, capsys.readouterr().err
+    assert Inventory.read(layout).find(old.serial).status == "revoked"  # type: ignore[union-attr]
 
 
 def test_renew_in_a_path_keeps_the_key_type(

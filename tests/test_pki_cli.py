@@ -71,6 +71,11 @@ def test_ca(ini: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sorted(tree(ini)) == ["ca/rootCA.key", "ca/rootCA.pem"]
     assert mode(layout.ca_key) == 0o600
     assert mode(layout.ca_dir) == 0o700
+    assert out.splitlines()[-1] == (
+        f"next: issue certificates with `sm_ssl_cert --ini-dir {ini} server --common-name=...` "
+        f"and `sm_ssl_cert --ini-dir {ini} client`; then keep rootCA.key off the server (only "
+        "issuing needs it)"
+    )
 
 
 def test_ca_refuses_to_replace_without_force(

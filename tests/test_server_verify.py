@@ -50,7 +50,9 @@ def test_server_certificate_for_another_name_is_refused(
         assert one_line(err) == (
             f"sbc: error: stpd at {stpd.address} not trusted: server certificate names "
             "other.example.test do not match host 127.0.0.1: connect by one of those names, "
-            "or re-issue the server certificate with `sm_ssl_cert server --common-name=127.0.0.1`"
+            "or re-issue the server certificate with this name added, where the CA is: "
+            "`sm_ssl_cert server --common-name=other.example.test,127.0.0.1` "
+            "(with --path=DIR for an RDS)"
         )
         no_request_served(stpd)
 
@@ -309,7 +311,9 @@ def test_dns_wildcard_over_a_real_connection(
             assert one_line(err) == (
                 f"sbc: error: stpd at {host}:{stpd.port} not trusted: server certificate names "
                 f"*.example.test do not match host {host}: connect by one of those names, or "
-                f"re-issue the server certificate with `sm_ssl_cert server --common-name={host}`"
+                "re-issue the server certificate with this name added, where the CA is: "
+                f"`sm_ssl_cert server --common-name=*.example.test,{host}` "
+                "(with --path=DIR for an RDS)"
             )
             no_request_served(stpd)
 

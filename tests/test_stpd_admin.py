@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -86,11 +87,16 @@ def test_list_and_delete_every_clients_savesets_beside_a_running_stpd(
         typo = doomed[:-1] + ("0" if doomed[-1] != "0" else "1")
         refused = stpd_command(pki, data, "delete", doomed, typo)
         assert refused.returncode == 2
+        listing = f"stpd --ini-dir {pki.layout.ini_dir} --data-dir {data} list"
         assert refused.stderr == (
-            f"stpd: error: no saveset {typo} in {data} (`stpd list` shows what is there); "
+            f"stpd: error: no saveset {typo} in {data} (`{listing}` shows what is there); "
             "nothing was deleted\n"
         )
         assert (data / f"{doomed}.tar").exists()
+        pasted = subprocess.run(
+            [str(BIN / "stpd"), *shlex.split(listing)[1:]], capture_output=True, text=True
+        )
+        assert pasted.returncode == 0 and doomed in pasted.stdout, pasted.stderr
 
         deleted = stpd_command(pki, data, "delete", doomed)
         assert deleted.returncode == 0, deleted.stderr
@@ -171,7 +177,7 @@ def test_options_between_delete_and_its_savesets(pki: Pki, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["delete"], "stpd: error: delete: name the savesets to delete (`stpd list` shows them)"),
+        (["delete"], "stpd: error: delete: name the savesets to delete (`stpd --ini-dir "),
         (["delete", "../etc/passwd"], "stpd: error: no saveset ../etc/passwd in "),
         (["list", "SS-20260101T000000Z-00000000"], "stpd: error: unexpected arguments for list"),
     ],
