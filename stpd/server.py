@@ -217,6 +217,8 @@ class Stpd:
         self._retention_due: trio.Event | None = None  # set: look for old savesets now
         in_file = load_config(config.layout)
         self._restart_only = (in_file.listen, in_file.data_dir)  # what SIGHUP cannot change
+        # Read from stpd.ini (not all defaults): a reload needs the file too.
+        self._config_from_file = config.layout.stpd_ini.exists()
         self.started = time.monotonic()
         self.connections = 0  # every open connection, handshakes included
         # Connections past the TLS handshake, by serial (in the order they
@@ -334,6 +336,13 @@ class Stpd:
             )
         for path in prepared.removed:
             log.warning("removed leftover of an interrupted upload: %s", path)
+        for saveset in prepared.published:
+            log.warning(
+                "finished storing saveset %s: a crash had cut it short after its tar, whole, "
+                "was in place (its metadata was still in %s)",
+                saveset,
+                self.store.incoming,
+            )
         # What `stpd list` warns about, said where an administrator looks:
         # nothing of it is removed without being asked to.
         scan = await trio.to_thread.run_sync(self.store.scan)
@@ -502,6 +511,14 @@ class Stpd:
         """Re-read stpd.ini and the certificates for new connections (SIGHUP);
         False when refused (the running configuration stays)."""
         try:
+            stpd_ini = self.config.layout.stpd_ini
+            if self._config_from_file and not stpd_ini.exists():
+                # Else every default would go into force: no allow-list, no
+                # retention, level as the code says (a file being rewritten).
+                raise ConfigError(
+                    f"{stpd_ini} not found; it held the running configuration: put it back, "
+                    "then send SIGHUP again"
+                )
             in_file = load_config(self.config.layout)  # the file alone, read once
             # What only a restart changes stays as it runs.
             config = dataclasses.replace(
@@ -529,6 +546,7 @@ class Stpd:
                 self.store.root,
             )
         self.config = config
+        self._config_from_file = stpd_ini.exists()
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
         self._crl_in_force = crl

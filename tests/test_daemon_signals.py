@@ -488,6 +488,22 @@ def test_broken_reload_is_refused_and_the_old_configuration_stays(
     assert f"private key {pki.layout.server_key} does not match certificate" in refused
     assert server_serial(server.port, client) == old_serial  # the old pair is still in force
 
+    # 3. stpd.ini gone (moved away, being rewritten): not all defaults (level 0 and
+    # no allow-list), the running configuration.
+    os.replace(tmp_path / "elsewhere" / "server.key", pki.layout.server_key)  # a pair again
+    (ini / "stpd.ini").rename(tmp_path / "away.ini")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    refused = server.wait_for(r"ERROR stpd: reload refused", after=mark)
+    assert f"{ini / 'stpd.ini'} not found; it held the running configuration" in refused
+    with pytest.raises(OSError):  # still level 2
+        server_serial(server.port, stranger)
+    (tmp_path / "away.ini").rename(ini / "stpd.ini")
+    mark = server.mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"INFO stpd: reloaded .*level 2", after=mark)
+    assert server_serial(server.port, client) != old_serial  # the new pair now
+
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
 
