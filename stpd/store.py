@@ -28,11 +28,12 @@ import json
 import os
 import re
 import secrets
+import stat
 import tarfile
 import time
 from collections.abc import Generator, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,9 @@ class Prepared:
 
     created: bool  # the data directory was not there (its file system not mounted?)
     removed: list[Path]  # leftovers of interrupted uploads
+    # Savesets whose publish a crash cut between its two renames: the tar in
+    # place, its metadata (whole, fsynced) still in .incoming; now in place.
+    published: list[str] = field(default_factory=list)
 
 
 class SavesetStore:
@@ -262,7 +266,7 @@ class SavesetStore:
         remove the leftovers of interrupted uploads. A data directory that
         cannot be used is a StoreError that says so."""
         fix = "set STPD_DATA_DIR in stpd.ini (or --data-dir) to a writable directory"
-        removed = []
+        removed, published = [], []
         try:
             try:
                 # Backups are private: a data directory we create is ours alone.
@@ -288,8 +292,13 @@ class SavesetStore:
                             "and removes what is left of them at start",
                         )
                     )
+                if self._finish_publish(leftover):
+                    published.append(leftover.name.removesuffix(".json.part"))
+                    continue
                 leftover.unlink()
                 removed.append(leftover)
+            if published:
+                _fsync_dir(self.root)
         except StoreError:
             self.close()
             raise
@@ -302,7 +311,26 @@ class SavesetStore:
         if not os.access(self.root, os.W_OK | os.X_OK):
             self.close()
             raise StoreError(f"data directory {self.root} is not writable: {fix}")
-        return Prepared(created, removed)
+        return Prepared(created, removed, published)
+
+    def _finish_publish(self, leftover: Path) -> bool:
+        """Put ``leftover`` in place when it is the metadata of a publish cut
+        short after its tar went into place (see publish): the saveset is
+        whole, and without it no longer served. False for anything else."""
+        saveset = leftover.name.removesuffix(".json.part")
+        if saveset == leftover.name or not SAVESET_ID.match(saveset):
+            return False
+        tar, meta_path = self.tar_path(saveset), self.root / f"{saveset}.json"
+        meta = _read_meta(leftover)
+        if meta is None or meta.saveset != saveset or os.path.lexists(meta_path):
+            return False
+        try:
+            if not stat.S_ISREG(tar.lstat().st_mode) or tar.stat().st_size != meta.bytes:
+                return False
+        except FileNotFoundError:
+            return False
+        os.replace(leftover, meta_path)
+        return True
 
     def _take_lock(self) -> None:
         # On the directory itself: no lock file to leave behind or delete.

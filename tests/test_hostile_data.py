@@ -1057,3 +1057,45 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
     finally:
         second.stop()
     assert second.process.returncode == 0
+
+
+def test_a_publish_cut_short_by_a_crash_is_finished_at_restart(
+    hpki: Pki,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """stpd killed between the two renames of a publish (its tar in place,
+    its metadata still in .incoming): the next start puts the metadata in
+    place, and the saveset is listed and restored. It removed the metadata
+    as a leftover, and the saveset was never served again."""
+    client = hpki.client_ini("survivor")
+    data = tmp_path / "data"
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "kept.txt").write_text("stored before the crash\n")
+    first = StpdProcess(hpki.layout.ini_dir, data)
+    try:
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "backup", str(source),
+            "--server", f"127.0.0.1:{first.port}", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+    finally:
+        first.stop()
+    saveset = json.loads(out)["saveset"]
+    os.replace(data / f"{saveset}.json", data / ".incoming" / f"{saveset}.json.part")
+    second = StpdProcess(hpki.layout.ini_dir, data)
+    try:
+        second.wait_for(rf"WARNING stpd: finished storing saveset {saveset}: a crash had cut it ")
+        address = f"127.0.0.1:{second.port}"
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "list", "--server", address, "--json"
+        )
+        assert code == 0 and [s["saveset"] for s in json.loads(out)] == [saveset], err
+        code, out, err = run_sbc(
+            "--ini-dir", str(client.ini_dir), "restore", saveset, str(tmp_path / "back"),
+            "--server", address, "--quiet",
+        )  # fmt: skip
+        assert code == 0, err
+        assert (tmp_path / "back" / "src" / "kept.txt").read_text() == "stored before the crash\n"
+    finally:
+        second.stop()

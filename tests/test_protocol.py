@@ -777,6 +777,29 @@ def test_prepare_removes_leftovers_of_uploads_and_keeps_every_saveset_file(
     assert SavesetStore(store.root).prepare().removed == []
 
 
+def test_prepare_finishes_a_publish_cut_short_between_its_renames(store: SavesetStore) -> None:
+    """publish() renames the tar into place, then its metadata: a crash in
+    between left a whole saveset that prepare() took the metadata of for a
+    leftover, and removed. Metadata that does not fit its tar still goes."""
+    whole = upload(store, tar_bytes({"a": b"1"})).commit()
+    other = upload(store, tar_bytes({"b": b"22"})).commit()
+    for meta in (whole, other):  # as the crash left them
+        os.replace(
+            store.root / f"{meta.saveset}.json", store.incoming / f"{meta.saveset}.json.part"
+        )
+    with open(store.tar_path(other.saveset), "ab") as tar:
+        tar.write(b"\0" * 512)  # not the tar its metadata describes
+    store.close()
+
+    restarted = SavesetStore(store.root)
+    prepared = restarted.prepare()
+    assert prepared.published == [whole.saveset]
+    assert prepared.removed == [store.incoming / f"{other.saveset}.json.part"]
+    assert restarted.all() == [whole]
+    assert restarted.scan().orphans == [store.tar_path(other.saveset)]  # named, kept
+    restarted.close()
+
+
 def test_a_second_store_on_the_same_directory_is_refused_and_removes_nothing(
     store: SavesetStore,
 ) -> None:
