@@ -68,6 +68,9 @@ _VERIFY_REASONS = {
 # The identity of a peer without a valid certificate (levels 0 and 1): the
 # owner of what it stores, shared by every such client.
 ANONYMOUS = "anonymous"
+# At level 1, the header of every answer to a client whose certificate stpd
+# did not accept (and serves as ANONYMOUS): why, in stpd's words.
+NOT_ACCEPTED_HEADER = "STPD-Certificate-Not-Accepted"
 
 X509_V_ERR_UNABLE_TO_GET_CRL = 3
 _NOT_OUR_CA_ERRORS = {

@@ -23,6 +23,7 @@ from cryptography import x509
 from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.tls import (
+    NOT_ACCEPTED_HEADER,
     NOT_TLS_REASONS,
     X509_V_ERR_CERT_HAS_EXPIRED,
     X509_V_ERR_CERT_NOT_YET_VALID,
@@ -180,6 +181,12 @@ _REFUSALS = {
     "revoked": (
         "our client certificate has been revoked",
         "ask the administrator for a new client certificate",
+    ),
+    # Level 1: stpd's own words (STPD-Certificate-Not-Accepted), for what only
+    # it can see: its CRL, its STPD_ALLOWED_CLIENTS.
+    "told": (
+        "",
+        "ask its administrator for a new client certificate, or to allow this one",
     ),
     "purpose": (
         "our certificate is not a client certificate (no clientAuth usage)",
@@ -536,9 +543,9 @@ class Session:
             event = self._next_event()
             if isinstance(event, h11.Response):
                 self.answers += 1
-                if self.answers == 1:
-                    self._check_served_as()
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+                if self.answers == 1:
+                    self._check_served_as(headers.get(NOT_ACCEPTED_HEADER.lower()))
                 return Response(event.status_code, headers)
             if isinstance(event, h11.InformationalResponse):
                 self.accepted = True  # 100 Continue
@@ -546,20 +553,25 @@ class Session:
             if isinstance(event, h11.ConnectionClosed):  # not reached: _next_event raises first
                 raise self._broken_off(EOFError("closed by stpd"))
 
-    def _check_served_as(self) -> None:
+    def _check_served_as(self, told: str | None) -> None:
         """At stpd's first answer: it asked for our certificate and served
         us, though the certificate is out of date (or otherwise one it
         cannot accept): level 1 then takes us for anonymous, and every
-        command acts on the savesets of anonymous without a word."""
+        command acts on the savesets of anonymous without a word. What
+        this machine cannot see (a revocation in stpd's CRL, its
+        STPD_ALLOWED_CLIENTS), stpd ``told`` in its answer's header."""
         if not (self.config.client_ssl_auth and self.certificate_asked):
             return
         self.served_as_anonymous = client_certificate_problem(self.config.layout)
+        if self.served_as_anonymous is None and told:
+            self.served_as_anonymous = ("told", told)
         if self.served_as_anonymous is None:
             return
         kind, detail = self.served_as_anonymous
         what, fix = _REFUSALS[kind]
+        reason = detail if kind == "told" else f"{what} ({detail})"
         self.warn(
-            f"stpd at {self.where} did not accept our client certificate: {what} ({detail}); "
+            f"stpd at {self.where} did not accept our client certificate: {reason}; "
             "it serves this client as anonymous (STPD_HTTPS_USE_CLIENT_CERT=1): it lists and "
             "restores the savesets of every client without a valid certificate instead of this "
             f"client's, and stores its backups where each of them can restore them; {fix}"

@@ -54,6 +54,9 @@ class PeerDecision:
     log_level: int  # logging.INFO / WARNING / ERROR
     message: str
     refusal: str = ""  # a refused client's answer: why, without its address
+    # Level 1, a certificate presented and not accepted: why, for the client
+    # (the STPD-Certificate-Not-Accepted header of every answer).
+    not_accepted: str = ""
 
 
 def identity_allowed(cert: x509.Certificate, allowed: tuple[str, ...]) -> bool:
@@ -102,6 +105,7 @@ def judge_peer(
             logging.WARNING,
             f"client {peer}{subject}: invalid client certificate: {reason}; "
             f"served as {ANONYMOUS} (STPD_HTTPS_USE_CLIENT_CERT=1)",
+            not_accepted=reason if cert is not None else "",
         )
     refusal = f"{reason} (STPD_HTTPS_USE_CLIENT_CERT=2)"
     return PeerDecision(

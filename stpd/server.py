@@ -42,7 +42,15 @@ from pki.files import open_to_others
 from pki.inifile import ConfigError, format_host_port
 from pki.inventory import timestamp
 from pki.names import signed_by
-from pki.tls import EXPIRED, NOT_OUR_CA, REVOKED, ClientCertPolicy, load_crl, server_context
+from pki.tls import (
+    EXPIRED,
+    NOT_ACCEPTED_HEADER,
+    NOT_OUR_CA,
+    REVOKED,
+    ClientCertPolicy,
+    load_crl,
+    server_context,
+)
 from stpd import __version__
 from stpd.aio import run_transfer, send_events
 from stpd.body import request_body
@@ -54,6 +62,7 @@ from stpd.protocol import (
     Entries,
     ListSavesets,
     Metadata,
+    PeerDecision,
     Reject,
     Status,
     Upload,
@@ -114,6 +123,13 @@ def transfers_named(what: list[str], after: str = "") -> str:
     10.0.0.5:40000 (CN=host1)", or "0 transfers{after}"."""
     text = f"{len(what)} transfer{'' if len(what) == 1 else 's'}{after}"
     return f"{text}: {'; '.join(what)}" if what else text
+
+
+def _header_text(text: str) -> str:
+    """``text`` as an HTTP header value: printable ASCII, escaped as Python
+    does (a foreign certificate's subject may hold any character)."""
+    ascii_text = text.encode("ascii", "backslashreplace").decode()
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in ascii_text).strip()
 
 
 def peer_host(stream: trio.SocketStream) -> str:
@@ -931,7 +947,7 @@ class Stpd:
             await self._answer_refusal(tls, decision.refusal)
             return
         judged = (tls.peer_certificate, tls.verdict.problems, generation)
-        session = HttpSession(self, tls, peer, decision.owner, next(self._serials), judged)
+        session = HttpSession(self, tls, peer, decision, next(self._serials), judged)
         self.sessions.add(session.serial)
         try:
             await session.run()
@@ -966,7 +982,7 @@ class HttpSession:
         daemon: Stpd,
         tls: TLSStream,
         peer: str,
-        owner: str,
+        decision: PeerDecision,
         serial: int,
         judged: tuple[x509.Certificate | None, list[str], int],
     ) -> None:
@@ -975,7 +991,11 @@ class HttpSession:
         self.config = daemon.config
         self.tls = tls
         self.peer = peer
-        self.owner = owner
+        self.owner = decision.owner
+        # Level 1 serves a client whose certificate it does not accept as
+        # anonymous: every answer says why, for sbc to warn (a revocation or
+        # the allow-list is not something the client can see for itself).
+        self.not_accepted = _header_text(decision.not_accepted)
         self.conn = self._new_http()
         self.answering = ""  # the request line being answered, for the log
         self.head_only = False  # it is a HEAD: GET's answer without its body
@@ -1085,6 +1105,7 @@ class HttpSession:
             self.judged[1],
             self.config.allowed_clients,
         )
+        self.not_accepted = _header_text(decision.not_accepted)
         if decision.serve and decision.owner == self.owner:
             return True
         log.log(decision.log_level, "%s (judged again: reload or new CRL)", decision.message)
@@ -1144,6 +1165,17 @@ class HttpSession:
     async def _send(self, *events: h11.Event) -> None:
         if self.head_only:  # h11 refuses a body after HEAD
             events = tuple(e for e in events if not isinstance(e, h11.Data))
+        if self.not_accepted:
+            events = tuple(
+                h11.Response(
+                    status_code=e.status_code,
+                    headers=[*e.headers, (NOT_ACCEPTED_HEADER, self.not_accepted)],
+                    reason=e.reason,
+                )
+                if isinstance(e, h11.Response)
+                else e
+                for e in events
+            )
         await send_events(self.tls, self.conn, events, self.config.io_timeout)
 
     async def _send_json(self, status: int, body: Any, headers: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]

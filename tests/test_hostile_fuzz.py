@@ -38,6 +38,7 @@ from stpd.protocol import (
     refused_handshake,
     route,
 )
+from stpd.server import _header_text
 from stpd.store import SAVESET_ID
 from stpd.tarcheck import InvalidTar, TarStreamCheck
 from tests.conftest import Pki, make_pki, running_stpd, tar_bytes
@@ -171,6 +172,10 @@ def test_judge_peer_always_decides(
         assert not decision.serve
     if decision.owner != "anonymous":
         assert cert is not None and not problems
+    if decision.not_accepted:  # told to a client served as anonymous though it presented one
+        assert policy == ClientCertPolicy.WARN and cert is not None and decision.serve
+        header = _header_text(decision.not_accepted)
+        assert header.isascii() and header.isprintable() and header == header.strip()
 
 
 @FUZZ

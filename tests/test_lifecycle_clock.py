@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from pki import crl as crl_module
 from pki.authority import CertificateAuthority
 from pki.cli import main as sm_ssl_cert
 from pki.crl import write_crl
@@ -202,6 +203,47 @@ def test_every_command_warns_when_level_1_takes_us_for_anonymous(pki: Pki, tmp_p
         )
         assert code == 0, err
         assert err.count("anonymous") == 1 and re.search(warning, err), err
+
+
+def test_level_1_says_why_when_only_stpd_can_see_it(pki: Pki, tmp_path: Path) -> None:
+    """A certificate in date, of our CA, but revoked in stpd's CRL or not in
+    its STPD_ALLOWED_CLIENTS: sbc cannot see that here, and acted as
+    anonymous without a word (`sbc list`: no savesets, exit 0). stpd says
+    why in a header of every answer, and sbc warns with its words."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "file").write_text("ours\n")
+    client = pki.client_ini("client1")
+    ini = str(client.ini_dir)
+    warning = (
+        r"sbc: WARNING: stpd at \S+ did not accept our client certificate: {}; it serves this "
+        r"client as anonymous \(STPD_HTTPS_USE_CLIENT_CERT=1\): .*; ask its administrator for "
+        r"a new client certificate, or to allow this one$"
+    )
+    with running_stpd(pki.layout, level=1, allowed_clients=("CN:other",)) as stpd:
+        for command in ("list", "status"):
+            code, _, err = run_sbc("--ini-dir", ini, "--server", stpd.address, command)
+            assert code == 0, err
+            why = r"client identity CN=client1 is not in STPD_ALLOWED_CLIENTS"
+            assert re.search(warning.format(why), err, re.MULTILINE), err
+    with running_stpd(pki.layout, level=1) as stpd:
+        code, out, err = run_sbc(
+            "--ini-dir", ini, "--server", stpd.address, "backup", "--json", str(tmp_path / "src")
+        )
+        assert code == 0 and err == "", err  # accepted: no warning
+        ours = json.loads(out)["saveset"]
+        crl_module.revoke(pki.ca, str(client.client_cert))  # read at the next connection
+        code, _, err = run_sbc(
+            "--ini-dir", ini, "--server", stpd.address, "restore", ours, str(tmp_path / "to")
+        )
+        assert code == 1
+        assert re.search(warning.format("certificate has been revoked"), err, re.MULTILINE), err
+        assert "so it took this client for anonymous: see the warning above" in err, err
+        # A backup says it once.
+        code, _, err = run_sbc(
+            "--ini-dir", ini, "--server", stpd.address, "backup", str(tmp_path / "src")
+        )
+        assert code == 0, err
+        assert err.count("anonymous") == 1, err
 
 
 def test_level_2_refuses_without_the_anonymous_warning(pki: Pki) -> None:
