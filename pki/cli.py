@@ -461,8 +461,9 @@ def _run_list(layout: Layout, args: argparse.Namespace, out: TextIO) -> None:
         crl = None
         warnings.append(str(exc))
     warnings += _crl_warnings(layout, entries, crl, now)
-    rows = [_list_row(entry, now) for entry in entries]
-    warnings += _expiry_warnings(entries, layout, now)
+    found = _found_at_paths(entries)
+    rows = [_list_row(entry, now, found) for entry in entries]
+    warnings += _expiry_warnings(entries, layout, now, found)
     if args.json:
         document = {
             "inventory": str(layout.inventory),
@@ -575,12 +576,32 @@ def _print_crl(out: TextIO, layout: Layout, written: CrlWritten) -> None:
 # -- list --------------------------------------------------------------------------
 
 
-def _expiry_warnings(entries: list[Entry], layout: Layout, now: datetime) -> list[str]:
-    """Certificates in use (not revoked or superseded) that expired or expire soon."""
+def _found_at_paths(entries: list[Entry]) -> dict[str, int | None]:
+    """The serial of the certificate now at each path the inventory names
+    (None: none there). Files are moved by hand too: a superseded one put
+    back in place is in use again, and a valid one may have been replaced."""
+    found: dict[str, int | None] = {}
+    for entry in entries:
+        if entry.path not in found:
+            cert = read_certificate(Path(entry.path))
+            found[entry.path] = None if cert is None else cert.serial_number
+    return found
+
+
+def _in_use(entry: Entry, found: dict[str, int | None]) -> bool:
+    """Valid, or superseded but back at its path (see _found_at_paths)."""
+    back = entry.status == "superseded" and found.get(entry.path) == entry.serial_number
+    return entry.status == "valid" or back
+
+
+def _expiry_warnings(
+    entries: list[Entry], layout: Layout, now: datetime, found: dict[str, int | None]
+) -> list[str]:
+    """Certificates in use (see _in_use) that expired or expire soon."""
     warnings = []
     for entry in entries:
         left = days_left(entry.not_after_utc, now)
-        if entry.status != "valid" or left >= EXPIRY_WARNING_DAYS:
+        if not _in_use(entry, found) or left >= EXPIRY_WARNING_DAYS:
             continue
         what = f"{entry.profile} certificate {entry.subject} (serial {entry.serial}, {entry.path})"
         if entry.profile == "ca":
@@ -594,11 +615,15 @@ def _expiry_warnings(entries: list[Entry], layout: Layout, now: datetime) -> lis
     return warnings
 
 
-def _list_row(entry: Entry, now: datetime) -> dict[str, Any]:
+def _list_row(entry: Entry, now: datetime, found: dict[str, int | None]) -> dict[str, Any]:
     row = entry.to_json()
     row["days_left"] = int(days_left(entry.not_after_utc, now))  # -3: expired 3 days ago
     row["expired"] = entry.not_after_utc <= now
     row["not_yet_valid"] = entry.not_before_utc > now
+    # What is at its path now: this certificate, another one, or nothing
+    # (a client's, copied to its machine, may well be gone from here).
+    there = found.get(entry.path)
+    row["at_path"] = "this" if there == entry.serial_number else "other" if there else "none"
     return row
 
 
@@ -606,7 +631,9 @@ def _status_text(row: dict[str, Any]) -> str:
     if row["status"] == "revoked":
         text = f"REVOKED ({row['revocation_reason']})"
     elif row["status"] == "superseded":
-        text = "superseded"
+        text = "superseded, but at its path again" if row["at_path"] == "this" else "superseded"
+    elif row["at_path"] == "other":
+        text = "replaced at its path"
     else:
         text = "" if row["expired"] or row["not_yet_valid"] else "valid"
     marks = [text] if text else []
@@ -639,7 +666,7 @@ def _print_table(out: TextIO, layout: Layout, rows: list[dict[str, Any]]) -> Non
             str(row["days_left"]),
             # (a subject recorded before sm_ssl_cert refused control characters)
             one_line(row["subject"] + (f" [{', '.join(row['names'])}]" if row["names"] else "")),
-            one_line(row["moved_to"] or row["path"]),
+            one_line(row["path"] if row["at_path"] == "this" else row["moved_to"] or row["path"]),
         )
         for row in rows
     ]

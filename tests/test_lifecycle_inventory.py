@@ -234,6 +234,33 @@ def test_list_shows_days_to_expiry_and_marks_expired_and_revoked(
     assert warning.startswith(f"client certificate CN=old (serial {format_serial(old.serial)}")
 
 
+def test_list_follows_certificates_moved_back_by_hand(
+    capsys: pytest.CaptureFixture[str], layout: Layout, ca: CertificateAuthority
+) -> None:
+    """A server certificate issued without --path for an RDS replaces the
+    backup server's own; sm_ssl_cert says to move the old files back. The
+    inventory then had the certificate in use as superseded (so `list`
+    never warned of its expiry) and the one no longer there as valid."""
+    live = ca.issue_server("backup.example.test", days=5)
+    replacement = ca.issue_server("rds1.example.test")
+    for name in ("server.pem", "server.key"):
+        (aside,) = layout.server_dir.glob(f"{name}.old-*")
+        os.replace(aside, layout.server_dir / name)
+    out, err = run(capsys, layout, "list")
+    rows = by_serial(listing(capsys, layout))
+    back, gone = rows[format_serial(live.serial)], rows[format_serial(replacement.serial)]
+    assert (back["status"], back["at_path"]) == ("superseded", "this")
+    assert (gone["status"], gone["at_path"]) == ("valid", "other")
+    row = next(line for line in out.splitlines() if line.startswith(back["serial"]))
+    assert "superseded, but at its path again" in row and row.endswith(str(layout.server_cert))
+    row = next(line for line in out.splitlines() if line.startswith(gone["serial"]))
+    assert "replaced at its path" in row
+    assert (
+        f"sm_ssl_cert: warning: server certificate CN=backup.example.test (serial {back['serial']}"
+    ) in err
+    assert "expires in 4 days" in err or "expires in 5 days" in err, err
+
+
 def test_list_before_any_certificate_shows_the_ca_and_needs_no_key(
     ca: CertificateAuthority, layout: Layout, capsys: pytest.CaptureFixture[str]
 ) -> None:
