@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from pki.console import control_character
+from pki.console import colon_hex, control_character
 from pki.errors import PkiError
 from pki.files import move_aside, present, write_private, write_public
 from pki.inventory import Entry, Inventory, locked, serial_text, timestamp
@@ -650,7 +650,7 @@ def format_serial(serial: int) -> str:
 
 def format_fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 fingerprint as ``openssl x509 -fingerprint -sha256`` prints it."""
-    return ":".join(f"{byte:02X}" for byte in cert.fingerprint(hashes.SHA256()))
+    return colon_hex(cert.fingerprint(hashes.SHA256()))
 
 
 def key_description(cert: x509.Certificate) -> str:

@@ -100,6 +100,12 @@ def share_of(part: int, whole: int) -> str:
     return f"{part / scale:.1f} of {whole / scale:.1f} {unit}"
 
 
+def colon_hex(digest: bytes) -> str:
+    """A fingerprint as ``openssl x509 -fingerprint`` prints it (AB:CD:...),
+    the form SBC_SERVER_FINGERPRINT is given in."""
+    return ":".join(f"{byte:02X}" for byte in digest)
+
+
 def in_days(days: float) -> str:
     """When a coming date (a CRL's next update) is, in whole days left, as
     stpd's log and `sbc status` both say it: "in 2 days" for 2.9, and "in

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 import h11
 from cryptography import x509
 
+from pki.console import colon_hex
 from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.tls import (
@@ -479,10 +480,10 @@ class Session:
             )
         pin = self.config.server_fingerprint
         if pin is not None and (cert is None or fingerprint_sha256(cert) != pin):
-            actual = fingerprint_sha256(cert) if cert is not None else "none"
+            actual = colon_hex(bytes.fromhex(fingerprint_sha256(cert))) if cert else "none"
             raise SbcError(
                 f"stpd at {self.where} presented certificate {actual}, not {self.config.pinned} "
-                f"{pin}: {self.config.pin_mismatch}"
+                f"{colon_hex(bytes.fromhex(pin))}: {self.config.pin_mismatch}"
             )
 
     # -- HTTP ------------------------------------------------------------------

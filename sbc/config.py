@@ -42,7 +42,11 @@ class SbcConfig:
     server_from: str = "--server or SBC_SERVER in sm.ini"
     # What the pin is and what a mismatch means (stpd status pins ssl/server.pem).
     pinned: str = "the pinned SBC_SERVER_FINGERPRINT"
-    pin_mismatch: str = "update the pin only if the server certificate was renewed"
+    pin_mismatch: str = (
+        "update the pin only if the server certificate was renewed; the pin applies to "
+        "every server sbc talks to, one given with --server too (an RDS has its own "
+        "certificate: use an sm.ini without the pin for it, with --ini-dir)"
+    )
     # Check the server certificate against ca/crl.pem. `stpd status` pins its
     # own, and its own CRL out of date would hide what stpd says of that.
     check_server_crl: bool = True

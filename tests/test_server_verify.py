@@ -234,7 +234,7 @@ def test_pinned_fingerprint(pki: Pki, capsys: pytest.CaptureFixture[str]) -> Non
         assert sbc_status(right.ini_dir, stpd.address)[0] == 0
         code, _, err = sbc_status(wrong.ini_dir, stpd.address)
     assert code == 1
-    assert "not the pinned SBC_SERVER_FINGERPRINT " + "ab" * 32 in one_line(err)
+    assert "not the pinned SBC_SERVER_FINGERPRINT " + ":".join(["AB"] * 32) in one_line(err)
 
 
 # -- IP wildcards over loopback -------------------------------------------------
