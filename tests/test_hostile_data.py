@@ -211,6 +211,45 @@ def test_sbc_that_stops_sending_is_told_stpd_cut_the_upload_off(hpki: Pki, tmp_p
         assert_no_partial(stpd.daemon.store.root)
 
 
+def test_sbc_whose_stpd_stops_reading_says_nothing_is_kept(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """stpd that stops reading during a backup (SIGSTOP, as a hung disk or a
+    suspended machine would): sbc said only "stopped reading our data (1s)";
+    it says, as for a lost connection, that nothing is kept and to run the
+    backup again, and stpd, let go on, keeps nothing indeed."""
+    client = hpki.client_ini("stalled", extra_ini="[SBC]\nSBC_IO_TIMEOUT=1\n")
+    data = tmp_path / "data"
+    zeros = long_upload(tmp_path)
+    server = StpdProcess(hpki.layout.ini_dir, data)
+    try:
+        with created_in(data / ".incoming") as next_created:
+            sbc = subprocess.Popen(
+                [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup", str(zeros),
+                 "--server", f"127.0.0.1:{server.port}", "--quiet"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                assert next_created().endswith(".tar.part")
+                server.signal(signal.SIGSTOP)
+                out, err = sbc.communicate(timeout=DEADLINE)
+            finally:
+                server.signal(signal.SIGCONT)
+                sbc.kill()
+        assert sbc.returncode == 1 and out == "", (out, err)
+        assert re.fullmatch(
+            rf"sbc: error: stpd at 127\.0\.0\.1:{server.port} stopped reading our data during "
+            r"the backup after [\d.]+ MB \(no progress for 1s, SBC_IO_TIMEOUT\): stpd or the "
+            r"network stalled; stpd keeps nothing of an interrupted backup, run it again\n",
+            err,
+        ), err
+        server.wait_for(
+            rf"WARNING stpd: upload from {PEER} \(CN=stalled\) cut off: .*; nothing stored$"
+        )
+        server.wait_for(rf"INFO stpd: connection with {PEER} ended: ")  # after the clean-up
+        assert_no_partial(data)
+    finally:
+        server.stop()
+
+
 # -- archives that are not tar ----------------------------------------------------------
 
 
