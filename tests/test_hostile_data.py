@@ -1014,6 +1014,17 @@ def test_client_disk_full_during_a_restore_stops_with_one_line_and_no_partial_fi
 # -- stpd killed during an upload ----------------------------------------------------------
 
 
+def stpd_list(pki: Pki, data: Path) -> str:
+    """What `stpd list` prints (nothing on stderr)."""
+    listing = subprocess.run(
+        [str(VENV_BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(data),
+         "list"],
+        capture_output=True, text=True, timeout=DEADLINE,
+    )  # fmt: skip
+    assert (listing.returncode, listing.stderr) == (0, ""), listing.stderr
+    return listing.stdout
+
+
 @pytest.mark.parametrize("uploader", ["raw", "sbc"])
 def test_stpd_killed_during_an_upload_cleans_up_at_restart(
     hpki: Pki,  # noqa: F811
@@ -1051,6 +1062,10 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
                 )  # fmt: skip
                 try:
                     assert next_created().endswith(".tar.part")
+                    running = stpd_list(hpki, data).splitlines()[-1]  # the upload in progress
+                    assert re.fullmatch(
+                        r"1 file\(s\), \d+ bytes in .*\.incoming: uploads .*", running
+                    )
                     first.process.send_signal(signal.SIGKILL)
                     assert first.process.wait(DEADLINE) == -signal.SIGKILL
                     out, err = sbc.communicate(timeout=DEADLINE)
@@ -1068,6 +1083,10 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         assert len(parts) == 1 and parts[0].name.endswith(".tar.part"), parts
     finally:
         first.stop()
+    # `stpd list` names what the upload left: it takes room, and is no saveset.
+    left = f"1 file(s), {parts[0].stat().st_size} bytes in {data / '.incoming'}: uploads in "
+    left += "progress, or leftovers of interrupted ones, which stpd removes when it starts"
+    assert stpd_list(hpki, data).splitlines()[-2:] == [f"0 saveset(s), 0 bytes, in {data}", left]
     # A crash between the rename and the metadata leaves a tar without
     # metadata: whole, so it is kept and reported, never removed by itself.
     orphan = data / "SS-20240101T000000Z-0badf00d.tar"
@@ -1082,6 +1101,7 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         assert orphan.read_bytes() == small_tar()
         orphan.unlink()
         assert_no_partial(data)
+        assert stpd_list(hpki, data) == f"0 saveset(s), 0 bytes, in {data}\n"
         address = f"127.0.0.1:{second.port}"
         code, out, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "list", "--server", address, "--json"
