@@ -220,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
         "target",
         type=_revoke_target,
         metavar="SERIAL|CERT_FILE",
-        help="the serial in hex (as `list` prints it) or the certificate file",
+        help="the serial in hex (as `list` prints it) or the certificate file (a relative "
+        "path is taken from the current directory, not from the ini directory)",
     )
     revoking.add_argument(
         "--reason",
