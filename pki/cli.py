@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from pki.authority import (
 from pki.console import (
     OutputError,
     expiry_in_words,
+    in_days,
     one_line,
     output_failed,
     reader_gone,
@@ -220,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
         "target",
         type=_revoke_target,
         metavar="SERIAL|CERT_FILE",
-        help="the serial in hex (as `list` prints it) or the certificate file",
+        help="the serial in hex (as `list` prints it) or the certificate file (a relative "
+        "path is taken from the current directory, not from the ini directory)",
     )
     revoking.add_argument(
         "--reason",
@@ -697,11 +698,11 @@ def _crl_warnings(
             f"refuses every client certificate; write a new one now with {fix}"
         )
     elif crl.next_update - now <= _WARNING_WINDOW:
-        days = math.ceil((crl.next_update - now).total_seconds() / 86400)
         warnings.append(
-            f"the CRL {crl.path} must be written again within {days} day(s) (next update "
-            f"{crl.next_update:%Y-%m-%d %H:%M} UTC): run {command} (e.g. weekly from cron) "
-            "and copy it to every STPD"
+            f"the CRL {crl.path} must be written again before its next update "
+            f"{in_days(days_left(crl.next_update, now))} ({crl.next_update:%Y-%m-%d %H:%M} UTC), "
+            f"or every client certificate fails validation: run {command} (e.g. weekly from "
+            "cron) and copy it to every STPD"
         )
     missing = [entry.serial for entry in revoked if entry.serial_number not in crl.revoked_serials]
     if missing:

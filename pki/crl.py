@@ -253,11 +253,25 @@ def _find_target(ca: CertificateAuthority, inventory: Inventory, target: str) ->
     return entry
 
 
+def _no_such_file(ca: CertificateAuthority, path: Path) -> str:
+    """A relative path is taken from the current directory, not from the
+    ini directory: `revoke x.509/client.pem` run elsewhere found nothing,
+    and the error did not say where it had looked."""
+    if path.is_absolute():
+        return f"no such certificate file {path}"
+    in_ini_dir = ca.layout.ini_dir / path
+    hint = f": {in_ini_dir} is there, pass that" if in_ini_dir.is_file() else ""
+    return (
+        f"no such certificate file {path} in {Path.cwd()} (a relative path is taken from the "
+        f"current directory, not from the ini directory){hint}"
+    )
+
+
 def _entry_for_file(ca: CertificateAuthority, inventory: Inventory, path: Path) -> Entry:
     try:
         cert = load_certificate_file(path)
     except FileNotFoundError:
-        raise PkiError(f"no such certificate file {path}") from None
+        raise PkiError(_no_such_file(ca, path)) from None
     except IsADirectoryError:
         raise PkiError(f"{path} is a directory: pass a certificate file or a serial") from None
     if cert is None:

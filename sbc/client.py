@@ -54,6 +54,8 @@ MAX_JSON_BYTES = 64 * 1024 * 1024  # a listing larger than this is not a listing
 READ_BY_SERVER_BYTES = 64 * 1024 * 1024
 # How long a backup waits for stpd's 100 Continue before it sends anyway (as curl does).
 CONTINUE_WAIT = 1.0
+# What a backup cut off before its end leaves: stpd removes what it received.
+INTERRUPTED = "stpd keeps nothing of an interrupted backup, run it again"
 
 # What sbc reads of stpd's answers (README, HTTP API), checked where they
 # arrive: another HTTPS server's answer is then one line saying so, not a
@@ -459,8 +461,8 @@ class Session:
             return self._outcome_unknown(f"connection to stpd at {self.where} lost ({reason})")
         return SbcError(
             f"connection to stpd at {self.where} lost during the backup after "
-            f"{self.sent / 1e6:.1f} MB ({reason}): stpd stopped or the network failed; stpd "
-            "keeps nothing of an interrupted backup, run it again"
+            f"{self.sent / 1e6:.1f} MB ({reason}): stpd stopped or the network failed; "
+            f"{INTERRUPTED}"
         )
 
     def _check_server(self) -> None:
@@ -796,7 +798,9 @@ class Session:
                 self.sent_whole_backup = True
         except TLSTimeout:
             raise SbcError(
-                f"stpd at {self.where} stopped reading our data ({self.config.io_timeout:g}s)"
+                f"stpd at {self.where} stopped reading our data during the backup after "
+                f"{self.sent / 1e6:.1f} MB (no progress for {self.config.io_timeout:g}s, "
+                f"SBC_IO_TIMEOUT): stpd or the network stalled; {INTERRUPTED}"
             ) from None
         except TLSBroken:
             pass  # the server stopped reading: its answer says why

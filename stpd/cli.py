@@ -280,6 +280,12 @@ def list_savesets(config: StpdConfig, as_json: bool) -> int:
     total = sum(meta.bytes for meta in scan.savesets if meta.saveset not in lost_data)
     lost = f"; {len(scan.without_data)} of them without data" if scan.without_data else ""
     print(f"{len(scan.savesets)} saveset(s), {total} bytes, in {store.root}{lost}")
+    files, size = store.in_incoming()
+    if files:  # neither listed nor served, but it takes room
+        print(
+            f"{files} file(s), {size} bytes in {store.incoming}: uploads in progress, or "
+            "leftovers of interrupted ones, which stpd removes when it starts"
+        )
     return 0
 
 

@@ -377,9 +377,10 @@ class Stpd:
                 f"cannot listen on {format_host_port(host, port)}: {exc.strerror or exc}; {why} set "
                 "STPD_HTTPS_LISTEN in stpd.ini (or --listen)"
             ) from None
-        self.port = listeners[0].socket.getsockname()[1]
+        port = listeners[0].socket.getsockname()[1]
         if on_listening is not None:
-            on_listening()
+            on_listening()  # may fail (the pid file): then stpd never started, nor "stopped"
+        self.port = port
         log.info(
             "stpd %s listening on %s, client certificate level %s, data in %s%s",
             __version__,

@@ -476,6 +476,21 @@ class SavesetStore:
             ],
         )
 
+    def in_incoming(self) -> tuple[int, int]:
+        """The files in .incoming and their bytes: uploads in progress, or
+        what is left of interrupted ones until the next start (see prepare)."""
+        files = size = 0
+        try:
+            with os.scandir(self.incoming) as listing:
+                for entry in listing:
+                    with suppress(FileNotFoundError):  # stored or given up meanwhile
+                        if entry.is_file(follow_symlinks=False):
+                            size += entry.stat(follow_symlinks=False).st_size
+                            files += 1
+        except (FileNotFoundError, NotADirectoryError):  # no stpd started yet; in the way
+            pass
+        return files, size
+
     def files_of(self, saveset: str) -> list[Path]:
         """The files of ``saveset`` that are there, whole or not (what
         ``remove`` removes); none for a malformed id."""

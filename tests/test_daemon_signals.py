@@ -225,7 +225,8 @@ def test_a_pid_file_that_cannot_be_written_is_named(
     setup: tuple[Pki, Layout, Path], tmp_path: Path, given: str, error: str
 ) -> None:
     """The error named the temporary file beside it ("Is a directory
-    (.a-dir.tmp)"), and --pid-file DIR left that file behind."""
+    (.a-dir.tmp)"), and --pid-file DIR left that file behind. A start that
+    failed logged "stpd stopped" before the error."""
     pki, _, _ = setup
     write_stpd_ini(pki.layout.ini_dir)
     run = tmp_path / "run"
@@ -239,6 +240,7 @@ def test_a_pid_file_that_cannot_be_written_is_named(
     assert refused.stderr.splitlines()[-1] == (
         f"stpd: error: cannot write the pid file: {error} ({run / given})"
     )
+    assert "stpd stopped" not in refused.stderr, refused.stderr
     assert sorted(path.name for path in run.rglob("*")) == ["a-dir"]
 
 

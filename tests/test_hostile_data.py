@@ -211,6 +211,45 @@ def test_sbc_that_stops_sending_is_told_stpd_cut_the_upload_off(hpki: Pki, tmp_p
         assert_no_partial(stpd.daemon.store.root)
 
 
+def test_sbc_whose_stpd_stops_reading_says_nothing_is_kept(hpki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """stpd that stops reading during a backup (SIGSTOP, as a hung disk or a
+    suspended machine would): sbc said only "stopped reading our data (1s)";
+    it says, as for a lost connection, that nothing is kept and to run the
+    backup again, and stpd, let go on, keeps nothing indeed."""
+    client = hpki.client_ini("stalled", extra_ini="[SBC]\nSBC_IO_TIMEOUT=1\n")
+    data = tmp_path / "data"
+    zeros = long_upload(tmp_path)
+    server = StpdProcess(hpki.layout.ini_dir, data)
+    try:
+        with created_in(data / ".incoming") as next_created:
+            sbc = subprocess.Popen(
+                [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "backup", str(zeros),
+                 "--server", f"127.0.0.1:{server.port}", "--quiet"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                assert next_created().endswith(".tar.part")
+                server.signal(signal.SIGSTOP)
+                out, err = sbc.communicate(timeout=DEADLINE)
+            finally:
+                server.signal(signal.SIGCONT)
+                sbc.kill()
+        assert sbc.returncode == 1 and out == "", (out, err)
+        assert re.fullmatch(
+            rf"sbc: error: stpd at 127\.0\.0\.1:{server.port} stopped reading our data during "
+            r"the backup after [\d.]+ MB \(no progress for 1s, SBC_IO_TIMEOUT\): stpd or the "
+            r"network stalled; stpd keeps nothing of an interrupted backup, run it again\n",
+            err,
+        ), err
+        server.wait_for(
+            rf"WARNING stpd: upload from {PEER} \(CN=stalled\) cut off: .*; nothing stored$"
+        )
+        server.wait_for(rf"INFO stpd: connection with {PEER} ended: ")  # after the clean-up
+        assert_no_partial(data)
+    finally:
+        server.stop()
+
+
 # -- archives that are not tar ----------------------------------------------------------
 
 
@@ -975,6 +1014,17 @@ def test_client_disk_full_during_a_restore_stops_with_one_line_and_no_partial_fi
 # -- stpd killed during an upload ----------------------------------------------------------
 
 
+def stpd_list(pki: Pki, data: Path) -> str:
+    """What `stpd list` prints (nothing on stderr)."""
+    listing = subprocess.run(
+        [str(VENV_BIN / "stpd"), "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(data),
+         "list"],
+        capture_output=True, text=True, timeout=DEADLINE,
+    )  # fmt: skip
+    assert (listing.returncode, listing.stderr) == (0, ""), listing.stderr
+    return listing.stdout
+
+
 @pytest.mark.parametrize("uploader", ["raw", "sbc"])
 def test_stpd_killed_during_an_upload_cleans_up_at_restart(
     hpki: Pki,  # noqa: F811
@@ -1012,6 +1062,10 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
                 )  # fmt: skip
                 try:
                     assert next_created().endswith(".tar.part")
+                    running = stpd_list(hpki, data).splitlines()[-1]  # the upload in progress
+                    assert re.fullmatch(
+                        r"1 file\(s\), \d+ bytes in .*\.incoming: uploads .*", running
+                    )
                     first.process.send_signal(signal.SIGKILL)
                     assert first.process.wait(DEADLINE) == -signal.SIGKILL
                     out, err = sbc.communicate(timeout=DEADLINE)
@@ -1029,6 +1083,10 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         assert len(parts) == 1 and parts[0].name.endswith(".tar.part"), parts
     finally:
         first.stop()
+    # `stpd list` names what the upload left: it takes room, and is no saveset.
+    left = f"1 file(s), {parts[0].stat().st_size} bytes in {data / '.incoming'}: uploads in "
+    left += "progress, or leftovers of interrupted ones, which stpd removes when it starts"
+    assert stpd_list(hpki, data).splitlines()[-2:] == [f"0 saveset(s), 0 bytes, in {data}", left]
     # A crash between the rename and the metadata leaves a tar without
     # metadata: whole, so it is kept and reported, never removed by itself.
     orphan = data / "SS-20240101T000000Z-0badf00d.tar"
@@ -1043,6 +1101,7 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         assert orphan.read_bytes() == small_tar()
         orphan.unlink()
         assert_no_partial(data)
+        assert stpd_list(hpki, data) == f"0 saveset(s), 0 bytes, in {data}\n"
         address = f"127.0.0.1:{second.port}"
         code, out, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "list", "--server", address, "--json"

@@ -303,8 +303,14 @@ def test_list_warns_when_the_crl_next_update_is_near(
 ) -> None:
     run(capsys, layout, "crl", "--days", "3")
     [warning] = crl_warning(capsys, layout)
-    assert f"the CRL {layout.crl} must be written again within 3 day(s)" in warning
+    # Counted as stpd's log and `sbc status` count (pki.console.in_days): it
+    # said "within 3 day(s)" with 2.9 left, and "within 1 day(s)" with hours.
+    again = f"the CRL {layout.crl} must be written again before its next update"
+    assert f"{again} in 2 days (" in warning
     assert f"`sm_ssl_cert --ini-dir {layout.ini_dir} crl`" in warning
+    crl_module.write_crl(ca, days=1, now=datetime.now(UTC) - timedelta(hours=20))
+    [warning] = crl_warning(capsys, layout)
+    assert f"{again} in less than a day (" in warning
     # 8 days is outside the 7-day window: no warning.
     run(capsys, layout, "crl", "--days", "8")
     assert crl_warning(capsys, layout) == []

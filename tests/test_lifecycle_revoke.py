@@ -215,6 +215,32 @@ def test_revoke_errors_are_one_line_and_change_nothing(
     assert message.format(**values) in err
 
 
+def test_a_relative_file_is_looked_for_in_the_current_directory_and_said_so(
+    layout: Layout,
+    clients: tuple[IssuedCert, IssuedCert],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's `revoke x.509/client.pem`, run outside the ini directory,
+    said only "no such certificate file x.509/client.pem": it names where it
+    looked, why there, and the file in the ini directory when it is there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    where = (
+        f"in {elsewhere} (a relative path is taken from the current directory, not from the "
+        "ini directory)"
+    )
+    err = fails(capsys, layout, "revoke", "x.509/client.pem")
+    assert err == (
+        f"sm_ssl_cert: error: no such certificate file x.509/client.pem {where}: "
+        f"{layout.client_cert} is there, pass that\n"
+    )
+    err = fails(capsys, layout, "revoke", "bob/client.pem")
+    assert err == f"sm_ssl_cert: error: no such certificate file bob/client.pem {where}\n"
+
+
 def test_the_ca_serial_and_unknown_reasons_are_refused(
     ca: CertificateAuthority,
     layout: Layout,
