@@ -284,7 +284,7 @@ def list_savesets(config: StpdConfig, as_json: bool) -> int:
     if files:  # neither listed nor served, but it takes room
         print(
             f"{files} file(s), {size} bytes in {store.incoming}: uploads in progress, or "
-            "leftovers of interrupted ones, which stpd removes when it starts"
+            "leftovers of interrupted ones, which stpd clears up when it starts"
         )
     return 0
 

@@ -1085,7 +1085,7 @@ def test_stpd_killed_during_an_upload_cleans_up_at_restart(
         first.stop()
     # `stpd list` names what the upload left: it takes room, and is no saveset.
     left = f"1 file(s), {parts[0].stat().st_size} bytes in {data / '.incoming'}: uploads in "
-    left += "progress, or leftovers of interrupted ones, which stpd removes when it starts"
+    left += "progress, or leftovers of interrupted ones, which stpd clears up when it starts"
     assert stpd_list(hpki, data).splitlines()[-2:] == [f"0 saveset(s), 0 bytes, in {data}", left]
     # A crash between the rename and the metadata leaves a tar without
     # metadata: whole, so it is kept and reported, never removed by itself.
