@@ -296,6 +296,20 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
                 f"modification time: {_some(restored.kept_different)} (changed since the "
                 "backup, or cut short by a restore that was killed; --overwrite replaces them)"
             )
+        if restored.stale_removed:
+            count = len(restored.stale_removed)
+            _warn(
+                f"removed {count} temporary file{'' if count == 1 else 's'} that an earlier sbc "
+                f"restore left when it was killed: {_some(restored.stale_removed)}"
+            )
+        if restored.stale_left:
+            count = len(restored.stale_left)
+            _warn(
+                f"left {count} path{'' if count == 1 else 's'} named like sbc's temporary files "
+                f"that may not be stale ones of this user: {_some(restored.stale_left)} (another "
+                "owner, another name of a file, not a plain file, or unreadable; remove them by hand once no sbc restore "
+                "into this target is running)"
+            )
         if restored.unprivileged:
             count = len(restored.unprivileged)
             _warn(
@@ -326,12 +340,15 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         "skipped": restored.skipped,
         "kept": restored.kept,
         "kept_different": restored.kept_different,
+        "stale_removed": restored.stale_removed,
         "seconds": round(seconds, 3),
     }
     if restored.not_found:
         result["not_found"] = restored.not_found
     if restored.unprivileged:
         result["unprivileged"] = restored.unprivileged
+    if restored.stale_left:
+        result["stale_left"] = restored.stale_left
     if restored.unrestorable:
         result["unrestorable"] = [
             {"path": name, "error": reason} for name, reason in restored.unrestorable

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import grp
 import hashlib
 import math
 import os
 import pwd
+import re
 import stat
 import tarfile
 import time
@@ -120,6 +122,69 @@ def _replacement_name() -> str:
     return f".sbc-restore-{os.urandom(6).hex()}"
 
 
+# Exactly the names _replacement_name makes: a sweep looks at nothing else.
+_TEMPORARY = re.compile(r"\.sbc-restore-[0-9a-f]{12}")
+
+
+def _new_temporary(parent: int) -> tuple[str, int]:
+    """A _replacement_name made in ``parent``: (name, descriptor open for
+    writing). It is locked (flock) for as long as it is open, so that the
+    sweep of a restore running at the same time leaves it alone
+    (_remove_if_stale); the writer keeps it open until it is renamed."""
+    while True:
+        name = _replacement_name()
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return name, fd
+        except OSError:  # a file system without locks: no sweep removes it there
+            return name, fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # a sweep took it between the open and the lock: another one
+
+
+def _remove_if_stale(name: str, directory: int) -> bool | None:
+    """Remove ``name`` (a _TEMPORARY) from ``directory`` if it is certainly
+    one a restore left when it was killed (SIGKILL, a power cut): a regular
+    file of this user with no other name, that no restore holds locked
+    (_new_temporary). True if removed; None if a running restore holds it
+    or it is gone; False if it is not certainly stale (another owner,
+    another type, a link, unreadable, no locks there): left as it is."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
+        )
+    except FileNotFoundError:
+        return None  # renamed into place meanwhile
+    except OSError:
+        return False  # a symbolic link (not followed), or not ours to read
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1):
+            return False  # (a hard link's temporary has other names: nothing to free)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # a restore running now is writing it
+        except OSError:
+            return False
+        try:
+            named = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        os.unlink(name, dir_fd=directory)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _rename_over(made: str, name: str, parent: int) -> None:
     """Put ``made`` (a _replacement_name) in the place of ``name``, in the
     directory ``parent``; if that fails (an immutable file, a directory in
@@ -161,13 +226,38 @@ class TargetDir:
     ``SafeMembers`` looked) is never followed: tarfile works on paths, and a
     root restore into a user's home could have been made to write, chown or
     chmod anything through such a link. Members come in directory order,
-    so the last parent opened is kept for the next member."""
+    so the last parent opened is kept for the next member.
+
+    Each directory a member goes into is swept once of sbc's own temporaries
+    that a killed restore left there (_remove_if_stale); those this restore
+    made are not: nothing stale is in them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._parent_parts: tuple[str, ...] = ()
         self._parent = self.fd
+        self._swept: set[tuple[str, ...]] = set()  # or made by this restore
+        self.stale_removed: list[str] = []  # paths in the target
+        self.stale_left: list[str] = []  # named as they are, not certainly stale
+
+    def made(self, parts: tuple[str, ...] | list[str]) -> None:
+        """The directory ``parts`` was made by this restore: no sweep."""
+        self._swept.add(tuple(parts))
+
+    def _sweep(self, parts: tuple[str, ...], fd: int) -> None:
+        self._swept.add(parts)
+        try:
+            with os.scandir(fd) as entries:
+                names = sorted(e.name for e in entries if _TEMPORARY.fullmatch(e.name))
+        except OSError:
+            return  # not listable: nothing of ours to find
+        for name in names:
+            removed = _remove_if_stale(name, fd)
+            if removed is not None:
+                (self.stale_removed if removed else self.stale_left).append(
+                    "/".join((*parts, name))
+                )
 
     def parent(self, parts: list[str], *, make: bool = False) -> int:
         """The directory that holds the member ``parts``; open until
@@ -179,6 +269,8 @@ class TargetDir:
             self._release()
             self._parent = self.open_dir(wanted, make=make)
             self._parent_parts = wanted
+            if wanted not in self._swept:
+                self._sweep(wanted, self._parent)
         return self._parent
 
     def open_dir(self, parts: tuple[str, ...] | list[str], *, make: bool = False) -> int:
@@ -197,6 +289,7 @@ class TargetDir:
                         raise
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o777, dir_fd=fd)
+                        self.made(parts[:end])
                     child = os.open(part, DIRECTORY_NOFOLLOW, dir_fd=fd)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, "/".join(parts[:end])) from None
@@ -543,8 +636,7 @@ class _Extraction(tarfile.TarFile):
             except FileExistsError:
                 if not self._overwrite:
                     raise
-                name = _replacement_name()
-                fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+                name, fd = _new_temporary(parent)
         except FileExistsError:
             self._taken(parts)
             self._note_if_different(tarinfo, parts, parent)
@@ -569,14 +661,14 @@ class _Extraction(tarfile.TarFile):
                             )
                         out.truncate(tarinfo.size)
                 self._set_attributes(fd, tarinfo)
+                if name != parts[-1]:  # still open: locked (see _new_temporary)
+                    try:
+                        _rename_over(name, parts[-1], parent)
+                    except OSError as exc:
+                        self._refused(parts, exc)
+                        return False
             finally:
                 os.close(fd)
-            if name != parts[-1]:
-                try:
-                    _rename_over(name, parts[-1], parent)
-                except OSError as exc:
-                    self._refused(parts, exc)
-                    return False
         except BaseException:
             # Whatever stopped it (a full disk, a lost connection, Ctrl-C), a
             # file written in part would pass for the whole one: it goes.
@@ -594,6 +686,7 @@ class _Extraction(tarfile.TarFile):
         parent = self.target.parent(parts)
         try:
             os.mkdir(parts[-1], 0o700, dir_fd=parent)  # its mode is set last
+            self.target.made(parts)
         except FileExistsError:
             pass  # a directory already there: they merge (see SafeMembers)
         except OSError as exc:
@@ -908,6 +1001,10 @@ class RestoreResult:
     # files restored without their set-id bits or security.* attributes (restored_mode)
     unprivileged: list[str] = field(default_factory=list)
     removed: str | None = None  # the incomplete file of a restore that stopped part-way
+    # sbc's temporaries that a killed restore left (TargetDir): removed, or
+    # named like them but not certainly stale ones, left
+    stale_removed: list[str] = field(default_factory=list)
+    stale_left: list[str] = field(default_factory=list)
 
 
 def extract_stream(
@@ -1009,4 +1106,5 @@ def _extract_all(
             ) from None
         raise  # the caller says what it was
     finally:
+        result.stale_removed, result.stale_left = target_dir.stale_removed, target_dir.stale_left
         target_dir.close()

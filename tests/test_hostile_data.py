@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bz2
 import errno
+import fcntl
 import gzip
 import io
 import json
@@ -30,6 +31,7 @@ import pytest
 
 import sbc.extract
 import stpd.cli
+import stpd.server
 import stpd.store
 from pki.layout import Layout
 from sbc.archive import ArchiveError
@@ -1158,3 +1160,216 @@ def test_a_publish_cut_short_by_a_crash_is_finished_at_restart(
         assert (tmp_path / "back" / "src" / "kept.txt").read_text() == "stored before the crash\n"
     finally:
         second.stop()
+
+
+# -- sbc killed during a restore: its temporary files --------------------------------------
+
+TEMPORARY = re.compile(r"\.sbc-restore-[0-9a-f]{12}")
+
+
+@contextmanager
+def first_restore_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """stpd sends the first restore's first batch (1 MiB), then waits for
+    the event yielded; other restores, and sends once it is set, go on."""
+    real = stpd.server.send_batch
+    release = threading.Event()
+    first: list[int] = []
+
+    def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not first:
+            first.append(threading.get_ident())
+        elif first == [threading.get_ident()]:
+            release.wait(DEADLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stpd.server, "send_batch", held)
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+def temporaries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if TEMPORARY.fullmatch(p.name))
+
+
+@contextmanager
+def restore_writing(
+    client: Layout, saveset: str, back: Path, address: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``sbc restore --overwrite`` in a process of its own, once it has made
+    its temporary file for tree/big: (the process, that file's name)."""
+    with created_in(back / "tree") as next_created:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "sbc"), "--ini-dir", str(client.ini_dir), "restore", saveset,
+             str(back), "--overwrite", "--server", address, "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            name = next_created()
+            assert TEMPORARY.fullmatch(name), name
+            yield process, name
+        finally:
+            process.kill()
+            process.wait(DEADLINE)
+
+
+@pytest.fixture
+def big_tree(hpki: Pki, tmp_path: Path) -> tuple[Layout, Path, Path]:  # noqa: F811
+    """(a client, tree/big of 8 MiB, a target holding the tree restored once)"""
+    client = hpki.client_ini("restorer")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "big").write_bytes(os.urandom(8 << 20))  # more than a batch
+    back = tmp_path / "back"
+    (back / "tree").mkdir(parents=True)
+    (back / "tree" / "big").write_text("older\n")
+    return client, tmp_path / "tree", back
+
+
+def test_a_restore_killed_mid_file_leaves_a_temporary_that_the_next_one_removes(
+    hpki: Pki,  # noqa: F811
+    big_tree: tuple[Layout, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sbc killed outright (SIGKILL) while writing the replacement of a file
+    (--overwrite) leaves it, `.sbc-restore-...`: up to a whole copy. The
+    next restore into that directory removes it, and says so. What is not
+    certainly a stale temporary of this user is left: one a restore holds
+    (flock), one of another owner, a symbolic link (named), and names that
+    are not exactly sbc's (not named)."""
+    client, tree, back = big_tree
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(hpki.layout, 2) as server:
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", server.address, "--json")
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        with (
+            first_restore_held(monkeypatch),
+            restore_writing(client, saveset, back, server.address) as (process, stale),
+        ):
+            process.send_signal(signal.SIGKILL)
+            assert process.wait(DEADLINE) == -signal.SIGKILL
+        assert temporaries(back / "tree") == [stale]
+        planted = back / "tree"
+        held = os.open(planted / ".sbc-restore-00000000000a", os.O_WRONLY | os.O_CREAT, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (planted / ".sbc-restore-00000000000b").write_text("someone else's\n")
+        os.chown(planted / ".sbc-restore-00000000000b", 65534, 65534)
+        (planted / ".sbc-restore-00000000000c").symlink_to("big")
+        for name in (".sbc-restore-00000000000d.keep", ".sbc-restore-0000000000", ".sbc-restore"):
+            (planted / name).write_text("not sbc's\n")
+        before = sorted(p.name for p in planted.iterdir())
+
+        restore = [*ini, "restore", saveset, str(back), "--overwrite", "--server", server.address]
+        code, out, err = run_sbc(*restore)
+        assert code == 0, err
+        assert err == (
+            "sbc: warning: removed 1 temporary file that an earlier sbc restore left when it was "
+            f"killed: tree/{stale}\n"
+            "sbc: warning: left 2 paths named like sbc's temporary files that may not be stale "
+            "ones of this user: tree/.sbc-restore-00000000000b, tree/.sbc-restore-00000000000c "
+            "(another owner, another name of a file, not a plain file, or unreadable; remove "
+            "them by hand once no sbc restore into this target is running)\n"
+        )
+        assert sorted(p.name for p in planted.iterdir()) == sorted(set(before) - {stale})
+        os.close(held)
+        (planted / ".sbc-restore-0123456789ab").write_text("as a killed restore leaves it\n")
+        code, out, err = run_sbc(*restore, "--json")
+        assert code == 0, err
+    answer = json.loads(out)
+    assert answer["stale_removed"] == [
+        "tree/.sbc-restore-00000000000a",
+        "tree/.sbc-restore-0123456789ab",
+    ]
+    assert answer["stale_left"] == [
+        "tree/.sbc-restore-00000000000b",
+        "tree/.sbc-restore-00000000000c",
+    ]
+    assert (back / "tree" / "big").read_bytes() == (tree / "big").read_bytes()
+
+
+def test_a_restore_leaves_the_temporary_of_one_running_at_the_same_time(
+    hpki: Pki,  # noqa: F811
+    big_tree: tuple[Layout, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two restores into one target: the second must not take the first's
+    temporary for a stale one (the first holds it locked until it is renamed
+    into place), and both end well."""
+    client, tree, back = big_tree
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(hpki.layout, 2) as server:
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", server.address, "--json")
+        assert code == 0, err
+        saveset = json.loads(out)["saveset"]
+        with (
+            first_restore_held(monkeypatch) as release,
+            restore_writing(client, saveset, back, server.address) as (first, writing),
+        ):
+            code, out, err = run_sbc(
+                *ini, "restore", saveset, str(back), "--overwrite", "--server", server.address,
+                "--json",
+            )  # fmt: skip
+            assert code == 0, err
+            assert json.loads(out)["stale_removed"] == []
+            assert writing in temporaries(back / "tree")
+            release.set()
+            assert first.wait(DEADLINE) == 0
+    assert temporaries(back / "tree") == []
+    assert (back / "tree" / "big").read_bytes() == (tree / "big").read_bytes()
+
+
+@pytest.mark.parametrize("when", ["before its lock", "before its rename"])
+def test_a_sweep_at_any_moment_of_a_restore_leaves_it_whole(
+    hpki: Pki,  # noqa: F811
+    big_tree: tuple[Layout, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+) -> None:
+    """Another restore's sweep of the directory, between the open of the
+    writer's temporary and its lock (it may remove it: the writer sees that
+    once it holds the lock, and makes another, rather than fill a file no
+    name leads to), or once the file is whole, before it is renamed into
+    place (still locked: left alone)."""
+    client, tree, back = big_tree
+    ini = ["--ini-dir", str(client.ini_dir)]
+    swept: list[bool | None] = []
+
+    def sweep() -> None:
+        if swept:
+            return
+        directory = os.open(back / "tree", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in temporaries(back / "tree"):
+                swept.append(sbc.extract._remove_if_stale(name, directory))
+        finally:
+            os.close(directory)
+
+    if when == "before its lock":
+        real_flock = fcntl.flock
+
+        def swept_first(fd: int, operation: int) -> None:
+            if operation == fcntl.LOCK_EX:  # the writer's, not the sweep's (LOCK_NB)
+                sweep()
+            real_flock(fd, operation)
+
+        monkeypatch.setattr(fcntl, "flock", swept_first)
+    else:
+        real_rename = sbc.extract._rename_over
+
+        def swept_then_renamed(made: str, name: str, parent: int) -> None:
+            sweep()
+            real_rename(made, name, parent)
+
+        monkeypatch.setattr(sbc.extract, "_rename_over", swept_then_renamed)
+    with running_stpd(hpki.layout, 2) as server:
+        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", server.address, "--json")
+        assert code == 0, err
+        code, out, err = run_sbc(
+            *ini, "restore", json.loads(out)["saveset"], str(back), "--overwrite",
+            "--server", server.address,
+        )  # fmt: skip
+        assert code == 0, err
+    assert swept == [True if when == "before its lock" else None]
+    assert temporaries(back / "tree") == []
+    assert (back / "tree" / "big").read_bytes() == (tree / "big").read_bytes()
