@@ -71,6 +71,12 @@ class Layout:
     def ca_key(self) -> Path:
         return self.ca_dir / "rootCA.key"
 
+    def has_ca_key(self) -> bool:
+        """Whether the CA key is in this ini directory, for a hint's wording.
+        False too when this user cannot look into ca/ (0700, made by root for
+        root): a service user's stpd, whose CA is not here for it."""
+        return os.path.exists(self.ca_key)  # (Path.exists raises PermissionError)
+
     @property
     def crl(self) -> Path:
         return self.ca_dir / "crl.pem"

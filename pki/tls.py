@@ -306,7 +306,7 @@ def server_context(
     key = key or layout.server_key
     ctx = _hardened_context(SSL.TLS_SERVER_METHOD)
     # Issued where the CA is: in place there, else with --path and copied here.
-    if layout.ca_key.exists():
+    if layout.has_ca_key():
         fix = f"create it with {layout.command('server --common-name=<names>')}"
     else:
         fix = (

@@ -734,7 +734,7 @@ class Stpd:
         """How to renew this server's certificate: here where the CA key is
         (the backup server), else there, for an RDS."""
         layout = self.config.layout
-        if layout.ca_key.exists():
+        if layout.has_ca_key():
             return f"renew it with {layout.command('renew server')} and send stpd SIGHUP"
         return (
             "renew it where the CA key is (`sm_ssl_cert renew server --path DIR` there), copy "
