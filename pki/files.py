@@ -30,9 +30,9 @@ def write_private(path: Path, data: bytes) -> None:
     _write_atomic(Path(path), data, PRIVATE_MODE)
 
 
-def write_public(path: Path, data: bytes) -> None:
+def write_public(path: Path, data: bytes, *, make_parent: bool = True) -> None:
     """Atomically write ``data`` to ``path`` with mode 0644 (certificates)."""
-    _write_atomic(Path(path), data, PUBLIC_MODE)
+    _write_atomic(Path(path), data, PUBLIC_MODE, make_parent)
 
 
 def unreadable(path: Path, what: str, exc: OSError) -> str:
@@ -153,8 +153,9 @@ def _rename_noreplace(source: Path, target: Path) -> bool:
     return True
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    ensure_directory(path.parent)
+def _write_atomic(path: Path, data: bytes, mode: int, make_parent: bool = True) -> None:
+    if make_parent:
+        ensure_directory(path.parent)
     temporary = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
     # O_EXCL: never write through a file or symlink someone else placed there.
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)

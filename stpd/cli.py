@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import trio
 
 from pki.console import OutputError, one_line, output_failed, reader_gone, standard_streams
 from pki.errors import PkiError
+from pki.files import write_public
 from pki.inifile import ConfigError, format_host_port
 from pki.layout import INI_DIR_HELP, Layout, path_argument, resolve_ini_dir, saveset_argument
 from stpd import __version__
@@ -191,16 +191,14 @@ async def _handle_signals(
 
 
 def write_pid_file(path: Path) -> None:
-    """Through a file beside it, renamed: a reader never sees it half
-    written. A failure names the pid file, not that file, and leaves
-    nothing behind ("--pid-file DIR" left .DIR.tmp)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Through a new file beside it (O_EXCL, mode 0644 whatever the umask),
+    renamed: a reader never sees it half written, and a symbolic link
+    planted at a fixed temporary name (in /run/stpd, the service user's)
+    does not make a root stpd write through it. A failure names the pid
+    file, not that file, and leaves nothing behind."""
     try:
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        write_public(path, f"{os.getpid()}\n".encode(), make_parent=False)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise OSError(exc.errno, f"cannot write the pid file: {exc.strerror}", str(path)) from None
 
 

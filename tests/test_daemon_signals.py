@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -162,9 +163,10 @@ def setup(tmp_path: Path) -> tuple[Pki, Layout, Path]:
 def start(setup: tuple[Pki, Layout, Path]) -> Iterator:
     started: list[StpdProcess] = []
 
-    def start_stpd(pid_file: Path | None = None) -> StpdProcess:
+    def start_stpd(pid_file: Path | None = None, umask: int | None = None) -> StpdProcess:
         pki, _, data = setup
-        server = StpdProcess(pki.layout.ini_dir, data, pid_file)
+        launcher = [] if umask is None else ["sh", "-c", f'umask {umask:03o}; exec "$@"', "sh"]
+        server = StpdProcess(pki.layout.ini_dir, data, pid_file, launcher)
         started.append(server)
         return server
 
@@ -183,8 +185,15 @@ def test_pid_file_written_and_removed_sigterm_exits_0(
     write_stpd_ini(pki.layout.ini_dir)
     pid_file = tmp_path / "run" / "stpd.pid"
     pid_file.parent.mkdir()
-    server = start(pid_file)
+    # /run/stpd is the service user's: a link it plants where the pid file
+    # was written first (.stpd.pid.tmp) made a root stpd write through it.
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    (pid_file.parent / ".stpd.pid.tmp").symlink_to(victim)
+    server = start(pid_file, umask=0)
     assert pid_file.read_text() == f"{server.process.pid}\n"
+    assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644  # not 0666: who may send SIGHUP
+    assert victim.read_text() == "root's\n"
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
     assert not pid_file.exists()

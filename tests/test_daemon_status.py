@@ -147,6 +147,23 @@ def test_stpd_status_asks_an_ipv6_listen_address_in_brackets(
     assert seen[0][seen[0].index("--server") + 1] == asked
 
 
+def status_at_level(pki: Pki, level: int, data: Path) -> dict:
+    """`stpd status --json` of a real stpd at ``level``, on the server."""
+    (pki.layout.ini_dir / "stpd.ini").write_text(
+        f"[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT={level}\n"
+    )
+    server = StpdProcess(pki.layout.ini_dir, data)
+    try:
+        where = f"127.0.0.1:{server.port}"
+        result = run(
+            "stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", where, "status", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+    finally:
+        server.stop()
+
+
 def test_stpd_status_of_a_server_without_a_client_certificate(tmp_path: Path) -> None:
     """Below level 2 stpd serves a client without a certificate, and a
     server seldom has one in x.509/: `stpd status` then presents none
@@ -154,19 +171,7 @@ def test_stpd_status_of_a_server_without_a_client_certificate(tmp_path: Path) ->
     needs one, and says so."""
     pki = make_pki(tmp_path)
     for level in (0, 1):
-        (pki.layout.ini_dir / "stpd.ini").write_text(
-            f"[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT={level}\n"
-        )
-        server = StpdProcess(pki.layout.ini_dir, tmp_path / "data")
-        try:
-            where = f"127.0.0.1:{server.port}"
-            result = run(
-                "stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", where, "status", "--json"
-            )
-            assert result.returncode == 0, result.stderr
-            assert json.loads(result.stdout)["level"] == level
-        finally:
-            server.stop()
+        assert status_at_level(pki, level, tmp_path / "data")["level"] == level
     write_stpd_ini(pki.layout.ini_dir)
     server = StpdProcess(pki.layout.ini_dir, tmp_path / "data")
     try:
@@ -186,17 +191,8 @@ def test_stpd_status_of_a_server_certificate_with_wildcard_names_only(tmp_path: 
     connects to. It took the first name for a host name, and a wildcard
     (`*.example.test`, `127.0.1.*`: the README's forms) never matched."""
     pki = make_pki(tmp_path, server_names="*.example.test,127.0.1.*")
-    (pki.layout.ini_dir / "stpd.ini").write_text("[STPD_Server]\nSTPD_HTTPS_USE_CLIENT_CERT=0\n")
-    server = StpdProcess(pki.layout.ini_dir, tmp_path / "data")
-    try:
-        where = f"127.0.0.1:{server.port}"
-        result = run(
-            "stpd", "--ini-dir", str(pki.layout.ini_dir), "--listen", where, "status", "--json"
-        )
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["server_certificate"]["subject"] == "CN=*.example.test"
-    finally:
-        server.stop()
+    status = status_at_level(pki, 0, tmp_path / "data")
+    assert status["server_certificate"]["subject"] == "CN=*.example.test"
 
 
 def test_short_lived_server_certificate_warned_at_startup(tmp_path: Path) -> None:

@@ -1226,6 +1226,15 @@ def big_tree(hpki: Pki, tmp_path: Path) -> tuple[Layout, Path, Path]:  # noqa: F
     return client, tmp_path / "tree", back
 
 
+def backed_up(client: Layout, source: Path, server: str) -> str:
+    """The saveset of an `sbc backup` of ``source`` that succeeded."""
+    code, out, err = run_sbc(
+        "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", server, "--json"
+    )
+    assert code == 0, err
+    return str(json.loads(out)["saveset"])
+
+
 def test_a_restore_killed_mid_file_leaves_a_temporary_that_the_next_one_removes(
     hpki: Pki,  # noqa: F811
     big_tree: tuple[Layout, Path, Path],
@@ -1240,9 +1249,7 @@ def test_a_restore_killed_mid_file_leaves_a_temporary_that_the_next_one_removes(
     client, tree, back = big_tree
     ini = ["--ini-dir", str(client.ini_dir)]
     with running_stpd(hpki.layout, 2) as server:
-        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", server.address, "--json")
-        assert code == 0, err
-        saveset = json.loads(out)["saveset"]
+        saveset = backed_up(client, tree, server.address)
         with (
             first_restore_held(monkeypatch),
             restore_writing(client, saveset, back, server.address) as (process, stale),
@@ -1299,9 +1306,7 @@ def test_a_restore_leaves_the_temporary_of_one_running_at_the_same_time(
     client, tree, back = big_tree
     ini = ["--ini-dir", str(client.ini_dir)]
     with running_stpd(hpki.layout, 2) as server:
-        code, out, err = run_sbc(*ini, "backup", str(tree), "--server", server.address, "--json")
-        assert code == 0, err
-        saveset = json.loads(out)["saveset"]
+        saveset = backed_up(client, tree, server.address)
         with (
             first_restore_held(monkeypatch) as release,
             restore_writing(client, saveset, back, server.address) as (first, writing),
