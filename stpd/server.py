@@ -283,7 +283,9 @@ class Stpd:
             )
         server_cert = x509.load_pem_x509_certificate(config.layout.server_cert.read_bytes())
         ca = config.layout.ca_cert
-        ca_cert = x509.load_pem_x509_certificate(ca.read_bytes()) if ca.is_file() else None
+        # (os.path: a ca/ this user cannot enter is "no CA here" at level 0;
+        # at levels 1 and 2 server_context has said it cannot be read.)
+        ca_cert = x509.load_pem_x509_certificate(ca.read_bytes()) if os.path.isfile(ca) else None
         return ctx, server_cert, ca_cert
 
     @staticmethod
