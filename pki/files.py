@@ -69,7 +69,11 @@ def open_to_others(path: Path, what: str) -> str | None:
         return None
     if not mode & 0o077:
         return None
-    return f"{what} {path} is open to other users (mode {mode:04o}): chmod 600 {path}"
+    # "Owned by": chmod 600 alone locks out a service user that read it by its group.
+    return (
+        f"{what} {path} is open to other users (mode {mode:04o}): chmod 600 {path}, owned "
+        "by the user that reads it"
+    )
 
 
 def read_passphrase(path: Path) -> bytes:

@@ -208,7 +208,8 @@ def test_keys_open_to_other_users_are_warned_about(hpki: Pki, tmp_path: Path) ->
     with running_stpd(hpki.layout, 2) as stpd:
         stpd.log.wait_for(
             rf"^WARNING private key {re.escape(str(hpki.layout.server_key))} is open to other "
-            rf"users \(mode 0644\): chmod 600 {re.escape(str(hpki.layout.server_key))}$"
+            rf"users \(mode 0644\): chmod 600 {re.escape(str(hpki.layout.server_key))}, owned by the "
+            r"user that reads it$"
         )
         code, out, err = run_sbc(
             "--ini-dir", str(client.ini_dir), "backup", str(source), "--server", stpd.address,
@@ -218,7 +219,7 @@ def test_keys_open_to_other_users_are_warned_about(hpki: Pki, tmp_path: Path) ->
         assert json.loads(out)["saveset"]
         assert err == (
             f"sbc: WARNING: private key {client.client_key} is open to other users (mode 0640): "
-            f"chmod 600 {client.client_key}\n"
+            f"chmod 600 {client.client_key}, owned by the user that reads it\n"
         )
     hpki.layout.server_key.chmod(0o600)
     client.client_key.chmod(0o600)

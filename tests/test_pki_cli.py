@@ -248,7 +248,7 @@ def test_signing_with_a_ca_key_open_to_others_warns(
     err = capsys.readouterr().err
     assert err == (
         f"sm_ssl_cert: warning: root CA key {with_ca.ca_key} is open to other users (mode "
-        f"0644): chmod 600 {with_ca.ca_key}\n"
+        f"0644): chmod 600 {with_ca.ca_key}, owned by the user that reads it\n"
     )
     with_ca.ca_key.chmod(0o600)
     assert main(["--ini-dir", str(with_ca.ini_dir), "crl"]) == 0
@@ -503,7 +503,10 @@ def test_passphrase_mistakes_are_one_line(
         message = f"the passphrase does not decrypt the root CA key {layout.ca_key}"
     elif case == "open to others":
         secret.chmod(0o640)
-        message = f"passphrase file {secret} is open to other users (mode 0640): chmod 600 {secret}"
+        message = (
+            f"passphrase file {secret} is open to other users (mode 0640): chmod 600 {secret}, "
+            "owned by the user that reads it"
+        )
     elif case == "missing":
         secret.unlink()
         message = f"passphrase file {secret} not found"
