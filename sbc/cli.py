@@ -275,6 +275,7 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
                 f"none of the entries asked for is in saveset {args.saveset}: "
                 f"{', '.join(restored.not_found)}; `sbc list {args.saveset}` shows its entries, "
                 "named as stored (etc/hosts for a file of `sbc backup /etc`)"
+                f"{_escapes_hint(args.entries)}"
             )
     except BaseException:
         _remove_if_empty(created)  # a refused restore (a mistyped id) leaves nothing behind
@@ -284,7 +285,7 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
         for name in restored.skipped:
             _warn(f"not restored: device node {name}")
         for name in restored.not_found:
-            _warn(f"not in saveset {args.saveset}: {name}")
+            _warn(f"not in saveset {args.saveset}: {name}{_escapes_hint([name])}")
         for name, reason in restored.unrestorable:
             _warn(f"could not restore {name}: {reason}")
         if restored.kept:
@@ -386,6 +387,18 @@ def _some(names: list[str], shown: int = 5) -> str:
     """The first names of a long list, and how many more."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def _escapes_hint(names: list[str]) -> str:
+    """For ENTRY names copied from `sbc list`, which shows bytes that are not
+    UTF-8 and control characters escaped as tar does (\\351, \\n): the entry
+    is matched as given, so such a name is to be given as its bytes."""
+    if not any("\\" in name for name in names):
+        return ""
+    return (
+        " (a name `sbc list` shows with escapes such as \\351 or \\n is matched by its own "
+        "bytes: in bash give it as $'NAME', which reads the same escapes)"
+    )
 
 
 def _kept_summary(kept: list[str]) -> str:

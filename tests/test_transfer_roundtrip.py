@@ -1391,6 +1391,23 @@ def test_restore_of_some_entries_only(pki: Pki, tmp_path: Path) -> None:
         assert "not_found" not in nested
         assert (nested["extracted"], nested["members"]) == (6, 6)  # type: ignore[index]
 
+        # A name as `sbc list` shows it (escaped, as tar -tv does) is not its
+        # bytes: the error says how to give it; given as its bytes, it is found.
+        (etc / "d\udce9j").write_text("not UTF-8\n")  # b"d\xe9j"
+        backup = sbc_json(*ini, "backup", str(etc), "--server", stpd.address, "--json")
+        restore[3] = backup["saveset"]  # type: ignore[index]
+        code, out, err = run_sbc(*ini, "list", backup["saveset"], "--server", stpd.address)  # type: ignore[index]
+        assert code == 0 and "etc/d\\351j" in out, err
+        code, out, err = run_sbc(*restore[:-1], str(tmp_path / "escaped"), "etc/d\\351j")
+        assert code == 1
+        assert err.endswith(
+            "(a name `sbc list` shows with escapes such as \\351 or \\n is matched by its own "
+            "bytes: in bash give it as $'NAME', which reads the same escapes)\n"
+        ), err
+        bytes_given = sbc_json(*restore, str(tmp_path / "escaped"), "etc/d\udce9j")
+        assert bytes_given["extracted"] == 1  # type: ignore[index]
+        assert (tmp_path / "escaped" / "etc" / "d\udce9j").read_text() == "not UTF-8\n"
+
 
 def test_a_selective_restore_fetches_only_the_entries(pki: Pki, tmp_path: Path) -> None:
     """stpd sends a tar archive of just the entries asked for and what is
