@@ -584,7 +584,12 @@ class Scan:
         """What takes room or is listed but cannot be served, each with what
         to do about it."""
         found = [
-            f"{path} cannot be read as saveset metadata, so that saveset is neither listed "
+            f"{path} cannot be read by this user ({denied}), so that saveset is neither listed "
+            "nor served, though it may well be whole (stored by an stpd that ran as another "
+            "user?): give the user stpd runs as access to it and to its .tar (chown), do not "
+            "delete it"
+            if (denied := _denied(path))
+            else f"{path} cannot be read as saveset metadata, so that saveset is neither listed "
             f"nor served: repair the file, or `stpd delete {path.stem}` removes it and its .tar"
             for path in self.unreadable
         ]
@@ -606,6 +611,22 @@ class Scan:
 
 _META_NAME = re.compile(r"SS-.*\.json")  # as glob("SS-*.json") matches
 _SAVESET_FILE = re.compile(r"SS-.*\.(json|tar)")
+
+
+def _denied(path: Path) -> str | None:
+    """Its owner and mode when this user may not read ``path``: then the
+    file is not damaged, and deleting it (the fix for a damaged one) would
+    lose a saveset."""
+    try:
+        with open(path, "rb"):
+            return None
+    except PermissionError:
+        with suppress(OSError):
+            st = path.stat()
+            return f"Permission denied; owned by uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}"
+        return "Permission denied"
+    except OSError:
+        return None
 
 
 def _read_meta(path: Path) -> SavesetMeta | None:

@@ -11,7 +11,9 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -798,6 +800,36 @@ def test_prepare_finishes_a_publish_cut_short_between_its_renames(store: Saveset
     assert restarted.all() == [whole]
     assert restarted.scan().orphans == [store.tar_path(other.saveset)]  # named, kept
     restarted.close()
+
+
+def test_metadata_this_user_may_not_read_is_not_called_damaged(tmp_path: Path) -> None:
+    """Savesets stored by an stpd run as root, then scanned by stpd as its
+    service user: the warning called the metadata damaged and offered
+    `stpd delete`, which removed a whole saveset. It says what is wrong
+    now. (As root, seteuid makes the scan run as nobody.)"""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to scan as another user")  # CI runs as root
+    root = Path(tempfile.mkdtemp(dir="/tmp"))  # tmp_path's parents are root's 0700
+    try:
+        root.chmod(0o755)
+        store = SavesetStore(root / "data")
+        store.prepare()
+        (root / "data").chmod(0o755)
+        meta = upload(store, tar_bytes({"a": b"1"})).commit()
+        store.close()
+        os.seteuid(65534)
+        try:
+            warnings = SavesetStore(root / "data").scan().warnings()
+        finally:
+            os.seteuid(0)
+        assert warnings == [
+            f"{root / 'data' / meta.saveset}.json cannot be read by this user (Permission "
+            "denied; owned by uid 0, mode 0600), so that saveset is neither listed nor served, "
+            "though it may well be whole (stored by an stpd that ran as another user?): give "
+            "the user stpd runs as access to it and to its .tar (chown), do not delete it"
+        ]
+    finally:
+        shutil.rmtree(root)
 
 
 def test_a_second_store_on_the_same_directory_is_refused_and_removes_nothing(
