@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -162,6 +163,16 @@ async def run_daemon(daemon: Stpd, pid_file: Path | None = None) -> None:
                 path.unlink(missing_ok=True)
 
 
+def _stpd_named_in(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` when it is another stpd's, still running."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if pid != os.getpid() and b"stpd" in command else None
+
+
 def _holds_our_pid(pid_file: Path) -> bool:
     try:
         return pid_file.read_text().strip() == str(os.getpid())
@@ -195,7 +206,17 @@ def write_pid_file(path: Path) -> None:
     renamed: a reader never sees it half written, and a symbolic link
     planted at a fixed temporary name (in /run/stpd, the service user's)
     does not make a root stpd write through it. A failure names the pid
-    file, not that file, and leaves nothing behind."""
+    file, not that file, and leaves nothing behind. One that names another
+    running stpd is left to it (a second stpd on another port and data
+    directory, given the same --pid-file, took it over, then removed it)."""
+    running = _stpd_named_in(path)
+    if running is not None:
+        raise OSError(
+            errno.EEXIST,
+            f"cannot write the pid file: it names stpd {running}, still running: stop that one "
+            "first, or give this one another --pid-file",
+            str(path),
+        )
     try:
         write_public(path, f"{os.getpid()}\n".encode(), make_parent=False)
     except OSError as exc:

@@ -226,6 +226,36 @@ def test_a_second_stpd_that_cannot_listen_leaves_the_pid_file_alone(
     assert not pid_file.exists()
 
 
+def test_a_second_stpd_elsewhere_leaves_the_pid_file_of_the_running_one(
+    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
+) -> None:
+    """Another port and data directory, the same --pid-file (a second unit
+    copied from the first): it took the pid file over, then removed it when
+    it stopped, and the running stpd had none."""
+    pki, _, _ = setup
+    write_stpd_ini(pki.layout.ini_dir)
+    pid_file = tmp_path / "stpd.pid"
+    running = start(pid_file)
+    second = subprocess.run(
+        [STPD, "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(tmp_path / "other"),
+         "--listen", f"{HOST}:0", "--pid-file", str(pid_file)],
+        capture_output=True, text=True, timeout=WAIT_SECONDS,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert second.stderr.splitlines()[-1] == (
+        f"stpd: error: cannot write the pid file: it names stpd {running.process.pid}, still "
+        f"running: stop that one first, or give this one another --pid-file ({pid_file})"
+    )
+    assert pid_file.read_text() == f"{running.process.pid}\n"
+    running.signal(signal.SIGTERM)
+    assert running.wait_exit() == 0
+    assert not pid_file.exists()
+    # A pid file left behind (a crash) names no running stpd: replaced.
+    pid_file.write_text(f"{running.process.pid}\n")
+    again = start(pid_file)
+    assert pid_file.read_text() == f"{again.process.pid}\n"
+
+
 @pytest.mark.parametrize(
     ("given", "error"),
     [("a-dir", "Is a directory"), ("missing/stpd.pid", "No such file or directory")],
