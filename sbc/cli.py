@@ -286,8 +286,12 @@ def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
             _warn(f"not restored: device node {name}")
         for name in restored.not_found:
             _warn(f"not in saveset {args.saveset}: {name}{_escapes_hint([name])}")
-        for name, reason in restored.unrestorable:
-            _warn(f"could not restore {name}: {reason}")
+        for names, reason in _by_reason(restored.unrestorable):
+            if len(names) <= SHOWN_ONE_BY_ONE:
+                for name in names:
+                    _warn(f"could not restore {name}: {reason}")
+            else:  # 5,000 links to one file not asked for: one line, not 5,000
+                _warn(f"could not restore {len(names)} entries, each {reason}: {_some(names)}")
         if restored.kept:
             _warn(_kept_summary(restored.kept))
         if restored.kept_different:
@@ -381,6 +385,17 @@ def _warn(text: str) -> None:
     at levels 0 and 1 any client could have made: written on one line, and
     no escape sequence reaches the terminal (pki.console.one_line)."""
     print(f"sbc: warning: {one_line(text)}", file=sys.stderr)
+
+
+SHOWN_ONE_BY_ONE = 3  # entries that share a reason not to be restored, each on its line
+
+
+def _by_reason(refused: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
+    """The names grouped by their reason, in the order the reasons came."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in refused:
+        groups.setdefault(reason, []).append(name)
+    return [(names, reason) for reason, names in groups.items()]
 
 
 def _some(names: list[str], shown: int = 5) -> str:

@@ -1409,6 +1409,33 @@ def test_restore_of_some_entries_only(pki: Pki, tmp_path: Path) -> None:
         assert (tmp_path / "escaped" / "etc" / "d\udce9j").read_text() == "not UTF-8\n"
 
 
+def test_links_to_a_file_not_asked_for_are_named_in_one_line(pki: Pki, tmp_path: Path) -> None:
+    """A selective restore of a directory whose files are hard links to one
+    outside it: each link was a warning line of its own (5,000 for 5,000).
+    More than three with one reason are one line; --json lists them all."""
+    (tmp_path / "tree" / "x").mkdir(parents=True)
+    (tmp_path / "tree" / "y").mkdir()
+    (tmp_path / "tree" / "x" / "orig").write_text("shared\n")
+    for index in range(5):
+        os.link(tmp_path / "tree" / "x" / "orig", tmp_path / "tree" / "y" / f"l{index}")
+    client = pki.client_ini("client1")
+    ini = ["--ini-dir", str(client.ini_dir)]
+    with running_stpd(pki.layout, level=2) as stpd:
+        backup = sbc_json(
+            *ini, "backup", str(tmp_path / "tree"), "--server", stpd.address, "--json"
+        )
+        restore = [*ini, "restore", backup["saveset"], "--server", stpd.address]  # type: ignore[index]
+        code, out, err = run_sbc(*restore, str(tmp_path / "back"), "tree/y")
+        assert code == 3
+        assert err.splitlines()[-1] == (
+            "sbc: warning: could not restore 5 entries, each a hard link to tree/x/orig, which "
+            "was not restored: tree/y/l0, tree/y/l1, tree/y/l2, tree/y/l3, tree/y/l4"
+        ), err
+        assert "could not restore tree/y/l0" not in err
+        code, out, err = run_sbc(*restore, str(tmp_path / "again"), "tree/y", "--json")
+        assert code == 3 and len(json.loads(out)["unrestorable"]) == 5, err
+
+
 def test_a_selective_restore_fetches_only_the_entries(pki: Pki, tmp_path: Path) -> None:
     """stpd sends a tar archive of just the entries asked for and what is
     under them, headers as stored (a long unicode name keeps its PAX
