@@ -255,7 +255,9 @@ def _backup(session: Session, args: argparse.Namespace) -> dict[str, Any]:
 
 def _restore(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     target = args.target_dir.absolute()
-    if target.exists() and not target.is_dir():
+    # (os.path: False, not PermissionError, under a directory this user cannot
+    # enter; making it below then says so with the target's name.)
+    if os.path.exists(target) and not os.path.isdir(target):
         raise SbcError(f"cannot restore into {target}: it exists and is not a directory")
     # Made before the request, so that an unwritable place fails first.
     try:
@@ -648,8 +650,15 @@ def main(
             raise SbcError(
                 f"no server given: pass --server HOST[:PORT] or set SBC_SERVER in [SBC] of {layout.sm_ini}"
             )
-        if args.command == "backup" and not (args.path.exists() or args.path.is_symlink()):
-            raise SbcError(f"nothing to back up: {args.path} does not exist")
+        if args.command == "backup":
+            try:
+                args.path.lstat()
+            except FileNotFoundError:
+                raise SbcError(f"nothing to back up: {args.path} does not exist") from None
+            except OSError as exc:  # a directory above it closed to this user
+                raise SbcError(
+                    f"cannot back up {args.path}: this user cannot reach it ({exc.strerror})"
+                ) from None
         with signals_end_waits(), _stop_signals_interrupt():
             result = _run(config, server, args)
     except (SbcError, ConfigError, PkiError, ArchiveError) as exc:
