@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode
 import h11
 from cryptography import x509
 
-from pki.console import colon_hex
+from pki.console import colon_hex, one_line
 from pki.errors import PkiError
 from pki.files import open_to_others
 from pki.tls import (
@@ -567,7 +567,7 @@ class Session:
             return
         self.served_as_anonymous = client_certificate_problem(self.config.layout)
         if self.served_as_anonymous is None and told:
-            self.served_as_anonymous = ("told", told)
+            self.served_as_anonymous = ("told", one_line(told))  # a server's words: no escapes
         if self.served_as_anonymous is None:
             return
         kind, detail = self.served_as_anonymous

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import sbc.client
 from tests.conftest import LOOPBACK, Pki, run_sbc
 
 SS = "SS-20260101T120000Z-0123abcd"
@@ -35,9 +36,12 @@ Answers = dict[str, tuple[int, str, bytes]]  # path: status, content type, body
 
 
 @contextmanager
-def other_https_server(pki: Pki, answers: Answers) -> Iterator[str]:
+def other_https_server(
+    pki: Pki, answers: Answers, headers: tuple[tuple[str, str], ...] = ()
+) -> Iterator[str]:
     """An HTTPS server (Python's http.server) with stpd's certificate that
-    answers each path as ``answers`` says, with ``Connection: close``."""
+    answers each path as ``answers`` says, with ``Connection: close`` and
+    ``headers``."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # (it answers Expect: 100-continue)
@@ -48,6 +52,8 @@ def other_https_server(pki: Pki, answers: Answers) -> Iterator[str]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Connection", "close")
+            for name, value in headers:
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -94,6 +100,27 @@ def test_an_answer_with_connection_close_is_taken(pki: Pki) -> None:
         assert out.startswith(f"stpd 0.1.0 at {address}: level 2"), out
         code, out, err = run_sbc(*ini, "list", "--server", address)
         assert (code, out, err) == (0, f"no savesets for this client on {address}\n", "")
+
+
+def test_a_servers_reason_for_anonymous_is_shown_without_escapes(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The STPD-Certificate-Not-Accepted header is a server's words, printed
+    on the terminal: a C1 control (0x9b, CSI) is written as \\x9b. (The
+    stdlib's server cannot name a CA in its certificate request, as stpd at
+    level 1 does: sbc is told it asked.)"""
+    monkeypatch.setattr(sbc.client.Session, "certificate_asked", property(lambda self: True))
+    client = pki.client_ini("other")
+    answers = {"/savesets": (200, "application/json", b"[]")}
+    told = "certificate has been revoked\x9b[2J"
+    headers = (("STPD-Certificate-Not-Accepted", told),)
+    with other_https_server(pki, answers, headers) as address:
+        code, _, err = run_sbc("--ini-dir", str(client.ini_dir), "list", "--server", address)
+    assert code == 0
+    assert err.startswith(
+        f"sbc: WARNING: stpd at {address} did not accept our client certificate: certificate "
+        "has been revoked\\x9b[2J; it serves this client as anonymous"
+    ), err
 
 
 @pytest.mark.parametrize(
