@@ -202,50 +202,32 @@ def test_pid_file_written_and_removed_sigterm_exits_0(
     server.wait_for(r"INFO stpd: stpd stopped")
 
 
-def test_a_second_stpd_that_cannot_listen_leaves_the_pid_file_alone(
-    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
+@pytest.mark.parametrize("same_port", [True, False])
+def test_a_second_stpd_with_the_same_pid_file_leaves_it_to_the_running_one(
+    setup: tuple[Pki, Layout, Path], start, tmp_path: Path, same_port: bool
 ) -> None:
-    """The pid file is written once stpd listens: a second stpd started by
-    mistake with the same --pid-file, refused the port, used to replace it
-    and then remove it, so `kill -HUP $(cat PIDFILE)` and systemd's
-    PIDFile= lost the running daemon."""
+    """A second stpd started by mistake with the same --pid-file, refused
+    the port (the pid file is written once stpd listens), or on another
+    port and data directory (a second unit copied from the first): it
+    replaced the pid file and then removed it, so `kill -HUP $(cat
+    PIDFILE)` and systemd's PIDFile= lost the running daemon."""
     pki, _, _ = setup
     write_stpd_ini(pki.layout.ini_dir)
     pid_file = tmp_path / "stpd.pid"
     running = start(pid_file)
     second = subprocess.run(
         [STPD, "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(tmp_path / "other"),
-         "--listen", f"{HOST}:{running.port}", "--pid-file", str(pid_file)],
+         "--listen", f"{HOST}:{running.port if same_port else 0}", "--pid-file", str(pid_file)],
         capture_output=True, text=True, timeout=WAIT_SECONDS,
     )  # fmt: skip
     assert second.returncode == 2
-    assert f"cannot listen on {HOST}:{running.port}: Address already in use" in second.stderr
-    assert pid_file.read_text() == f"{running.process.pid}\n"
-    running.signal(signal.SIGTERM)
-    assert running.wait_exit() == 0
-    assert not pid_file.exists()
-
-
-def test_a_second_stpd_elsewhere_leaves_the_pid_file_of_the_running_one(
-    setup: tuple[Pki, Layout, Path], start, tmp_path: Path
-) -> None:
-    """Another port and data directory, the same --pid-file (a second unit
-    copied from the first): it took the pid file over, then removed it when
-    it stopped, and the running stpd had none."""
-    pki, _, _ = setup
-    write_stpd_ini(pki.layout.ini_dir)
-    pid_file = tmp_path / "stpd.pid"
-    running = start(pid_file)
-    second = subprocess.run(
-        [STPD, "--ini-dir", str(pki.layout.ini_dir), "--data-dir", str(tmp_path / "other"),
-         "--listen", f"{HOST}:0", "--pid-file", str(pid_file)],
-        capture_output=True, text=True, timeout=WAIT_SECONDS,
-    )  # fmt: skip
-    assert second.returncode == 2
-    assert second.stderr.splitlines()[-1] == (
-        f"stpd: error: cannot write the pid file: it names stpd {running.process.pid}, still "
-        f"running: stop that one first, or give this one another --pid-file ({pid_file})"
-    )
+    if same_port:
+        assert f"cannot listen on {HOST}:{running.port}: Address already in use" in second.stderr
+    else:
+        assert second.stderr.splitlines()[-1] == (
+            f"stpd: error: cannot write the pid file: it names stpd {running.process.pid}, still "
+            f"running: stop that one first, or give this one another --pid-file ({pid_file})"
+        )
     assert pid_file.read_text() == f"{running.process.pid}\n"
     running.signal(signal.SIGTERM)
     assert running.wait_exit() == 0
