@@ -292,8 +292,9 @@ class SavesetStore:
                             "and removes what is left of them at start",
                         )
                     )
-                if self._finish_publish(leftover):
-                    published.append(leftover.name.removesuffix(".json.part"))
+                finished = self._finish_publish(leftover)
+                if finished is not None:
+                    published.append(finished)
                     continue
                 leftover.unlink()
                 removed.append(leftover)
@@ -313,24 +314,25 @@ class SavesetStore:
             raise StoreError(f"data directory {self.root} is not writable: {fix}")
         return Prepared(created, removed, published)
 
-    def _finish_publish(self, leftover: Path) -> bool:
+    def _finish_publish(self, leftover: Path) -> str | None:
         """Put ``leftover`` in place when it is the metadata of a publish cut
         short after its tar went into place (see publish): the saveset is
-        whole, and without it no longer served. False for anything else."""
+        whole, and without it no longer served. Its id; None for anything else."""
         saveset = leftover.name.removesuffix(".json.part")
         if saveset == leftover.name or not SAVESET_ID.match(saveset):
-            return False
-        tar, meta_path = self.tar_path(saveset), self.root / f"{saveset}.json"
+            return None
+        meta_path = self.root / f"{saveset}.json"
         meta = _read_meta(leftover)
         if meta is None or meta.saveset != saveset or os.path.lexists(meta_path):
-            return False
+            return None
         try:
-            if not stat.S_ISREG(tar.lstat().st_mode) or tar.stat().st_size != meta.bytes:
-                return False
+            tar = self.tar_path(saveset).lstat()
         except FileNotFoundError:
-            return False
+            return None
+        if not stat.S_ISREG(tar.st_mode) or tar.st_size != meta.bytes:
+            return None
         os.replace(leftover, meta_path)
-        return True
+        return saveset
 
     def _take_lock(self) -> None:
         # On the directory itself: no lock file to leave behind or delete.
