@@ -163,21 +163,27 @@ async def run_daemon(daemon: Stpd, pid_file: Path | None = None) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _stpd_named_in(pid_file: Path) -> int | None:
-    """The pid in ``pid_file`` when it is another stpd's, still running."""
+def _pid_in(pid_file: Path) -> int | None:
     try:
-        pid = int(pid_file.read_text().strip())
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if pid != os.getpid() and b"stpd" in command else None
+
+
+def _stpd_named_in(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` when it is another stpd's, still running."""
+    pid = _pid_in(pid_file)
+    if pid is None or pid == os.getpid():
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"stpd" in command else None
 
 
 def _holds_our_pid(pid_file: Path) -> bool:
-    try:
-        return pid_file.read_text().strip() == str(os.getpid())
-    except OSError:
-        return False
+    return _pid_in(pid_file) == os.getpid()
 
 
 async def _handle_signals(

@@ -530,13 +530,13 @@ class Stpd:
         """Re-read stpd.ini and the certificates for new connections (SIGHUP);
         False when refused (the running configuration stays)."""
         try:
-            stpd_ini = self.config.layout.stpd_ini
-            if self._config_from_file and not stpd_ini.exists():
+            from_file = self.config.layout.stpd_ini.exists()
+            if self._config_from_file and not from_file:
                 # Else every default would go into force: no allow-list, no
                 # retention, level as the code says (a file being rewritten).
                 raise ConfigError(
-                    f"{stpd_ini} not found; it held the running configuration: put it back, "
-                    "then send SIGHUP again"
+                    f"{self.config.layout.stpd_ini} not found; it held the running "
+                    "configuration: put it back, then send SIGHUP again"
                 )
             in_file = load_config(self.config.layout)  # the file alone, read once
             # What only a restart changes stays as it runs.
@@ -565,7 +565,7 @@ class Stpd:
                 self.store.root,
             )
         self.config = config
-        self._config_from_file = stpd_ini.exists()
+        self._config_from_file = from_file
         self.ssl_context, self.server_cert, self.ca_cert = material
         self._crl_stamp = self._stamp(config.layout.crl)
         self._crl_in_force = crl
