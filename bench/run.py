@@ -389,18 +389,19 @@ class Bench:
         self.check_servers()
         return result
 
-    def hashing(self, paths: Sequence[Path]) -> list[Proc]:
+    def hashing(self, digests: dict[Path, str]) -> list[Proc]:
         """``openssl dgst -sha256`` of each path, started now, beside a peer
         command: the checksum the contract asks of ours (stpd hashes what it
         receives, sbc what it restores), done by a C tool on the same bytes, on
         the same two cores. OpenSSL's SHA-256 is the one hashlib uses (SHA-NI
         here); coreutils' sha256sum is generic C, 5x slower. Wait for them
-        with ``hashed``."""
-        return [start(["openssl", "dgst", "-sha256", "-r", str(path)]) for path in paths]
+        with ``hashed``, which checks each against ``digests`` (path: sha256)."""
+        return [start(["openssl", "dgst", "-sha256", "-r", str(path)]) for path in digests]
 
-    def hashed(self, procs: Sequence[Proc], expected: Sequence[str], timeout: float) -> None:
+    def hashed(self, procs: Sequence[Proc], digests: dict[Path, str], timeout: float) -> None:
         wait_all(procs, timeout)
-        for proc, sha in zip(procs, expected, strict=True):
+        for proc in procs:
+            sha = digests[Path(proc.argv[-1])]
             words = proc.stdout.split()
             if proc.returncode != 0 or not words or words[0] != sha:
                 raise BenchError(f"{proc.describe()}: printed {words[:1]}, expected {sha}")
@@ -446,14 +447,15 @@ class Bench:
             )
 
             def peer(hashed: bool) -> float:
-                hashers = self.hashing([self.big] if hashed else [])
+                digests = {self.big: self.big_sha}
+                hashers = self.hashing(digests if hashed else {})
                 proc = run(
                     curl.upload(str(self.big), nginx.url("/upload")),
                     budget(self.size),
                     measure_rss=not hashed,
                 )
                 self.check_curl(proc, 201, up=self.size)
-                self.hashed(hashers, [self.big_sha] * len(hashers), budget(self.size))
+                self.hashed(hashers, digests, budget(self.size))
                 if proc.maxrss_kib is not None:
                     curl_rss.append(round(proc.maxrss_kib / 1024, 1))
                 return self.size / span([proc, *hashers]) / MB
@@ -511,11 +513,12 @@ class Bench:
             )
 
             def peer(hashed: bool) -> float:
-                hashers = self.hashing([reference] if hashed else [])
+                digests = {reference: reference_sha}
+                hashers = self.hashing(digests if hashed else {})
                 procs = run_pipeline(
                     tar_argv, curl.upload("-", nginx.url("/upload")), budget(tree_bytes, files)
                 )
-                self.hashed(hashers, [reference_sha] * len(hashers), budget(tree_bytes))
+                self.hashed(hashers, digests, budget(tree_bytes))
                 if procs[0].returncode != 0:
                     raise BenchError(procs[0].describe())
                 self.check_curl(procs[1], 201)
@@ -566,11 +569,12 @@ class Bench:
 
             def peer(hashed: bool) -> float:
                 target = self.restore_dir / f"peer-{next(counter)}.bin"
-                hashers = self.hashing([served] if hashed else [])
+                digests = {served: self.big_sha}
+                hashers = self.hashing(digests if hashed else {})
                 try:
                     proc = run(curl.download(url, target), budget(self.size))
                     self.check_curl(proc, 200, down=self.size)
-                    self.hashed(hashers, [self.big_sha] * len(hashers), budget(self.size))
+                    self.hashed(hashers, digests, budget(self.size))
                     if sha256_file(target) != self.big_sha:
                         raise BenchError(f"{target} differs from {self.big}")
                 finally:
@@ -642,7 +646,8 @@ class Bench:
             def peer(hashed: bool) -> float:
                 target = self.restore_dir / f"peer-{next(counter)}"
                 target.mkdir()
-                hashers = self.hashing([served] if hashed else [])
+                digests = {served: served_sha}
+                hashers = self.hashing(digests if hashed else {})
                 try:
                     procs = run_pipeline(
                         curl.fetch(url),
@@ -652,7 +657,7 @@ class Bench:
                     if procs[1].returncode != 0:
                         raise BenchError(procs[1].describe())
                     self.check_curl(procs[0], 200, down=size, report=procs[0].stderr)
-                    self.hashed(hashers, [served_sha] * len(hashers), budget(tree_bytes))
+                    self.hashed(hashers, digests, budget(tree_bytes))
                     self.check_tree(target)
                 finally:
                     shutil.rmtree(target, ignore_errors=True)
@@ -702,13 +707,12 @@ class Bench:
 
             def peer(hashed: bool) -> float:
                 url = nginx.url("/upload")
-                hashers = self.hashing(self.client_files if hashed else [])
+                hashers = self.hashing(self.client_digests if hashed else {})
                 procs = [start(curl.upload(str(path), url)) for path in self.client_files]
                 wait_all(procs, budget(total))
                 for proc in procs:
                     self.check_curl(proc, 201, up=size)
-                digests = [self.client_digests[path] for path in self.client_files]
-                self.hashed(hashers, digests[: len(hashers)], budget(total))
+                self.hashed(hashers, self.client_digests, budget(total))
                 return total / span([*procs, *hashers]) / MB
 
         self.alternate("concurrent", ours, peer)
