@@ -35,7 +35,7 @@ from pki.authority import (
     read_certificate,
     validity_problem,
 )
-from pki.console import expiry_in_words, in_days, share_of
+from pki.console import expiry_in_words, in_days, one_line, share_of
 from pki.crl import CRL_WARNING_DAYS, crl_number
 from pki.errors import PkiError
 from pki.files import open_to_others
@@ -126,10 +126,10 @@ def transfers_named(what: list[str], after: str = "") -> str:
 
 
 def _header_text(text: str) -> str:
-    """``text`` as an HTTP header value: printable ASCII, escaped as Python
-    does (a foreign certificate's subject may hold any character)."""
-    ascii_text = text.encode("ascii", "backslashreplace").decode()
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in ascii_text).strip()
+    """``text`` as an HTTP header value: printable ASCII (a foreign
+    certificate's subject may hold any character), escaped as one_line
+    does, the rest of what is not ASCII as Python does."""
+    return one_line(text).encode("ascii", "backslashreplace").decode().strip()
 
 
 def peer_host(stream: trio.SocketStream) -> str:
